@@ -1,0 +1,12 @@
+//! openlora: one resident base model, many LoRA adapters, and exact, replayable accounting.
+//!
+//! This crate is the host: model loading and the forward pass (`model`), token sampling
+//! (`sampling`), the generation loop (`generate`), and the embedded default model (`embedded`).
+
+pub mod embedded;
+pub mod error;
+pub mod generate;
+pub mod model;
+pub mod sampling;
+
+pub use error::{Error, Result};

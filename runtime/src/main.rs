@@ -1,0 +1,118 @@
+//! The `openlora` command line.
+
+use std::io::Write;
+use std::path::PathBuf;
+use std::time::Instant;
+
+use anyhow::Context;
+use clap::{Args, Parser, Subcommand};
+
+use openlora::embedded;
+use openlora::generate::generate;
+use openlora::model::LoadedModel;
+use openlora::sampling::SamplingParams;
+
+/// openlora: serve one base model with many LoRA adapters, and pay everyone fairly.
+#[derive(Parser)]
+#[command(name = "openlora", version, about, long_about = None)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Generate text from a prompt, streaming tokens to stdout.
+    Generate(GenerateArgs),
+}
+
+#[derive(Args)]
+struct GenerateArgs {
+    /// Hugging Face model folder (config.json, *.safetensors, tokenizer.json); default: the embedded model.
+    #[arg(long)]
+    model: Option<PathBuf>,
+    /// The prompt text.
+    #[arg(long, default_value = "The meaning of life is")]
+    prompt: String,
+    /// Most new tokens to generate.
+    #[arg(long, default_value_t = 64)]
+    max_tokens: usize,
+    /// Sampling temperature; 0 is greedy. Default: the model's generation_config.json, else 0.
+    #[arg(long, allow_negative_numbers = true)]
+    temperature: Option<f32>,
+    /// Nucleus sampling mass in (0, 1]. Default: the model's generation_config.json, else 1.
+    #[arg(long, allow_negative_numbers = true)]
+    top_p: Option<f32>,
+    /// Keep only the k most likely tokens (0 = all). Default: the model's generation_config.json, else 0.
+    #[arg(long)]
+    top_k: Option<usize>,
+    /// Random seed: the same seed gives the same text. Default: random.
+    #[arg(long)]
+    seed: Option<u64>,
+    /// Repetition penalty (> 1 discourages repeats). Default: the model's generation_config.json, else 1.
+    #[arg(long, allow_negative_numbers = true)]
+    repetition_penalty: Option<f32>,
+    /// Stop when this string appears (repeatable); it is not printed.
+    #[arg(long)]
+    stop: Vec<String>,
+    /// Keep generating past end-of-sequence tokens.
+    #[arg(long)]
+    ignore_eos: bool,
+}
+
+fn run_generate(args: GenerateArgs) -> anyhow::Result<()> {
+    let folder = match &args.model {
+        Some(dir) => dir.clone(),
+        None => embedded::default_model_dir().context("unpacking the embedded default model")?,
+    };
+    let t0 = Instant::now();
+    let model = LoadedModel::load(&folder)?;
+    let load_ms = t0.elapsed().as_millis();
+    let g = &model.generation;
+    let sampled = g.do_sample;
+    let params = SamplingParams {
+        temperature: args.temperature.unwrap_or(if sampled { g.temperature.unwrap_or(1.0) } else { 0.0 }),
+        top_p: args.top_p.unwrap_or(if sampled { g.top_p.unwrap_or(1.0) } else { 1.0 }),
+        top_k: args.top_k.unwrap_or(if sampled { g.top_k.unwrap_or(0) } else { 0 }),
+        seed: args.seed,
+        repetition_penalty: args.repetition_penalty.or(g.repetition_penalty).unwrap_or(1.0),
+        max_tokens: args.max_tokens,
+        stop: args.stop,
+        ignore_eos: args.ignore_eos,
+    };
+    let prompt_ids = model.tokenizer.encode(&args.prompt)?;
+    let mut stdout = std::io::stdout().lock();
+    write!(stdout, "{}", args.prompt)?;
+    stdout.flush()?;
+    let t1 = Instant::now();
+    let mut write_err = None;
+    let done = generate(&model, &prompt_ids, params, &mut |piece| {
+        if write_err.is_none()
+            && let Err(e) = write!(stdout, "{piece}").and_then(|_| stdout.flush())
+        {
+            write_err = Some(e);
+        }
+    })?;
+    if let Some(e) = write_err {
+        return Err(e).context("writing to stdout");
+    }
+    writeln!(stdout)?;
+    let secs = t1.elapsed().as_secs_f64();
+    eprintln!(
+        "[{} prompt + {} generated tokens, finish_reason={}, {:.1} tok/s, model load {} ms, {}]",
+        done.prompt_tokens,
+        done.token_ids.len(),
+        done.finish_reason.as_str(),
+        done.token_ids.len() as f64 / secs.max(1e-9),
+        load_ms,
+        folder.display()
+    );
+    Ok(())
+}
+
+fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    match cli.command {
+        Command::Generate(args) => run_generate(args),
+    }
+}

@@ -1,0 +1,400 @@
+//! `config.json` and `generation_config.json` of a Hugging Face Llama-family folder.
+//!
+//! Both the transformers 4.x form (top-level `rope_theta`, `rope_scaling`, `torch_dtype`)
+//! and the 5.x form (`rope_parameters`, `dtype`) are accepted.
+
+use std::path::Path;
+
+use serde::Deserialize;
+use serde_json::Value;
+
+use crate::error::{Error, Result};
+
+/// How rotary position frequencies are scaled for long contexts.
+#[derive(Debug, Clone, PartialEq)]
+pub enum RopeScaling {
+    /// Plain RoPE.
+    Default,
+    /// Position interpolation: every frequency divided by `factor`.
+    Linear {
+        /// The divisor.
+        factor: f32,
+    },
+    /// Llama 3.1's frequency-dependent scaling.
+    Llama3 {
+        /// Divisor for low frequencies.
+        factor: f32,
+        /// Wavelength bound (in units of the original context) below which frequencies are scaled.
+        low_freq_factor: f32,
+        /// Wavelength bound above which frequencies are kept.
+        high_freq_factor: f32,
+        /// The context length the model was pre-trained on.
+        original_max_position_embeddings: usize,
+    },
+}
+
+/// The dtype weights are stored in.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum WeightDType {
+    /// 32-bit float.
+    F32,
+    /// IEEE half.
+    F16,
+    /// bfloat16.
+    BF16,
+}
+
+/// The parts of `config.json` the decoder needs, validated.
+#[derive(Debug, Clone)]
+pub struct ModelConfig {
+    /// `model_type` as written (`llama` or `mistral`).
+    pub model_type: String,
+    /// Vocabulary size (rows of the embedding).
+    pub vocab_size: usize,
+    /// Width of the residual stream.
+    pub hidden_size: usize,
+    /// Width of the MLP.
+    pub intermediate_size: usize,
+    /// Number of decoder layers.
+    pub num_layers: usize,
+    /// Query heads.
+    pub num_heads: usize,
+    /// Key/value heads (grouped-query attention when fewer than `num_heads`).
+    pub num_kv_heads: usize,
+    /// Width of one head.
+    pub head_dim: usize,
+    /// RMSNorm epsilon.
+    pub rms_norm_eps: f64,
+    /// RoPE base.
+    pub rope_theta: f32,
+    /// RoPE scaling.
+    pub rope_scaling: RopeScaling,
+    /// Longest sequence the model handles.
+    pub max_position_embeddings: usize,
+    /// Whether the output head reuses the embedding matrix.
+    pub tie_word_embeddings: bool,
+    /// Declared weight dtype, if the file states one.
+    pub dtype: Option<WeightDType>,
+    /// Beginning-of-sequence token, if declared.
+    pub bos_token_id: Option<u32>,
+    /// End-of-sequence tokens declared in `config.json`.
+    pub eos_token_ids: Vec<u32>,
+}
+
+#[derive(Deserialize)]
+struct RawConfig {
+    model_type: Option<String>,
+    vocab_size: Option<usize>,
+    hidden_size: Option<usize>,
+    intermediate_size: Option<usize>,
+    num_hidden_layers: Option<usize>,
+    num_attention_heads: Option<usize>,
+    num_key_value_heads: Option<usize>,
+    head_dim: Option<usize>,
+    rms_norm_eps: Option<f64>,
+    rope_theta: Option<f32>,
+    rope_scaling: Option<Value>,
+    rope_parameters: Option<Value>,
+    max_position_embeddings: Option<usize>,
+    tie_word_embeddings: Option<bool>,
+    torch_dtype: Option<String>,
+    dtype: Option<String>,
+    bos_token_id: Option<Value>,
+    eos_token_id: Option<Value>,
+    attention_bias: Option<bool>,
+    mlp_bias: Option<bool>,
+    hidden_act: Option<String>,
+}
+
+/// Reads a JSON file into `T`, naming the file on any error.
+pub(crate) fn read_json<T: serde::de::DeserializeOwned>(path: &Path) -> Result<T> {
+    let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+    let mut de = serde_json::Deserializer::from_str(&text);
+    serde_path_to_error::deserialize(&mut de).map_err(|e| {
+        let field = e.path().to_string();
+        let field = if field == "." || field == "?" { "-".to_string() } else { field };
+        Error::config(path, field, e.inner().to_string())
+    })
+}
+
+fn required(file: &Path, field: &str, v: Option<usize>) -> Result<usize> {
+    match v {
+        Some(0) => Err(Error::config(file, field, "must be greater than zero")),
+        Some(v) => Ok(v),
+        None => Err(Error::config(file, field, "missing")),
+    }
+}
+
+/// Reads token ids that may be written as a number, a list of numbers, or null.
+pub(crate) fn token_ids(file: &Path, field: &str, v: Option<&Value>) -> Result<Vec<u32>> {
+    let as_id = |v: &Value| {
+        v.as_u64()
+            .and_then(|x| u32::try_from(x).ok())
+            .ok_or_else(|| Error::config(file, field, format!("not a token id: {v}")))
+    };
+    match v {
+        None | Some(Value::Null) => Ok(Vec::new()),
+        Some(Value::Array(items)) => items.iter().map(as_id).collect(),
+        Some(v) => Ok(vec![as_id(v)?]),
+    }
+}
+
+fn parse_dtype(file: &Path, field: &str, s: &str) -> Result<WeightDType> {
+    match s {
+        "float32" => Ok(WeightDType::F32),
+        "float16" => Ok(WeightDType::F16),
+        "bfloat16" => Ok(WeightDType::BF16),
+        other => Err(Error::config(file, field, format!("unsupported dtype `{other}` (float32, float16, bfloat16)"))),
+    }
+}
+
+fn rope_number(file: &Path, field: &str, obj: &Value, key: &str) -> Result<f64> {
+    obj.get(key)
+        .and_then(Value::as_f64)
+        .ok_or_else(|| Error::config(file, format!("{field}.{key}"), "missing or not a number"))
+}
+
+fn parse_rope(file: &Path, field: &str, obj: &Value) -> Result<RopeScaling> {
+    if obj.is_null() {
+        return Ok(RopeScaling::Default);
+    }
+    let kind = obj.get("rope_type").or_else(|| obj.get("type")).and_then(Value::as_str).unwrap_or("default");
+    match kind {
+        "default" => Ok(RopeScaling::Default),
+        "linear" => Ok(RopeScaling::Linear { factor: rope_number(file, field, obj, "factor")? as f32 }),
+        "llama3" => Ok(RopeScaling::Llama3 {
+            factor: rope_number(file, field, obj, "factor")? as f32,
+            low_freq_factor: rope_number(file, field, obj, "low_freq_factor")? as f32,
+            high_freq_factor: rope_number(file, field, obj, "high_freq_factor")? as f32,
+            original_max_position_embeddings: rope_number(file, field, obj, "original_max_position_embeddings")?
+                as usize,
+        }),
+        other => Err(Error::config(
+            file,
+            format!("{field}.rope_type"),
+            format!("unsupported RoPE scaling `{other}` (default, linear, llama3)"),
+        )),
+    }
+}
+
+impl ModelConfig {
+    /// Reads and validates `config.json`.
+    pub fn from_file(path: &Path) -> Result<Self> {
+        let raw: RawConfig = read_json(path)?;
+        let f = path;
+        let model_type = raw.model_type.clone().unwrap_or_else(|| "llama".to_string());
+        if !matches!(model_type.as_str(), "llama" | "mistral") {
+            return Err(Error::config(
+                f,
+                "model_type",
+                format!("`{model_type}` is not a Llama-family model (llama, mistral)"),
+            ));
+        }
+        if raw.attention_bias == Some(true) {
+            return Err(Error::config(f, "attention_bias", "attention biases are not supported"));
+        }
+        if raw.mlp_bias == Some(true) {
+            return Err(Error::config(f, "mlp_bias", "MLP biases are not supported"));
+        }
+        if let Some(act) = &raw.hidden_act
+            && act != "silu"
+        {
+            return Err(Error::config(f, "hidden_act", format!("`{act}` is not supported (silu)")));
+        }
+        let hidden_size = required(f, "hidden_size", raw.hidden_size)?;
+        let num_heads = required(f, "num_attention_heads", raw.num_attention_heads)?;
+        let num_kv_heads = required(f, "num_key_value_heads", raw.num_key_value_heads.or(Some(num_heads)))?;
+        if num_heads % num_kv_heads != 0 {
+            return Err(Error::config(
+                f,
+                "num_key_value_heads",
+                format!("{num_kv_heads} does not divide num_attention_heads {num_heads}"),
+            ));
+        }
+        let head_dim = match raw.head_dim {
+            Some(d) => required(f, "head_dim", Some(d))?,
+            None if hidden_size % num_heads == 0 => hidden_size / num_heads,
+            None => return Err(Error::config(f, "hidden_size", "not a multiple of num_attention_heads")),
+        };
+        if head_dim % 2 != 0 {
+            return Err(Error::config(f, "head_dim", "must be even for RoPE"));
+        }
+        // transformers 5.x: rope_parameters holds theta and scaling; 4.x: top-level fields.
+        let (rope_theta, rope_scaling) = match &raw.rope_parameters {
+            Some(p) if !p.is_null() => {
+                let theta = p.get("rope_theta").and_then(Value::as_f64).map(|t| t as f32);
+                (theta.or(raw.rope_theta), parse_rope(f, "rope_parameters", p)?)
+            }
+            _ => (
+                raw.rope_theta,
+                match &raw.rope_scaling {
+                    Some(s) => parse_rope(f, "rope_scaling", s)?,
+                    None => RopeScaling::Default,
+                },
+            ),
+        };
+        let rope_theta = rope_theta.unwrap_or(10000.0);
+        if rope_theta.is_nan() || rope_theta <= 1.0 {
+            return Err(Error::config(f, "rope_theta", "must be greater than 1"));
+        }
+        let dtype = match (&raw.dtype, &raw.torch_dtype) {
+            (Some(d), _) => Some(parse_dtype(f, "dtype", d)?),
+            (None, Some(d)) => Some(parse_dtype(f, "torch_dtype", d)?),
+            (None, None) => None,
+        };
+        let bos = token_ids(f, "bos_token_id", raw.bos_token_id.as_ref())?;
+        Ok(ModelConfig {
+            model_type,
+            vocab_size: required(f, "vocab_size", raw.vocab_size)?,
+            hidden_size,
+            intermediate_size: required(f, "intermediate_size", raw.intermediate_size)?,
+            num_layers: required(f, "num_hidden_layers", raw.num_hidden_layers)?,
+            num_heads,
+            num_kv_heads,
+            head_dim,
+            rms_norm_eps: raw.rms_norm_eps.unwrap_or(1e-6),
+            rope_theta,
+            rope_scaling,
+            max_position_embeddings: required(
+                f,
+                "max_position_embeddings",
+                raw.max_position_embeddings.or(Some(2048)),
+            )?,
+            tie_word_embeddings: raw.tie_word_embeddings.unwrap_or(false),
+            dtype,
+            bos_token_id: bos.first().copied(),
+            eos_token_ids: token_ids(f, "eos_token_id", raw.eos_token_id.as_ref())?,
+        })
+    }
+}
+
+/// Defaults from `generation_config.json` (all optional).
+#[derive(Debug, Clone, Default)]
+pub struct GenerationDefaults {
+    /// Extra end-of-sequence tokens.
+    pub eos_token_ids: Vec<u32>,
+    /// Whether the model's authors meant it to be sampled rather than decoded greedily.
+    pub do_sample: bool,
+    /// Default temperature.
+    pub temperature: Option<f32>,
+    /// Default nucleus mass.
+    pub top_p: Option<f32>,
+    /// Default top-k.
+    pub top_k: Option<usize>,
+    /// Default repetition penalty.
+    pub repetition_penalty: Option<f32>,
+}
+
+#[derive(Deserialize)]
+struct RawGeneration {
+    eos_token_id: Option<Value>,
+    do_sample: Option<bool>,
+    temperature: Option<f32>,
+    top_p: Option<f32>,
+    top_k: Option<usize>,
+    repetition_penalty: Option<f32>,
+}
+
+impl GenerationDefaults {
+    /// Reads `generation_config.json`; a folder without one gets the defaults.
+    pub fn from_file(path: &Path) -> Result<Self> {
+        if !path.exists() {
+            return Ok(Self::default());
+        }
+        let raw: RawGeneration = read_json(path)?;
+        Ok(GenerationDefaults {
+            eos_token_ids: token_ids(path, "eos_token_id", raw.eos_token_id.as_ref())?,
+            do_sample: raw.do_sample.unwrap_or(false),
+            temperature: raw.temperature,
+            top_p: raw.top_p,
+            top_k: raw.top_k,
+            repetition_penalty: raw.repetition_penalty,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn write(dir: &Path, text: &str) -> std::path::PathBuf {
+        let p = dir.join("config.json");
+        std::fs::write(&p, text).expect("write temp config");
+        p
+    }
+
+    fn tmp(name: &str) -> std::path::PathBuf {
+        let d = std::env::temp_dir().join(format!("openlora-config-{name}-{}", std::process::id()));
+        std::fs::create_dir_all(&d).expect("temp dir");
+        d
+    }
+
+    const BASE: &str = r#""vocab_size": 10, "hidden_size": 8, "intermediate_size": 16,
+        "num_hidden_layers": 1, "num_attention_heads": 2, "max_position_embeddings": 32"#;
+
+    #[test]
+    fn legacy_and_v5_forms_agree() {
+        let d = tmp("forms");
+        let legacy = write(
+            &d,
+            &format!(
+                r#"{{{BASE}, "rope_theta": 500000.0, "torch_dtype": "bfloat16",
+            "rope_scaling": {{"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0, "original_max_position_embeddings": 16}}}}"#
+            ),
+        );
+        let a = ModelConfig::from_file(&legacy).expect("legacy config");
+        let v5 = write(
+            &d,
+            &format!(
+                r#"{{{BASE}, "dtype": "bfloat16", "rope_parameters": {{"rope_theta": 500000.0,
+            "rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+            "original_max_position_embeddings": 16}}}}"#
+            ),
+        );
+        let b = ModelConfig::from_file(&v5).expect("v5 config");
+        assert_eq!(a.rope_scaling, b.rope_scaling);
+        assert_eq!(a.rope_theta, b.rope_theta);
+        assert_eq!(a.dtype, Some(WeightDType::BF16));
+        assert_eq!(b.dtype, Some(WeightDType::BF16));
+        assert_eq!(a.num_kv_heads, 2);
+        assert_eq!(a.head_dim, 4);
+    }
+
+    #[test]
+    fn errors_name_the_field() {
+        let d = tmp("errors");
+        let cases = [
+            (format!(r#"{{{BASE}, "num_key_value_heads": 3}}"#), "num_key_value_heads"),
+            (r#"{"vocab_size": 10}"#.to_string(), "hidden_size"),
+            (
+                format!(r#"{{{BASE}, "rope_scaling": {{"rope_type": "yarn", "factor": 2.0}}}}"#),
+                "rope_scaling.rope_type",
+            ),
+            (
+                format!(r#"{{{BASE}, "rope_scaling": {{"rope_type": "llama3", "factor": 2.0}}}}"#),
+                "rope_scaling.low_freq_factor",
+            ),
+            (format!(r#"{{{BASE}, "torch_dtype": "int8"}}"#), "torch_dtype"),
+            (format!(r#"{{{BASE}, "model_type": "gpt2"}}"#), "model_type"),
+            (format!(r#"{{{BASE}, "attention_bias": true}}"#), "attention_bias"),
+            ("{not json".to_string(), "-"),
+        ];
+        for (text, field) in cases {
+            let p = write(&d, &text);
+            match ModelConfig::from_file(&p) {
+                Err(Error::Config { field: got, .. }) => assert_eq!(got, field, "for {text}"),
+                other => panic!("expected a config error on {field}, got {other:?}"),
+            }
+        }
+    }
+
+    #[test]
+    fn eos_may_be_a_list() {
+        let d = tmp("eos");
+        let p = write(&d, &format!(r#"{{{BASE}, "eos_token_id": [1, 7], "bos_token_id": 0}}"#));
+        let c = ModelConfig::from_file(&p).expect("config");
+        assert_eq!(c.eos_token_ids, vec![1, 7]);
+        assert_eq!(c.bos_token_id, Some(0));
+    }
+}

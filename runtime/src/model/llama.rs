@@ -1,0 +1,247 @@
+//! The Llama-family decoder: weights and a batched forward pass over many sequences.
+//!
+//! A forward call takes a flat batch — every sequence's new tokens laid end to end — so
+//! prefill and decode rows of different sequences share each projection's matmul; only
+//! attention runs per sequence, over that sequence's own key/value cache.
+
+use candle_core::{D, DType, Device, Tensor};
+
+use super::config::ModelConfig;
+use super::kv::SeqKvCache;
+use super::ops;
+use super::rope::RopeTables;
+use super::weights::WeightFiles;
+use crate::error::{Error, Result};
+
+/// The seven projections of a decoder layer (the places a LoRA adapter may attach).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Proj {
+    /// Attention query projection.
+    Q,
+    /// Attention key projection.
+    K,
+    /// Attention value projection.
+    V,
+    /// Attention output projection.
+    O,
+    /// MLP gate projection.
+    Gate,
+    /// MLP up projection.
+    Up,
+    /// MLP down projection.
+    Down,
+}
+
+impl Proj {
+    /// Every projection, in layer order.
+    pub const ALL: [Proj; 7] = [Proj::Q, Proj::K, Proj::V, Proj::O, Proj::Gate, Proj::Up, Proj::Down];
+
+    /// The module name Hugging Face uses (`q_proj`, …).
+    pub fn module_name(self) -> &'static str {
+        match self {
+            Proj::Q => "q_proj",
+            Proj::K => "k_proj",
+            Proj::V => "v_proj",
+            Proj::O => "o_proj",
+            Proj::Gate => "gate_proj",
+            Proj::Up => "up_proj",
+            Proj::Down => "down_proj",
+        }
+    }
+
+    fn parent(self) -> &'static str {
+        match self {
+            Proj::Q | Proj::K | Proj::V | Proj::O => "self_attn",
+            Proj::Gate | Proj::Up | Proj::Down => "mlp",
+        }
+    }
+
+    /// `(out_features, in_features)` of this projection for a model config.
+    pub fn shape(self, cfg: &ModelConfig) -> (usize, usize) {
+        let q = cfg.num_heads * cfg.head_dim;
+        let kv = cfg.num_kv_heads * cfg.head_dim;
+        match self {
+            Proj::Q => (q, cfg.hidden_size),
+            Proj::K | Proj::V => (kv, cfg.hidden_size),
+            Proj::O => (cfg.hidden_size, q),
+            Proj::Gate | Proj::Up => (cfg.intermediate_size, cfg.hidden_size),
+            Proj::Down => (cfg.hidden_size, cfg.intermediate_size),
+        }
+    }
+
+    /// The weight's tensor name in layer `layer`.
+    pub fn tensor_name(self, layer: usize) -> String {
+        format!("model.layers.{layer}.{}.{}.weight", self.parent(), self.module_name())
+    }
+}
+
+struct Layer {
+    /// Projection weights `[out, in]`, indexed by `Proj as usize`.
+    proj: [Tensor; 7],
+    input_norm: Tensor,
+    post_attention_norm: Tensor,
+}
+
+/// One sequence's slice of a flat batch.
+pub struct SeqBatch<'a> {
+    /// The new tokens to run for this sequence.
+    pub tokens: &'a [u32],
+    /// The sequence's key/value cache; its length is the position of `tokens[0]`.
+    pub kv: &'a mut SeqKvCache,
+}
+
+/// Which rows of the batch to compute logits for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LogitRows {
+    /// Every token of every sequence (used to check parity).
+    All,
+    /// Only each sequence's last token (generation).
+    Last,
+}
+
+/// A loaded Llama-family decoder, computing in f32.
+pub struct Llama {
+    cfg: ModelConfig,
+    embed: Tensor,
+    layers: Vec<Layer>,
+    norm: Tensor,
+    lm_head: Tensor,
+    rope: RopeTables,
+    device: Device,
+}
+
+impl Llama {
+    /// Loads every weight the config implies, checking names and shapes.
+    pub fn load(cfg: &ModelConfig, weights: &WeightFiles, device: &Device) -> Result<Self> {
+        let dt = DType::F32;
+        let h = cfg.hidden_size;
+        let embed = weights.load("model.embed_tokens.weight", &[cfg.vocab_size, h], dt, device)?;
+        let mut layers = Vec::with_capacity(cfg.num_layers);
+        for l in 0..cfg.num_layers {
+            let load_proj = |p: Proj| {
+                let (o, i) = p.shape(cfg);
+                weights.load(&p.tensor_name(l), &[o, i], dt, device)
+            };
+            let proj = [
+                load_proj(Proj::Q)?,
+                load_proj(Proj::K)?,
+                load_proj(Proj::V)?,
+                load_proj(Proj::O)?,
+                load_proj(Proj::Gate)?,
+                load_proj(Proj::Up)?,
+                load_proj(Proj::Down)?,
+            ];
+            layers.push(Layer {
+                proj,
+                input_norm: weights.load(&format!("model.layers.{l}.input_layernorm.weight"), &[h], dt, device)?,
+                post_attention_norm: weights.load(
+                    &format!("model.layers.{l}.post_attention_layernorm.weight"),
+                    &[h],
+                    dt,
+                    device,
+                )?,
+            });
+        }
+        let norm = weights.load("model.norm.weight", &[h], dt, device)?;
+        let lm_head = if cfg.tie_word_embeddings && !weights.contains("lm_head.weight") {
+            embed.clone()
+        } else {
+            weights.load("lm_head.weight", &[cfg.vocab_size, h], dt, device)?
+        };
+        Ok(Llama {
+            cfg: cfg.clone(),
+            embed,
+            layers,
+            norm,
+            lm_head,
+            rope: RopeTables::new(cfg, device)?,
+            device: device.clone(),
+        })
+    }
+
+    /// The model's configuration.
+    pub fn config(&self) -> &ModelConfig {
+        &self.cfg
+    }
+
+    /// An empty key/value cache for one new sequence.
+    pub fn new_cache(&self) -> SeqKvCache {
+        SeqKvCache::new(self.cfg.num_layers)
+    }
+
+    fn project(&self, layer: &Layer, p: Proj, x: &Tensor) -> Result<Tensor> {
+        ops::linear(x, &layer.proj[p as usize])
+    }
+
+    /// Runs one step for a batch of sequences, appending their new keys and values to their
+    /// caches, and returns logits `[rows, vocab]` for the rows `rows` selects.
+    pub fn forward(&self, batch: &mut [SeqBatch<'_>], rows: LogitRows) -> Result<Tensor> {
+        let cfg = &self.cfg;
+        let mut ids = Vec::new();
+        let mut positions = Vec::new();
+        let mut spans = Vec::with_capacity(batch.len());
+        for seq in batch.iter() {
+            let start = seq.kv.len();
+            if seq.tokens.is_empty() {
+                return Err(Error::InvalidParam {
+                    param: "tokens",
+                    message: "a sequence in the batch has no new tokens".into(),
+                });
+            }
+            if start + seq.tokens.len() > cfg.max_position_embeddings {
+                return Err(Error::ContextOverflow {
+                    prompt_tokens: start + seq.tokens.len(),
+                    context: cfg.max_position_embeddings,
+                });
+            }
+            if let Some(bad) = seq.tokens.iter().find(|&&t| t as usize >= cfg.vocab_size) {
+                return Err(Error::InvalidParam {
+                    param: "tokens",
+                    message: format!("token id {bad} is outside the vocabulary"),
+                });
+            }
+            spans.push((ids.len(), seq.tokens.len(), start));
+            ids.extend_from_slice(seq.tokens);
+            positions.extend((start..start + seq.tokens.len()).map(|p| p as u32));
+        }
+        let n = ids.len();
+        let ids = Tensor::from_vec(ids, n, &self.device)?;
+        let positions = Tensor::from_vec(positions, n, &self.device)?;
+        let mut x = self.embed.index_select(&ids, 0)?;
+        let (nh, nkv, hd) = (cfg.num_heads, cfg.num_kv_heads, cfg.head_dim);
+        for (l, layer) in self.layers.iter().enumerate() {
+            let h = ops::rms_norm(&x, &layer.input_norm, cfg.rms_norm_eps)?;
+            let q = self.project(layer, Proj::Q, &h)?.reshape((n, nh, hd))?;
+            let k = self.project(layer, Proj::K, &h)?.reshape((n, nkv, hd))?;
+            let v = self.project(layer, Proj::V, &h)?.reshape((n, nkv, hd))?;
+            let q = self.rope.apply(&q, &positions)?;
+            let k = self.rope.apply(&k, &positions)?;
+            let mut outs = Vec::with_capacity(batch.len());
+            for (seq, &(off, len, start)) in batch.iter_mut().zip(&spans) {
+                let (ks, vs) = seq.kv.append(l, &k.narrow(0, off, len)?, &v.narrow(0, off, len)?)?;
+                outs.push(ops::causal_attention(&q.narrow(0, off, len)?, &ks, &vs, start)?);
+            }
+            let attn = Tensor::cat(&outs, 0)?;
+            x = (x + self.project(layer, Proj::O, &attn)?)?;
+            let h = ops::rms_norm(&x, &layer.post_attention_norm, cfg.rms_norm_eps)?;
+            let gate = self.project(layer, Proj::Gate, &h)?;
+            let up = self.project(layer, Proj::Up, &h)?;
+            x = (x + self.project(layer, Proj::Down, &ops::silu_mul(&gate, &up)?)?)?;
+        }
+        for seq in batch.iter_mut() {
+            seq.kv.commit();
+        }
+        let x = match rows {
+            LogitRows::All => x,
+            LogitRows::Last => {
+                let last: Vec<u32> = spans.iter().map(|&(off, len, _)| (off + len - 1) as u32).collect();
+                let idx = Tensor::from_vec(last, spans.len(), &self.device)?;
+                x.index_select(&idx, 0)?
+            }
+        };
+        let x = ops::rms_norm(&x, &self.norm, cfg.rms_norm_eps)?;
+        let logits = ops::linear(&x, &self.lm_head)?;
+        debug_assert_eq!(logits.dim(D::Minus1)?, cfg.vocab_size);
+        Ok(logits)
+    }
+}

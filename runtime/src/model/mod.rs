@@ -1,0 +1,69 @@
+//! Llama-family models loaded from a Hugging Face folder.
+
+pub mod config;
+pub mod kv;
+pub mod llama;
+pub mod ops;
+pub mod rope;
+pub mod tokenizer;
+pub mod weights;
+
+use std::path::{Path, PathBuf};
+
+use candle_core::Device;
+
+pub use config::{GenerationDefaults, ModelConfig, RopeScaling, WeightDType};
+pub use kv::SeqKvCache;
+pub use llama::{Llama, LogitRows, Proj, SeqBatch};
+pub use tokenizer::{StreamDecoder, TextTokenizer};
+pub use weights::WeightFiles;
+
+use crate::error::{Error, Result};
+
+/// Everything loaded from one model folder: configuration, weights and tokenizer.
+pub struct LoadedModel {
+    /// The folder the model came from.
+    pub folder: PathBuf,
+    /// The decoder.
+    pub llama: Llama,
+    /// Its tokenizer.
+    pub tokenizer: TextTokenizer,
+    /// Defaults from `generation_config.json`.
+    pub generation: GenerationDefaults,
+    /// Every token id that ends a sequence (config, generation config and tokenizer combined).
+    pub eos_token_ids: Vec<u32>,
+}
+
+impl LoadedModel {
+    /// Loads a model folder on the CPU: `config.json`, `*.safetensors` (memory-mapped),
+    /// `tokenizer.json`, and `tokenizer_config.json` / `generation_config.json` when present.
+    pub fn load(folder: &Path) -> Result<Self> {
+        if !folder.is_dir() {
+            return Err(Error::MissingFile { path: folder.to_path_buf(), what: "model folder" });
+        }
+        let config_path = folder.join("config.json");
+        if !config_path.exists() {
+            return Err(Error::MissingFile { path: config_path, what: "model configuration (config.json)" });
+        }
+        let cfg = ModelConfig::from_file(&config_path)?;
+        let tokenizer = TextTokenizer::from_folder(folder)?;
+        if tokenizer.vocab_size() > cfg.vocab_size {
+            return Err(Error::config(
+                &config_path,
+                "vocab_size",
+                format!("{} is smaller than the tokenizer's vocabulary ({})", cfg.vocab_size, tokenizer.vocab_size()),
+            ));
+        }
+        let generation = GenerationDefaults::from_file(&folder.join("generation_config.json"))?;
+        let files = WeightFiles::discover(folder)?;
+        let weights = WeightFiles::open(folder, &files)?;
+        let llama = Llama::load(&cfg, &weights, &Device::Cpu)?;
+        let mut eos_token_ids = cfg.eos_token_ids.clone();
+        for id in generation.eos_token_ids.iter().chain(&tokenizer.eos_token_ids) {
+            if !eos_token_ids.contains(id) {
+                eos_token_ids.push(*id);
+            }
+        }
+        Ok(LoadedModel { folder: folder.to_path_buf(), llama, tokenizer, generation, eos_token_ids })
+    }
+}

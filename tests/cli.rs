@@ -1,0 +1,70 @@
+//! The `openlora` binary as a user runs it.
+
+use std::process::{Command, Output};
+
+fn openlora(args: &[&str]) -> Output {
+    let home = std::env::temp_dir().join(format!("openlora-cli-home-{}", std::process::id()));
+    Command::new(env!("CARGO_BIN_EXE_openlora")).args(args).env("OPENLORA_HOME", &home).output().expect("run openlora")
+}
+
+fn stdout(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+#[test]
+fn help_lists_every_command() {
+    let o = openlora(&["--help"]);
+    assert!(o.status.success());
+    let text = stdout(&o);
+    for cmd in ["generate"] {
+        assert!(text.contains(cmd), "--help does not list `{cmd}`:\n{text}");
+    }
+}
+
+#[test]
+fn generate_runs_on_the_embedded_model_and_seeds_repeat() {
+    let args = ["generate", "--prompt", "The cat", "--max-tokens", "24", "--temperature", "0.9", "--seed", "11"];
+    let a = openlora(&args);
+    assert!(a.status.success(), "{}", stderr(&a));
+    let b = openlora(&args);
+    assert_eq!(stdout(&a), stdout(&b), "same seed, different text");
+    assert!(stdout(&a).starts_with("The cat"), "the prompt is echoed first");
+    assert!(stdout(&a).len() > "The cat\n".len(), "something was generated");
+    assert!(stderr(&a).contains("generated tokens"), "{}", stderr(&a));
+    let other: Vec<String> = (12..16)
+        .map(|seed| {
+            let seed = seed.to_string();
+            let mut args = args.to_vec();
+            *args.last_mut().expect("seed arg") = &seed;
+            stdout(&openlora(&args))
+        })
+        .collect();
+    assert!(other.iter().any(|o| *o != stdout(&a)), "other seeds never change the text");
+}
+
+#[test]
+fn stop_strings_end_generation() {
+    let o = openlora(&["generate", "--prompt", "A", "--max-tokens", "64", "--stop", " ", "--temperature", "0"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let text = stdout(&o);
+    let generated = text.trim_end_matches('\n').strip_prefix('A').expect("prompt echoed");
+    assert!(!generated.contains(' '), "stop string was printed: {text:?}");
+}
+
+#[test]
+fn missing_model_folder_is_named() {
+    let o = openlora(&["generate", "--model", "/nonexistent/model-dir", "--prompt", "x"]);
+    assert!(!o.status.success());
+    assert!(stderr(&o).contains("/nonexistent/model-dir"), "{}", stderr(&o));
+}
+
+#[test]
+fn bad_sampling_parameter_is_named() {
+    let o = openlora(&["generate", "--prompt", "x", "--temperature", "-1"]);
+    assert!(!o.status.success());
+    assert!(stderr(&o).contains("temperature"), "{}", stderr(&o));
+}

@@ -1,0 +1,16 @@
+#!/usr/bin/env bash
+# Runs every openlora test from a fresh clone. Installs what the tests need first.
+set -euo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+
+# The toolchain and the wasm32-wasip2 target are pinned by rust-toolchain.toml; make sure
+# they are installed (rustup fetches them on first use, this just makes it explicit).
+rustup show active-toolchain >/dev/null
+rustup target add wasm32-wasip2 >/dev/null 2>&1 || rustup target add wasm32-wasip2
+
+# Tests unpack the embedded model and write their data under a throwaway home.
+export OPENLORA_HOME="${OPENLORA_HOME:-$(mktemp -d)}"
+
+cargo fmt --all --check
+# Unit tests, end-to-end tests in tests/, and every criterion benchmark run once in test mode.
+cargo test --workspace --all-targets --locked
