@@ -33,8 +33,7 @@ fn logits_match_hugging_face() {
         for i in 0..r.prompts.len() {
             let ids = r.ids("input_ids", i);
             let mut kv = model.llama.new_cache();
-            let got =
-                model.llama.forward(&mut [SeqBatch { tokens: &ids, kv: &mut kv }], LogitRows::All).expect("forward");
+            let got = model.llama.forward(&mut [SeqBatch::base(&ids, &mut kv)], LogitRows::All, None).expect("forward");
             let want = r.logits("logits", i).expect("f32 reference logits");
             let d = max_abs_diff(&got, &want);
             println!("{} prompt {i}: max |Δ| vs HF f32 = {d:.3e}", dir.display());
@@ -58,7 +57,7 @@ fn greedy_tokens_match_hugging_face() {
         for i in 0..r.prompts.len() {
             let want = r.ids("greedy", i);
             let params = SamplingParams { max_tokens: want.len(), ignore_eos: true, ..Default::default() };
-            let got = generate(&model, &r.ids("input_ids", i), params, &mut |_| {}).expect("generate");
+            let got = generate(&model, &r.ids("input_ids", i), params, None, &mut |_| {}).expect("generate");
             assert_eq!(got.token_ids, want, "{}: prompt {i}", dir.display());
         }
     }
@@ -79,7 +78,7 @@ fn mixed_prefill_and_decode_batch_matches_reference() {
             if i % 2 == 1 && ids.len() > 1 {
                 model
                     .llama
-                    .forward(&mut [SeqBatch { tokens: &ids[..ids.len() - 1], kv: &mut caches[i] }], LogitRows::Last)
+                    .forward(&mut [SeqBatch::base(&ids[..ids.len() - 1], &mut caches[i])], LogitRows::Last, None)
                     .expect("warm-up prefill");
             }
         }
@@ -89,10 +88,10 @@ fn mixed_prefill_and_decode_batch_matches_reference() {
             .enumerate()
             .map(|(i, (ids, kv))| {
                 let tokens = if i % 2 == 1 && ids.len() > 1 { &ids[ids.len() - 1..] } else { &ids[..] };
-                SeqBatch { tokens, kv }
+                SeqBatch::base(tokens, kv)
             })
             .collect();
-        let got = model.llama.forward(&mut batch, LogitRows::All).expect("batched forward");
+        let got = model.llama.forward(&mut batch, LogitRows::All, None).expect("batched forward");
         let mut row = 0;
         for (i, ids) in prompts.iter().enumerate() {
             let want = r.logits("logits", i).expect("reference");

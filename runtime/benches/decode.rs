@@ -12,8 +12,7 @@ fn bench_model(c: &mut Criterion, name: &str, folder: &Path) {
     let model = LoadedModel::load(folder).expect("model loads");
     let prompt = model.tokenizer.encode("The meaning of life is").expect("encode");
     let mut kv = model.llama.new_cache();
-    let logits =
-        model.llama.forward(&mut [SeqBatch { tokens: &prompt, kv: &mut kv }], LogitRows::Last).expect("prefill");
+    let logits = model.llama.forward(&mut [SeqBatch::base(&prompt, &mut kv)], LogitRows::Last, None).expect("prefill");
     let first = argmax(&logits.squeeze(0).expect("row").to_vec1::<f32>().expect("logits"));
     let mut group = c.benchmark_group("decode_single_sequence");
     group.throughput(Throughput::Elements(DECODE_TOKENS as u64));
@@ -25,7 +24,7 @@ fn bench_model(c: &mut Criterion, name: &str, folder: &Path) {
                 for _ in 0..DECODE_TOKENS {
                     let logits = model
                         .llama
-                        .forward(&mut [SeqBatch { tokens: &[next], kv: &mut kv }], LogitRows::Last)
+                        .forward(&mut [SeqBatch::base(&[next], &mut kv)], LogitRows::Last, None)
                         .expect("decode step");
                     next = argmax(&logits.squeeze(0).expect("row").to_vec1::<f32>().expect("logits"));
                 }

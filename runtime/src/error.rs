@@ -91,6 +91,34 @@ pub enum Error {
         context: usize,
     },
 
+    /// No adapter of this name is registered.
+    #[error("unknown adapter `{0}`")]
+    UnknownAdapter(String),
+
+    /// An adapter could not be loaded from disk (corrupt, vanished or invalid files).
+    #[error("adapter `{name}` failed to load: {message}")]
+    AdapterLoad {
+        /// The adapter's name.
+        name: String,
+        /// Why.
+        message: String,
+    },
+
+    /// An adapter needs more pages than the whole active pool holds.
+    #[error("adapter `{name}` needs {need_bytes} bytes; the active pool holds {pool_bytes}")]
+    AdapterTooLarge {
+        /// The adapter's name.
+        name: String,
+        /// Bytes it needs in the pool.
+        need_bytes: usize,
+        /// The pool's capacity.
+        pool_bytes: usize,
+    },
+
+    /// Waited too long for room in the active adapter pool.
+    #[error("timed out waiting for room in the adapter pool for `{0}`")]
+    PoolTimeout(String),
+
     /// A tensor operation failed (a bug, not bad input).
     #[error("tensor op: {0}")]
     Tensor(#[from] candle_core::Error),

@@ -2,6 +2,7 @@
 
 use crate::error::{Error, Result};
 use crate::model::{LoadedModel, LogitRows, SeqBatch, StreamDecoder};
+use crate::pager::{AdapterLease, AdapterPager};
 use crate::sampling::{Sampler, SamplingParams};
 
 /// Why generation ended, in OpenAI's vocabulary.
@@ -94,12 +95,22 @@ impl StopScanner {
     }
 }
 
-/// Generates a completion of `prompt_ids`, calling `on_text` with each piece of text as soon
-/// as it is final.
+/// A LoRA adapter to generate with: its lease (keeping it resident) and the pager holding it.
+#[derive(Clone, Copy)]
+pub struct WithAdapter<'a> {
+    /// The pager whose pool holds the adapter.
+    pub pager: &'a AdapterPager,
+    /// The pin on the adapter.
+    pub lease: &'a AdapterLease,
+}
+
+/// Generates a completion of `prompt_ids`, with `adapter` if given, calling `on_text` with
+/// each piece of text as soon as it is final.
 pub fn generate(
     model: &LoadedModel,
     prompt_ids: &[u32],
     params: SamplingParams,
+    adapter: Option<WithAdapter<'_>>,
     on_text: &mut dyn FnMut(&str),
 ) -> Result<Completion> {
     params.validate()?;
@@ -120,7 +131,14 @@ pub fn generate(
     let mut step_tokens = prompt_ids.to_vec();
     let mut finish = FinishReason::Length;
     for _ in 0..max_new {
-        let logits = model.llama.forward(&mut [SeqBatch { tokens: &step_tokens, kv: &mut kv }], LogitRows::Last)?;
+        let logits = match adapter {
+            None => model.llama.forward(&mut [SeqBatch::base(&step_tokens, &mut kv)], LogitRows::Last, None)?,
+            Some(a) => {
+                let pool = a.pager.pool();
+                let seq = SeqBatch { tokens: &step_tokens, kv: &mut kv, adapter: Some(a.lease.resident()) };
+                model.llama.forward(&mut [seq], LogitRows::Last, Some(pool.view()))?
+            }
+        };
         let mut logits: Vec<f32> = logits.squeeze(0)?.to_vec1()?;
         let next = sampler.sample(&mut logits, &ids);
         if !ignore_eos && model.eos_token_ids.contains(&next) {

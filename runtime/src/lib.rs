@@ -3,10 +3,13 @@
 //! This crate is the host: model loading and the forward pass (`model`), token sampling
 //! (`sampling`), the generation loop (`generate`), and the embedded default model (`embedded`).
 
+pub mod adapters;
 pub mod embedded;
 pub mod error;
 pub mod generate;
+pub mod metrics;
 pub mod model;
+pub mod pager;
 pub mod sampling;
 
 pub use error::{Error, Result};

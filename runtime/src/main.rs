@@ -86,7 +86,7 @@ fn run_generate(args: GenerateArgs) -> anyhow::Result<()> {
     stdout.flush()?;
     let t1 = Instant::now();
     let mut write_err = None;
-    let done = generate(&model, &prompt_ids, params, &mut |piece| {
+    let done = generate(&model, &prompt_ids, params, None, &mut |piece| {
         if write_err.is_none()
             && let Err(e) = write!(stdout, "{piece}").and_then(|_| stdout.flush())
         {

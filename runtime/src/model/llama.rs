@@ -6,12 +6,16 @@
 
 use candle_core::{D, DType, Device, Tensor};
 
+use openlora_kernels::lora::PagePool;
+
 use super::config::ModelConfig;
 use super::kv::SeqKvCache;
+use super::lora::LoraPlan;
 use super::ops;
 use super::rope::RopeTables;
 use super::weights::WeightFiles;
 use crate::error::{Error, Result};
+use crate::pager::pool::ResidentAdapter;
 
 /// The seven projections of a decoder layer (the places a LoRA adapter may attach).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -88,6 +92,15 @@ pub struct SeqBatch<'a> {
     pub tokens: &'a [u32],
     /// The sequence's key/value cache; its length is the position of `tokens[0]`.
     pub kv: &'a mut SeqKvCache,
+    /// The LoRA adapter this sequence runs with, resident in the pool passed to `forward`.
+    pub adapter: Option<&'a ResidentAdapter>,
+}
+
+impl<'a> SeqBatch<'a> {
+    /// A sequence of the base model (no adapter).
+    pub fn base(tokens: &'a [u32], kv: &'a mut SeqKvCache) -> Self {
+        SeqBatch { tokens, kv, adapter: None }
+    }
 }
 
 /// Which rows of the batch to compute logits for.
@@ -169,13 +182,15 @@ impl Llama {
         SeqKvCache::new(self.cfg.num_layers)
     }
 
-    fn project(&self, layer: &Layer, p: Proj, x: &Tensor) -> Result<Tensor> {
-        ops::linear(x, &layer.proj[p as usize])
+    fn project(&self, l: usize, p: Proj, x: &Tensor, lora: &LoraPlan<'_>) -> Result<Tensor> {
+        let y = ops::linear(x, &self.layers[l].proj[p as usize])?;
+        lora.apply(l, p, x, y)
     }
 
     /// Runs one step for a batch of sequences, appending their new keys and values to their
-    /// caches, and returns logits `[rows, vocab]` for the rows `rows` selects.
-    pub fn forward(&self, batch: &mut [SeqBatch<'_>], rows: LogitRows) -> Result<Tensor> {
+    /// caches, and returns logits `[rows, vocab]` for the rows `rows` selects. Sequences with
+    /// an adapter read its weights from `pool`, the active adapter pool they are resident in.
+    pub fn forward(&self, batch: &mut [SeqBatch<'_>], rows: LogitRows, pool: Option<PagePool<'_>>) -> Result<Tensor> {
         let cfg = &self.cfg;
         let mut ids = Vec::new();
         let mut positions = Vec::new();
@@ -204,6 +219,14 @@ impl Llama {
             ids.extend_from_slice(seq.tokens);
             positions.extend((start..start + seq.tokens.len()).map(|p| p as u32));
         }
+        if pool.is_none() && batch.iter().any(|s| s.adapter.is_some()) {
+            return Err(Error::InvalidParam {
+                param: "adapter",
+                message: "a sequence has an adapter but no pool was given".into(),
+            });
+        }
+        let lora =
+            LoraPlan::new(pool, batch.iter().zip(&spans).map(|(s, &(off, len, _))| (off, len, s.adapter)).collect());
         let n = ids.len();
         let ids = Tensor::from_vec(ids, n, &self.device)?;
         let positions = Tensor::from_vec(positions, n, &self.device)?;
@@ -211,9 +234,9 @@ impl Llama {
         let (nh, nkv, hd) = (cfg.num_heads, cfg.num_kv_heads, cfg.head_dim);
         for (l, layer) in self.layers.iter().enumerate() {
             let h = ops::rms_norm(&x, &layer.input_norm, cfg.rms_norm_eps)?;
-            let q = self.project(layer, Proj::Q, &h)?.reshape((n, nh, hd))?;
-            let k = self.project(layer, Proj::K, &h)?.reshape((n, nkv, hd))?;
-            let v = self.project(layer, Proj::V, &h)?.reshape((n, nkv, hd))?;
+            let q = self.project(l, Proj::Q, &h, &lora)?.reshape((n, nh, hd))?;
+            let k = self.project(l, Proj::K, &h, &lora)?.reshape((n, nkv, hd))?;
+            let v = self.project(l, Proj::V, &h, &lora)?.reshape((n, nkv, hd))?;
             let q = self.rope.apply(&q, &positions)?;
             let k = self.rope.apply(&k, &positions)?;
             let mut outs = Vec::with_capacity(batch.len());
@@ -222,11 +245,11 @@ impl Llama {
                 outs.push(ops::causal_attention(&q.narrow(0, off, len)?, &ks, &vs, start)?);
             }
             let attn = Tensor::cat(&outs, 0)?;
-            x = (x + self.project(layer, Proj::O, &attn)?)?;
+            x = (x + self.project(l, Proj::O, &attn, &lora)?)?;
             let h = ops::rms_norm(&x, &layer.post_attention_norm, cfg.rms_norm_eps)?;
-            let gate = self.project(layer, Proj::Gate, &h)?;
-            let up = self.project(layer, Proj::Up, &h)?;
-            x = (x + self.project(layer, Proj::Down, &ops::silu_mul(&gate, &up)?)?)?;
+            let gate = self.project(l, Proj::Gate, &h, &lora)?;
+            let up = self.project(l, Proj::Up, &h, &lora)?;
+            x = (x + self.project(l, Proj::Down, &ops::silu_mul(&gate, &up)?, &lora)?)?;
         }
         for seq in batch.iter_mut() {
             seq.kv.commit();

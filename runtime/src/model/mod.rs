@@ -3,6 +3,7 @@
 pub mod config;
 pub mod kv;
 pub mod llama;
+pub mod lora;
 pub mod ops;
 pub mod rope;
 pub mod tokenizer;

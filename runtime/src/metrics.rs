@@ -1,0 +1,78 @@
+//! The runtime's Prometheus registry and the metric families each part reports into.
+
+use prometheus::{HistogramOpts, HistogramVec, IntCounterVec, IntGaugeVec, Opts, Registry};
+
+/// Adapter pager figures: hits, misses, load times, evictions and bytes per tier.
+#[derive(Clone)]
+pub struct PagerMetrics {
+    /// Lookups that found the adapter in a tier (`tier` = `active` | `host`).
+    pub hits: IntCounterVec,
+    /// Lookups that had to go to the next tier down (`tier` = `active` | `host`).
+    pub misses: IntCounterVec,
+    /// Seconds to bring an adapter into a tier (`tier` = `host` from disk, `active` from host).
+    pub load_seconds: HistogramVec,
+    /// Adapters evicted from a tier (`tier` = `active` | `host`).
+    pub evictions: IntCounterVec,
+    /// Bytes held per tier (`tier` = `disk` registered | `host` | `active`).
+    pub resident_bytes: IntGaugeVec,
+    /// Adapter loads that failed (corrupt or vanished files).
+    pub load_failures: IntCounterVec,
+}
+
+/// Every metric the runtime exposes, in one registry.
+#[derive(Clone)]
+pub struct Metrics {
+    /// The registry `/metrics` renders.
+    pub registry: Registry,
+    /// Adapter pager metrics.
+    pub pager: PagerMetrics,
+}
+
+fn counter(reg: &Registry, name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
+    let c = IntCounterVec::new(Opts::new(name, help), labels).expect("valid metric definition");
+    reg.register(Box::new(c.clone())).expect("metric registered once");
+    c
+}
+
+impl Metrics {
+    /// A fresh registry with every metric family registered.
+    pub fn new() -> Self {
+        let registry = Registry::new_custom(Some("openlora".into()), None).expect("valid registry prefix");
+        let r = &registry;
+        let load_seconds = HistogramVec::new(
+            HistogramOpts::new("adapter_load_seconds", "Seconds to bring an adapter into a tier")
+                .buckets(vec![0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5]),
+            &["tier"],
+        )
+        .expect("valid histogram");
+        registry.register(Box::new(load_seconds.clone())).expect("metric registered once");
+        let resident_bytes =
+            IntGaugeVec::new(Opts::new("adapter_resident_bytes", "Adapter bytes held per tier"), &["tier"])
+                .expect("valid gauge");
+        registry.register(Box::new(resident_bytes.clone())).expect("metric registered once");
+        let pager = PagerMetrics {
+            hits: counter(r, "adapter_hits_total", "Adapter lookups served by a tier", &["tier"]),
+            misses: counter(r, "adapter_misses_total", "Adapter lookups a tier could not serve", &["tier"]),
+            load_seconds,
+            evictions: counter(r, "adapter_evictions_total", "Adapters evicted from a tier", &["tier"]),
+            resident_bytes,
+            load_failures: counter(r, "adapter_load_failures_total", "Adapter loads that failed", &["reason"]),
+        };
+        Metrics { registry, pager }
+    }
+
+    /// The registry in Prometheus' text exposition format.
+    pub fn render(&self) -> String {
+        let mut out = String::new();
+        let enc = prometheus::TextEncoder::new();
+        // Encoding our own well-formed families into a String cannot fail.
+        let _ = enc.encode_utf8(&self.registry.gather(), &mut out);
+        out
+    }
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
