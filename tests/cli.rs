@@ -68,3 +68,25 @@ fn bad_sampling_parameter_is_named() {
     assert!(!o.status.success());
     assert!(stderr(&o).contains("temperature"), "{}", stderr(&o));
 }
+
+#[test]
+fn demo_adapters_change_the_output() {
+    let base = ["generate", "--prompt", "The captain said", "--max-tokens", "24", "--temperature", "0"];
+    let plain = openlora(&base);
+    assert!(plain.status.success(), "{}", stderr(&plain));
+    for adapter in ["startrek", "computers", "love"] {
+        let mut args = base.to_vec();
+        args.extend(["--adapter", adapter]);
+        let o = openlora(&args);
+        assert!(o.status.success(), "{adapter}: {}", stderr(&o));
+        assert_ne!(stdout(&o), stdout(&plain), "adapter {adapter} did not change the greedy output");
+        assert!(stderr(&o).contains(&format!("adapter {adapter}")));
+    }
+}
+
+#[test]
+fn unknown_adapter_is_named() {
+    let o = openlora(&["generate", "--prompt", "x", "--adapter", "no-such-adapter"]);
+    assert!(!o.status.success());
+    assert!(stderr(&o).contains("no-such-adapter"), "{}", stderr(&o));
+}

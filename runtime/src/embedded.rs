@@ -20,7 +20,17 @@ const DEFAULT_MODEL: &[(&str, &[u8])] = &[
     asset!("tokenizer.json"),
     asset!("tokenizer_config.json"),
     asset!("TRAINING.md"),
+    asset!("adapters/startrek/adapter_config.json"),
+    asset!("adapters/startrek/adapter_model.safetensors"),
+    asset!("adapters/computers/adapter_config.json"),
+    asset!("adapters/computers/adapter_model.safetensors"),
+    asset!("adapters/love/adapter_config.json"),
+    asset!("adapters/love/adapter_model.safetensors"),
 ];
+
+/// Demo LoRA adapters shipped with the default model (PEFT folders under `adapters/`),
+/// each fine-tuned by `runtime/assets/train_demo_adapters.py` on one slice of the corpus.
+pub const DEMO_ADAPTERS: &[&str] = &["startrek", "computers", "love"];
 
 /// Name under which the embedded model is served.
 pub const DEFAULT_MODEL_NAME: &str = "openlora-tiny-fortunes";
@@ -61,6 +71,9 @@ pub fn default_model_dir_in(root: &Path) -> Result<PathBuf> {
     std::fs::create_dir_all(&tmp).map_err(|e| Error::io(&tmp, e))?;
     for (name, bytes) in DEFAULT_MODEL {
         let p = tmp.join(name);
+        if let Some(parent) = p.parent() {
+            std::fs::create_dir_all(parent).map_err(|e| Error::io(parent, e))?;
+        }
         std::fs::write(&p, bytes).map_err(|e| Error::io(&p, e))?;
     }
     let marker = tmp.join(".complete");
@@ -92,7 +105,10 @@ mod tests {
         let b = default_model_dir_in(&root).expect("second call reuses");
         assert_eq!(a, b);
         let model = crate::model::LoadedModel::load(&a).expect("embedded model loads");
-        assert!(model.llama.config().vocab_size > 0);
+        for name in DEMO_ADAPTERS {
+            crate::adapters::AdapterManifest::inspect(&a.join("adapters").join(name), model.llama.config())
+                .expect("demo adapter is valid for the default model");
+        }
         let _ = std::fs::remove_dir_all(root);
     }
 }

@@ -2,14 +2,16 @@
 
 use std::io::Write;
 use std::path::PathBuf;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use clap::{Args, Parser, Subcommand};
 
 use openlora::embedded;
-use openlora::generate::generate;
+use openlora::generate::{WithAdapter, generate};
+use openlora::metrics::Metrics;
 use openlora::model::LoadedModel;
+use openlora::pager::{AdapterPager, PagerConfig};
 use openlora::sampling::SamplingParams;
 
 /// openlora: serve one base model with many LoRA adapters, and pay everyone fairly.
@@ -31,6 +33,10 @@ struct GenerateArgs {
     /// Hugging Face model folder (config.json, *.safetensors, tokenizer.json); default: the embedded model.
     #[arg(long)]
     model: Option<PathBuf>,
+    /// PEFT LoRA adapter folder to generate with, or the name of a demo adapter of the
+    /// embedded model (startrek, computers, love).
+    #[arg(long)]
+    adapter: Option<String>,
     /// The prompt text.
     #[arg(long, default_value = "The meaning of life is")]
     prompt: String,
@@ -67,6 +73,26 @@ fn run_generate(args: GenerateArgs) -> anyhow::Result<()> {
     };
     let t0 = Instant::now();
     let model = LoadedModel::load(&folder)?;
+    let adapter = match &args.adapter {
+        None => None,
+        Some(a) => {
+            let dir = PathBuf::from(a);
+            let dir = if dir.is_dir() || args.model.is_some() || a.contains('/') {
+                dir
+            } else if embedded::DEMO_ADAPTERS.contains(&a.as_str()) {
+                folder.join("adapters").join(a)
+            } else {
+                anyhow::bail!(
+                    "--adapter {a}: no such folder, and not a demo adapter ({})",
+                    embedded::DEMO_ADAPTERS.join(", ")
+                );
+            };
+            let pager = AdapterPager::new(model.llama.config(), PagerConfig::default(), Metrics::new().pager);
+            pager.register(a, &dir)?;
+            let lease = pager.acquire(a, Duration::from_secs(60))?;
+            Some((pager, lease))
+        }
+    };
     let load_ms = t0.elapsed().as_millis();
     let g = &model.generation;
     let sampled = g.do_sample;
@@ -86,7 +112,8 @@ fn run_generate(args: GenerateArgs) -> anyhow::Result<()> {
     stdout.flush()?;
     let t1 = Instant::now();
     let mut write_err = None;
-    let done = generate(&model, &prompt_ids, params, None, &mut |piece| {
+    let with = adapter.as_ref().map(|(pager, lease)| WithAdapter { pager, lease });
+    let done = generate(&model, &prompt_ids, params, with, &mut |piece| {
         if write_err.is_none()
             && let Err(e) = write!(stdout, "{piece}").and_then(|_| stdout.flush())
         {
@@ -99,13 +126,14 @@ fn run_generate(args: GenerateArgs) -> anyhow::Result<()> {
     writeln!(stdout)?;
     let secs = t1.elapsed().as_secs_f64();
     eprintln!(
-        "[{} prompt + {} generated tokens, finish_reason={}, {:.1} tok/s, model load {} ms, {}]",
+        "[{} prompt + {} generated tokens, finish_reason={}, {:.1} tok/s, model load {} ms, {}{}]",
         done.prompt_tokens,
         done.token_ids.len(),
         done.finish_reason.as_str(),
         done.token_ids.len() as f64 / secs.max(1e-9),
         load_ms,
-        folder.display()
+        folder.display(),
+        args.adapter.as_deref().map(|a| format!(", adapter {a}")).unwrap_or_default()
     );
     Ok(())
 }

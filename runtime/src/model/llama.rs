@@ -172,6 +172,45 @@ impl Llama {
         })
     }
 
+    /// A model of `cfg`'s shape with random weights (scaled like a trained model's), for
+    /// benchmarks at realistic widths without shipping weights.
+    pub fn random(cfg: &ModelConfig, device: &Device) -> Result<Self> {
+        let h = cfg.hidden_size;
+        let randn =
+            |rows: usize, cols: usize| Tensor::randn(0f32, (1.0 / cols as f64).sqrt() as f32, (rows, cols), device);
+        let ones = || Tensor::ones(h, DType::F32, device);
+        let mut layers = Vec::with_capacity(cfg.num_layers);
+        for _ in 0..cfg.num_layers {
+            let p = |p: Proj| {
+                let (o, i) = p.shape(cfg);
+                randn(o, i)
+            };
+            layers.push(Layer {
+                proj: [
+                    p(Proj::Q)?,
+                    p(Proj::K)?,
+                    p(Proj::V)?,
+                    p(Proj::O)?,
+                    p(Proj::Gate)?,
+                    p(Proj::Up)?,
+                    p(Proj::Down)?,
+                ],
+                input_norm: ones()?,
+                post_attention_norm: ones()?,
+            });
+        }
+        let embed = randn(cfg.vocab_size, h)?;
+        Ok(Llama {
+            cfg: cfg.clone(),
+            lm_head: embed.clone(),
+            embed,
+            layers,
+            norm: ones()?,
+            rope: RopeTables::new(cfg, device)?,
+            device: device.clone(),
+        })
+    }
+
     /// The model's configuration.
     pub fn config(&self) -> &ModelConfig {
         &self.cfg

@@ -1,0 +1,126 @@
+//! One decode step of 32 rows on a model of realistic width (random weights), three ways in
+//! one run: base only; one adapter for every row; 32 different rank-16 adapters on q/k/v/o.
+
+use std::collections::HashMap;
+use std::path::Path;
+use std::time::Duration;
+
+use candle_core::{Device, Tensor};
+use criterion::{BatchSize, Criterion, criterion_group, criterion_main};
+use openlora::metrics::Metrics;
+use openlora::model::{Llama, LogitRows, ModelConfig, Proj, RopeScaling, SeqBatch, SeqKvCache};
+use openlora::pager::{AdapterLease, AdapterPager, PagerConfig};
+
+const ROWS: usize = 32;
+const RANK: usize = 16;
+const CONTEXT: usize = 16;
+
+/// Full size under `cargo bench`; a narrow model when criterion only smoke-tests the bench.
+fn config() -> ModelConfig {
+    let benching = std::env::args().any(|a| a == "--bench");
+    let (hidden, inter, layers) = if benching { (2048, 5632, 2) } else { (256, 512, 1) };
+    ModelConfig {
+        model_type: "llama".into(),
+        vocab_size: 1024,
+        hidden_size: hidden,
+        intermediate_size: inter,
+        num_layers: layers,
+        num_heads: hidden / 128,
+        num_kv_heads: (hidden / 128 / 4).max(1),
+        head_dim: 128,
+        rms_norm_eps: 1e-5,
+        rope_theta: 10000.0,
+        rope_scaling: RopeScaling::Default,
+        max_position_embeddings: 256,
+        tie_word_embeddings: true,
+        dtype: None,
+        bos_token_id: None,
+        eos_token_ids: vec![],
+    }
+}
+
+fn write_adapter(dir: &Path, cfg: &ModelConfig) {
+    std::fs::create_dir_all(dir).expect("dir");
+    let mut tensors = HashMap::new();
+    for l in 0..cfg.num_layers {
+        for p in [Proj::Q, Proj::K, Proj::V, Proj::O] {
+            let (out, inp) = p.shape(cfg);
+            let stem = format!("base_model.model.{}", p.tensor_name(l).trim_end_matches(".weight"));
+            tensors.insert(
+                format!("{stem}.lora_A.weight"),
+                Tensor::randn(0f32, 0.02, (RANK, inp), &Device::Cpu).expect("A"),
+            );
+            tensors.insert(
+                format!("{stem}.lora_B.weight"),
+                Tensor::randn(0f32, 0.02, (out, RANK), &Device::Cpu).expect("B"),
+            );
+        }
+    }
+    candle_core::safetensors::save(&tensors, dir.join("adapter_model.safetensors")).expect("save");
+    let c = serde_json::json!({"peft_type": "LORA", "r": RANK, "lora_alpha": 32,
+        "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj"]});
+    std::fs::write(dir.join("adapter_config.json"), c.to_string()).expect("config");
+}
+
+fn decode_step(c: &mut Criterion) {
+    let cfg = config();
+    let model = Llama::random(&cfg, &Device::Cpu).expect("model");
+    let root = std::env::temp_dir().join(format!("openlora-bench-adapters-{}-{}", cfg.hidden_size, std::process::id()));
+    let pager = AdapterPager::new(
+        &cfg,
+        PagerConfig { active_pool_bytes: 1 << 30, host_cache_bytes: 1 << 30, page_elems: 0 },
+        Metrics::new().pager,
+    );
+    for i in 0..ROWS {
+        let dir = root.join(format!("a{i}"));
+        write_adapter(&dir, &cfg);
+        pager.register(&format!("a{i}"), &dir).expect("register");
+    }
+    let leases: Vec<AdapterLease> =
+        (0..ROWS).map(|i| pager.acquire(&format!("a{i}"), Duration::from_secs(60)).expect("acquire")).collect();
+    // Every row has CONTEXT tokens in its cache already (prefilled without adapters: the
+    // benchmark times the decode step only).
+    let prompts: Vec<Vec<u32>> =
+        (0..ROWS).map(|r| (0..CONTEXT as u32).map(|t| (r as u32 * 31 + t * 7) % 1000).collect()).collect();
+    let mut caches: Vec<SeqKvCache> = (0..ROWS).map(|_| model.new_cache()).collect();
+    {
+        let mut batch: Vec<SeqBatch<'_>> =
+            prompts.iter().zip(caches.iter_mut()).map(|(p, kv)| SeqBatch::base(p, kv)).collect();
+        model.forward(&mut batch, LogitRows::Last, None).expect("prefill");
+    }
+    let next: Vec<u32> = (0..ROWS as u32).map(|r| r + 5).collect();
+    let mut group = c.benchmark_group(format!("decode_step_{ROWS}_rows_hidden_{}", cfg.hidden_size));
+    group.sample_size(10).measurement_time(Duration::from_secs(8)).warm_up_time(Duration::from_secs(2));
+    let cases: [(&str, Box<dyn Fn(usize) -> Option<usize>>); 3] = [
+        ("base_only", Box::new(|_| None)),
+        ("one_adapter_all_rows", Box::new(|_| Some(0))),
+        ("32_distinct_rank16_qkvo", Box::new(Some)),
+    ];
+    for (name, which) in cases {
+        group.bench_function(name, |b| {
+            b.iter_batched(
+                || caches.clone(),
+                |mut kvs| {
+                    let pool = pager.pool();
+                    let mut batch: Vec<SeqBatch<'_>> = kvs
+                        .iter_mut()
+                        .enumerate()
+                        .map(|(r, kv)| SeqBatch {
+                            tokens: &next[r..r + 1],
+                            kv,
+                            adapter: which(r).map(|a| leases[a].resident()),
+                        })
+                        .collect();
+                    model.forward(&mut batch, LogitRows::Last, Some(pool.view())).expect("decode step")
+                },
+                BatchSize::LargeInput,
+            )
+        });
+    }
+    group.finish();
+    drop(leases);
+    let _ = std::fs::remove_dir_all(root);
+}
+
+criterion_group!(benches, decode_step);
+criterion_main!(benches);
