@@ -9,7 +9,7 @@ use common::{max_abs_diff, repo_root};
 use openlora::Error;
 use openlora::generate::{WithAdapter, generate};
 use openlora::metrics::Metrics;
-use openlora::model::{LoadedModel, LogitRows, SeqBatch};
+use openlora::model::{LoadedModel, LogitRows, SeqBatch, SeqKv};
 use openlora::pager::{AdapterLease, AdapterPager, PagerConfig};
 use openlora::sampling::SamplingParams;
 
@@ -62,7 +62,8 @@ fn mixed_adapter_prefill_matches_peft() {
     let (model, pager, mixed) = setup();
     let leases = leases(&pager, &mixed.rows);
     let prompts: Vec<Vec<u32>> = (0..mixed.rows.len()).map(|i| mixed.ids("input_ids", i)).collect();
-    let mut caches: Vec<_> = prompts.iter().map(|_| model.llama.new_cache()).collect();
+    let mut cache = model.llama.kv_cache_for(prompts.len());
+    let mut caches: Vec<SeqKv> = prompts.iter().map(|_| SeqKv::default()).collect();
     let pool = pager.pool();
     let mut batch: Vec<SeqBatch<'_>> = prompts
         .iter()
@@ -70,7 +71,7 @@ fn mixed_adapter_prefill_matches_peft() {
         .zip(&leases)
         .map(|((ids, kv), l)| SeqBatch { tokens: ids, kv, adapter: l.as_ref().map(|l| l.resident()) })
         .collect();
-    let got = model.llama.forward(&mut batch, LogitRows::All, Some(pool.view())).expect("forward");
+    let got = model.llama.forward(&mut cache, &mut batch, LogitRows::All, Some(pool.view())).expect("forward");
     let mut row = 0;
     for (i, ids) in prompts.iter().enumerate() {
         let want = &mixed.tensors[&format!("logits.{i}")];
@@ -87,11 +88,12 @@ fn mixed_adapter_decode_step_matches_peft() {
     let (model, pager, mixed) = setup();
     let leases = leases(&pager, &mixed.rows);
     let prompts: Vec<Vec<u32>> = (0..mixed.rows.len()).map(|i| mixed.ids("input_ids", i)).collect();
-    let mut caches: Vec<_> = prompts.iter().map(|_| model.llama.new_cache()).collect();
+    let mut cache = model.llama.kv_cache_for(prompts.len());
+    let mut caches: Vec<SeqKv> = prompts.iter().map(|_| SeqKv::default()).collect();
     let pool = pager.pool();
     for ((ids, kv), l) in prompts.iter().zip(caches.iter_mut()).zip(&leases) {
         let seq = SeqBatch { tokens: &ids[..ids.len() - 1], kv, adapter: l.as_ref().map(|l| l.resident()) };
-        model.llama.forward(&mut [seq], LogitRows::Last, Some(pool.view())).expect("prefill");
+        model.llama.forward(&mut cache, &mut [seq], LogitRows::Last, Some(pool.view())).expect("prefill");
     }
     let mut batch: Vec<SeqBatch<'_>> = prompts
         .iter()
@@ -99,7 +101,7 @@ fn mixed_adapter_decode_step_matches_peft() {
         .zip(&leases)
         .map(|((ids, kv), l)| SeqBatch { tokens: &ids[ids.len() - 1..], kv, adapter: l.as_ref().map(|l| l.resident()) })
         .collect();
-    let got = model.llama.forward(&mut batch, LogitRows::All, Some(pool.view())).expect("decode");
+    let got = model.llama.forward(&mut cache, &mut batch, LogitRows::All, Some(pool.view())).expect("decode");
     for (i, ids) in prompts.iter().enumerate() {
         let want = mixed.tensors[&format!("logits.{i}")].narrow(0, ids.len() - 1, 1).expect("last row");
         let d = max_abs_diff(&got.narrow(0, i, 1).expect("row"), &want);

@@ -11,7 +11,7 @@ use std::time::Duration;
 use candle_core::{Device, Tensor};
 use common::repo_root;
 use openlora::metrics::Metrics;
-use openlora::model::{LoadedModel, LogitRows, ModelConfig, SeqBatch};
+use openlora::model::{LoadedModel, LogitRows, ModelConfig, SeqBatch, SeqKv};
 use openlora::pager::{AdapterLease, AdapterPager, PagerConfig};
 
 const ADAPTERS: usize = 1000;
@@ -70,9 +70,10 @@ fn adapter_farm(cfg: &ModelConfig) -> PathBuf {
 
 fn logits_with(model: &LoadedModel, pager: &AdapterPager, lease: &AdapterLease, prompt: &[u32]) -> Vec<f32> {
     let pool = pager.pool();
-    let mut kv = model.llama.new_cache();
+    let mut cache = model.llama.kv_cache_for(1);
+    let mut kv = SeqKv::default();
     let seq = SeqBatch { tokens: prompt, kv: &mut kv, adapter: Some(lease.resident()) };
-    let out = model.llama.forward(&mut [seq], LogitRows::Last, Some(pool.view())).expect("forward");
+    let out = model.llama.forward(&mut cache, &mut [seq], LogitRows::Last, Some(pool.view())).expect("forward");
     out.flatten_all().expect("flat").to_vec1().expect("logits")
 }
 

@@ -4,7 +4,7 @@ mod common;
 
 use common::{Reference, fixture_models, max_abs_diff};
 use openlora::generate::generate;
-use openlora::model::{LoadedModel, LogitRows, SeqBatch};
+use openlora::model::{LoadedModel, LogitRows, SeqBatch, SeqKv};
 use openlora::sampling::SamplingParams;
 
 const F32_TOL: f32 = 1e-4;
@@ -32,8 +32,12 @@ fn logits_match_hugging_face() {
         let r = Reference::load(&dir);
         for i in 0..r.prompts.len() {
             let ids = r.ids("input_ids", i);
-            let mut kv = model.llama.new_cache();
-            let got = model.llama.forward(&mut [SeqBatch::base(&ids, &mut kv)], LogitRows::All, None).expect("forward");
+            let mut cache = model.llama.kv_cache_for(1);
+            let mut kv = SeqKv::default();
+            let got = model
+                .llama
+                .forward(&mut cache, &mut [SeqBatch::base(&ids, &mut kv)], LogitRows::All, None)
+                .expect("forward");
             let want = r.logits("logits", i).expect("f32 reference logits");
             let d = max_abs_diff(&got, &want);
             println!("{} prompt {i}: max |Δ| vs HF f32 = {d:.3e}", dir.display());
@@ -73,12 +77,18 @@ fn mixed_prefill_and_decode_batch_matches_reference() {
         let prompts: Vec<Vec<u32>> = (0..r.prompts.len()).map(|i| r.ids("input_ids", i)).collect();
         // Odd prompts have everything but their last token in the cache already (decode rows);
         // even prompts are prefilled whole in the same step.
-        let mut caches: Vec<_> = prompts.iter().map(|_| model.llama.new_cache()).collect();
+        let mut cache = model.llama.kv_cache_for(prompts.len());
+        let mut caches: Vec<SeqKv> = prompts.iter().map(|_| SeqKv::default()).collect();
         for (i, ids) in prompts.iter().enumerate() {
             if i % 2 == 1 && ids.len() > 1 {
                 model
                     .llama
-                    .forward(&mut [SeqBatch::base(&ids[..ids.len() - 1], &mut caches[i])], LogitRows::Last, None)
+                    .forward(
+                        &mut cache,
+                        &mut [SeqBatch::base(&ids[..ids.len() - 1], &mut caches[i])],
+                        LogitRows::Last,
+                        None,
+                    )
                     .expect("warm-up prefill");
             }
         }
@@ -91,7 +101,7 @@ fn mixed_prefill_and_decode_batch_matches_reference() {
                 SeqBatch::base(tokens, kv)
             })
             .collect();
-        let got = model.llama.forward(&mut batch, LogitRows::All, None).expect("batched forward");
+        let got = model.llama.forward(&mut cache, &mut batch, LogitRows::All, None).expect("batched forward");
         let mut row = 0;
         for (i, ids) in prompts.iter().enumerate() {
             let want = r.logits("logits", i).expect("reference");

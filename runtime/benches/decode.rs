@@ -3,7 +3,7 @@
 use std::path::Path;
 
 use criterion::{BatchSize, Criterion, Throughput, criterion_group, criterion_main};
-use openlora::model::{LoadedModel, LogitRows, SeqBatch};
+use openlora::model::{AllocStatus, LoadedModel, LogitRows, SeqBatch, SeqKv};
 use openlora::sampling::argmax;
 
 const DECODE_TOKENS: usize = 32;
@@ -11,8 +11,14 @@ const DECODE_TOKENS: usize = 32;
 fn bench_model(c: &mut Criterion, name: &str, folder: &Path) {
     let model = LoadedModel::load(folder).expect("model loads");
     let prompt = model.tokenizer.encode("The meaning of life is").expect("encode");
-    let mut kv = model.llama.new_cache();
-    let logits = model.llama.forward(&mut [SeqBatch::base(&prompt, &mut kv)], LogitRows::Last, None).expect("prefill");
+    let mut cache = model.llama.kv_cache_for(1);
+    let mut kv = SeqKv::default();
+    let logits = model
+        .llama
+        .forward(&mut cache, &mut [SeqBatch::base(&prompt, &mut kv)], LogitRows::Last, None)
+        .expect("prefill");
+    // Blocks for every token the benchmark decodes, so each iteration reuses them.
+    assert_eq!(cache.reserve(&mut kv, DECODE_TOKENS), AllocStatus::Ok);
     let first = argmax(&logits.squeeze(0).expect("row").to_vec1::<f32>().expect("logits"));
     let mut group = c.benchmark_group("decode_single_sequence");
     group.throughput(Throughput::Elements(DECODE_TOKENS as u64));
@@ -24,7 +30,7 @@ fn bench_model(c: &mut Criterion, name: &str, folder: &Path) {
                 for _ in 0..DECODE_TOKENS {
                     let logits = model
                         .llama
-                        .forward(&mut [SeqBatch::base(&[next], &mut kv)], LogitRows::Last, None)
+                        .forward(&mut cache, &mut [SeqBatch::base(&[next], &mut kv)], LogitRows::Last, None)
                         .expect("decode step");
                     next = argmax(&logits.squeeze(0).expect("row").to_vec1::<f32>().expect("logits"));
                 }

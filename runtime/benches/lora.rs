@@ -8,7 +8,7 @@ use std::time::Duration;
 use candle_core::{Device, Tensor};
 use criterion::{BatchSize, Criterion, criterion_group, criterion_main};
 use openlora::metrics::Metrics;
-use openlora::model::{Llama, LogitRows, ModelConfig, Proj, RopeScaling, SeqBatch, SeqKvCache};
+use openlora::model::{AllocStatus, Llama, LogitRows, ModelConfig, PagedKvCache, Proj, RopeScaling, SeqBatch, SeqKv};
 use openlora::pager::{AdapterLease, AdapterPager, PagerConfig};
 
 const ROWS: usize = 32;
@@ -82,11 +82,16 @@ fn decode_step(c: &mut Criterion) {
     // benchmark times the decode step only).
     let prompts: Vec<Vec<u32>> =
         (0..ROWS).map(|r| (0..CONTEXT as u32).map(|t| (r as u32 * 31 + t * 7) % 1000).collect()).collect();
-    let mut caches: Vec<SeqKvCache> = (0..ROWS).map(|_| model.new_cache()).collect();
+    let mut cache = PagedKvCache::for_sequences(&cfg, ROWS, CONTEXT + 1);
+    let mut caches: Vec<SeqKv> = (0..ROWS).map(|_| SeqKv::default()).collect();
     {
         let mut batch: Vec<SeqBatch<'_>> =
             prompts.iter().zip(caches.iter_mut()).map(|(p, kv)| SeqBatch::base(p, kv)).collect();
-        model.forward(&mut batch, LogitRows::Last, None).expect("prefill");
+        model.forward(&mut cache, &mut batch, LogitRows::Last, None).expect("prefill");
+    }
+    // Blocks for the decoded token, so every iteration reuses them.
+    for kv in &mut caches {
+        assert_eq!(cache.reserve(kv, 1), AllocStatus::Ok);
     }
     let next: Vec<u32> = (0..ROWS as u32).map(|r| r + 5).collect();
     let mut group = c.benchmark_group(format!("decode_step_{ROWS}_rows_hidden_{}", cfg.hidden_size));
@@ -111,7 +116,7 @@ fn decode_step(c: &mut Criterion) {
                             adapter: which(r).map(|a| leases[a].resident()),
                         })
                         .collect();
-                    model.forward(&mut batch, LogitRows::Last, Some(pool.view())).expect("decode step")
+                    model.forward(&mut cache, &mut batch, LogitRows::Last, Some(pool.view())).expect("decode step")
                 },
                 BatchSize::LargeInput,
             )

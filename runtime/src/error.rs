@@ -119,6 +119,15 @@ pub enum Error {
     #[error("timed out waiting for room in the adapter pool for `{0}`")]
     PoolTimeout(String),
 
+    /// The KV cache has no room for a sequence's next tokens.
+    #[error("KV cache: no room for {needed_tokens} tokens ({status:?})")]
+    KvExhausted {
+        /// Tokens the sequence would hold.
+        needed_tokens: usize,
+        /// What the allocator answered.
+        status: crate::model::AllocStatus,
+    },
+
     /// A tensor operation failed (a bug, not bad input).
     #[error("tensor op: {0}")]
     Tensor(#[from] candle_core::Error),

@@ -1,7 +1,7 @@
 //! Generating text for one request: the decode loop with EOS, stop strings and max tokens.
 
 use crate::error::{Error, Result};
-use crate::model::{LoadedModel, LogitRows, SeqBatch, StreamDecoder};
+use crate::model::{LoadedModel, LogitRows, PagedKvCache, SeqBatch, SeqKv, StreamDecoder};
 use crate::pager::{AdapterLease, AdapterPager};
 use crate::sampling::{Sampler, SamplingParams};
 
@@ -125,18 +125,21 @@ pub fn generate(
     let ignore_eos = params.ignore_eos;
     let mut scanner = StopScanner::new(params.stop.clone());
     let mut sampler = Sampler::new(params);
-    let mut kv = model.llama.new_cache();
+    let mut cache = PagedKvCache::for_sequences(model.llama.config(), 1, prompt_ids.len() + max_new);
+    let mut kv = SeqKv::default();
     let mut ids = prompt_ids.to_vec();
     let mut decoder = StreamDecoder::starting_at(ids.len());
     let mut step_tokens = prompt_ids.to_vec();
     let mut finish = FinishReason::Length;
     for _ in 0..max_new {
         let logits = match adapter {
-            None => model.llama.forward(&mut [SeqBatch::base(&step_tokens, &mut kv)], LogitRows::Last, None)?,
+            None => {
+                model.llama.forward(&mut cache, &mut [SeqBatch::base(&step_tokens, &mut kv)], LogitRows::Last, None)?
+            }
             Some(a) => {
                 let pool = a.pager.pool();
                 let seq = SeqBatch { tokens: &step_tokens, kv: &mut kv, adapter: Some(a.lease.resident()) };
-                model.llama.forward(&mut [seq], LogitRows::Last, Some(pool.view()))?
+                model.llama.forward(&mut cache, &mut [seq], LogitRows::Last, Some(pool.view()))?
             }
         };
         let mut logits: Vec<f32> = logits.squeeze(0)?.to_vec1()?;

@@ -1,49 +1,199 @@
-//! A per-sequence key/value cache held as contiguous tensors, one pair per layer.
+//! The paged key/value cache: fixed-size blocks of 16 tokens from one pool sized in bytes,
+//! handed to sequences through block tables (vLLM's PagedAttention layout).
 
-use candle_core::Tensor;
+use openlora_kernels::attention::{KvLayer, KvShape};
 
-use crate::error::Result;
+use super::config::ModelConfig;
 
-/// Keys and values of one sequence, `[kv_heads, tokens, head_dim]` per layer.
-#[derive(Clone)]
-pub struct SeqKvCache {
-    layers: Vec<Option<(Tensor, Tensor)>>,
-    committed: usize,
+/// Tokens per KV block.
+pub const BLOCK_SIZE: usize = 16;
+
+/// Whether a request for blocks can be met.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AllocStatus {
+    /// Enough blocks are free now.
+    Ok,
+    /// Not now, but the pool is large enough once other sequences finish.
+    Later,
+    /// More blocks than the whole pool holds.
+    Impossible,
 }
 
-impl SeqKvCache {
-    /// An empty cache for a model of `num_layers` layers.
-    pub fn new(num_layers: usize) -> Self {
-        SeqKvCache { layers: vec![None; num_layers], committed: 0 }
-    }
+/// One sequence's block table and how many of its tokens are in the cache.
+#[derive(Debug, Default, Clone)]
+pub struct SeqKv {
+    blocks: Vec<u32>,
+    len: usize,
+}
 
+impl SeqKv {
     /// Tokens stored (the position of the next token).
     pub fn len(&self) -> usize {
-        self.committed
+        self.len
     }
 
-    /// Whether no token has been stored yet.
+    /// Whether no token is stored.
     pub fn is_empty(&self) -> bool {
-        self.committed == 0
+        self.len == 0
     }
 
-    /// Appends a step's `k`, `v: [tokens, kv_heads, head_dim]` to layer `layer` and returns the
-    /// layer's full keys and values, `[kv_heads, all_tokens, head_dim]`.
-    pub fn append(&mut self, layer: usize, k: &Tensor, v: &Tensor) -> Result<(Tensor, Tensor)> {
-        let k = k.transpose(0, 1)?.contiguous()?;
-        let v = v.transpose(0, 1)?.contiguous()?;
-        let (k, v) = match self.layers[layer].take() {
-            None => (k, v),
-            Some((pk, pv)) => (Tensor::cat(&[&pk, &k], 1)?, Tensor::cat(&[&pv, &v], 1)?),
+    /// Blocks held.
+    pub fn blocks(&self) -> &[u32] {
+        &self.blocks
+    }
+}
+
+/// The KV pool of every layer, and its free-block list.
+pub struct PagedKvCache {
+    shape: KvShape,
+    layers: Vec<(Vec<f32>, Vec<f32>)>,
+    free: Vec<u32>,
+    total: usize,
+}
+
+fn blocks_for(tokens: usize) -> usize {
+    tokens.div_ceil(BLOCK_SIZE)
+}
+
+impl PagedKvCache {
+    /// Bytes one block takes across all layers (keys and values, f32).
+    pub fn block_bytes(cfg: &ModelConfig) -> usize {
+        2 * cfg.num_layers * BLOCK_SIZE * cfg.num_kv_heads * cfg.head_dim * 4
+    }
+
+    /// A pool of `num_blocks` blocks.
+    pub fn new(cfg: &ModelConfig, num_blocks: usize) -> Self {
+        let shape = KvShape {
+            block_size: BLOCK_SIZE,
+            kv_heads: cfg.num_kv_heads,
+            heads: cfg.num_heads,
+            head_dim: cfg.head_dim,
         };
-        self.layers[layer] = Some((k.clone(), v.clone()));
-        Ok((k, v))
+        let elems = num_blocks * shape.block_elems();
+        PagedKvCache {
+            shape,
+            layers: (0..cfg.num_layers).map(|_| (vec![0.0; elems], vec![0.0; elems])).collect(),
+            free: (0..num_blocks as u32).rev().collect(),
+            total: num_blocks,
+        }
     }
 
-    /// Marks the tokens appended by the step just run as part of the sequence.
-    pub fn commit(&mut self) {
-        if let Some(Some((k, _))) = self.layers.first() {
-            self.committed = k.dims().get(1).copied().unwrap_or(0);
+    /// A pool using at most `bytes` bytes.
+    pub fn with_bytes(cfg: &ModelConfig, bytes: usize) -> Self {
+        Self::new(cfg, bytes / Self::block_bytes(cfg))
+    }
+
+    /// A pool just large enough for `seqs` sequences of `max_tokens` tokens each.
+    pub fn for_sequences(cfg: &ModelConfig, seqs: usize, max_tokens: usize) -> Self {
+        Self::new(cfg, seqs * blocks_for(max_tokens))
+    }
+
+    /// The cache's geometry.
+    pub fn shape(&self) -> KvShape {
+        self.shape
+    }
+
+    /// Blocks free now.
+    pub fn free_blocks(&self) -> usize {
+        self.free.len()
+    }
+
+    /// Blocks in the pool.
+    pub fn total_blocks(&self) -> usize {
+        self.total
+    }
+
+    /// Blocks `seq` needs beyond what it holds to store `new_tokens` more tokens.
+    pub fn extra_blocks(seq: &SeqKv, new_tokens: usize) -> usize {
+        blocks_for(seq.len + new_tokens).saturating_sub(seq.blocks.len())
+    }
+
+    /// Whether `extra` more blocks could be had (for a sequence needing `total_needed` in all).
+    pub fn can_allocate(&self, extra: usize, total_needed: usize) -> AllocStatus {
+        if total_needed > self.total {
+            AllocStatus::Impossible
+        } else if extra > self.free.len() {
+            AllocStatus::Later
+        } else {
+            AllocStatus::Ok
         }
+    }
+
+    /// Gives `seq` blocks for `new_tokens` more tokens if they can be had now.
+    pub fn reserve(&mut self, seq: &mut SeqKv, new_tokens: usize) -> AllocStatus {
+        let extra = Self::extra_blocks(seq, new_tokens);
+        let status = self.can_allocate(extra, blocks_for(seq.len + new_tokens));
+        if status == AllocStatus::Ok {
+            let at = self.free.len() - extra;
+            seq.blocks.extend(self.free.drain(at..));
+        }
+        status
+    }
+
+    /// Returns every block of `seq` to the pool and empties it.
+    pub fn release(&mut self, seq: &mut SeqKv) {
+        self.free.append(&mut seq.blocks);
+        seq.len = 0;
+    }
+
+    /// Marks `n` tokens written by the step just run as part of `seq`.
+    pub(crate) fn commit(seq: &mut SeqKv, n: usize) {
+        seq.len += n;
+    }
+
+    /// Layer `l`'s key and value pools, mutable.
+    pub(crate) fn layer_mut(&mut self, l: usize) -> (&mut [f32], &mut [f32]) {
+        let (k, v) = &mut self.layers[l];
+        (k, v)
+    }
+
+    /// Layer `l`'s key and value pools.
+    pub(crate) fn layer(&self, l: usize) -> KvLayer<'_> {
+        let (k, v) = &self.layers[l];
+        KvLayer { k, v }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cfg() -> ModelConfig {
+        ModelConfig {
+            model_type: "llama".into(),
+            vocab_size: 8,
+            hidden_size: 8,
+            intermediate_size: 8,
+            num_layers: 1,
+            num_heads: 2,
+            num_kv_heads: 1,
+            head_dim: 4,
+            rms_norm_eps: 1e-5,
+            rope_theta: 10000.0,
+            rope_scaling: super::super::RopeScaling::Default,
+            max_position_embeddings: 512,
+            tie_word_embeddings: true,
+            dtype: None,
+            bos_token_id: None,
+            eos_token_ids: vec![],
+        }
+    }
+
+    #[test]
+    fn allocation_answers_ok_later_impossible() {
+        let mut kv = PagedKvCache::new(&cfg(), 4);
+        let mut a = SeqKv::default();
+        assert_eq!(kv.reserve(&mut a, 17), AllocStatus::Ok); // two blocks
+        assert_eq!(a.blocks().len(), 2);
+        PagedKvCache::commit(&mut a, 17);
+        assert_eq!(kv.reserve(&mut a, 15), AllocStatus::Ok, "fits in the second block");
+        assert_eq!(a.blocks().len(), 2);
+        let mut b = SeqKv::default();
+        assert_eq!(kv.reserve(&mut b, 48), AllocStatus::Later);
+        assert_eq!(kv.reserve(&mut b, 80), AllocStatus::Impossible);
+        assert!(b.blocks().is_empty(), "a refused reservation takes nothing");
+        kv.release(&mut a);
+        assert_eq!(kv.free_blocks(), 4);
+        assert_eq!(kv.reserve(&mut b, 48), AllocStatus::Ok);
     }
 }

@@ -6,10 +6,11 @@
 
 use candle_core::{D, DType, Device, Tensor};
 
+use openlora_kernels::attention::{SeqAttention, paged_attention, write_kv};
 use openlora_kernels::lora::PagePool;
 
 use super::config::ModelConfig;
-use super::kv::SeqKvCache;
+use super::kv::{AllocStatus, PagedKvCache, SeqKv};
 use super::lora::LoraPlan;
 use super::ops;
 use super::rope::RopeTables;
@@ -90,15 +91,15 @@ struct Layer {
 pub struct SeqBatch<'a> {
     /// The new tokens to run for this sequence.
     pub tokens: &'a [u32],
-    /// The sequence's key/value cache; its length is the position of `tokens[0]`.
-    pub kv: &'a mut SeqKvCache,
+    /// The sequence's KV blocks; its length is the position of `tokens[0]`.
+    pub kv: &'a mut SeqKv,
     /// The LoRA adapter this sequence runs with, resident in the pool passed to `forward`.
     pub adapter: Option<&'a ResidentAdapter>,
 }
 
 impl<'a> SeqBatch<'a> {
     /// A sequence of the base model (no adapter).
-    pub fn base(tokens: &'a [u32], kv: &'a mut SeqKvCache) -> Self {
+    pub fn base(tokens: &'a [u32], kv: &'a mut SeqKv) -> Self {
         SeqBatch { tokens, kv, adapter: None }
     }
 }
@@ -216,9 +217,9 @@ impl Llama {
         &self.cfg
     }
 
-    /// An empty key/value cache for one new sequence.
-    pub fn new_cache(&self) -> SeqKvCache {
-        SeqKvCache::new(self.cfg.num_layers)
+    /// A KV pool holding `seqs` sequences of up to the model's full context.
+    pub fn kv_cache_for(&self, seqs: usize) -> PagedKvCache {
+        PagedKvCache::for_sequences(&self.cfg, seqs, self.cfg.max_position_embeddings)
     }
 
     fn project(&self, l: usize, p: Proj, x: &Tensor, lora: &LoraPlan<'_>) -> Result<Tensor> {
@@ -226,10 +227,17 @@ impl Llama {
         lora.apply(l, p, x, y)
     }
 
-    /// Runs one step for a batch of sequences, appending their new keys and values to their
-    /// caches, and returns logits `[rows, vocab]` for the rows `rows` selects. Sequences with
-    /// an adapter read its weights from `pool`, the active adapter pool they are resident in.
-    pub fn forward(&self, batch: &mut [SeqBatch<'_>], rows: LogitRows, pool: Option<PagePool<'_>>) -> Result<Tensor> {
+    /// Runs one step for a batch of sequences, writing their new keys and values into `kv`
+    /// (reserving blocks for any sequence that lacks them), and returns logits `[rows, vocab]`
+    /// for the rows `rows` selects. Sequences with an adapter read its weights from `pool`,
+    /// the active adapter pool they are resident in.
+    pub fn forward(
+        &self,
+        kv: &mut PagedKvCache,
+        batch: &mut [SeqBatch<'_>],
+        rows: LogitRows,
+        pool: Option<PagePool<'_>>,
+    ) -> Result<Tensor> {
         let cfg = &self.cfg;
         let mut ids = Vec::new();
         let mut positions = Vec::new();
@@ -264,8 +272,27 @@ impl Llama {
                 message: "a sequence has an adapter but no pool was given".into(),
             });
         }
+        for seq in batch.iter_mut() {
+            match kv.reserve(seq.kv, seq.tokens.len()) {
+                AllocStatus::Ok => {}
+                status => {
+                    return Err(Error::KvExhausted { needed_tokens: seq.kv.len() + seq.tokens.len(), status });
+                }
+            }
+        }
         let lora =
             LoraPlan::new(pool, batch.iter().zip(&spans).map(|(s, &(off, len, _))| (off, len, s.adapter)).collect());
+        let attn_seqs: Vec<SeqAttention<'_>> = batch
+            .iter()
+            .zip(&spans)
+            .map(|(s, &(off, len, start))| SeqAttention {
+                row: off,
+                new_tokens: len,
+                context: start + len,
+                blocks: s.kv.blocks(),
+            })
+            .collect();
+        let scale = 1.0 / (cfg.head_dim as f32).sqrt();
         let n = ids.len();
         let ids = Tensor::from_vec(ids, n, &self.device)?;
         let positions = Tensor::from_vec(positions, n, &self.device)?;
@@ -278,20 +305,23 @@ impl Llama {
             let v = self.project(l, Proj::V, &h, &lora)?.reshape((n, nkv, hd))?;
             let q = self.rope.apply(&q, &positions)?;
             let k = self.rope.apply(&k, &positions)?;
-            let mut outs = Vec::with_capacity(batch.len());
-            for (seq, &(off, len, start)) in batch.iter_mut().zip(&spans) {
-                let (ks, vs) = seq.kv.append(l, &k.narrow(0, off, len)?, &v.narrow(0, off, len)?)?;
-                outs.push(ops::causal_attention(&q.narrow(0, off, len)?, &ks, &vs, start)?);
+            let shape = kv.shape();
+            {
+                let (kc, vc) = kv.layer_mut(l);
+                write_kv(shape, kc, vc, &ops::to_f32_vec(&k)?, &ops::to_f32_vec(&v)?, &attn_seqs);
             }
-            let attn = Tensor::cat(&outs, 0)?;
+            let mut attn = vec![0f32; n * nh * hd];
+            paged_attention(shape, kv.layer(l), &ops::to_f32_vec(&q)?, &mut attn, &attn_seqs, scale);
+            let attn = Tensor::from_vec(attn, (n, nh * hd), &self.device)?;
             x = (x + self.project(l, Proj::O, &attn, &lora)?)?;
             let h = ops::rms_norm(&x, &layer.post_attention_norm, cfg.rms_norm_eps)?;
             let gate = self.project(l, Proj::Gate, &h, &lora)?;
             let up = self.project(l, Proj::Up, &h, &lora)?;
             x = (x + self.project(l, Proj::Down, &ops::silu_mul(&gate, &up)?, &lora)?)?;
         }
+        drop(attn_seqs);
         for seq in batch.iter_mut() {
-            seq.kv.commit();
+            PagedKvCache::commit(seq.kv, seq.tokens.len());
         }
         let x = match rows {
             LogitRows::All => x,

@@ -14,7 +14,7 @@ use std::path::{Path, PathBuf};
 use candle_core::Device;
 
 pub use config::{GenerationDefaults, ModelConfig, RopeScaling, WeightDType};
-pub use kv::SeqKvCache;
+pub use kv::{AllocStatus, BLOCK_SIZE, PagedKvCache, SeqKv};
 pub use llama::{Llama, LogitRows, Proj, SeqBatch};
 pub use tokenizer::{StreamDecoder, TextTokenizer};
 pub use weights::WeightFiles;

@@ -1,0 +1,210 @@
+//! Paged attention, CPU reference: causal grouped-query attention of many sequences, each
+//! reading its keys and values through its own block table (vLLM's paged KV layout).
+//!
+//! The cache of one layer is `[block][slot][kv_head][head_dim]`, `block_size` slots a block;
+//! token `p` of a sequence lives in block `table[p / block_size]`, slot `p % block_size`.
+
+use rayon::prelude::*;
+
+use crate::vec::{axpy, dot};
+
+/// One layer's key or value cache (read-only view).
+#[derive(Clone, Copy)]
+pub struct KvLayer<'a> {
+    /// Keys, `[blocks, block_size, kv_heads, head_dim]`.
+    pub k: &'a [f32],
+    /// Values, same layout.
+    pub v: &'a [f32],
+}
+
+/// Geometry shared by every call.
+#[derive(Clone, Copy, Debug)]
+pub struct KvShape {
+    /// Tokens per block.
+    pub block_size: usize,
+    /// Key/value heads.
+    pub kv_heads: usize,
+    /// Query heads (a multiple of `kv_heads`).
+    pub heads: usize,
+    /// Width of one head.
+    pub head_dim: usize,
+}
+
+impl KvShape {
+    /// Floats of one token's keys (all KV heads).
+    pub fn token_elems(&self) -> usize {
+        self.kv_heads * self.head_dim
+    }
+
+    /// Floats of one block.
+    pub fn block_elems(&self) -> usize {
+        self.block_size * self.token_elems()
+    }
+
+    /// Offset of `token` of a sequence with block table `table`.
+    #[inline]
+    pub fn offset(&self, table: &[u32], token: usize) -> usize {
+        table[token / self.block_size] as usize * self.block_elems() + (token % self.block_size) * self.token_elems()
+    }
+}
+
+/// One sequence's part of a call.
+#[derive(Clone, Copy, Debug)]
+pub struct SeqAttention<'a> {
+    /// First row of this sequence's queries in `q` / `out`.
+    pub row: usize,
+    /// New tokens (query rows) of this sequence.
+    pub new_tokens: usize,
+    /// Tokens in the cache including the new ones; query `t` sits at `context - new_tokens + t`.
+    pub context: usize,
+    /// The sequence's block table.
+    pub blocks: &'a [u32],
+}
+
+/// Writes the new tokens' keys and values (`[rows, kv_heads, head_dim]`) into the cache at the
+/// positions `context - new_tokens ..` of each sequence.
+pub fn write_kv(
+    shape: KvShape,
+    k_cache: &mut [f32],
+    v_cache: &mut [f32],
+    k: &[f32],
+    v: &[f32],
+    seqs: &[SeqAttention<'_>],
+) {
+    let te = shape.token_elems();
+    for s in seqs {
+        for t in 0..s.new_tokens {
+            let at = shape.offset(s.blocks, s.context - s.new_tokens + t);
+            let src = (s.row + t) * te;
+            k_cache[at..at + te].copy_from_slice(&k[src..src + te]);
+            v_cache[at..at + te].copy_from_slice(&v[src..src + te]);
+        }
+    }
+}
+
+/// Causal attention for every sequence: `q: [rows, heads, head_dim]` → `out: [rows, heads *
+/// head_dim]`, softmax in f32, scores scaled by `scale`.
+pub fn paged_attention(
+    shape: KvShape,
+    cache: KvLayer<'_>,
+    q: &[f32],
+    out: &mut [f32],
+    seqs: &[SeqAttention<'_>],
+    scale: f32,
+) {
+    let hd = shape.head_dim;
+    let group = shape.heads / shape.kv_heads;
+    let row_elems = shape.heads * hd;
+    // Which sequence and which of its new tokens each query row is.
+    let mut owner: Vec<Option<(&SeqAttention<'_>, usize)>> = vec![None; out.len() / row_elems];
+    for s in seqs {
+        for t in 0..s.new_tokens {
+            owner[s.row + t] = Some((s, t));
+        }
+    }
+    out.par_chunks_mut(row_elems).zip(owner.par_iter()).enumerate().for_each(|(row, (o, who))| {
+        let Some((s, t)) = *who else { return };
+        let pos = s.context - s.new_tokens + t;
+        let mut scores = vec![0f32; pos + 1];
+        for h in 0..shape.heads {
+            let kvh = h / group;
+            let qh = &q[row * row_elems + h * hd..row * row_elems + (h + 1) * hd];
+            let mut max = f32::NEG_INFINITY;
+            for (j, sc) in scores.iter_mut().enumerate() {
+                let at = shape.offset(s.blocks, j) + kvh * hd;
+                *sc = dot(qh, &cache.k[at..at + hd]) * scale;
+                max = max.max(*sc);
+            }
+            let mut sum = 0f32;
+            for sc in scores.iter_mut() {
+                *sc = (*sc - max).exp();
+                sum += *sc;
+            }
+            let oh = &mut o[h * hd..(h + 1) * hd];
+            oh.fill(0.0);
+            for (j, sc) in scores.iter().enumerate() {
+                let at = shape.offset(s.blocks, j) + kvh * hd;
+                axpy(oh, sc / sum, &cache.v[at..at + hd]);
+            }
+        }
+    });
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Dense causal attention of one sequence: the oracle.
+    fn dense(q: &[f32], k: &[f32], v: &[f32], n: usize, shape: KvShape, scale: f32) -> Vec<f32> {
+        let (hd, g) = (shape.head_dim, shape.heads / shape.kv_heads);
+        let mut out = vec![0f32; n * shape.heads * hd];
+        for t in 0..n {
+            for h in 0..shape.heads {
+                let qh = &q[(t * shape.heads + h) * hd..][..hd];
+                let kvh = h / g;
+                let s: Vec<f32> = (0..=t)
+                    .map(|j| {
+                        qh.iter().zip(&k[(j * shape.kv_heads + kvh) * hd..][..hd]).map(|(a, b)| a * b).sum::<f32>()
+                            * scale
+                    })
+                    .collect();
+                let m = s.iter().cloned().fold(f32::NEG_INFINITY, f32::max);
+                let e: Vec<f32> = s.iter().map(|x| (x - m).exp()).collect();
+                let z: f32 = e.iter().sum();
+                for (j, ej) in e.iter().enumerate() {
+                    for d in 0..hd {
+                        out[(t * shape.heads + h) * hd + d] += ej / z * v[(j * shape.kv_heads + kvh) * hd + d];
+                    }
+                }
+            }
+        }
+        out
+    }
+
+    #[test]
+    fn paged_matches_dense_across_scattered_blocks() {
+        let shape = KvShape { block_size: 4, kv_heads: 2, heads: 6, head_dim: 8 };
+        let mut seed = 7u64;
+        let mut rnd = |n: usize| -> Vec<f32> {
+            (0..n)
+                .map(|_| {
+                    seed = seed.wrapping_mul(6364136223846793005).wrapping_add(1);
+                    ((seed >> 40) as f32 / (1u64 << 24) as f32) - 0.5
+                })
+                .collect()
+        };
+        let blocks = 16;
+        let mut kc = vec![0f32; blocks * shape.block_elems()];
+        let mut vc = kc.clone();
+        // Two sequences: A (11 tokens, prefilled in two chunks) and B (6 tokens at once).
+        let (na, nb) = (11, 6);
+        let (qa, ka, va) = (rnd(na * 6 * 8), rnd(na * 2 * 8), rnd(na * 2 * 8));
+        let (qb, kb, vb) = (rnd(nb * 6 * 8), rnd(nb * 2 * 8), rnd(nb * 2 * 8));
+        let table_a = [9u32, 2, 14];
+        let table_b = [5u32, 0];
+        let te = shape.token_elems();
+        let qe = shape.heads * shape.head_dim;
+        // Step 1: A's first 7 tokens alone.
+        let s1 = [SeqAttention { row: 0, new_tokens: 7, context: 7, blocks: &table_a }];
+        write_kv(shape, &mut kc, &mut vc, &ka[..7 * te], &va[..7 * te], &s1);
+        let mut out1 = vec![0f32; 7 * qe];
+        paged_attention(shape, KvLayer { k: &kc, v: &vc }, &qa[..7 * qe], &mut out1, &s1, 0.35);
+        // Step 2: A's last 4 tokens and all of B, in one call.
+        let s2 = [
+            SeqAttention { row: 0, new_tokens: 4, context: 11, blocks: &table_a },
+            SeqAttention { row: 4, new_tokens: 6, context: 6, blocks: &table_b },
+        ];
+        let k2 = [&ka[7 * te..], &kb[..]].concat();
+        let v2 = [&va[7 * te..], &vb[..]].concat();
+        let q2 = [&qa[7 * qe..], &qb[..]].concat();
+        write_kv(shape, &mut kc, &mut vc, &k2, &v2, &s2);
+        let mut out2 = vec![0f32; 10 * qe];
+        paged_attention(shape, KvLayer { k: &kc, v: &vc }, &q2, &mut out2, &s2, 0.35);
+        let want_a = dense(&qa, &ka, &va, na, shape, 0.35);
+        let want_b = dense(&qb, &kb, &vb, nb, shape, 0.35);
+        let got_a = [&out1[..], &out2[..4 * qe]].concat();
+        let diff = |a: &[f32], b: &[f32]| a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0f32, f32::max);
+        assert!(diff(&got_a, &want_a) < 1e-5);
+        assert!(diff(&out2[4 * qe..], &want_b) < 1e-5);
+    }
+}
