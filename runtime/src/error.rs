@@ -128,6 +128,14 @@ pub enum Error {
         status: crate::model::AllocStatus,
     },
 
+    /// The engine's queue is full; try again later.
+    #[error("the request queue is full")]
+    QueueFull,
+
+    /// The engine has stopped.
+    #[error("the engine has stopped")]
+    EngineStopped,
+
     /// A tensor operation failed (a bug, not bad input).
     #[error("tensor op: {0}")]
     Tensor(#[from] candle_core::Error),

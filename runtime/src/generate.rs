@@ -12,6 +12,10 @@ pub enum FinishReason {
     Stop,
     /// `max_tokens` or the model's context was reached.
     Length,
+    /// The caller cancelled or went away.
+    Cancelled,
+    /// The request's deadline passed.
+    Deadline,
 }
 
 impl FinishReason {
@@ -20,6 +24,8 @@ impl FinishReason {
         match self {
             FinishReason::Stop => "stop",
             FinishReason::Length => "length",
+            FinishReason::Cancelled => "cancelled",
+            FinishReason::Deadline => "deadline",
         }
     }
 }

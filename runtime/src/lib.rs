@@ -5,6 +5,7 @@
 
 pub mod adapters;
 pub mod embedded;
+pub mod engine;
 pub mod error;
 pub mod generate;
 pub mod metrics;

@@ -1,6 +1,8 @@
 //! The runtime's Prometheus registry and the metric families each part reports into.
 
-use prometheus::{HistogramOpts, HistogramVec, IntCounterVec, IntGaugeVec, Opts, Registry};
+use prometheus::{
+    Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry,
+};
 
 /// Adapter pager figures: hits, misses, load times, evictions and bytes per tier.
 #[derive(Clone)]
@@ -19,6 +21,25 @@ pub struct PagerMetrics {
     pub load_failures: IntCounterVec,
 }
 
+/// Engine figures: queue depth, running sequences, batch sizes, KV use, preemptions.
+#[derive(Clone)]
+pub struct EngineMetrics {
+    /// Requests waiting.
+    pub queue_depth: IntGauge,
+    /// Sequences running.
+    pub running: IntGauge,
+    /// Sequences per step.
+    pub batch_seqs: Histogram,
+    /// Tokens per step.
+    pub batch_tokens: Histogram,
+    /// Seconds per step.
+    pub step_seconds: Histogram,
+    /// KV blocks in use.
+    pub kv_blocks_used: IntGauge,
+    /// Sequences preempted (to be recomputed).
+    pub preemptions: IntCounter,
+}
+
 /// Every metric the runtime exposes, in one registry.
 #[derive(Clone)]
 pub struct Metrics {
@@ -26,12 +47,20 @@ pub struct Metrics {
     pub registry: Registry,
     /// Adapter pager metrics.
     pub pager: PagerMetrics,
+    /// Engine metrics.
+    pub engine: EngineMetrics,
 }
 
 fn counter(reg: &Registry, name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
     let c = IntCounterVec::new(Opts::new(name, help), labels).expect("valid metric definition");
     reg.register(Box::new(c.clone())).expect("metric registered once");
     c
+}
+
+fn register<M: prometheus::core::Collector + Clone + 'static>(reg: &Registry, m: prometheus::Result<M>) -> M {
+    let m = m.expect("valid metric definition");
+    reg.register(Box::new(m.clone())).expect("metric registered once");
+    m
 }
 
 impl Metrics {
@@ -58,7 +87,34 @@ impl Metrics {
             resident_bytes,
             load_failures: counter(r, "adapter_load_failures_total", "Adapter loads that failed", &["reason"]),
         };
-        Metrics { registry, pager }
+        let engine = EngineMetrics {
+            queue_depth: register(r, IntGauge::new("queue_depth", "Requests waiting to run")),
+            running: register(r, IntGauge::new("running_sequences", "Sequences running")),
+            batch_seqs: register(
+                r,
+                Histogram::with_opts(
+                    HistogramOpts::new("batch_sequences", "Sequences per engine step")
+                        .buckets(vec![1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0]),
+                ),
+            ),
+            batch_tokens: register(
+                r,
+                Histogram::with_opts(
+                    HistogramOpts::new("batch_tokens", "Tokens per engine step")
+                        .buckets(vec![1.0, 4.0, 16.0, 64.0, 128.0, 256.0, 512.0, 1024.0, 2048.0]),
+                ),
+            ),
+            step_seconds: register(
+                r,
+                Histogram::with_opts(
+                    HistogramOpts::new("step_seconds", "Seconds per engine step")
+                        .buckets(vec![0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0]),
+                ),
+            ),
+            kv_blocks_used: register(r, IntGauge::new("kv_blocks_used", "KV cache blocks in use")),
+            preemptions: register(r, IntCounter::new("preemptions_total", "Sequences preempted for recompute")),
+        };
+        Metrics { registry, pager, engine }
     }
 
     /// The registry in Prometheus' text exposition format.

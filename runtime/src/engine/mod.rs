@@ -1,0 +1,287 @@
+//! The serving engine: one thread owns the model and runs iteration-level continuous batching
+//! over the paged KV cache, mixing sequences of any adapters in every step.
+//!
+//! Callers [`EngineHandle::submit`] a [`GenerationRequest`] and read [`Event`]s from the
+//! returned [`RequestStream`]; dropping the stream cancels the request within one step.
+
+mod scheduler;
+mod sequence;
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc::{Sender, channel};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use tokio::sync::mpsc::{UnboundedReceiver, unbounded_channel};
+
+use crate::error::{Error, Result};
+use crate::generate::FinishReason;
+use crate::metrics::Metrics;
+use crate::model::{LoadedModel, PagedKvCache};
+use crate::pager::AdapterPager;
+use crate::sampling::SamplingParams;
+
+/// Limits and capacities of the engine.
+#[derive(Debug, Clone)]
+pub struct EngineConfig {
+    /// Bytes of the KV cache pool.
+    pub kv_cache_bytes: usize,
+    /// Most tokens (prefill and decode together) in one step.
+    pub max_batch_tokens: usize,
+    /// Most sequences running at once.
+    pub max_running: usize,
+    /// Most requests waiting; beyond it `submit` answers [`Error::QueueFull`].
+    pub max_waiting: usize,
+    /// A request waiting longer than this jumps ahead of every priority (no starvation).
+    pub age_limit: Duration,
+}
+
+impl Default for EngineConfig {
+    fn default() -> Self {
+        EngineConfig {
+            kv_cache_bytes: 256 << 20,
+            max_batch_tokens: 512,
+            max_running: 64,
+            max_waiting: 1024,
+            age_limit: Duration::from_secs(10),
+        }
+    }
+}
+
+/// One request for the engine, already validated and tokenized.
+#[derive(Debug, Clone)]
+pub struct GenerationRequest {
+    /// Caller's id for this request (echoed in usage and logs).
+    pub id: String,
+    /// Prompt token ids.
+    pub prompt_ids: Vec<u32>,
+    /// Sampling and stopping.
+    pub params: SamplingParams,
+    /// Adapter to run with, by registered name; `None` for the base model.
+    pub adapter: Option<String>,
+    /// Larger runs first; FCFS within a priority.
+    pub priority: i32,
+    /// Give up (finish with [`FinishReason::Deadline`]) past this instant.
+    pub deadline: Option<Instant>,
+    /// Return log-probabilities of each chosen token and this many alternatives (`None`: none).
+    pub logprobs: Option<usize>,
+}
+
+/// A generated token's log-probability and the most likely alternatives.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TokenLogprob {
+    /// Log-probability of the chosen token under the model.
+    pub logprob: f32,
+    /// `(token id, text, log-probability)` of the top alternatives, most likely first.
+    pub top: Vec<(u32, String, f32)>,
+}
+
+/// What one request used: the inputs of pricing and attribution.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Usage {
+    /// Tokens in the prompt.
+    pub prompt_tokens: u32,
+    /// Tokens generated.
+    pub completion_tokens: u32,
+    /// Milliseconds from arrival to first being scheduled.
+    pub queue_ms: u64,
+    /// Milliseconds of the steps this request took part in.
+    pub compute_ms: u64,
+    /// Milliseconds spent bringing its adapter into the active pool.
+    pub adapter_load_ms: u64,
+    /// Its share of each step it took part in (its tokens over the step's), summed, in millionths.
+    pub batch_share_ppm: u64,
+    /// Steps it took part in.
+    pub steps: u32,
+    /// Times it was preempted and recomputed.
+    pub preemptions: u32,
+}
+
+/// What the engine sends back for a request.
+#[derive(Debug, Clone)]
+pub enum Event {
+    /// A token was generated; `text` is the text it completes (may be empty mid-character).
+    Token {
+        /// The token id.
+        id: u32,
+        /// New text, final (stop strings already cut).
+        text: String,
+        /// Log-probabilities, if asked for.
+        logprob: Option<TokenLogprob>,
+    },
+    /// The request ended.
+    Done {
+        /// Why.
+        reason: FinishReason,
+        /// What it used.
+        usage: Usage,
+    },
+    /// The request failed (nothing more follows).
+    Failed {
+        /// Why, as the runtime's error text.
+        message: String,
+        /// What it used before failing.
+        usage: Usage,
+    },
+}
+
+/// The receiving end of one request; dropping it cancels the request.
+pub struct RequestStream {
+    /// The request's id.
+    pub id: String,
+    events: UnboundedReceiver<Event>,
+    cancel: Arc<AtomicBool>,
+}
+
+impl RequestStream {
+    /// The next event, or `None` once the engine is done with the request.
+    pub async fn next(&mut self) -> Option<Event> {
+        self.events.recv().await
+    }
+
+    /// The next event, blocking the thread (for non-async callers).
+    pub fn next_blocking(&mut self) -> Option<Event> {
+        self.events.blocking_recv()
+    }
+
+    /// Asks the engine to stop this request (as dropping the stream does).
+    pub fn cancel(&self) {
+        self.cancel.store(true, Ordering::Relaxed);
+    }
+}
+
+impl Drop for RequestStream {
+    fn drop(&mut self) {
+        self.cancel.store(true, Ordering::Relaxed);
+    }
+}
+
+/// A snapshot of the engine's state, updated after every step.
+#[derive(Debug, Clone, Default)]
+pub struct EngineStats {
+    /// Steps run so far.
+    pub steps: u64,
+    /// Sequences running.
+    pub running: usize,
+    /// Requests waiting.
+    pub waiting: usize,
+    /// Free KV blocks.
+    pub kv_free_blocks: usize,
+    /// KV blocks in the pool.
+    pub kv_total_blocks: usize,
+    /// Preemptions so far.
+    pub preemptions: u64,
+    /// Largest number of sequences in one step so far.
+    pub max_batch_seqs: usize,
+}
+
+pub(crate) struct Submission {
+    request: GenerationRequest,
+    events: tokio::sync::mpsc::UnboundedSender<Event>,
+    cancel: Arc<AtomicBool>,
+    arrival: Instant,
+}
+
+/// The handle callers share to submit requests; cheap to clone.
+#[derive(Clone)]
+pub struct EngineHandle {
+    tx: Sender<Submission>,
+    stats: Arc<Mutex<EngineStats>>,
+    shared: Arc<Shared>,
+}
+
+struct Shared {
+    model: Arc<LoadedModel>,
+    pager: AdapterPager,
+    config: EngineConfig,
+    kv_total_blocks: usize,
+    waiting: std::sync::atomic::AtomicUsize,
+}
+
+impl EngineHandle {
+    /// Starts the engine thread for `model`, reading adapters from `pager`.
+    pub fn start(model: Arc<LoadedModel>, pager: AdapterPager, config: EngineConfig, metrics: Metrics) -> Result<Self> {
+        let kv = PagedKvCache::with_bytes(model.llama.config(), config.kv_cache_bytes);
+        if kv.total_blocks() == 0 {
+            return Err(Error::InvalidParam { param: "kv_cache_bytes", message: "too small for one KV block".into() });
+        }
+        let (tx, rx) = channel();
+        let stats = Arc::new(Mutex::new(EngineStats { kv_total_blocks: kv.total_blocks(), ..Default::default() }));
+        let shared = Arc::new(Shared {
+            model: model.clone(),
+            pager: pager.clone(),
+            config: config.clone(),
+            kv_total_blocks: kv.total_blocks(),
+            waiting: Default::default(),
+        });
+        let sched = scheduler::Scheduler::new(model, pager, kv, config, metrics, stats.clone(), shared.clone());
+        std::thread::Builder::new()
+            .name("openlora-engine".into())
+            .spawn(move || sched.run(rx))
+            .map_err(|e| Error::io("engine thread", e))?;
+        Ok(EngineHandle { tx, stats, shared })
+    }
+
+    /// The model the engine runs.
+    pub fn model(&self) -> &Arc<LoadedModel> {
+        &self.shared.model
+    }
+
+    /// The adapter pager the engine reads from.
+    pub fn pager(&self) -> &AdapterPager {
+        &self.shared.pager
+    }
+
+    /// The latest stats snapshot.
+    pub fn stats(&self) -> EngineStats {
+        self.stats.lock().map(|s| s.clone()).unwrap_or_default()
+    }
+
+    /// Checks a request against the model and the engine's capacity, then queues it.
+    /// Rejected up front: bad sampling parameters, an empty prompt, a prompt (plus one token)
+    /// longer than the context, an unknown adapter, more KV than the whole pool, a full queue.
+    pub fn submit(&self, mut request: GenerationRequest) -> Result<RequestStream> {
+        request.params.validate()?;
+        let context = self.shared.model.llama.config().max_position_embeddings;
+        let prompt = request.prompt_ids.len();
+        if prompt == 0 {
+            return Err(Error::InvalidParam { param: "prompt", message: "the prompt has no tokens".into() });
+        }
+        if prompt >= context {
+            return Err(Error::ContextOverflow { prompt_tokens: prompt, context });
+        }
+        let vocab = self.shared.model.llama.config().vocab_size;
+        if let Some(bad) = request.prompt_ids.iter().find(|&&t| t as usize >= vocab) {
+            return Err(Error::InvalidParam {
+                param: "prompt",
+                message: format!("token id {bad} is outside the vocabulary"),
+            });
+        }
+        request.params.max_tokens = request.params.max_tokens.min(context - prompt);
+        let needed = (prompt + request.params.max_tokens).div_ceil(crate::model::BLOCK_SIZE);
+        if needed > self.shared.kv_total_blocks {
+            return Err(Error::KvExhausted {
+                needed_tokens: prompt + request.params.max_tokens,
+                status: crate::model::AllocStatus::Impossible,
+            });
+        }
+        if let Some(a) = &request.adapter
+            && self.shared.pager.manifest(a).is_none()
+        {
+            return Err(Error::UnknownAdapter(a.clone()));
+        }
+        if self.shared.waiting.load(Ordering::Relaxed) >= self.shared.config.max_waiting {
+            return Err(Error::QueueFull);
+        }
+        self.shared.waiting.fetch_add(1, Ordering::Relaxed);
+        let (etx, erx) = unbounded_channel();
+        let cancel = Arc::new(AtomicBool::new(false));
+        let id = request.id.clone();
+        let sub = Submission { request, events: etx, cancel: cancel.clone(), arrival: Instant::now() };
+        if self.tx.send(sub).is_err() {
+            self.shared.waiting.fetch_sub(1, Ordering::Relaxed);
+            return Err(Error::EngineStopped);
+        }
+        Ok(RequestStream { id, events: erx, cancel })
+    }
+}

@@ -1,0 +1,334 @@
+//! The engine loop: admission, preemption, one batched forward per step, token emission.
+
+use std::sync::atomic::Ordering;
+use std::sync::mpsc::{Receiver, RecvTimeoutError};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use super::sequence::{Progress, Sequence};
+use super::{EngineConfig, EngineStats, Shared, Submission};
+use crate::generate::FinishReason;
+use crate::metrics::Metrics;
+use crate::model::{AllocStatus, LoadedModel, LogitRows, PagedKvCache, SeqBatch};
+use crate::pager::{Acquire, AdapterPager};
+
+/// Waiting requests whose adapters are prefetched each step.
+const PREFETCH_AHEAD: usize = 8;
+
+pub(super) struct Scheduler {
+    model: Arc<LoadedModel>,
+    pager: AdapterPager,
+    kv: PagedKvCache,
+    config: EngineConfig,
+    metrics: Metrics,
+    stats: Arc<Mutex<EngineStats>>,
+    shared: Arc<Shared>,
+    /// Requests not yet running (including preempted ones), in no particular order.
+    waiting: Vec<Sequence>,
+    /// Running sequences, oldest admission first.
+    running: Vec<Sequence>,
+    next_arrival: u64,
+    steps: u64,
+    preemptions: u64,
+    max_batch_seqs: usize,
+}
+
+impl Scheduler {
+    pub fn new(
+        model: Arc<LoadedModel>,
+        pager: AdapterPager,
+        kv: PagedKvCache,
+        config: EngineConfig,
+        metrics: Metrics,
+        stats: Arc<Mutex<EngineStats>>,
+        shared: Arc<Shared>,
+    ) -> Self {
+        Scheduler {
+            model,
+            pager,
+            kv,
+            config,
+            metrics,
+            stats,
+            shared,
+            waiting: Vec::new(),
+            running: Vec::new(),
+            next_arrival: 0,
+            steps: 0,
+            preemptions: 0,
+            max_batch_seqs: 0,
+        }
+    }
+
+    fn enqueue(&mut self, sub: Submission) {
+        self.waiting.push(Sequence::new(sub, self.next_arrival));
+        self.next_arrival += 1;
+    }
+
+    /// Runs until every handle is dropped and no work is left.
+    pub fn run(mut self, rx: Receiver<Submission>) {
+        loop {
+            if self.running.is_empty() && self.waiting.is_empty() {
+                match rx.recv() {
+                    Ok(s) => self.enqueue(s),
+                    Err(_) => return,
+                }
+            }
+            while let Ok(s) = rx.try_recv() {
+                self.enqueue(s);
+            }
+            if !self.step() {
+                // Nothing could run (e.g. the adapter pool is full of pinned adapters): wait a
+                // little for new work or for room, without spinning.
+                match rx.recv_timeout(Duration::from_millis(2)) {
+                    Ok(s) => self.enqueue(s),
+                    Err(RecvTimeoutError::Timeout) => {}
+                    Err(RecvTimeoutError::Disconnected) if self.running.is_empty() && self.waiting.is_empty() => return,
+                    Err(RecvTimeoutError::Disconnected) => {}
+                }
+            }
+        }
+    }
+
+    /// Frees a sequence's blocks and adapter pin.
+    fn release(kv: &mut PagedKvCache, seq: &mut Sequence) {
+        kv.release(&mut seq.kv);
+        seq.lease = None;
+    }
+
+    fn left_waiting(&self, n: usize) {
+        self.shared.waiting.fetch_sub(n, Ordering::Relaxed);
+    }
+
+    /// Ends cancelled and expired requests, waiting or running.
+    fn reap(&mut self, now: Instant) {
+        let expired = |s: &Sequence| s.request.deadline.is_some_and(|d| now >= d);
+        let mut i = 0;
+        while i < self.waiting.len() {
+            let s = &self.waiting[i];
+            if s.cancelled() || expired(s) {
+                let mut s = self.waiting.swap_remove(i);
+                let reason = if s.cancelled() { FinishReason::Cancelled } else { FinishReason::Deadline };
+                Self::release(&mut self.kv, &mut s);
+                s.finish(reason);
+                self.left_waiting(1);
+            } else {
+                i += 1;
+            }
+        }
+        let mut i = 0;
+        while i < self.running.len() {
+            let s = &self.running[i];
+            if s.cancelled() || expired(s) {
+                let mut s = self.running.remove(i);
+                let reason = if s.cancelled() { FinishReason::Cancelled } else { FinishReason::Deadline };
+                Self::release(&mut self.kv, &mut s);
+                s.finish(reason);
+            } else {
+                i += 1;
+            }
+        }
+    }
+
+    /// Moves the youngest running sequence back to the waiting queue; it will be recomputed.
+    fn preempt_youngest(&mut self) {
+        if let Some(mut s) = self.running.pop() {
+            Self::release(&mut self.kv, &mut s);
+            s.usage.preemptions += 1;
+            self.preemptions += 1;
+            self.metrics.engine.preemptions.inc();
+            self.waiting.push(s);
+            self.shared.waiting.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    /// One iteration. Returns whether a forward pass ran.
+    fn step(&mut self) -> bool {
+        let now = Instant::now();
+        self.reap(now);
+        let mut budget = self.config.max_batch_tokens;
+        // Tokens each running sequence runs this step (0 = sits this step out).
+        let mut chunks: Vec<usize> = Vec::with_capacity(self.running.len());
+        let mut i = 0;
+        while i < self.running.len() {
+            let chunk = self.running[i].pending().min(budget);
+            if chunk == 0 {
+                chunks.push(0);
+                i += 1;
+                continue;
+            }
+            loop {
+                match self.kv.reserve(&mut self.running[i].kv, chunk) {
+                    AllocStatus::Ok => break,
+                    AllocStatus::Later if self.running.len() > i + 1 => self.preempt_youngest(),
+                    // Nothing younger to take blocks from: this sequence itself yields.
+                    _ => {
+                        self.preempt_youngest();
+                        break;
+                    }
+                }
+            }
+            if i < self.running.len() {
+                chunks.push(chunk);
+                budget -= chunk;
+                i += 1;
+            }
+        }
+        self.admit(&mut budget, &mut chunks, now);
+        for s in self.waiting.iter().filter(|s| s.lease.is_none()).take(PREFETCH_AHEAD) {
+            if let Some(a) = &s.request.adapter {
+                self.pager.prefetch(a);
+            }
+        }
+        let ran = chunks.iter().any(|&c| c > 0) && self.forward(&chunks);
+        self.publish();
+        ran
+    }
+
+    /// Admits waiting requests, highest (aged) priority first, FCFS within a priority, while
+    /// the step's token budget, the running limit, the KV pool and the adapter pool allow.
+    fn admit(&mut self, budget: &mut usize, chunks: &mut Vec<usize>, now: Instant) {
+        let age_limit = self.config.age_limit;
+        let key = |s: &Sequence| {
+            let aged = now.duration_since(s.arrival) >= age_limit;
+            (std::cmp::Reverse(if aged { i32::MAX } else { s.request.priority }), s.arrival_seq)
+        };
+        self.waiting.sort_by_key(key);
+        while *budget > 0 && self.running.len() < self.config.max_running && !self.waiting.is_empty() {
+            let s = &mut self.waiting[0];
+            if let (Some(name), None) = (s.request.adapter.clone(), s.lease.as_ref()) {
+                let t0 = Instant::now();
+                match self.pager.try_acquire(&name) {
+                    Ok(Acquire::Ready(lease)) => {
+                        s.lease = Some(lease);
+                        s.add_adapter_time(t0.elapsed());
+                    }
+                    // The adapter pool is full of pinned adapters: wait, in order.
+                    Ok(Acquire::Later) => break,
+                    Err(e) => {
+                        let s = self.waiting.remove(0);
+                        s.fail(e.to_string());
+                        self.left_waiting(1);
+                        continue;
+                    }
+                }
+            }
+            let chunk = s.pending().min(*budget);
+            match self.kv.reserve(&mut s.kv, chunk) {
+                AllocStatus::Ok => {}
+                AllocStatus::Later => {
+                    s.lease = None;
+                    break;
+                }
+                AllocStatus::Impossible => {
+                    let mut s = self.waiting.remove(0);
+                    Self::release(&mut self.kv, &mut s);
+                    s.fail("the request needs more KV cache than the whole pool".into());
+                    self.left_waiting(1);
+                    continue;
+                }
+            }
+            let mut s = self.waiting.remove(0);
+            self.left_waiting(1);
+            if s.first_scheduled.is_none() {
+                s.first_scheduled = Some(now);
+                s.usage.queue_ms = now.duration_since(s.arrival).as_millis() as u64;
+            }
+            *budget -= chunk;
+            chunks.push(chunk);
+            self.running.push(s);
+        }
+    }
+
+    /// Runs the model on every scheduled sequence and handles the tokens it yields.
+    fn forward(&mut self, chunks: &[usize]) -> bool {
+        let t0 = Instant::now();
+        let total: usize = chunks.iter().sum();
+        let any_adapter = self.running.iter().zip(chunks).any(|(s, &c)| c > 0 && s.lease.is_some());
+        let result = {
+            let pool = any_adapter.then(|| self.pager.pool());
+            let mut batch: Vec<SeqBatch<'_>> = self
+                .running
+                .iter_mut()
+                .zip(chunks)
+                .filter(|(_, c)| **c > 0)
+                .map(|(s, &c)| {
+                    let start = s.kv.len();
+                    SeqBatch {
+                        tokens: &s.tokens[start..start + c],
+                        kv: &mut s.kv,
+                        adapter: s.lease.as_ref().map(|l| l.resident()),
+                    }
+                })
+                .collect();
+            self.max_batch_seqs = self.max_batch_seqs.max(batch.len());
+            self.metrics.engine.batch_seqs.observe(batch.len() as f64);
+            self.metrics.engine.batch_tokens.observe(total as f64);
+            self.model
+                .llama
+                .forward(&mut self.kv, &mut batch, LogitRows::Last, pool.as_ref().map(|p| p.view()))
+                .and_then(|l| Ok(l.to_vec2::<f32>()?))
+        };
+        let elapsed = t0.elapsed();
+        self.steps += 1;
+        self.metrics.engine.step_seconds.observe(elapsed.as_secs_f64());
+        let mut rows = match result {
+            Ok(rows) => rows.into_iter(),
+            Err(e) => {
+                // A failed step is a bug, not bad input: fail the requests in it, keep serving.
+                let msg = format!("engine step failed: {e}");
+                let mut keep = Vec::new();
+                for (mut s, &c) in
+                    std::mem::take(&mut self.running).into_iter().zip(chunks.iter().chain(std::iter::repeat(&0)))
+                {
+                    if c > 0 {
+                        Self::release(&mut self.kv, &mut s);
+                        s.fail(msg.clone());
+                    } else {
+                        keep.push(s);
+                    }
+                }
+                self.running = keep;
+                return true;
+            }
+        };
+        let mut finished = Vec::new();
+        for (i, (s, &c)) in self.running.iter_mut().zip(chunks).enumerate() {
+            if c == 0 {
+                continue;
+            }
+            let Some(mut logits) = rows.next() else { break };
+            s.add_step(elapsed, c, total);
+            if s.pending() == 0
+                && let Progress::Finished(reason) = s.push_token(&self.model, &mut logits)
+            {
+                finished.push((i, reason));
+            }
+        }
+        for (i, reason) in finished.into_iter().rev() {
+            let mut s = self.running.remove(i);
+            Self::release(&mut self.kv, &mut s);
+            s.finish(reason);
+        }
+        true
+    }
+
+    fn publish(&self) {
+        let used = self.kv.total_blocks() - self.kv.free_blocks();
+        let m = &self.metrics.engine;
+        m.queue_depth.set(self.waiting.len() as i64);
+        m.running.set(self.running.len() as i64);
+        m.kv_blocks_used.set(used as i64);
+        if let Ok(mut st) = self.stats.lock() {
+            *st = EngineStats {
+                steps: self.steps,
+                running: self.running.len(),
+                waiting: self.waiting.len(),
+                kv_free_blocks: self.kv.free_blocks(),
+                kv_total_blocks: self.kv.total_blocks(),
+                preemptions: self.preemptions,
+                max_batch_seqs: self.max_batch_seqs,
+            };
+        }
+    }
+}

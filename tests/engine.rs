@@ -1,0 +1,291 @@
+//! The serving engine: continuous batching is invisible in the output, preemption never
+//! corrupts, cancellation frees resources within a step, priorities and deadlines hold.
+
+mod common;
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use common::repo_root;
+use openlora::Error;
+use openlora::engine::{EngineConfig, EngineHandle, Event, GenerationRequest, RequestStream, Usage};
+use openlora::generate::{FinishReason, WithAdapter, generate};
+use openlora::metrics::Metrics;
+use openlora::model::{LoadedModel, PagedKvCache};
+use openlora::pager::{AdapterPager, PagerConfig};
+use openlora::sampling::SamplingParams;
+
+const ADAPTERS: [&str; 4] = ["r4-qv", "r8-mlp", "r16-all-rslora", "r64-ko-layer1"];
+const WORDS: [&str; 16] = [
+    "the", "cat", "computer", "never", "wisdom", "a", "penny", "saved", "is", "life", "of", "Q:", "why", "and", "love",
+    "star",
+];
+
+fn model() -> Arc<LoadedModel> {
+    Arc::new(LoadedModel::load(&repo_root().join("tests/fixtures/models/gqa-llama3-f32")).expect("model"))
+}
+
+fn pager(model: &LoadedModel, config: PagerConfig) -> AdapterPager {
+    let pager = AdapterPager::new(model.llama.config(), config, Metrics::new().pager);
+    for a in ADAPTERS {
+        pager.register(a, &repo_root().join("tests/fixtures/adapters/gqa-llama3-f32").join(a)).expect("register");
+    }
+    pager
+}
+
+struct Rng(u64);
+impl Rng {
+    fn next(&mut self, n: usize) -> usize {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        (self.0 % n as u64) as usize
+    }
+}
+
+fn random_request(rng: &mut Rng, model: &LoadedModel, i: usize) -> GenerationRequest {
+    let words: Vec<&str> = (0..1 + rng.next(30)).map(|_| WORDS[rng.next(WORDS.len())]).collect();
+    let prompt_ids = model.tokenizer.encode(&words.join(" ")).expect("encode");
+    let adapter = match rng.next(5) {
+        4 => None,
+        k => Some(ADAPTERS[k].to_string()),
+    };
+    GenerationRequest {
+        id: format!("req-{i}"),
+        prompt_ids,
+        params: SamplingParams { max_tokens: 1 + rng.next(40), ..Default::default() },
+        adapter,
+        priority: 0,
+        deadline: None,
+        logprobs: None,
+    }
+}
+
+/// What one request produced through the engine.
+struct Outcome {
+    tokens: Vec<u32>,
+    reason: FinishReason,
+    usage: Usage,
+}
+
+fn drain(mut stream: RequestStream) -> Outcome {
+    let mut tokens = Vec::new();
+    loop {
+        match stream.next_blocking() {
+            Some(Event::Token { id, .. }) if id != u32::MAX => tokens.push(id),
+            Some(Event::Token { .. }) => {}
+            Some(Event::Done { reason, usage }) => return Outcome { tokens, reason, usage },
+            Some(Event::Failed { message, .. }) => panic!("{}: failed: {message}", stream.id),
+            None => panic!("{}: stream ended without Done", stream.id),
+        }
+    }
+}
+
+/// The same request run alone through the simple single-sequence path.
+fn alone(model: &LoadedModel, pager: &AdapterPager, req: &GenerationRequest) -> Vec<u32> {
+    let lease = req.adapter.as_ref().map(|a| pager.acquire(a, Duration::from_secs(10)).expect("lease"));
+    let with = lease.as_ref().map(|lease| WithAdapter { pager, lease });
+    generate(model, &req.prompt_ids, req.params.clone(), with, &mut |_| {}).expect("generate").token_ids
+}
+
+fn run_concurrently(engine: &EngineHandle, reqs: &[GenerationRequest]) -> Vec<Outcome> {
+    let streams: Vec<RequestStream> = reqs.iter().map(|r| engine.submit(r.clone()).expect("submit")).collect();
+    let handles: Vec<_> = streams.into_iter().map(|s| std::thread::spawn(move || drain(s))).collect();
+    handles.into_iter().map(|h| h.join().expect("reader")).collect()
+}
+
+#[test]
+fn batching_is_invisible_in_greedy_output() {
+    let model = model();
+    let reference_pager = pager(&model, PagerConfig::default());
+    let config = EngineConfig { max_batch_tokens: 96, ..Default::default() };
+    let engine = EngineHandle::start(model.clone(), pager(&model, PagerConfig::default()), config, Metrics::new())
+        .expect("engine");
+    let mut rng = Rng(0x5EED);
+    let reqs: Vec<GenerationRequest> = (0..64).map(|i| random_request(&mut rng, &model, i)).collect();
+    let outcomes = run_concurrently(&engine, &reqs);
+    for (req, out) in reqs.iter().zip(&outcomes) {
+        assert_eq!(out.tokens, alone(&model, &reference_pager, req), "{} ({:?})", req.id, req.adapter);
+        assert_eq!(out.usage.prompt_tokens as usize, req.prompt_ids.len());
+        assert_eq!(out.usage.completion_tokens as usize, out.tokens.len());
+        assert!(out.usage.batch_share_ppm <= out.usage.steps as u64 * 1_000_000);
+    }
+    let stats = engine.stats();
+    assert!(stats.max_batch_seqs >= 8, "requests were never batched together: {stats:?}");
+    assert_eq!(stats.kv_free_blocks, stats.kv_total_blocks, "KV blocks leaked");
+    assert!(engine.pager().active_snapshot().0.iter().all(|(_, pins)| *pins == 0), "adapter pins leaked");
+}
+
+#[test]
+fn a_kv_pool_too_small_preempts_and_still_completes_correctly() {
+    let model = model();
+    let reference_pager = pager(&model, PagerConfig::default());
+    let block = PagedKvCache::block_bytes(model.llama.config());
+    // 12 blocks (192 tokens) for 24 requests of up to ~70 tokens each.
+    let config = EngineConfig { kv_cache_bytes: 12 * block, max_batch_tokens: 128, ..Default::default() };
+    let engine = EngineHandle::start(model.clone(), pager(&model, PagerConfig::default()), config, Metrics::new())
+        .expect("engine");
+    let mut rng = Rng(0xB10C);
+    let reqs: Vec<GenerationRequest> = (0..24)
+        .map(|i| {
+            let mut r = random_request(&mut rng, &model, i);
+            r.params.max_tokens = 40;
+            r.params.ignore_eos = true;
+            r
+        })
+        .collect();
+    let outcomes = run_concurrently(&engine, &reqs);
+    for (req, out) in reqs.iter().zip(&outcomes) {
+        assert_eq!(out.tokens, alone(&model, &reference_pager, req), "{} after preemption", req.id);
+        assert_eq!(out.reason, FinishReason::Length);
+    }
+    let stats = engine.stats();
+    assert!(stats.preemptions > 0, "the pool was never short: {stats:?}");
+    assert_eq!(stats.kv_free_blocks, stats.kv_total_blocks);
+}
+
+fn wait_for_steps(engine: &EngineHandle, target: u64) {
+    let t0 = Instant::now();
+    while engine.stats().steps < target {
+        assert!(t0.elapsed() < Duration::from_secs(20), "engine stopped stepping");
+        std::thread::sleep(Duration::from_millis(1));
+    }
+}
+
+#[test]
+fn cancelling_frees_blocks_and_the_adapter_pin_within_one_step() {
+    let model = model();
+    let engine = EngineHandle::start(
+        model.clone(),
+        pager(&model, PagerConfig::default()),
+        EngineConfig::default(),
+        Metrics::new(),
+    )
+    .expect("engine");
+    let mut req = random_request(&mut Rng(3), &model, 0);
+    req.adapter = Some("r16-all-rslora".into());
+    req.params.max_tokens = 200;
+    req.params.ignore_eos = true;
+    // A second, unrelated request keeps the engine stepping.
+    let mut other = random_request(&mut Rng(4), &model, 1);
+    other.params.max_tokens = 220;
+    other.params.ignore_eos = true;
+    other.adapter = None;
+    let other = engine.submit(other).expect("submit");
+    let mut stream = engine.submit(req).expect("submit");
+    match stream.next_blocking() {
+        Some(Event::Token { .. }) => {}
+        e => panic!("expected a token, got {e:?}"),
+    }
+    assert!(engine.pager().active_snapshot().0.contains(&("r16-all-rslora".to_string(), 1)));
+    let step = engine.stats().steps;
+    drop(stream); // the caller goes away
+    wait_for_steps(&engine, step + 2);
+    let stats = engine.stats();
+    assert_eq!(stats.running, 1, "the cancelled request still runs: {stats:?}");
+    assert!(engine.pager().active_snapshot().0.contains(&("r16-all-rslora".to_string(), 0)), "pin not released");
+    drop(other);
+    let t0 = Instant::now();
+    while engine.stats().running > 0 {
+        assert!(t0.elapsed() < Duration::from_secs(20), "the second cancellation was never seen");
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    let stats = engine.stats();
+    assert_eq!(stats.kv_free_blocks, stats.kv_total_blocks, "blocks not freed: {stats:?}");
+}
+
+#[test]
+fn priorities_order_admission_and_age_prevents_starvation() {
+    let model = model();
+    for (age_limit, expect_high_first) in [(Duration::from_secs(60), true), (Duration::ZERO, false)] {
+        let config = EngineConfig { max_running: 1, age_limit, ..Default::default() };
+        let engine = EngineHandle::start(model.clone(), pager(&model, PagerConfig::default()), config, Metrics::new())
+            .expect("engine");
+        let mk = |id: &str, priority, max_tokens| GenerationRequest {
+            id: id.into(),
+            prompt_ids: model.tokenizer.encode("the cat").expect("encode"),
+            params: SamplingParams { max_tokens, ignore_eos: true, ..Default::default() },
+            adapter: None,
+            priority,
+            deadline: None,
+            logprobs: None,
+        };
+        let mut busy = engine.submit(mk("busy", 0, 30)).expect("submit");
+        assert!(matches!(busy.next_blocking(), Some(Event::Token { .. })));
+        let low = engine.submit(mk("low", 0, 2)).expect("submit");
+        let high = engine.submit(mk("high", 9, 2)).expect("submit");
+        let (tx, rx) = std::sync::mpsc::channel();
+        for s in [low, high] {
+            let tx = tx.clone();
+            std::thread::spawn(move || {
+                let id = s.id.clone();
+                drain(s);
+                tx.send(id).expect("send");
+            });
+        }
+        drain(busy);
+        let first = rx.recv().expect("one finishes");
+        assert_eq!(first == "high", expect_high_first, "age limit {age_limit:?}: {first} finished first");
+    }
+}
+
+#[test]
+fn deadlines_and_up_front_rejections() {
+    let model = model();
+    let engine = EngineHandle::start(
+        model.clone(),
+        pager(&model, PagerConfig::default()),
+        EngineConfig::default(),
+        Metrics::new(),
+    )
+    .expect("engine");
+    let base = GenerationRequest {
+        id: "x".into(),
+        prompt_ids: model.tokenizer.encode("the cat").expect("encode"),
+        params: SamplingParams { max_tokens: 200, ignore_eos: true, ..Default::default() },
+        adapter: None,
+        priority: 0,
+        deadline: Some(Instant::now() + Duration::from_millis(30)),
+        logprobs: None,
+    };
+    let out = drain(engine.submit(base.clone()).expect("submit"));
+    assert_eq!(out.reason, FinishReason::Deadline);
+    assert!(out.tokens.len() < 200);
+
+    let context = model.llama.config().max_position_embeddings;
+    let long = GenerationRequest { prompt_ids: vec![5; context], deadline: None, ..base.clone() };
+    assert!(matches!(engine.submit(long), Err(Error::ContextOverflow { .. })));
+    let unknown = GenerationRequest { adapter: Some("nope".into()), deadline: None, ..base.clone() };
+    assert!(matches!(engine.submit(unknown), Err(Error::UnknownAdapter(_))));
+    let bad = GenerationRequest { params: SamplingParams { top_p: 0.0, ..base.params.clone() }, ..base.clone() };
+    assert!(matches!(engine.submit(bad), Err(Error::InvalidParam { param: "top_p", .. })));
+    let oov = GenerationRequest { prompt_ids: vec![1_000_000], ..base.clone() };
+    assert!(matches!(engine.submit(oov), Err(Error::InvalidParam { .. })));
+}
+
+#[test]
+fn a_full_queue_is_refused() {
+    let model = model();
+    let config = EngineConfig { max_waiting: 2, max_running: 1, ..Default::default() };
+    let engine = EngineHandle::start(model.clone(), pager(&model, PagerConfig::default()), config, Metrics::new())
+        .expect("engine");
+    let req = GenerationRequest {
+        id: "q".into(),
+        prompt_ids: model.tokenizer.encode("the cat").expect("encode"),
+        params: SamplingParams { max_tokens: 100, ignore_eos: true, ..Default::default() },
+        adapter: None,
+        priority: 0,
+        deadline: None,
+        logprobs: None,
+    };
+    let mut kept = Vec::new();
+    let mut refused = 0;
+    for _ in 0..10 {
+        match engine.submit(req.clone()) {
+            Ok(s) => kept.push(s),
+            Err(Error::QueueFull) => refused += 1,
+            Err(e) => panic!("{e}"),
+        }
+    }
+    assert!(refused > 0, "the queue limit was never reached");
+}
