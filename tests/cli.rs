@@ -20,7 +20,7 @@ fn help_lists_every_command() {
     let o = openlora(&["--help"]);
     assert!(o.status.success());
     let text = stdout(&o);
-    for cmd in ["generate"] {
+    for cmd in ["generate", "serve"] {
         assert!(text.contains(cmd), "--help does not list `{cmd}`:\n{text}");
     }
 }

@@ -4,6 +4,8 @@
 //! (`sampling`), the generation loop (`generate`), and the embedded default model (`embedded`).
 
 pub mod adapters;
+pub mod api;
+pub mod config;
 pub mod embedded;
 pub mod engine;
 pub mod error;
@@ -12,5 +14,6 @@ pub mod metrics;
 pub mod model;
 pub mod pager;
 pub mod sampling;
+pub mod serve;
 
 pub use error::{Error, Result};

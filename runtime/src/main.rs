@@ -7,12 +7,14 @@ use std::time::{Duration, Instant};
 use anyhow::Context;
 use clap::{Args, Parser, Subcommand};
 
+use openlora::config::ServerConfig;
 use openlora::embedded;
 use openlora::generate::{WithAdapter, generate};
 use openlora::metrics::Metrics;
 use openlora::model::LoadedModel;
 use openlora::pager::{AdapterPager, PagerConfig};
 use openlora::sampling::SamplingParams;
+use openlora::serve::Server;
 
 /// openlora: serve one base model with many LoRA adapters, and pay everyone fairly.
 #[derive(Parser)]
@@ -26,6 +28,48 @@ struct Cli {
 enum Command {
     /// Generate text from a prompt, streaming tokens to stdout.
     Generate(GenerateArgs),
+    /// Serve the OpenAI-compatible HTTP API (embedded model and demo adapters by default).
+    Serve(ServeArgs),
+}
+
+#[derive(Args)]
+struct ServeArgs {
+    /// TOML configuration file (model, adapters, memory budgets, keys, limits).
+    #[arg(long)]
+    config: Option<PathBuf>,
+    /// Address to listen on, overriding the config file (e.g. 127.0.0.1:8080).
+    #[arg(long)]
+    listen: Option<std::net::SocketAddr>,
+}
+
+fn run_serve(args: ServeArgs) -> anyhow::Result<()> {
+    let mut config = match &args.config {
+        Some(path) => ServerConfig::from_file(path)?,
+        None => ServerConfig::default(),
+    };
+    if let Some(listen) = args.listen {
+        config.listen = listen;
+    }
+    let server = Server::load(config)?;
+    let runtime =
+        tokio::runtime::Builder::new_multi_thread().enable_all().build().context("starting the async runtime")?;
+    runtime.block_on(async move {
+        let listener = tokio::net::TcpListener::bind(server.listen)
+            .await
+            .with_context(|| format!("listening on {}", server.listen))?;
+        let addr = listener.local_addr()?;
+        let state = &server.state;
+        let adapters = state.engine.pager().names();
+        eprintln!(
+            "openlora: serving `{}` with {} adapter(s) [{}] on http://{addr}",
+            state.model_name,
+            adapters.len(),
+            adapters.join(", ")
+        );
+        eprintln!("openlora: try: curl http://{addr}/v1/completions -H 'Content-Type: application/json' -d '{{\"model\": \"{}\", \"prompt\": \"The meaning of life is\", \"max_tokens\": 32}}'", state.model_name);
+        server.run(listener).await?;
+        anyhow::Ok(())
+    })
 }
 
 #[derive(Args)]
@@ -142,5 +186,6 @@ fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     match cli.command {
         Command::Generate(args) => run_generate(args),
+        Command::Serve(args) => run_serve(args),
     }
 }

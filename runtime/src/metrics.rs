@@ -40,6 +40,17 @@ pub struct EngineMetrics {
     pub preemptions: IntCounter,
 }
 
+/// HTTP figures: requests by adapter and status, time to first token, time per output token.
+#[derive(Clone)]
+pub struct HttpMetrics {
+    /// Requests by `model` (base model or adapter) and `status` (`ok` or an error code).
+    pub requests: IntCounterVec,
+    /// Seconds from arrival to the first token.
+    pub ttft_seconds: Histogram,
+    /// Seconds per output token after the first.
+    pub tpot_seconds: Histogram,
+}
+
 /// Every metric the runtime exposes, in one registry.
 #[derive(Clone)]
 pub struct Metrics {
@@ -49,6 +60,8 @@ pub struct Metrics {
     pub pager: PagerMetrics,
     /// Engine metrics.
     pub engine: EngineMetrics,
+    /// HTTP metrics.
+    pub http: HttpMetrics,
 }
 
 fn counter(reg: &Registry, name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
@@ -114,7 +127,24 @@ impl Metrics {
             kv_blocks_used: register(r, IntGauge::new("kv_blocks_used", "KV cache blocks in use")),
             preemptions: register(r, IntCounter::new("preemptions_total", "Sequences preempted for recompute")),
         };
-        Metrics { registry, pager, engine }
+        let latency = || vec![0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0];
+        let http = HttpMetrics {
+            requests: counter(r, "requests_total", "Inference requests by model and status", &["model", "status"]),
+            ttft_seconds: register(
+                r,
+                Histogram::with_opts(
+                    HistogramOpts::new("time_to_first_token_seconds", "Seconds to the first token").buckets(latency()),
+                ),
+            ),
+            tpot_seconds: register(
+                r,
+                Histogram::with_opts(
+                    HistogramOpts::new("time_per_output_token_seconds", "Seconds per output token after the first")
+                        .buckets(latency()),
+                ),
+            ),
+        };
+        Metrics { registry, pager, engine, http }
     }
 
     /// The registry in Prometheus' text exposition format.

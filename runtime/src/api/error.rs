@@ -1,0 +1,120 @@
+//! Errors in OpenAI's JSON shape, with the HTTP status each deserves.
+
+use axum::http::{HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use serde_json::json;
+
+use crate::error::Error;
+
+/// An error answered as `{"error": {"message", "type", "param", "code"}}`.
+#[derive(Debug, Clone)]
+pub struct ApiError {
+    /// HTTP status.
+    pub status: StatusCode,
+    /// Human-readable message.
+    pub message: String,
+    /// OpenAI error type (`invalid_request_error`, …).
+    pub kind: &'static str,
+    /// The request field at fault, if any.
+    pub param: Option<String>,
+    /// A stable machine-readable code; also the `status` label of request metrics.
+    pub code: &'static str,
+    /// Seconds to wait before retrying (429 / 503).
+    pub retry_after: Option<u64>,
+}
+
+impl ApiError {
+    /// 400 for a bad field.
+    pub fn invalid(param: impl Into<Option<String>>, message: impl Into<String>) -> Self {
+        ApiError {
+            status: StatusCode::BAD_REQUEST,
+            message: message.into(),
+            kind: "invalid_request_error",
+            param: param.into(),
+            code: "invalid_request",
+            retry_after: None,
+        }
+    }
+
+    /// Any status with a code.
+    pub fn new(status: StatusCode, kind: &'static str, code: &'static str, message: impl Into<String>) -> Self {
+        ApiError { status, message: message.into(), kind, param: None, code, retry_after: None }
+    }
+
+    /// 401.
+    pub fn unauthorized(message: impl Into<String>) -> Self {
+        Self::new(StatusCode::UNAUTHORIZED, "authentication_error", "invalid_api_key", message)
+    }
+
+    /// 404 for a model or adapter.
+    pub fn model_not_found(model: &str) -> Self {
+        ApiError {
+            param: Some("model".into()),
+            ..Self::new(
+                StatusCode::NOT_FOUND,
+                "invalid_request_error",
+                "model_not_found",
+                format!("The model `{model}` does not exist"),
+            )
+        }
+    }
+
+    /// 429 with a `Retry-After`.
+    pub fn overloaded(message: impl Into<String>) -> Self {
+        ApiError {
+            retry_after: Some(1),
+            ..Self::new(StatusCode::TOO_MANY_REQUESTS, "rate_limit_error", "rate_limit_exceeded", message)
+        }
+    }
+
+    /// 500 for a fault of ours (never for bad input).
+    pub fn internal(message: impl Into<String>) -> Self {
+        Self::new(StatusCode::INTERNAL_SERVER_ERROR, "server_error", "internal_error", message)
+    }
+
+    /// The error object alone, for streamed errors.
+    pub fn body(&self) -> serde_json::Value {
+        json!({"error": {"message": self.message, "type": self.kind, "param": self.param, "code": self.code}})
+    }
+}
+
+impl From<Error> for ApiError {
+    fn from(e: Error) -> Self {
+        let msg = e.to_string();
+        match e {
+            Error::InvalidParam { param, .. } => ApiError::invalid(Some(param.to_string()), msg),
+            Error::ContextOverflow { .. } => {
+                ApiError { code: "context_length_exceeded", ..ApiError::invalid(Some("messages".to_string()), msg) }
+            }
+            Error::KvExhausted { .. } => ApiError { code: "context_length_exceeded", ..ApiError::invalid(None, msg) },
+            Error::UnknownAdapter(name) => ApiError::model_not_found(&name),
+            Error::QueueFull => ApiError::overloaded(msg),
+            Error::EngineStopped => ApiError {
+                retry_after: Some(5),
+                ..ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "server_error", "unavailable", msg)
+            },
+            Error::AdapterLoad { .. } | Error::AdapterTooLarge { .. } | Error::PoolTimeout(_) => {
+                ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "server_error", "adapter_unavailable", msg)
+            }
+            Error::Config { .. }
+            | Error::MissingFile { .. }
+            | Error::MissingTensor { .. }
+            | Error::TensorShape { .. }
+            | Error::WeightFile { .. } => ApiError { code: "invalid_adapter", ..ApiError::invalid(None, msg) },
+            Error::Tokenizer(_) => ApiError::invalid(None, msg),
+            Error::Io { .. } | Error::Tensor(_) => ApiError::internal(msg),
+        }
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let mut resp = (self.status, axum::Json(self.body())).into_response();
+        if let Some(s) = self.retry_after
+            && let Ok(v) = HeaderValue::from_str(&s.to_string())
+        {
+            resp.headers_mut().insert(header::RETRY_AFTER, v);
+        }
+        resp
+    }
+}

@@ -1,0 +1,133 @@
+//! The HTTP layer: OpenAI-compatible inference, the admin API, metrics and health.
+
+pub mod admin;
+pub mod chat;
+pub mod error;
+pub mod openai;
+mod stream;
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use axum::body::Bytes;
+use axum::extract::{DefaultBodyLimit, FromRequest, Request, State};
+use axum::http::{HeaderMap, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use serde::de::DeserializeOwned;
+use tokio::sync::Semaphore;
+
+use crate::config::ServerConfig;
+use crate::engine::EngineHandle;
+use crate::metrics::Metrics;
+pub use error::ApiError;
+
+/// What every handler shares.
+pub struct AppState {
+    /// The engine (and through it the model and the adapter pager).
+    pub engine: EngineHandle,
+    /// The server's configuration.
+    pub config: ServerConfig,
+    /// Name the base model is served under.
+    pub model_name: String,
+    /// Every metric.
+    pub metrics: Metrics,
+    /// Requests in flight, bounded by `limits.max_concurrent_requests`.
+    pub in_flight: Arc<Semaphore>,
+    /// False while starting and once shutdown has begun.
+    pub ready: AtomicBool,
+    /// Where uploaded adapters are stored.
+    pub adapter_store: std::path::PathBuf,
+    /// Seconds since the epoch at start (the `created` of `/v1/models`).
+    pub started: u64,
+    /// The model's chat template.
+    pub chat: chat::ChatTemplate,
+}
+
+/// The shared state handlers receive.
+pub type Shared = Arc<AppState>;
+
+/// A JSON body whose type errors are 400s naming the field, and whose size errors are 413s,
+/// both in OpenAI's error shape. Unknown fields are ignored.
+pub struct JsonBody<T>(pub T);
+
+impl<S: Send + Sync, T: DeserializeOwned> FromRequest<S> for JsonBody<T> {
+    type Rejection = ApiError;
+
+    async fn from_request(req: Request, state: &S) -> Result<Self, ApiError> {
+        let bytes = Bytes::from_request(req, state).await.map_err(|r| {
+            if r.status() == StatusCode::PAYLOAD_TOO_LARGE {
+                ApiError::new(r.status(), "invalid_request_error", "request_too_large", "the request body is too large")
+            } else {
+                ApiError::invalid(None, r.body_text())
+            }
+        })?;
+        let mut de = serde_json::Deserializer::from_slice(&bytes);
+        serde_path_to_error::deserialize(&mut de).map(JsonBody).map_err(|e| {
+            let path = e.path().to_string();
+            let param = (path != "." && path != "?").then_some(path.clone());
+            ApiError::invalid(param, format!("invalid request body at `{path}`: {}", e.inner()))
+        })
+    }
+}
+
+/// The tenant an inference request belongs to, from its `Authorization: Bearer` key.
+pub fn tenant(state: &AppState, headers: &HeaderMap) -> Result<String, ApiError> {
+    if state.config.api_keys.is_empty() {
+        return Ok("anonymous".into());
+    }
+    let key = bearer(headers).ok_or_else(|| ApiError::unauthorized("missing API key (Authorization: Bearer ...)"))?;
+    state.config.api_keys.get(key).cloned().ok_or_else(|| ApiError::unauthorized("incorrect API key provided"))
+}
+
+/// The bearer token of a request, if any.
+pub fn bearer(headers: &HeaderMap) -> Option<&str> {
+    headers.get(header::AUTHORIZATION)?.to_str().ok()?.strip_prefix("Bearer ").map(str::trim)
+}
+
+async fn health() -> impl IntoResponse {
+    Json(serde_json::json!({"status": "ok"}))
+}
+
+async fn ready(State(state): State<Shared>) -> Response {
+    if state.ready.load(Ordering::Relaxed) {
+        Json(serde_json::json!({"status": "ready"})).into_response()
+    } else {
+        ApiError {
+            retry_after: Some(1),
+            ..ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "server_error", "not_ready", "not ready")
+        }
+        .into_response()
+    }
+}
+
+async fn metrics(State(state): State<Shared>) -> Response {
+    let stats = state.engine.stats();
+    state.metrics.engine.kv_blocks_used.set((stats.kv_total_blocks - stats.kv_free_blocks) as i64);
+    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], state.metrics.render()).into_response()
+}
+
+async fn not_found() -> ApiError {
+    ApiError::new(StatusCode::NOT_FOUND, "invalid_request_error", "not_found", "no such route")
+}
+
+/// The whole HTTP application.
+pub fn router(state: Shared) -> Router {
+    let body_limit = state.config.limits.max_body_bytes;
+    let upload_limit = state.config.limits.max_upload_bytes;
+    let v1 = Router::new()
+        .route("/v1/completions", post(openai::completions))
+        .route("/v1/chat/completions", post(openai::chat_completions))
+        .route("/v1/models", get(openai::models))
+        .layer(DefaultBodyLimit::max(body_limit));
+    let admin = admin::router().layer(DefaultBodyLimit::max(upload_limit));
+    Router::new()
+        .merge(v1)
+        .merge(admin)
+        .route("/metrics", get(metrics))
+        .route("/health", get(health))
+        .route("/ready", get(ready))
+        .fallback(not_found)
+        .with_state(state)
+}

@@ -1,0 +1,241 @@
+//! `openlora serve --config FILE`: the server's TOML configuration, with safe defaults for
+//! every field so that an empty file (or none) serves the embedded model.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+
+use crate::engine::EngineConfig;
+use crate::error::{Error, Result};
+use crate::pager::PagerConfig;
+
+/// Everything `openlora serve` can be told.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ServerConfig {
+    /// Address to listen on.
+    pub listen: SocketAddr,
+    /// Hugging Face model folder; absent: the embedded default model and its demo adapters.
+    pub model: Option<PathBuf>,
+    /// Name the base model is served under (`model` in requests); default: the folder's name.
+    pub model_name: Option<String>,
+    /// Where uploaded adapters (and later the ledger) are kept; default: `$OPENLORA_HOME`.
+    pub data_dir: Option<PathBuf>,
+    /// Adapters to register at start: name → PEFT folder.
+    pub adapters: BTreeMap<String, PathBuf>,
+    /// Memory budgets, in bytes.
+    pub memory: MemoryConfig,
+    /// Request limits.
+    pub limits: LimitsConfig,
+    /// API keys → tenant names. Empty: no key needed (every caller is tenant `anonymous`).
+    pub api_keys: BTreeMap<String, String>,
+    /// Bearer token for `/admin`; absent: the admin API is disabled.
+    pub admin_token: Option<String>,
+}
+
+/// Memory budgets, in bytes.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct MemoryConfig {
+    /// KV cache pool.
+    pub kv_cache_bytes: usize,
+    /// Host RAM cache of loaded adapters.
+    pub adapter_host_cache_bytes: usize,
+    /// Active adapter page pool.
+    pub adapter_pool_bytes: usize,
+}
+
+/// Limits on what one request, and all of them together, may ask for.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct LimitsConfig {
+    /// Largest request body, in bytes (larger: 413).
+    pub max_body_bytes: usize,
+    /// Largest admin upload (an adapter archive), in bytes.
+    pub max_upload_bytes: usize,
+    /// Most prompt tokens (more: 400).
+    pub max_prompt_tokens: usize,
+    /// Most requests in flight at once (more: 429).
+    pub max_concurrent_requests: usize,
+    /// Most requests waiting in the engine's queue (more: 429).
+    pub max_waiting: usize,
+    /// Most tokens in one engine step.
+    pub max_batch_tokens: usize,
+    /// Most sequences running at once.
+    pub max_running: usize,
+    /// Default `max_tokens` when a request gives none.
+    pub default_max_tokens: usize,
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        ServerConfig {
+            listen: SocketAddr::from(([127, 0, 0, 1], 8080)),
+            model: None,
+            model_name: None,
+            data_dir: None,
+            adapters: BTreeMap::new(),
+            memory: MemoryConfig::default(),
+            limits: LimitsConfig::default(),
+            api_keys: BTreeMap::new(),
+            admin_token: None,
+        }
+    }
+}
+
+impl Default for MemoryConfig {
+    fn default() -> Self {
+        let pager = PagerConfig::default();
+        MemoryConfig {
+            kv_cache_bytes: EngineConfig::default().kv_cache_bytes,
+            adapter_host_cache_bytes: pager.host_cache_bytes,
+            adapter_pool_bytes: pager.active_pool_bytes,
+        }
+    }
+}
+
+impl Default for LimitsConfig {
+    fn default() -> Self {
+        let e = EngineConfig::default();
+        LimitsConfig {
+            max_body_bytes: 1 << 20,
+            max_upload_bytes: 512 << 20,
+            max_prompt_tokens: 8192,
+            max_concurrent_requests: 512,
+            max_waiting: e.max_waiting,
+            max_batch_tokens: e.max_batch_tokens,
+            max_running: e.max_running,
+            default_max_tokens: 128,
+        }
+    }
+}
+
+impl ServerConfig {
+    /// Reads a TOML file; errors name the file and the field.
+    pub fn from_file(path: &Path) -> Result<Self> {
+        let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+        Self::from_toml(path, &text)
+    }
+
+    /// Parses TOML text (`path` only names the source in errors).
+    pub fn from_toml(path: &Path, text: &str) -> Result<Self> {
+        let cfg: ServerConfig = toml::from_str(text).map_err(|e| {
+            let msg = e.message().to_string();
+            let field = msg.split('`').nth(1).map(str::to_string).unwrap_or_else(|| "-".to_string());
+            let line = e.span().map(|s| text[..s.start.min(text.len())].lines().count().max(1));
+            let at = line.map(|l| format!(" (line {l})")).unwrap_or_default();
+            Error::config(path, field, format!("{msg}{at}"))
+        })?;
+        cfg.validate(path)?;
+        Ok(cfg)
+    }
+
+    fn validate(&self, path: &Path) -> Result<()> {
+        let positive = [
+            ("limits.max_body_bytes", self.limits.max_body_bytes),
+            ("limits.max_prompt_tokens", self.limits.max_prompt_tokens),
+            ("limits.max_concurrent_requests", self.limits.max_concurrent_requests),
+            ("limits.max_batch_tokens", self.limits.max_batch_tokens),
+            ("limits.max_running", self.limits.max_running),
+            ("limits.default_max_tokens", self.limits.default_max_tokens),
+            ("memory.kv_cache_bytes", self.memory.kv_cache_bytes),
+            ("memory.adapter_pool_bytes", self.memory.adapter_pool_bytes),
+        ];
+        for (field, v) in positive {
+            if v == 0 {
+                return Err(Error::config(path, field, "must be greater than zero"));
+            }
+        }
+        if let Some(t) = &self.admin_token
+            && t.len() < 16
+        {
+            return Err(Error::config(path, "admin_token", "must be at least 16 characters"));
+        }
+        for (key, tenant) in &self.api_keys {
+            if key.is_empty() || tenant.is_empty() {
+                return Err(Error::config(path, "api_keys", "keys and tenant names must be non-empty"));
+            }
+        }
+        Ok(())
+    }
+
+    /// The engine settings this configuration implies.
+    pub fn engine(&self) -> EngineConfig {
+        EngineConfig {
+            kv_cache_bytes: self.memory.kv_cache_bytes,
+            max_batch_tokens: self.limits.max_batch_tokens,
+            max_running: self.limits.max_running,
+            max_waiting: self.limits.max_waiting,
+            ..EngineConfig::default()
+        }
+    }
+
+    /// The pager settings this configuration implies.
+    pub fn pager(&self) -> PagerConfig {
+        PagerConfig {
+            host_cache_bytes: self.memory.adapter_host_cache_bytes,
+            active_pool_bytes: self.memory.adapter_pool_bytes,
+            page_elems: 0,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn empty_file_gives_defaults() {
+        let c = ServerConfig::from_toml(Path::new("c.toml"), "").expect("empty config");
+        assert_eq!(c.listen.port(), 8080);
+        assert!(c.api_keys.is_empty());
+    }
+
+    #[test]
+    fn full_file_parses() {
+        let c = ServerConfig::from_toml(
+            Path::new("c.toml"),
+            r#"
+            listen = "127.0.0.1:9000"
+            model = "/models/llama"
+            admin_token = "0123456789abcdef0"
+            [adapters]
+            sql = "/adapters/sql"
+            [memory]
+            kv_cache_bytes = 1048576
+            [limits]
+            max_body_bytes = 4096
+            [api_keys]
+            "sk-abc" = "acme"
+            "#,
+        )
+        .expect("config");
+        assert_eq!(c.listen.port(), 9000);
+        assert_eq!(c.adapters["sql"], PathBuf::from("/adapters/sql"));
+        assert_eq!(c.api_keys["sk-abc"], "acme");
+        assert_eq!(c.limits.max_body_bytes, 4096);
+        assert_eq!(c.memory.kv_cache_bytes, 1 << 20);
+    }
+
+    #[test]
+    fn errors_name_file_and_field() {
+        for (text, field) in [
+            ("listen = 5", "-"),
+            ("[limits]\nmax_body_bytes = 0", "limits.max_body_bytes"),
+            ("[limits]\nmax_bodybytes = 1", "max_bodybytes"),
+            ("admin_token = \"short\"", "admin_token"),
+        ] {
+            match ServerConfig::from_toml(Path::new("c.toml"), text) {
+                Err(Error::Config { field: f, file, .. }) => {
+                    assert_eq!(file, PathBuf::from("c.toml"));
+                    if field != "-" {
+                        assert_eq!(f, field, "{text}");
+                    }
+                }
+                other => panic!("{text}: expected a config error, got {other:?}"),
+            }
+        }
+    }
+}

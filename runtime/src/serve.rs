@@ -1,0 +1,132 @@
+//! `openlora serve`: load the model and adapters, start the engine, answer HTTP until told
+//! to stop, then drain in-flight requests.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use tokio::net::TcpListener;
+use tokio::sync::Semaphore;
+
+use crate::api::{AppState, chat::ChatTemplate, router};
+use crate::config::ServerConfig;
+use crate::embedded;
+use crate::engine::EngineHandle;
+use crate::error::{Error, Result};
+use crate::metrics::Metrics;
+use crate::model::LoadedModel;
+use crate::pager::AdapterPager;
+
+/// A loaded, ready-to-serve application and the address it will listen on.
+pub struct Server {
+    /// The state handlers share.
+    pub state: Arc<AppState>,
+    /// The address from the configuration.
+    pub listen: std::net::SocketAddr,
+}
+
+/// Registers uploaded adapters kept from earlier runs (`<name>@<id>` folders; newest wins).
+fn restore_uploads(store: &Path, pager: &AdapterPager) {
+    let Ok(entries) = std::fs::read_dir(store) else { return };
+    let mut newest: std::collections::BTreeMap<String, (SystemTime, PathBuf)> = Default::default();
+    for e in entries.flatten() {
+        let path = e.path();
+        let Some((name, _)) =
+            e.file_name().to_str().and_then(|n| n.split_once('@')).map(|(a, b)| (a.to_string(), b.to_string()))
+        else {
+            continue;
+        };
+        let modified = e.metadata().and_then(|m| m.modified()).unwrap_or(UNIX_EPOCH);
+        if newest.get(&name).is_none_or(|(t, _)| modified > *t) {
+            newest.insert(name, (modified, path));
+        }
+    }
+    for (name, (_, dir)) in newest {
+        if let Err(e) = pager.register(&name, &dir) {
+            eprintln!("openlora: skipping stored adapter {}: {e}", dir.display());
+        }
+    }
+}
+
+impl Server {
+    /// Loads everything the configuration names.
+    pub fn load(config: ServerConfig) -> Result<Self> {
+        let (folder, demo) = match &config.model {
+            Some(dir) => (dir.clone(), false),
+            None => (embedded::default_model_dir()?, true),
+        };
+        let model = Arc::new(LoadedModel::load(&folder)?);
+        let model_name = config.model_name.clone().unwrap_or_else(|| {
+            if demo {
+                embedded::DEFAULT_MODEL_NAME.to_string()
+            } else {
+                folder.file_name().and_then(|f| f.to_str()).unwrap_or("base").to_string()
+            }
+        });
+        let metrics = Metrics::new();
+        let pager = AdapterPager::new(model.llama.config(), config.pager(), metrics.pager.clone());
+        if demo {
+            for name in embedded::DEMO_ADAPTERS {
+                pager.register(name, &folder.join("adapters").join(name))?;
+            }
+        }
+        for (name, dir) in &config.adapters {
+            pager.register(name, dir)?;
+        }
+        let data_dir = config.data_dir.clone().unwrap_or_else(embedded::data_dir);
+        let adapter_store = data_dir.join("adapters");
+        restore_uploads(&adapter_store, &pager);
+        let tok = &model.tokenizer;
+        let chat = ChatTemplate::new(tok.chat_template.as_deref(), tok.bos_token.as_deref(), tok.eos_token.as_deref())?;
+        let engine = EngineHandle::start(model, pager, config.engine(), metrics.clone())?;
+        let state = Arc::new(AppState {
+            engine,
+            in_flight: Arc::new(Semaphore::new(config.limits.max_concurrent_requests)),
+            model_name,
+            metrics,
+            ready: AtomicBool::new(false),
+            adapter_store,
+            started: SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0),
+            chat,
+            config: config.clone(),
+        });
+        Ok(Server { state, listen: config.listen })
+    }
+
+    /// Serves until SIGTERM or ctrl-c, then stops accepting and drains in-flight requests.
+    pub async fn run(self, listener: TcpListener) -> Result<()> {
+        let state = self.state.clone();
+        state.ready.store(true, Ordering::Relaxed);
+        let app = router(self.state.clone());
+        let shutdown = async move {
+            wait_for_signal().await;
+            eprintln!("openlora: shutting down: no new connections, draining in-flight requests");
+            state.ready.store(false, Ordering::Relaxed);
+        };
+        axum::serve(listener, app).with_graceful_shutdown(shutdown).await.map_err(|e| Error::io("http server", e))?;
+        eprintln!("openlora: stopped");
+        Ok(())
+    }
+}
+
+async fn wait_for_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! {
+        _ = ctrl_c => {},
+        _ = term => {},
+    }
+}
