@@ -8,9 +8,19 @@ cd "$(dirname "${BASH_SOURCE[0]}")/.."
 rustup show active-toolchain >/dev/null
 rustup target add wasm32-wasip2 >/dev/null 2>&1 || rustup target add wasm32-wasip2
 
+# The end-to-end HTTP tests use the official `openai` Python client, in a private venv.
+venv=target/e2e-venv
+if ! "$venv/bin/python" -c "import openai, httpx, pytest" 2>/dev/null; then
+    python3 -m venv "$venv"
+    "$venv/bin/pip" install --quiet --disable-pip-version-check -r tests/e2e/requirements.txt
+fi
+
 # Tests unpack the embedded model and write their data under a throwaway home.
 export OPENLORA_HOME="${OPENLORA_HOME:-$(mktemp -d)}"
 
 cargo fmt --all --check
 # Unit tests, end-to-end tests in tests/, and every criterion benchmark run once in test mode.
 cargo test --workspace --all-targets --locked
+# The HTTP API through real sockets and the real `openai` client, against the built binary.
+cargo build --locked --bin openlora
+OPENLORA_BIN="$PWD/target/debug/openlora" "$venv/bin/python" -m pytest tests/e2e -q -p no:cacheprovider

@@ -64,12 +64,20 @@ impl<S: Send + Sync, T: DeserializeOwned> FromRequest<S> for JsonBody<T> {
             }
         })?;
         let mut de = serde_json::Deserializer::from_slice(&bytes);
-        serde_path_to_error::deserialize(&mut de).map(JsonBody).map_err(|e| {
-            let path = e.path().to_string();
-            let param = (path != "." && path != "?").then_some(path.clone());
-            ApiError::invalid(param, format!("invalid request body at `{path}`: {}", e.inner()))
-        })
+        serde_path_to_error::deserialize(&mut de).map(JsonBody).map_err(body_error)
     }
+}
+
+fn body_error<E: std::fmt::Display>(e: serde_path_to_error::Error<E>) -> ApiError {
+    let path = e.path().to_string();
+    let param = (path != "." && path != "?").then_some(path.clone());
+    ApiError::invalid(param, format!("invalid request body at `{path}`: {}", e.inner()))
+}
+
+/// Reads one view of a JSON body (several structs may read the same body), naming the field
+/// at fault in a 400.
+pub fn parse<T: DeserializeOwned>(body: &serde_json::Value) -> Result<T, ApiError> {
+    serde_path_to_error::deserialize(body).map_err(body_error)
 }
 
 /// The tenant an inference request belongs to, from its `Authorization: Bearer` key.

@@ -11,7 +11,7 @@ use serde_json::{Value, json};
 
 use super::chat::ChatMessage;
 use super::stream::{Collected, Kind, Reply, collect, sse};
-use super::{ApiError, JsonBody, Shared, tenant};
+use super::{ApiError, JsonBody, Shared, parse, tenant};
 use crate::engine::GenerationRequest;
 use crate::sampling::SamplingParams;
 
@@ -70,8 +70,6 @@ pub struct CompletionRequest {
     model: String,
     prompt: PromptInput,
     logprobs: Option<u32>,
-    #[serde(flatten)]
-    common: CommonParams,
 }
 
 /// `POST /v1/chat/completions` body.
@@ -81,8 +79,6 @@ pub struct ChatRequest {
     messages: Vec<ChatMessage>,
     logprobs: Option<bool>,
     top_logprobs: Option<u32>,
-    #[serde(flatten)]
-    common: CommonParams,
 }
 
 /// Most alternatives `logprobs` / `top_logprobs` may ask for.
@@ -199,11 +195,13 @@ async fn answer(state: Shared, req: GenerationRequest, kind: Kind, c: &CommonPar
 pub async fn completions(
     State(state): State<Shared>,
     headers: HeaderMap,
-    JsonBody(body): JsonBody<CompletionRequest>,
+    JsonBody(raw): JsonBody<Value>,
 ) -> Result<Response, ApiError> {
     let tenant = tenant(&state, &headers)?;
+    let body: CompletionRequest = parse(&raw)?;
+    let common: CommonParams = parse(&raw)?;
     let adapter = resolve_model(&state, &body.model)?;
-    let params = sampling(&state, &body.common)?;
+    let params = sampling(&state, &common)?;
     let logprobs = check_logprobs("logprobs", body.logprobs)?;
     let tok = &state.engine.model().tokenizer;
     let prompt_ids = match &body.prompt {
@@ -215,18 +213,20 @@ pub async fn completions(
         PromptInput::Tokens(ids) => ids.clone(),
     };
     let req = build(&state, &tenant, prompt_ids, params, adapter, logprobs)?;
-    Ok(answer(state, req, Kind::Completion { logprobs: logprobs.is_some() }, &body.common, body.model).await)
+    Ok(answer(state, req, Kind::Completion { logprobs: logprobs.is_some() }, &common, body.model).await)
 }
 
 /// `POST /v1/chat/completions`.
 pub async fn chat_completions(
     State(state): State<Shared>,
     headers: HeaderMap,
-    JsonBody(body): JsonBody<ChatRequest>,
+    JsonBody(raw): JsonBody<Value>,
 ) -> Result<Response, ApiError> {
     let tenant = tenant(&state, &headers)?;
+    let body: ChatRequest = parse(&raw)?;
+    let common: CommonParams = parse(&raw)?;
     let adapter = resolve_model(&state, &body.model)?;
-    let params = sampling(&state, &body.common)?;
+    let params = sampling(&state, &common)?;
     if body.messages.is_empty() {
         return Err(ApiError::invalid(Some("messages".into()), "at least one message is required"));
     }
@@ -242,7 +242,7 @@ pub async fn chat_completions(
     let prompt_ids = state.engine.model().tokenizer.encode_with(&text, false)?;
     let logprobs = want_logprobs.then(|| top.unwrap_or(0));
     let req = build(&state, &tenant, prompt_ids, params, adapter, logprobs)?;
-    Ok(answer(state, req, Kind::Chat { logprobs: want_logprobs }, &body.common, body.model).await)
+    Ok(answer(state, req, Kind::Chat { logprobs: want_logprobs }, &common, body.model).await)
 }
 
 fn build(

@@ -1,0 +1,112 @@
+"""Starts real `openlora serve` processes on loopback for the end-to-end tests."""
+
+import os
+import signal
+import socket
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+FIXTURES = ROOT / "tests" / "fixtures"
+MODEL = FIXTURES / "models" / "gqa-llama3-f32"
+ADAPTERS = FIXTURES / "adapters" / "gqa-llama3-f32"
+ADAPTER_NAMES = ["r4-qv", "r8-mlp", "r16-all-rslora", "r64-ko-layer1"]
+API_KEY = "sk-openlora-test"
+ADMIN_TOKEN = "admin-token-for-tests-0123456789"
+BINARY = Path(os.environ.get("OPENLORA_BIN", ROOT / "target" / "debug" / "openlora"))
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Server:
+    """One `openlora serve` process with its own config and data directory."""
+
+    def __init__(self, **limits):
+        self.dir = Path(tempfile.mkdtemp(prefix="openlora-e2e-"))
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        adapters = "\n".join(f'"{n}" = "{ADAPTERS / n}"' for n in ADAPTER_NAMES)
+        lim = "\n".join(f"{k} = {v}" for k, v in limits.items())
+        config = f"""
+listen = "127.0.0.1:{self.port}"
+model = "{MODEL}"
+model_name = "base"
+data_dir = "{self.dir / 'data'}"
+admin_token = "{ADMIN_TOKEN}"
+
+[adapters]
+{adapters}
+
+[api_keys]
+"{API_KEY}" = "acme"
+
+[limits]
+{lim}
+"""
+        (self.dir / "openlora.toml").write_text(config)
+        self.log = open(self.dir / "server.log", "w+")
+        self.proc = subprocess.Popen(
+            [str(BINARY), "serve", "--config", str(self.dir / "openlora.toml")],
+            stdout=self.log, stderr=subprocess.STDOUT, env={**os.environ, "OPENLORA_HOME": str(self.dir)},
+        )
+        deadline = time.time() + 60
+        while time.time() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"server exited: {self.logs()}")
+            try:
+                if httpx.get(f"{self.url}/ready", timeout=1).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.1)
+        raise RuntimeError(f"server not ready: {self.logs()}")
+
+    def logs(self) -> str:
+        self.log.flush()
+        self.log.seek(0)
+        return self.log.read()
+
+    def metric(self, name: str, labels: str = "") -> float:
+        """The value of one Prometheus sample (0 if absent)."""
+        text = httpx.get(f"{self.url}/metrics").text
+        key = f"{name}{{{labels}}}" if labels else name
+        for line in text.splitlines():
+            if line.startswith(key + " "):
+                return float(line.split()[-1])
+        return 0.0
+
+    def stop(self, sig=signal.SIGTERM, timeout=30) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+        return self.proc.wait(timeout=timeout)
+
+
+@pytest.fixture(scope="session")
+def server():
+    s = Server(max_body_bytes=65536, max_prompt_tokens=200)
+    yield s
+    assert s.stop() == 0, s.logs()
+
+
+@pytest.fixture
+def fresh_server():
+    """A server of the test's own, for tests that limit or stop it."""
+    servers = []
+
+    def make(**limits):
+        s = Server(**limits)
+        servers.append(s)
+        return s
+
+    yield make
+    for s in servers:
+        s.stop(signal.SIGKILL)
