@@ -61,6 +61,19 @@ fn random_request(rng: &mut Rng, model: &LoadedModel, i: usize) -> GenerationReq
     }
 }
 
+/// A base-model request for "the cat" that runs exactly `max_tokens` tokens.
+fn plain(model: &LoadedModel, max_tokens: usize) -> GenerationRequest {
+    GenerationRequest {
+        id: "plain".into(),
+        prompt_ids: model.tokenizer.encode("the cat").expect("encode"),
+        params: SamplingParams { max_tokens, ignore_eos: true, ..Default::default() },
+        adapter: None,
+        priority: 0,
+        deadline: None,
+        logprobs: None,
+    }
+}
+
 /// What one request produced through the engine.
 struct Outcome {
     tokens: Vec<u32>,
@@ -201,15 +214,8 @@ fn priorities_order_admission_and_age_prevents_starvation() {
         let config = EngineConfig { max_running: 1, age_limit, ..Default::default() };
         let engine = EngineHandle::start(model.clone(), pager(&model, PagerConfig::default()), config, Metrics::new())
             .expect("engine");
-        let mk = |id: &str, priority, max_tokens| GenerationRequest {
-            id: id.into(),
-            prompt_ids: model.tokenizer.encode("the cat").expect("encode"),
-            params: SamplingParams { max_tokens, ignore_eos: true, ..Default::default() },
-            adapter: None,
-            priority,
-            deadline: None,
-            logprobs: None,
-        };
+        let mk =
+            |id: &str, priority, max_tokens| GenerationRequest { id: id.into(), priority, ..plain(&model, max_tokens) };
         let mut busy = engine.submit(mk("busy", 0, 30)).expect("submit");
         assert!(matches!(busy.next_blocking(), Some(Event::Token { .. })));
         let low = engine.submit(mk("low", 0, 2)).expect("submit");
@@ -239,15 +245,7 @@ fn deadlines_and_up_front_rejections() {
         Metrics::new(),
     )
     .expect("engine");
-    let base = GenerationRequest {
-        id: "x".into(),
-        prompt_ids: model.tokenizer.encode("the cat").expect("encode"),
-        params: SamplingParams { max_tokens: 200, ignore_eos: true, ..Default::default() },
-        adapter: None,
-        priority: 0,
-        deadline: Some(Instant::now() + Duration::from_millis(30)),
-        logprobs: None,
-    };
+    let base = GenerationRequest { deadline: Some(Instant::now() + Duration::from_millis(30)), ..plain(&model, 200) };
     let out = drain(engine.submit(base.clone()).expect("submit"));
     assert_eq!(out.reason, FinishReason::Deadline);
     assert!(out.tokens.len() < 200);
@@ -269,15 +267,7 @@ fn a_full_queue_is_refused() {
     let config = EngineConfig { max_waiting: 2, max_running: 1, ..Default::default() };
     let engine = EngineHandle::start(model.clone(), pager(&model, PagerConfig::default()), config, Metrics::new())
         .expect("engine");
-    let req = GenerationRequest {
-        id: "q".into(),
-        prompt_ids: model.tokenizer.encode("the cat").expect("encode"),
-        params: SamplingParams { max_tokens: 100, ignore_eos: true, ..Default::default() },
-        adapter: None,
-        priority: 0,
-        deadline: None,
-        logprobs: None,
-    };
+    let req = plain(&model, 100);
     let mut kept = Vec::new();
     let mut refused = 0;
     for _ in 0..10 {

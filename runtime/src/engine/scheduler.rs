@@ -100,33 +100,38 @@ impl Scheduler {
         self.shared.waiting.fetch_sub(n, Ordering::Relaxed);
     }
 
-    /// Ends cancelled and expired requests, waiting or running.
-    fn reap(&mut self, now: Instant) {
-        let expired = |s: &Sequence| s.request.deadline.is_some_and(|d| now >= d);
-        let mut i = 0;
-        while i < self.waiting.len() {
-            let s = &self.waiting[i];
-            if s.cancelled() || expired(s) {
-                let mut s = self.waiting.swap_remove(i);
-                let reason = if s.cancelled() { FinishReason::Cancelled } else { FinishReason::Deadline };
-                Self::release(&mut self.kv, &mut s);
-                s.finish(reason);
-                self.left_waiting(1);
-            } else {
-                i += 1;
+    /// Why a sequence must end now, if it must: its caller left, or its deadline passed.
+    fn ended(s: &Sequence, now: Instant) -> Option<FinishReason> {
+        if s.cancelled() {
+            Some(FinishReason::Cancelled)
+        } else if s.request.deadline.is_some_and(|d| now >= d) {
+            Some(FinishReason::Deadline)
+        } else {
+            None
+        }
+    }
+
+    /// Removes the sequences of `list` that must end, keeping the others in order.
+    fn take_ended(list: &mut Vec<Sequence>, now: Instant) -> Vec<(Sequence, FinishReason)> {
+        let (mut ended, mut kept) = (Vec::new(), Vec::with_capacity(list.len()));
+        for s in list.drain(..) {
+            match Self::ended(&s, now) {
+                Some(reason) => ended.push((s, reason)),
+                None => kept.push(s),
             }
         }
-        let mut i = 0;
-        while i < self.running.len() {
-            let s = &self.running[i];
-            if s.cancelled() || expired(s) {
-                let mut s = self.running.remove(i);
-                let reason = if s.cancelled() { FinishReason::Cancelled } else { FinishReason::Deadline };
-                Self::release(&mut self.kv, &mut s);
-                s.finish(reason);
-            } else {
-                i += 1;
-            }
+        *list = kept;
+        ended
+    }
+
+    /// Ends cancelled and expired requests, waiting or running, freeing what they hold.
+    fn reap(&mut self, now: Instant) {
+        let from_waiting = Self::take_ended(&mut self.waiting, now);
+        self.left_waiting(from_waiting.len());
+        let from_running = Self::take_ended(&mut self.running, now);
+        for (mut s, reason) in from_waiting.into_iter().chain(from_running) {
+            Self::release(&mut self.kv, &mut s);
+            s.finish(reason);
         }
     }
 
