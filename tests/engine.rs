@@ -218,20 +218,19 @@ fn priorities_order_admission_and_age_prevents_starvation() {
             |id: &str, priority, max_tokens| GenerationRequest { id: id.into(), priority, ..plain(&model, max_tokens) };
         let mut busy = engine.submit(mk("busy", 0, 30)).expect("submit");
         assert!(matches!(busy.next_blocking(), Some(Event::Token { .. })));
-        let low = engine.submit(mk("low", 0, 2)).expect("submit");
-        let high = engine.submit(mk("high", 9, 2)).expect("submit");
-        let (tx, rx) = std::sync::mpsc::channel();
-        for s in [low, high] {
-            let tx = tx.clone();
-            std::thread::spawn(move || {
-                let id = s.id.clone();
-                drain(s);
-                tx.send(id).expect("send");
-            });
-        }
+        let low = engine.submit(mk("low", 0, 40)).expect("submit");
+        let high = engine.submit(mk("high", 9, 40)).expect("submit");
+        let low = std::thread::spawn(move || drain(low));
+        let high = std::thread::spawn(move || drain(high));
         drain(busy);
-        let first = rx.recv().expect("one finishes");
-        assert_eq!(first == "high", expect_high_first, "age limit {age_limit:?}: {first} finished first");
+        let (low, high) = (low.join().expect("low"), high.join().expect("high"));
+        // With one running slot the second admitted waits for the first to finish (40 steps).
+        let high_first = high.usage.queue_ms < low.usage.queue_ms;
+        assert_eq!(
+            high_first, expect_high_first,
+            "age limit {age_limit:?}: queue ms high {} low {}",
+            high.usage.queue_ms, low.usage.queue_ms
+        );
     }
 }
 
