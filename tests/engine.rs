@@ -278,3 +278,30 @@ fn a_full_queue_is_refused() {
     }
     assert!(refused > 0, "the queue limit was never reached");
 }
+
+#[test]
+fn requests_wait_for_room_in_a_full_adapter_pool() {
+    let model = model();
+    // 640 pages of 64 floats: r16-all-rslora fills the pool alone, so requests for the other
+    // adapters must wait for its pin to drop (and evict it), not fail.
+    let metrics = Metrics::new();
+    let pool = PagerConfig { active_pool_bytes: 640 * 64 * 4, ..PagerConfig::default() };
+    let constrained = AdapterPager::new(model.llama.config(), pool, metrics.pager.clone());
+    for a in ADAPTERS {
+        constrained.register(a, &repo_root().join("tests/fixtures/adapters/gqa-llama3-f32").join(a)).expect("register");
+    }
+    let engine =
+        EngineHandle::start(model.clone(), constrained, EngineConfig::default(), Metrics::new()).expect("engine");
+    let reference = pager(&model, PagerConfig::default());
+    let reqs: Vec<GenerationRequest> = ["r16-all-rslora", "r8-mlp", "r64-ko-layer1", "r16-all-rslora"]
+        .iter()
+        .enumerate()
+        .map(|(i, a)| GenerationRequest { id: format!("w{i}"), adapter: Some(a.to_string()), ..plain(&model, 24) })
+        .collect();
+    let outcomes = run_concurrently(&engine, &reqs);
+    for (req, out) in reqs.iter().zip(&outcomes) {
+        assert_eq!(out.reason, FinishReason::Length, "{}", req.id);
+        assert_eq!(out.tokens, alone(&model, &reference, req), "{}", req.id);
+    }
+    assert!(metrics.pager.evictions.with_label_values(&["active"]).get() >= 1, "the pool never had to make room");
+}

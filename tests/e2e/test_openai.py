@@ -197,6 +197,11 @@ def test_admin_adapter_upload_list_delete(server, client):
     assert "uploaded" in [m.id for m in client.models.list().data]
     same = client.completions.create(model="uploaded", prompt="The cat", max_tokens=8, temperature=0).choices[0].text
     assert same == client.completions.create(model="r8-mlp", prompt="The cat", max_tokens=8, temperature=0).choices[0].text
+    # The same as a multipart form replaces it (200, not 201).
+    files = {f: (f, (ADAPTERS / "r4-qv" / f).read_bytes()) for f in ["adapter_config.json", "adapter_model.safetensors"]}
+    again = httpx.put(f"{url}/uploaded", files=files, headers=admin)
+    assert again.status_code == 200, again.text
+    assert again.json()["rank"] == 4
     assert httpx.delete(f"{url}/uploaded", headers=admin).status_code == 200
     with pytest.raises(openai.NotFoundError):
         client.completions.create(model="uploaded", prompt="x")

@@ -7,8 +7,8 @@ use std::path::{Path, PathBuf};
 use axum::Json;
 use axum::Router;
 use axum::body::Bytes;
-use axum::extract::{Path as UrlPath, State};
-use axum::http::{HeaderMap, StatusCode};
+use axum::extract::{FromRequest, Multipart, Path as UrlPath, Request, State};
+use axum::http::{HeaderMap, StatusCode, header};
 use axum::routing::get;
 use serde_json::{Value, json};
 
@@ -107,53 +107,99 @@ async fn delete_adapter(
     Ok(Json(json!({"id": name, "object": "adapter", "deleted": true})))
 }
 
-/// Unpacks the two PEFT files from a tar archive (optionally inside one folder) into `dir`.
-fn unpack(archive: &[u8], dir: &Path) -> Result<(), ApiError> {
-    let bad = |m: String| ApiError { code: "invalid_adapter", ..ApiError::invalid(Some("body".into()), m) };
+/// The files of an upload that matter: the PEFT config and weights (others are ignored).
+fn wanted(file: &str) -> bool {
+    file == CONFIG_FILE || file == WEIGHTS_FILE || file == "adapter_model.bin"
+}
+
+fn bad_upload(m: String) -> ApiError {
+    ApiError { code: "invalid_adapter", ..ApiError::invalid(Some("body".into()), m) }
+}
+
+/// The PEFT files of a tar archive (optionally inside one folder).
+fn untar(archive: &[u8]) -> Result<Vec<(String, Vec<u8>)>, ApiError> {
     let mut tar = tar::Archive::new(archive);
-    let entries = tar.entries().map_err(|e| bad(format!("not a tar archive: {e}")))?;
-    let mut found = Vec::new();
+    let entries = tar.entries().map_err(|e| bad_upload(format!("not a tar archive: {e}")))?;
+    let mut files = Vec::new();
     for entry in entries {
-        let mut entry = entry.map_err(|e| bad(format!("corrupt tar archive: {e}")))?;
+        let mut entry = entry.map_err(|e| bad_upload(format!("corrupt tar archive: {e}")))?;
         if !entry.header().entry_type().is_file() {
             continue;
         }
-        let path = entry.path().map_err(|e| bad(format!("bad path in archive: {e}")))?.into_owned();
+        let path = entry.path().map_err(|e| bad_upload(format!("bad path in archive: {e}")))?.into_owned();
         let Some(file) = path.file_name().and_then(|f| f.to_str()).map(str::to_string) else { continue };
-        if file != CONFIG_FILE && file != WEIGHTS_FILE && file != "adapter_model.bin" {
+        if !wanted(&file) {
             continue; // READMEs and the like
         }
-        if found.contains(&file) {
-            return Err(bad(format!("the archive holds `{file}` twice")));
-        }
         let mut bytes = Vec::new();
-        entry.read_to_end(&mut bytes).map_err(|e| bad(format!("reading `{file}` from the archive: {e}")))?;
-        std::fs::write(dir.join(&file), bytes).map_err(|e| ApiError::internal(format!("writing upload: {e}")))?;
-        found.push(file);
+        entry.read_to_end(&mut bytes).map_err(|e| bad_upload(format!("reading `{file}` from the archive: {e}")))?;
+        files.push((file, bytes));
+    }
+    Ok(files)
+}
+
+/// The PEFT files of a multipart form (each part named by its file name, or its field name).
+async fn unform(mut form: Multipart) -> Result<Vec<(String, Vec<u8>)>, ApiError> {
+    let mut files = Vec::new();
+    while let Some(field) = form.next_field().await.map_err(|e| bad_upload(format!("bad multipart body: {e}")))? {
+        let name = field.file_name().or(field.name()).map(|n| n.rsplit('/').next().unwrap_or(n).to_string());
+        let Some(name) = name.filter(|n| wanted(n)) else { continue };
+        let bytes = field.bytes().await.map_err(|e| bad_upload(format!("reading `{name}`: {e}")))?;
+        files.push((name, bytes.to_vec()));
+    }
+    Ok(files)
+}
+
+/// Writes the uploaded files into `dir`, refusing duplicates.
+fn write_files(dir: &Path, files: &[(String, Vec<u8>)]) -> Result<(), ApiError> {
+    let mut seen = Vec::new();
+    for (name, bytes) in files {
+        if seen.contains(name) {
+            return Err(bad_upload(format!("the upload holds `{name}` twice")));
+        }
+        std::fs::write(dir.join(name), bytes).map_err(|e| ApiError::internal(format!("writing upload: {e}")))?;
+        seen.push(name.clone());
     }
     Ok(())
 }
 
-/// `POST|PUT /admin/adapters/{name}` with a tar of the PEFT folder as the body.
+fn too_large(status: StatusCode) -> ApiError {
+    ApiError::new(status, "invalid_request_error", "request_too_large", "the upload is too large")
+}
+
+/// `POST|PUT /admin/adapters/{name}`: the PEFT folder as a tar archive, or as a multipart form
+/// with `adapter_config.json` and `adapter_model.safetensors` parts.
 async fn upload_adapter(
     State(state): State<Shared>,
     headers: HeaderMap,
     UrlPath(name): UrlPath<String>,
-    body: Result<Bytes, axum::extract::rejection::BytesRejection>,
+    req: Request,
 ) -> Result<(StatusCode, Json<Value>), ApiError> {
     authorize(&state, &headers)?;
     valid_name(&state, &name)?;
-    let body = body.map_err(|r| {
-        if r.status() == StatusCode::PAYLOAD_TOO_LARGE {
-            ApiError::new(r.status(), "invalid_request_error", "request_too_large", "the upload is too large")
-        } else {
-            ApiError::invalid(None, r.body_text())
-        }
-    })?;
+    let multipart = headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.starts_with("multipart/form-data"));
+    let files = if multipart {
+        let form = Multipart::from_request(req, &state).await.map_err(|r| bad_upload(r.body_text()))?;
+        unform(form).await.map_err(|e| {
+            if e.message.contains("length limit") { too_large(StatusCode::PAYLOAD_TOO_LARGE) } else { e }
+        })?
+    } else {
+        let body = Bytes::from_request(req, &state).await.map_err(|r| {
+            if r.status() == StatusCode::PAYLOAD_TOO_LARGE {
+                too_large(r.status())
+            } else {
+                ApiError::invalid(None, r.body_text())
+            }
+        })?;
+        untar(&body)?
+    };
     let state2 = state.clone();
     let name2 = name.clone();
     // Disk and validation work off the async runtime.
-    let result = tokio::task::spawn_blocking(move || store(&state2, &name2, &body))
+    let result = tokio::task::spawn_blocking(move || store(&state2, &name2, &files))
         .await
         .map_err(|e| ApiError::internal(format!("upload task: {e}")))?;
     let (replaced, manifest) = result?;
@@ -161,7 +207,11 @@ async fn upload_adapter(
     Ok((status, Json(describe(&name, &manifest))))
 }
 
-fn store(state: &Shared, name: &str, archive: &[u8]) -> Result<(bool, std::sync::Arc<AdapterManifest>), ApiError> {
+fn store(
+    state: &Shared,
+    name: &str,
+    files: &[(String, Vec<u8>)],
+) -> Result<(bool, std::sync::Arc<AdapterManifest>), ApiError> {
     let root = &state.adapter_store;
     std::fs::create_dir_all(root).map_err(|e| ApiError::internal(format!("{}: {e}", root.display())))?;
     let tmp: PathBuf = root.join(format!(".upload-{:016x}", rand::random::<u64>()));
@@ -170,7 +220,7 @@ fn store(state: &Shared, name: &str, archive: &[u8]) -> Result<(bool, std::sync:
         let _ = std::fs::remove_dir_all(&tmp);
         e
     };
-    unpack(archive, &tmp).map_err(cleanup)?;
+    write_files(&tmp, files).map_err(cleanup)?;
     // Validate before anything is renamed or registered: a bad upload changes nothing.
     AdapterManifest::inspect(&tmp, state.engine.model().llama.config())
         .map_err(|e| cleanup(ApiError { code: "invalid_adapter", ..ApiError::from(e) }))?;
