@@ -122,6 +122,9 @@ fn batching_is_invisible_in_greedy_output() {
         assert_eq!(out.usage.prompt_tokens as usize, req.prompt_ids.len());
         assert_eq!(out.usage.completion_tokens as usize, out.tokens.len());
         assert!(out.usage.batch_share_ppm <= out.usage.steps as u64 * 1_000_000);
+        // Adapters measurably contribute; the base model alone contributes nothing.
+        assert_eq!(out.usage.adapter_contribution_ppm > 0, req.adapter.is_some(), "{}", req.id);
+        assert!(out.usage.adapter_contribution_ppm < 1_000_000);
     }
     let stats = engine.stats();
     assert!(stats.max_batch_seqs >= 8, "requests were never batched together: {stats:?}");

@@ -95,6 +95,9 @@ pub struct Usage {
     pub steps: u32,
     /// Times it was preempted and recomputed.
     pub preemptions: u32,
+    /// The adapter's measured share of the adapted projections' output, in millionths:
+    /// Σ|LoRA delta| / (Σ|base projection| + Σ|LoRA delta|) over every token (0 without an adapter).
+    pub adapter_contribution_ppm: u32,
 }
 
 /// What the engine sends back for a request.

@@ -271,14 +271,14 @@ impl Scheduler {
             self.metrics.engine.batch_tokens.observe(total as f64);
             self.model
                 .llama
-                .forward(&mut self.kv, &mut batch, LogitRows::Last, pool.as_ref().map(|p| p.view()))
-                .and_then(|l| Ok(l.to_vec2::<f32>()?))
+                .forward_measured(&mut self.kv, &mut batch, LogitRows::Last, pool.as_ref().map(|p| p.view()))
+                .and_then(|(l, shares)| Ok((l.to_vec2::<f32>()?, shares)))
         };
         let elapsed = t0.elapsed();
         self.steps += 1;
         self.metrics.engine.step_seconds.observe(elapsed.as_secs_f64());
-        let mut rows = match result {
-            Ok(rows) => rows.into_iter(),
+        let (mut rows, mut shares) = match result {
+            Ok((rows, shares)) => (rows.into_iter(), shares.into_iter()),
             Err(e) => {
                 // A failed step is a bug, not bad input: fail the requests in it, keep serving.
                 let msg = format!("engine step failed: {e}");
@@ -304,6 +304,7 @@ impl Scheduler {
             }
             let Some(mut logits) = rows.next() else { break };
             s.add_step(elapsed, c, total);
+            s.add_share(shares.next().unwrap_or_default());
             if s.pending() == 0
                 && let Progress::Finished(reason) = s.push_token(&self.model, &mut logits)
             {

@@ -8,6 +8,7 @@ use tokio::sync::mpsc::UnboundedSender;
 
 use super::{Event, GenerationRequest, Submission, TokenLogprob, Usage};
 use crate::generate::{FinishReason, StopScanner};
+use crate::model::lora::AdapterShare;
 use crate::model::{LoadedModel, SeqKv, StreamDecoder};
 use crate::pager::AdapterLease;
 use crate::sampling::Sampler;
@@ -33,6 +34,7 @@ pub(super) struct Sequence {
     pub first_scheduled: Option<Instant>,
     compute_us: u64,
     adapter_us: u64,
+    share: AdapterShare,
 }
 
 /// What happened when a token was added.
@@ -63,6 +65,7 @@ impl Sequence {
             first_scheduled: None,
             compute_us: 0,
             adapter_us: 0,
+            share: AdapterShare::default(),
         }
     }
 
@@ -72,6 +75,12 @@ impl Sequence {
         self.usage.compute_ms = self.compute_us / 1000;
         self.usage.steps += 1;
         self.usage.batch_share_ppm += (tokens as u64 * 1_000_000) / total.max(1) as u64;
+    }
+
+    /// Adds a step's measured adapter share.
+    pub fn add_share(&mut self, share: AdapterShare) {
+        self.share.add(share);
+        self.usage.adapter_contribution_ppm = self.share.ppm();
     }
 
     /// Charges time spent making its adapter resident.

@@ -11,7 +11,7 @@ use openlora_kernels::lora::PagePool;
 
 use super::config::ModelConfig;
 use super::kv::{AllocStatus, PagedKvCache, SeqKv};
-use super::lora::LoraPlan;
+use super::lora::{AdapterShare, LoraPlan};
 use super::ops;
 use super::rope::RopeTables;
 use super::weights::WeightFiles;
@@ -238,6 +238,18 @@ impl Llama {
         rows: LogitRows,
         pool: Option<PagePool<'_>>,
     ) -> Result<Tensor> {
+        Ok(self.forward_measured(kv, batch, rows, pool)?.0)
+    }
+
+    /// [`Llama::forward`], also returning each sequence's measured adapter share of its
+    /// adapted projections' output in this step (the attribution input).
+    pub fn forward_measured(
+        &self,
+        kv: &mut PagedKvCache,
+        batch: &mut [SeqBatch<'_>],
+        rows: LogitRows,
+        pool: Option<PagePool<'_>>,
+    ) -> Result<(Tensor, Vec<AdapterShare>)> {
         let cfg = &self.cfg;
         let mut ids = Vec::new();
         let mut positions = Vec::new();
@@ -334,6 +346,6 @@ impl Llama {
         let x = ops::rms_norm(&x, &self.norm, cfg.rms_norm_eps)?;
         let logits = ops::linear(&x, &self.lm_head)?;
         debug_assert_eq!(logits.dim(D::Minus1)?, cfg.vocab_size);
-        Ok(logits)
+        Ok((logits, lora.shares()))
     }
 }

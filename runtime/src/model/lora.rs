@@ -14,13 +14,40 @@ pub struct LoraPlan<'a> {
     spans: Vec<(usize, usize, Option<&'a ResidentAdapter>)>,
     /// Every sequence contributes one row: use the gathered (BGMV) schedule.
     decode_only: bool,
+    /// Per sequence: Σ|adapter delta| and Σ|base output| over its adapted projections.
+    shares: std::cell::RefCell<Vec<AdapterShare>>,
+}
+
+/// How much of one sequence's adapted projection outputs its adapter produced in one step:
+/// the L1 norm of the LoRA deltas and of the base projections they were added to.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct AdapterShare {
+    /// Σ |Δy| over the sequence's rows of every projection its adapter touches.
+    pub delta_l1: f64,
+    /// Σ |W·x| over the same rows and projections.
+    pub base_l1: f64,
+}
+
+impl AdapterShare {
+    /// Adds another step's figures.
+    pub fn add(&mut self, other: AdapterShare) {
+        self.delta_l1 += other.delta_l1;
+        self.base_l1 += other.base_l1;
+    }
+
+    /// The adapter's share of the output, in millionths: Σ|Δy| / (Σ|W·x| + Σ|Δy|).
+    pub fn ppm(&self) -> u32 {
+        let total = self.delta_l1 + self.base_l1;
+        if total > 0.0 { (self.delta_l1 / total * 1e6).round().min(1e6) as u32 } else { 0 }
+    }
 }
 
 impl<'a> LoraPlan<'a> {
     /// A plan for sequences laid out as `spans`; `pool` may be `None` when no sequence has an adapter.
     pub fn new(pool: Option<PagePool<'a>>, spans: Vec<(usize, usize, Option<&'a ResidentAdapter>)>) -> Self {
         let decode_only = spans.iter().all(|s| s.1 == 1);
-        LoraPlan { pool, spans, decode_only }
+        let shares = std::cell::RefCell::new(vec![AdapterShare::default(); spans.len()]);
+        LoraPlan { pool, spans, decode_only, shares }
     }
 
     /// Whether any sequence carries an adapter.
@@ -39,6 +66,7 @@ impl<'a> LoraPlan<'a> {
         let (_, out_dim) = y.dims2()?;
         let xs: Vec<f32> = x.flatten_all()?.to_vec1()?;
         let mut ys: Vec<f32> = y.flatten_all()?.to_vec1()?;
+        let base = ys.clone();
         let d = Dims { in_dim, out_dim };
         if self.decode_only {
             bgmv(pool, &xs, &mut ys, d, &views);
@@ -47,6 +75,47 @@ impl<'a> LoraPlan<'a> {
                 self.spans.iter().zip(&views).map(|(&(start, len, _), m)| Segment { start, len, module: *m }).collect();
             sgmv(pool, &xs, &mut ys, d, &segs);
         }
+        self.measure(&views, &base, &ys, out_dim);
         Ok(Tensor::from_vec(ys, (rows, out_dim), y.device())?)
+    }
+
+    /// Accumulates each adapted sequence's delta and base L1 norms for this projection.
+    fn measure(
+        &self,
+        views: &[Option<openlora_kernels::lora::LoraModuleView<'_>>],
+        base: &[f32],
+        ys: &[f32],
+        out_dim: usize,
+    ) {
+        let mut shares = self.shares.borrow_mut();
+        for ((&(start, len, _), view), share) in self.spans.iter().zip(views).zip(shares.iter_mut()) {
+            if view.is_none() {
+                continue;
+            }
+            let (b, a) =
+                (&base[start * out_dim..(start + len) * out_dim], &ys[start * out_dim..(start + len) * out_dim]);
+            share.base_l1 += b.iter().map(|v| f64::from(v.abs())).sum::<f64>();
+            share.delta_l1 += a.iter().zip(b).map(|(x, y)| f64::from((x - y).abs())).sum::<f64>();
+        }
+    }
+
+    /// Each sequence's measured adapter share in this step, in batch order.
+    pub fn shares(self) -> Vec<AdapterShare> {
+        self.shares.into_inner()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::AdapterShare;
+
+    #[test]
+    fn share_is_delta_over_total() {
+        let mut s = AdapterShare::default();
+        assert_eq!(s.ppm(), 0, "no adapter, no share");
+        s.add(AdapterShare { delta_l1: 1.0, base_l1: 3.0 });
+        assert_eq!(s.ppm(), 250_000);
+        s.add(AdapterShare { delta_l1: 1.0, base_l1: 0.0 });
+        assert_eq!(s.ppm(), 400_000);
     }
 }
