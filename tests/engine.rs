@@ -61,6 +61,11 @@ fn random_request(rng: &mut Rng, model: &LoadedModel, i: usize) -> GenerationReq
     }
 }
 
+/// An engine over the fixture model with the four fixture adapters.
+fn start(model: &Arc<LoadedModel>, config: EngineConfig) -> EngineHandle {
+    EngineHandle::start(model.clone(), pager(model, PagerConfig::default()), config, Metrics::new()).expect("engine")
+}
+
 /// A base-model request for "the cat" that runs exactly `max_tokens` tokens.
 fn plain(model: &LoadedModel, max_tokens: usize) -> GenerationRequest {
     GenerationRequest {
@@ -112,8 +117,7 @@ fn batching_is_invisible_in_greedy_output() {
     let model = model();
     let reference_pager = pager(&model, PagerConfig::default());
     let config = EngineConfig { max_batch_tokens: 96, ..Default::default() };
-    let engine = EngineHandle::start(model.clone(), pager(&model, PagerConfig::default()), config, Metrics::new())
-        .expect("engine");
+    let engine = start(&model, config);
     let mut rng = Rng(0x5EED);
     let reqs: Vec<GenerationRequest> = (0..64).map(|i| random_request(&mut rng, &model, i)).collect();
     let outcomes = run_concurrently(&engine, &reqs);
@@ -139,8 +143,7 @@ fn a_kv_pool_too_small_preempts_and_still_completes_correctly() {
     let block = PagedKvCache::block_bytes(model.llama.config());
     // 12 blocks (192 tokens) for 24 requests of up to ~70 tokens each.
     let config = EngineConfig { kv_cache_bytes: 12 * block, max_batch_tokens: 128, ..Default::default() };
-    let engine = EngineHandle::start(model.clone(), pager(&model, PagerConfig::default()), config, Metrics::new())
-        .expect("engine");
+    let engine = start(&model, config);
     let mut rng = Rng(0xB10C);
     let reqs: Vec<GenerationRequest> = (0..24)
         .map(|i| {
@@ -171,13 +174,7 @@ fn wait_for_steps(engine: &EngineHandle, target: u64) {
 #[test]
 fn cancelling_frees_blocks_and_the_adapter_pin_within_one_step() {
     let model = model();
-    let engine = EngineHandle::start(
-        model.clone(),
-        pager(&model, PagerConfig::default()),
-        EngineConfig::default(),
-        Metrics::new(),
-    )
-    .expect("engine");
+    let engine = start(&model, EngineConfig::default());
     let mut req = random_request(&mut Rng(3), &model, 0);
     req.adapter = Some("r16-all-rslora".into());
     req.params.max_tokens = 200;
@@ -215,8 +212,7 @@ fn priorities_order_admission_and_age_prevents_starvation() {
     let model = model();
     for (age_limit, expect_high_first) in [(Duration::from_secs(60), true), (Duration::ZERO, false)] {
         let config = EngineConfig { max_running: 1, age_limit, ..Default::default() };
-        let engine = EngineHandle::start(model.clone(), pager(&model, PagerConfig::default()), config, Metrics::new())
-            .expect("engine");
+        let engine = start(&model, config);
         let mk =
             |id: &str, priority, max_tokens| GenerationRequest { id: id.into(), priority, ..plain(&model, max_tokens) };
         let mut busy = engine.submit(mk("busy", 0, 30)).expect("submit");
@@ -240,13 +236,7 @@ fn priorities_order_admission_and_age_prevents_starvation() {
 #[test]
 fn deadlines_and_up_front_rejections() {
     let model = model();
-    let engine = EngineHandle::start(
-        model.clone(),
-        pager(&model, PagerConfig::default()),
-        EngineConfig::default(),
-        Metrics::new(),
-    )
-    .expect("engine");
+    let engine = start(&model, EngineConfig::default());
     let base = GenerationRequest { deadline: Some(Instant::now() + Duration::from_millis(30)), ..plain(&model, 200) };
     let out = drain(engine.submit(base.clone()).expect("submit"));
     assert_eq!(out.reason, FinishReason::Deadline);
@@ -267,8 +257,7 @@ fn deadlines_and_up_front_rejections() {
 fn a_full_queue_is_refused() {
     let model = model();
     let config = EngineConfig { max_waiting: 2, max_running: 1, ..Default::default() };
-    let engine = EngineHandle::start(model.clone(), pager(&model, PagerConfig::default()), config, Metrics::new())
-        .expect("engine");
+    let engine = start(&model, config);
     let req = plain(&model, 100);
     let mut kept = Vec::new();
     let mut refused = 0;

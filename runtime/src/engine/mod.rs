@@ -217,7 +217,7 @@ impl EngineHandle {
             kv_total_blocks: kv.total_blocks(),
             waiting: Default::default(),
         });
-        let sched = scheduler::Scheduler::new(model, pager, kv, config, metrics, stats.clone(), shared.clone());
+        let sched = scheduler::Scheduler::new(shared.clone(), kv, metrics, stats.clone());
         std::thread::Builder::new()
             .name("openlora-engine".into())
             .spawn(move || sched.run(rx))

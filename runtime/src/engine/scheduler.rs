@@ -6,23 +6,21 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use super::sequence::{Progress, Sequence};
-use super::{EngineConfig, EngineStats, Shared, Submission};
+use super::{EngineStats, Shared, Submission};
 use crate::generate::FinishReason;
 use crate::metrics::Metrics;
-use crate::model::{AllocStatus, LoadedModel, LogitRows, PagedKvCache, SeqBatch};
-use crate::pager::{Acquire, AdapterPager};
+use crate::model::{AllocStatus, LogitRows, PagedKvCache, SeqBatch};
+use crate::pager::Acquire;
 
 /// Waiting requests whose adapters are prefetched each step.
 const PREFETCH_AHEAD: usize = 8;
 
 pub(super) struct Scheduler {
-    model: Arc<LoadedModel>,
-    pager: AdapterPager,
+    /// The model, the pager and the configuration, shared with the handles.
+    shared: Arc<Shared>,
     kv: PagedKvCache,
-    config: EngineConfig,
     metrics: Metrics,
     stats: Arc<Mutex<EngineStats>>,
-    shared: Arc<Shared>,
     /// Requests not yet running (including preempted ones), in no particular order.
     waiting: Vec<Sequence>,
     /// Running sequences, oldest admission first.
@@ -34,23 +32,12 @@ pub(super) struct Scheduler {
 }
 
 impl Scheduler {
-    pub fn new(
-        model: Arc<LoadedModel>,
-        pager: AdapterPager,
-        kv: PagedKvCache,
-        config: EngineConfig,
-        metrics: Metrics,
-        stats: Arc<Mutex<EngineStats>>,
-        shared: Arc<Shared>,
-    ) -> Self {
+    pub fn new(shared: Arc<Shared>, kv: PagedKvCache, metrics: Metrics, stats: Arc<Mutex<EngineStats>>) -> Self {
         Scheduler {
-            model,
-            pager,
+            shared,
             kv,
-            config,
             metrics,
             stats,
-            shared,
             waiting: Vec::new(),
             running: Vec::new(),
             next_arrival: 0,
@@ -151,7 +138,7 @@ impl Scheduler {
     fn step(&mut self) -> bool {
         let now = Instant::now();
         self.reap(now);
-        let mut budget = self.config.max_batch_tokens;
+        let mut budget = self.shared.config.max_batch_tokens;
         // Tokens each running sequence runs this step (0 = sits this step out).
         let mut chunks: Vec<usize> = Vec::with_capacity(self.running.len());
         let mut i = 0;
@@ -182,7 +169,7 @@ impl Scheduler {
         self.admit(&mut budget, &mut chunks, now);
         for s in self.waiting.iter().filter(|s| s.lease.is_none()).take(PREFETCH_AHEAD) {
             if let Some(a) = &s.request.adapter {
-                self.pager.prefetch(a);
+                self.shared.pager.prefetch(a);
             }
         }
         let ran = chunks.iter().any(|&c| c > 0) && self.forward(&chunks);
@@ -193,17 +180,17 @@ impl Scheduler {
     /// Admits waiting requests, highest (aged) priority first, FCFS within a priority, while
     /// the step's token budget, the running limit, the KV pool and the adapter pool allow.
     fn admit(&mut self, budget: &mut usize, chunks: &mut Vec<usize>, now: Instant) {
-        let age_limit = self.config.age_limit;
+        let age_limit = self.shared.config.age_limit;
         let key = |s: &Sequence| {
             let aged = now.duration_since(s.arrival) >= age_limit;
             (std::cmp::Reverse(if aged { i32::MAX } else { s.request.priority }), s.arrival_seq)
         };
         self.waiting.sort_by_key(key);
-        while *budget > 0 && self.running.len() < self.config.max_running && !self.waiting.is_empty() {
+        while *budget > 0 && self.running.len() < self.shared.config.max_running && !self.waiting.is_empty() {
             let s = &mut self.waiting[0];
             if let (Some(name), None) = (s.request.adapter.clone(), s.lease.as_ref()) {
                 let t0 = Instant::now();
-                match self.pager.try_acquire(&name) {
+                match self.shared.pager.try_acquire(&name) {
                     Ok(Acquire::Ready(lease)) => {
                         s.lease = Some(lease);
                         s.add_adapter_time(t0.elapsed());
@@ -251,7 +238,7 @@ impl Scheduler {
         let total: usize = chunks.iter().sum();
         let any_adapter = self.running.iter().zip(chunks).any(|(s, &c)| c > 0 && s.lease.is_some());
         let result = {
-            let pool = any_adapter.then(|| self.pager.pool());
+            let pool = any_adapter.then(|| self.shared.pager.pool());
             let mut batch: Vec<SeqBatch<'_>> = self
                 .running
                 .iter_mut()
@@ -269,7 +256,8 @@ impl Scheduler {
             self.max_batch_seqs = self.max_batch_seqs.max(batch.len());
             self.metrics.engine.batch_seqs.observe(batch.len() as f64);
             self.metrics.engine.batch_tokens.observe(total as f64);
-            self.model
+            self.shared
+                .model
                 .llama
                 .forward_measured(&mut self.kv, &mut batch, LogitRows::Last, pool.as_ref().map(|p| p.view()))
                 .and_then(|(l, shares)| Ok((l.to_vec2::<f32>()?, shares)))
@@ -306,7 +294,7 @@ impl Scheduler {
             s.add_step(elapsed, c, total);
             s.add_share(shares.next().unwrap_or_default());
             if s.pending() == 0
-                && let Progress::Finished(reason) = s.push_token(&self.model, &mut logits)
+                && let Progress::Finished(reason) = s.push_token(&self.shared.model, &mut logits)
             {
                 finished.push((i, reason));
             }
