@@ -149,7 +149,7 @@ pub fn generate(
             }
         };
         let mut logits: Vec<f32> = logits.squeeze(0)?.to_vec1()?;
-        let next = sampler.sample(&mut logits, &ids);
+        let next = sampler.sample(&mut logits, &ids, prompt_ids.len());
         if !ignore_eos && model.eos_token_ids.contains(&next) {
             finish = FinishReason::Stop;
             break;

@@ -146,6 +146,8 @@ fn run_generate(args: GenerateArgs) -> anyhow::Result<()> {
         top_k: args.top_k.unwrap_or(if sampled { g.top_k.unwrap_or(0) } else { 0 }),
         seed: args.seed,
         repetition_penalty: args.repetition_penalty.or(g.repetition_penalty).unwrap_or(1.0),
+        presence_penalty: 0.0,
+        frequency_penalty: 0.0,
         max_tokens: args.max_tokens,
         stop: args.stop,
         ignore_eos: args.ignore_eos,

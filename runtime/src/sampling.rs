@@ -18,6 +18,10 @@ pub struct SamplingParams {
     pub seed: Option<u64>,
     /// Penalty (> 1 discourages) on tokens already in the prompt or output, as in CTRL / transformers.
     pub repetition_penalty: f32,
+    /// OpenAI's presence penalty: subtracted once from the logit of every token already generated.
+    pub presence_penalty: f32,
+    /// OpenAI's frequency penalty: subtracted from a token's logit once per time it was generated.
+    pub frequency_penalty: f32,
     /// Most new tokens to produce.
     pub max_tokens: usize,
     /// Strings that end generation; the stop string itself is not returned.
@@ -34,6 +38,8 @@ impl Default for SamplingParams {
             top_k: 0,
             seed: None,
             repetition_penalty: 1.0,
+            presence_penalty: 0.0,
+            frequency_penalty: 0.0,
             max_tokens: 128,
             stop: Vec::new(),
             ignore_eos: false,
@@ -56,6 +62,11 @@ impl SamplingParams {
         }
         if !self.repetition_penalty.is_finite() || self.repetition_penalty <= 0.0 {
             return bad("repetition_penalty", format!("{} is not a positive number", self.repetition_penalty));
+        }
+        for (param, v) in [("presence_penalty", self.presence_penalty), ("frequency_penalty", self.frequency_penalty)] {
+            if !v.is_finite() || !(-2.0..=2.0).contains(&v) {
+                return bad(param, format!("{v} is not between -2 and 2"));
+            }
         }
         if self.max_tokens == 0 {
             return bad("max_tokens", "must be at least 1".into());
@@ -89,11 +100,16 @@ impl Sampler {
         &self.params
     }
 
-    /// Chooses the next token from `logits` (modified in place) given every token so far.
-    pub fn sample(&mut self, logits: &mut [f32], history: &[u32]) -> u32 {
+    /// Chooses the next token from `logits` (modified in place) given every token so far, of
+    /// which the first `prompt_len` are the prompt.
+    pub fn sample(&mut self, logits: &mut [f32], history: &[u32], prompt_len: usize) -> u32 {
         let p = &self.params;
         if p.repetition_penalty != 1.0 {
             apply_repetition_penalty(logits, history, p.repetition_penalty);
+        }
+        if p.presence_penalty != 0.0 || p.frequency_penalty != 0.0 {
+            let generated = history.get(prompt_len..).unwrap_or_default();
+            apply_openai_penalties(logits, generated, p.presence_penalty, p.frequency_penalty);
         }
         if p.temperature == 0.0 {
             return argmax(logits);
@@ -149,6 +165,20 @@ pub fn argmax(logits: &[f32]) -> u32 {
     best as u32
 }
 
+/// OpenAI's penalties over the generated tokens: `presence` once per distinct token,
+/// `frequency` once per occurrence.
+fn apply_openai_penalties(logits: &mut [f32], generated: &[u32], presence: f32, frequency: f32) {
+    let mut counts: std::collections::HashMap<u32, u32> = std::collections::HashMap::new();
+    for &t in generated {
+        *counts.entry(t).or_default() += 1;
+    }
+    for (t, n) in counts {
+        if let Some(l) = logits.get_mut(t as usize) {
+            *l -= presence + frequency * n as f32;
+        }
+    }
+}
+
 /// Divides positive logits / multiplies negative ones of every token seen, once per token.
 fn apply_repetition_penalty(logits: &mut [f32], history: &[u32], penalty: f32) {
     let mut seen = std::collections::HashSet::with_capacity(history.len());
@@ -172,14 +202,24 @@ mod tests {
     #[test]
     fn greedy_takes_the_max() {
         let mut s = Sampler::new(SamplingParams::default());
-        assert_eq!(s.sample(&mut logits(), &[]), 1);
+        assert_eq!(s.sample(&mut logits(), &[], 0), 1);
     }
 
     #[test]
     fn repetition_penalty_can_flip_the_choice() {
         let p = SamplingParams { repetition_penalty: 1.2, ..Default::default() };
         let mut s = Sampler::new(p);
-        assert_eq!(s.sample(&mut logits(), &[1, 1]), 2);
+        assert_eq!(s.sample(&mut logits(), &[1, 1], 0), 2);
+    }
+
+    #[test]
+    fn openai_penalties_apply_to_generated_tokens_only() {
+        let p = SamplingParams { frequency_penalty: 0.1, presence_penalty: 0.05, ..Default::default() };
+        let mut s = Sampler::new(p);
+        // Token 1 is in the prompt only: no penalty, it still wins.
+        assert_eq!(s.sample(&mut logits(), &[1, 1], 2), 1);
+        // Generated twice: 2.0 - 0.05 - 0.2 = 1.75 < 1.9, so token 2 wins.
+        assert_eq!(s.sample(&mut logits(), &[0, 1, 1], 1), 2);
     }
 
     #[test]
@@ -187,7 +227,7 @@ mod tests {
         let p = SamplingParams { temperature: 1.0, seed: Some(7), ..Default::default() };
         let run = |p: &SamplingParams| {
             let mut s = Sampler::new(p.clone());
-            (0..50).map(|_| s.sample(&mut logits(), &[])).collect::<Vec<_>>()
+            (0..50).map(|_| s.sample(&mut logits(), &[], 0)).collect::<Vec<_>>()
         };
         assert_eq!(run(&p), run(&p));
         let other = SamplingParams { seed: Some(8), ..p.clone() };
@@ -199,13 +239,13 @@ mod tests {
         let p = SamplingParams { temperature: 5.0, top_k: 2, seed: Some(1), ..Default::default() };
         let mut s = Sampler::new(p);
         for _ in 0..200 {
-            assert!(matches!(s.sample(&mut logits(), &[]), 1 | 2));
+            assert!(matches!(s.sample(&mut logits(), &[], 0), 1 | 2));
         }
         // With a tiny nucleus only the single most likely token survives.
         let p = SamplingParams { temperature: 1.0, top_p: 0.01, seed: Some(1), ..Default::default() };
         let mut s = Sampler::new(p);
         for _ in 0..200 {
-            assert_eq!(s.sample(&mut logits(), &[]), 1);
+            assert_eq!(s.sample(&mut logits(), &[], 0), 1);
         }
     }
 
@@ -215,7 +255,7 @@ mod tests {
         let mut s = Sampler::new(p);
         let mut counts = [0usize; 2];
         for _ in 0..4000 {
-            let t = s.sample(&mut vec![0.0, 2.0f32.ln()], &[]);
+            let t = s.sample(&mut vec![0.0, 2.0f32.ln()], &[], 0);
             counts[t as usize] += 1;
         }
         let frac = counts[1] as f64 / 4000.0; // expect 2/3
@@ -230,6 +270,8 @@ mod tests {
             (SamplingParams { max_tokens: 0, ..Default::default() }, "max_tokens"),
             (SamplingParams { stop: vec![String::new()], ..Default::default() }, "stop"),
             (SamplingParams { repetition_penalty: f32::NAN, ..Default::default() }, "repetition_penalty"),
+            (SamplingParams { presence_penalty: 2.5, ..Default::default() }, "presence_penalty"),
+            (SamplingParams { frequency_penalty: -3.0, ..Default::default() }, "frequency_penalty"),
         ];
         for (p, name) in cases {
             match p.validate() {

@@ -96,6 +96,13 @@ def test_stop_strings(client):
     assert r.choices[0].finish_reason in ("stop", "length")
 
 
+def test_openai_penalties_change_greedy_output(client):
+    kw = dict(model="base", prompt="The the the", max_tokens=24, temperature=0)
+    plain = client.completions.create(**kw).choices[0].text
+    penalised = client.completions.create(frequency_penalty=2.0, presence_penalty=2.0, **kw).choices[0].text
+    assert penalised != plain
+
+
 def test_unknown_fields_are_ignored(client):
     r = client.completions.create(model="base", prompt="x", max_tokens=2, extra_body={"not_a_field": {"a": 1}})
     assert r.usage.completion_tokens <= 2
@@ -121,6 +128,7 @@ def test_bad_input_errors(server, client):
     assert_error(raw(server, "/v1/completions", {"model": "base", "prompt": "x", "n": 2}), 400, "n")
     assert_error(raw(server, "/v1/completions", {"model": "base", "prompt": "x", "top_p": 0}), 400, "top_p")
     assert_error(raw(server, "/v1/completions", {"model": "base", "prompt": "x", "max_tokens": -1}), 400, "max_tokens")
+    assert_error(raw(server, "/v1/completions", {"model": "base", "prompt": "x", "presence_penalty": 3}), 400, "presence_penalty")
     assert_error(raw(server, "/v1/completions", b"{not json"), 400)
     assert_error(raw(server, "/v1/chat/completions", {"model": "base", "messages": []}), 400, "messages")
     assert_error(raw(server, "/v1/completions", {"model": "base", "prompt": list(range(300))}), 400)

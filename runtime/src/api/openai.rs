@@ -109,14 +109,6 @@ fn sampling(state: &Shared, c: &CommonParams) -> Result<SamplingParams, ApiError
     {
         return Err(ApiError::invalid(Some("n".into()), "only n = 1 is supported"));
     }
-    for (name, v) in [("presence_penalty", c.presence_penalty), ("frequency_penalty", c.frequency_penalty)] {
-        if v.is_some_and(|v| v != 0.0) {
-            return Err(ApiError::invalid(
-                Some(name.into()),
-                format!("{name} is not supported; use repetition_penalty"),
-            ));
-        }
-    }
     let max_tokens = match c.max_completion_tokens.or(c.max_tokens) {
         Some(0) => return Err(ApiError::invalid(Some("max_tokens".into()), "max_tokens must be at least 1")),
         Some(m) => m as usize,
@@ -143,6 +135,8 @@ fn sampling(state: &Shared, c: &CommonParams) -> Result<SamplingParams, ApiError
         top_k,
         seed,
         repetition_penalty: c.repetition_penalty.unwrap_or(1.0),
+        presence_penalty: c.presence_penalty.unwrap_or(0.0),
+        frequency_penalty: c.frequency_penalty.unwrap_or(0.0),
         max_tokens,
         stop,
         ignore_eos: c.ignore_eos.unwrap_or(false),

@@ -107,7 +107,7 @@ impl Sequence {
     pub fn push_token(&mut self, model: &LoadedModel, logits: &mut [f32]) -> Progress {
         // Log-probabilities are of the model's own distribution, before sampling adjustments.
         let raw = self.request.logprobs.map(|k| (logits.to_vec(), k));
-        let next = self.sampler.sample(logits, &self.tokens);
+        let next = self.sampler.sample(logits, &self.tokens, self.prompt_len);
         let params = self.sampler.params();
         if !params.ignore_eos && model.eos_token_ids.contains(&next) {
             return Progress::Finished(FinishReason::Stop);
