@@ -21,6 +21,7 @@ export OPENLORA_HOME="${OPENLORA_HOME:-$(mktemp -d)}"
 cargo fmt --all --check
 # Unit tests, end-to-end tests in tests/, and every criterion benchmark run once in test mode.
 cargo test --workspace --all-targets --locked
-# The HTTP API through real sockets and the real `openai` client, against the built binary.
-cargo build --locked --bin openlora
+# The HTTP API through real sockets and the real `openai` client, against the binary that
+# `cargo test` built for the CLI tests (a separate `cargo build` would recompile for other features).
+test -x target/debug/openlora
 OPENLORA_BIN="$PWD/target/debug/openlora" "$venv/bin/python" -m pytest tests/e2e -q -p no:cacheprovider

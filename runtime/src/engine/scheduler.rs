@@ -71,7 +71,8 @@ impl Scheduler {
                     Ok(s) => self.enqueue(s),
                     Err(RecvTimeoutError::Timeout) => {}
                     Err(RecvTimeoutError::Disconnected) if self.running.is_empty() && self.waiting.is_empty() => return,
-                    Err(RecvTimeoutError::Disconnected) => {}
+                    // Every handle is gone but work remains: finish it without spinning.
+                    Err(RecvTimeoutError::Disconnected) => std::thread::sleep(Duration::from_millis(2)),
                 }
             }
         }
