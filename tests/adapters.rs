@@ -37,6 +37,10 @@ impl Mixed {
                 .expect("reference");
         Mixed { rows, tensors }
     }
+    /// Every row's prompt ids, in row order.
+    fn prompts(&self) -> Vec<Vec<u32>> {
+        (0..self.rows.len()).map(|i| self.ids("input_ids", i)).collect()
+    }
     fn ids(&self, key: &str, i: usize) -> Vec<u32> {
         self.tensors[&format!("{key}.{i}")].to_vec1::<i64>().expect("ids").into_iter().map(|x| x as u32).collect()
     }
@@ -61,7 +65,7 @@ fn leases(pager: &AdapterPager, rows: &[String]) -> Vec<Option<AdapterLease>> {
 fn mixed_adapter_prefill_matches_peft() {
     let (model, pager, mixed) = setup();
     let leases = leases(&pager, &mixed.rows);
-    let prompts: Vec<Vec<u32>> = (0..mixed.rows.len()).map(|i| mixed.ids("input_ids", i)).collect();
+    let prompts = mixed.prompts();
     let mut cache = model.llama.kv_cache_for(prompts.len());
     let mut caches: Vec<SeqKv> = prompts.iter().map(|_| SeqKv::default()).collect();
     let pool = pager.pool();
@@ -87,7 +91,7 @@ fn mixed_adapter_prefill_matches_peft() {
 fn mixed_adapter_decode_step_matches_peft() {
     let (model, pager, mixed) = setup();
     let leases = leases(&pager, &mixed.rows);
-    let prompts: Vec<Vec<u32>> = (0..mixed.rows.len()).map(|i| mixed.ids("input_ids", i)).collect();
+    let prompts = mixed.prompts();
     let mut cache = model.llama.kv_cache_for(prompts.len());
     let mut caches: Vec<SeqKv> = prompts.iter().map(|_| SeqKv::default()).collect();
     let pool = pager.pool();

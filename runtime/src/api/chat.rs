@@ -1,7 +1,7 @@
 //! Chat messages and the model's chat template (Jinja, from `tokenizer_config.json`).
 
 use minijinja::{Environment, ErrorKind, context};
-use serde::{Deserialize, Serialize};
+use serde::Deserialize;
 
 use super::ApiError;
 
@@ -10,7 +10,7 @@ const FALLBACK_TEMPLATE: &str = "{{ bos_token }}{% for m in messages %}{{ m.role
 {% if add_generation_prompt %}assistant:{% endif %}";
 
 /// One chat message as templates see it (content flattened to text).
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone)]
 pub struct TemplateMessage {
     /// `system`, `user`, `assistant`, or another role the template knows.
     pub role: String,
