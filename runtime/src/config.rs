@@ -10,6 +10,7 @@ use serde::Deserialize;
 use crate::engine::EngineConfig;
 use crate::error::{Error, Result};
 use crate::pager::PagerConfig;
+use crate::policy::PolicyConfig;
 
 /// Everything `openlora serve` can be told.
 #[derive(Debug, Clone, Deserialize)]
@@ -33,6 +34,8 @@ pub struct ServerConfig {
     pub api_keys: BTreeMap<String, String>,
     /// Bearer token for `/admin`; absent: the admin API is disabled.
     pub admin_token: Option<String>,
+    /// Policy plugins: sandbox limits and slot behaviour.
+    pub policy: PolicyConfig,
 }
 
 /// Memory budgets, in bytes.
@@ -81,6 +84,7 @@ impl Default for ServerConfig {
             limits: LimitsConfig::default(),
             api_keys: BTreeMap::new(),
             admin_token: None,
+            policy: PolicyConfig::default(),
         }
     }
 }
@@ -148,6 +152,11 @@ impl ServerConfig {
                 return Err(Error::config(path, field, "must be greater than zero"));
             }
         }
+        self.policy.validate().map_err(|(field, message)| Error::config(path, field, message))?;
+        crate::policy::builtin::Builtins::new(&self.policy).map_err(|e| match e {
+            Error::Config { field, message, .. } => Error::config(path, field, message),
+            other => other,
+        })?;
         if let Some(t) = &self.admin_token
             && t.len() < 16
         {

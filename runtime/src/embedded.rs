@@ -22,10 +22,13 @@ const DEFAULT_MODEL: &[(&str, &[u8])] = &[
     asset!("TRAINING.md"),
     asset!("adapters/startrek/adapter_config.json"),
     asset!("adapters/startrek/adapter_model.safetensors"),
+    asset!("adapters/startrek/openlora.json"),
     asset!("adapters/computers/adapter_config.json"),
     asset!("adapters/computers/adapter_model.safetensors"),
+    asset!("adapters/computers/openlora.json"),
     asset!("adapters/love/adapter_config.json"),
     asset!("adapters/love/adapter_model.safetensors"),
+    asset!("adapters/love/openlora.json"),
 ];
 
 /// Demo LoRA adapters shipped with the default model (PEFT folders under `adapters/`),

@@ -136,6 +136,33 @@ pub enum Error {
     #[error("the engine has stopped")]
     EngineStopped,
 
+    /// A policy plugin was refused (at upload or load): not a component, wrong world, a
+    /// forbidden import, too large, or a configuration it rejects.
+    #[error("plugin {what}: {message}")]
+    PluginInvalid {
+        /// The file or slot concerned.
+        what: String,
+        /// Why it was refused.
+        message: String,
+    },
+
+    /// No plugin slot, or no version in a slot, of this name.
+    #[error("no plugin {0}")]
+    UnknownPlugin(String),
+
+    /// The router refused the request.
+    #[error("request refused by policy: {0}")]
+    PolicyRejected(String),
+
+    /// A policy failed and its slot is fail-closed, so the request is refused.
+    #[error("policy `{slot}` failed and is fail-closed: {message}")]
+    PolicyFailed {
+        /// The slot whose plugin failed.
+        slot: String,
+        /// What went wrong.
+        message: String,
+    },
+
     /// A tensor operation failed (a bug, not bad input).
     #[error("tensor op: {0}")]
     Tensor(#[from] candle_core::Error),

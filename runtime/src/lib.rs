@@ -13,6 +13,7 @@ pub mod generate;
 pub mod metrics;
 pub mod model;
 pub mod pager;
+pub mod policy;
 pub mod sampling;
 pub mod serve;
 

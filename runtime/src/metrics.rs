@@ -51,6 +51,23 @@ pub struct HttpMetrics {
     pub tpot_seconds: Histogram,
 }
 
+/// Policy plugin figures: calls, failures by kind, quarantines, call time and fuel.
+#[derive(Clone)]
+pub struct PolicyMetrics {
+    /// Decisions by `slot` and who answered (`plugin`, `builtin`, `fallback` after a failure, `rejected`).
+    pub decisions: IntCounterVec,
+    /// Plugin failures by `slot` and `kind` (fuel, deadline, memory, stack, output, trap, invalid, declined).
+    pub failures: IntCounterVec,
+    /// Plugins quarantined after repeated failures, by `slot`.
+    pub quarantines: IntCounterVec,
+    /// Seconds per plugin call (instantiation included when no instance was warm), by `slot`.
+    pub call_seconds: HistogramVec,
+    /// Fuel used by plugin calls, by `slot`.
+    pub fuel: IntCounterVec,
+    /// Plugin versions loaded (uploaded or dropped in) by `outcome` (`ok` or `refused`).
+    pub loads: IntCounterVec,
+}
+
 /// Every metric the runtime exposes, in one registry.
 #[derive(Clone)]
 pub struct Metrics {
@@ -62,6 +79,8 @@ pub struct Metrics {
     pub engine: EngineMetrics,
     /// HTTP metrics.
     pub http: HttpMetrics,
+    /// Policy plugin metrics.
+    pub policy: PolicyMetrics,
 }
 
 fn counter(reg: &Registry, name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
@@ -144,7 +163,23 @@ impl Metrics {
                 ),
             ),
         };
-        Metrics { registry, pager, engine, http }
+        let policy = PolicyMetrics {
+            decisions: counter(r, "policy_decisions_total", "Policy decisions by slot and who answered", &["slot", "by"]),
+            failures: counter(r, "plugin_failures_total", "Plugin call failures by slot and kind", &["slot", "kind"]),
+            quarantines: counter(r, "plugin_quarantines_total", "Plugins quarantined after repeated failures", &["slot"]),
+            call_seconds: register(
+                r,
+                HistogramVec::new(
+                    HistogramOpts::new("plugin_call_seconds", "Seconds per plugin call").buckets(vec![
+                        0.00001, 0.000025, 0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.005, 0.025, 0.1,
+                    ]),
+                    &["slot"],
+                ),
+            ),
+            fuel: counter(r, "plugin_fuel_total", "Fuel used by plugin calls", &["slot"]),
+            loads: counter(r, "plugin_loads_total", "Plugin versions offered, by outcome", &["outcome"]),
+        };
+        Metrics { registry, pager, engine, http, policy }
     }
 
     /// The registry in Prometheus' text exposition format.

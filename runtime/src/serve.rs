@@ -17,6 +17,7 @@ use crate::error::{Error, Result};
 use crate::metrics::Metrics;
 use crate::model::LoadedModel;
 use crate::pager::AdapterPager;
+use crate::policy::PolicyHost;
 
 /// A loaded, ready-to-serve application and the address it will listen on.
 pub struct Server {
@@ -79,6 +80,8 @@ impl Server {
         restore_uploads(&adapter_store, &pager);
         let tok = &model.tokenizer;
         let chat = ChatTemplate::new(tok.chat_template.as_deref(), tok.bos_token.as_deref(), tok.eos_token.as_deref())?;
+        let policy = Arc::new(PolicyHost::new(&config.policy, Some(data_dir.join("plugins")), metrics.policy.clone())?);
+        let drop_dir = config.policy.dir.clone().unwrap_or_else(|| data_dir.join("plugins").join("drop"));
         let engine = EngineHandle::start(model, pager, config.engine(), metrics.clone())?;
         let state = Arc::new(AppState {
             engine,
@@ -89,8 +92,11 @@ impl Server {
             adapter_store,
             started: SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0),
             chat,
+            policy,
+            drop_dir,
             config: config.clone(),
         });
+        crate::policy::dropdir::watch(state.policy.clone(), state.drop_dir.clone());
         Ok(Server { state, listen: config.listen })
     }
 

@@ -17,6 +17,9 @@ pub const WEIGHTS_FILE: &str = "adapter_model.safetensors";
 /// File name of an adapter's configuration.
 pub const CONFIG_FILE: &str = "adapter_config.json";
 
+/// Optional openlora metadata in an adapter folder: `{"owner": "alice"}`.
+pub const OWNER_FILE: &str = "openlora.json";
+
 /// What a validated adapter folder holds, read from its config and safetensors header only.
 #[derive(Debug, Clone)]
 pub struct AdapterManifest {
@@ -28,6 +31,8 @@ pub struct AdapterManifest {
     pub modules: Vec<(usize, Proj)>,
     /// Bytes its weights take in f32.
     pub f32_bytes: usize,
+    /// Who owns it (from `openlora.json`), the payee of its share of each charge.
+    pub owner: Option<String>,
 }
 
 /// One projection's LoRA weights in host memory, f32.
@@ -150,7 +155,8 @@ impl AdapterManifest {
         if modules.is_empty() {
             return Err(Error::WeightFile { file: weights_path, message: "holds no LoRA weights".into() });
         }
-        Ok(AdapterManifest { dir: dir.to_path_buf(), config, modules, f32_bytes })
+        let owner = read_owner(dir)?;
+        Ok(AdapterManifest { dir: dir.to_path_buf(), config, modules, f32_bytes, owner })
     }
 
     /// Reads the weights into host memory as f32 (re-validating shapes against the file, which
@@ -192,4 +198,32 @@ mod tests {
         assert_eq!(parse_tensor_name("base_model.model.lm_head.lora_A.weight"), None);
         assert_eq!(parse_tensor_name("base_model.model.model.layers.0.self_attn.q_proj.lora_magnitude_vector"), None);
     }
+}
+
+/// The owner named by a folder's `openlora.json`, if the file exists; errors name the field.
+fn read_owner(dir: &Path) -> Result<Option<String>> {
+    #[derive(serde::Deserialize)]
+    #[serde(deny_unknown_fields)]
+    struct Meta {
+        owner: Option<String>,
+    }
+    let path = dir.join(OWNER_FILE);
+    if !path.exists() {
+        return Ok(None);
+    }
+    let text = std::fs::read_to_string(&path).map_err(|e| Error::io(&path, e))?;
+    let meta: Meta = serde_json::from_str(&text).map_err(|e| Error::config(&path, "owner", e.to_string()))?;
+    match meta.owner {
+        Some(o) if !valid_owner(&o) => {
+            Err(Error::config(&path, "owner", "owners are 1-64 characters of A-Z a-z 0-9 - _ . @"))
+        }
+        other => Ok(other),
+    }
+}
+
+/// Whether `owner` is an acceptable owner name (it becomes part of a ledger account name).
+pub fn valid_owner(owner: &str) -> bool {
+    !owner.is_empty()
+        && owner.len() <= 64
+        && owner.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.' | '@'))
 }

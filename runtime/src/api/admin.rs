@@ -7,13 +7,14 @@ use std::path::{Path, PathBuf};
 use axum::Json;
 use axum::Router;
 use axum::body::Bytes;
-use axum::extract::{FromRequest, Multipart, Path as UrlPath, Request, State};
+use axum::extract::{FromRequest, Multipart, Path as UrlPath, Query, Request, State};
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::routing::get;
+use serde::Deserialize;
 use serde_json::{Value, json};
 
 use super::{ApiError, Shared, bearer};
-use crate::adapters::{AdapterManifest, CONFIG_FILE, WEIGHTS_FILE};
+use crate::adapters::{AdapterManifest, CONFIG_FILE, OWNER_FILE, WEIGHTS_FILE, valid_owner};
 
 /// Admin routes (the caller layers the upload size limit).
 pub fn router() -> Router<Shared> {
@@ -23,7 +24,7 @@ pub fn router() -> Router<Shared> {
     )
 }
 
-fn authorize(state: &Shared, headers: &HeaderMap) -> Result<(), ApiError> {
+pub(crate) fn authorize(state: &Shared, headers: &HeaderMap) -> Result<(), ApiError> {
     let Some(token) = &state.config.admin_token else {
         return Err(ApiError::new(
             StatusCode::FORBIDDEN,
@@ -73,6 +74,7 @@ fn describe(name: &str, m: &AdapterManifest) -> Value {
         "layers": layers.len(),
         "bytes": m.f32_bytes,
         "base_model_name_or_path": m.config.base_model_name_or_path,
+        "owner": m.owner,
     })
 }
 
@@ -109,7 +111,7 @@ async fn delete_adapter(
 
 /// The files of an upload that matter: the PEFT config and weights (others are ignored).
 fn wanted(file: &str) -> bool {
-    file == CONFIG_FILE || file == WEIGHTS_FILE || file == "adapter_model.bin"
+    file == CONFIG_FILE || file == WEIGHTS_FILE || file == OWNER_FILE || file == "adapter_model.bin"
 }
 
 fn bad_upload(m: String) -> ApiError {
@@ -167,16 +169,29 @@ fn too_large(status: StatusCode) -> ApiError {
     ApiError::new(status, "invalid_request_error", "request_too_large", "the upload is too large")
 }
 
-/// `POST|PUT /admin/adapters/{name}`: the PEFT folder as a tar archive, or as a multipart form
-/// with `adapter_config.json` and `adapter_model.safetensors` parts.
+/// `?owner=` of an adapter upload.
+#[derive(Debug, Deserialize)]
+struct UploadQuery {
+    owner: Option<String>,
+}
+
+/// `POST|PUT /admin/adapters/{name}[?owner=NAME]`: the PEFT folder as a tar archive, or as a
+/// multipart form with `adapter_config.json` and `adapter_model.safetensors` parts (and optionally
+/// `openlora.json`, `{"owner": ...}`, which `?owner=` overrides).
 async fn upload_adapter(
     State(state): State<Shared>,
     headers: HeaderMap,
     UrlPath(name): UrlPath<String>,
+    Query(query): Query<UploadQuery>,
     req: Request,
 ) -> Result<(StatusCode, Json<Value>), ApiError> {
     authorize(&state, &headers)?;
     valid_name(&state, &name)?;
+    if let Some(owner) = &query.owner
+        && !valid_owner(owner)
+    {
+        return Err(ApiError::invalid(Some("owner".into()), "owners are 1-64 characters of A-Z a-z 0-9 - _ . @"));
+    }
     let multipart = headers
         .get(header::CONTENT_TYPE)
         .and_then(|v| v.to_str().ok())
@@ -196,6 +211,11 @@ async fn upload_adapter(
         })?;
         untar(&body)?
     };
+    let mut files = files;
+    if let Some(owner) = query.owner {
+        files.retain(|(f, _)| f != OWNER_FILE);
+        files.push((OWNER_FILE.to_string(), json!({ "owner": owner }).to_string().into_bytes()));
+    }
     let state2 = state.clone();
     let name2 = name.clone();
     // Disk and validation work off the async runtime.

@@ -102,6 +102,14 @@ impl From<Error> for ApiError {
             | Error::TensorShape { .. }
             | Error::WeightFile { .. } => ApiError { code: "invalid_adapter", ..ApiError::invalid(None, msg) },
             Error::Tokenizer(_) => ApiError::invalid(None, msg),
+            Error::PluginInvalid { .. } => ApiError { code: "invalid_plugin", ..ApiError::invalid(None, msg) },
+            Error::UnknownPlugin(_) => ApiError::new(StatusCode::NOT_FOUND, "invalid_request_error", "not_found", msg),
+            Error::PolicyRejected(_) => {
+                ApiError::new(StatusCode::FORBIDDEN, "permission_error", "rejected_by_policy", msg)
+            }
+            Error::PolicyFailed { .. } => {
+                ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "server_error", "policy_unavailable", msg)
+            }
             Error::Io { .. } | Error::Tensor(_) => ApiError::internal(msg),
         }
     }

@@ -1,6 +1,8 @@
 //! The HTTP layer: OpenAI-compatible inference, the admin API, metrics and health.
 
 pub mod admin;
+pub mod admin_plugins;
+mod billing;
 pub mod chat;
 pub mod error;
 pub mod openai;
@@ -43,6 +45,10 @@ pub struct AppState {
     pub started: u64,
     /// The model's chat template.
     pub chat: chat::ChatTemplate,
+    /// Routing, pricing and attribution: the plugins and the built-ins.
+    pub policy: Arc<crate::policy::PolicyHost>,
+    /// The folder watched for dropped-in plugins.
+    pub drop_dir: std::path::PathBuf,
 }
 
 /// The shared state handlers receive.
@@ -129,7 +135,7 @@ pub fn router(state: Shared) -> Router {
         .route("/v1/chat/completions", post(openai::chat_completions))
         .route("/v1/models", get(openai::models))
         .layer(DefaultBodyLimit::max(body_limit));
-    let admin = admin::router().layer(DefaultBodyLimit::max(upload_limit));
+    let admin = admin::router().merge(admin_plugins::router()).layer(DefaultBodyLimit::max(upload_limit));
     Router::new()
         .merge(v1)
         .merge(admin)

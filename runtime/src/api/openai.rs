@@ -1,5 +1,6 @@
 //! `/v1/completions`, `/v1/chat/completions` and `/v1/models`, as OpenAI defines them.
 
+use std::collections::BTreeMap;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use axum::Json;
@@ -9,6 +10,7 @@ use axum::response::{IntoResponse, Response};
 use serde::Deserialize;
 use serde_json::{Value, json};
 
+use super::billing::{self, PolicyContext};
 use super::chat::ChatMessage;
 use super::stream::{Collected, Kind, Reply, collect, sse};
 use super::{ApiError, JsonBody, Shared, parse, tenant};
@@ -62,6 +64,7 @@ pub struct CommonParams {
     frequency_penalty: Option<f32>,
     repetition_penalty: Option<f32>,
     ignore_eos: Option<bool>,
+    metadata: Option<BTreeMap<String, String>>,
 }
 
 /// `POST /v1/completions` body.
@@ -90,17 +93,6 @@ fn unix_now() -> u64 {
 
 fn request_id(prefix: &str) -> String {
     format!("{prefix}-{:024x}", rand::random::<u128>() >> 32)
-}
-
-/// The adapter a `model` names: `None` for the base model, 404 for neither.
-fn resolve_model(state: &Shared, model: &str) -> Result<Option<String>, ApiError> {
-    if model == state.model_name {
-        return Ok(None);
-    }
-    match state.engine.pager().manifest(model) {
-        Some(_) => Ok(Some(model.to_string())),
-        None => Err(ApiError::model_not_found(model)),
-    }
 }
 
 fn sampling(state: &Shared, c: &CommonParams) -> Result<SamplingParams, ApiError> {
@@ -154,8 +146,39 @@ fn check_logprobs(param: &str, k: Option<u32>) -> Result<Option<usize>, ApiError
     }
 }
 
-/// Submits a prepared request and answers it, streamed or whole.
-async fn answer(state: Shared, req: GenerationRequest, kind: Kind, c: &CommonParams, label: String) -> Response {
+/// Routes a prepared request by policy, submits it and answers it, streamed or whole.
+async fn answer(
+    state: Shared,
+    mut req: GenerationRequest,
+    kind: Kind,
+    c: &mut CommonParams,
+    tenant: &str,
+    label: String,
+) -> Result<Response, ApiError> {
+    let info = billing::request_info(
+        &state,
+        &req.id,
+        tenant,
+        &label,
+        req.prompt_ids.len(),
+        req.params.max_tokens,
+        billing::metadata(c.metadata.take())?,
+        billing::now_ms(),
+    );
+    let (routed, policy) = billing::route(&state, info).await?;
+    req.adapter = routed.adapter;
+    req.priority = routed.priority;
+    Ok(submit(state, req, kind, c, label, policy).await)
+}
+
+async fn submit(
+    state: Shared,
+    req: GenerationRequest,
+    kind: Kind,
+    c: &CommonParams,
+    label: String,
+    policy: PolicyContext,
+) -> Response {
     let Ok(permit) = state.in_flight.clone().try_acquire_owned() else {
         state.metrics.http.requests.with_label_values(&[&label, "rate_limit_exceeded"]).inc();
         return ApiError::overloaded("too many requests in flight").into_response();
@@ -174,6 +197,7 @@ async fn answer(state: Shared, req: GenerationRequest, kind: Kind, c: &CommonPar
         model: label,
         kind,
         include_usage: c.stream_options.as_ref().is_some_and(|o| o.include_usage),
+        policy,
     };
     if c.stream.unwrap_or(false) {
         sse(state, stream, reply, permit).into_response()
@@ -193,8 +217,7 @@ pub async fn completions(
 ) -> Result<Response, ApiError> {
     let tenant = tenant(&state, &headers)?;
     let body: CompletionRequest = parse(&raw)?;
-    let common: CommonParams = parse(&raw)?;
-    let adapter = resolve_model(&state, &body.model)?;
+    let mut common: CommonParams = parse(&raw)?;
     let params = sampling(&state, &common)?;
     let logprobs = check_logprobs("logprobs", body.logprobs)?;
     let tok = &state.engine.model().tokenizer;
@@ -206,8 +229,8 @@ pub async fn completions(
         }
         PromptInput::Tokens(ids) => ids.clone(),
     };
-    let req = build(&state, &tenant, prompt_ids, params, adapter, logprobs)?;
-    Ok(answer(state, req, Kind::Completion { logprobs: logprobs.is_some() }, &common, body.model).await)
+    let req = build(&state, prompt_ids, params, logprobs)?;
+    answer(state, req, Kind::Completion { logprobs: logprobs.is_some() }, &mut common, &tenant, body.model).await
 }
 
 /// `POST /v1/chat/completions`.
@@ -218,8 +241,7 @@ pub async fn chat_completions(
 ) -> Result<Response, ApiError> {
     let tenant = tenant(&state, &headers)?;
     let body: ChatRequest = parse(&raw)?;
-    let common: CommonParams = parse(&raw)?;
-    let adapter = resolve_model(&state, &body.model)?;
+    let mut common: CommonParams = parse(&raw)?;
     let params = sampling(&state, &common)?;
     if body.messages.is_empty() {
         return Err(ApiError::invalid(Some("messages".into()), "at least one message is required"));
@@ -235,16 +257,15 @@ pub async fn chat_completions(
     // The template writes the special tokens itself.
     let prompt_ids = state.engine.model().tokenizer.encode_with(&text, false)?;
     let logprobs = want_logprobs.then(|| top.unwrap_or(0));
-    let req = build(&state, &tenant, prompt_ids, params, adapter, logprobs)?;
-    Ok(answer(state, req, Kind::Chat { logprobs: want_logprobs }, &common, body.model).await)
+    let req = build(&state, prompt_ids, params, logprobs)?;
+    answer(state, req, Kind::Chat { logprobs: want_logprobs }, &mut common, &tenant, body.model).await
 }
 
+/// The engine request (not yet routed: no adapter, normal priority), checking the prompt's length.
 fn build(
     state: &Shared,
-    tenant: &str,
     prompt_ids: Vec<u32>,
     params: SamplingParams,
-    adapter: Option<String>,
     logprobs: Option<usize>,
 ) -> Result<GenerationRequest, ApiError> {
     let limit = state.config.limits.max_prompt_tokens;
@@ -258,10 +279,10 @@ fn build(
         });
     }
     Ok(GenerationRequest {
-        id: format!("{tenant}/{}", request_id("req")),
+        id: request_id("req"),
         prompt_ids,
         params,
-        adapter,
+        adapter: None,
         priority: 0,
         deadline: None,
         logprobs,

@@ -8,6 +8,7 @@ use futures_util::Stream;
 use serde_json::{Value, json};
 use tokio::sync::OwnedSemaphorePermit;
 
+use super::billing::{PolicyContext, settle};
 use super::{ApiError, Shared};
 use crate::engine::{Event, RequestStream, TokenLogprob, Usage};
 use crate::generate::FinishReason;
@@ -44,6 +45,8 @@ pub struct Reply {
     pub model: String,
     pub kind: Kind,
     pub include_usage: bool,
+    /// The policy context, for pricing and attribution at the end.
+    pub policy: PolicyContext,
 }
 
 /// One token as the logprobs fields present it.
@@ -143,6 +146,13 @@ pub async fn collect(state: &Shared, mut stream: RequestStream, reply: &Reply) -
                 }
             }
             Event::Done { reason, usage } => {
+                let billing = match settle(state, &reply.policy, &usage).await {
+                    Ok(b) => b,
+                    Err(e) => {
+                        observe(state, &reply.model, e.code, start, first, Instant::now(), 0);
+                        return Collected::Failed(e);
+                    }
+                };
                 observe(state, &reply.model, "ok", start, first, Instant::now(), usage.completion_tokens);
                 let logprobs = logprobs_json(reply.kind, &tokens, 0);
                 let choice = match reply.kind {
@@ -160,7 +170,7 @@ pub async fn collect(state: &Shared, mut stream: RequestStream, reply: &Reply) -
                 };
                 return Collected::Done(json!({
                     "id": reply.id, "object": object, "created": reply.created, "model": reply.model,
-                    "choices": [choice], "usage": usage_json(&usage),
+                    "choices": [choice], "usage": usage_json(&usage), "billing": billing,
                 }));
             }
             Event::Failed { message, .. } => {
@@ -256,6 +266,16 @@ pub fn sse(
                     st.pending.push_back(data(&chunk(&st.reply, delta_choice(st.reply.kind, &text, lp, None, first))));
                 }
                 Event::Done { reason, usage } => {
+                    let billing = match settle(&st.state, &st.reply.policy, &usage).await {
+                        Ok(b) => b,
+                        Err(e) => {
+                            observe(&st.state, &st.reply.model, e.code, st.start, st.first, Instant::now(), 0);
+                            st.pending.push_back(data(&e.body()));
+                            st.pending.push_back(SseEvent::default().data("[DONE]"));
+                            st.stream = None;
+                            continue;
+                        }
+                    };
                     observe(
                         &st.state,
                         &st.reply.model,
@@ -267,11 +287,14 @@ pub fn sse(
                     );
                     let first = !st.sent_any;
                     let fin = delta_choice(st.reply.kind, "", Value::Null, Some(finish_str(reason)), first);
-                    st.pending.push_back(data(&chunk(&st.reply, fin)));
+                    let mut fin = chunk(&st.reply, fin);
+                    fin["billing"] = billing.clone();
+                    st.pending.push_back(data(&fin));
                     if st.reply.include_usage {
                         let mut u = chunk(&st.reply, Value::Null);
                         u["choices"] = json!([]);
                         u["usage"] = usage_json(&usage);
+                        u["billing"] = billing;
                         st.pending.push_back(data(&u));
                     }
                     st.pending.push_back(SseEvent::default().data("[DONE]"));

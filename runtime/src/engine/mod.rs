@@ -100,6 +100,22 @@ pub struct Usage {
     pub adapter_contribution_ppm: u32,
 }
 
+impl Usage {
+    /// The usage as policy plugins see it.
+    pub fn for_policy(&self) -> openlora_sdk::Usage {
+        openlora_sdk::Usage {
+            prompt_tokens: self.prompt_tokens,
+            completion_tokens: self.completion_tokens,
+            queue_ms: self.queue_ms,
+            compute_ms: self.compute_ms,
+            adapter_load_ms: self.adapter_load_ms,
+            steps: self.steps,
+            batch_share_ppm: self.batch_share_ppm,
+            adapter_contribution_ppm: self.adapter_contribution_ppm,
+        }
+    }
+}
+
 /// What the engine sends back for a request.
 #[derive(Debug, Clone)]
 pub enum Event {

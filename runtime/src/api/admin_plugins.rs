@@ -1,0 +1,147 @@
+//! `/admin/plugins`: upload (validated before anything changes), list, activate, roll back and
+//! deactivate policy plugins, slot by slot.
+
+use axum::Json;
+use axum::Router;
+use axum::body::Bytes;
+use axum::extract::{FromRequest, Multipart, Path as UrlPath, Query, Request, State};
+use axum::http::{HeaderMap, StatusCode, header};
+use axum::routing::{get, post};
+use serde::Deserialize;
+use serde_json::{Value, json};
+
+use super::admin::authorize;
+use super::{ApiError, Shared};
+use crate::policy::Slot;
+
+/// Plugin admin routes.
+pub fn router() -> Router<Shared> {
+    Router::new()
+        .route("/admin/plugins", get(list))
+        .route("/admin/plugins/{slot}", get(show).post(upload).put(upload).delete(deactivate))
+        .route("/admin/plugins/{slot}/rollback", post(rollback))
+        .route("/admin/plugins/{slot}/activate/{version}", post(activate))
+}
+
+fn slot(name: &str) -> Result<Slot, ApiError> {
+    name.parse().map_err(|m: String| ApiError::invalid(Some("slot".into()), m))
+}
+
+fn bad_upload(m: String) -> ApiError {
+    ApiError { code: "invalid_plugin", ..ApiError::invalid(Some("body".into()), m) }
+}
+
+async fn list(State(state): State<Shared>, headers: HeaderMap) -> Result<Json<Value>, ApiError> {
+    authorize(&state, &headers)?;
+    Ok(Json(json!({"object": "list", "data": state.policy.registry.list()})))
+}
+
+async fn show(
+    State(state): State<Shared>,
+    headers: HeaderMap,
+    UrlPath(name): UrlPath<String>,
+) -> Result<Json<Value>, ApiError> {
+    authorize(&state, &headers)?;
+    let slot = slot(&name)?;
+    let view = state.policy.registry.list().into_iter().find(|v| v.slot == slot);
+    let view = view.ok_or_else(|| ApiError::from(crate::error::Error::UnknownPlugin(format!("slot {slot}"))))?;
+    Ok(Json(json!(view)))
+}
+
+/// `?config=` of a raw upload.
+#[derive(Debug, Deserialize)]
+struct UploadQuery {
+    config: Option<String>,
+}
+
+/// `POST|PUT /admin/plugins/{slot}`: the component as the raw body (config in `?config=`), or a
+/// multipart form with a `plugin` file part and an optional `config` part (JSON).
+async fn upload(
+    State(state): State<Shared>,
+    headers: HeaderMap,
+    UrlPath(name): UrlPath<String>,
+    Query(query): Query<UploadQuery>,
+    req: Request,
+) -> Result<(StatusCode, Json<Value>), ApiError> {
+    authorize(&state, &headers)?;
+    let slot = slot(&name)?;
+    if let Slot::Adapter(adapter) = &slot
+        && state.engine.pager().manifest(adapter).is_none()
+    {
+        return Err(ApiError::model_not_found(adapter));
+    }
+    let multipart = headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.starts_with("multipart/form-data"));
+    let (bytes, config) = if multipart {
+        let mut form = Multipart::from_request(req, &state).await.map_err(|r| bad_upload(r.body_text()))?;
+        let (mut bytes, mut config) = (None, query.config);
+        while let Some(field) = form.next_field().await.map_err(|e| bad_upload(format!("bad multipart body: {e}")))? {
+            let field_name = field.name().unwrap_or_default().to_string();
+            let data = field.bytes().await.map_err(|e| bad_upload(format!("reading `{field_name}`: {e}")))?;
+            match field_name.as_str() {
+                "plugin" | "file" => bytes = Some(data.to_vec()),
+                "config" => {
+                    config = Some(String::from_utf8(data.to_vec()).map_err(|_| bad_upload("config is not UTF-8".into()))?)
+                }
+                _ => {}
+            }
+        }
+        (bytes.ok_or_else(|| bad_upload("the form has no `plugin` part".into()))?, config)
+    } else {
+        let body = Bytes::from_request(req, &state).await.map_err(|r| bad_upload(r.body_text()))?;
+        (body.to_vec(), query.config)
+    };
+    let config = config.unwrap_or_default();
+    if !config.trim().is_empty() && serde_json::from_str::<Value>(&config).is_err() {
+        return Err(ApiError::invalid(Some("config".into()), "the plugin config must be JSON"));
+    }
+    let st = state.clone();
+    let slot2 = slot.clone();
+    let info = tokio::task::spawn_blocking(move || st.policy.install(&slot2, &bytes, &config, "admin"))
+        .await
+        .map_err(|e| ApiError::internal(format!("upload task: {e}")))??;
+    Ok((StatusCode::CREATED, Json(json!({"slot": slot, "active": info}))))
+}
+
+async fn rollback(
+    State(state): State<Shared>,
+    headers: HeaderMap,
+    UrlPath(name): UrlPath<String>,
+) -> Result<Json<Value>, ApiError> {
+    authorize(&state, &headers)?;
+    let slot = slot(&name)?;
+    let st = state.clone();
+    let slot2 = slot.clone();
+    let active = tokio::task::spawn_blocking(move || st.policy.registry.rollback(&slot2))
+        .await
+        .map_err(|e| ApiError::internal(format!("rollback task: {e}")))??;
+    Ok(Json(json!({"slot": slot, "active": active})))
+}
+
+async fn activate(
+    State(state): State<Shared>,
+    headers: HeaderMap,
+    UrlPath((name, version)): UrlPath<(String, u32)>,
+) -> Result<Json<Value>, ApiError> {
+    authorize(&state, &headers)?;
+    let slot = slot(&name)?;
+    let st = state.clone();
+    let slot2 = slot.clone();
+    let active = tokio::task::spawn_blocking(move || st.policy.registry.activate(&slot2, version))
+        .await
+        .map_err(|e| ApiError::internal(format!("activate task: {e}")))??;
+    Ok(Json(json!({"slot": slot, "active": active})))
+}
+
+async fn deactivate(
+    State(state): State<Shared>,
+    headers: HeaderMap,
+    UrlPath(name): UrlPath<String>,
+) -> Result<Json<Value>, ApiError> {
+    authorize(&state, &headers)?;
+    let slot = slot(&name)?;
+    state.policy.registry.deactivate(&slot)?;
+    Ok(Json(json!({"slot": slot, "active": null})))
+}

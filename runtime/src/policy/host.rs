@@ -1,0 +1,279 @@
+//! The policy host on the request path: route before serving, price and attribute after, each by
+//! the slot's active plugin under its limits — or by the built-in when there is none, when the
+//! plugin fails (fail-open), or never (fail-closed: the request is refused). Every decision names
+//! who made it (plugin sha256 or built-in) so it can be replayed.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+
+use openlora_sdk::money::{validate_currency, validate_splits};
+use openlora_sdk::{Level, Money, RequestInfo, RouteDecision, Split, Usage, owner_account};
+use serde::{Deserialize, Serialize};
+
+use super::builtin::{Builtins, builtin_label};
+use super::config::{OnFailure, PolicyConfig};
+use super::plugin::{CallFailure, Called, CompiledPlugin, FailureKind};
+use super::registry::Registry;
+use super::slot::Slot;
+use super::wasm::{WasmRuntime, sha256_hex};
+use crate::error::{Error, Result};
+use crate::metrics::PolicyMetrics;
+
+/// Longest reason a router may give for a rejection, in bytes.
+const MAX_REJECT_BYTES: usize = 1024;
+
+/// Who made one decision, recorded with it so it can be replayed.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Decider {
+    /// The slot (`router`, `pricer`, `attributor`, `adapter:<name>`).
+    pub slot: String,
+    /// `sha256:<hex>` of the plugin that answered, or `builtin:<slot>@<version>`.
+    pub plugin: String,
+    /// The plugin's version number in its slot (none for the built-in).
+    pub version: Option<u32>,
+    /// The configuration it ran with (JSON; empty for none).
+    pub config: String,
+    /// If the slot's plugin failed and the built-in answered instead: why.
+    pub failure: Option<String>,
+    /// Fuel the plugin used (0 for the built-in).
+    pub fuel: u64,
+}
+
+/// What routing decided.
+#[derive(Debug, Clone)]
+pub struct Routed {
+    /// The adapter to serve with (`None`: the base model).
+    pub adapter: Option<String>,
+    /// Scheduling priority.
+    pub priority: i32,
+    /// Who decided.
+    pub by: Decider,
+}
+
+/// What a finished request costs and who gets it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Settlement {
+    /// The charge.
+    pub charge: Money,
+    /// Its splits; they sum to the charge exactly.
+    pub splits: Vec<Split>,
+    /// Who decided the price, the splits, and any adapter owner's sub-splits.
+    pub deciders: Vec<Decider>,
+}
+
+/// The plugins in their slots, the built-ins, and the failure policy.
+pub struct PolicyHost {
+    /// The installed plugins.
+    pub registry: Registry,
+    builtins: Builtins,
+    config: PolicyConfig,
+    metrics: PolicyMetrics,
+}
+
+/// One slot call: the plugin's attempt and the built-in's answer.
+struct Attempt<'a, T> {
+    slot: &'a Slot,
+    call: &'a dyn Fn(&Arc<CompiledPlugin>) -> std::result::Result<Called<T>, CallFailure>,
+    validate: &'a dyn Fn(&T) -> std::result::Result<(), String>,
+    builtin: &'a dyn Fn() -> std::result::Result<T, String>,
+    on_failure: OnFailure,
+}
+
+impl PolicyHost {
+    /// A host with `config`'s limits, keeping plugins under `root` (`None`: in memory).
+    pub fn new(config: &PolicyConfig, root: Option<PathBuf>, metrics: PolicyMetrics) -> Result<Self> {
+        let runtime = WasmRuntime::new(config, root.as_ref().map(|r| r.join("cache")))?;
+        let registry = Registry::open(runtime, root)?;
+        Ok(PolicyHost { registry, builtins: Builtins::new(config)?, config: config.clone(), metrics })
+    }
+
+    /// Counts a failure of the slot's active plugin, quarantining it after too many in a row.
+    fn record_failure(&self, slot: &Slot, plugin: &CompiledPlugin, failure: &CallFailure) {
+        let label = slot_label(slot);
+        self.metrics.failures.with_label_values(&[label, failure.kind.label()]).inc();
+        eprintln!("openlora: plugin {slot}@{} failed: {failure}", plugin.short());
+        let Some(handle) = self.registry.existing(slot) else { return };
+        let n = handle.failures.fetch_add(1, Ordering::Relaxed) + 1;
+        if n >= self.config.quarantine_after && !handle.quarantined.swap(true, Ordering::Relaxed) {
+            self.metrics.quarantines.with_label_values(&[label]).inc();
+            eprintln!("openlora: plugin {slot}@{} quarantined after {n} failures in a row", plugin.short());
+        }
+    }
+
+    fn attempt<T>(&self, a: Attempt<'_, T>) -> Result<(T, Decider)> {
+        let label = slot_label(a.slot);
+        let handle = self.registry.existing(a.slot);
+        let active = handle.as_ref().and_then(|h| h.active.load_full());
+        let mut failure = None;
+        if let (Some(handle), Some(active)) = (&handle, &active) {
+            let outcome = if handle.quarantined.load(Ordering::Relaxed) {
+                Err(CallFailure::new(FailureKind::Invalid, "quarantined after repeated failures"))
+            } else {
+                let called = (a.call)(&active.plugin);
+                if let Ok(c) = &called {
+                    self.metrics.call_seconds.with_label_values(&[label]).observe(c.stats.micros as f64 / 1e6);
+                    self.metrics.fuel.with_label_values(&[label]).inc_by(c.stats.fuel);
+                    emit_logs(a.slot, &active.plugin, &c.logs);
+                }
+                called.and_then(|c| {
+                    (a.validate)(&c.value).map_err(|m| CallFailure::new(FailureKind::Invalid, m))?;
+                    Ok(c)
+                })
+            };
+            match outcome {
+                Ok(called) => {
+                    handle.failures.store(0, Ordering::Relaxed);
+                    self.metrics.decisions.with_label_values(&[label, "plugin"]).inc();
+                    let by = Decider {
+                        slot: a.slot.to_string(),
+                        plugin: format!("sha256:{}", active.info.sha256),
+                        version: Some(active.info.version),
+                        config: active.info.config.clone(),
+                        failure: None,
+                        fuel: called.stats.fuel,
+                    };
+                    return Ok((called.value, by));
+                }
+                Err(f) => {
+                    if f.message != "quarantined after repeated failures" {
+                        self.record_failure(a.slot, &active.plugin, &f);
+                    }
+                    if a.on_failure == OnFailure::Reject {
+                        self.metrics.decisions.with_label_values(&[label, "rejected"]).inc();
+                        return Err(Error::PolicyFailed { slot: a.slot.to_string(), message: f.to_string() });
+                    }
+                    failure = Some(format!("plugin sha256:{} v{}: {f}", active.info.sha256, active.info.version));
+                }
+            }
+        }
+        let value = (a.builtin)()
+            .and_then(|v| (a.validate)(&v).map(|_| v))
+            .map_err(|message| Error::PolicyFailed { slot: a.slot.to_string(), message })?;
+        let by_label = if failure.is_some() { "fallback" } else { "builtin" };
+        self.metrics.decisions.with_label_values(&[label, by_label]).inc();
+        let config = match a.slot {
+            Slot::Router => self.builtins.configs[0].clone(),
+            Slot::Pricer => self.builtins.configs[1].clone(),
+            Slot::Attributor => self.builtins.configs[2].clone(),
+            Slot::Adapter(_) => String::new(),
+        };
+        let plugin = match a.slot {
+            Slot::Adapter(_) => builtin_label("owner-keeps-share"),
+            other => builtin_label(&other.to_string()),
+        };
+        Ok((value, Decider { slot: a.slot.to_string(), plugin, version: None, config, failure, fuel: 0 }))
+    }
+
+    fn on_failure(&self, slot: &Slot) -> OnFailure {
+        match slot {
+            Slot::Adapter(_) => OnFailure::Builtin,
+            other => self.config.slot(&other.to_string()).on_failure,
+        }
+    }
+
+    /// Routes `request` (whose `adapter` is the requested name unless it names the base model).
+    /// `adapter_exists` tells registered adapters apart; a plugin routing to an unregistered one
+    /// other than the one asked for has failed.
+    pub fn route(&self, request: &RequestInfo, adapter_exists: &dyn Fn(&str) -> bool) -> Result<Routed> {
+        let slot = Slot::Router;
+        let validate = |d: &RouteDecision| match d {
+            RouteDecision::Serve(r) => match &r.adapter {
+                Some(a) if !adapter_exists(a) && request.adapter.as_deref() != Some(a.as_str()) => {
+                    Err(format!("routed to adapter {a:?}, which is not registered"))
+                }
+                _ => Ok(()),
+            },
+            RouteDecision::Reject(reason) if reason.len() > MAX_REJECT_BYTES => {
+                Err(format!("rejection reason longer than {MAX_REJECT_BYTES} bytes"))
+            }
+            RouteDecision::Reject(_) => Ok(()),
+        };
+        let (decision, by) = self.attempt(Attempt {
+            slot: &slot,
+            call: &|p| p.route(request),
+            validate: &validate,
+            builtin: &|| Ok(self.builtins.route(request)),
+            on_failure: self.on_failure(&slot),
+        })?;
+        match decision {
+            RouteDecision::Serve(route) => {
+                if let Some(a) = &route.adapter
+                    && !adapter_exists(a)
+                {
+                    return Err(Error::UnknownAdapter(a.clone()));
+                }
+                Ok(Routed { adapter: route.adapter, priority: route.priority, by })
+            }
+            RouteDecision::Reject(reason) => Err(Error::PolicyRejected(reason)),
+        }
+    }
+
+    /// Prices a finished request and splits the charge: the pricer, the operator's attributor,
+    /// then the adapter owner's attributor (if registered) on the owner's share.
+    pub fn settle(&self, request: &RequestInfo, usage: &Usage) -> Result<Settlement> {
+        let (charge, priced_by) = self.attempt(Attempt {
+            slot: &Slot::Pricer,
+            call: &|p| p.price(request, usage),
+            validate: &|m: &Money| validate_currency(&m.currency),
+            builtin: &|| self.builtins.price(request, usage),
+            on_failure: self.on_failure(&Slot::Pricer),
+        })?;
+        let (mut splits, split_by) = self.attempt(Attempt {
+            slot: &Slot::Attributor,
+            call: &|p| p.attribute(request, usage, &charge),
+            validate: &|s: &Vec<Split>| validate_splits(&charge, s),
+            builtin: &|| self.builtins.attribute(request, usage, &charge),
+            on_failure: self.on_failure(&Slot::Attributor),
+        })?;
+        let mut deciders = vec![priced_by, split_by];
+        if let Some(adapter) = &request.adapter {
+            let slot = Slot::Adapter(adapter.clone());
+            let has_plugin = self.registry.existing(&slot).is_some_and(|h| h.active.load().is_some());
+            let account = owner_account(request.adapter_owner.as_deref().unwrap_or(adapter));
+            if let (true, Some(i)) = (has_plugin, splits.iter().position(|s| s.payee == account)) {
+                let share = Money::new(splits[i].amount, charge.currency.clone());
+                let original = splits[i].clone();
+                let (sub, by) = self.attempt(Attempt {
+                    slot: &slot,
+                    call: &|p| p.attribute(request, usage, &share),
+                    validate: &|s: &Vec<Split>| validate_splits(&share, s),
+                    builtin: &|| Ok(vec![original.clone()]),
+                    on_failure: OnFailure::Builtin,
+                })?;
+                splits.splice(i..=i, sub);
+                deciders.push(by);
+            }
+        }
+        validate_splits(&charge, &splits).map_err(|message| Error::PolicyFailed { slot: "attributor".into(), message })?;
+        Ok(Settlement { charge, splits, deciders })
+    }
+
+    /// Installs a plugin (see [`Registry::install`]), counting the outcome.
+    pub fn install(&self, slot: &Slot, bytes: &[u8], config: &str, source: &str) -> Result<super::VersionInfo> {
+        let result = self.registry.install(slot, bytes, config, source);
+        let outcome = if result.is_ok() { "ok" } else { "refused" };
+        self.metrics.loads.with_label_values(&[outcome]).inc();
+        result
+    }
+
+    /// The sha256 of a configuration string, as decisions record it.
+    pub fn config_sha256(config: &str) -> String {
+        sha256_hex(config.as_bytes())
+    }
+}
+
+fn slot_label(slot: &Slot) -> &'static str {
+    match slot {
+        Slot::Router => "router",
+        Slot::Pricer => "pricer",
+        Slot::Attributor => "attributor",
+        Slot::Adapter(_) => "adapter",
+    }
+}
+
+fn emit_logs(slot: &Slot, plugin: &CompiledPlugin, logs: &[(Level, String)]) {
+    for (level, line) in logs {
+        eprintln!("openlora: plugin {slot}@{} {level:?}: {line}", plugin.short());
+    }
+}

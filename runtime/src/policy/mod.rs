@@ -1,0 +1,19 @@
+//! Policy plugins: routers, pricers and attributors as sandboxed wasm components, hot-loaded
+//! into slots, with the built-in policies answering whenever a plugin is absent or fails.
+
+pub mod builtin;
+pub mod config;
+pub mod dropdir;
+pub mod host;
+pub mod plugin;
+pub mod registry;
+mod sandbox;
+pub mod slot;
+pub mod wasm;
+
+pub use config::{OnFailure, PolicyConfig, SlotConfig};
+pub use plugin::{CallFailure, CallStats, Called, CompiledPlugin, FailureKind};
+pub use slot::{Slot, World};
+pub use wasm::{WasmRuntime, sha256_hex};
+pub use host::{Decider, PolicyHost, Routed, Settlement};
+pub use registry::{Registry, SlotView, VersionInfo};

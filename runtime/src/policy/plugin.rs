@@ -1,0 +1,322 @@
+//! One compiled plugin version: a pool of fresh, configured instances kept warm off the request
+//! path, and the typed calls that run each on one instance under fuel, deadline and memory caps.
+
+use std::fmt;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, Weak};
+use std::time::Instant;
+
+use openlora_sdk as sdk;
+use serde::Serialize;
+use wasmtime::component::{Instance, InstancePre};
+use wasmtime::{Store, StoreLimitsBuilder, Trap};
+
+use super::sandbox::{Sandbox, attribution, pricing, routing, wit};
+use super::slot::World;
+use super::wasm::WasmRuntime;
+
+/// How a call failed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum FailureKind {
+    /// Ran out of fuel (an endless or too-long computation).
+    Fuel,
+    /// Ran past its wall-clock deadline.
+    Deadline,
+    /// Tried to grow memory past the cap.
+    Memory,
+    /// Overflowed its wasm stack (e.g. unbounded recursion).
+    Stack,
+    /// Wrote more output than allowed.
+    Output,
+    /// Trapped for another reason (panic, unreachable, ...).
+    Trap,
+    /// Returned a result the host refuses (splits not summing to the charge, overflow, ...).
+    Invalid,
+    /// Returned an error of its own.
+    Declined,
+}
+
+impl FailureKind {
+    /// The label used in metrics.
+    pub fn label(self) -> &'static str {
+        match self {
+            FailureKind::Fuel => "fuel",
+            FailureKind::Deadline => "deadline",
+            FailureKind::Memory => "memory",
+            FailureKind::Stack => "stack",
+            FailureKind::Output => "output",
+            FailureKind::Trap => "trap",
+            FailureKind::Invalid => "invalid",
+            FailureKind::Declined => "declined",
+        }
+    }
+}
+
+/// A failed plugin call: what kind of failure and the details.
+#[derive(Debug, Clone)]
+pub struct CallFailure {
+    /// The kind of failure.
+    pub kind: FailureKind,
+    /// What happened, for logs and errors.
+    pub message: String,
+}
+
+impl CallFailure {
+    /// A failure of `kind`.
+    pub fn new(kind: FailureKind, message: impl Into<String>) -> Self {
+        CallFailure { kind, message: message.into() }
+    }
+}
+
+impl fmt::Display for CallFailure {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}: {}", self.kind.label(), self.message)
+    }
+}
+
+/// What a successful call cost.
+#[derive(Debug, Clone, Copy, Default, Serialize)]
+pub struct CallStats {
+    /// Fuel used by the call itself.
+    pub fuel: u64,
+    /// Wall-clock time of the call, in microseconds (including instantiation if no instance was warm).
+    pub micros: u64,
+    /// Whether a warm instance was used.
+    pub warm: bool,
+}
+
+/// A configured instance, used for exactly one call and then dropped.
+struct Warm {
+    store: Store<Sandbox>,
+    instance: Instance,
+}
+
+/// The export indices of the plugin's world.
+enum Exports {
+    Router(routing::GuestIndices),
+    Pricer(pricing::GuestIndices),
+    Attributor(attribution::GuestIndices),
+}
+
+/// A validated, compiled plugin version, ready to call.
+pub struct CompiledPlugin {
+    /// The hex sha256 of the component's bytes.
+    pub sha256: String,
+    /// The world it exports.
+    pub world: World,
+    /// The configuration its instances are given (JSON; empty for none).
+    pub config: String,
+    /// The component's size in bytes.
+    pub size: usize,
+    runtime: Arc<WasmRuntime>,
+    pre: InstancePre<Sandbox>,
+    exports: Exports,
+    warm: Mutex<Vec<Warm>>,
+    refilling: AtomicBool,
+}
+
+impl CompiledPlugin {
+    pub(crate) fn new(
+        runtime: Arc<WasmRuntime>,
+        sha256: String,
+        world: World,
+        config: String,
+        size: usize,
+        pre: InstancePre<Sandbox>,
+    ) -> wasmtime::Result<Arc<Self>> {
+        let exports = match world {
+            World::Router => Exports::Router(routing::GuestIndices::new(&pre)?),
+            World::Pricer => Exports::Pricer(pricing::GuestIndices::new(&pre)?),
+            World::Attributor => Exports::Attributor(attribution::GuestIndices::new(&pre)?),
+        };
+        Ok(Arc::new(CompiledPlugin {
+            sha256,
+            world,
+            config,
+            size,
+            runtime,
+            pre,
+            exports,
+            warm: Mutex::new(Vec::new()),
+            refilling: AtomicBool::new(false),
+        }))
+    }
+
+    /// The first 12 hex digits of the sha256, for logs.
+    pub fn short(&self) -> &str {
+        &self.sha256[..12.min(self.sha256.len())]
+    }
+
+    /// Instantiates and configures one instance now and keeps it warm; the error says why not.
+    pub(crate) fn prime(self: &Arc<Self>) -> Result<(), CallFailure> {
+        let warm = self.fresh()?;
+        self.lock_warm().push(warm);
+        self.schedule_refill();
+        Ok(())
+    }
+
+    fn lock_warm(&self) -> std::sync::MutexGuard<'_, Vec<Warm>> {
+        self.warm.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// A new store and instance, configured; its own fuel and deadline budget.
+    fn fresh(&self) -> Result<Warm, CallFailure> {
+        let limits = &self.runtime.limits;
+        let store_limits = StoreLimitsBuilder::new()
+            .memory_size(limits.memory_bytes)
+            .instances(64)
+            .tables(64)
+            .memories(8)
+            .trap_on_grow_failure(true)
+            .build();
+        let mut store = Store::new(&self.runtime.engine, Sandbox::new(store_limits, limits.output_bytes, &self.sha256));
+        store.limiter(|s| &mut s.limits);
+        store.set_fuel(limits.fuel).map_err(|e| classify(&e, limits))?;
+        store.set_epoch_deadline(self.runtime.deadline_ticks());
+        let instance = self.pre.instantiate(&mut store).map_err(|e| classify(&e, limits))?;
+        let configured = match &self.exports {
+            Exports::Router(ix) => ix.load(&mut store, &instance).and_then(|g| g.call_configure(&mut store, &self.config)),
+            Exports::Pricer(ix) => ix.load(&mut store, &instance).and_then(|g| g.call_configure(&mut store, &self.config)),
+            Exports::Attributor(ix) => {
+                ix.load(&mut store, &instance).and_then(|g| g.call_configure(&mut store, &self.config))
+            }
+        };
+        configured
+            .map_err(|e| classify(&e, limits))?
+            .map_err(|e| CallFailure::new(FailureKind::Declined, format!("configuration refused: {e}")))?;
+        store.data_mut().logs.clear();
+        Ok(Warm { store, instance })
+    }
+
+    /// Asks the refill thread to top up the warm pool (at most one request outstanding).
+    fn schedule_refill(self: &Arc<Self>) {
+        if self.runtime.limits.warm_instances == 0 || self.refilling.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        let weak: Weak<Self> = Arc::downgrade(self);
+        let spawned = std::thread::Builder::new().name("openlora-plugin-warm".into()).spawn(move || {
+            let Some(plugin) = weak.upgrade() else { return };
+            let target = plugin.runtime.limits.warm_instances;
+            while plugin.lock_warm().len() < target {
+                match plugin.fresh() {
+                    Ok(w) => plugin.lock_warm().push(w),
+                    Err(_) => break,
+                }
+            }
+            plugin.refilling.store(false, Ordering::Release);
+        });
+        if spawned.is_err() {
+            self.refilling.store(false, Ordering::Release);
+        }
+    }
+
+    /// Runs `f` on one instance (warm if one is ready) under the call limits, then drops it.
+    fn call<T>(
+        self: &Arc<Self>,
+        request: &sdk::RequestInfo,
+        f: impl FnOnce(&Exports, &mut Store<Sandbox>, &Instance) -> wasmtime::Result<T>,
+    ) -> Result<(T, CallStats, Vec<(sdk::Level, String)>), CallFailure> {
+        let start = Instant::now();
+        let warm = self.lock_warm().pop();
+        self.schedule_refill();
+        let was_warm = warm.is_some();
+        let mut w = match warm {
+            Some(w) => w,
+            None => self.fresh()?,
+        };
+        let limits = &self.runtime.limits;
+        w.store.data_mut().prepare_call(request.received_at_ms, &request.request_id);
+        w.store.set_fuel(limits.fuel).map_err(|e| classify(&e, limits))?;
+        w.store.set_epoch_deadline(self.runtime.deadline_ticks());
+        let result = f(&self.exports, &mut w.store, &w.instance);
+        let fuel = limits.fuel.saturating_sub(w.store.get_fuel().unwrap_or(0));
+        let data = w.store.data_mut();
+        let mut logs = std::mem::take(&mut data.logs);
+        let output = data.output.contents();
+        if !output.is_empty() {
+            logs.push((sdk::Level::Info, format!("(output) {}", String::from_utf8_lossy(&output).trim_end())));
+        }
+        if data.dropped_logs > 0 {
+            logs.push((sdk::Level::Warn, format!("({} more log lines dropped)", data.dropped_logs)));
+        }
+        let value = result.map_err(|e| classify(&e, limits))?;
+        let stats = CallStats { fuel, micros: start.elapsed().as_micros() as u64, warm: was_warm };
+        Ok((value, stats, logs))
+    }
+
+    /// Calls `route`.
+    pub fn route(self: &Arc<Self>, request: &sdk::RequestInfo) -> Result<Called<sdk::RouteDecision>, CallFailure> {
+        let wit_request = wit::RequestInfo::from(request);
+        let (decision, stats, logs) = self.call(request, |exports, store, instance| match exports {
+            Exports::Router(ix) => ix.load(&mut *store, instance)?.call_route(&mut *store, &wit_request),
+            _ => Err(wasmtime::Error::msg("not a router")),
+        })?;
+        Ok(Called { value: decision.into(), stats, logs })
+    }
+
+    /// Calls `price`.
+    pub fn price(self: &Arc<Self>, request: &sdk::RequestInfo, usage: &sdk::Usage) -> Result<Called<sdk::Money>, CallFailure> {
+        let (wit_request, wit_usage) = (wit::RequestInfo::from(request), wit::Usage::from(usage));
+        let (result, stats, logs) = self.call(request, |exports, store, instance| match exports {
+            Exports::Pricer(ix) => ix.load(&mut *store, instance)?.call_price(&mut *store, &wit_request, wit_usage),
+            _ => Err(wasmtime::Error::msg("not a pricer")),
+        })?;
+        let money = result.map_err(|e| CallFailure::new(FailureKind::Declined, e))?;
+        Ok(Called { value: money.into(), stats, logs })
+    }
+
+    /// Calls `attribute`.
+    pub fn attribute(
+        self: &Arc<Self>,
+        request: &sdk::RequestInfo,
+        usage: &sdk::Usage,
+        charge: &sdk::Money,
+    ) -> Result<Called<Vec<sdk::Split>>, CallFailure> {
+        let (wit_request, wit_usage, wit_charge) =
+            (wit::RequestInfo::from(request), wit::Usage::from(usage), wit::Money::from(charge));
+        let (result, stats, logs) = self.call(request, |exports, store, instance| match exports {
+            Exports::Attributor(ix) => {
+                ix.load(&mut *store, instance)?.call_attribute(&mut *store, &wit_request, wit_usage, &wit_charge)
+            }
+            _ => Err(wasmtime::Error::msg("not an attributor")),
+        })?;
+        let splits = result.map_err(|e| CallFailure::new(FailureKind::Declined, e))?;
+        Ok(Called { value: splits.into_iter().map(Into::into).collect(), stats, logs })
+    }
+}
+
+/// A call's value with its cost and the log lines it wrote.
+#[derive(Debug)]
+pub struct Called<T> {
+    /// What the plugin returned.
+    pub value: T,
+    /// Fuel and time.
+    pub stats: CallStats,
+    /// Log lines (`host.log`, then captured stdout/stderr).
+    pub logs: Vec<(sdk::Level, String)>,
+}
+
+/// Names what stopped a call, from wasmtime's error.
+fn classify(e: &wasmtime::Error, limits: &super::config::PolicyConfig) -> CallFailure {
+    if let Some(trap) = e.downcast_ref::<Trap>() {
+        return match trap {
+            Trap::OutOfFuel => CallFailure::new(FailureKind::Fuel, format!("used all its fuel ({})", limits.fuel)),
+            Trap::Interrupt => {
+                CallFailure::new(FailureKind::Deadline, format!("ran past its deadline of {} ms", limits.deadline_ms))
+            }
+            Trap::StackOverflow => {
+                CallFailure::new(FailureKind::Stack, format!("overflowed its stack of {} bytes", limits.stack_bytes))
+            }
+            other => CallFailure::new(FailureKind::Trap, format!("trapped: {other}")),
+        };
+    }
+    let text = format!("{e:#}");
+    if text.contains("forcing trap when growing memory") || text.contains("memory minimum size") {
+        CallFailure::new(FailureKind::Memory, format!("went over its memory cap of {} bytes", limits.memory_bytes))
+    } else if text.contains("write beyond capacity") {
+        CallFailure::new(FailureKind::Output, format!("wrote more than {} bytes of output", limits.output_bytes))
+    } else {
+        CallFailure::new(FailureKind::Trap, text)
+    }
+}

@@ -1,0 +1,295 @@
+//! Installed plugins: every version of every slot, kept content-addressed on disk, the active one
+//! per slot behind an atomic pointer (in-flight calls keep the version they started with), and
+//! one-call rollback. State survives restarts in `<data_dir>/plugins/state.json`.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use arc_swap::ArcSwapOption;
+use dashmap::DashMap;
+use serde::{Deserialize, Serialize};
+
+use super::plugin::CompiledPlugin;
+use super::slot::Slot;
+use super::wasm::{WasmRuntime, sha256_hex, write_atomically};
+use crate::error::{Error, Result};
+
+/// One installed version of a slot's plugin.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct VersionInfo {
+    /// The version's number within its slot (1, 2, ...).
+    pub version: u32,
+    /// The hex sha256 of the component.
+    pub sha256: String,
+    /// The configuration it runs with (JSON; empty for none).
+    pub config: String,
+    /// The component's size in bytes.
+    pub size: usize,
+    /// When it was installed, in milliseconds since the Unix epoch.
+    pub installed_at_ms: u64,
+    /// Where it came from (`admin`, `dir:<file>`, ...).
+    pub source: String,
+}
+
+/// A slot's persistent record.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+struct SlotRecord {
+    versions: Vec<VersionInfo>,
+    /// Versions in the order they were activated; the last is active unless `active` is `None`.
+    history: Vec<u32>,
+    active: Option<u32>,
+}
+
+/// The active plugin of a slot.
+pub struct Active {
+    /// Which version it is.
+    pub info: VersionInfo,
+    /// The compiled plugin.
+    pub plugin: Arc<CompiledPlugin>,
+}
+
+/// A slot's live state: read on every request without locks.
+#[derive(Default)]
+pub struct SlotHandle {
+    /// The active version, if any (otherwise the built-in answers).
+    pub active: ArcSwapOption<Active>,
+    /// Consecutive failures of the active version.
+    pub failures: AtomicU32,
+    /// Whether the active version is quarantined (the built-in answers instead).
+    pub quarantined: AtomicBool,
+}
+
+/// What `GET /admin/plugins` shows of one slot.
+#[derive(Debug, Clone, Serialize)]
+pub struct SlotView {
+    /// The slot.
+    pub slot: Slot,
+    /// The active version number, if any.
+    pub active: Option<u32>,
+    /// Whether the active version is quarantined.
+    pub quarantined: bool,
+    /// Consecutive failures of the active version.
+    pub consecutive_failures: u32,
+    /// Every installed version, oldest first.
+    pub versions: Vec<VersionInfo>,
+}
+
+/// Every slot's plugins.
+pub struct Registry {
+    runtime: Arc<WasmRuntime>,
+    root: Option<PathBuf>,
+    slots: DashMap<Slot, Arc<SlotHandle>>,
+    records: Mutex<BTreeMap<Slot, SlotRecord>>,
+}
+
+fn now_ms() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
+}
+
+impl Registry {
+    /// A registry keeping its files under `root` (`None`: in memory only), restoring the active
+    /// version of every slot recorded there. A version that no longer loads is reported and skipped.
+    pub fn open(runtime: Arc<WasmRuntime>, root: Option<PathBuf>) -> Result<Self> {
+        let mut records = BTreeMap::new();
+        if let Some(root) = &root {
+            let path = root.join("state.json");
+            if path.is_file() {
+                let text = std::fs::read_to_string(&path).map_err(|e| Error::io(&path, e))?;
+                let raw: BTreeMap<String, SlotRecord> = serde_json::from_str(&text)
+                    .map_err(|e| Error::config(&path, "-", format!("not a plugin state file: {e}")))?;
+                for (slot, rec) in raw {
+                    let slot: Slot = slot.parse().map_err(|m| Error::config(&path, &slot, m))?;
+                    records.insert(slot, rec);
+                }
+            }
+        }
+        let registry = Registry { runtime, root, slots: DashMap::new(), records: Mutex::new(BTreeMap::new()) };
+        for (slot, rec) in records {
+            let active = rec.active.and_then(|v| rec.versions.iter().find(|i| i.version == v).cloned());
+            if let Some(info) = active {
+                match registry.compile(&slot, &info) {
+                    Ok(plugin) => registry.handle(&slot).active.store(Some(Arc::new(Active { info, plugin }))),
+                    Err(e) => eprintln!("openlora: plugin slot {slot}: version {} not restored: {e}", info.version),
+                }
+            }
+            registry.lock().insert(slot, rec);
+        }
+        Ok(registry)
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, BTreeMap<Slot, SlotRecord>> {
+        self.records.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The live handle of `slot` (created empty on first use).
+    pub fn handle(&self, slot: &Slot) -> Arc<SlotHandle> {
+        if let Some(h) = self.slots.get(slot) {
+            return h.clone();
+        }
+        self.slots.entry(slot.clone()).or_default().clone()
+    }
+
+    /// The live handle of `slot` if it ever had a plugin (no allocation on the request path).
+    pub fn existing(&self, slot: &Slot) -> Option<Arc<SlotHandle>> {
+        self.slots.get(slot).map(|h| h.clone())
+    }
+
+    /// The runtime plugins are compiled with.
+    pub fn runtime(&self) -> &Arc<WasmRuntime> {
+        &self.runtime
+    }
+
+    /// The stored bytes of the component with this sha256 (for replay), if kept.
+    pub fn blob(&self, sha256: &str) -> Option<Vec<u8>> {
+        let root = self.root.as_ref()?;
+        if sha256.len() != 64 || !sha256.bytes().all(|b| b.is_ascii_hexdigit()) {
+            return None;
+        }
+        std::fs::read(root.join("blobs").join(format!("{sha256}.wasm"))).ok()
+    }
+
+    fn compile(&self, slot: &Slot, info: &VersionInfo) -> Result<Arc<CompiledPlugin>> {
+        let bytes = self
+            .blob(&info.sha256)
+            .ok_or_else(|| Error::UnknownPlugin(format!("blob {} of slot {slot}", info.sha256)))?;
+        self.runtime.load(&format!("{slot} v{}", info.version), &bytes, slot.world(), &info.config)
+    }
+
+    /// Validates `bytes` (with `config`) as a plugin for `slot`, stores it and makes it active.
+    /// Nothing changes if validation fails. Installing the same bytes and config again re-activates
+    /// that version instead of adding one.
+    pub fn install(&self, slot: &Slot, bytes: &[u8], config: &str, source: &str) -> Result<VersionInfo> {
+        let plugin = self.runtime.load(&format!("for slot {slot}"), bytes, slot.world(), config)?;
+        let sha256 = sha256_hex(bytes);
+        if let Some(root) = &self.root {
+            let dir = root.join("blobs");
+            let path = dir.join(format!("{sha256}.wasm"));
+            if !path.is_file() {
+                write_atomically(&dir, &path, bytes).map_err(|e| Error::io(&path, e))?;
+            }
+        }
+        let mut records = self.lock();
+        let rec = records.entry(slot.clone()).or_default();
+        let info = match rec.versions.iter().find(|v| v.sha256 == sha256 && v.config == config) {
+            Some(existing) => existing.clone(),
+            None => {
+                let info = VersionInfo {
+                    version: rec.versions.iter().map(|v| v.version).max().unwrap_or(0) + 1,
+                    sha256,
+                    config: config.to_string(),
+                    size: bytes.len(),
+                    installed_at_ms: now_ms(),
+                    source: source.to_string(),
+                };
+                rec.versions.push(info.clone());
+                info
+            }
+        };
+        rec.history.push(info.version);
+        rec.active = Some(info.version);
+        self.swap_in(slot, Some(Arc::new(Active { info: info.clone(), plugin })));
+        self.persist(&records)?;
+        Ok(info)
+    }
+
+    /// Makes an installed version active again.
+    pub fn activate(&self, slot: &Slot, version: u32) -> Result<VersionInfo> {
+        let info = {
+            let records = self.lock();
+            let rec = records.get(slot).ok_or_else(|| Error::UnknownPlugin(format!("slot {slot}")))?;
+            rec.versions
+                .iter()
+                .find(|v| v.version == version)
+                .cloned()
+                .ok_or_else(|| Error::UnknownPlugin(format!("version {version} in slot {slot}")))?
+        };
+        let plugin = self.compile(slot, &info)?;
+        let mut records = self.lock();
+        let rec = records.entry(slot.clone()).or_default();
+        rec.history.push(version);
+        rec.active = Some(version);
+        self.swap_in(slot, Some(Arc::new(Active { info: info.clone(), plugin })));
+        self.persist(&records)?;
+        Ok(info)
+    }
+
+    /// Re-activates the version active before the current one (the built-in if there was none).
+    pub fn rollback(&self, slot: &Slot) -> Result<Option<VersionInfo>> {
+        let previous = {
+            let records = self.lock();
+            let rec = records.get(slot).ok_or_else(|| Error::UnknownPlugin(format!("slot {slot}")))?;
+            if rec.active.is_none() {
+                return Err(Error::UnknownPlugin(format!("active version in slot {slot} to roll back from")));
+            }
+            let mut history = rec.history.clone();
+            history.pop();
+            let previous = history.last().copied();
+            (history, previous)
+        };
+        let (history, previous) = previous;
+        let next = match previous {
+            Some(v) => {
+                let records = self.lock();
+                let info = records.get(slot).and_then(|r| r.versions.iter().find(|i| i.version == v).cloned());
+                drop(records);
+                let info = info.ok_or_else(|| Error::UnknownPlugin(format!("version {v} in slot {slot}")))?;
+                let plugin = self.compile(slot, &info)?;
+                Some(Arc::new(Active { info, plugin }))
+            }
+            None => None,
+        };
+        let mut records = self.lock();
+        let rec = records.entry(slot.clone()).or_default();
+        rec.history = history;
+        rec.active = previous;
+        let info = next.as_ref().map(|a| a.info.clone());
+        self.swap_in(slot, next);
+        self.persist(&records)?;
+        Ok(info)
+    }
+
+    /// Deactivates the slot's plugin (the built-in answers); its versions are kept.
+    pub fn deactivate(&self, slot: &Slot) -> Result<()> {
+        let mut records = self.lock();
+        let rec = records.get_mut(slot).ok_or_else(|| Error::UnknownPlugin(format!("slot {slot}")))?;
+        rec.active = None;
+        rec.history.clear();
+        self.swap_in(slot, None);
+        self.persist(&records)
+    }
+
+    fn swap_in(&self, slot: &Slot, active: Option<Arc<Active>>) {
+        let handle = self.handle(slot);
+        handle.active.store(active);
+        handle.failures.store(0, Ordering::Relaxed);
+        handle.quarantined.store(false, Ordering::Relaxed);
+    }
+
+    fn persist(&self, records: &BTreeMap<Slot, SlotRecord>) -> Result<()> {
+        let Some(root) = &self.root else { return Ok(()) };
+        let raw: BTreeMap<String, &SlotRecord> = records.iter().map(|(s, r)| (s.to_string(), r)).collect();
+        let text = serde_json::to_vec_pretty(&raw).map_err(|e| Error::config(root, "-", e.to_string()))?;
+        let path = root.join("state.json");
+        write_atomically(root, &path, &text).map_err(|e| Error::io(&path, e))
+    }
+
+    /// Every slot that has versions, with its state.
+    pub fn list(&self) -> Vec<SlotView> {
+        self.lock()
+            .iter()
+            .map(|(slot, rec)| {
+                let handle = self.handle(slot);
+                SlotView {
+                    slot: slot.clone(),
+                    active: rec.active,
+                    quarantined: handle.quarantined.load(Ordering::Relaxed),
+                    consecutive_failures: handle.failures.load(Ordering::Relaxed),
+                    versions: rec.versions.clone(),
+                }
+            })
+            .collect()
+    }
+}

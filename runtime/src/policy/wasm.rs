@@ -1,0 +1,208 @@
+//! The wasmtime side: one engine (pooling allocator, fuel, epochs), upload validation, a compile
+//! cache on disk, and the epoch ticker that backs every call's wall-clock deadline.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use sha2::{Digest, Sha256};
+use wasmtime::component::{Component, Linker};
+use wasmtime::{Config, Engine, InstanceAllocationStrategy, PoolingAllocationConfig};
+
+use super::config::PolicyConfig;
+use super::plugin::CompiledPlugin;
+use super::sandbox::{ALLOWED_IMPORTS, Sandbox, linker};
+use super::slot::World;
+use crate::error::{Error, Result};
+
+/// Milliseconds per epoch tick: the granularity of call deadlines.
+const EPOCH_TICK: Duration = Duration::from_millis(1);
+
+/// Most component instances alive at once (warm pools plus calls in flight).
+const MAX_INSTANCES: u32 = 1000;
+
+/// The hex sha256 of `bytes`: the name of a plugin version everywhere.
+pub fn sha256_hex(bytes: &[u8]) -> String {
+    Sha256::digest(bytes).iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// The engine, linker and limits every plugin shares.
+pub struct WasmRuntime {
+    pub(crate) engine: Engine,
+    pub(crate) linker: Linker<Sandbox>,
+    pub(crate) limits: PolicyConfig,
+    cache_dir: Option<PathBuf>,
+    stop_ticker: Arc<AtomicBool>,
+}
+
+impl WasmRuntime {
+    /// Builds the engine with `limits`; compiled plugins are cached under `cache_dir` if given.
+    pub fn new(limits: &PolicyConfig, cache_dir: Option<PathBuf>) -> Result<Arc<Self>> {
+        let mut pool = PoolingAllocationConfig::default();
+        let memory = limits.memory_bytes.next_multiple_of(64 << 10);
+        pool.total_component_instances(MAX_INSTANCES)
+            .total_core_instances(MAX_INSTANCES * 4)
+            .total_memories(MAX_INSTANCES * 2)
+            .total_tables(MAX_INSTANCES * 4)
+            .max_memory_size(memory)
+            .max_memories_per_component(4)
+            .max_tables_per_component(8)
+            .table_elements(20_000)
+            .max_component_instance_size(1 << 20)
+            .max_core_instance_size(1 << 20);
+        let mut config = Config::new();
+        config
+            .wasm_component_model(true)
+            .consume_fuel(true)
+            .epoch_interruption(true)
+            .max_wasm_stack(limits.stack_bytes)
+            .memory_reservation(memory as u64)
+            .memory_guard_size(64 << 10)
+            .memory_reservation_for_growth(0)
+            .allocation_strategy(InstanceAllocationStrategy::Pooling(pool));
+        let engine = Engine::new(&config).map_err(|e| wasm_error("engine", e))?;
+        let linker = linker(&engine).map_err(|e| wasm_error("linker", e))?;
+        let stop_ticker = Arc::new(AtomicBool::new(false));
+        let (ticker_engine, stop) = (engine.clone(), stop_ticker.clone());
+        std::thread::Builder::new()
+            .name("openlora-plugin-epoch".into())
+            .spawn(move || {
+                while !stop.load(Ordering::Relaxed) {
+                    std::thread::sleep(EPOCH_TICK);
+                    ticker_engine.increment_epoch();
+                }
+            })
+            .map_err(|e| Error::io("plugin epoch thread", e))?;
+        Ok(Arc::new(WasmRuntime { engine, linker, limits: limits.clone(), cache_dir, stop_ticker }))
+    }
+
+    /// Epoch ticks a call may run before it is interrupted.
+    pub(crate) fn deadline_ticks(&self) -> u64 {
+        self.limits.deadline_ms.div_ceil(EPOCH_TICK.as_millis() as u64).max(1)
+    }
+
+    /// Validates `bytes` as a plugin of `world` and prepares it for calls, configured with
+    /// `config` (JSON; empty for none): the plugin's own `configure` must accept it.
+    /// `what` names the file or upload in errors.
+    pub fn load(self: &Arc<Self>, what: &str, bytes: &[u8], world: World, config: &str) -> Result<Arc<CompiledPlugin>> {
+        let invalid = |message: String| Error::PluginInvalid { what: what.to_string(), message };
+        if bytes.len() > self.limits.max_plugin_bytes {
+            return Err(invalid(format!(
+                "{} bytes is more than the limit of {} (policy.max_plugin_bytes)",
+                bytes.len(),
+                self.limits.max_plugin_bytes
+            )));
+        }
+        check_header(bytes).map_err(invalid)?;
+        let sha = sha256_hex(bytes);
+        let component = self.compile(&sha, bytes).map_err(|e| invalid(format!("does not compile: {e:#}")))?;
+        check_imports_exports(&self.engine, &component, world).map_err(invalid)?;
+        let pre = self.linker.instantiate_pre(&component).map_err(|e| invalid(format!("cannot be linked: {e:#}")))?;
+        let plugin = CompiledPlugin::new(self.clone(), sha, world, config.to_string(), bytes.len(), pre)
+            .map_err(|e| invalid(format!("{e:#}")))?;
+        // A first instance proves it instantiates and accepts its configuration; it stays warm.
+        plugin.prime().map_err(|e| invalid(e.to_string()))?;
+        Ok(plugin)
+    }
+
+    /// Compiles a component, or loads it from the on-disk cache keyed by sha256 and wasmtime version.
+    fn compile(&self, sha: &str, bytes: &[u8]) -> wasmtime::Result<Component> {
+        let Some(dir) = &self.cache_dir else {
+            return Component::from_binary(&self.engine, bytes);
+        };
+        let path = dir.join(format!("{sha}-wasmtime-{}.cwasm", wasmtime_version()));
+        if path.is_file() {
+            // SAFETY: files in the cache directory are written only by `serialize` below, named
+            // by the sha256 of the source they were compiled from and by wasmtime's version; the
+            // engine also checks its own compatibility stamp and refuses a mismatched artifact.
+            if let Ok(c) = unsafe { Component::deserialize_file(&self.engine, &path) } {
+                return Ok(c);
+            }
+        }
+        let component = Component::from_binary(&self.engine, bytes)?;
+        if let Ok(serialized) = component.serialize() {
+            let _ = write_atomically(dir, &path, &serialized);
+        }
+        Ok(component)
+    }
+}
+
+impl Drop for WasmRuntime {
+    fn drop(&mut self) {
+        self.stop_ticker.store(true, Ordering::Relaxed);
+    }
+}
+
+/// The wasmtime version compiled in (part of the compile cache's key).
+fn wasmtime_version() -> &'static str {
+    "48.0.8"
+}
+
+fn wasm_error(what: &str, e: wasmtime::Error) -> Error {
+    Error::PluginInvalid { what: what.to_string(), message: format!("{e:#}") }
+}
+
+/// Writes `bytes` to `path` through a temporary file and a rename, so readers never see half a file.
+pub(crate) fn write_atomically(dir: &Path, path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    std::fs::create_dir_all(dir)?;
+    let tmp = path.with_extension(format!("tmp{}", std::process::id()));
+    std::fs::write(&tmp, bytes)?;
+    std::fs::rename(&tmp, path)
+}
+
+/// Refuses what is not a wasm component before handing it to the compiler, with a useful message.
+fn check_header(bytes: &[u8]) -> std::result::Result<(), String> {
+    if bytes.len() < 8 || &bytes[..4] != b"\0asm" {
+        return Err("not a WebAssembly file (no `\\0asm` header; truncated or another format?)".into());
+    }
+    // Bytes 4..8: version 1 + layer 0 is a core module; a component has layer 1.
+    if bytes[6..8] == [0, 0] {
+        return Err("a core wasm module, not a component: build with `--target wasm32-wasip2` \
+                    (or wrap it with `wasm-tools component new`)"
+            .into());
+    }
+    Ok(())
+}
+
+/// Checks the component exports `world`'s interface and imports nothing outside the allow-list.
+fn check_imports_exports(engine: &Engine, component: &Component, world: World) -> std::result::Result<(), String> {
+    let ty = component.component_type();
+    let mut forbidden = Vec::new();
+    for (name, _) in ty.imports(engine) {
+        let unversioned = name.split('@').next().unwrap_or(name);
+        if !ALLOWED_IMPORTS.contains(&unversioned) {
+            forbidden.push(name.to_string());
+        }
+    }
+    if !forbidden.is_empty() {
+        return Err(format!(
+            "imports {} — a plugin may import only openlora:policy/host and the empty, deterministic \
+             WASI parts a Rust std guest needs (no filesystem, sockets, http or other host functions)",
+            forbidden.join(", ")
+        ));
+    }
+    let exports: Vec<String> = ty.exports(engine).map(|(n, _)| n.to_string()).collect();
+    if !exports.iter().any(|e| e == world.export_name()) {
+        return Err(format!(
+            "does not export {} (it exports: {}); is it a {} plugin built with openlora-sdk's `{}` feature?",
+            world.export_name(),
+            if exports.is_empty() { "nothing".to_string() } else { exports.join(", ") },
+            world.name(),
+            world.name()
+        ));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn headers_are_checked_before_compiling() {
+        assert!(check_header(b"").unwrap_err().contains("not a WebAssembly"));
+        assert!(check_header(b"\0asm\x01\0\0\0").unwrap_err().contains("core wasm module"));
+        assert!(check_header(b"\0asm\x0d\0\x01\0").is_ok());
+    }
+}
