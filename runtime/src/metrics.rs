@@ -164,15 +164,24 @@ impl Metrics {
             ),
         };
         let policy = PolicyMetrics {
-            decisions: counter(r, "policy_decisions_total", "Policy decisions by slot and who answered", &["slot", "by"]),
+            decisions: counter(
+                r,
+                "policy_decisions_total",
+                "Policy decisions by slot and who answered",
+                &["slot", "by"],
+            ),
             failures: counter(r, "plugin_failures_total", "Plugin call failures by slot and kind", &["slot", "kind"]),
-            quarantines: counter(r, "plugin_quarantines_total", "Plugins quarantined after repeated failures", &["slot"]),
+            quarantines: counter(
+                r,
+                "plugin_quarantines_total",
+                "Plugins quarantined after repeated failures",
+                &["slot"],
+            ),
             call_seconds: register(
                 r,
                 HistogramVec::new(
-                    HistogramOpts::new("plugin_call_seconds", "Seconds per plugin call").buckets(vec![
-                        0.00001, 0.000025, 0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.005, 0.025, 0.1,
-                    ]),
+                    HistogramOpts::new("plugin_call_seconds", "Seconds per plugin call")
+                        .buckets(vec![0.00001, 0.000025, 0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.005, 0.025, 0.1]),
                     &["slot"],
                 ),
             ),

@@ -66,8 +66,12 @@ pub trait Attributor {
         Ok(())
     }
     /// The splits of `charge` (see [`money::split_by_weights`] for exact proportional splits).
-    fn attribute(config: &Self::Config, request: &RequestInfo, usage: &Usage, charge: &Money)
-    -> Result<Vec<Split>, String>;
+    fn attribute(
+        config: &Self::Config,
+        request: &RequestInfo,
+        usage: &Usage,
+        charge: &Money,
+    ) -> Result<Vec<Split>, String>;
 }
 
 /// Writes a line to the server's log (natively: to the buffer [`testing::take_logs`] reads).
@@ -123,7 +127,7 @@ macro_rules! export_router {
                     }
                 }
             }
-            $crate::bindings::router::export!(OpenloraGuest with_types_in $crate::bindings::router);
+    $crate::bindings::router::export!(OpenloraGuest with_types_in $crate::bindings::router);
         };
     };
 }
@@ -151,7 +155,7 @@ macro_rules! export_pricer {
                     <$plugin as $crate::Pricer>::price(config, &request.into(), &usage.into()).map(Into::into)
                 }
             }
-            $crate::bindings::pricer::export!(OpenloraGuest with_types_in $crate::bindings::pricer);
+    $crate::bindings::pricer::export!(OpenloraGuest with_types_in $crate::bindings::pricer);
         };
     };
 }
@@ -183,7 +187,7 @@ macro_rules! export_attributor {
                         .map(|splits| splits.into_iter().map(Into::into).collect())
                 }
             }
-            $crate::bindings::attributor::export!(OpenloraGuest with_types_in $crate::bindings::attributor);
+    $crate::bindings::attributor::export!(OpenloraGuest with_types_in $crate::bindings::attributor);
         };
     };
 }

@@ -55,10 +55,7 @@ pub fn per_thousand(tokens: u32, price_per_1k: u64) -> Result<u64, String> {
 
 /// The sum of `amounts`, or an error on overflow.
 pub fn checked_sum(amounts: impl IntoIterator<Item = u64>) -> Result<u64, String> {
-    amounts
-        .into_iter()
-        .try_fold(0u64, |acc, a| acc.checked_add(a))
-        .ok_or_else(|| "amounts overflow u64".to_string())
+    amounts.into_iter().try_fold(0u64, |acc, a| acc.checked_add(a)).ok_or_else(|| "amounts overflow u64".to_string())
 }
 
 /// Checks a charge's currency code: 1 to 16 characters of `A-Z`, `0-9`, `_` or `-`.

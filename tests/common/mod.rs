@@ -73,3 +73,45 @@ pub fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
         .to_scalar::<f32>()
         .expect("scalar")
 }
+
+/// Builds a workspace plugin crate from source for `wasm32-wasip2` (profile `plugin`, its own
+/// target folder so it never waits on the outer cargo) and returns the component's bytes.
+/// Each package is built by its own cargo call so the SDK gets only that plugin's world feature.
+pub fn plugin_wasm(package: &str) -> Vec<u8> {
+    use std::sync::Mutex;
+    static BUILDING: Mutex<()> = Mutex::new(());
+    let _guard = BUILDING.lock().unwrap_or_else(|p| p.into_inner());
+    let root = repo_root();
+    let target_dir = root.join("target").join("plugin-wasm");
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    let out = std::process::Command::new(cargo)
+        .current_dir(&root)
+        .args(["build", "--locked", "--quiet", "--target", "wasm32-wasip2", "--profile", "plugin", "-p", package])
+        .arg("--target-dir")
+        .arg(&target_dir)
+        .output()
+        .expect("run cargo to build a plugin");
+    assert!(
+        out.status.success(),
+        "building {package} for wasm32-wasip2 failed (is the target installed? `rustup target add wasm32-wasip2`):\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let path = target_dir.join("wasm32-wasip2/plugin").join(format!("{}.wasm", package.replace('-', "_")));
+    std::fs::read(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+}
+
+/// A fresh, empty folder under the system temp folder.
+pub fn temp_dir(tag: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("openlora-{tag}-{}-{:x}", std::process::id(), rand_suffix()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).expect("create temp dir");
+    dir
+}
+
+fn rand_suffix() -> u64 {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static N: AtomicU64 = AtomicU64::new(0);
+    let t =
+        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos() as u64).unwrap_or(0);
+    t ^ N.fetch_add(1, Ordering::Relaxed)
+}

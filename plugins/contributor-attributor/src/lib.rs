@@ -48,7 +48,9 @@ impl Attributor for ContributorAttributor {
         let names: Vec<&String> = config.contributors.keys().collect();
         let weights: Vec<u64> = config.contributors.values().copied().collect();
         let parts = split_by_weights(charge.amount - kept, &weights)?;
-        splits.extend(names.into_iter().zip(parts).map(|(n, a)| Split::new(format!("contributor:{n}"), a, "training data")));
+        splits.extend(
+            names.into_iter().zip(parts).map(|(n, a)| Split::new(format!("contributor:{n}"), a, "training data")),
+        );
         Ok(splits)
     }
 }

@@ -71,7 +71,11 @@ impl Attributor for ProportionalAttributor {
         }
         let weights: Vec<u64> = payees.iter().map(|p| p.2).collect();
         let parts = split_by_weights(charge.amount, &weights)?;
-        Ok(payees.into_iter().zip(parts).map(|((payee, reason, _), amount)| Split::new(payee, amount, reason)).collect())
+        Ok(payees
+            .into_iter()
+            .zip(parts)
+            .map(|((payee, reason, _), amount)| Split::new(payee, amount, reason))
+            .collect())
     }
 }
 
@@ -109,6 +113,9 @@ mod tests {
         let cfg = r#"{"operator_ppm": 0, "adapter_floor_ppm": 250000}"#;
         let splits = run_attributor::<ProportionalAttributor>(cfg, &r, &u, &Money::new(100, "USD")).unwrap();
         assert_eq!(splits[2], Split::new("owner:alice", 25, "adapter"));
-        assert!(run_attributor::<ProportionalAttributor>(r#"{"operator_ppm": 2000000}"#, &r, &u, &Money::new(1, "USD")).is_err());
+        assert!(
+            run_attributor::<ProportionalAttributor>(r#"{"operator_ppm": 2000000}"#, &r, &u, &Money::new(1, "USD"))
+                .is_err()
+        );
     }
 }

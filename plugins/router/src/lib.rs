@@ -115,10 +115,16 @@ mod tests {
 
     #[test]
     fn aliases_tiers_and_allow_lists() {
-        assert_eq!(route("acme", Some("trek")), RouteDecision::Serve(Route { adapter: Some("startrek".into()), priority: 10 }));
+        assert_eq!(
+            route("acme", Some("trek")),
+            RouteDecision::Serve(Route { adapter: Some("startrek".into()), priority: 10 })
+        );
         assert!(matches!(route("acme", Some("love")), RouteDecision::Reject(m) if m.contains("love")));
         assert_eq!(route("acme", None), RouteDecision::Serve(Route { adapter: None, priority: 10 }));
-        assert_eq!(route("bob", Some("love")), RouteDecision::Serve(Route { adapter: Some("love".into()), priority: -5 }));
+        assert_eq!(
+            route("bob", Some("love")),
+            RouteDecision::Serve(Route { adapter: Some("love".into()), priority: -5 })
+        );
     }
 
     #[test]

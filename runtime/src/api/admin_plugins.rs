@@ -83,7 +83,8 @@ async fn upload(
             match field_name.as_str() {
                 "plugin" | "file" => bytes = Some(data.to_vec()),
                 "config" => {
-                    config = Some(String::from_utf8(data.to_vec()).map_err(|_| bad_upload("config is not UTF-8".into()))?)
+                    config =
+                        Some(String::from_utf8(data.to_vec()).map_err(|_| bad_upload("config is not UTF-8".into()))?)
                 }
                 _ => {}
             }

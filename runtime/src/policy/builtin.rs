@@ -55,7 +55,12 @@ impl Builtins {
     }
 
     /// Attributes like the official proportional attributor.
-    pub fn attribute(&self, request: &RequestInfo, usage: &Usage, charge: &Money) -> std::result::Result<Vec<Split>, String> {
+    pub fn attribute(
+        &self,
+        request: &RequestInfo,
+        usage: &Usage,
+        charge: &Money,
+    ) -> std::result::Result<Vec<Split>, String> {
         ProportionalAttributor::attribute(&self.attributor, request, usage, charge)
     }
 }

@@ -245,7 +245,8 @@ impl PolicyHost {
                 deciders.push(by);
             }
         }
-        validate_splits(&charge, &splits).map_err(|message| Error::PolicyFailed { slot: "attributor".into(), message })?;
+        validate_splits(&charge, &splits)
+            .map_err(|message| Error::PolicyFailed { slot: "attributor".into(), message })?;
         Ok(Settlement { charge, splits, deciders })
     }
 

@@ -12,8 +12,8 @@ pub mod slot;
 pub mod wasm;
 
 pub use config::{OnFailure, PolicyConfig, SlotConfig};
+pub use host::{Decider, PolicyHost, Routed, Settlement};
 pub use plugin::{CallFailure, CallStats, Called, CompiledPlugin, FailureKind};
+pub use registry::{Registry, SlotView, VersionInfo};
 pub use slot::{Slot, World};
 pub use wasm::{WasmRuntime, sha256_hex};
-pub use host::{Decider, PolicyHost, Routed, Settlement};
-pub use registry::{Registry, SlotView, VersionInfo};

@@ -176,8 +176,12 @@ impl CompiledPlugin {
         store.set_epoch_deadline(self.runtime.deadline_ticks());
         let instance = self.pre.instantiate(&mut store).map_err(|e| classify(&e, limits))?;
         let configured = match &self.exports {
-            Exports::Router(ix) => ix.load(&mut store, &instance).and_then(|g| g.call_configure(&mut store, &self.config)),
-            Exports::Pricer(ix) => ix.load(&mut store, &instance).and_then(|g| g.call_configure(&mut store, &self.config)),
+            Exports::Router(ix) => {
+                ix.load(&mut store, &instance).and_then(|g| g.call_configure(&mut store, &self.config))
+            }
+            Exports::Pricer(ix) => {
+                ix.load(&mut store, &instance).and_then(|g| g.call_configure(&mut store, &self.config))
+            }
             Exports::Attributor(ix) => {
                 ix.load(&mut store, &instance).and_then(|g| g.call_configure(&mut store, &self.config))
             }
@@ -240,7 +244,15 @@ impl CompiledPlugin {
         if data.dropped_logs > 0 {
             logs.push((sdk::Level::Warn, format!("({} more log lines dropped)", data.dropped_logs)));
         }
-        let value = result.map_err(|e| classify(&e, limits))?;
+        // A guest whose output was cut off usually panics on the failed write: name the cause.
+        let output_full = output.len() * 10 > limits.output_bytes * 9;
+        let value = result.map_err(|e| match classify(&e, limits) {
+            f if output_full && f.kind == FailureKind::Trap => CallFailure::new(
+                FailureKind::Output,
+                format!("wrote more than {} bytes of output ({})", limits.output_bytes, f.message),
+            ),
+            f => f,
+        })?;
         let stats = CallStats { fuel, micros: start.elapsed().as_micros() as u64, warm: was_warm };
         Ok((value, stats, logs))
     }
@@ -256,7 +268,11 @@ impl CompiledPlugin {
     }
 
     /// Calls `price`.
-    pub fn price(self: &Arc<Self>, request: &sdk::RequestInfo, usage: &sdk::Usage) -> Result<Called<sdk::Money>, CallFailure> {
+    pub fn price(
+        self: &Arc<Self>,
+        request: &sdk::RequestInfo,
+        usage: &sdk::Usage,
+    ) -> Result<Called<sdk::Money>, CallFailure> {
         let (wit_request, wit_usage) = (wit::RequestInfo::from(request), wit::Usage::from(usage));
         let (result, stats, logs) = self.call(request, |exports, store, instance| match exports {
             Exports::Pricer(ix) => ix.load(&mut *store, instance)?.call_price(&mut *store, &wit_request, wit_usage),

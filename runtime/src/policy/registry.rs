@@ -83,6 +83,8 @@ pub struct Registry {
     root: Option<PathBuf>,
     slots: DashMap<Slot, Arc<SlotHandle>>,
     records: Mutex<BTreeMap<Slot, SlotRecord>>,
+    /// Component bytes by sha256 when there is no `root` to keep them in.
+    in_memory: DashMap<String, Arc<Vec<u8>>>,
 }
 
 fn now_ms() -> u64 {
@@ -106,7 +108,13 @@ impl Registry {
                 }
             }
         }
-        let registry = Registry { runtime, root, slots: DashMap::new(), records: Mutex::new(BTreeMap::new()) };
+        let registry = Registry {
+            runtime,
+            root,
+            slots: DashMap::new(),
+            records: Mutex::new(BTreeMap::new()),
+            in_memory: DashMap::new(),
+        };
         for (slot, rec) in records {
             let active = rec.active.and_then(|v| rec.versions.iter().find(|i| i.version == v).cloned());
             if let Some(info) = active {
@@ -144,7 +152,9 @@ impl Registry {
 
     /// The stored bytes of the component with this sha256 (for replay), if kept.
     pub fn blob(&self, sha256: &str) -> Option<Vec<u8>> {
-        let root = self.root.as_ref()?;
+        let Some(root) = self.root.as_ref() else {
+            return self.in_memory.get(sha256).map(|b| b.as_ref().clone());
+        };
         if sha256.len() != 64 || !sha256.bytes().all(|b| b.is_ascii_hexdigit()) {
             return None;
         }
@@ -164,11 +174,16 @@ impl Registry {
     pub fn install(&self, slot: &Slot, bytes: &[u8], config: &str, source: &str) -> Result<VersionInfo> {
         let plugin = self.runtime.load(&format!("for slot {slot}"), bytes, slot.world(), config)?;
         let sha256 = sha256_hex(bytes);
-        if let Some(root) = &self.root {
-            let dir = root.join("blobs");
-            let path = dir.join(format!("{sha256}.wasm"));
-            if !path.is_file() {
-                write_atomically(&dir, &path, bytes).map_err(|e| Error::io(&path, e))?;
+        match &self.root {
+            Some(root) => {
+                let dir = root.join("blobs");
+                let path = dir.join(format!("{sha256}.wasm"));
+                if !path.is_file() {
+                    write_atomically(&dir, &path, bytes).map_err(|e| Error::io(&path, e))?;
+                }
+            }
+            None => {
+                self.in_memory.entry(sha256.clone()).or_insert_with(|| Arc::new(bytes.to_vec()));
             }
         }
         let mut records = self.lock();

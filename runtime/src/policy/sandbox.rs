@@ -231,7 +231,9 @@ impl From<wit::Split> for sdk::Split {
 impl From<wit::RouteDecision> for sdk::RouteDecision {
     fn from(d: wit::RouteDecision) -> Self {
         match d {
-            wit::RouteDecision::Serve(r) => sdk::RouteDecision::Serve(sdk::Route { adapter: r.adapter, priority: r.priority }),
+            wit::RouteDecision::Serve(r) => {
+                sdk::RouteDecision::Serve(sdk::Route { adapter: r.adapter, priority: r.priority })
+            }
             wit::RouteDecision::Reject(reason) => sdk::RouteDecision::Reject(reason),
         }
     }

@@ -99,7 +99,9 @@ impl FromStr for Slot {
                 {
                     Ok(Slot::Adapter(name.to_string()))
                 }
-                _ => Err(format!("unknown slot {s:?}; the slots are router, pricer, attributor and adapter:<adapter-name>")),
+                _ => Err(format!(
+                    "unknown slot {s:?}; the slots are router, pricer, attributor and adapter:<adapter-name>"
+                )),
             },
         }
     }

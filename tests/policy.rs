@@ -1,0 +1,361 @@
+//! Policy plugins end to end in process: the official plugins built from source and loaded into
+//! the wasmtime host, refused uploads, hostile plugins contained at call time, quarantine,
+//! fail-closed slots, exact replay, hot swap under concurrent calls, restart and the drop folder.
+
+mod common;
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, OnceLock};
+use std::time::{Duration, Instant};
+
+use common::{plugin_wasm, temp_dir};
+use openlora::error::Error;
+use openlora::metrics::Metrics;
+use openlora::policy::dropdir::scan;
+use openlora::policy::{OnFailure, PolicyConfig, PolicyHost, Slot, SlotConfig};
+use openlora_sdk::{Money, RequestInfo, Usage};
+
+/// Each plugin is built once per test process.
+fn wasm(package: &str) -> Vec<u8> {
+    static CACHE: OnceLock<std::sync::Mutex<HashMap<String, Vec<u8>>>> = OnceLock::new();
+    let cache = CACHE.get_or_init(Default::default);
+    if let Some(b) = cache.lock().unwrap().get(package) {
+        return b.clone();
+    }
+    let bytes = plugin_wasm(package);
+    cache.lock().unwrap().insert(package.to_string(), bytes.clone());
+    bytes
+}
+
+fn host(config: PolicyConfig) -> PolicyHost {
+    PolicyHost::new(&config, None, Metrics::new().policy).expect("policy host")
+}
+
+fn request(id: &str) -> RequestInfo {
+    RequestInfo {
+        request_id: id.into(),
+        tenant: "acme".into(),
+        requested_model: "startrek".into(),
+        adapter: Some("startrek".into()),
+        adapter_owner: Some("trekkie".into()),
+        prompt_tokens: 1234,
+        max_tokens: 64,
+        metadata: vec![],
+        received_at_ms: 1_790_000_000_000,
+    }
+}
+
+fn usage() -> Usage {
+    Usage {
+        prompt_tokens: 1234,
+        completion_tokens: 57,
+        queue_ms: 2,
+        compute_ms: 31,
+        adapter_load_ms: 1,
+        steps: 58,
+        batch_share_ppm: 4_000_000,
+        adapter_contribution_ppm: 123_457,
+    }
+}
+
+fn exists(name: &str) -> bool {
+    ["startrek", "computers", "love"].contains(&name)
+}
+
+fn with_mode(id: &str, mode: &str) -> RequestInfo {
+    let mut r = request(id);
+    r.metadata.push(("hostile-mode".into(), mode.into()));
+    r
+}
+
+#[test]
+fn official_plugins_in_wasm_decide_exactly_like_the_builtins() {
+    let builtin = host(PolicyConfig::default());
+    let plugged = host(PolicyConfig::default());
+    plugged.install(&Slot::Router, &wasm("openlora-plugin-router"), "", "test").unwrap();
+    plugged.install(&Slot::Pricer, &wasm("openlora-plugin-token-pricer"), "", "test").unwrap();
+    plugged.install(&Slot::Attributor, &wasm("openlora-plugin-proportional-attributor"), "", "test").unwrap();
+    for i in 0..20 {
+        let mut r = request(&format!("req-{i}"));
+        if i % 3 == 0 {
+            r.adapter = None;
+            r.adapter_owner = None;
+        }
+        let mut u = usage();
+        u.completion_tokens += i * 13;
+        u.adapter_contribution_ppm = (i * 49_999) % 1_000_000;
+        let (a, b) = (builtin.route(&r, &exists).unwrap(), plugged.route(&r, &exists).unwrap());
+        assert_eq!((a.adapter, a.priority), (b.adapter, b.priority));
+        assert!(a.by.plugin.starts_with("builtin:router@"), "{:?}", a.by);
+        assert!(b.by.plugin.starts_with("sha256:") && b.by.failure.is_none(), "{:?}", b.by);
+        let (x, y) = (builtin.settle(&r, &u).unwrap(), plugged.settle(&r, &u).unwrap());
+        assert_eq!((&x.charge, &x.splits), (&y.charge, &y.splits), "request {i}");
+        assert_eq!(y.charge.amount, 123_400 + 17_100 + 3_900 * u64::from(i), "0.1/1k prompt + 0.3/1k completion");
+        assert!(y.deciders.iter().all(|d| d.plugin.starts_with("sha256:") && d.fuel > 0), "{:?}", y.deciders);
+    }
+}
+
+#[test]
+fn an_adapter_owner_attributor_splits_the_owner_share_among_contributors() {
+    let host = host(PolicyConfig::default());
+    let cfg = r#"{"owner_keeps_ppm": 250000, "contributors": {"ann": 2, "bo": 1}}"#;
+    let slot = Slot::Adapter("startrek".into());
+    host.install(&slot, &wasm("openlora-plugin-contributor-attributor"), cfg, "test").unwrap();
+    let s = host.settle(&request("r1"), &usage()).unwrap();
+    let total: u64 = s.splits.iter().map(|s| s.amount).sum();
+    assert_eq!(total, s.charge.amount);
+    let payees: Vec<&str> = s.splits.iter().map(|s| s.payee.as_str()).collect();
+    assert_eq!(payees, ["operator:openlora", "base:openlora", "owner:trekkie", "contributor:ann", "contributor:bo"]);
+    assert_eq!(s.deciders.len(), 3);
+    assert_eq!(s.deciders[2].slot, "adapter:startrek");
+    // Another adapter's requests are untouched by it.
+    let mut other = request("r2");
+    other.adapter = Some("love".into());
+    other.adapter_owner = Some("poet".into());
+    assert_eq!(host.settle(&other, &usage()).unwrap().splits.len(), 3);
+}
+
+fn refused(host: &PolicyHost, slot: &Slot, bytes: &[u8], config: &str) -> String {
+    match host.install(slot, bytes, config, "test") {
+        Err(Error::PluginInvalid { message, .. }) => message,
+        other => panic!("expected a refusal, got {other:?}"),
+    }
+}
+
+#[test]
+fn bad_uploads_are_refused_with_a_reason_and_change_nothing() {
+    let mut limits = PolicyConfig::default();
+    limits.max_plugin_bytes = 400_000;
+    let host = host(limits);
+    let good = wasm("openlora-plugin-proportional-attributor");
+    let v1 = host.install(&Slot::Attributor, &good, "", "test").unwrap();
+    let core = wat::parse_str(r#"(module (func (export "attribute") (result i32) i32.const 0))"#).unwrap();
+    let cases: Vec<(&str, Vec<u8>, &str, Slot, &str)> = vec![
+        ("core module", core, "", Slot::Attributor, "core wasm module"),
+        ("truncated", good[..good.len() / 2].to_vec(), "", Slot::Attributor, "does not compile"),
+        ("not wasm", b"#!/bin/sh\nrm -rf /\n".to_vec(), "", Slot::Attributor, "not a WebAssembly file"),
+        ("filesystem", wasm("openlora-test-fs-reader"), "", Slot::Attributor, "wasi:filesystem"),
+        (
+            "wrong world",
+            wasm("openlora-plugin-router"),
+            "",
+            Slot::Attributor,
+            "does not export openlora:policy/attribution",
+        ),
+        ("too large", vec![0u8; 400_001], "", Slot::Attributor, "more than the limit"),
+        ("bad config", good.clone(), r#"{"operator_ppm": 7000000}"#, Slot::Attributor, "configuration refused"),
+        ("unknown config field", good.clone(), r#"{"operatr": "x"}"#, Slot::Attributor, "unknown field"),
+        (
+            "missing config",
+            wasm("openlora-plugin-contributor-attributor"),
+            "",
+            Slot::Adapter("love".into()),
+            "contributors",
+        ),
+    ];
+    for (what, bytes, config, slot, expect) in cases {
+        let message = refused(&host, &slot, &bytes, config);
+        assert!(message.contains(expect), "{what}: {message}");
+    }
+    let views = host.registry.list();
+    assert_eq!(views.len(), 1, "only the good upload's slot exists: {views:?}");
+    assert_eq!((views[0].active, views[0].versions.len()), (Some(v1.version), 1));
+    assert!(host.settle(&request("after"), &usage()).unwrap().deciders[1].failure.is_none());
+}
+
+#[test]
+fn hostile_plugins_are_contained_at_call_time_and_the_builtin_answers() {
+    let mut limits = PolicyConfig::default();
+    limits.quarantine_after = 1000;
+    let host = host(limits);
+    host.install(&Slot::Attributor, &wasm("openlora-test-hostile"), r#"{"mode": "ok"}"#, "test").unwrap();
+    let expected = host_builtin_splits();
+    let cases = [
+        ("loop", "fuel"),
+        ("memory", "memory"),
+        ("recursion", "stack"),
+        ("output", "output"),
+        ("huge-result", ""),
+        ("off-by-one", "invalid: splits sum to"),
+        ("overflow", "invalid: splits: amounts overflow"),
+        ("panic", "trap"),
+        ("error", "declined: declined on purpose"),
+    ];
+    for (mode, kind) in cases {
+        let start = Instant::now();
+        let s = host.settle(&with_mode(mode, mode), &usage()).unwrap_or_else(|e| panic!("{mode}: {e}"));
+        let failure = s.deciders[1].failure.clone().unwrap_or_else(|| panic!("{mode}: no failure recorded"));
+        assert!(failure.contains(kind), "{mode}: {failure}");
+        assert!(s.deciders[1].plugin.starts_with("builtin:attributor@"), "{mode}");
+        assert_eq!(s.splits, expected, "{mode}: the built-in's splits");
+        assert!(start.elapsed() < Duration::from_secs(5), "{mode} took {:?}", start.elapsed());
+    }
+    // Log spam is bounded, not a failure; and the plugin still answers well-formed requests.
+    let spam = host.settle(&with_mode("spam", "log-spam"), &usage()).unwrap();
+    assert!(spam.deciders[1].failure.is_none());
+    let ok = host.settle(&request("fine"), &usage()).unwrap();
+    assert_eq!(ok.splits.len(), 1);
+    assert_eq!(ok.splits[0].payee, "operator:hostile");
+}
+
+fn host_builtin_splits() -> Vec<openlora_sdk::Split> {
+    host(PolicyConfig::default()).settle(&request("x"), &usage()).unwrap().splits
+}
+
+#[test]
+fn a_deadline_stops_a_plugin_that_still_has_fuel() {
+    let mut limits = PolicyConfig::default();
+    limits.fuel = u64::MAX / 4;
+    limits.deadline_ms = 30;
+    let host = host(limits);
+    host.install(&Slot::Attributor, &wasm("openlora-test-hostile"), "", "test").unwrap();
+    let start = Instant::now();
+    let s = host.settle(&with_mode("d", "loop"), &usage()).unwrap();
+    let failure = s.deciders[1].failure.clone().unwrap();
+    assert!(failure.contains("deadline of 30 ms"), "{failure}");
+    assert!(start.elapsed() < Duration::from_secs(2), "{:?}", start.elapsed());
+}
+
+#[test]
+fn repeated_failures_quarantine_a_plugin_and_fail_closed_slots_refuse() {
+    let mut limits = PolicyConfig::default();
+    limits.quarantine_after = 3;
+    let host = host(limits.clone());
+    let v = host.install(&Slot::Attributor, &wasm("openlora-test-hostile"), r#"{"mode": "panic"}"#, "test").unwrap();
+    for i in 0..3 {
+        assert!(host.settle(&request(&format!("q{i}")), &usage()).unwrap().deciders[1].failure.is_some());
+    }
+    let view = host.registry.list().remove(0);
+    assert!(view.quarantined && view.consecutive_failures == 3, "{view:?}");
+    let s = host.settle(&request("q4"), &usage()).unwrap();
+    assert!(s.deciders[1].failure.as_deref().unwrap().contains("quarantined"));
+    // Re-activating (or uploading a fix) lifts the quarantine.
+    host.registry.activate(&Slot::Attributor, v.version).unwrap();
+    assert!(!host.registry.list()[0].quarantined);
+
+    limits.slots.insert("attributor".into(), SlotConfig { on_failure: OnFailure::Reject, builtin: None });
+    let closed = self::host(limits);
+    closed.install(&Slot::Attributor, &wasm("openlora-test-hostile"), r#"{"mode": "off-by-one"}"#, "test").unwrap();
+    match closed.settle(&request("c"), &usage()) {
+        Err(Error::PolicyFailed { slot, message }) => {
+            assert!(slot == "attributor" && message.contains("sum"), "{message}")
+        }
+        other => panic!("expected the fail-closed slot to refuse, got {other:?}"),
+    }
+}
+
+#[test]
+fn decisions_replay_exactly_on_a_fresh_host() {
+    let bytes = wasm("openlora-test-hostile");
+    let a = host(PolicyConfig::default());
+    a.install(&Slot::Attributor, &bytes, r#"{"mode": "entropy"}"#, "test").unwrap();
+    let b = host(PolicyConfig::default());
+    b.install(&Slot::Attributor, &bytes, r#"{"mode": "entropy"}"#, "test").unwrap();
+    let mut distinct = std::collections::BTreeSet::new();
+    for i in 0..12 {
+        let mut r = request(&format!("replay-{i}"));
+        r.received_at_ms += i * 7919;
+        let first = a.settle(&r, &usage()).unwrap();
+        assert!(first.deciders[1].failure.is_none(), "{:?}", first.deciders[1]);
+        assert_eq!(first, a.settle(&r, &usage()).unwrap(), "same host, same request");
+        assert_eq!(first, b.settle(&r, &usage()).unwrap(), "fresh host, same request");
+        distinct.insert(first.splits[0].amount);
+    }
+    assert!(distinct.len() > 1, "clock and randomness follow the request: {distinct:?}");
+}
+
+#[test]
+fn hot_swap_under_concurrent_calls_records_the_version_that_ran() {
+    let host = Arc::new(host(PolicyConfig::default()));
+    let bytes = wasm("openlora-plugin-proportional-attributor");
+    let v1 = host.install(&Slot::Attributor, &bytes, r#"{"operator": "operator:v1"}"#, "test").unwrap();
+    let stop = Arc::new(AtomicBool::new(false));
+    let workers: Vec<_> = (0..4)
+        .map(|t| {
+            let (host, stop) = (host.clone(), stop.clone());
+            std::thread::spawn(move || {
+                let mut seen = Vec::new();
+                let mut i = 0;
+                while !stop.load(Ordering::Relaxed) || i < 20 {
+                    let s = host.settle(&request(&format!("t{t}-{i}")), &usage()).expect("settle");
+                    let d = &s.deciders[1];
+                    assert!(d.failure.is_none(), "{d:?}");
+                    seen.push((d.version, s.splits[0].payee.clone()));
+                    i += 1;
+                }
+                seen
+            })
+        })
+        .collect();
+    std::thread::sleep(Duration::from_millis(100));
+    let v2 = host.install(&Slot::Attributor, &bytes, r#"{"operator": "operator:v2"}"#, "test").unwrap();
+    std::thread::sleep(Duration::from_millis(100));
+    assert_eq!(host.registry.rollback(&Slot::Attributor).unwrap().unwrap().version, v1.version);
+    std::thread::sleep(Duration::from_millis(100));
+    host.registry.activate(&Slot::Attributor, v2.version).unwrap();
+    std::thread::sleep(Duration::from_millis(100));
+    assert_eq!(host.registry.rollback(&Slot::Attributor).unwrap().unwrap().version, v1.version);
+    std::thread::sleep(Duration::from_millis(50));
+    stop.store(true, Ordering::Relaxed);
+    let mut versions = std::collections::BTreeSet::new();
+    for w in workers {
+        for (version, payee) in w.join().expect("worker") {
+            let version = version.expect("a plugin answered");
+            assert_eq!(payee, format!("operator:v{version}"), "the recorded version is the one that ran");
+            versions.insert(version);
+        }
+    }
+    assert_eq!(versions.into_iter().collect::<Vec<_>>(), vec![v1.version, v2.version]);
+}
+
+#[test]
+fn plugins_survive_a_restart_and_load_from_the_drop_folder() {
+    let root = temp_dir("plugins");
+    let bytes = wasm("openlora-plugin-token-pricer");
+    let cfg = r#"{"currency": "EUR"}"#;
+    let sha = {
+        let first = PolicyHost::new(&PolicyConfig::default(), Some(root.clone()), Metrics::new().policy).unwrap();
+        first.install(&Slot::Pricer, &bytes, cfg, "test").unwrap().sha256
+    };
+    let second = PolicyHost::new(&PolicyConfig::default(), Some(root.clone()), Metrics::new().policy).unwrap();
+    let s = second.settle(&request("restart"), &usage()).unwrap();
+    assert_eq!(s.charge.currency, "EUR");
+    assert_eq!(s.deciders[0].plugin, format!("sha256:{sha}"));
+    assert_eq!(second.registry.blob(&sha).as_deref(), Some(&bytes[..]), "stored content-addressed for replay");
+
+    let drop = root.join("drop");
+    std::fs::create_dir_all(&drop).unwrap();
+    std::fs::write(drop.join("router.wasm"), wasm("openlora-plugin-router")).unwrap();
+    std::fs::write(drop.join("router.json"), r#"{"aliases": {"trek": "startrek"}}"#).unwrap();
+    std::fs::write(drop.join("attributor.wasm"), &bytes[..1000]).unwrap();
+    let mut seen = HashMap::new();
+    let report = scan(&second, &drop, &mut seen).join("\n");
+    assert!(report.contains("slot router now runs version 1"), "{report}");
+    assert!(report.contains("attributor.wasm: not loaded, slot attributor unchanged"), "{report}");
+    assert!(scan(&second, &drop, &mut seen).is_empty(), "unchanged files are not reloaded");
+    let mut r = request("alias");
+    r.adapter = Some("trek".into());
+    assert_eq!(second.route(&r, &exists).unwrap().adapter.as_deref(), Some("startrek"));
+    assert!(second.registry.existing(&Slot::Attributor).is_none_or(|h| h.active.load().is_none()));
+    let _ = std::fs::remove_dir_all(&root);
+}
+
+#[test]
+fn routing_rejections_and_unknown_adapters_are_client_errors_not_plugin_failures() {
+    let host = host(PolicyConfig::default());
+    let cfg = r#"{"tenants": {"acme": {"allow": ["love"]}}, "aliases": {"gone": "deleted-adapter"}}"#;
+    host.install(&Slot::Router, &wasm("openlora-plugin-router"), cfg, "test").unwrap();
+    assert!(matches!(host.route(&request("a"), &exists), Err(Error::PolicyRejected(m)) if m.contains("startrek")));
+    let mut unknown = request("b");
+    unknown.tenant = "other".into();
+    unknown.adapter = Some("nope".into());
+    assert!(matches!(host.route(&unknown, &exists), Err(Error::UnknownAdapter(n)) if n == "nope"));
+    assert_eq!(host.registry.list()[0].consecutive_failures, 0, "client mistakes do not count against the plugin");
+    // Routing somewhere that does not exist is the plugin's fault: the built-in answers.
+    unknown.adapter = Some("gone".into());
+    let r = host.route(&unknown, &exists);
+    assert!(matches!(&r, Err(Error::UnknownAdapter(n)) if n == "gone"), "{r:?}");
+    assert_eq!(host.registry.list()[0].consecutive_failures, 1);
+    let _ = Money::new(0, "USD");
+}
