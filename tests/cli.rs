@@ -1,5 +1,7 @@
 //! The `openlora` binary as a user runs it.
 
+mod common;
+
 use std::process::{Command, Output};
 
 fn openlora(args: &[&str]) -> Output {
@@ -20,7 +22,7 @@ fn help_lists_every_command() {
     let o = openlora(&["--help"]);
     assert!(o.status.success());
     let text = stdout(&o);
-    for cmd in ["generate", "serve"] {
+    for cmd in ["generate", "serve", "plugin"] {
         assert!(text.contains(cmd), "--help does not list `{cmd}`:\n{text}");
     }
 }
@@ -89,4 +91,47 @@ fn unknown_adapter_is_named() {
     let o = openlora(&["generate", "--prompt", "x", "--adapter", "no-such-adapter"]);
     assert!(!o.status.success());
     assert!(stderr(&o).contains("no-such-adapter"), "{}", stderr(&o));
+}
+
+#[test]
+fn plugin_check_dry_runs_a_good_plugin_and_names_what_is_wrong_with_bad_ones() {
+    let dir = common::temp_dir("plugin-check");
+    let good = dir.join("attributor.wasm");
+    std::fs::write(&good, common::plugin_wasm("openlora-plugin-proportional-attributor")).unwrap();
+    let o = openlora(&["plugin", "check", good.to_str().unwrap()]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let text = stdout(&o);
+    assert!(text.contains("attributor plugin") && text.contains("sha256"), "{text}");
+    assert!(text.contains("sample 3:") && text.contains("replays exactly") && text.contains("fuel"), "{text}");
+    let o = openlora(&["plugin", "check", good.to_str().unwrap(), "--config", r#"{"operator_ppm": 2000000}"#]);
+    assert!(!o.status.success());
+    assert!(stderr(&o).contains("attributor.wasm") && stderr(&o).contains("operator_ppm"), "{}", stderr(&o));
+    let o = openlora(&["plugin", "check", good.to_str().unwrap(), "--world", "router"]);
+    assert!(!o.status.success());
+    assert!(stderr(&o).contains("does not export openlora:policy/routing"), "{}", stderr(&o));
+
+    let fs = dir.join("fs.wasm");
+    std::fs::write(&fs, common::plugin_wasm("openlora-test-fs-reader")).unwrap();
+    let o = openlora(&["plugin", "check", fs.to_str().unwrap()]);
+    assert!(!o.status.success());
+    assert!(stderr(&o).contains("fs.wasm") && stderr(&o).contains("wasi:filesystem"), "{}", stderr(&o));
+
+    let hostile = dir.join("hostile.wasm");
+    std::fs::write(&hostile, common::plugin_wasm("openlora-test-hostile")).unwrap();
+    let o = openlora(&["plugin", "check", hostile.to_str().unwrap(), "--config", r#"{"mode": "loop"}"#, "--json"]);
+    assert!(!o.status.success());
+    let report: serde_json::Value = serde_json::from_slice(&o.stdout).expect("--json prints JSON");
+    assert_eq!(report["ok"], false);
+    assert!(report["samples"][0]["failure"].as_str().unwrap().contains("fuel"), "{report}");
+
+    let samples = dir.join("samples.json");
+    std::fs::write(&samples, r#"[{"request": {"request_id": "r", "tenant": "t", "requested_model": "m", "adapter": "m"}, "usage": {"completion_tokens": 10, "adapter_contribution_ppm": 500000}, "charge": {"amount": 10, "currency": "EUR"}}]"#).unwrap();
+    let o = openlora(&["plugin", "check", good.to_str().unwrap(), "--samples", samples.to_str().unwrap()]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(stdout(&o).contains(r#""payee":"owner:m""#), "{}", stdout(&o));
+    std::fs::write(&samples, r#"[{"request": {"request_id": 5}}]"#).unwrap();
+    let o = openlora(&["plugin", "check", good.to_str().unwrap(), "--samples", samples.to_str().unwrap()]);
+    assert!(!o.status.success());
+    assert!(stderr(&o).contains("samples.json") && stderr(&o).contains("request_id"), "{}", stderr(&o));
+    let _ = std::fs::remove_dir_all(&dir);
 }

@@ -30,6 +30,82 @@ enum Command {
     Generate(GenerateArgs),
     /// Serve the OpenAI-compatible HTTP API (embedded model and demo adapters by default).
     Serve(ServeArgs),
+    /// Work with policy plugins (router, pricer, attributor wasm components).
+    #[command(subcommand)]
+    Plugin(PluginCommand),
+}
+
+#[derive(Subcommand)]
+enum PluginCommand {
+    /// Validate a plugin as an upload would and dry-run it on sample requests.
+    Check(CheckArgs),
+}
+
+#[derive(Args)]
+struct CheckArgs {
+    /// The component (built for wasm32-wasip2).
+    file: PathBuf,
+    /// The world it must export (router, pricer, attributor); default: whichever it exports.
+    #[arg(long)]
+    world: Option<String>,
+    /// Its configuration, as JSON text.
+    #[arg(long, conflicts_with = "config_file")]
+    config: Option<String>,
+    /// Its configuration, as a JSON file.
+    #[arg(long)]
+    config_file: Option<PathBuf>,
+    /// Samples to dry-run: a JSON file with a list of {"request", "usage", "charge"}; default: built-in samples.
+    #[arg(long)]
+    samples: Option<PathBuf>,
+    /// Print the report as JSON.
+    #[arg(long)]
+    json: bool,
+}
+
+fn run_plugin_check(args: CheckArgs) -> anyhow::Result<bool> {
+    use openlora::policy::check::{check, default_samples, read_samples};
+    let bytes = std::fs::read(&args.file).with_context(|| format!("reading {}", args.file.display()))?;
+    let world =
+        args.world.as_deref().map(str::parse).transpose().map_err(|e: String| anyhow::anyhow!("--world: {e}"))?;
+    let config = match (&args.config, &args.config_file) {
+        (Some(c), _) => c.clone(),
+        (None, Some(path)) => std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?,
+        (None, None) => String::new(),
+    };
+    let samples = match &args.samples {
+        Some(path) => read_samples(path)?,
+        None => default_samples(),
+    };
+    let limits = openlora::policy::PolicyConfig::default();
+    let report = check(&args.file.display().to_string(), &bytes, world, &config, &samples, &limits)?;
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&report)?);
+        return Ok(report.ok);
+    }
+    println!(
+        "{}: {} plugin, {} bytes, sha256 {}",
+        args.file.display(),
+        report.world.name(),
+        report.size,
+        report.sha256
+    );
+    println!("imports: {}", report.imports.join(", "));
+    println!("validated, compiled and configured in {:.1} ms", report.load_ms);
+    for s in &report.samples {
+        match s.get("failure") {
+            Some(f) => println!("sample {}: FAILED: {}", s["sample"], f.as_str().unwrap_or_default()),
+            None => println!(
+                "sample {}: {}  (fuel {}, {} µs{})",
+                s["sample"],
+                s["decision"],
+                s["fuel"],
+                s["micros"],
+                if s["replays_exactly"] == true { ", replays exactly" } else { ", DOES NOT REPLAY" }
+            ),
+        }
+    }
+    println!("{}", if report.ok { "ok: every sample gave a valid, replayable decision" } else { "FAILED" });
+    Ok(report.ok)
 }
 
 #[derive(Args)]
@@ -189,5 +265,11 @@ fn main() -> anyhow::Result<()> {
     match cli.command {
         Command::Generate(args) => run_generate(args),
         Command::Serve(args) => run_serve(args),
+        Command::Plugin(PluginCommand::Check(args)) => {
+            if !run_plugin_check(args)? {
+                std::process::exit(1);
+            }
+            Ok(())
+        }
     }
 }

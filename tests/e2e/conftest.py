@@ -30,7 +30,7 @@ def free_port() -> int:
 class Server:
     """One `openlora serve` process with its own config and data directory."""
 
-    def __init__(self, **limits):
+    def __init__(self, extra: str = "", **limits):
         self.dir = Path(tempfile.mkdtemp(prefix="openlora-e2e-"))
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
@@ -51,6 +51,8 @@ admin_token = "{ADMIN_TOKEN}"
 
 [limits]
 {lim}
+
+{extra}
 """
         (self.dir / "openlora.toml").write_text(config)
         self.log = open(self.dir / "server.log", "w+")
@@ -88,6 +90,17 @@ admin_token = "{ADMIN_TOKEN}"
         if self.proc.poll() is None:
             self.proc.send_signal(sig)
         return self.proc.wait(timeout=timeout)
+
+
+def plugin_wasm(package: str) -> bytes:
+    """Builds a workspace plugin crate for wasm32-wasip2 (as the Rust tests do) and returns it."""
+    target = ROOT / "target" / "plugin-wasm"
+    subprocess.run(
+        ["cargo", "build", "--locked", "--quiet", "--target", "wasm32-wasip2", "--profile", "plugin",
+         "-p", package, "--target-dir", str(target)],
+        cwd=ROOT, check=True,
+    )
+    return (target / "wasm32-wasip2" / "plugin" / f"{package.replace('-', '_')}.wasm").read_bytes()
 
 
 @pytest.fixture(scope="session")

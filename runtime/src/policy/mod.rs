@@ -2,6 +2,7 @@
 //! into slots, with the built-in policies answering whenever a plugin is absent or fails.
 
 pub mod builtin;
+pub mod check;
 pub mod config;
 pub mod dropdir;
 pub mod host;

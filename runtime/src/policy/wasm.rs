@@ -106,6 +106,31 @@ impl WasmRuntime {
         Ok(plugin)
     }
 
+    /// The world a component exports (the first of router, pricer, attributor it has), checking
+    /// its header and compiling it.
+    pub fn detect_world(&self, what: &str, bytes: &[u8]) -> Result<World> {
+        let invalid = |message: String| Error::PluginInvalid { what: what.to_string(), message };
+        check_header(bytes).map_err(invalid)?;
+        let component =
+            self.compile(&sha256_hex(bytes), bytes).map_err(|e| invalid(format!("does not compile: {e:#}")))?;
+        let ty = component.component_type();
+        let exports: Vec<String> = ty.exports(&self.engine).map(|(n, _)| n.to_string()).collect();
+        [World::Router, World::Pricer, World::Attributor]
+            .into_iter()
+            .find(|w| exports.iter().any(|e| e == w.export_name()))
+            .ok_or_else(|| {
+                invalid(format!("exports none of the openlora:policy interfaces (it exports: {})", exports.join(", ")))
+            })
+    }
+
+    /// The interfaces a component imports.
+    pub fn imports(&self, bytes: &[u8]) -> Vec<String> {
+        match self.compile(&sha256_hex(bytes), bytes) {
+            Ok(c) => c.component_type().imports(&self.engine).map(|(n, _)| n.to_string()).collect(),
+            Err(_) => Vec::new(),
+        }
+    }
+
     /// Compiles a component, or loads it from the on-disk cache keyed by sha256 and wasmtime version.
     fn compile(&self, sha: &str, bytes: &[u8]) -> wasmtime::Result<Component> {
         let Some(dir) = &self.cache_dir else {

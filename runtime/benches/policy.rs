@@ -1,0 +1,107 @@
+//! Policy overhead per request: route + price + attribute with the official plugins running as
+//! wasm components (built from source), against the same policies compiled in natively, in one
+//! run. Besides criterion's figures it prints p50/p99 per request, back to back and paced at
+//! 2,000 requests/s (the warm instance pools refill between requests, as in a serving process).
+
+#[path = "../../tests/common/mod.rs"]
+#[allow(dead_code, missing_docs)]
+mod common;
+
+use std::time::{Duration, Instant};
+
+use criterion::{Criterion, criterion_group, criterion_main};
+use openlora::metrics::Metrics;
+use openlora::policy::{PolicyConfig, PolicyHost, Slot};
+use openlora_sdk::{RequestInfo, Usage};
+
+fn request(i: u64) -> RequestInfo {
+    RequestInfo {
+        request_id: format!("bench-{i}"),
+        tenant: "acme".into(),
+        requested_model: "startrek".into(),
+        adapter: Some("startrek".into()),
+        adapter_owner: Some("trekkie".into()),
+        prompt_tokens: 512,
+        max_tokens: 128,
+        metadata: vec![],
+        received_at_ms: 1_790_000_000_000 + i,
+    }
+}
+
+fn usage() -> Usage {
+    Usage {
+        prompt_tokens: 512,
+        completion_tokens: 128,
+        steps: 129,
+        adapter_contribution_ppm: 150_000,
+        ..Usage::default()
+    }
+}
+
+fn once(host: &PolicyHost, i: u64) {
+    let r = request(i);
+    let routed = host.route(&r, &|_| true).expect("route");
+    assert!(routed.by.failure.is_none());
+    let s = host.settle(&r, &usage()).expect("settle");
+    assert!(s.deciders.iter().all(|d| d.failure.is_none()));
+}
+
+fn percentiles(host: &PolicyHost, n: u64, pace: Option<Duration>) -> (f64, f64) {
+    let mut micros = Vec::with_capacity(n as usize);
+    for i in 0..n {
+        let start = Instant::now();
+        once(host, i);
+        micros.push(start.elapsed().as_secs_f64() * 1e6);
+        if let Some(p) = pace {
+            let next = start + p;
+            while Instant::now() < next {
+                std::hint::spin_loop();
+            }
+        }
+    }
+    micros.sort_by(f64::total_cmp);
+    (micros[micros.len() / 2], micros[micros.len() * 99 / 100])
+}
+
+fn policy_overhead(c: &mut Criterion) {
+    let builtin = PolicyHost::new(&PolicyConfig::default(), None, Metrics::new().policy).expect("host");
+    let wasm = PolicyHost::new(&PolicyConfig::default(), None, Metrics::new().policy).expect("host");
+    for (slot, package) in [
+        (Slot::Router, "openlora-plugin-router"),
+        (Slot::Pricer, "openlora-plugin-token-pricer"),
+        (Slot::Attributor, "openlora-plugin-proportional-attributor"),
+    ] {
+        wasm.install(&slot, &common::plugin_wasm(package), "", "bench").expect("install");
+    }
+    std::thread::sleep(Duration::from_millis(200)); // let the warm pools fill
+    let mut g = c.benchmark_group("policy_per_request");
+    let mut i = 0u64;
+    g.bench_function("builtin_native", |b| {
+        b.iter(|| {
+            i += 1;
+            once(&builtin, i)
+        })
+    });
+    g.bench_function("official_wasm_plugins", |b| {
+        b.iter(|| {
+            i += 1;
+            once(&wasm, i)
+        })
+    });
+    g.finish();
+    for (name, host) in [("builtin_native", &builtin), ("official_wasm_plugins", &wasm)] {
+        std::thread::sleep(Duration::from_millis(200));
+        let (p50, p99) = percentiles(host, 5_000, None);
+        let (q50, q99) = percentiles(host, 5_000, Some(Duration::from_micros(500)));
+        println!(
+            "policy {name}: back to back p50 {p50:.1} µs p99 {p99:.1} µs; paced 2000/s p50 {q50:.1} µs p99 {q99:.1} µs"
+        );
+    }
+}
+
+criterion_group! {
+    name = benches;
+    config = Criterion::default().sample_size(50).measurement_time(Duration::from_secs(5));
+    targets = policy_overhead
+}
+criterion_main!(benches);
