@@ -30,17 +30,16 @@ def free_port() -> int:
 class Server:
     """One `openlora serve` process with its own config and data directory."""
 
-    def __init__(self, extra: str = "", **limits):
+    def __init__(self, extra: str = "", config: str | None = None, **limits):
         self.dir = Path(tempfile.mkdtemp(prefix="openlora-e2e-"))
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         adapters = "\n".join(f'"{n}" = "{ADAPTERS / n}"' for n in ADAPTER_NAMES)
         lim = "\n".join(f"{k} = {v}" for k, v in limits.items())
-        config = f"""
-listen = "127.0.0.1:{self.port}"
+        if config is None:
+            config = f"""
 model = "{MODEL}"
 model_name = "base"
-data_dir = "{self.dir / 'data'}"
 admin_token = "{ADMIN_TOKEN}"
 
 [adapters]
@@ -54,6 +53,7 @@ admin_token = "{ADMIN_TOKEN}"
 
 {extra}
 """
+        config = f'listen = "127.0.0.1:{self.port}"\ndata_dir = "{self.dir / "data"}"\n' + config
         (self.dir / "openlora.toml").write_text(config)
         self.log = open(self.dir / "server.log", "w+")
         self.proc = subprocess.Popen(
@@ -71,6 +71,11 @@ admin_token = "{ADMIN_TOKEN}"
                 pass
             time.sleep(0.1)
         raise RuntimeError(f"server not ready: {self.logs()}")
+
+    @classmethod
+    def embedded(cls) -> "Server":
+        """A server on the embedded default model and demo adapters, no keys."""
+        return cls(config=f'admin_token = "{ADMIN_TOKEN}"\n')
 
     def logs(self) -> str:
         self.log.flush()
