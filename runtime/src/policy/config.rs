@@ -64,7 +64,7 @@ impl Default for PolicyConfig {
             output_bytes: 64 << 10,
             max_plugin_bytes: 16 << 20,
             quarantine_after: 5,
-            warm_instances: 4,
+            warm_instances: 8,
             dir: None,
             slots: BTreeMap::new(),
         }

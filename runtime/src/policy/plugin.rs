@@ -3,7 +3,7 @@
 
 use std::fmt;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex, Weak};
+use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 use openlora_sdk as sdk;
@@ -13,7 +13,7 @@ use wasmtime::{Store, StoreLimitsBuilder, Trap};
 
 use super::sandbox::{Sandbox, attribution, pricing, routing, wit};
 use super::slot::World;
-use super::wasm::WasmRuntime;
+use super::wasm::{Job, WasmRuntime};
 
 /// How a call failed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -193,26 +193,24 @@ impl CompiledPlugin {
         Ok(Warm { store, instance })
     }
 
-    /// Asks the refill thread to top up the warm pool (at most one request outstanding).
+    /// Asks the background thread to top up the warm pool (at most one request outstanding).
     fn schedule_refill(self: &Arc<Self>) {
         if self.runtime.limits.warm_instances == 0 || self.refilling.swap(true, Ordering::AcqRel) {
             return;
         }
-        let weak: Weak<Self> = Arc::downgrade(self);
-        let spawned = std::thread::Builder::new().name("openlora-plugin-warm".into()).spawn(move || {
-            let Some(plugin) = weak.upgrade() else { return };
-            let target = plugin.runtime.limits.warm_instances;
-            while plugin.lock_warm().len() < target {
-                match plugin.fresh() {
-                    Ok(w) => plugin.lock_warm().push(w),
-                    Err(_) => break,
-                }
+        self.runtime.background(Job::Refill(Arc::downgrade(self)));
+    }
+
+    /// Instantiates and configures instances until the warm pool is full (background thread).
+    pub(crate) fn refill(&self) {
+        let target = self.runtime.limits.warm_instances;
+        while self.lock_warm().len() < target {
+            match self.fresh() {
+                Ok(w) => self.lock_warm().push(w),
+                Err(_) => break,
             }
-            plugin.refilling.store(false, Ordering::Release);
-        });
-        if spawned.is_err() {
-            self.refilling.store(false, Ordering::Release);
         }
+        self.refilling.store(false, Ordering::Release);
     }
 
     /// Runs `f` on one instance (warm if one is ready) under the call limits, then drops it.
@@ -237,15 +235,19 @@ impl CompiledPlugin {
         let fuel = limits.fuel.saturating_sub(w.store.get_fuel().unwrap_or(0));
         let data = w.store.data_mut();
         let mut logs = std::mem::take(&mut data.logs);
-        let output = data.output.contents();
+        let contents = data.output.contents();
+        let output = contents.get(data.output_before_call..).unwrap_or_default();
         if !output.is_empty() {
             logs.push((sdk::Level::Info, format!("(output) {}", String::from_utf8_lossy(&output).trim_end())));
         }
         if data.dropped_logs > 0 {
             logs.push((sdk::Level::Warn, format!("({} more log lines dropped)", data.dropped_logs)));
         }
+        let output_len = output.len();
+        // Each instance serves one call; freeing it is left to the background thread.
+        self.runtime.background(Job::Discard(Box::new(w)));
         // A guest whose output was cut off usually panics on the failed write: name the cause.
-        let output_full = output.len() * 10 > limits.output_bytes * 9;
+        let output_full = output_len * 10 > limits.output_bytes * 9;
         let value = result.map_err(|e| match classify(&e, limits) {
             f if output_full && f.kind == FailureKind::Trap => CallFailure::new(
                 FailureKind::Output,

@@ -2,13 +2,17 @@
 //! WASI environment that is empty and deterministic (no files, network, environment or
 //! arguments; clocks fixed to the request's time; randomness seeded from the request id).
 
+use std::convert::Infallible;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use rand_core::TryRng;
 use sha2::{Digest, Sha256};
 use wasmtime::StoreLimits;
 use wasmtime::component::{HasSelf, Linker, ResourceTable};
 use wasmtime_wasi::p2::pipe::MemoryOutputPipe;
-use wasmtime_wasi::{Deterministic, HostMonotonicClock, HostWallClock, WasiCtx, WasiCtxView, WasiView};
+use wasmtime_wasi::{HostMonotonicClock, HostWallClock, WasiCtx, WasiCtxView, WasiView};
 
 use openlora_sdk as sdk;
 
@@ -50,19 +54,49 @@ pub(crate) struct Sandbox {
     pub(crate) dropped_logs: usize,
     /// The guest's stdout and stderr, bounded.
     pub(crate) output: MemoryOutputPipe,
+    /// Bytes of `output` written before the current call (by configuration).
+    pub(crate) output_before_call: usize,
+    clock_ms: Arc<AtomicU64>,
+    rng: Arc<Mutex<SeededRng>>,
 }
 
 impl Sandbox {
-    /// A store state whose WASI context is seeded for configuration (before any request is known).
+    /// A store state whose clock and randomness are set for configuration (before any request is
+    /// known): time zero, randomness seeded from the plugin's sha256.
     pub(crate) fn new(limits: StoreLimits, output_bytes: usize, plugin_sha: &str) -> Self {
         let output = MemoryOutputPipe::new(output_bytes);
-        let wasi = deterministic_wasi(0, &format!("configure:{plugin_sha}"), &output);
-        Sandbox { wasi, table: ResourceTable::new(), limits, logs: Vec::new(), dropped_logs: 0, output }
+        let clock_ms = Arc::new(AtomicU64::new(0));
+        let rng = Arc::new(Mutex::new(SeededRng::new(&format!("configure:{plugin_sha}"))));
+        let insecure_seed = u128::from_le_bytes(digest(plugin_sha.as_bytes())[..16].try_into().unwrap_or([0; 16]));
+        let mut b = WasiCtx::builder();
+        b.stdout(output.clone())
+            .stderr(output.clone())
+            .wall_clock(FixedWallClock(clock_ms.clone()))
+            .monotonic_clock(FixedMonotonicClock)
+            .secure_random(SharedRng(rng.clone()))
+            .insecure_random(SharedRng(rng.clone()))
+            .insecure_random_seed(insecure_seed)
+            .allow_tcp(false)
+            .allow_udp(false)
+            .allow_ip_name_lookup(false);
+        Sandbox {
+            wasi: b.build(),
+            table: ResourceTable::new(),
+            limits,
+            logs: Vec::new(),
+            dropped_logs: 0,
+            output,
+            output_before_call: 0,
+            clock_ms,
+            rng,
+        }
     }
 
     /// Fixes the clock to `received_at_ms` and seeds randomness from `request_id` for one call.
     pub(crate) fn prepare_call(&mut self, received_at_ms: u64, request_id: &str) {
-        self.wasi = deterministic_wasi(received_at_ms, request_id, &self.output);
+        self.clock_ms.store(received_at_ms, Ordering::Relaxed);
+        *self.rng.lock().unwrap_or_else(|p| p.into_inner()) = SeededRng::new(request_id);
+        self.output_before_call = self.output.contents().len();
     }
 }
 
@@ -99,15 +133,15 @@ impl openlora::policy::host::Host for Sandbox {
 
 impl openlora::policy::types::Host for Sandbox {}
 
-/// A wall clock stopped at one instant.
-struct FixedWallClock(Duration);
+/// A wall clock stopped at the current call's request time.
+struct FixedWallClock(Arc<AtomicU64>);
 
 impl HostWallClock for FixedWallClock {
     fn resolution(&self) -> Duration {
         Duration::from_millis(1)
     }
     fn now(&self) -> Duration {
-        self.0
+        Duration::from_millis(self.0.load(Ordering::Relaxed))
     }
 }
 
@@ -123,24 +157,57 @@ impl HostMonotonicClock for FixedMonotonicClock {
     }
 }
 
-/// An empty WASI context whose clocks and randomness depend only on `received_at_ms` and `seed`.
-fn deterministic_wasi(received_at_ms: u64, seed: &str, output: &MemoryOutputPipe) -> WasiCtx {
-    let first: [u8; 32] = Sha256::digest(seed.as_bytes()).into();
-    let second: [u8; 32] = Sha256::digest(first).into();
-    let bytes: Vec<u8> = first.iter().chain(second.iter()).copied().collect();
-    let insecure_seed = u128::from_le_bytes(second[..16].try_into().unwrap_or([0; 16]));
-    let mut b = WasiCtx::builder();
-    b.stdout(output.clone())
-        .stderr(output.clone())
-        .wall_clock(FixedWallClock(Duration::from_millis(received_at_ms)))
-        .monotonic_clock(FixedMonotonicClock)
-        .secure_random(Deterministic::new(bytes.clone()))
-        .insecure_random(Deterministic::new(bytes.into_iter().rev().collect()))
-        .insecure_random_seed(insecure_seed)
-        .allow_tcp(false)
-        .allow_udp(false)
-        .allow_ip_name_lookup(false);
-    b.build()
+fn digest(bytes: &[u8]) -> [u8; 32] {
+    Sha256::digest(bytes).into()
+}
+
+/// xoshiro256** seeded from the sha256 of a seed string: deterministic, not cryptographic
+/// (plugins need replayable decisions, not secrets).
+pub(crate) struct SeededRng([u64; 4]);
+
+impl SeededRng {
+    fn new(seed: &str) -> Self {
+        let d = digest(seed.as_bytes());
+        let mut s = [0u64; 4];
+        for (i, chunk) in d.chunks_exact(8).enumerate() {
+            s[i] = u64::from_le_bytes(chunk.try_into().unwrap_or([0; 8])) | 1;
+        }
+        SeededRng(s)
+    }
+
+    fn next(&mut self) -> u64 {
+        let s = &mut self.0;
+        let result = s[1].wrapping_mul(5).rotate_left(7).wrapping_mul(9);
+        let t = s[1] << 17;
+        s[2] ^= s[0];
+        s[3] ^= s[1];
+        s[1] ^= s[2];
+        s[0] ^= s[3];
+        s[2] ^= t;
+        s[3] = s[3].rotate_left(45);
+        result
+    }
+}
+
+/// The store's generator, shared by WASI's random interfaces and reseeded per call.
+struct SharedRng(Arc<Mutex<SeededRng>>);
+
+impl TryRng for SharedRng {
+    type Error = Infallible;
+    fn try_next_u32(&mut self) -> Result<u32, Infallible> {
+        Ok((self.try_next_u64()? >> 32) as u32)
+    }
+    fn try_next_u64(&mut self) -> Result<u64, Infallible> {
+        Ok(self.0.lock().unwrap_or_else(|p| p.into_inner()).next())
+    }
+    fn try_fill_bytes(&mut self, buf: &mut [u8]) -> Result<(), Infallible> {
+        let mut rng = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        for chunk in buf.chunks_mut(8) {
+            let v = rng.next().to_le_bytes();
+            chunk.copy_from_slice(&v[..chunk.len()]);
+        }
+        Ok(())
+    }
 }
 
 /// The linker every plugin is instantiated with: `host.log` plus WASI (whose filesystem and

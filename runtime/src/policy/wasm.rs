@@ -2,8 +2,9 @@
 //! cache on disk, and the epoch ticker that backs every call's wall-clock deadline.
 
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::mpsc::{Sender, channel};
+use std::sync::{Arc, Weak};
 use std::time::Duration;
 
 use sha2::{Digest, Sha256};
@@ -27,6 +28,14 @@ pub fn sha256_hex(bytes: &[u8]) -> String {
     Sha256::digest(bytes).iter().map(|b| format!("{b:02x}")).collect()
 }
 
+/// Work done off the request path by the runtime's background thread.
+pub(crate) enum Job {
+    /// Top up a plugin's pool of warm instances.
+    Refill(Weak<CompiledPlugin>),
+    /// Drop a used instance (returning its memory to the pool takes time).
+    Discard(Box<dyn Send>),
+}
+
 /// The engine, linker and limits every plugin shares.
 pub struct WasmRuntime {
     pub(crate) engine: Engine,
@@ -34,7 +43,13 @@ pub struct WasmRuntime {
     pub(crate) limits: PolicyConfig,
     cache_dir: Option<PathBuf>,
     stop_ticker: Arc<AtomicBool>,
+    jobs: Sender<Job>,
+    /// Used instances waiting to be dropped by the background thread.
+    discards_pending: Arc<AtomicUsize>,
 }
+
+/// Used instances the background thread may have waiting; beyond this callers drop their own.
+const MAX_PENDING_DISCARDS: usize = 64;
 
 impl WasmRuntime {
     /// Builds the engine with `limits`; compiled plugins are cached under `cache_dir` if given.
@@ -74,7 +89,60 @@ impl WasmRuntime {
                 }
             })
             .map_err(|e| Error::io("plugin epoch thread", e))?;
-        Ok(Arc::new(WasmRuntime { engine, linker, limits: limits.clone(), cache_dir, stop_ticker }))
+        let (jobs, queue) = channel::<Job>();
+        let discards_pending = Arc::new(AtomicUsize::new(0));
+        let pending = discards_pending.clone();
+        std::thread::Builder::new()
+            .name("openlora-plugin-warm".into())
+            .spawn(move || {
+                // Ends when the runtime (the only sender) is dropped.
+                while let Ok(job) = queue.recv() {
+                    match job {
+                        Job::Refill(plugin) => {
+                            if let Some(p) = plugin.upgrade() {
+                                p.refill();
+                            }
+                        }
+                        Job::Discard(used) => {
+                            drop(used);
+                            pending.fetch_sub(1, Ordering::Relaxed);
+                        }
+                    }
+                }
+            })
+            .map_err(|e| Error::io("plugin warm-pool thread", e))?;
+        Ok(Arc::new(WasmRuntime {
+            engine,
+            linker,
+            limits: limits.clone(),
+            cache_dir,
+            stop_ticker,
+            jobs,
+            discards_pending,
+        }))
+    }
+
+    /// Hands work to the background thread (done inline if that thread is gone).
+    pub(crate) fn background(&self, job: Job) {
+        if let Job::Discard(_) = &job {
+            if self.discards_pending.load(Ordering::Relaxed) >= MAX_PENDING_DISCARDS {
+                return drop(job);
+            }
+            self.discards_pending.fetch_add(1, Ordering::Relaxed);
+        }
+        if let Err(std::sync::mpsc::SendError(job)) = self.jobs.send(job) {
+            match job {
+                Job::Refill(p) => {
+                    if let Some(p) = p.upgrade() {
+                        p.refill()
+                    }
+                }
+                Job::Discard(used) => {
+                    drop(used);
+                    self.discards_pending.fetch_sub(1, Ordering::Relaxed);
+                }
+            }
+        }
     }
 
     /// Epoch ticks a call may run before it is interrupted.
