@@ -8,30 +8,17 @@ import time
 import httpx
 import openai
 import pytest
-from conftest import ADMIN_TOKEN, API_KEY, plugin_wasm
+from conftest import ADMIN_TOKEN, API_KEY, Server, plugin_wasm
 
 ADMIN = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
 AUTH = {"Authorization": f"Bearer {API_KEY}"}
 
 
 @pytest.fixture(scope="module")
-def policy_server(fresh_server):
-    return fresh_server(extra='[policy]\nquarantine_after = 1000\n')
-
-
-@pytest.fixture(scope="module")
-def fresh_server():
-    from conftest import Server
-    servers = []
-
-    def make(**kw):
-        s = Server(**kw)
-        servers.append(s)
-        return s
-
-    yield make
-    for s in servers:
-        assert s.stop() == 0, s.logs()
+def policy_server():
+    s = Server(extra="[policy]\nquarantine_after = 1000\n")
+    yield s
+    assert s.stop() == 0, s.logs()
 
 
 def complete(server, model="r4-qv", **kw):

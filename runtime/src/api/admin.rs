@@ -8,12 +8,12 @@ use axum::Json;
 use axum::Router;
 use axum::body::Bytes;
 use axum::extract::{FromRequest, Multipart, Path as UrlPath, Query, Request, State};
-use axum::http::{HeaderMap, StatusCode, header};
+use axum::http::{HeaderMap, StatusCode};
 use axum::routing::get;
 use serde::Deserialize;
 use serde_json::{Value, json};
 
-use super::{ApiError, Shared, bearer};
+use super::{ApiError, Shared, bearer, blocking, is_multipart};
 use crate::adapters::{AdapterManifest, CONFIG_FILE, OWNER_FILE, WEIGHTS_FILE, valid_owner};
 
 /// Admin routes (the caller layers the upload size limit).
@@ -192,11 +192,7 @@ async fn upload_adapter(
     {
         return Err(ApiError::invalid(Some("owner".into()), "owners are 1-64 characters of A-Z a-z 0-9 - _ . @"));
     }
-    let multipart = headers
-        .get(header::CONTENT_TYPE)
-        .and_then(|v| v.to_str().ok())
-        .is_some_and(|v| v.starts_with("multipart/form-data"));
-    let files = if multipart {
+    let files = if is_multipart(&headers) {
         let form = Multipart::from_request(req, &state).await.map_err(|r| bad_upload(r.body_text()))?;
         unform(form).await.map_err(|e| {
             if e.message.contains("length limit") { too_large(StatusCode::PAYLOAD_TOO_LARGE) } else { e }
@@ -218,11 +214,7 @@ async fn upload_adapter(
     }
     let state2 = state.clone();
     let name2 = name.clone();
-    // Disk and validation work off the async runtime.
-    let result = tokio::task::spawn_blocking(move || store(&state2, &name2, &files))
-        .await
-        .map_err(|e| ApiError::internal(format!("upload task: {e}")))?;
-    let (replaced, manifest) = result?;
+    let (replaced, manifest) = blocking("upload", move || store(&state2, &name2, &files)).await?;
     let status = if replaced { StatusCode::OK } else { StatusCode::CREATED };
     Ok((status, Json(describe(&name, &manifest))))
 }

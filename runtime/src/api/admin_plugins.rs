@@ -5,13 +5,13 @@ use axum::Json;
 use axum::Router;
 use axum::body::Bytes;
 use axum::extract::{FromRequest, Multipart, Path as UrlPath, Query, Request, State};
-use axum::http::{HeaderMap, StatusCode, header};
+use axum::http::{HeaderMap, StatusCode};
 use axum::routing::{get, post};
 use serde::Deserialize;
 use serde_json::{Value, json};
 
 use super::admin::authorize;
-use super::{ApiError, Shared};
+use super::{ApiError, Shared, blocking, is_multipart};
 use crate::policy::Slot;
 
 /// Plugin admin routes.
@@ -70,11 +70,7 @@ async fn upload(
     {
         return Err(ApiError::model_not_found(adapter));
     }
-    let multipart = headers
-        .get(header::CONTENT_TYPE)
-        .and_then(|v| v.to_str().ok())
-        .is_some_and(|v| v.starts_with("multipart/form-data"));
-    let (bytes, config) = if multipart {
+    let (bytes, config) = if is_multipart(&headers) {
         let mut form = Multipart::from_request(req, &state).await.map_err(|r| bad_upload(r.body_text()))?;
         let (mut bytes, mut config) = (None, query.config);
         while let Some(field) = form.next_field().await.map_err(|e| bad_upload(format!("bad multipart body: {e}")))? {
@@ -98,11 +94,8 @@ async fn upload(
     if !config.trim().is_empty() && serde_json::from_str::<Value>(&config).is_err() {
         return Err(ApiError::invalid(Some("config".into()), "the plugin config must be JSON"));
     }
-    let st = state.clone();
-    let slot2 = slot.clone();
-    let info = tokio::task::spawn_blocking(move || st.policy.install(&slot2, &bytes, &config, "admin"))
-        .await
-        .map_err(|e| ApiError::internal(format!("upload task: {e}")))??;
+    let (st, slot2) = (state.clone(), slot.clone());
+    let info = blocking("upload", move || Ok(st.policy.install(&slot2, &bytes, &config, "admin")?)).await?;
     Ok((StatusCode::CREATED, Json(json!({"slot": slot, "active": info}))))
 }
 
@@ -113,11 +106,8 @@ async fn rollback(
 ) -> Result<Json<Value>, ApiError> {
     authorize(&state, &headers)?;
     let slot = slot(&name)?;
-    let st = state.clone();
-    let slot2 = slot.clone();
-    let active = tokio::task::spawn_blocking(move || st.policy.registry.rollback(&slot2))
-        .await
-        .map_err(|e| ApiError::internal(format!("rollback task: {e}")))??;
+    let (st, slot2) = (state.clone(), slot.clone());
+    let active = blocking("rollback", move || Ok(st.policy.registry.rollback(&slot2)?)).await?;
     Ok(Json(json!({"slot": slot, "active": active})))
 }
 
@@ -128,11 +118,8 @@ async fn activate(
 ) -> Result<Json<Value>, ApiError> {
     authorize(&state, &headers)?;
     let slot = slot(&name)?;
-    let st = state.clone();
-    let slot2 = slot.clone();
-    let active = tokio::task::spawn_blocking(move || st.policy.registry.activate(&slot2, version))
-        .await
-        .map_err(|e| ApiError::internal(format!("activate task: {e}")))??;
+    let (st, slot2) = (state.clone(), slot.clone());
+    let active = blocking("activate", move || Ok(st.policy.registry.activate(&slot2, version)?)).await?;
     Ok(Json(json!({"slot": slot, "active": active})))
 }
 

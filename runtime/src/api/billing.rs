@@ -7,7 +7,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 use openlora_sdk::RequestInfo;
 use serde_json::{Value, json};
 
-use super::{ApiError, Shared};
+use super::{ApiError, Shared, blocking};
 use crate::engine::Usage;
 use crate::policy::{Decider, Routed};
 
@@ -79,12 +79,11 @@ pub fn request_info(
 pub async fn route(state: &Shared, mut info: RequestInfo) -> Result<(Routed, PolicyContext), ApiError> {
     let st = state.clone();
     let asked = info.clone();
-    let routed = tokio::task::spawn_blocking(move || {
+    let routed = blocking("routing", move || {
         let pager = st.engine.pager();
-        st.policy.route(&asked, &|a| pager.manifest(a).is_some())
+        Ok(st.policy.route(&asked, &|a| pager.manifest(a).is_some())?)
     })
-    .await
-    .map_err(|e| ApiError::internal(format!("routing task: {e}")))??;
+    .await?;
     info.adapter_owner = owner_of(state, routed.adapter.as_deref());
     info.adapter = routed.adapter.clone();
     let ctx = PolicyContext { info, routed_by: routed.by.clone() };
@@ -96,9 +95,7 @@ pub async fn settle(state: &Shared, ctx: &PolicyContext, usage: &Usage) -> Resul
     let st = state.clone();
     let info = ctx.info.clone();
     let usage = usage.for_policy();
-    let settlement = tokio::task::spawn_blocking(move || st.policy.settle(&info, &usage))
-        .await
-        .map_err(|e| ApiError::internal(format!("settlement task: {e}")))??;
+    let settlement = blocking("settlement", move || Ok(st.policy.settle(&info, &usage)?)).await?;
     let mut decided_by = vec![ctx.routed_by.clone()];
     decided_by.extend(settlement.deciders);
     Ok(json!({

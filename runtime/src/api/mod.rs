@@ -86,6 +86,22 @@ pub fn parse<T: DeserializeOwned>(body: &serde_json::Value) -> Result<T, ApiErro
     serde_path_to_error::deserialize(body).map_err(body_error)
 }
 
+/// Runs blocking work (disk, validation, plugin calls) off the async threads.
+pub async fn blocking<T: Send + 'static>(
+    what: &str,
+    work: impl FnOnce() -> Result<T, ApiError> + Send + 'static,
+) -> Result<T, ApiError> {
+    tokio::task::spawn_blocking(work).await.map_err(|e| ApiError::internal(format!("{what} task: {e}")))?
+}
+
+/// Whether a request's body is a multipart form.
+pub fn is_multipart(headers: &HeaderMap) -> bool {
+    headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.starts_with("multipart/form-data"))
+}
+
 /// The tenant an inference request belongs to, from its `Authorization: Bearer` key.
 pub fn tenant(state: &AppState, headers: &HeaderMap) -> Result<String, ApiError> {
     if state.config.api_keys.is_empty() {
