@@ -8,7 +8,7 @@ use openlora_sdk::RequestInfo;
 use serde_json::{Value, json};
 
 use super::{ApiError, Shared, blocking};
-use crate::engine::Usage;
+use crate::engine::{GenerationRequest, Usage};
 use crate::policy::{Decider, Routed};
 
 /// Most metadata entries a request may carry (as OpenAI allows).
@@ -24,7 +24,7 @@ pub struct PolicyContext {
 }
 
 /// Milliseconds since the Unix epoch.
-pub fn now_ms() -> u64 {
+fn now_ms() -> u64 {
     SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
 }
 
@@ -49,29 +49,26 @@ fn owner_of(state: &Shared, adapter: Option<&str>) -> Option<String> {
     state.engine.pager().manifest(adapter?).and_then(|m| m.owner.clone())
 }
 
-/// The request as plugins see it before routing: `adapter` is the requested name unless it
-/// names the base model.
+/// The request as plugins see it before routing, arriving now: `adapter` is the requested name
+/// unless it names the base model.
 pub fn request_info(
     state: &Shared,
-    request_id: &str,
+    req: &GenerationRequest,
     tenant: &str,
     model: &str,
-    prompt_tokens: usize,
-    max_tokens: usize,
     metadata: Vec<(String, String)>,
-    received_at_ms: u64,
 ) -> RequestInfo {
     let adapter = (model != state.model_name).then(|| model.to_string());
     RequestInfo {
-        request_id: request_id.to_string(),
+        request_id: req.id.clone(),
         tenant: tenant.to_string(),
         requested_model: model.to_string(),
         adapter_owner: owner_of(state, adapter.as_deref()),
         adapter,
-        prompt_tokens: u32::try_from(prompt_tokens).unwrap_or(u32::MAX),
-        max_tokens: u32::try_from(max_tokens).unwrap_or(u32::MAX),
+        prompt_tokens: u32::try_from(req.prompt_ids.len()).unwrap_or(u32::MAX),
+        max_tokens: u32::try_from(req.params.max_tokens).unwrap_or(u32::MAX),
         metadata,
-        received_at_ms,
+        received_at_ms: now_ms(),
     }
 }
 

@@ -155,16 +155,7 @@ async fn answer(
     tenant: &str,
     label: String,
 ) -> Result<Response, ApiError> {
-    let info = billing::request_info(
-        &state,
-        &req.id,
-        tenant,
-        &label,
-        req.prompt_ids.len(),
-        req.params.max_tokens,
-        billing::metadata(c.metadata.take())?,
-        billing::now_ms(),
-    );
+    let info = billing::request_info(&state, &req, tenant, &label, billing::metadata(c.metadata.take())?);
     let (routed, policy) = billing::route(&state, info).await?;
     req.adapter = routed.adapter;
     req.priority = routed.priority;

@@ -16,7 +16,7 @@ use super::config::{OnFailure, PolicyConfig};
 use super::plugin::{CallFailure, Called, CompiledPlugin, FailureKind};
 use super::registry::Registry;
 use super::slot::Slot;
-use super::wasm::{WasmRuntime, sha256_hex};
+use super::wasm::WasmRuntime;
 use crate::error::{Error, Result};
 use crate::metrics::PolicyMetrics;
 
@@ -71,10 +71,13 @@ pub struct PolicyHost {
     metrics: PolicyMetrics,
 }
 
+/// Calls a slot's plugin.
+type PluginCall<'a, T> = &'a dyn Fn(&Arc<CompiledPlugin>) -> std::result::Result<Called<T>, CallFailure>;
+
 /// One slot call: the plugin's attempt and the built-in's answer.
 struct Attempt<'a, T> {
     slot: &'a Slot,
-    call: &'a dyn Fn(&Arc<CompiledPlugin>) -> std::result::Result<Called<T>, CallFailure>,
+    call: PluginCall<'a, T>,
     validate: &'a dyn Fn(&T) -> std::result::Result<(), String>,
     builtin: &'a dyn Fn() -> std::result::Result<T, String>,
     on_failure: OnFailure,
@@ -256,11 +259,6 @@ impl PolicyHost {
         let outcome = if result.is_ok() { "ok" } else { "refused" };
         self.metrics.loads.with_label_values(&[outcome]).inc();
         result
-    }
-
-    /// The sha256 of a configuration string, as decisions record it.
-    pub fn config_sha256(config: &str) -> String {
-        sha256_hex(config.as_bytes())
     }
 }
 

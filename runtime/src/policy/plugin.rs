@@ -218,7 +218,7 @@ impl CompiledPlugin {
         self: &Arc<Self>,
         request: &sdk::RequestInfo,
         f: impl FnOnce(&Exports, &mut Store<Sandbox>, &Instance) -> wasmtime::Result<T>,
-    ) -> Result<(T, CallStats, Vec<(sdk::Level, String)>), CallFailure> {
+    ) -> Result<Called<T>, CallFailure> {
         let start = Instant::now();
         let warm = self.lock_warm().pop();
         self.schedule_refill();
@@ -238,7 +238,7 @@ impl CompiledPlugin {
         let contents = data.output.contents();
         let output = contents.get(data.output_before_call..).unwrap_or_default();
         if !output.is_empty() {
-            logs.push((sdk::Level::Info, format!("(output) {}", String::from_utf8_lossy(&output).trim_end())));
+            logs.push((sdk::Level::Info, format!("(output) {}", String::from_utf8_lossy(output).trim_end())));
         }
         if data.dropped_logs > 0 {
             logs.push((sdk::Level::Warn, format!("({} more log lines dropped)", data.dropped_logs)));
@@ -256,17 +256,17 @@ impl CompiledPlugin {
             f => f,
         })?;
         let stats = CallStats { fuel, micros: start.elapsed().as_micros() as u64, warm: was_warm };
-        Ok((value, stats, logs))
+        Ok(Called { value, stats, logs })
     }
 
     /// Calls `route`.
     pub fn route(self: &Arc<Self>, request: &sdk::RequestInfo) -> Result<Called<sdk::RouteDecision>, CallFailure> {
         let wit_request = wit::RequestInfo::from(request);
-        let (decision, stats, logs) = self.call(request, |exports, store, instance| match exports {
+        let c = self.call(request, |exports, store, instance| match exports {
             Exports::Router(ix) => ix.load(&mut *store, instance)?.call_route(&mut *store, &wit_request),
             _ => Err(wasmtime::Error::msg("not a router")),
         })?;
-        Ok(Called { value: decision.into(), stats, logs })
+        Ok(Called { value: c.value.into(), stats: c.stats, logs: c.logs })
     }
 
     /// Calls `price`.
@@ -276,12 +276,12 @@ impl CompiledPlugin {
         usage: &sdk::Usage,
     ) -> Result<Called<sdk::Money>, CallFailure> {
         let (wit_request, wit_usage) = (wit::RequestInfo::from(request), wit::Usage::from(usage));
-        let (result, stats, logs) = self.call(request, |exports, store, instance| match exports {
+        let c = self.call(request, |exports, store, instance| match exports {
             Exports::Pricer(ix) => ix.load(&mut *store, instance)?.call_price(&mut *store, &wit_request, wit_usage),
             _ => Err(wasmtime::Error::msg("not a pricer")),
         })?;
-        let money = result.map_err(|e| CallFailure::new(FailureKind::Declined, e))?;
-        Ok(Called { value: money.into(), stats, logs })
+        let money = c.value.map_err(|e| CallFailure::new(FailureKind::Declined, e))?;
+        Ok(Called { value: money.into(), stats: c.stats, logs: c.logs })
     }
 
     /// Calls `attribute`.
@@ -293,14 +293,14 @@ impl CompiledPlugin {
     ) -> Result<Called<Vec<sdk::Split>>, CallFailure> {
         let (wit_request, wit_usage, wit_charge) =
             (wit::RequestInfo::from(request), wit::Usage::from(usage), wit::Money::from(charge));
-        let (result, stats, logs) = self.call(request, |exports, store, instance| match exports {
+        let c = self.call(request, |exports, store, instance| match exports {
             Exports::Attributor(ix) => {
                 ix.load(&mut *store, instance)?.call_attribute(&mut *store, &wit_request, wit_usage, &wit_charge)
             }
             _ => Err(wasmtime::Error::msg("not an attributor")),
         })?;
-        let splits = result.map_err(|e| CallFailure::new(FailureKind::Declined, e))?;
-        Ok(Called { value: splits.into_iter().map(Into::into).collect(), stats, logs })
+        let splits = c.value.map_err(|e| CallFailure::new(FailureKind::Declined, e))?;
+        Ok(Called { value: splits.into_iter().map(Into::into).collect(), stats: c.stats, logs: c.logs })
     }
 }
 
