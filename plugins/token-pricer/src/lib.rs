@@ -86,7 +86,8 @@ mod tests {
         let config = r#"{"currency": "EUR", "default": {"prompt_per_1k": 1000, "completion_per_1k": 3000},
             "adapters": {"startrek": {"prompt_per_1k": 2000, "completion_per_1k": 4000}}, "minimum": 500}"#;
         let (mut r, mut u) = (sample_request(), sample_usage());
-        assert_eq!(run_pricer::<TokenPricer>(config, &r, &u).unwrap(), Money::new(200 + 200, "EUR"));
+        // 200 + 200 for startrek, lifted to the minimum of 500.
+        assert_eq!(run_pricer::<TokenPricer>(config, &r, &u).unwrap(), Money::new(500, "EUR"));
         r.adapter = Some("other".into());
         assert_eq!(run_pricer::<TokenPricer>(config, &r, &u).unwrap(), Money::new(100 + 150, "EUR").max_amount(500));
         u.completion_tokens = 0;
