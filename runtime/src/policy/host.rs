@@ -110,7 +110,8 @@ impl PolicyHost {
         let active = handle.as_ref().and_then(|h| h.active.load_full());
         let mut failure = None;
         if let (Some(handle), Some(active)) = (&handle, &active) {
-            let outcome = if handle.quarantined.load(Ordering::Relaxed) {
+            let quarantined = handle.quarantined.load(Ordering::Relaxed);
+            let outcome = if quarantined {
                 Err(CallFailure::new(FailureKind::Invalid, "quarantined after repeated failures"))
             } else {
                 let called = (a.call)(&active.plugin);
@@ -139,7 +140,7 @@ impl PolicyHost {
                     return Ok((called.value, by));
                 }
                 Err(f) => {
-                    if f.message != "quarantined after repeated failures" {
+                    if !quarantined {
                         self.record_failure(a.slot, &active.plugin, &f);
                     }
                     if a.on_failure == OnFailure::Reject {
