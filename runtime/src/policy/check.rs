@@ -11,6 +11,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 
 use super::config::PolicyConfig;
+use super::host::check_rejection;
 use super::plugin::{CallFailure, CallStats, CompiledPlugin};
 use super::slot::World;
 use super::wasm::WasmRuntime;
@@ -67,10 +68,8 @@ fn decide(plugin: &std::sync::Arc<CompiledPlugin>, s: &Sample) -> std::result::R
     match plugin.world {
         World::Router => {
             let c = plugin.route(&s.request)?;
-            if let RouteDecision::Reject(r) = &c.value
-                && r.len() > 1024
-            {
-                return Err(invalid("rejection reason longer than 1024 bytes".into()));
+            if let RouteDecision::Reject(r) = &c.value {
+                check_rejection(r).map_err(invalid)?;
             }
             Ok((json!(c.value), c.stats))
         }

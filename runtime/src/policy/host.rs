@@ -23,6 +23,14 @@ use crate::metrics::PolicyMetrics;
 /// Longest reason a router may give for a rejection, in bytes.
 const MAX_REJECT_BYTES: usize = 1024;
 
+/// Checks a router's rejection reason as every decision is checked (here and by `plugin check`).
+pub(crate) fn check_rejection(reason: &str) -> std::result::Result<(), String> {
+    if reason.len() > MAX_REJECT_BYTES {
+        return Err(format!("rejection reason longer than {MAX_REJECT_BYTES} bytes"));
+    }
+    Ok(())
+}
+
 /// Who made one decision, recorded with it so it can be replayed.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Decider {
@@ -188,10 +196,7 @@ impl PolicyHost {
                 }
                 _ => Ok(()),
             },
-            RouteDecision::Reject(reason) if reason.len() > MAX_REJECT_BYTES => {
-                Err(format!("rejection reason longer than {MAX_REJECT_BYTES} bytes"))
-            }
-            RouteDecision::Reject(_) => Ok(()),
+            RouteDecision::Reject(reason) => check_rejection(reason),
         };
         let (decision, by) = self.attempt(Attempt {
             slot: &slot,
