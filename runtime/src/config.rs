@@ -36,6 +36,34 @@ pub struct ServerConfig {
     pub admin_token: Option<String>,
     /// Policy plugins: sandbox limits and slot behaviour.
     pub policy: PolicyConfig,
+    /// Where the ledger is kept.
+    pub ledger: LedgerConfig,
+}
+
+/// `[ledger]`: where entries are written.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct LedgerConfig {
+    /// `sqlite:<path>`, a file path, or `postgres://...`; default: `ledger.sqlite3` in the data directory.
+    pub url: Option<String>,
+    /// Currency of the zero charge recorded for requests that failed after compute.
+    pub currency: String,
+}
+
+impl Default for LedgerConfig {
+    fn default() -> Self {
+        LedgerConfig { url: None, currency: "USD".into() }
+    }
+}
+
+impl LedgerConfig {
+    /// The ledger's location, the default one under `data_dir` unless `url` says otherwise.
+    pub fn location(&self, data_dir: &Path) -> Result<crate::ledger::Location> {
+        match &self.url {
+            Some(url) => crate::ledger::Location::parse(url),
+            None => Ok(crate::ledger::Location::Sqlite(data_dir.join("ledger.sqlite3"))),
+        }
+    }
 }
 
 /// Memory budgets, in bytes.
@@ -85,6 +113,7 @@ impl Default for ServerConfig {
             api_keys: BTreeMap::new(),
             admin_token: None,
             policy: PolicyConfig::default(),
+            ledger: LedgerConfig::default(),
         }
     }
 }
@@ -153,6 +182,11 @@ impl ServerConfig {
             }
         }
         self.policy.validate().map_err(|(field, message)| Error::config(path, field, message))?;
+        openlora_sdk::money::validate_currency(&self.ledger.currency)
+            .map_err(|m| Error::config(path, "ledger.currency", m))?;
+        if let Some(url) = &self.ledger.url {
+            crate::ledger::Location::parse(url).map_err(|e| Error::config(path, "ledger.url", e.to_string()))?;
+        }
         crate::policy::builtin::Builtins::new(&self.policy).map_err(|e| match e {
             Error::Config { field, message, .. } => Error::config(path, field, message),
             other => other,

@@ -163,6 +163,10 @@ pub enum Error {
         message: String,
     },
 
+    /// The ledger could not be opened, read or written.
+    #[error("ledger: {0}")]
+    Ledger(String),
+
     /// A tensor operation failed (a bug, not bad input).
     #[error("tensor op: {0}")]
     Tensor(#[from] candle_core::Error),

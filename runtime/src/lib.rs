@@ -1,7 +1,8 @@
 //! openlora: one resident base model, many LoRA adapters, and exact, replayable accounting.
 //!
 //! This crate is the host: model loading and the forward pass (`model`), token sampling
-//! (`sampling`), the generation loop (`generate`), and the embedded default model (`embedded`).
+//! (`sampling`), the generation loop (`generate`), the embedded default model (`embedded`),
+//! policy plugins (`policy`) and the attribution ledger (`ledger`).
 
 pub mod adapters;
 pub mod api;
@@ -10,6 +11,7 @@ pub mod embedded;
 pub mod engine;
 pub mod error;
 pub mod generate;
+pub mod ledger;
 pub mod metrics;
 pub mod model;
 pub mod pager;

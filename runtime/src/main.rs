@@ -33,6 +33,173 @@ enum Command {
     /// Work with policy plugins (router, pricer, attributor wasm components).
     #[command(subcommand)]
     Plugin(PluginCommand),
+    /// Read and verify the attribution ledger.
+    #[command(subcommand)]
+    Ledger(LedgerCommand),
+}
+
+#[derive(Subcommand)]
+enum LedgerCommand {
+    /// Check the hash chain and replay every entry's pricer and attributor; exit 1 naming the first bad entry.
+    Verify(VerifyArgs),
+    /// Write entries as CSV (one row per split) or JSON lines (one entry per line) to stdout.
+    Export(ExportArgs),
+    /// Totals by payee, adapter or tenant.
+    Summary(SummaryArgs),
+}
+
+/// Which ledger to read.
+#[derive(Args)]
+struct LedgerArgs {
+    /// The ledger: `sqlite:<path>`, a file path, or `postgres://...`. Default: the server config's
+    /// `[ledger] url`, else `ledger.sqlite3` in its data directory (`$OPENLORA_HOME`).
+    #[arg(long)]
+    ledger: Option<String>,
+    /// The server's TOML configuration (for its ledger, data directory and plugin limits).
+    #[arg(long)]
+    config: Option<PathBuf>,
+}
+
+/// Which entries to read.
+#[derive(Args)]
+struct RangeArgs {
+    /// Entries written at or after this time (Unix seconds, YYYY-MM-DD or YYYY-MM-DDTHH:MM:SSZ).
+    #[arg(long)]
+    since: Option<String>,
+    /// Entries written before this time.
+    #[arg(long)]
+    until: Option<String>,
+    /// Only this tenant's entries.
+    #[arg(long)]
+    tenant: Option<String>,
+}
+
+#[derive(Args)]
+struct VerifyArgs {
+    #[command(flatten)]
+    ledger: LedgerArgs,
+    /// Check the chain only, without replaying the plugins.
+    #[arg(long)]
+    no_replay: bool,
+    /// Print the report as JSON.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Args)]
+struct ExportArgs {
+    #[command(flatten)]
+    ledger: LedgerArgs,
+    #[command(flatten)]
+    range: RangeArgs,
+    /// csv or jsonl.
+    #[arg(long, default_value = "jsonl")]
+    format: String,
+}
+
+#[derive(Args)]
+struct SummaryArgs {
+    #[command(flatten)]
+    ledger: LedgerArgs,
+    #[command(flatten)]
+    range: RangeArgs,
+    /// payee, adapter or tenant.
+    #[arg(long, default_value = "payee")]
+    by: String,
+    /// Print the totals as JSON.
+    #[arg(long)]
+    json: bool,
+}
+
+impl LedgerArgs {
+    fn open(&self) -> anyhow::Result<(ServerConfig, Box<dyn openlora::ledger::LedgerStore>, String)> {
+        let config = match &self.config {
+            Some(path) => ServerConfig::from_file(path)?,
+            None => ServerConfig::default(),
+        };
+        let location = match &self.ledger {
+            Some(l) => openlora::ledger::Location::parse(l).context("--ledger")?,
+            None => {
+                let data_dir = config.data_dir.clone().unwrap_or_else(embedded::data_dir);
+                config.ledger.location(&data_dir)?
+            }
+        };
+        if let openlora::ledger::Location::Sqlite(path) = &location
+            && !path.exists()
+        {
+            anyhow::bail!("{}: no ledger there (give --ledger or --config)", path.display());
+        }
+        let store = location.open().with_context(|| format!("opening the ledger {location}"))?;
+        Ok((config, store, location.to_string()))
+    }
+}
+
+impl RangeArgs {
+    fn filter(&self) -> anyhow::Result<openlora::ledger::Filter> {
+        use openlora::ledger::report::parse_time;
+        let time = |flag: &str, v: &Option<String>| {
+            v.as_deref().map(parse_time).transpose().map_err(|m| anyhow::anyhow!("--{flag}: {m}"))
+        };
+        Ok(openlora::ledger::Filter {
+            since_ms: time("since", &self.since)?,
+            until_ms: time("until", &self.until)?,
+            tenant: self.tenant.clone(),
+        })
+    }
+}
+
+fn run_ledger(command: LedgerCommand) -> anyhow::Result<bool> {
+    use openlora::ledger::report;
+    match command {
+        LedgerCommand::Verify(args) => {
+            let (config, mut store, name) = args.ledger.open()?;
+            let mut replayer =
+                if args.no_replay { None } else { Some(openlora::policy::Replayer::new(&config.policy)?) };
+            let r = openlora::ledger::verify::verify(store.as_mut(), replayer.as_mut(), &name)?;
+            if args.json {
+                println!("{}", serde_json::to_string_pretty(&r)?);
+            } else if let Some(bad) = &r.first_bad {
+                println!(
+                    "{name}: FAILED at entry {}{}: {}",
+                    bad.seq,
+                    bad.request_id.as_deref().map(|id| format!(" (request {id})")).unwrap_or_default(),
+                    bad.problem
+                );
+                println!("{} entries before it verified", r.entries);
+            } else {
+                println!(
+                    "{name}: ok: {} entries, hash chain intact, {} settlements replayed exactly; head {}",
+                    r.entries, r.replayed, r.head_hash
+                );
+            }
+            Ok(r.ok())
+        }
+        LedgerCommand::Export(args) => {
+            let format: report::Format = args.format.parse().map_err(|m: String| anyhow::anyhow!("--format: {m}"))?;
+            let (_, mut store, _) = args.ledger.open()?;
+            let mut out = std::io::BufWriter::new(std::io::stdout().lock());
+            report::export(store.as_mut(), &args.range.filter()?, format, &mut out)?;
+            out.flush()?;
+            Ok(true)
+        }
+        LedgerCommand::Summary(args) => {
+            let by: report::GroupBy = args.by.parse().map_err(|m: String| anyhow::anyhow!("--by: {m}"))?;
+            let (_, mut store, _) = args.ledger.open()?;
+            let rows = report::summary(store.as_mut(), &args.range.filter()?, by)?;
+            if args.json {
+                println!("{}", serde_json::to_string_pretty(&rows)?);
+                return Ok(true);
+            }
+            println!("{:<40} {:>8} {:>10} {:>20} {:>12} {:>12}", args.by, "currency", "requests", "micro-units", "prompt", "completion");
+            for r in &rows {
+                println!(
+                    "{:<40} {:>8} {:>10} {:>20} {:>12} {:>12}",
+                    r.key, r.currency, r.requests, r.amount, r.prompt_tokens, r.completion_tokens
+                );
+            }
+            Ok(true)
+        }
+    }
 }
 
 #[derive(Subcommand)]
@@ -267,6 +434,12 @@ fn main() -> anyhow::Result<()> {
         Command::Serve(args) => run_serve(args),
         Command::Plugin(PluginCommand::Check(args)) => {
             if !run_plugin_check(args)? {
+                std::process::exit(1);
+            }
+            Ok(())
+        }
+        Command::Ledger(command) => {
+            if !run_ledger(command)? {
                 std::process::exit(1);
             }
             Ok(())

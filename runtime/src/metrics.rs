@@ -68,6 +68,28 @@ pub struct PolicyMetrics {
     pub loads: IntCounterVec,
 }
 
+/// Ledger figures: entries written, duplicates refused, write failures, commit time and batch size.
+#[derive(Clone)]
+pub struct LedgerMetrics {
+    /// Entries written, by `outcome` (`completed`, `cancelled`, `failed`).
+    pub entries: IntCounterVec,
+    /// Entries not written because their request key was already in the ledger.
+    pub duplicates: IntCounter,
+    /// Entries that could not be written (the client got an error).
+    pub write_failures: IntCounter,
+    /// Seconds per commit (one commit writes a batch of entries).
+    pub commit_seconds: Histogram,
+    /// Entries per commit.
+    pub batch_entries: Histogram,
+}
+
+impl LedgerMetrics {
+    /// Metrics registered nowhere (for tools and tests that run a ledger outside a server).
+    pub fn detached() -> Self {
+        Metrics::new().ledger
+    }
+}
+
 /// Every metric the runtime exposes, in one registry.
 #[derive(Clone)]
 pub struct Metrics {
@@ -81,6 +103,8 @@ pub struct Metrics {
     pub http: HttpMetrics,
     /// Policy plugin metrics.
     pub policy: PolicyMetrics,
+    /// Ledger metrics.
+    pub ledger: LedgerMetrics,
 }
 
 fn counter(reg: &Registry, name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
@@ -188,7 +212,32 @@ impl Metrics {
             fuel: counter(r, "plugin_fuel_total", "Fuel used by plugin calls", &["slot"]),
             loads: counter(r, "plugin_loads_total", "Plugin versions offered, by outcome", &["outcome"]),
         };
-        Metrics { registry, pager, engine, http, policy }
+        let ledger = LedgerMetrics {
+            entries: counter(r, "ledger_entries_total", "Ledger entries written, by outcome", &["outcome"]),
+            duplicates: register(
+                r,
+                IntCounter::new("ledger_duplicates_total", "Entries refused: request key already in the ledger"),
+            ),
+            write_failures: register(
+                r,
+                IntCounter::new("ledger_write_failures_total", "Ledger entries that could not be written"),
+            ),
+            commit_seconds: register(
+                r,
+                Histogram::with_opts(
+                    HistogramOpts::new("ledger_commit_seconds", "Seconds per ledger commit")
+                        .buckets(vec![0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.5]),
+                ),
+            ),
+            batch_entries: register(
+                r,
+                Histogram::with_opts(
+                    HistogramOpts::new("ledger_batch_entries", "Entries per ledger commit")
+                        .buckets(vec![1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0]),
+                ),
+            ),
+        };
+        Metrics { registry, pager, engine, http, policy, ledger }
     }
 
     /// The registry in Prometheus' text exposition format.

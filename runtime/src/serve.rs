@@ -82,6 +82,7 @@ impl Server {
         let chat = ChatTemplate::new(tok.chat_template.as_deref(), tok.bos_token.as_deref(), tok.eos_token.as_deref())?;
         let policy = Arc::new(PolicyHost::new(&config.policy, Some(data_dir.join("plugins")), metrics.policy.clone())?);
         let drop_dir = config.policy.dir.clone().unwrap_or_else(|| data_dir.join("plugins").join("drop"));
+        let ledger = crate::ledger::Ledger::open(config.ledger.location(&data_dir)?, metrics.ledger.clone())?;
         let engine = EngineHandle::start(model, pager, config.engine(), metrics.clone())?;
         let state = Arc::new(AppState {
             engine,
@@ -94,6 +95,7 @@ impl Server {
             chat,
             policy,
             drop_dir,
+            ledger,
             config: config.clone(),
         });
         crate::policy::dropdir::watch(state.policy.clone(), state.drop_dir.clone());

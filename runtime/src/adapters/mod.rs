@@ -33,6 +33,8 @@ pub struct AdapterManifest {
     pub f32_bytes: usize,
     /// Who owns it (from `openlora.json`), the payee of its share of each charge.
     pub owner: Option<String>,
+    /// sha256 of its configuration and weights (see [`crate::model::content_hash`]).
+    pub sha256: String,
 }
 
 /// One projection's LoRA weights in host memory, f32.
@@ -156,7 +158,8 @@ impl AdapterManifest {
             return Err(Error::WeightFile { file: weights_path, message: "holds no LoRA weights".into() });
         }
         let owner = read_owner(dir)?;
-        Ok(AdapterManifest { dir: dir.to_path_buf(), config, modules, f32_bytes, owner })
+        let sha256 = crate::model::content_hash(dir, &[cfg_path.clone(), weights_path.clone()])?;
+        Ok(AdapterManifest { dir: dir.to_path_buf(), config, modules, f32_bytes, owner, sha256 })
     }
 
     /// Reads the weights into host memory as f32 (re-validating shapes against the file, which

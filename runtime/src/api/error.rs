@@ -21,6 +21,8 @@ pub struct ApiError {
     pub code: &'static str,
     /// Seconds to wait before retrying (429 / 503).
     pub retry_after: Option<u64>,
+    /// More fields of the error object (e.g. the `billing` of the request a 409 refers to).
+    pub extra: Vec<(&'static str, serde_json::Value)>,
 }
 
 impl ApiError {
@@ -33,12 +35,13 @@ impl ApiError {
             param: param.into(),
             code: "invalid_request",
             retry_after: None,
+            extra: Vec::new(),
         }
     }
 
     /// Any status with a code.
     pub fn new(status: StatusCode, kind: &'static str, code: &'static str, message: impl Into<String>) -> Self {
-        ApiError { status, message: message.into(), kind, param: None, code, retry_after: None }
+        ApiError { status, message: message.into(), kind, param: None, code, retry_after: None, extra: Vec::new() }
     }
 
     /// 401.
@@ -74,7 +77,11 @@ impl ApiError {
 
     /// The error object alone, for streamed errors.
     pub fn body(&self) -> serde_json::Value {
-        json!({"error": {"message": self.message, "type": self.kind, "param": self.param, "code": self.code}})
+        let mut e = json!({"message": self.message, "type": self.kind, "param": self.param, "code": self.code});
+        for (k, v) in &self.extra {
+            e[*k] = v.clone();
+        }
+        json!({ "error": e })
     }
 }
 
@@ -110,6 +117,10 @@ impl From<Error> for ApiError {
             Error::PolicyFailed { .. } => {
                 ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "server_error", "policy_unavailable", msg)
             }
+            Error::Ledger(_) => ApiError {
+                retry_after: Some(1),
+                ..ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "server_error", "ledger_unavailable", msg)
+            },
             Error::Io { .. } | Error::Tensor(_) => ApiError::internal(msg),
         }
     }
@@ -122,6 +133,10 @@ impl IntoResponse for ApiError {
             && let Ok(v) = HeaderValue::from_str(&s.to_string())
         {
             resp.headers_mut().insert(header::RETRY_AFTER, v);
+        }
+        if self.status == StatusCode::CONFLICT {
+            // OpenAI's clients retry 409s unless told not to; a repeated request key never succeeds.
+            resp.headers_mut().insert("x-should-retry", HeaderValue::from_static("false"));
         }
         resp
     }

@@ -5,6 +5,8 @@ pub mod admin_plugins;
 mod billing;
 pub mod chat;
 pub mod error;
+pub mod ledger;
+mod metered;
 pub mod openai;
 mod stream;
 
@@ -49,6 +51,8 @@ pub struct AppState {
     pub policy: Arc<crate::policy::PolicyHost>,
     /// The folder watched for dropped-in plugins.
     pub drop_dir: std::path::PathBuf,
+    /// The attribution ledger.
+    pub ledger: Arc<crate::ledger::Ledger>,
 }
 
 /// The shared state handlers receive.
@@ -150,6 +154,7 @@ pub fn router(state: Shared) -> Router {
         .route("/v1/completions", post(openai::completions))
         .route("/v1/chat/completions", post(openai::chat_completions))
         .route("/v1/models", get(openai::models))
+        .merge(ledger::router())
         .layer(DefaultBodyLimit::max(body_limit));
     let admin = admin::router().merge(admin_plugins::router()).layer(DefaultBodyLimit::max(upload_limit));
     Router::new()

@@ -11,6 +11,7 @@ use serde::Deserialize;
 use serde_json::{Value, json};
 
 use super::billing::{self, PolicyContext};
+use super::metered::Metered;
 use super::chat::ChatMessage;
 use super::stream::{Collected, Kind, Reply, collect, sse};
 use super::{ApiError, JsonBody, Shared, parse, tenant};
@@ -152,11 +153,13 @@ async fn answer(
     mut req: GenerationRequest,
     kind: Kind,
     c: &mut CommonParams,
-    tenant: &str,
+    (tenant, headers): (&str, &HeaderMap),
     label: String,
 ) -> Result<Response, ApiError> {
-    let info = billing::request_info(&state, &req, tenant, &label, billing::metadata(c.metadata.take())?);
-    let (routed, policy) = billing::route(&state, info).await?;
+    let metadata = billing::metadata(c.metadata.take())?;
+    let (key, guard) = billing::reserve(&state, headers, tenant, &req.id).await?;
+    let info = billing::request_info(&state, &req, tenant, &label, metadata);
+    let (routed, policy) = billing::route(&state, info, key, guard).await?;
     req.adapter = routed.adapter;
     req.priority = routed.priority;
     Ok(submit(state, req, kind, c, label, policy).await)
@@ -188,8 +191,8 @@ async fn submit(
         model: label,
         kind,
         include_usage: c.stream_options.as_ref().is_some_and(|o| o.include_usage),
-        policy,
     };
+    let stream = Metered::new(state.clone(), stream, policy);
     if c.stream.unwrap_or(false) {
         sse(state, stream, reply, permit).into_response()
     } else {
@@ -221,7 +224,7 @@ pub async fn completions(
         PromptInput::Tokens(ids) => ids.clone(),
     };
     let req = build(&state, prompt_ids, params, logprobs)?;
-    answer(state, req, Kind::Completion { logprobs: logprobs.is_some() }, &mut common, &tenant, body.model).await
+    answer(state, req, Kind::Completion { logprobs: logprobs.is_some() }, &mut common, (&tenant, &headers), body.model).await
 }
 
 /// `POST /v1/chat/completions`.
@@ -249,7 +252,7 @@ pub async fn chat_completions(
     let prompt_ids = state.engine.model().tokenizer.encode_with(&text, false)?;
     let logprobs = want_logprobs.then(|| top.unwrap_or(0));
     let req = build(&state, prompt_ids, params, logprobs)?;
-    answer(state, req, Kind::Chat { logprobs: want_logprobs }, &mut common, &tenant, body.model).await
+    answer(state, req, Kind::Chat { logprobs: want_logprobs }, &mut common, (&tenant, &headers), body.model).await
 }
 
 /// The engine request (not yet routed: no adapter, normal priority), checking the prompt's length.

@@ -8,9 +8,10 @@ use futures_util::Stream;
 use serde_json::{Value, json};
 use tokio::sync::OwnedSemaphorePermit;
 
-use super::billing::{PolicyContext, settle};
+use super::billing::Ended;
+use super::metered::Metered;
 use super::{ApiError, Shared};
-use crate::engine::{Event, RequestStream, TokenLogprob, Usage};
+use crate::engine::{Event, TokenLogprob, Usage};
 use crate::generate::FinishReason;
 
 /// Which API shape to answer in.
@@ -45,8 +46,6 @@ pub struct Reply {
     pub model: String,
     pub kind: Kind,
     pub include_usage: bool,
-    /// The policy context, for pricing and attribution at the end.
-    pub policy: PolicyContext,
 }
 
 /// One token as the logprobs fields present it.
@@ -131,7 +130,7 @@ pub enum Collected {
 }
 
 /// Waits for the whole completion and builds the response body.
-pub async fn collect(state: &Shared, mut stream: RequestStream, reply: &Reply) -> Collected {
+pub async fn collect(state: &Shared, mut stream: Metered, reply: &Reply) -> Collected {
     let start = Instant::now();
     let mut first = None;
     let mut text = String::new();
@@ -146,8 +145,9 @@ pub async fn collect(state: &Shared, mut stream: RequestStream, reply: &Reply) -
                 }
             }
             Event::Done { reason, usage } => {
-                let billing = match settle(state, &reply.policy, &usage).await {
-                    Ok(b) => b,
+                // The entry is durably written before the client sees its usage.
+                let billing = match stream.finish(Ended::Finished(reason), &usage).await {
+                    Ok(b) => b.unwrap_or(Value::Null),
                     Err(e) => {
                         observe(state, &reply.model, e.code, start, first, Instant::now(), 0);
                         return Collected::Failed(e);
@@ -173,8 +173,11 @@ pub async fn collect(state: &Shared, mut stream: RequestStream, reply: &Reply) -
                     "choices": [choice], "usage": usage_json(&usage), "billing": billing,
                 }));
             }
-            Event::Failed { message, .. } => {
-                let e = failure(message);
+            Event::Failed { message, usage } => {
+                let e = match stream.finish(Ended::Failed(message.clone()), &usage).await {
+                    Err(ledger) => ledger,
+                    Ok(_) => failure(message),
+                };
                 observe(state, &reply.model, e.code, start, first, Instant::now(), 0);
                 return Collected::Failed(e);
             }
@@ -208,7 +211,8 @@ fn delta_choice(kind: Kind, text: &str, logprobs: Value, finish: Option<&str>, f
 
 struct SseState {
     state: Shared,
-    stream: Option<RequestStream>,
+    stream: Metered,
+    done: bool,
     reply: Reply,
     pending: std::collections::VecDeque<SseEvent>,
     start: Instant,
@@ -223,16 +227,17 @@ fn data(v: &Value) -> SseEvent {
 }
 
 /// The request as server-sent events, ending with `data: [DONE]`. If the client goes away the
-/// stream is dropped, which cancels the request in the engine.
+/// stream is dropped, which cancels the request in the engine (and records what it used).
 pub fn sse(
     state: Shared,
-    stream: RequestStream,
+    stream: Metered,
     reply: Reply,
     permit: OwnedSemaphorePermit,
 ) -> Sse<impl Stream<Item = Result<SseEvent, Infallible>>> {
     let st = SseState {
         state,
-        stream: Some(stream),
+        stream,
+        done: false,
         reply,
         pending: Default::default(),
         start: Instant::now(),
@@ -246,9 +251,11 @@ pub fn sse(
             if let Some(ev) = st.pending.pop_front() {
                 return Some((Ok(ev), st));
             }
-            let stream = st.stream.as_mut()?;
-            let Some(ev) = stream.next().await else {
-                st.stream = None;
+            if st.done {
+                return None;
+            }
+            let Some(ev) = st.stream.next().await else {
+                st.done = true;
                 continue;
             };
             match ev {
@@ -266,13 +273,14 @@ pub fn sse(
                     st.pending.push_back(data(&chunk(&st.reply, delta_choice(st.reply.kind, &text, lp, None, first))));
                 }
                 Event::Done { reason, usage } => {
-                    let billing = match settle(&st.state, &st.reply.policy, &usage).await {
-                        Ok(b) => b,
+                    st.done = true;
+                    // The entry is durably written before the last chunk (with the usage) is sent.
+                    let billing = match st.stream.finish(Ended::Finished(reason), &usage).await {
+                        Ok(b) => b.unwrap_or(Value::Null),
                         Err(e) => {
                             observe(&st.state, &st.reply.model, e.code, st.start, st.first, Instant::now(), 0);
                             st.pending.push_back(data(&e.body()));
                             st.pending.push_back(SseEvent::default().data("[DONE]"));
-                            st.stream = None;
                             continue;
                         }
                     };
@@ -298,14 +306,16 @@ pub fn sse(
                         st.pending.push_back(data(&u));
                     }
                     st.pending.push_back(SseEvent::default().data("[DONE]"));
-                    st.stream = None;
                 }
-                Event::Failed { message, .. } => {
-                    let e = failure(message);
+                Event::Failed { message, usage } => {
+                    st.done = true;
+                    let e = match st.stream.finish(Ended::Failed(message.clone()), &usage).await {
+                        Err(ledger) => ledger,
+                        Ok(_) => failure(message),
+                    };
                     observe(&st.state, &st.reply.model, e.code, st.start, st.first, Instant::now(), 0);
                     st.pending.push_back(data(&e.body()));
                     st.pending.push_back(SseEvent::default().data("[DONE]"));
-                    st.stream = None;
                 }
             }
         }

@@ -33,6 +33,35 @@ pub struct LoadedModel {
     pub generation: GenerationDefaults,
     /// Every token id that ends a sequence (config, generation config and tokenizer combined).
     pub eos_token_ids: Vec<u32>,
+    /// sha256 of its files (config, tokenizer, weights): the identity ledger entries record.
+    pub sha256: String,
+}
+
+/// sha256 (hex) over files of a folder, each as its name (relative to `dir`), its length and
+/// its bytes, in name order: one hash naming a model's or an adapter's exact content.
+pub fn content_hash(dir: &Path, files: &[PathBuf]) -> Result<String> {
+    use sha2::{Digest, Sha256};
+    use std::io::Read;
+    let mut sorted: Vec<&PathBuf> = files.iter().collect();
+    sorted.sort();
+    let mut h = Sha256::new();
+    let mut buf = vec![0u8; 1 << 20];
+    for path in sorted {
+        let name = path.strip_prefix(dir).unwrap_or(path).to_string_lossy().into_owned();
+        let mut f = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
+        let len = f.metadata().map_err(|e| Error::io(path, e))?.len();
+        h.update((name.len() as u64).to_be_bytes());
+        h.update(name.as_bytes());
+        h.update(len.to_be_bytes());
+        loop {
+            let n = f.read(&mut buf).map_err(|e| Error::io(path, e))?;
+            if n == 0 {
+                break;
+            }
+            h.update(&buf[..n]);
+        }
+    }
+    Ok(h.finalize().iter().map(|b| format!("{b:02x}")).collect())
 }
 
 impl LoadedModel {
@@ -65,6 +94,10 @@ impl LoadedModel {
                 eos_token_ids.push(*id);
             }
         }
-        Ok(LoadedModel { folder: folder.to_path_buf(), llama, tokenizer, generation, eos_token_ids })
+        let mut hashed = files.clone();
+        hashed.push(config_path.clone());
+        hashed.extend(["tokenizer.json", "tokenizer_config.json"].map(|f| folder.join(f)).into_iter().filter(|p| p.exists()));
+        let sha256 = content_hash(folder, &hashed)?;
+        Ok(LoadedModel { folder: folder.to_path_buf(), llama, tokenizer, generation, eos_token_ids, sha256 })
     }
 }

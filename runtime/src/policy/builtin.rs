@@ -35,7 +35,12 @@ impl Builtins {
     /// Parses and checks each built-in's configuration; errors name the config field.
     pub fn new(config: &PolicyConfig) -> Result<Self> {
         let json = |slot: &str| config.slot(slot).builtin.map(|v| v.to_string()).unwrap_or_default();
-        let configs = [json("router"), json("pricer"), json("attributor")];
+        Self::from_json([json("router"), json("pricer"), json("attributor")])
+    }
+
+    /// The built-ins configured from JSON texts (router, pricer, attributor; empty: defaults),
+    /// as recorded with each decision.
+    pub fn from_json(configs: [String; 3]) -> Result<Self> {
         Ok(Builtins {
             router: parse("router", &configs[0], DefaultRouter::check_config)?,
             pricer: parse("pricer", &configs[1], TokenPricer::check_config)?,

@@ -238,20 +238,18 @@ impl PolicyHost {
         let mut deciders = vec![priced_by, split_by];
         if let Some(adapter) = &request.adapter {
             let slot = Slot::Adapter(adapter.clone());
-            let has_plugin = self.registry.existing(&slot).is_some_and(|h| h.active.load().is_some());
-            let account = owner_account(request.adapter_owner.as_deref().unwrap_or(adapter));
-            if let (true, Some(i)) = (has_plugin, splits.iter().position(|s| s.payee == account)) {
-                let share = Money::new(splits[i].amount, charge.currency.clone());
-                let original = splits[i].clone();
-                let (sub, by) = self.attempt(Attempt {
-                    slot: &slot,
-                    call: &|p| p.attribute(request, usage, &share),
-                    validate: &|s: &Vec<Split>| validate_splits(&share, s),
-                    builtin: &|| Ok(vec![original.clone()]),
-                    on_failure: OnFailure::Builtin,
+            if self.registry.existing(&slot).is_some_and(|h| h.active.load().is_some()) {
+                divide_owner_share(request, &charge, &mut splits, |share, original| {
+                    let (sub, by) = self.attempt(Attempt {
+                        slot: &slot,
+                        call: &|p| p.attribute(request, usage, share),
+                        validate: &|s: &Vec<Split>| validate_splits(share, s),
+                        builtin: &|| Ok(vec![original.clone()]),
+                        on_failure: OnFailure::Builtin,
+                    })?;
+                    deciders.push(by);
+                    Ok::<_, Error>(sub)
                 })?;
-                splits.splice(i..=i, sub);
-                deciders.push(by);
             }
         }
         validate_splits(&charge, &splits)
@@ -266,6 +264,25 @@ impl PolicyHost {
         self.metrics.loads.with_label_values(&[outcome]).inc();
         result
     }
+}
+
+/// Replaces the adapter owner's split (if there is one) by the splits `divide` makes of it: how
+/// an adapter owner's attributor takes part, at serving time and on replay.
+pub(crate) fn divide_owner_share<E>(
+    request: &RequestInfo,
+    charge: &Money,
+    splits: &mut Vec<Split>,
+    divide: impl FnOnce(&Money, &Split) -> std::result::Result<Vec<Split>, E>,
+) -> std::result::Result<(), E> {
+    let Some(adapter) = &request.adapter else { return Ok(()) };
+    let account = owner_account(request.adapter_owner.as_deref().unwrap_or(adapter));
+    if let Some(i) = splits.iter().position(|s| s.payee == account) {
+        let share = Money::new(splits[i].amount, charge.currency.clone());
+        let original = splits[i].clone();
+        let sub = divide(&share, &original)?;
+        splits.splice(i..=i, sub);
+    }
+    Ok(())
 }
 
 fn slot_label(slot: &Slot) -> &'static str {

@@ -1,7 +1,9 @@
 //! An attributor that misbehaves on purpose, for the sandbox tests. Its `mode` comes from its
 //! configuration (`{"mode": "loop"}`) or, per request, from the metadata key `hostile-mode`.
 //! `ok` answers correctly (everything to `operator:hostile`); `entropy` answers correctly with an
-//! amount split driven by the clock and randomness (which the host makes deterministic).
+//! amount split driven by the clock and randomness (which the host makes deterministic);
+//! `echo` answers whatever splits the metadata key `splits` lists (`payee=amount,...`), right or
+//! wrong, for property tests of what the host accepts.
 
 use std::collections::HashMap;
 
@@ -93,6 +95,17 @@ impl Attributor for Hostile {
                     Split::new("base:hostile", charge.amount - first, "rest"),
                 ])
             }
+            "echo" => request
+                .metadata("splits")
+                .unwrap_or_default()
+                .split(',')
+                .filter(|s| !s.is_empty())
+                .map(|s| {
+                    let (payee, amount) = s.split_once('=').ok_or("splits: payee=amount")?;
+                    let amount = amount.parse::<u64>().map_err(|e| format!("splits: {e}"))?;
+                    Ok(Split::new(payee, amount, "echo"))
+                })
+                .collect(),
             _ => Ok(vec![Split::new("operator:hostile", charge.amount, "all")]),
         }
     }

@@ -1,0 +1,61 @@
+//! Appending to a hash chain inside one backend transaction: the logic both backends share.
+
+use std::collections::HashMap;
+
+use super::entry::{NewEntry, StoredEntry, link};
+use super::store::{Appended, Head};
+use crate::error::Result;
+
+/// The operations an append needs inside one open transaction (the head is locked by then).
+pub trait ChainTx {
+    /// The recorded head.
+    fn head(&mut self) -> Result<Head>;
+    /// The entry with this request key, if any.
+    fn by_key(&mut self, key: &str) -> Result<Option<StoredEntry>>;
+    /// Inserts one entry.
+    fn insert(&mut self, entry: &StoredEntry) -> Result<()>;
+    /// Stores plugin bytes unless already present.
+    fn put_blob(&mut self, sha256: &str, bytes: &[u8]) -> Result<()>;
+    /// Records the new head.
+    fn set_head(&mut self, head: &Head) -> Result<()>;
+}
+
+/// Appends `entries` in order after the head, skipping (and reporting) request keys already in
+/// the ledger or earlier in the same batch. The caller commits.
+pub fn append_chained(tx: &mut dyn ChainTx, entries: &[NewEntry], recorded_at_ms: u64) -> Result<Vec<Appended>> {
+    let mut head = tx.head()?;
+    let mut in_batch: HashMap<&str, StoredEntry> = HashMap::new();
+    let mut out = Vec::with_capacity(entries.len());
+    for e in entries {
+        let key = e.body.request_key.as_str();
+        if let Some(prior) = in_batch.get(key) {
+            out.push(Appended::Duplicate(prior.clone()));
+            continue;
+        }
+        if let Some(prior) = tx.by_key(key)? {
+            out.push(Appended::Duplicate(prior));
+            continue;
+        }
+        for (sha, bytes) in &e.blobs {
+            tx.put_blob(sha, bytes)?;
+        }
+        let seq = head.seq + 1;
+        let hash = link(&head.hash, seq, recorded_at_ms, &e.canonical);
+        let stored = StoredEntry {
+            seq,
+            request_key: key.to_string(),
+            tenant: e.body.tenant.clone(),
+            adapter: e.body.adapter.as_ref().map(|a| a.name.clone()),
+            recorded_at_ms,
+            body: e.canonical.clone(),
+            prev_hash: head.hash.clone(),
+            hash: hash.clone(),
+        };
+        tx.insert(&stored)?;
+        head = Head { seq, hash };
+        in_batch.insert(key, stored.clone());
+        out.push(Appended::Written(stored));
+    }
+    tx.set_head(&head)?;
+    Ok(out)
+}

@@ -1,0 +1,187 @@
+//! The shared ledger: PostgreSQL, so that many replicas write one chain. Appends lock the head
+//! row (`SELECT ... FOR UPDATE`), so replicas take turns and never chain from the same head.
+
+use postgres::{Client, GenericClient, NoTls, Row};
+
+use super::chain::{ChainTx, append_chained};
+use super::entry::{GENESIS_HASH, NewEntry, StoredEntry};
+use super::store::{Appended, Filter, Head, LedgerStore};
+use crate::error::{Error, Result};
+
+const SCHEMA: &str = "
+CREATE TABLE IF NOT EXISTS ledger_entries (
+    seq BIGINT PRIMARY KEY,
+    request_key TEXT NOT NULL UNIQUE,
+    tenant TEXT NOT NULL,
+    adapter TEXT,
+    recorded_at_ms BIGINT NOT NULL,
+    body TEXT NOT NULL,
+    prev_hash TEXT NOT NULL,
+    hash TEXT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS ledger_entries_tenant ON ledger_entries (tenant, seq);
+CREATE INDEX IF NOT EXISTS ledger_entries_time ON ledger_entries (recorded_at_ms);
+CREATE TABLE IF NOT EXISTS ledger_head (
+    id INTEGER PRIMARY KEY CHECK (id = 1),
+    seq BIGINT NOT NULL,
+    hash TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS plugin_blobs (
+    sha256 TEXT PRIMARY KEY,
+    bytes BYTEA NOT NULL
+);
+";
+
+const COLUMNS: &str = "seq, request_key, tenant, adapter, recorded_at_ms, body, prev_hash, hash";
+
+/// A ledger in a PostgreSQL database.
+pub struct PostgresStore {
+    client: Client,
+}
+
+fn err(e: postgres::Error) -> Error {
+    Error::Ledger(format!("postgres: {e}"))
+}
+
+fn entry(r: &Row) -> StoredEntry {
+    StoredEntry {
+        seq: r.get::<_, i64>(0) as u64,
+        request_key: r.get(1),
+        tenant: r.get(2),
+        adapter: r.get(3),
+        recorded_at_ms: r.get::<_, i64>(4) as u64,
+        body: r.get(5),
+        prev_hash: r.get(6),
+        hash: r.get(7),
+    }
+}
+
+fn read_head(c: &mut impl GenericClient, lock: bool) -> Result<Head> {
+    let sql = if lock {
+        "SELECT seq, hash FROM ledger_head WHERE id = 1 FOR UPDATE"
+    } else {
+        "SELECT seq, hash FROM ledger_head WHERE id = 1"
+    };
+    let r = c.query_one(sql, &[]).map_err(err)?;
+    Ok(Head { seq: r.get::<_, i64>(0) as u64, hash: r.get(1) })
+}
+
+fn read_by_key(c: &mut impl GenericClient, key: &str) -> Result<Option<StoredEntry>> {
+    let sql = format!("SELECT {COLUMNS} FROM ledger_entries WHERE request_key = $1");
+    Ok(c.query_opt(&sql, &[&key]).map_err(err)?.as_ref().map(entry))
+}
+
+impl PostgresStore {
+    /// Connects and creates the tables if needed.
+    pub fn open(url: &str) -> Result<Self> {
+        let mut client = Client::connect(url, NoTls).map_err(err)?;
+        // Several replicas may start at once: create the schema under one advisory lock.
+        let mut tx = client.transaction().map_err(err)?;
+        tx.execute("SELECT pg_advisory_xact_lock(7271727)", &[]).map_err(err)?;
+        tx.batch_execute(SCHEMA).map_err(err)?;
+        tx.execute("INSERT INTO ledger_head (id, seq, hash) VALUES (1, 0, $1) ON CONFLICT DO NOTHING", &[&GENESIS_HASH])
+            .map_err(err)?;
+        tx.commit().map_err(err)?;
+        Ok(PostgresStore { client })
+    }
+}
+
+struct Tx<'a> {
+    tx: postgres::Transaction<'a>,
+}
+
+impl ChainTx for Tx<'_> {
+    fn head(&mut self) -> Result<Head> {
+        read_head(&mut self.tx, true)
+    }
+
+    fn by_key(&mut self, key: &str) -> Result<Option<StoredEntry>> {
+        read_by_key(&mut self.tx, key)
+    }
+
+    fn insert(&mut self, e: &StoredEntry) -> Result<()> {
+        let sql = format!("INSERT INTO ledger_entries ({COLUMNS}) VALUES ($1, $2, $3, $4, $5, $6, $7, $8)");
+        self.tx
+            .execute(
+                &sql,
+                &[
+                    &(e.seq as i64),
+                    &e.request_key,
+                    &e.tenant,
+                    &e.adapter,
+                    &(e.recorded_at_ms as i64),
+                    &e.body,
+                    &e.prev_hash,
+                    &e.hash,
+                ],
+            )
+            .map(drop)
+            .map_err(err)
+    }
+
+    fn put_blob(&mut self, sha256: &str, bytes: &[u8]) -> Result<()> {
+        self.tx
+            .execute(
+                "INSERT INTO plugin_blobs (sha256, bytes) VALUES ($1, $2) ON CONFLICT DO NOTHING",
+                &[&sha256, &bytes],
+            )
+            .map(drop)
+            .map_err(err)
+    }
+
+    fn set_head(&mut self, head: &Head) -> Result<()> {
+        self.tx
+            .execute("UPDATE ledger_head SET seq = $1, hash = $2 WHERE id = 1", &[&(head.seq as i64), &head.hash])
+            .map(drop)
+            .map_err(err)
+    }
+}
+
+impl LedgerStore for PostgresStore {
+    fn append(&mut self, entries: &[NewEntry], recorded_at_ms: u64) -> Result<Vec<Appended>> {
+        let tx = self.client.transaction().map_err(err)?;
+        let mut t = Tx { tx };
+        let out = append_chained(&mut t, entries, recorded_at_ms)?;
+        t.tx.commit().map_err(err)?;
+        Ok(out)
+    }
+
+    fn by_key(&mut self, request_key: &str) -> Result<Option<StoredEntry>> {
+        read_by_key(&mut self.client, request_key)
+    }
+
+    fn page(&mut self, filter: &Filter, after: u64, limit: usize) -> Result<Vec<StoredEntry>> {
+        let sql = format!(
+            "SELECT {COLUMNS} FROM ledger_entries WHERE seq > $1 AND recorded_at_ms >= $2 AND recorded_at_ms < $3 \
+             AND ($4::TEXT IS NULL OR tenant = $4) ORDER BY seq LIMIT $5"
+        );
+        let until = filter.until_ms.map_or(i64::MAX, |u| u.min(i64::MAX as u64) as i64);
+        let rows = self
+            .client
+            .query(
+                &sql,
+                &[
+                    &(after as i64),
+                    &(filter.since_ms.unwrap_or(0).min(i64::MAX as u64) as i64),
+                    &until,
+                    &filter.tenant,
+                    &(limit.min(i64::MAX as usize) as i64),
+                ],
+            )
+            .map_err(err)?;
+        Ok(rows.iter().map(entry).collect())
+    }
+
+    fn head(&mut self) -> Result<Head> {
+        read_head(&mut self.client, false)
+    }
+
+    fn blob(&mut self, sha256: &str) -> Result<Option<Vec<u8>>> {
+        let r = self.client.query_opt("SELECT bytes FROM plugin_blobs WHERE sha256 = $1", &[&sha256]).map_err(err)?;
+        Ok(r.map(|r| r.get(0)))
+    }
+
+    fn kind(&self) -> &'static str {
+        "postgres"
+    }
+}

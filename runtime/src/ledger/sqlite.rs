@@ -1,0 +1,190 @@
+//! The embedded ledger: one SQLite file (WAL, `synchronous=FULL`), the default.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use rusqlite::{Connection, OptionalExtension, Row, TransactionBehavior, params};
+
+use super::chain::{ChainTx, append_chained};
+use super::entry::{GENESIS_HASH, NewEntry, StoredEntry};
+use super::store::{Appended, Filter, Head, LedgerStore};
+use crate::error::{Error, Result};
+
+const SCHEMA: &str = "
+CREATE TABLE IF NOT EXISTS ledger_entries (
+    seq INTEGER PRIMARY KEY,
+    request_key TEXT NOT NULL UNIQUE,
+    tenant TEXT NOT NULL,
+    adapter TEXT,
+    recorded_at_ms INTEGER NOT NULL,
+    body TEXT NOT NULL,
+    prev_hash TEXT NOT NULL,
+    hash TEXT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS ledger_entries_tenant ON ledger_entries (tenant, seq);
+CREATE INDEX IF NOT EXISTS ledger_entries_time ON ledger_entries (recorded_at_ms);
+CREATE TABLE IF NOT EXISTS ledger_head (
+    id INTEGER PRIMARY KEY CHECK (id = 1),
+    seq INTEGER NOT NULL,
+    hash TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS plugin_blobs (
+    sha256 TEXT PRIMARY KEY,
+    bytes BLOB NOT NULL
+);
+";
+
+const COLUMNS: &str = "seq, request_key, tenant, adapter, recorded_at_ms, body, prev_hash, hash";
+
+/// A ledger in an SQLite file.
+pub struct SqliteStore {
+    conn: Connection,
+    path: PathBuf,
+}
+
+fn err(path: &Path, e: rusqlite::Error) -> Error {
+    Error::Ledger(format!("sqlite {}: {e}", path.display()))
+}
+
+fn row(r: &Row<'_>) -> rusqlite::Result<StoredEntry> {
+    Ok(StoredEntry {
+        seq: r.get::<_, i64>(0)? as u64,
+        request_key: r.get(1)?,
+        tenant: r.get(2)?,
+        adapter: r.get(3)?,
+        recorded_at_ms: r.get::<_, i64>(4)? as u64,
+        body: r.get(5)?,
+        prev_hash: r.get(6)?,
+        hash: r.get(7)?,
+    })
+}
+
+fn read_head(conn: &Connection, path: &Path) -> Result<Head> {
+    conn.query_row("SELECT seq, hash FROM ledger_head WHERE id = 1", [], |r| {
+        Ok(Head { seq: r.get::<_, i64>(0)? as u64, hash: r.get(1)? })
+    })
+    .map_err(|e| err(path, e))
+}
+
+fn read_by_key(conn: &Connection, path: &Path, key: &str) -> Result<Option<StoredEntry>> {
+    conn.query_row(&format!("SELECT {COLUMNS} FROM ledger_entries WHERE request_key = ?1"), [key], row)
+        .optional()
+        .map_err(|e| err(path, e))
+}
+
+impl SqliteStore {
+    /// Opens or creates the ledger file (and its folder).
+    pub fn open(path: &Path) -> Result<Self> {
+        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+            std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
+        }
+        let conn = Connection::open(path).map_err(|e| err(path, e))?;
+        conn.busy_timeout(Duration::from_secs(30)).map_err(|e| err(path, e))?;
+        conn.pragma_update(None, "journal_mode", "WAL").map_err(|e| err(path, e))?;
+        conn.pragma_update(None, "synchronous", "FULL").map_err(|e| err(path, e))?;
+        conn.execute_batch(SCHEMA).map_err(|e| err(path, e))?;
+        conn.execute("INSERT OR IGNORE INTO ledger_head (id, seq, hash) VALUES (1, 0, ?1)", params![GENESIS_HASH])
+            .map_err(|e| err(path, e))?;
+        Ok(SqliteStore { conn, path: path.to_path_buf() })
+    }
+}
+
+struct Tx<'a> {
+    tx: rusqlite::Transaction<'a>,
+    path: &'a Path,
+}
+
+impl ChainTx for Tx<'_> {
+    fn head(&mut self) -> Result<Head> {
+        read_head(&self.tx, self.path)
+    }
+
+    fn by_key(&mut self, key: &str) -> Result<Option<StoredEntry>> {
+        read_by_key(&self.tx, self.path, key)
+    }
+
+    fn insert(&mut self, e: &StoredEntry) -> Result<()> {
+        self.tx
+            .execute(
+                &format!("INSERT INTO ledger_entries ({COLUMNS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)"),
+                params![
+                    e.seq as i64,
+                    e.request_key,
+                    e.tenant,
+                    e.adapter,
+                    e.recorded_at_ms as i64,
+                    e.body,
+                    e.prev_hash,
+                    e.hash
+                ],
+            )
+            .map(drop)
+            .map_err(|e| err(self.path, e))
+    }
+
+    fn put_blob(&mut self, sha256: &str, bytes: &[u8]) -> Result<()> {
+        self.tx
+            .execute("INSERT OR IGNORE INTO plugin_blobs (sha256, bytes) VALUES (?1, ?2)", params![sha256, bytes])
+            .map(drop)
+            .map_err(|e| err(self.path, e))
+    }
+
+    fn set_head(&mut self, head: &Head) -> Result<()> {
+        self.tx
+            .execute("UPDATE ledger_head SET seq = ?1, hash = ?2 WHERE id = 1", params![head.seq as i64, head.hash])
+            .map(drop)
+            .map_err(|e| err(self.path, e))
+    }
+}
+
+impl LedgerStore for SqliteStore {
+    fn append(&mut self, entries: &[NewEntry], recorded_at_ms: u64) -> Result<Vec<Appended>> {
+        let path = self.path.clone();
+        // IMMEDIATE takes the write lock first, so two writers never chain from the same head.
+        let tx = self.conn.transaction_with_behavior(TransactionBehavior::Immediate).map_err(|e| err(&path, e))?;
+        let mut t = Tx { tx, path: &path };
+        let out = append_chained(&mut t, entries, recorded_at_ms)?;
+        t.tx.commit().map_err(|e| err(&path, e))?;
+        Ok(out)
+    }
+
+    fn by_key(&mut self, request_key: &str) -> Result<Option<StoredEntry>> {
+        read_by_key(&self.conn, &self.path, request_key)
+    }
+
+    fn page(&mut self, filter: &Filter, after: u64, limit: usize) -> Result<Vec<StoredEntry>> {
+        let sql = format!(
+            "SELECT {COLUMNS} FROM ledger_entries WHERE seq > ?1 AND recorded_at_ms >= ?2 AND recorded_at_ms < ?3 \
+             AND (?4 IS NULL OR tenant = ?4) ORDER BY seq LIMIT ?5"
+        );
+        let mut stmt = self.conn.prepare_cached(&sql).map_err(|e| err(&self.path, e))?;
+        let rows = stmt
+            .query_map(
+                params![
+                    after as i64,
+                    filter.since_ms.unwrap_or(0) as i64,
+                    filter.until_ms.map_or(i64::MAX, |u| u.min(i64::MAX as u64) as i64),
+                    filter.tenant,
+                    limit.min(i64::MAX as usize) as i64
+                ],
+                row,
+            )
+            .map_err(|e| err(&self.path, e))?;
+        rows.collect::<rusqlite::Result<Vec<_>>>().map_err(|e| err(&self.path, e))
+    }
+
+    fn head(&mut self) -> Result<Head> {
+        read_head(&self.conn, &self.path)
+    }
+
+    fn blob(&mut self, sha256: &str) -> Result<Option<Vec<u8>>> {
+        self.conn
+            .query_row("SELECT bytes FROM plugin_blobs WHERE sha256 = ?1", [sha256], |r| r.get(0))
+            .optional()
+            .map_err(|e| err(&self.path, e))
+    }
+
+    fn kind(&self) -> &'static str {
+        "sqlite"
+    }
+}

@@ -1,0 +1,131 @@
+//! The one trait both ledger backends implement, and how a ledger location is opened.
+
+use std::path::PathBuf;
+
+use super::entry::{NewEntry, StoredEntry};
+use crate::error::{Error, Result};
+
+/// What became of one entry handed to [`LedgerStore::append`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Appended {
+    /// Written, durably, as this entry.
+    Written(StoredEntry),
+    /// The ledger already holds an entry with the same request key: nothing was written.
+    Duplicate(StoredEntry),
+}
+
+impl Appended {
+    /// The entry in the ledger, new or existing.
+    pub fn entry(&self) -> &StoredEntry {
+        match self {
+            Appended::Written(e) | Appended::Duplicate(e) => e,
+        }
+    }
+}
+
+/// Which entries a query reads.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Filter {
+    /// Only entries written at or after this time (ms since the epoch).
+    pub since_ms: Option<u64>,
+    /// Only entries written before this time (ms since the epoch).
+    pub until_ms: Option<u64>,
+    /// Only this tenant's entries.
+    pub tenant: Option<String>,
+}
+
+/// The last entry of a ledger, as recorded beside the chain (so that deleting the last entry
+/// is detected too).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Head {
+    /// Its sequence number (0: empty).
+    pub seq: u64,
+    /// Its hash ([`super::entry::GENESIS_HASH`] when empty).
+    pub hash: String,
+}
+
+/// A ledger backend: an append-only, hash-chained table of entries plus the plugin bytes the
+/// entries name. Appends are atomic per call: every entry of the batch is written, or none.
+pub trait LedgerStore: Send {
+    /// Appends entries in order in one transaction, chaining each to the previous one; an entry
+    /// whose request key is already present is not written (reported as a duplicate).
+    fn append(&mut self, entries: &[NewEntry], recorded_at_ms: u64) -> Result<Vec<Appended>>;
+    /// The entry with this request key, if any.
+    fn by_key(&mut self, request_key: &str) -> Result<Option<StoredEntry>>;
+    /// Up to `limit` entries with `seq > after`, in order, matching the filter.
+    fn page(&mut self, filter: &Filter, after: u64, limit: usize) -> Result<Vec<StoredEntry>>;
+    /// The recorded head.
+    fn head(&mut self) -> Result<Head>;
+    /// The plugin bytes with this sha256 (hex), if stored.
+    fn blob(&mut self, sha256: &str) -> Result<Option<Vec<u8>>>;
+    /// Which backend this is (`sqlite`, `postgres`).
+    fn kind(&self) -> &'static str;
+}
+
+/// Where a ledger lives.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Location {
+    /// An SQLite file.
+    Sqlite(PathBuf),
+    /// A PostgreSQL connection string (`postgres://...` or `host=... dbname=...`).
+    Postgres(String),
+}
+
+impl Location {
+    /// Parses `sqlite:<path>`, `postgres://...` / `postgresql://...`, or a plain file path.
+    pub fn parse(text: &str) -> Result<Self> {
+        let text = text.trim();
+        if text.is_empty() {
+            return Err(Error::Ledger("empty ledger location".into()));
+        }
+        if text.starts_with("postgres://") || text.starts_with("postgresql://") {
+            return Ok(Location::Postgres(text.to_string()));
+        }
+        Ok(Location::Sqlite(PathBuf::from(text.strip_prefix("sqlite:").unwrap_or(text))))
+    }
+
+    /// Opens (creating if needed) the ledger.
+    pub fn open(&self) -> Result<Box<dyn LedgerStore>> {
+        Ok(match self {
+            Location::Sqlite(path) => Box::new(super::sqlite::SqliteStore::open(path)?),
+            Location::Postgres(url) => Box::new(super::postgres::PostgresStore::open(url)?),
+        })
+    }
+}
+
+impl std::fmt::Display for Location {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Location::Sqlite(p) => write!(f, "sqlite:{}", p.display()),
+            Location::Postgres(url) => write!(f, "{}", redact(url)),
+        }
+    }
+}
+
+/// A connection string with any password replaced by `***`.
+fn redact(url: &str) -> String {
+    match (url.find("://"), url.rfind('@')) {
+        (Some(s), Some(at)) if at > s => {
+            let creds = &url[s + 3..at];
+            match creds.split_once(':') {
+                Some((user, _)) => format!("{}{user}:***{}", &url[..s + 3], &url[at..]),
+                None => url.to_string(),
+            }
+        }
+        _ => url.to_string(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn locations_parse_and_hide_passwords() {
+        assert_eq!(Location::parse("sqlite:/x/l.db").unwrap(), Location::Sqlite("/x/l.db".into()));
+        assert_eq!(Location::parse("/x/l.db").unwrap(), Location::Sqlite("/x/l.db".into()));
+        let pg = Location::parse("postgres://u:secret@h:5/db").unwrap();
+        assert_eq!(pg.to_string(), "postgres://u:***@h:5/db");
+        assert!(Location::parse(" ").is_err());
+    }
+}

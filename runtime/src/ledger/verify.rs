@@ -1,0 +1,140 @@
+//! `openlora ledger verify`: walks the chain from the first entry, checking each entry's place,
+//! its link to the one before, its hash, its exactness and (optionally) that replaying its
+//! pricer and attributor gives the same charge and splits. Stops at the first bad entry.
+
+use serde::Serialize;
+
+use super::entry::{EntryBody, GENESIS_HASH, StoredEntry, link};
+use super::store::{Filter, LedgerStore};
+use crate::error::Result;
+use crate::policy::Replayer;
+
+/// Entries read per query while verifying.
+const PAGE: usize = 500;
+
+/// What verification found.
+#[derive(Debug, Clone, Serialize)]
+pub struct VerifyReport {
+    /// Where the ledger is.
+    pub ledger: String,
+    /// Entries checked (up to the first bad one).
+    pub entries: u64,
+    /// Entries whose settlement was replayed and matched.
+    pub replayed: u64,
+    /// The last good entry's hash.
+    pub head_hash: String,
+    /// The first problem, if any.
+    pub first_bad: Option<Problem>,
+}
+
+impl VerifyReport {
+    /// Whether the ledger verified.
+    pub fn ok(&self) -> bool {
+        self.first_bad.is_none()
+    }
+}
+
+/// The first bad entry and what is wrong with it.
+#[derive(Debug, Clone, Serialize)]
+pub struct Problem {
+    /// Its sequence number (for a missing tail: the head's).
+    pub seq: u64,
+    /// Its request id, when its body could be read.
+    pub request_id: Option<String>,
+    /// What is wrong.
+    pub problem: String,
+}
+
+/// Checks one entry against the one before it; returns its parsed body.
+fn check_entry(e: &StoredEntry, expected_seq: u64, prev_hash: &str) -> std::result::Result<EntryBody, String> {
+    if e.seq != expected_seq {
+        return Err(format!("expected entry {expected_seq} here, found {} (an entry was removed or moved)", e.seq));
+    }
+    if e.prev_hash != prev_hash {
+        return Err("its prev_hash is not the previous entry's hash (entries removed, inserted or reordered)".into());
+    }
+    if link(&e.prev_hash, e.seq, e.recorded_at_ms, &e.body) != e.hash {
+        return Err("its hash does not match its contents (the entry was changed)".into());
+    }
+    let body = e.parse()?;
+    if body.canonical() != e.body {
+        return Err("its body is not in canonical form (the entry was changed)".into());
+    }
+    if body.request_key != e.request_key
+        || body.tenant != e.tenant
+        || body.adapter.as_ref().map(|a| &a.name) != e.adapter.as_ref()
+    {
+        return Err("its indexed columns do not match its body (the entry was changed)".into());
+    }
+    body.check().map_err(|m| format!("it is not exact: {m}"))?;
+    Ok(body)
+}
+
+/// Replays one entry's settlement; `None` if it matches.
+fn replay(r: &mut Replayer, store: &mut dyn LedgerStore, body: &EntryBody) -> Option<String> {
+    if body.charge.amount == 0 && body.splits.is_empty() {
+        return None;
+    }
+    let mut blobs = |sha: &str| store.blob(sha);
+    match r.settle(&body.request, &body.usage, &body.deciders, &mut blobs) {
+        Err(m) => Some(format!("replay failed: {m}")),
+        Ok(got) if got.charge != body.charge => {
+            Some(format!("replay charges {:?} but the entry records {:?}", got.charge, body.charge))
+        }
+        Ok(got) if got.splits != body.splits => {
+            Some(format!("replay splits {:?} but the entry records {:?}", got.splits, body.splits))
+        }
+        Ok(_) => None,
+    }
+}
+
+/// Verifies the whole ledger; with a replayer, also replays every entry's settlement.
+pub fn verify(store: &mut dyn LedgerStore, mut replayer: Option<&mut Replayer>, ledger: &str) -> Result<VerifyReport> {
+    let mut report = VerifyReport {
+        ledger: ledger.to_string(),
+        entries: 0,
+        replayed: 0,
+        head_hash: GENESIS_HASH.to_string(),
+        first_bad: None,
+    };
+    let mut last = 0u64;
+    loop {
+        let page = store.page(&Filter::default(), last, PAGE)?;
+        if page.is_empty() {
+            break;
+        }
+        for e in &page {
+            let bad = |problem: String, request_id: Option<String>| Problem { seq: e.seq, request_id, problem };
+            let body = match check_entry(e, report.entries + 1, &report.head_hash) {
+                Ok(b) => b,
+                Err(m) => {
+                    let id = e.parse().ok().map(|b| b.request_id);
+                    report.first_bad = Some(bad(m, id));
+                    return Ok(report);
+                }
+            };
+            if let Some(r) = replayer.as_deref_mut() {
+                if let Some(m) = replay(r, store, &body) {
+                    report.first_bad = Some(bad(m, Some(body.request_id)));
+                    return Ok(report);
+                }
+                report.replayed += 1;
+            }
+            report.entries += 1;
+            report.head_hash = e.hash.clone();
+            last = e.seq;
+        }
+    }
+    let head = store.head()?;
+    if head.seq != report.entries || head.hash != report.head_hash {
+        report.first_bad = Some(Problem {
+            seq: head.seq,
+            request_id: None,
+            problem: format!(
+                "the ledger's head records entry {} but the chain ends at entry {} (entries removed from the end)",
+                head.seq, report.entries
+            ),
+        });
+    }
+    Ok(report)
+}

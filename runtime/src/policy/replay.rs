@@ -1,0 +1,113 @@
+//! Replaying a recorded settlement: the pricer and attributors that decided it (plugin bytes by
+//! sha256, or the built-ins with their recorded configuration) run again on the recorded
+//! request and usage. Plugins see the same clock and randomness (both follow the request), so
+//! an honest entry replays to the same charge and splits, to the micro-unit.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use openlora_sdk::money::validate_splits;
+use openlora_sdk::{Money, RequestInfo, Split, Usage};
+
+use super::builtin::{Builtins, builtin_label};
+use super::config::PolicyConfig;
+use super::host::{Decider, divide_owner_share};
+use super::plugin::CompiledPlugin;
+use super::slot::World;
+use super::wasm::WasmRuntime;
+use crate::error::Result;
+
+/// Finds stored plugin bytes by sha256 (hex).
+pub type BlobSource<'a> = &'a mut dyn FnMut(&str) -> Result<Option<Vec<u8>>>;
+
+/// Replays settlements, keeping each plugin compiled once per configuration.
+pub struct Replayer {
+    runtime: Arc<WasmRuntime>,
+    loaded: HashMap<(String, String), Arc<CompiledPlugin>>,
+}
+
+/// The settlement a replay produced.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Replayed {
+    /// The charge.
+    pub charge: Money,
+    /// The splits.
+    pub splits: Vec<Split>,
+}
+
+impl Replayer {
+    /// A replayer with the given sandbox limits (those the server ran under).
+    pub fn new(config: &PolicyConfig) -> Result<Self> {
+        Ok(Replayer { runtime: WasmRuntime::new(config, None)?, loaded: HashMap::new() })
+    }
+
+    fn plugin(&mut self, d: &Decider, world: World, blobs: BlobSource<'_>) -> std::result::Result<Arc<CompiledPlugin>, String> {
+        let Some(sha) = d.plugin.strip_prefix("sha256:") else {
+            return Err(format!("{}: {} is not a plugin hash", d.slot, d.plugin));
+        };
+        let key = (sha.to_string(), d.config.clone());
+        if let Some(p) = self.loaded.get(&key) {
+            return Ok(p.clone());
+        }
+        let bytes = blobs(sha)
+            .map_err(|e| e.to_string())?
+            .ok_or_else(|| format!("{}: plugin sha256:{sha} is not stored in the ledger", d.slot))?;
+        let p = self
+            .runtime
+            .load(&format!("sha256:{sha}"), &bytes, world, &d.config)
+            .map_err(|e| format!("{}: {e}", d.slot))?;
+        self.loaded.insert(key, p.clone());
+        Ok(p)
+    }
+
+    /// Runs the recorded deciders again on the recorded inputs.
+    pub fn settle(
+        &mut self,
+        request: &RequestInfo,
+        usage: &Usage,
+        deciders: &[Decider],
+        blobs: BlobSource<'_>,
+    ) -> std::result::Result<Replayed, String> {
+        let find = |slot: &str| deciders.iter().find(|d| d.slot == slot);
+        let pricer = find("pricer").ok_or("no pricer decision recorded")?;
+        let attributor = find("attributor").ok_or("no attributor decision recorded")?;
+        let charge = if is_builtin(pricer) {
+            builtins(pricer, "pricer")?.price(request, usage)?
+        } else {
+            self.plugin(pricer, World::Pricer, blobs)?.price(request, usage).map_err(|f| f.to_string())?.value
+        };
+        let mut splits = if is_builtin(attributor) {
+            builtins(attributor, "attributor")?.attribute(request, usage, &charge)?
+        } else {
+            let p = self.plugin(attributor, World::Attributor, blobs)?;
+            p.attribute(request, usage, &charge).map_err(|f| f.to_string())?.value
+        };
+        validate_splits(&charge, &splits).map_err(|m| format!("attributor: {m}"))?;
+        if let Some(owner) = deciders.iter().find(|d| d.slot.starts_with("adapter:")) {
+            divide_owner_share(request, &charge, &mut splits, |share, original| {
+                if is_builtin(owner) {
+                    return Ok(vec![original.clone()]);
+                }
+                let p = self.plugin(owner, World::Attributor, blobs)?;
+                let sub = p.attribute(request, usage, share).map_err(|f| f.to_string())?.value;
+                validate_splits(share, &sub).map_err(|m| format!("{}: {m}", owner.slot))?;
+                Ok::<_, String>(sub)
+            })?;
+        }
+        Ok(Replayed { charge, splits })
+    }
+}
+
+fn is_builtin(d: &Decider) -> bool {
+    d.plugin.starts_with("builtin:")
+}
+
+/// The built-ins as a decision recorded them, refusing another version's.
+fn builtins(d: &Decider, slot: &str) -> std::result::Result<Builtins, String> {
+    if d.plugin != builtin_label(slot) {
+        return Err(format!("{slot}: decided by {}, which this openlora ({}) cannot replay", d.plugin, builtin_label(slot)));
+    }
+    let mut configs = [String::new(), String::new(), String::new()];
+    configs[if slot == "pricer" { 1 } else { 2 }] = d.config.clone();
+    Builtins::from_json(configs).map_err(|e| e.to_string())
+}
