@@ -1,6 +1,7 @@
 //! Policy plugins end to end in process: the official plugins built from source and loaded into
 //! the wasmtime host, refused uploads, hostile plugins contained at call time, quarantine,
-//! fail-closed slots, exact replay, hot swap under concurrent calls, restart and the drop folder.
+//! fail-closed slots, exact replay, hot swap under concurrent calls, restart and the drop folder;
+//! and the property that every settlement conserves money and replays from its ledger entry.
 
 mod common;
 
@@ -358,4 +359,91 @@ fn routing_rejections_and_unknown_adapters_are_client_errors_not_plugin_failures
     assert!(matches!(&r, Err(Error::UnknownAdapter(n)) if n == "gone"), "{r:?}");
     assert_eq!(host.registry.list()[0].consecutive_failures, 1);
     let _ = Money::new(0, "USD");
+}
+
+/// The ledger entry a settlement becomes (as the server builds it).
+fn entry_body(r: &RequestInfo, u: &Usage, s: &openlora::policy::Settlement) -> openlora::ledger::EntryBody {
+    use openlora::ledger::{Artifact, EntryBody, Outcome, entry::ENTRY_FORMAT};
+    EntryBody {
+        format: ENTRY_FORMAT,
+        request_id: r.request_id.clone(),
+        request_key: format!("req:{}", r.request_id),
+        tenant: r.tenant.clone(),
+        outcome: Outcome::Completed,
+        finish: "stop".into(),
+        base_model: Artifact { name: "tiny".into(), sha256: "00".repeat(32) },
+        adapter: None,
+        request: r.clone(),
+        usage: u.clone(),
+        charge: s.charge.clone(),
+        splits: s.splits.clone(),
+        deciders: s.deciders.clone(),
+        finished_at_ms: r.received_at_ms,
+    }
+}
+
+proptest::proptest! {
+    #![proptest_config(proptest::prelude::ProptestConfig { cases: 48, ..Default::default() })]
+
+    /// For random usage (so random charges) and random attributor outputs — exact, off by a
+    /// little, overflowing — what the host accepts always conserves money to the micro-unit and
+    /// becomes a valid ledger entry; what it refuses is answered by the built-in attributor; and
+    /// replaying the recorded decision gives the same splits.
+    #[test]
+    fn settlements_conserve_money_or_fall_back_and_replay(
+        prompt in 0u32..200_000,
+        completion in 0u32..50_000,
+        weights in proptest::collection::vec(0u64..1_000, 1..5),
+        tweak in proptest::prop_oneof![4 => proptest::strategy::Just(0i64), 1 => -3i64..=3],
+        huge in proptest::bool::weighted(0.1),
+    ) {
+        use openlora::ledger::NewEntry;
+        use openlora::policy::builtin::Builtins;
+        use openlora_sdk::money::{split_by_weights, validate_splits};
+        static HOST: OnceLock<(PolicyHost, Vec<u8>)> = OnceLock::new();
+        let (host, bytes) = HOST.get_or_init(|| {
+            let h = host(PolicyConfig { quarantine_after: u32::MAX, ..PolicyConfig::default() });
+            let bytes = wasm("openlora-test-hostile");
+            h.install(&Slot::Attributor, &bytes, r#"{"mode": "echo"}"#, "test").unwrap();
+            (h, bytes)
+        });
+        let u = Usage { prompt_tokens: prompt, completion_tokens: completion, ..usage() };
+        let builtins = Builtins::new(&PolicyConfig::default()).unwrap();
+        let mut r = request(&format!("prop-{prompt}-{completion}-{tweak}-{}", weights.len()));
+        r.adapter = None;
+        let charge = builtins.price(&r, &u).unwrap();
+        let mut amounts = split_by_weights(charge.amount, &weights).unwrap_or_else(|_| vec![charge.amount]);
+        amounts[0] = amounts[0].saturating_add_signed(tweak);
+        if huge {
+            amounts.push(u64::MAX);
+        }
+        let echoed: Vec<openlora_sdk::Split> =
+            amounts.iter().enumerate().map(|(i, a)| openlora_sdk::Split::new(format!("payee:{i}"), *a, "echo")).collect();
+        let listed = echoed.iter().map(|s| format!("{}={}", s.payee, s.amount)).collect::<Vec<_>>().join(",");
+        r.metadata.push(("splits".into(), listed));
+
+        let s = host.settle(&r, &u).unwrap();
+        proptest::prop_assert_eq!(&s.charge, &charge);
+        validate_splits(&s.charge, &s.splits).unwrap();
+        let accepted = validate_splits(&charge, &echoed).is_ok();
+        if accepted {
+            proptest::prop_assert_eq!(&s.splits, &echoed);
+            proptest::prop_assert!(s.deciders[1].plugin.starts_with("sha256:"));
+        } else {
+            proptest::prop_assert!(s.deciders[1].failure.is_some(), "{:?}", s.deciders[1]);
+            proptest::prop_assert_eq!(&s.splits, &builtins.attribute(&r, &u, &charge).unwrap());
+        }
+        // The entry is accepted by the ledger; the same entry with splits off by one is not.
+        let body = entry_body(&r, &u, &s);
+        proptest::prop_assert!(NewEntry::new(body.clone(), Vec::new()).is_ok());
+        let mut off = body.clone();
+        off.splits[0].amount = off.splits[0].amount.wrapping_add(1);
+        proptest::prop_assert!(NewEntry::new(off, Vec::new()).is_err());
+        // Replaying the recorded decision gives the same settlement.
+        static REPLAYER: OnceLock<std::sync::Mutex<openlora::policy::Replayer>> = OnceLock::new();
+        let replayer = REPLAYER.get_or_init(|| openlora::policy::Replayer::new(&PolicyConfig::default()).unwrap().into());
+        let mut blobs = |_: &str| Ok(Some(bytes.clone()));
+        let again = replayer.lock().unwrap().settle(&r, &u, &s.deciders, &mut blobs).unwrap();
+        proptest::prop_assert_eq!((again.charge, again.splits), (s.charge, s.splits));
+    }
 }

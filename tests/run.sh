@@ -15,6 +15,16 @@ if ! "$venv/bin/python" -c "import openai, httpx, pytest" 2>/dev/null; then
     "$venv/bin/pip" install --quiet --disable-pip-version-check -r tests/e2e/requirements.txt
 fi
 
+# The ledger's PostgreSQL backend is tested on a real server: Debian's package, a private
+# cluster on a free local port, stopped when the tests end.
+bash tests/pg.sh install
+pg_dir=$(mktemp -d)
+pg_port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
+bash tests/pg.sh start "$pg_dir/pg" "$pg_port"
+trap 'bash tests/pg.sh stop "$pg_dir/pg"; rm -rf "$pg_dir"' EXIT
+export OPENLORA_TEST_POSTGRES="postgres://postgres@127.0.0.1:$pg_port"
+export OPENLORA_REQUIRE_POSTGRES=1
+
 # Tests unpack the embedded model and write their data under a throwaway home.
 export OPENLORA_HOME="${OPENLORA_HOME:-$(mktemp -d)}"
 

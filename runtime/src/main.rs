@@ -190,7 +190,10 @@ fn run_ledger(command: LedgerCommand) -> anyhow::Result<bool> {
                 println!("{}", serde_json::to_string_pretty(&rows)?);
                 return Ok(true);
             }
-            println!("{:<40} {:>8} {:>10} {:>20} {:>12} {:>12}", args.by, "currency", "requests", "micro-units", "prompt", "completion");
+            println!(
+                "{:<40} {:>8} {:>10} {:>20} {:>12} {:>12}",
+                args.by, "currency", "requests", "micro-units", "prompt", "completion"
+            );
             for r in &rows {
                 println!(
                     "{:<40} {:>8} {:>10} {:>20} {:>12} {:>12}",

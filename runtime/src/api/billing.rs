@@ -171,7 +171,12 @@ pub fn billing_json(body: &EntryBody, stored: &StoredEntry) -> Value {
 /// Prices and attributes a request that did work and writes its ledger entry durably; returns
 /// the `billing` object (`None` when no work was done: nothing is recorded). A policy failure
 /// still records the request (with a zero charge) before the error is returned.
-pub async fn record(state: &Shared, ctx: &PolicyContext, ended: Ended, usage: &Usage) -> Result<Option<Value>, ApiError> {
+pub async fn record(
+    state: &Shared,
+    ctx: &PolicyContext,
+    ended: Ended,
+    usage: &Usage,
+) -> Result<Option<Value>, ApiError> {
     let (outcome, finish) = match &ended {
         Ended::Finished(FinishReason::Cancelled) => (Outcome::Cancelled, "cancelled".to_string()),
         Ended::Finished(r) => (Outcome::Completed, r.as_str().to_string()),
@@ -232,7 +237,9 @@ pub async fn record(state: &Shared, ctx: &PolicyContext, ended: Ended, usage: &U
         let billing = match st.ledger.append(entry)? {
             Appended::Written(stored) => billing_json(&body, &stored),
             // Already recorded (a retry of the same key): the first entry stands, charged once.
-            Appended::Duplicate(stored) => stored.parse().map(|b| billing_json(&b, &stored)).map_err(ApiError::internal)?,
+            Appended::Duplicate(stored) => {
+                stored.parse().map(|b| billing_json(&b, &stored)).map_err(ApiError::internal)?
+            }
         };
         Ok((billing, policy_error))
     })

@@ -15,8 +15,8 @@ use serde_json::{Value, json};
 
 use super::admin::authorize;
 use super::{ApiError, Shared, blocking, tenant};
-use crate::ledger::report::{Format, GroupBy, export, parse_time, summary};
 use crate::ledger::Filter;
+use crate::ledger::report::{Format, GroupBy, export, parse_time, summary};
 use crate::ledger::verify::verify;
 use crate::policy::Replayer;
 
@@ -40,11 +40,19 @@ fn filter(p: &BTreeMap<String, String>, tenant: Option<String>) -> Result<Filter
     let time = |name: &str| {
         p.get(name).map(|v| parse_time(v)).transpose().map_err(|m| ApiError::invalid(Some(name.to_string()), m))
     };
-    Ok(Filter { since_ms: time("since")?, until_ms: time("until")?, tenant: tenant.or_else(|| p.get("tenant").cloned()) })
+    Ok(Filter {
+        since_ms: time("since")?,
+        until_ms: time("until")?,
+        tenant: tenant.or_else(|| p.get("tenant").cloned()),
+    })
 }
 
 fn group(p: &BTreeMap<String, String>, default: GroupBy) -> Result<GroupBy, ApiError> {
-    p.get("by").map(|b| b.parse()).transpose().map_err(|m: String| ApiError::invalid(Some("by".into()), m)).map(|g| g.unwrap_or(default))
+    p.get("by")
+        .map(|b| b.parse())
+        .transpose()
+        .map_err(|m: String| ApiError::invalid(Some("by".into()), m))
+        .map(|g| g.unwrap_or(default))
 }
 
 async fn summarize(state: &Shared, f: Filter, by: GroupBy) -> Result<Value, ApiError> {

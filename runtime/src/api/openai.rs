@@ -11,8 +11,8 @@ use serde::Deserialize;
 use serde_json::{Value, json};
 
 use super::billing::{self, PolicyContext};
-use super::metered::Metered;
 use super::chat::ChatMessage;
+use super::metered::Metered;
 use super::stream::{Collected, Kind, Reply, collect, sse};
 use super::{ApiError, JsonBody, Shared, parse, tenant};
 use crate::engine::GenerationRequest;
@@ -224,7 +224,8 @@ pub async fn completions(
         PromptInput::Tokens(ids) => ids.clone(),
     };
     let req = build(&state, prompt_ids, params, logprobs)?;
-    answer(state, req, Kind::Completion { logprobs: logprobs.is_some() }, &mut common, (&tenant, &headers), body.model).await
+    answer(state, req, Kind::Completion { logprobs: logprobs.is_some() }, &mut common, (&tenant, &headers), body.model)
+        .await
 }
 
 /// `POST /v1/chat/completions`.

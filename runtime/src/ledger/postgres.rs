@@ -79,8 +79,11 @@ impl PostgresStore {
         let mut tx = client.transaction().map_err(err)?;
         tx.execute("SELECT pg_advisory_xact_lock(7271727)", &[]).map_err(err)?;
         tx.batch_execute(SCHEMA).map_err(err)?;
-        tx.execute("INSERT INTO ledger_head (id, seq, hash) VALUES (1, 0, $1) ON CONFLICT DO NOTHING", &[&GENESIS_HASH])
-            .map_err(err)?;
+        tx.execute(
+            "INSERT INTO ledger_head (id, seq, hash) VALUES (1, 0, $1) ON CONFLICT DO NOTHING",
+            &[&GENESIS_HASH],
+        )
+        .map_err(err)?;
         tx.commit().map_err(err)?;
         Ok(PostgresStore { client })
     }

@@ -48,7 +48,12 @@ pub fn parse_time(text: &str) -> std::result::Result<u64, String> {
     }
     let (y, m, day) = (num(d[0])?, num(d[1])?, num(d[2])?);
     let (hh, mm, ss) = (num(t[0])?, num(t[1])?, num(t[2])?);
-    if !(1970..=9999).contains(&y) || !(1..=12).contains(&m) || !(1..=31).contains(&day) || hh > 23 || mm > 59 || ss > 60
+    if !(1970..=9999).contains(&y)
+        || !(1..=12).contains(&m)
+        || !(1..=31).contains(&day)
+        || hh > 23
+        || mm > 59
+        || ss > 60
     {
         return Err(bad());
     }
@@ -130,7 +135,8 @@ pub fn export(store: &mut dyn LedgerStore, filter: &Filter, format: Format, out:
                     writeln!(out, "{fixed},,,,{}", e.hash).map_err(io)?;
                 }
                 for s in &b.splits {
-                    writeln!(out, "{fixed},{},{},{},{}", csv(&s.payee), s.amount, csv(&s.reason), e.hash).map_err(io)?;
+                    writeln!(out, "{fixed},{},{},{},{}", csv(&s.payee), s.amount, csv(&s.reason), e.hash)
+                        .map_err(io)?;
                 }
                 Ok(())
             }

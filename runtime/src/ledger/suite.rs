@@ -51,7 +51,9 @@ impl Backend for Postgres {
         self.client.batch_execute(sql).expect("tamper sql");
     }
     fn set_body(&mut self, seq: u64, body: &str) {
-        self.client.execute("UPDATE ledger_entries SET body = $1 WHERE seq = $2", &[&body, &(seq as i64)]).expect("tamper");
+        self.client
+            .execute("UPDATE ledger_entries SET body = $1 WHERE seq = $2", &[&body, &(seq as i64)])
+            .expect("tamper");
     }
 }
 
@@ -274,7 +276,11 @@ fn exports_and_summaries_are_exact() {
         let owner = by_payee.iter().find(|r| r.key == "owner:trekkie").unwrap();
         assert_eq!((owner.requests, owner.amount), (5, 401 + 402 + 403 + 404 + 405));
         let total: u128 = by_payee.iter().map(|r| r.amount).sum();
-        assert_eq!(total, (1..=5).map(|n| u128::from(1000 + n)).sum::<u128>(), "payees get exactly what was charged");
+        assert_eq!(
+            total,
+            (1..=5u64).map(|n| u128::from(1000 + n)).sum::<u128>(),
+            "payees get exactly what was charged"
+        );
         let by_tenant = summary(s.as_mut(), &Filter::default(), GroupBy::Tenant).unwrap();
         assert_eq!(by_tenant.iter().map(|r| r.key.as_str()).collect::<Vec<_>>(), vec!["acme", "globex"]);
         let acme = Filter { tenant: Some("acme".into()), ..Default::default() };

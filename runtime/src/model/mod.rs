@@ -96,7 +96,9 @@ impl LoadedModel {
         }
         let mut hashed = files.clone();
         hashed.push(config_path.clone());
-        hashed.extend(["tokenizer.json", "tokenizer_config.json"].map(|f| folder.join(f)).into_iter().filter(|p| p.exists()));
+        hashed.extend(
+            ["tokenizer.json", "tokenizer_config.json"].map(|f| folder.join(f)).into_iter().filter(|p| p.exists()),
+        );
         let sha256 = content_hash(folder, &hashed)?;
         Ok(LoadedModel { folder: folder.to_path_buf(), llama, tokenizer, generation, eos_token_ids, sha256 })
     }

@@ -41,7 +41,12 @@ impl Replayer {
         Ok(Replayer { runtime: WasmRuntime::new(config, None)?, loaded: HashMap::new() })
     }
 
-    fn plugin(&mut self, d: &Decider, world: World, blobs: BlobSource<'_>) -> std::result::Result<Arc<CompiledPlugin>, String> {
+    fn plugin(
+        &mut self,
+        d: &Decider,
+        world: World,
+        blobs: BlobSource<'_>,
+    ) -> std::result::Result<Arc<CompiledPlugin>, String> {
         let Some(sha) = d.plugin.strip_prefix("sha256:") else {
             return Err(format!("{}: {} is not a plugin hash", d.slot, d.plugin));
         };
@@ -105,7 +110,11 @@ fn is_builtin(d: &Decider) -> bool {
 /// The built-ins as a decision recorded them, refusing another version's.
 fn builtins(d: &Decider, slot: &str) -> std::result::Result<Builtins, String> {
     if d.plugin != builtin_label(slot) {
-        return Err(format!("{slot}: decided by {}, which this openlora ({}) cannot replay", d.plugin, builtin_label(slot)));
+        return Err(format!(
+            "{slot}: decided by {}, which this openlora ({}) cannot replay",
+            d.plugin,
+            builtin_label(slot)
+        ));
     }
     let mut configs = [String::new(), String::new(), String::new()];
     configs[if slot == "pricer" { 1 } else { 2 }] = d.config.clone();
