@@ -56,6 +56,10 @@ admin_token = "{ADMIN_TOKEN}"
         config = f'listen = "127.0.0.1:{self.port}"\ndata_dir = "{self.dir / "data"}"\n' + config
         (self.dir / "openlora.toml").write_text(config)
         self.log = open(self.dir / "server.log", "w+")
+        self.start()
+
+    def start(self):
+        """Starts the process (again, after a stop: same config, data and port) and waits until ready."""
         self.proc = subprocess.Popen(
             [str(BINARY), "serve", "--config", str(self.dir / "openlora.toml")],
             stdout=self.log, stderr=subprocess.STDOUT, env={**os.environ, "OPENLORA_HOME": str(self.dir)},
@@ -71,6 +75,13 @@ admin_token = "{ADMIN_TOKEN}"
                 pass
             time.sleep(0.1)
         raise RuntimeError(f"server not ready: {self.logs()}")
+
+    def cli(self, *args: str) -> subprocess.CompletedProcess:
+        """Runs `openlora ARGS --config <this server's config>`."""
+        return subprocess.run(
+            [str(BINARY), *args, "--config", str(self.dir / "openlora.toml")],
+            capture_output=True, text=True, timeout=120, env={**os.environ, "OPENLORA_HOME": str(self.dir)},
+        )
 
     @classmethod
     def embedded(cls) -> "Server":
