@@ -107,6 +107,7 @@ def test_sigkill_under_load_leaves_one_entry_per_completed_request(backend):
             s.start()
             verified(s)
             # Retrying a key the crash interrupted: done already (409, billed once) or done now.
+            print(f"round {round_}: retrying {len(lost_keys)} interrupted keys")
             for key in lost_keys:
                 r = httpx.post(f"{s.url}/v1/completions", headers={**AUTH, "Idempotency-Key": key},
                                json={"model": "r4-qv", "prompt": "retry", "max_tokens": 2}, timeout=30)
@@ -124,6 +125,7 @@ def test_sigkill_under_load_leaves_one_entry_per_completed_request(backend):
                 e = by_id[rid]
                 assert e["seq"] == billing["ledger"]["seq"] and e["hash"] == billing["ledger"]["hash"]
                 assert e["entry"]["charge"] == billing["charge"] and e["entry"]["splits"] == billing["splits"]
+        print(f"{backend}: {len(seen)} requests completed across 4 SIGKILLs")
         assert len(seen) >= 20, f"too little load to mean anything: {len(seen)} requests"
         assert "settlements replayed exactly" in verified(s)
     finally:
