@@ -116,7 +116,7 @@ pub async fn reserve(
         KeyState::Done(entry) => {
             let billing = entry.parse().map(|b| billing_json(&b, &entry)).unwrap_or(Value::Null);
             Err(ApiError {
-                extra: vec![("billing", billing)],
+                extra: Some(Box::new([("billing".to_string(), billing)].into_iter().collect())),
                 ..ApiError::new(
                     StatusCode::CONFLICT,
                     "invalid_request_error",

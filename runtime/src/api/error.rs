@@ -22,7 +22,7 @@ pub struct ApiError {
     /// Seconds to wait before retrying (429 / 503).
     pub retry_after: Option<u64>,
     /// More fields of the error object (e.g. the `billing` of the request a 409 refers to).
-    pub extra: Vec<(&'static str, serde_json::Value)>,
+    pub extra: Option<Box<serde_json::Map<String, serde_json::Value>>>,
 }
 
 impl ApiError {
@@ -35,13 +35,13 @@ impl ApiError {
             param: param.into(),
             code: "invalid_request",
             retry_after: None,
-            extra: Vec::new(),
+            extra: None,
         }
     }
 
     /// Any status with a code.
     pub fn new(status: StatusCode, kind: &'static str, code: &'static str, message: impl Into<String>) -> Self {
-        ApiError { status, message: message.into(), kind, param: None, code, retry_after: None, extra: Vec::new() }
+        ApiError { status, message: message.into(), kind, param: None, code, retry_after: None, extra: None }
     }
 
     /// 401.
@@ -78,8 +78,8 @@ impl ApiError {
     /// The error object alone, for streamed errors.
     pub fn body(&self) -> serde_json::Value {
         let mut e = json!({"message": self.message, "type": self.kind, "param": self.param, "code": self.code});
-        for (k, v) in &self.extra {
-            e[*k] = v.clone();
+        for (k, v) in self.extra.iter().flat_map(|m| m.iter()) {
+            e[k] = v.clone();
         }
         json!({ "error": e })
     }

@@ -186,7 +186,7 @@ pub(crate) mod tests {
             format: ENTRY_FORMAT,
             request_id: format!("req-{n}"),
             request_key: format!("req:req-{n}"),
-            tenant: if n % 2 == 0 { "acme".into() } else { "globex".into() },
+            tenant: if n.is_multiple_of(2) { "acme".into() } else { "globex".into() },
             outcome: Outcome::Completed,
             finish: "stop".into(),
             base_model: Artifact { name: "tiny".into(), sha256: "ab".repeat(32) },
