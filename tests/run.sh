@@ -25,6 +25,16 @@ trap 'bash tests/pg.sh stop "$pg_dir/pg"; rm -rf "$pg_dir"' EXIT
 export OPENLORA_TEST_POSTGRES="postgres://postgres@127.0.0.1:$pg_port"
 export OPENLORA_REQUIRE_POSTGRES=1
 
+# NVRTC from PyPI, so that every CUDA kernel is compiled to PTX (and a syntax error caught)
+# on machines without a GPU or a CUDA toolkit.
+nvrtc_lib=$(ls -d "$venv"/lib/python3*/site-packages/nvidia/cuda_nvrtc/lib 2>/dev/null | head -n 1 || true)
+if [ -z "$nvrtc_lib" ]; then
+    "$venv/bin/pip" install --quiet --disable-pip-version-check -r tests/nvrtc-requirements.txt
+    nvrtc_lib=$(ls -d "$venv"/lib/python3*/site-packages/nvidia/cuda_nvrtc/lib | head -n 1)
+fi
+export LD_LIBRARY_PATH="$nvrtc_lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
+export OPENLORA_REQUIRE_NVRTC=1
+
 # Tests unpack the embedded model and write their data under a throwaway home.
 export OPENLORA_HOME="${OPENLORA_HOME:-$(mktemp -d)}"
 

@@ -4,8 +4,10 @@
 //! [`attention`] is causal grouped-query attention over a paged KV cache (block tables);
 //! [`lora`] is the batched heterogeneous LoRA op (shrink/expand; SGMV for prefill, BGMV for
 //! decode) over adapter weights held in a unified page pool. The base model's CPU ops live in
-//! the runtime on candle-core.
+//! the runtime on candle-core. [`cuda`] holds the CUDA C sources of the device kernels and
+//! (feature `nvrtc`) their compilation to PTX.
 
 pub mod attention;
+pub mod cuda;
 pub mod lora;
 pub mod vec;

@@ -1,0 +1,66 @@
+// Embedding lookup, RMSNorm, rotary position embedding, SiLU·mul and residual add, bf16 in and
+// out with f32 arithmetic. CPU references: runtime/src/model/ops.rs and rope.rs.
+
+// out[row, :] = table[ids[row], :].  grid: rows, block: any.
+extern "C" __global__ void embedding_bf16(const bf16* __restrict__ table, const u32* __restrict__ ids,
+                                          bf16* __restrict__ out, int hidden) {
+    const bf16* src = table + (size_t)ids[blockIdx.x] * hidden;
+    bf16* dst = out + (size_t)blockIdx.x * hidden;
+    for (int i = threadIdx.x; i < hidden; i += blockDim.x) dst[i] = src[i];
+}
+
+// out = x / sqrt(mean(x²) + eps) * w, per row.  grid: rows, block: a multiple of 32 (≤ 1024).
+extern "C" __global__ void rms_norm_bf16(const bf16* __restrict__ x, const bf16* __restrict__ w,
+                                         bf16* __restrict__ out, int hidden, float eps) {
+    const bf16* xr = x + (size_t)blockIdx.x * hidden;
+    bf16* o = out + (size_t)blockIdx.x * hidden;
+    float ss = 0.0f;
+    for (int i = threadIdx.x; i < hidden; i += blockDim.x) {
+        float v = bf16_to_f32(xr[i]);
+        ss += v * v;
+    }
+    float inv = rsqrtf(block_sum(ss) / (float)hidden + eps);
+    for (int i = threadIdx.x; i < hidden; i += blockDim.x) {
+        o[i] = f32_to_bf16(bf16_to_f32(xr[i]) * inv * bf16_to_f32(w[i]));
+    }
+}
+
+// Rotary embedding, Llama's "rotate half" layout, in place on x: [rows, heads, head_dim].
+// cos/sin: [max_position, head_dim / 2] (f32, with any rope scaling already applied);
+// positions: [rows].  grid: (rows, heads), block: head_dim / 2 threads (or fewer, striding).
+extern "C" __global__ void rope_bf16(bf16* __restrict__ x, const float* __restrict__ cos_table,
+                                     const float* __restrict__ sin_table, const u32* __restrict__ positions,
+                                     int heads, int head_dim) {
+    int half = head_dim / 2;
+    bf16* h = x + ((size_t)blockIdx.x * heads + blockIdx.y) * head_dim;
+    const float* c = cos_table + (size_t)positions[blockIdx.x] * half;
+    const float* s = sin_table + (size_t)positions[blockIdx.x] * half;
+    for (int i = threadIdx.x; i < half; i += blockDim.x) {
+        float a = bf16_to_f32(h[i]), b = bf16_to_f32(h[i + half]);
+        h[i] = f32_to_bf16(a * c[i] - b * s[i]);
+        h[i + half] = f32_to_bf16(b * c[i] + a * s[i]);
+    }
+}
+
+// out[row, i] = silu(gate_up[row, i]) * gate_up[row, inter + i]: the fused gate/up projection's
+// output, [rows, 2 * inter] -> [rows, inter].  grid: (ceil(inter / block), rows).
+extern "C" __global__ void silu_mul_bf16(const bf16* __restrict__ gate_up, bf16* __restrict__ out, int inter) {
+    int i = blockIdx.x * blockDim.x + threadIdx.x;
+    if (i >= inter) return;
+    const bf16* row = gate_up + (size_t)blockIdx.y * 2 * inter;
+    float g = bf16_to_f32(row[i]);
+    float u = bf16_to_f32(row[inter + i]);
+    out[(size_t)blockIdx.y * inter + i] = f32_to_bf16(g / (1.0f + __expf(-g)) * u);
+}
+
+// x += y, elementwise over n values.  grid: ceil(n / block).
+extern "C" __global__ void add_bf16(bf16* __restrict__ x, const bf16* __restrict__ y, int n) {
+    int i = blockIdx.x * blockDim.x + threadIdx.x;
+    if (i < n) x[i] = f32_to_bf16(bf16_to_f32(x[i]) + bf16_to_f32(y[i]));
+}
+
+// bf16 -> f32 (logits for sampling), n values.  grid: ceil(n / block).
+extern "C" __global__ void bf16_to_f32_kernel(const bf16* __restrict__ x, float* __restrict__ out, int n) {
+    int i = blockIdx.x * blockDim.x + threadIdx.x;
+    if (i < n) out[i] = bf16_to_f32(x[i]);
+}
