@@ -135,3 +135,23 @@ fn plugin_check_dry_runs_a_good_plugin_and_names_what_is_wrong_with_bad_ones() {
     assert!(stderr(&o).contains("samples.json") && stderr(&o).contains("request_id"), "{}", stderr(&o));
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+#[test]
+fn serving_on_a_gpu_that_is_not_there_says_so_and_fails() {
+    let o = openlora(&["serve", "--device", "cuda:0", "--listen", "127.0.0.1:0"]);
+    assert!(!o.status.success());
+    let err = stderr(&o);
+    assert!(err.contains("cuda:0"), "{err}");
+    let o = openlora(&["serve", "--device", "tpu"]);
+    assert!(!o.status.success() && stderr(&o).contains("is not a device"), "{}", stderr(&o));
+}
+
+#[test]
+fn ledger_commands_name_a_missing_ledger_and_bad_flags() {
+    let o = openlora(&["ledger", "verify", "--ledger", "/nonexistent/ledger.sqlite3"]);
+    assert!(!o.status.success() && stderr(&o).contains("/nonexistent/ledger.sqlite3"), "{}", stderr(&o));
+    let o = openlora(&["ledger", "summary", "--by", "colour", "--ledger", "/tmp"]);
+    assert!(!o.status.success() && stderr(&o).contains("--by"), "{}", stderr(&o));
+    let o = openlora(&["ledger", "export", "--since", "yesterday", "--ledger", "/tmp"]);
+    assert!(!o.status.success(), "{}", stderr(&o));
+}

@@ -52,7 +52,8 @@ fn locations() -> Vec<(&'static str, Location)> {
     if let Ok(base) = std::env::var("OPENLORA_TEST_POSTGRES") {
         let db = format!("openlora_bench_{}", std::process::id());
         let mut admin = postgres::Client::connect(&format!("{base}/postgres"), postgres::NoTls).expect("postgres");
-        admin.batch_execute(&format!("DROP DATABASE IF EXISTS {db}; CREATE DATABASE {db}")).expect("create database");
+        admin.batch_execute(&format!("DROP DATABASE IF EXISTS {db}")).expect("drop database");
+        admin.batch_execute(&format!("CREATE DATABASE {db}")).expect("create database");
         v.push(("postgres", Location::Postgres(format!("{base}/{db}"))));
     } else {
         eprintln!("ledger bench: OPENLORA_TEST_POSTGRES not set, PostgreSQL skipped");

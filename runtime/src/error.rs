@@ -163,6 +163,10 @@ pub enum Error {
         message: String,
     },
 
+    /// The device asked for cannot be used.
+    #[error("{0}")]
+    Device(String),
+
     /// The ledger could not be opened, read or written.
     #[error("ledger: {0}")]
     Ledger(String),

@@ -7,6 +7,7 @@
 pub mod adapters;
 pub mod api;
 pub mod config;
+pub mod device;
 pub mod embedded;
 pub mod engine;
 pub mod error;

@@ -286,9 +286,23 @@ struct ServeArgs {
     /// Address to listen on, overriding the config file (e.g. 127.0.0.1:8080).
     #[arg(long)]
     listen: Option<std::net::SocketAddr>,
+    /// The device to serve on: cpu, or cuda:N (a CUDA GPU; the driver is probed at start).
+    #[arg(long, default_value = "cpu")]
+    device: openlora::device::DeviceSpec,
 }
 
 fn run_serve(args: ServeArgs) -> anyhow::Result<()> {
+    if let openlora::device::DeviceSpec::Cuda(n) = args.device {
+        let info = openlora::device::probe_cuda(n)?;
+        anyhow::bail!(
+            "cuda:{n} is {} ({} GiB, compute capability {}.{}), but this build's CUDA serving backend is not \
+             complete yet (its kernels are in kernels/cuda); serve with --device cpu",
+            info.name,
+            info.memory_bytes >> 30,
+            info.capability.0,
+            info.capability.1
+        );
+    }
     let mut config = match &args.config {
         Some(path) => ServerConfig::from_file(path)?,
         None => ServerConfig::default(),

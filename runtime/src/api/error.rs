@@ -121,7 +121,7 @@ impl From<Error> for ApiError {
                 retry_after: Some(1),
                 ..ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "server_error", "ledger_unavailable", msg)
             },
-            Error::Io { .. } | Error::Tensor(_) => ApiError::internal(msg),
+            Error::Io { .. } | Error::Tensor(_) | Error::Device(_) => ApiError::internal(msg),
         }
     }
 }
