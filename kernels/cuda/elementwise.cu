@@ -64,3 +64,17 @@ extern "C" __global__ void bf16_to_f32_kernel(const bf16* __restrict__ x, float*
     int i = blockIdx.x * blockDim.x + threadIdx.x;
     if (i < n) out[i] = bf16_to_f32(x[i]);
 }
+
+// Fills n values with uniform noise in [-scale, scale) from a counter-based hash of (seed, i):
+// random weights for benchmarks at real model sizes, made on the device.  grid: ceil(n / block).
+extern "C" __global__ void fill_random_bf16(bf16* __restrict__ x, unsigned long long n, unsigned long long seed,
+                                            float scale) {
+    unsigned long long i = (unsigned long long)blockIdx.x * blockDim.x + threadIdx.x;
+    if (i >= n) return;
+    unsigned long long z = seed + (i + 1) * 0x9e3779b97f4a7c15ull;
+    z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ull;
+    z = (z ^ (z >> 27)) * 0x94d049bb133111ebull;
+    z ^= z >> 31;
+    float u = (float)(z >> 40) * (1.0f / 16777216.0f);
+    x[i] = f32_to_bf16((2.0f * u - 1.0f) * scale);
+}

@@ -4,9 +4,16 @@
 // each rank-row of A (in_dim wide) and of Bᵀ (out_dim wide) occupies ceil(width / page_elems)
 // pages of the pool, found through the module's page table.
 //
-// Modules are described by parallel arrays indexed by module id: rank, scale, and the offsets
-// of their A and Bᵀ page tables in `tables`. The shrink writes tmp: [rows, max_rank] (f32);
-// the expand reads it.
+// Modules are described by parallel arrays indexed by module id = adapter slot ×
+// modules_per_adapter + module (layer × 7 + projection): rank (0: the adapter has no such
+// module), scale, and the offsets of their A and Bᵀ page tables in `tables`. Rows name an
+// adapter slot (or -1 for the base model), so a step uploads only those. The shrink writes
+// tmp: [rows, max_rank] (f32); the expand reads it.
+
+// The module id of adapter slot `a` (or -1), and whether it has rank-row r of that module.
+__device__ __forceinline__ int module_id(int a, int module, int modules_per_adapter) {
+    return a < 0 ? -1 : a * modules_per_adapter + module;
+}
 
 // Element k of rank-row r of a paged matrix whose rows are `width` wide.
 __device__ __forceinline__ float paged(const bf16* __restrict__ pool, const u32* __restrict__ table, int r, int k,
@@ -16,16 +23,16 @@ __device__ __forceinline__ float paged(const bf16* __restrict__ pool, const u32*
     return bf16_to_f32(pool[(size_t)page * page_elems + k % page_elems]);
 }
 
-// Prefill, shrink: segment s (rows seg_start[s] .. + seg_len[s], module seg_module[s] or -1),
+// Prefill, shrink: segment s (rows seg_start[s] .. + seg_len[s], adapter seg_adapter[s] or -1),
 // rank-row blockIdx.y. Each block reads its A row once for all the segment's rows.
 // grid: (segments, max_rank), block: a multiple of 32.
 extern "C" __global__ void lora_shrink_sgmv_bf16(const bf16* __restrict__ x, float* __restrict__ tmp,
                                                  const bf16* __restrict__ pool, const u32* __restrict__ tables,
                                                  const int* __restrict__ seg_start, const int* __restrict__ seg_len,
-                                                 const int* __restrict__ seg_module, const int* __restrict__ ranks,
-                                                 const u32* __restrict__ a_offsets, int in_dim, int max_rank,
-                                                 int page_elems) {
-    int m = seg_module[blockIdx.x], r = blockIdx.y;
+                                                 const int* __restrict__ seg_adapter, int module, int modules_per_adapter,
+                                                 const int* __restrict__ ranks, const u32* __restrict__ a_offsets,
+                                                 int in_dim, int max_rank, int page_elems) {
+    int m = module_id(seg_adapter[blockIdx.x], module, modules_per_adapter), r = blockIdx.y;
     if (m < 0 || r >= ranks[m]) return;
     const u32* table = tables + a_offsets[m];
     for (int row = seg_start[blockIdx.x]; row < seg_start[blockIdx.x] + seg_len[blockIdx.x]; row++) {
@@ -42,12 +49,13 @@ extern "C" __global__ void lora_shrink_sgmv_bf16(const bf16* __restrict__ x, flo
 extern "C" __global__ void lora_expand_sgmv_bf16(const float* __restrict__ tmp, bf16* __restrict__ y,
                                                  const bf16* __restrict__ pool, const u32* __restrict__ tables,
                                                  const int* __restrict__ seg_start, const int* __restrict__ seg_len,
-                                                 const int* __restrict__ seg_module, const int* __restrict__ ranks,
-                                                 const float* __restrict__ scales, const u32* __restrict__ bt_offsets,
-                                                 int out_dim, int max_rank, int page_elems) {
-    int m = seg_module[blockIdx.x];
+                                                 const int* __restrict__ seg_adapter, int module, int modules_per_adapter,
+                                                 const int* __restrict__ ranks, const float* __restrict__ scales,
+                                                 const u32* __restrict__ bt_offsets, int out_dim, int max_rank,
+                                                 int page_elems) {
+    int m = module_id(seg_adapter[blockIdx.x], module, modules_per_adapter);
     int o = blockIdx.y * blockDim.x + threadIdx.x;
-    if (m < 0 || o >= out_dim) return;
+    if (m < 0 || ranks[m] == 0 || o >= out_dim) return;
     const u32* table = tables + bt_offsets[m];
     int rank = ranks[m];
     for (int row = seg_start[blockIdx.x]; row < seg_start[blockIdx.x] + seg_len[blockIdx.x]; row++) {
@@ -58,14 +66,14 @@ extern "C" __global__ void lora_expand_sgmv_bf16(const float* __restrict__ tmp, 
     }
 }
 
-// Decode, shrink: every row gathers its own module (row_module[row] or -1).
+// Decode, shrink: every row gathers its own adapter's module (row_adapter[row] or -1).
 // grid: (rows, max_rank), block: a multiple of 32.
 extern "C" __global__ void lora_shrink_bgmv_bf16(const bf16* __restrict__ x, float* __restrict__ tmp,
                                                  const bf16* __restrict__ pool, const u32* __restrict__ tables,
-                                                 const int* __restrict__ row_module, const int* __restrict__ ranks,
-                                                 const u32* __restrict__ a_offsets, int in_dim, int max_rank,
-                                                 int page_elems) {
-    int row = blockIdx.x, r = blockIdx.y, m = row_module[row];
+                                                 const int* __restrict__ row_adapter, int module, int modules_per_adapter,
+                                                 const int* __restrict__ ranks, const u32* __restrict__ a_offsets,
+                                                 int in_dim, int max_rank, int page_elems) {
+    int row = blockIdx.x, r = blockIdx.y, m = module_id(row_adapter[row], module, modules_per_adapter);
     if (m < 0 || r >= ranks[m]) return;
     const u32* table = tables + a_offsets[m];
     const bf16* xr = x + (size_t)row * in_dim;
@@ -78,15 +86,26 @@ extern "C" __global__ void lora_shrink_bgmv_bf16(const bf16* __restrict__ x, flo
 // Decode, expand.  grid: (rows, ceil(out_dim / block)).
 extern "C" __global__ void lora_expand_bgmv_bf16(const float* __restrict__ tmp, bf16* __restrict__ y,
                                                  const bf16* __restrict__ pool, const u32* __restrict__ tables,
-                                                 const int* __restrict__ row_module, const int* __restrict__ ranks,
-                                                 const float* __restrict__ scales, const u32* __restrict__ bt_offsets,
-                                                 int out_dim, int max_rank, int page_elems) {
-    int row = blockIdx.x, m = row_module[row];
+                                                 const int* __restrict__ row_adapter, int module, int modules_per_adapter,
+                                                 const int* __restrict__ ranks, const float* __restrict__ scales,
+                                                 const u32* __restrict__ bt_offsets, int out_dim, int max_rank,
+                                                 int page_elems) {
+    int row = blockIdx.x, m = module_id(row_adapter[row], module, modules_per_adapter);
     int o = blockIdx.y * blockDim.x + threadIdx.x;
-    if (m < 0 || o >= out_dim) return;
+    if (m < 0 || ranks[m] == 0 || o >= out_dim) return;
     const u32* table = tables + bt_offsets[m];
     float acc = 0.0f;
     for (int r = 0; r < ranks[m]; r++) acc += tmp[(size_t)row * max_rank + r] * paged(pool, table, r, o, out_dim, page_elems);
     size_t at = (size_t)row * out_dim + o;
     y[at] = f32_to_bf16(bf16_to_f32(y[at]) + scales[m] * acc);
+}
+
+// Copies staged pages into the pool: page i of `staging` goes to pool page table[i]. An adapter
+// is uploaded as one contiguous run of pages (one host-to-device copy) and scattered here.
+// grid: pages, block: any.
+extern "C" __global__ void scatter_pages_bf16(const bf16* __restrict__ staging, bf16* __restrict__ pool,
+                                              const u32* __restrict__ table, int page_elems) {
+    const bf16* src = staging + (size_t)blockIdx.x * page_elems;
+    bf16* dst = pool + (size_t)table[blockIdx.x] * page_elems;
+    for (int i = threadIdx.x; i < page_elems; i += blockDim.x) dst[i] = src[i];
 }

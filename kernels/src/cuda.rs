@@ -28,7 +28,15 @@ pub const SOURCES: &[KernelSource] = &[
     KernelSource {
         name: "elementwise",
         text: include_str!("../cuda/elementwise.cu"),
-        kernels: &["embedding_bf16", "rms_norm_bf16", "rope_bf16", "silu_mul_bf16", "add_bf16", "bf16_to_f32_kernel"],
+        kernels: &[
+            "embedding_bf16",
+            "rms_norm_bf16",
+            "rope_bf16",
+            "silu_mul_bf16",
+            "add_bf16",
+            "bf16_to_f32_kernel",
+            "fill_random_bf16",
+        ],
     },
     KernelSource { name: "sampling", text: include_str!("../cuda/sampling.cu"), kernels: &["sample_rows"] },
     KernelSource {
@@ -39,7 +47,13 @@ pub const SOURCES: &[KernelSource] = &[
     KernelSource {
         name: "lora",
         text: include_str!("../cuda/lora.cu"),
-        kernels: &["lora_shrink_sgmv_bf16", "lora_expand_sgmv_bf16", "lora_shrink_bgmv_bf16", "lora_expand_bgmv_bf16"],
+        kernels: &[
+            "lora_shrink_sgmv_bf16",
+            "lora_expand_sgmv_bf16",
+            "lora_shrink_bgmv_bf16",
+            "lora_expand_bgmv_bf16",
+            "scatter_pages_bf16",
+        ],
     },
 ];
 

@@ -56,9 +56,12 @@ pub fn probe_cuda(ordinal: usize) -> Result<CudaDeviceInfo> {
         let count = cudarc::driver::CudaContext::device_count()
             .map_err(|e| Error::Device(format!("cuda:{ordinal} is not available: {e}")))?;
         if ordinal >= count as usize {
-            return Err(Error::Device(format!("cuda:{ordinal} is not available: this machine has {count} CUDA device(s)")));
+            return Err(Error::Device(format!(
+                "cuda:{ordinal} is not available: this machine has {count} CUDA device(s)"
+            )));
         }
-        let ctx = cudarc::driver::CudaContext::new(ordinal).map_err(|e| Error::Device(format!("cuda:{ordinal}: {e}")))?;
+        let ctx =
+            cudarc::driver::CudaContext::new(ordinal).map_err(|e| Error::Device(format!("cuda:{ordinal}: {e}")))?;
         let attr = |a| ctx.attribute(a).map_err(|e| Error::Device(format!("cuda:{ordinal}: {e}")));
         Ok(CudaDeviceInfo {
             ordinal,
