@@ -42,15 +42,14 @@ extern "C" __global__ void rope_bf16(bf16* __restrict__ x, const float* __restri
     }
 }
 
-// out[row, i] = silu(gate_up[row, i]) * gate_up[row, inter + i]: the fused gate/up projection's
-// output, [rows, 2 * inter] -> [rows, inter].  grid: (ceil(inter / block), rows).
-extern "C" __global__ void silu_mul_bf16(const bf16* __restrict__ gate_up, bf16* __restrict__ out, int inter) {
+// out = silu(gate) * up, elementwise over n values (the MLP's gate and up projections).
+// grid: ceil(n / block).
+extern "C" __global__ void silu_mul_bf16(const bf16* __restrict__ gate, const bf16* __restrict__ up,
+                                         bf16* __restrict__ out, int n) {
     int i = blockIdx.x * blockDim.x + threadIdx.x;
-    if (i >= inter) return;
-    const bf16* row = gate_up + (size_t)blockIdx.y * 2 * inter;
-    float g = bf16_to_f32(row[i]);
-    float u = bf16_to_f32(row[inter + i]);
-    out[(size_t)blockIdx.y * inter + i] = f32_to_bf16(g / (1.0f + __expf(-g)) * u);
+    if (i >= n) return;
+    float g = bf16_to_f32(gate[i]);
+    out[i] = f32_to_bf16(g / (1.0f + __expf(-g)) * bf16_to_f32(up[i]));
 }
 
 // x += y, elementwise over n values.  grid: ceil(n / block).

@@ -12,6 +12,8 @@ pub mod embedded;
 pub mod engine;
 pub mod error;
 pub mod generate;
+#[cfg(feature = "cuda")]
+pub mod gpu;
 pub mod ledger;
 pub mod metrics;
 pub mod model;

@@ -36,6 +36,70 @@ enum Command {
     /// Read and verify the attribution ledger.
     #[command(subcommand)]
     Ledger(LedgerCommand),
+    /// The GPU check: parity on the fixtures, then multi-adapter throughput at Llama-7B shape.
+    Bench(BenchArgs),
+}
+
+#[derive(Args)]
+struct BenchArgs {
+    /// The GPU (cuda:N).
+    #[arg(long, default_value = "cuda:0")]
+    device: openlora::device::DeviceSpec,
+    /// The repository's tests/fixtures, for the parity checks; "none" skips them.
+    #[arg(long, default_value = "tests/fixtures")]
+    fixtures: PathBuf,
+    /// Distinct adapters in the mixed batch.
+    #[arg(long, default_value_t = 32)]
+    adapters: usize,
+    /// Their rank.
+    #[arg(long, default_value_t = 16)]
+    rank: usize,
+    /// Sequences per batch.
+    #[arg(long, default_value_t = 32)]
+    batch: usize,
+    /// Prompt tokens.
+    #[arg(long, default_value_t = 128)]
+    prompt: usize,
+    /// New tokens.
+    #[arg(long, default_value_t = 128)]
+    new_tokens: usize,
+    /// Registered adapters for the power-law popularity run (0 skips it).
+    #[arg(long, default_value_t = 1000)]
+    registered: usize,
+    /// Also write the report (JSON) here.
+    #[arg(long)]
+    out: Option<PathBuf>,
+}
+
+fn run_bench(args: BenchArgs) -> anyhow::Result<()> {
+    let openlora::device::DeviceSpec::Cuda(ordinal) = args.device else {
+        anyhow::bail!("--device: the benchmark runs on a GPU (cuda:N); the CPU benchmarks are `cargo bench`");
+    };
+    #[cfg(feature = "cuda")]
+    {
+        let c = openlora::gpu::bench::BenchConfig {
+            ordinal,
+            fixtures: (args.fixtures.as_os_str() != "none").then_some(args.fixtures),
+            adapters: args.adapters.max(1),
+            rank: args.rank,
+            batch: args.batch.max(1),
+            prompt: args.prompt.max(1),
+            new_tokens: args.new_tokens.max(1),
+            registered: args.registered,
+        };
+        let report = openlora::gpu::bench::run(&c)?;
+        let text = serde_json::to_string_pretty(&report)?;
+        println!("{text}");
+        if let Some(out) = &args.out {
+            std::fs::write(out, &text).with_context(|| format!("writing {}", out.display()))?;
+        }
+        Ok(())
+    }
+    #[cfg(not(feature = "cuda"))]
+    {
+        let _ = args;
+        Err(openlora::device::probe_cuda(ordinal).map(|_| ()).unwrap_err().into())
+    }
 }
 
 #[derive(Subcommand)]
@@ -455,6 +519,7 @@ fn main() -> anyhow::Result<()> {
             }
             Ok(())
         }
+        Command::Bench(args) => run_bench(args),
         Command::Ledger(command) => {
             if !run_ledger(command)? {
                 std::process::exit(1);

@@ -1,0 +1,472 @@
+//! The Llama decoder on the GPU: bf16 weights, cuBLAS GEMMs, NVRTC kernels, a paged KV cache in
+//! device memory, and per-row LoRA adapters from the device page pool — the same flat-batch
+//! step as the CPU backend ([`crate::model::Llama::forward`]): every sequence's new tokens laid
+//! end to end share each projection's GEMM; attention reads each sequence's own block table.
+
+use cudarc::cublas::sys::cublasOperation_t;
+use cudarc::cublas::{Gemm, GemmConfig};
+use cudarc::driver::{CudaSlice, PushKernelArg};
+use half::bf16;
+
+use super::lora::GpuAdapters;
+use super::{Gpu, cuda_err, grid};
+use crate::error::{Error, Result};
+use crate::model::{ModelConfig, Proj, rope};
+
+/// Threads per block of the row kernels.
+const BLOCK: u32 = 256;
+
+struct GpuLayer {
+    /// q, k, v, o, gate, up, down: `[out, in]` row-major, indexed by `Proj as usize`.
+    proj: Vec<CudaSlice<bf16>>,
+    input_norm: CudaSlice<bf16>,
+    post_norm: CudaSlice<bf16>,
+}
+
+/// A Llama-family decoder resident on one GPU.
+pub struct GpuLlama {
+    cfg: ModelConfig,
+    embed: CudaSlice<bf16>,
+    layers: Vec<GpuLayer>,
+    norm: CudaSlice<bf16>,
+    /// `None`: tied to the embedding.
+    lm_head: Option<CudaSlice<bf16>>,
+    cos: CudaSlice<f32>,
+    sin: CudaSlice<f32>,
+}
+
+/// The KV cache in device memory: per layer `[blocks, block_size, kv_heads, head_dim]` (bf16),
+/// the layout of the CPU reference.
+pub struct GpuKv {
+    k: Vec<CudaSlice<bf16>>,
+    v: Vec<CudaSlice<bf16>>,
+    /// Tokens per block.
+    pub block_size: usize,
+    free: Vec<u32>,
+}
+
+impl GpuKv {
+    /// A cache of `blocks` blocks for `cfg`'s layers.
+    pub fn new(gpu: &Gpu, cfg: &ModelConfig, blocks: usize, block_size: usize) -> Result<Self> {
+        let n = blocks * block_size * cfg.num_kv_heads * cfg.head_dim;
+        let mut k = Vec::with_capacity(cfg.num_layers);
+        let mut v = Vec::with_capacity(cfg.num_layers);
+        for _ in 0..cfg.num_layers {
+            k.push(gpu.zeros::<bf16>(n)?);
+            v.push(gpu.zeros::<bf16>(n)?);
+        }
+        Ok(GpuKv { k, v, block_size, free: (0..blocks as u32).rev().collect() })
+    }
+
+    /// Blocks for a sequence of up to `tokens` tokens, or `None` if too few are free.
+    pub fn alloc(&mut self, tokens: usize) -> Option<Vec<u32>> {
+        let need = tokens.div_ceil(self.block_size);
+        (need <= self.free.len()).then(|| self.free.split_off(self.free.len() - need))
+    }
+
+    /// Returns a sequence's blocks.
+    pub fn release(&mut self, blocks: &[u32]) {
+        self.free.extend_from_slice(blocks);
+    }
+}
+
+/// One sequence's part of a step.
+#[derive(Debug, Clone, Copy)]
+pub struct GpuSeq<'a> {
+    /// Its new tokens.
+    pub tokens: &'a [u32],
+    /// Tokens already in its cache (the position of `tokens[0]`).
+    pub start: usize,
+    /// Its KV blocks (enough for `start + tokens.len()`).
+    pub blocks: &'a [u32],
+    /// Its adapter's slot in the device pool, if any.
+    pub adapter: Option<u32>,
+}
+
+/// `y[rows, out] = x[rows, in] · W[out, in]ᵀ` (row-major) on cuBLAS: in column-major terms
+/// `Yᵀ = W · Xᵀ`, so W is the transposed operand.
+fn linear(
+    gpu: &Gpu,
+    x: &CudaSlice<bf16>,
+    w: &CudaSlice<bf16>,
+    y: &mut CudaSlice<bf16>,
+    rows: usize,
+    dims: (usize, usize),
+) -> Result<()> {
+    let (out, inp) = dims;
+    let cfg = GemmConfig {
+        transa: cublasOperation_t::CUBLAS_OP_T,
+        transb: cublasOperation_t::CUBLAS_OP_N,
+        m: out as i32,
+        n: rows as i32,
+        k: inp as i32,
+        alpha: bf16::ONE,
+        lda: inp as i32,
+        ldb: inp as i32,
+        beta: bf16::ZERO,
+        ldc: out as i32,
+    };
+    // SAFETY: w holds out×inp values, x rows×inp and y rows×out (the callers size them so).
+    unsafe { gpu.blas.gemm(cfg, w, x, y) }.map_err(cuda_err)
+}
+
+/// Host-side description of a step, uploaded once and used by every layer.
+struct StepPlan {
+    rows: usize,
+    seqs: usize,
+    decode: bool,
+    max_context: usize,
+    ids: CudaSlice<u32>,
+    positions: CudaSlice<u32>,
+    slots: CudaSlice<u32>,
+    row_seq: CudaSlice<u32>,
+    row_pos: CudaSlice<u32>,
+    tables: CudaSlice<u32>,
+    max_blocks: usize,
+    context_lens: CudaSlice<u32>,
+    seg_start: CudaSlice<i32>,
+    seg_len: CudaSlice<i32>,
+    seg_adapter: CudaSlice<i32>,
+    row_adapter: CudaSlice<i32>,
+    any_adapter: bool,
+    out_rows: CudaSlice<u32>,
+    n_out: usize,
+}
+
+impl StepPlan {
+    fn new(gpu: &Gpu, cfg: &ModelConfig, block_size: usize, seqs: &[GpuSeq<'_>], all_rows: bool) -> Result<Self> {
+        let mut p = (Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new());
+        let (ids, positions, slots, row_seq, row_pos) = (&mut p.0, &mut p.1, &mut p.2, &mut p.3, &mut p.4);
+        let max_blocks = seqs.iter().map(|s| s.blocks.len()).max().unwrap_or(1).max(1);
+        let mut tables = vec![0u32; seqs.len() * max_blocks];
+        let (mut seg_start, mut seg_len, mut seg_adapter, mut row_adapter) = (vec![], vec![], vec![], vec![]);
+        let (mut context_lens, mut out_rows) = (vec![], vec![]);
+        for (i, s) in seqs.iter().enumerate() {
+            let end = s.start + s.tokens.len();
+            if s.tokens.is_empty() || end > cfg.max_position_embeddings || end > s.blocks.len() * block_size {
+                return Err(Error::InvalidParam {
+                    param: "tokens",
+                    message: format!(
+                        "sequence {i}: {} new tokens at {} do not fit its blocks or the context",
+                        s.tokens.len(),
+                        s.start
+                    ),
+                });
+            }
+            if let Some(bad) = s.tokens.iter().find(|&&t| t as usize >= cfg.vocab_size) {
+                return Err(Error::InvalidParam {
+                    param: "tokens",
+                    message: format!("token id {bad} is outside the vocabulary"),
+                });
+            }
+            tables[i * max_blocks..i * max_blocks + s.blocks.len()].copy_from_slice(s.blocks);
+            seg_start.push(ids.len() as i32);
+            seg_len.push(s.tokens.len() as i32);
+            let a = s.adapter.map_or(-1, |a| a as i32);
+            seg_adapter.push(a);
+            context_lens.push(end as u32);
+            for (t, &id) in s.tokens.iter().enumerate() {
+                let pos = s.start + t;
+                if all_rows || t + 1 == s.tokens.len() {
+                    out_rows.push(ids.len() as u32);
+                }
+                ids.push(id);
+                positions.push(pos as u32);
+                slots.push(s.blocks[pos / block_size] * block_size as u32 + (pos % block_size) as u32);
+                row_seq.push(i as u32);
+                row_pos.push(pos as u32);
+                row_adapter.push(a);
+            }
+        }
+        Ok(StepPlan {
+            rows: ids.len(),
+            seqs: seqs.len(),
+            decode: seqs.iter().all(|s| s.tokens.len() == 1),
+            max_context: context_lens.iter().copied().max().unwrap_or(1) as usize,
+            ids: gpu.upload(ids)?,
+            positions: gpu.upload(positions)?,
+            slots: gpu.upload(slots)?,
+            row_seq: gpu.upload(row_seq)?,
+            row_pos: gpu.upload(row_pos)?,
+            tables: gpu.upload(&tables)?,
+            max_blocks,
+            context_lens: gpu.upload(&context_lens)?,
+            any_adapter: seg_adapter.iter().any(|&a| a >= 0),
+            seg_start: gpu.upload(&seg_start)?,
+            seg_len: gpu.upload(&seg_len)?,
+            seg_adapter: gpu.upload(&seg_adapter)?,
+            row_adapter: gpu.upload(&row_adapter)?,
+            n_out: out_rows.len(),
+            out_rows: gpu.upload(&out_rows)?,
+        })
+    }
+}
+
+impl GpuLlama {
+    /// Uploads a model folder's weights as bf16.
+    pub fn load(gpu: &Gpu, folder: &std::path::Path) -> Result<Self> {
+        use candle_core::{DType, Device};
+        let cfg = ModelConfig::from_file(&folder.join("config.json"))?;
+        let files = crate::model::weights::WeightFiles::discover(folder)?;
+        let w = crate::model::weights::WeightFiles::open(folder, &files)?;
+        let up = |name: &str, shape: &[usize]| -> Result<CudaSlice<bf16>> {
+            let t = w.load(name, shape, DType::BF16, &Device::Cpu)?;
+            gpu.upload(&t.flatten_all()?.to_vec1::<bf16>()?)
+        };
+        let h = cfg.hidden_size;
+        let mut layers = Vec::with_capacity(cfg.num_layers);
+        for l in 0..cfg.num_layers {
+            let proj = Proj::ALL
+                .iter()
+                .map(|&p| {
+                    let (o, i) = p.shape(&cfg);
+                    up(&p.tensor_name(l), &[o, i])
+                })
+                .collect::<Result<Vec<_>>>()?;
+            layers.push(GpuLayer {
+                proj,
+                input_norm: up(&format!("model.layers.{l}.input_layernorm.weight"), &[h])?,
+                post_norm: up(&format!("model.layers.{l}.post_attention_layernorm.weight"), &[h])?,
+            });
+        }
+        let lm_head = if cfg.tie_word_embeddings && !w.contains("lm_head.weight") {
+            None
+        } else {
+            Some(up("lm_head.weight", &[cfg.vocab_size, h])?)
+        };
+        Ok(GpuLlama {
+            embed: up("model.embed_tokens.weight", &[cfg.vocab_size, h])?,
+            norm: up("model.norm.weight", &[h])?,
+            layers,
+            lm_head,
+            cos: gpu.upload(&rope_table(&cfg, f32::cos))?,
+            sin: gpu.upload(&rope_table(&cfg, f32::sin))?,
+            cfg,
+        })
+    }
+
+    /// A model of `cfg`'s shape with random weights made on the device (for benchmarks at real
+    /// sizes without shipping weights); norms are ones.
+    pub fn random(gpu: &Gpu, cfg: &ModelConfig, seed: u64) -> Result<Self> {
+        let h = cfg.hidden_size;
+        let ones = || gpu.upload(&vec![bf16::ONE; h]);
+        let mut n = seed;
+        let mut rand = |rows: usize, cols: usize| {
+            n += 1;
+            // Uniform in ±sqrt(3/cols): unit variance of each output, as a trained model's.
+            gpu.random_bf16(rows * cols, n, (3.0 / cols as f32).sqrt())
+        };
+        let mut layers = Vec::with_capacity(cfg.num_layers);
+        for _ in 0..cfg.num_layers {
+            let proj = Proj::ALL
+                .iter()
+                .map(|&p| {
+                    let (o, i) = p.shape(cfg);
+                    rand(o, i)
+                })
+                .collect::<Result<Vec<_>>>()?;
+            layers.push(GpuLayer { proj, input_norm: ones()?, post_norm: ones()? });
+        }
+        Ok(GpuLlama {
+            embed: rand(cfg.vocab_size, h)?,
+            norm: ones()?,
+            layers,
+            lm_head: Some(rand(cfg.vocab_size, h)?),
+            cos: gpu.upload(&rope_table(cfg, f32::cos))?,
+            sin: gpu.upload(&rope_table(cfg, f32::sin))?,
+            cfg: cfg.clone(),
+        })
+    }
+
+    /// The model's configuration.
+    pub fn config(&self) -> &ModelConfig {
+        &self.cfg
+    }
+
+    /// Runs one step: writes the new tokens' keys and values into `kv` and returns f32 logits
+    /// `[rows, vocab]` of every row (`all_rows`) or of each sequence's last row.
+    pub fn forward(
+        &self,
+        gpu: &Gpu,
+        kv: &mut GpuKv,
+        adapters: Option<&GpuAdapters>,
+        seqs: &[GpuSeq<'_>],
+        all_rows: bool,
+    ) -> Result<CudaSlice<f32>> {
+        let cfg = &self.cfg;
+        let plan = StepPlan::new(gpu, cfg, kv.block_size, seqs, all_rows)?;
+        let adapters = adapters.filter(|_| plan.any_adapter);
+        let n = plan.rows;
+        let (h, nh, nkv, hd, inter) =
+            (cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.intermediate_size);
+        let (eps, scale) = (cfg.rms_norm_eps as f32, 1.0 / (hd as f32).sqrt());
+        let (h_i, hd_i, nh_i, nkv_i, bs_i) = (h as i32, hd as i32, nh as i32, nkv as i32, kv.block_size as i32);
+        let mut x = gpu.zeros::<bf16>(n * h)?;
+        let mut hn = gpu.zeros::<bf16>(n * h)?;
+        let mut q = gpu.zeros::<bf16>(n * nh * hd)?;
+        let mut k = gpu.zeros::<bf16>(n * nkv * hd)?;
+        let mut v = gpu.zeros::<bf16>(n * nkv * hd)?;
+        let mut attn = gpu.zeros::<bf16>(n * nh * hd)?;
+        let mut out = gpu.zeros::<bf16>(n * h)?;
+        let mut gate = gpu.zeros::<bf16>(n * inter)?;
+        let mut up = gpu.zeros::<bf16>(n * inter)?;
+        let mut act = gpu.zeros::<bf16>(n * inter)?;
+        let mut lora_tmp = gpu.zeros::<f32>(n * adapters.map_or(1, |a| a.max_rank))?;
+        let s = &gpu.stream;
+        // SAFETY (every launch below): each kernel reads and writes within the buffers passed,
+        // which are sized above from the same row count and widths the kernel is given.
+        {
+            let mut b = s.launch_builder(gpu.kernel("embedding_bf16")?);
+            b.arg(&self.embed).arg(&plan.ids).arg(&mut x).arg(&h_i);
+            // SAFETY: the buffers passed were sized above for the rows and widths given.
+            unsafe { b.launch(grid((n as u32, 1), BLOCK, 0)) }.map_err(cuda_err)?;
+        }
+        let rms = |x: &CudaSlice<bf16>, w: &CudaSlice<bf16>, o: &mut CudaSlice<bf16>, rows: usize| -> Result<()> {
+            let mut b = s.launch_builder(gpu.kernel("rms_norm_bf16")?);
+            b.arg(x).arg(w).arg(o).arg(&h_i).arg(&eps);
+            // SAFETY: the buffers passed were sized above for the rows and widths given.
+            unsafe { b.launch(grid((rows as u32, 1), BLOCK, 0)) }.map(drop).map_err(cuda_err)
+        };
+        let add = |x: &mut CudaSlice<bf16>, y: &CudaSlice<bf16>, len: usize| -> Result<()> {
+            let n_i = len as i32;
+            let mut b = s.launch_builder(gpu.kernel("add_bf16")?);
+            b.arg(x).arg(y).arg(&n_i);
+            // SAFETY: the buffers passed were sized above for the rows and widths given.
+            unsafe { b.launch(grid((len.div_ceil(BLOCK as usize) as u32, 1), BLOCK, 0)) }.map(drop).map_err(cuda_err)
+        };
+        let rope = |t: &mut CudaSlice<bf16>, heads: i32| -> Result<()> {
+            let mut b = s.launch_builder(gpu.kernel("rope_bf16")?);
+            b.arg(t).arg(&self.cos).arg(&self.sin).arg(&plan.positions).arg(&heads).arg(&hd_i);
+            // SAFETY: the buffers passed were sized above for the rows and widths given.
+            unsafe { b.launch(grid((n as u32, heads as u32), (hd as u32 / 2).clamp(32, 1024), 0)) }
+                .map(drop)
+                .map_err(cuda_err)
+        };
+        for (l, layer) in self.layers.iter().enumerate() {
+            let lora =
+                |p: Proj, input: &CudaSlice<bf16>, y: &mut CudaSlice<bf16>, tmp: &mut CudaSlice<f32>| match adapters {
+                    Some(a) => a.apply(gpu, &plan_lora(&plan), l * 7 + p as usize, input, y, tmp, p.shape(cfg)),
+                    None => Ok(()),
+                };
+            rms(&x, &layer.input_norm, &mut hn, n)?;
+            linear(gpu, &hn, &layer.proj[Proj::Q as usize], &mut q, n, Proj::Q.shape(cfg))?;
+            linear(gpu, &hn, &layer.proj[Proj::K as usize], &mut k, n, Proj::K.shape(cfg))?;
+            linear(gpu, &hn, &layer.proj[Proj::V as usize], &mut v, n, Proj::V.shape(cfg))?;
+            lora(Proj::Q, &hn, &mut q, &mut lora_tmp)?;
+            lora(Proj::K, &hn, &mut k, &mut lora_tmp)?;
+            lora(Proj::V, &hn, &mut v, &mut lora_tmp)?;
+            rope(&mut q, nh_i)?;
+            rope(&mut k, nkv_i)?;
+            {
+                let te = (nkv * hd) as i32;
+                let mut b = s.launch_builder(gpu.kernel("write_kv_bf16")?);
+                b.arg(&k).arg(&v).arg(&mut kv.k[l]).arg(&mut kv.v[l]).arg(&plan.slots).arg(&te);
+                // SAFETY: the buffers passed were sized above for the rows and widths given.
+                unsafe { b.launch(grid((n as u32, 1), BLOCK, 0)) }.map_err(cuda_err)?;
+            }
+            {
+                let mb = plan.max_blocks as i32;
+                let shared = (plan.max_context * 4) as u32;
+                if plan.decode {
+                    let mut b = s.launch_builder(gpu.kernel("paged_attention_decode_bf16")?);
+                    b.arg(&mut attn).arg(&q).arg(&kv.k[l]).arg(&kv.v[l]).arg(&plan.tables).arg(&plan.context_lens);
+                    b.arg(&mb).arg(&nh_i).arg(&nkv_i).arg(&hd_i).arg(&bs_i).arg(&scale);
+                    // SAFETY: the buffers passed were sized above for the rows and widths given.
+                    unsafe { b.launch(grid((nh as u32, plan.seqs as u32), 128, shared)) }.map_err(cuda_err)?;
+                } else {
+                    let mut b = s.launch_builder(gpu.kernel("paged_attention_prefill_bf16")?);
+                    b.arg(&mut attn).arg(&q).arg(&kv.k[l]).arg(&kv.v[l]).arg(&plan.tables).arg(&plan.row_seq);
+                    b.arg(&plan.row_pos).arg(&mb).arg(&nh_i).arg(&nkv_i).arg(&hd_i).arg(&bs_i).arg(&scale);
+                    // SAFETY: the buffers passed were sized above for the rows and widths given.
+                    unsafe { b.launch(grid((nh as u32, n as u32), 128, shared)) }.map_err(cuda_err)?;
+                }
+            }
+            linear(gpu, &attn, &layer.proj[Proj::O as usize], &mut out, n, Proj::O.shape(cfg))?;
+            lora(Proj::O, &attn, &mut out, &mut lora_tmp)?;
+            add(&mut x, &out, n * h)?;
+            rms(&x, &layer.post_norm, &mut hn, n)?;
+            linear(gpu, &hn, &layer.proj[Proj::Gate as usize], &mut gate, n, Proj::Gate.shape(cfg))?;
+            linear(gpu, &hn, &layer.proj[Proj::Up as usize], &mut up, n, Proj::Up.shape(cfg))?;
+            lora(Proj::Gate, &hn, &mut gate, &mut lora_tmp)?;
+            lora(Proj::Up, &hn, &mut up, &mut lora_tmp)?;
+            {
+                let len = (n * inter) as i32;
+                let mut b = s.launch_builder(gpu.kernel("silu_mul_bf16")?);
+                b.arg(&gate).arg(&up).arg(&mut act).arg(&len);
+                // SAFETY: the buffers passed were sized above for the rows and widths given.
+                unsafe { b.launch(grid(((n * inter).div_ceil(BLOCK as usize) as u32, 1), BLOCK, 0)) }
+                    .map_err(cuda_err)?;
+            }
+            linear(gpu, &act, &layer.proj[Proj::Down as usize], &mut out, n, Proj::Down.shape(cfg))?;
+            lora(Proj::Down, &act, &mut out, &mut lora_tmp)?;
+            add(&mut x, &out, n * h)?;
+        }
+        // The rows whose logits are wanted, normed, through the head.
+        let m = plan.n_out;
+        let mut picked = gpu.zeros::<bf16>(m * h)?;
+        {
+            let mut b = s.launch_builder(gpu.kernel("embedding_bf16")?);
+            b.arg(&x).arg(&plan.out_rows).arg(&mut picked).arg(&h_i);
+            // SAFETY: the buffers passed were sized above for the rows and widths given.
+            unsafe { b.launch(grid((m as u32, 1), BLOCK, 0)) }.map_err(cuda_err)?;
+        }
+        let mut normed = gpu.zeros::<bf16>(m * h)?;
+        rms(&picked, &self.norm, &mut normed, m)?;
+        let vocab = cfg.vocab_size;
+        let mut logits = gpu.zeros::<bf16>(m * vocab)?;
+        linear(gpu, &normed, self.lm_head.as_ref().unwrap_or(&self.embed), &mut logits, m, (vocab, h))?;
+        let mut out32 = gpu.zeros::<f32>(m * vocab)?;
+        {
+            let len = (m * vocab) as i32;
+            let mut b = s.launch_builder(gpu.kernel("bf16_to_f32_kernel")?);
+            b.arg(&logits).arg(&mut out32).arg(&len);
+            // SAFETY: the buffers passed were sized above for the rows and widths given.
+            unsafe { b.launch(grid(((m * vocab).div_ceil(BLOCK as usize) as u32, 1), BLOCK, 0)) }.map_err(cuda_err)?;
+        }
+        Ok(out32)
+    }
+
+    /// Greedy (temperature 0) or sampled next tokens of f32 logits `[rows, vocab]`, on the device.
+    pub fn sample(&self, gpu: &Gpu, logits: &CudaSlice<f32>, temperatures: &[f32], seeds: &[u64]) -> Result<Vec<u32>> {
+        let rows = temperatures.len();
+        let (t, sd) = (gpu.upload(temperatures)?, gpu.upload(seeds)?);
+        let mut out = gpu.zeros::<u32>(rows)?;
+        let vocab = self.cfg.vocab_size as i32;
+        let mut b = gpu.stream.launch_builder(gpu.kernel("sample_rows")?);
+        b.arg(logits).arg(&vocab).arg(&t).arg(&sd).arg(&mut out);
+        // SAFETY: reads rows × vocab logits and writes rows ids; blocks of 256 (a power of two).
+        unsafe { b.launch(grid((rows as u32, 1), 256, 0)) }.map_err(cuda_err)?;
+        let mut ids = gpu.download(&out)?;
+        ids.truncate(rows);
+        Ok(ids)
+    }
+}
+
+/// The step's row layout as the LoRA op needs it.
+pub(crate) struct LoraRows<'a> {
+    pub decode: bool,
+    pub rows: usize,
+    pub seqs: usize,
+    pub seg_start: &'a CudaSlice<i32>,
+    pub seg_len: &'a CudaSlice<i32>,
+    pub seg_adapter: &'a CudaSlice<i32>,
+    pub row_adapter: &'a CudaSlice<i32>,
+}
+
+fn plan_lora(p: &StepPlan) -> LoraRows<'_> {
+    LoraRows {
+        decode: p.decode,
+        rows: p.rows,
+        seqs: p.seqs,
+        seg_start: &p.seg_start,
+        seg_len: &p.seg_len,
+        seg_adapter: &p.seg_adapter,
+        row_adapter: &p.row_adapter,
+    }
+}
+
+/// `[max_position, head_dim / 2]` of `f(position × inverse frequency)`, as the CPU tables.
+fn rope_table(cfg: &ModelConfig, f: fn(f32) -> f32) -> Vec<f32> {
+    let freqs = rope::inv_freq(cfg);
+    (0..cfg.max_position_embeddings).flat_map(|p| freqs.iter().map(move |fr| f(p as f32 * fr))).collect()
+}
