@@ -23,6 +23,26 @@ __device__ __forceinline__ float paged(const bf16* __restrict__ pool, const u32*
     return bf16_to_f32(pool[(size_t)page * page_elems + k % page_elems]);
 }
 
+// tmp[row, r] = x[row] · A[r] for one row (every thread of the block takes part).
+__device__ void shrink_row(const bf16* __restrict__ x, float* __restrict__ tmp, const bf16* __restrict__ pool,
+                           const u32* __restrict__ table, int row, int r, int in_dim, int max_rank, int page_elems) {
+    const bf16* xr = x + (size_t)row * in_dim;
+    float s = 0.0f;
+    for (int k = threadIdx.x; k < in_dim; k += blockDim.x) s += bf16_to_f32(xr[k]) * paged(pool, table, r, k, in_dim, page_elems);
+    s = block_sum(s);
+    if (threadIdx.x == 0) tmp[(size_t)row * max_rank + r] = s;
+}
+
+// y[row, o] += scale · Σ_r tmp[row, r] · Bᵀ[r, o] for one row and column.
+__device__ void expand_one(const float* __restrict__ tmp, bf16* __restrict__ y, const bf16* __restrict__ pool,
+                           const u32* __restrict__ table, int row, int o, int rank, float scale, int out_dim,
+                           int max_rank, int page_elems) {
+    float acc = 0.0f;
+    for (int r = 0; r < rank; r++) acc += tmp[(size_t)row * max_rank + r] * paged(pool, table, r, o, out_dim, page_elems);
+    size_t at = (size_t)row * out_dim + o;
+    y[at] = f32_to_bf16(bf16_to_f32(y[at]) + scale * acc);
+}
+
 // Prefill, shrink: segment s (rows seg_start[s] .. + seg_len[s], adapter seg_adapter[s] or -1),
 // rank-row blockIdx.y. Each block reads its A row once for all the segment's rows.
 // grid: (segments, max_rank), block: a multiple of 32.
@@ -36,11 +56,7 @@ extern "C" __global__ void lora_shrink_sgmv_bf16(const bf16* __restrict__ x, flo
     if (m < 0 || r >= ranks[m]) return;
     const u32* table = tables + a_offsets[m];
     for (int row = seg_start[blockIdx.x]; row < seg_start[blockIdx.x] + seg_len[blockIdx.x]; row++) {
-        const bf16* xr = x + (size_t)row * in_dim;
-        float s = 0.0f;
-        for (int k = threadIdx.x; k < in_dim; k += blockDim.x) s += bf16_to_f32(xr[k]) * paged(pool, table, r, k, in_dim, page_elems);
-        s = block_sum(s);
-        if (threadIdx.x == 0) tmp[(size_t)row * max_rank + r] = s;
+        shrink_row(x, tmp, pool, table, row, r, in_dim, max_rank, page_elems);
     }
 }
 
@@ -57,12 +73,8 @@ extern "C" __global__ void lora_expand_sgmv_bf16(const float* __restrict__ tmp, 
     int o = blockIdx.y * blockDim.x + threadIdx.x;
     if (m < 0 || ranks[m] == 0 || o >= out_dim) return;
     const u32* table = tables + bt_offsets[m];
-    int rank = ranks[m];
     for (int row = seg_start[blockIdx.x]; row < seg_start[blockIdx.x] + seg_len[blockIdx.x]; row++) {
-        float acc = 0.0f;
-        for (int r = 0; r < rank; r++) acc += tmp[(size_t)row * max_rank + r] * paged(pool, table, r, o, out_dim, page_elems);
-        size_t at = (size_t)row * out_dim + o;
-        y[at] = f32_to_bf16(bf16_to_f32(y[at]) + scales[m] * acc);
+        expand_one(tmp, y, pool, table, row, o, ranks[m], scales[m], out_dim, max_rank, page_elems);
     }
 }
 
@@ -75,12 +87,7 @@ extern "C" __global__ void lora_shrink_bgmv_bf16(const bf16* __restrict__ x, flo
                                                  int in_dim, int max_rank, int page_elems) {
     int row = blockIdx.x, r = blockIdx.y, m = module_id(row_adapter[row], module, modules_per_adapter);
     if (m < 0 || r >= ranks[m]) return;
-    const u32* table = tables + a_offsets[m];
-    const bf16* xr = x + (size_t)row * in_dim;
-    float s = 0.0f;
-    for (int k = threadIdx.x; k < in_dim; k += blockDim.x) s += bf16_to_f32(xr[k]) * paged(pool, table, r, k, in_dim, page_elems);
-    s = block_sum(s);
-    if (threadIdx.x == 0) tmp[(size_t)row * max_rank + r] = s;
+    shrink_row(x, tmp, pool, tables + a_offsets[m], row, r, in_dim, max_rank, page_elems);
 }
 
 // Decode, expand.  grid: (rows, ceil(out_dim / block)).
@@ -93,11 +100,7 @@ extern "C" __global__ void lora_expand_bgmv_bf16(const float* __restrict__ tmp, 
     int row = blockIdx.x, m = module_id(row_adapter[row], module, modules_per_adapter);
     int o = blockIdx.y * blockDim.x + threadIdx.x;
     if (m < 0 || ranks[m] == 0 || o >= out_dim) return;
-    const u32* table = tables + bt_offsets[m];
-    float acc = 0.0f;
-    for (int r = 0; r < ranks[m]; r++) acc += tmp[(size_t)row * max_rank + r] * paged(pool, table, r, o, out_dim, page_elems);
-    size_t at = (size_t)row * out_dim + o;
-    y[at] = f32_to_bf16(bf16_to_f32(y[at]) + scales[m] * acc);
+    expand_one(tmp, y, pool, tables + bt_offsets[m], row, o, ranks[m], scales[m], out_dim, max_rank, page_elems);
 }
 
 // Copies staged pages into the pool: page i of `staging` goes to pool page table[i]. An adapter

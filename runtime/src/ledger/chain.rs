@@ -6,6 +6,37 @@ use super::entry::{NewEntry, StoredEntry, link};
 use super::store::{Appended, Head};
 use crate::error::Result;
 
+/// The tables of a ledger, in a backend's integer and byte-string types: the entries (the
+/// chain), the recorded head (one row), and plugin bytes by sha256.
+pub fn schema(bigint: &str, bytes: &str) -> String {
+    format!(
+        "CREATE TABLE IF NOT EXISTS ledger_entries (
+            seq {bigint} PRIMARY KEY,
+            request_key TEXT NOT NULL UNIQUE,
+            tenant TEXT NOT NULL,
+            adapter TEXT,
+            recorded_at_ms {bigint} NOT NULL,
+            body TEXT NOT NULL,
+            prev_hash TEXT NOT NULL,
+            hash TEXT NOT NULL
+        );
+        CREATE INDEX IF NOT EXISTS ledger_entries_tenant ON ledger_entries (tenant, seq);
+        CREATE INDEX IF NOT EXISTS ledger_entries_time ON ledger_entries (recorded_at_ms);
+        CREATE TABLE IF NOT EXISTS ledger_head (
+            id INTEGER PRIMARY KEY CHECK (id = 1),
+            seq {bigint} NOT NULL,
+            hash TEXT NOT NULL
+        );
+        CREATE TABLE IF NOT EXISTS plugin_blobs (
+            sha256 TEXT PRIMARY KEY,
+            bytes {bytes} NOT NULL
+        );"
+    )
+}
+
+/// The columns of an entry row, in [`super::entry::StoredEntry`]'s order.
+pub const COLUMNS: &str = "seq, request_key, tenant, adapter, recorded_at_ms, body, prev_hash, hash";
+
 /// The operations an append needs inside one open transaction (the head is locked by then).
 pub trait ChainTx {
     /// The recorded head.

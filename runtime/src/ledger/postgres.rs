@@ -3,36 +3,10 @@
 
 use postgres::{Client, GenericClient, NoTls, Row};
 
-use super::chain::{ChainTx, append_chained};
+use super::chain::{COLUMNS, ChainTx, append_chained, schema};
 use super::entry::{GENESIS_HASH, NewEntry, StoredEntry};
 use super::store::{Appended, Filter, Head, LedgerStore};
 use crate::error::{Error, Result};
-
-const SCHEMA: &str = "
-CREATE TABLE IF NOT EXISTS ledger_entries (
-    seq BIGINT PRIMARY KEY,
-    request_key TEXT NOT NULL UNIQUE,
-    tenant TEXT NOT NULL,
-    adapter TEXT,
-    recorded_at_ms BIGINT NOT NULL,
-    body TEXT NOT NULL,
-    prev_hash TEXT NOT NULL,
-    hash TEXT NOT NULL
-);
-CREATE INDEX IF NOT EXISTS ledger_entries_tenant ON ledger_entries (tenant, seq);
-CREATE INDEX IF NOT EXISTS ledger_entries_time ON ledger_entries (recorded_at_ms);
-CREATE TABLE IF NOT EXISTS ledger_head (
-    id INTEGER PRIMARY KEY CHECK (id = 1),
-    seq BIGINT NOT NULL,
-    hash TEXT NOT NULL
-);
-CREATE TABLE IF NOT EXISTS plugin_blobs (
-    sha256 TEXT PRIMARY KEY,
-    bytes BYTEA NOT NULL
-);
-";
-
-const COLUMNS: &str = "seq, request_key, tenant, adapter, recorded_at_ms, body, prev_hash, hash";
 
 /// A ledger in a PostgreSQL database.
 pub struct PostgresStore {
@@ -78,7 +52,7 @@ impl PostgresStore {
         // Several replicas may start at once: create the schema under one advisory lock.
         let mut tx = client.transaction().map_err(err)?;
         tx.execute("SELECT pg_advisory_xact_lock(7271727)", &[]).map_err(err)?;
-        tx.batch_execute(SCHEMA).map_err(err)?;
+        tx.batch_execute(&schema("BIGINT", "BYTEA")).map_err(err)?;
         tx.execute(
             "INSERT INTO ledger_head (id, seq, hash) VALUES (1, 0, $1) ON CONFLICT DO NOTHING",
             &[&GENESIS_HASH],

@@ -5,36 +5,10 @@ use std::time::Duration;
 
 use rusqlite::{Connection, OptionalExtension, Row, TransactionBehavior, params};
 
-use super::chain::{ChainTx, append_chained};
+use super::chain::{COLUMNS, ChainTx, append_chained, schema};
 use super::entry::{GENESIS_HASH, NewEntry, StoredEntry};
 use super::store::{Appended, Filter, Head, LedgerStore};
 use crate::error::{Error, Result};
-
-const SCHEMA: &str = "
-CREATE TABLE IF NOT EXISTS ledger_entries (
-    seq INTEGER PRIMARY KEY,
-    request_key TEXT NOT NULL UNIQUE,
-    tenant TEXT NOT NULL,
-    adapter TEXT,
-    recorded_at_ms INTEGER NOT NULL,
-    body TEXT NOT NULL,
-    prev_hash TEXT NOT NULL,
-    hash TEXT NOT NULL
-);
-CREATE INDEX IF NOT EXISTS ledger_entries_tenant ON ledger_entries (tenant, seq);
-CREATE INDEX IF NOT EXISTS ledger_entries_time ON ledger_entries (recorded_at_ms);
-CREATE TABLE IF NOT EXISTS ledger_head (
-    id INTEGER PRIMARY KEY CHECK (id = 1),
-    seq INTEGER NOT NULL,
-    hash TEXT NOT NULL
-);
-CREATE TABLE IF NOT EXISTS plugin_blobs (
-    sha256 TEXT PRIMARY KEY,
-    bytes BLOB NOT NULL
-);
-";
-
-const COLUMNS: &str = "seq, request_key, tenant, adapter, recorded_at_ms, body, prev_hash, hash";
 
 /// A ledger in an SQLite file.
 pub struct SqliteStore {
@@ -82,7 +56,7 @@ impl SqliteStore {
         conn.busy_timeout(Duration::from_secs(30)).map_err(|e| err(path, e))?;
         conn.pragma_update(None, "journal_mode", "WAL").map_err(|e| err(path, e))?;
         conn.pragma_update(None, "synchronous", "FULL").map_err(|e| err(path, e))?;
-        conn.execute_batch(SCHEMA).map_err(|e| err(path, e))?;
+        conn.execute_batch(&schema("INTEGER", "BLOB")).map_err(|e| err(path, e))?;
         conn.execute("INSERT OR IGNORE INTO ledger_head (id, seq, hash) VALUES (1, 0, ?1)", params![GENESIS_HASH])
             .map_err(|e| err(path, e))?;
         Ok(SqliteStore { conn, path: path.to_path_buf() })
