@@ -9,7 +9,7 @@ rustup show active-toolchain >/dev/null
 rustup target add wasm32-wasip2 >/dev/null 2>&1 || rustup target add wasm32-wasip2
 
 # The end-to-end HTTP tests use the official `openai` Python client, in a private venv.
-venv=target/e2e-venv
+venv="$PWD/target/e2e-venv"
 if ! "$venv/bin/python" -c "import openai, httpx, pytest" 2>/dev/null; then
     python3 -m venv "$venv"
     "$venv/bin/pip" install --quiet --disable-pip-version-check -r tests/e2e/requirements.txt
