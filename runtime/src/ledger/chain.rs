@@ -41,10 +41,10 @@ pub const COLUMNS: &str = "seq, request_key, tenant, adapter, recorded_at_ms, bo
 pub trait ChainTx {
     /// The recorded head.
     fn head(&mut self) -> Result<Head>;
-    /// The entry with this request key, if any.
-    fn by_key(&mut self, key: &str) -> Result<Option<StoredEntry>>;
-    /// Inserts one entry.
-    fn insert(&mut self, entry: &StoredEntry) -> Result<()>;
+    /// The entries already holding any of these request keys.
+    fn by_keys(&mut self, keys: &[&str]) -> Result<Vec<StoredEntry>>;
+    /// Inserts entries, in order.
+    fn insert(&mut self, entries: &[StoredEntry]) -> Result<()>;
     /// Stores plugin bytes unless already present.
     fn put_blob(&mut self, sha256: &str, bytes: &[u8]) -> Result<()>;
     /// Records the new head.
@@ -52,19 +52,19 @@ pub trait ChainTx {
 }
 
 /// Appends `entries` in order after the head, skipping (and reporting) request keys already in
-/// the ledger or earlier in the same batch. The caller commits.
+/// the ledger or earlier in the same batch. One lookup and one insert per batch, so a backend
+/// across a network pays two round trips per commit, not two per entry. The caller commits.
 pub fn append_chained(tx: &mut dyn ChainTx, entries: &[NewEntry], recorded_at_ms: u64) -> Result<Vec<Appended>> {
     let mut head = tx.head()?;
-    let mut in_batch: HashMap<&str, StoredEntry> = HashMap::new();
+    let keys: Vec<&str> = entries.iter().map(|e| e.body.request_key.as_str()).collect();
+    let mut known: HashMap<String, StoredEntry> =
+        tx.by_keys(&keys)?.into_iter().map(|e| (e.request_key.clone(), e)).collect();
     let mut out = Vec::with_capacity(entries.len());
+    let mut written = Vec::new();
     for e in entries {
         let key = e.body.request_key.as_str();
-        if let Some(prior) = in_batch.get(key) {
+        if let Some(prior) = known.get(key) {
             out.push(Appended::Duplicate(prior.clone()));
-            continue;
-        }
-        if let Some(prior) = tx.by_key(key)? {
-            out.push(Appended::Duplicate(prior));
             continue;
         }
         for (sha, bytes) in &e.blobs {
@@ -82,11 +82,14 @@ pub fn append_chained(tx: &mut dyn ChainTx, entries: &[NewEntry], recorded_at_ms
             prev_hash: head.hash.clone(),
             hash: hash.clone(),
         };
-        tx.insert(&stored)?;
         head = Head { seq, hash };
-        in_batch.insert(key, stored.clone());
-        out.push(Appended::Written(stored));
+        known.insert(key.to_string(), stored.clone());
+        out.push(Appended::Written(stored.clone()));
+        written.push(stored);
     }
-    tx.set_head(&head)?;
+    if !written.is_empty() {
+        tx.insert(&written)?;
+        tx.set_head(&head)?;
+    }
     Ok(out)
 }

@@ -72,28 +72,42 @@ impl ChainTx for Tx<'_> {
         read_head(&mut self.tx, true)
     }
 
-    fn by_key(&mut self, key: &str) -> Result<Option<StoredEntry>> {
-        read_by_key(&mut self.tx, key)
+    fn by_keys(&mut self, keys: &[&str]) -> Result<Vec<StoredEntry>> {
+        let sql = format!("SELECT {COLUMNS} FROM ledger_entries WHERE request_key = ANY($1)");
+        Ok(self.tx.query(&sql, &[&keys]).map_err(err)?.iter().map(entry).collect())
     }
 
-    fn insert(&mut self, e: &StoredEntry) -> Result<()> {
-        let sql = format!("INSERT INTO ledger_entries ({COLUMNS}) VALUES ($1, $2, $3, $4, $5, $6, $7, $8)");
-        self.tx
-            .execute(
-                &sql,
-                &[
-                    &(e.seq as i64),
-                    &e.request_key,
-                    &e.tenant,
-                    &e.adapter,
-                    &(e.recorded_at_ms as i64),
-                    &e.body,
-                    &e.prev_hash,
-                    &e.hash,
-                ],
-            )
-            .map(drop)
-            .map_err(err)
+    fn insert(&mut self, entries: &[StoredEntry]) -> Result<()> {
+        // One multi-row INSERT per commit (at most 256 entries × 8 parameters).
+        let mut sql = format!("INSERT INTO ledger_entries ({COLUMNS}) VALUES ");
+        let mut params: Vec<Box<dyn postgres::types::ToSql + Sync>> = Vec::with_capacity(entries.len() * 8);
+        for (i, e) in entries.iter().enumerate() {
+            let b = i * 8;
+            if i > 0 {
+                sql.push_str(", ");
+            }
+            sql.push_str(&format!(
+                "(${}, ${}, ${}, ${}, ${}, ${}, ${}, ${})",
+                b + 1,
+                b + 2,
+                b + 3,
+                b + 4,
+                b + 5,
+                b + 6,
+                b + 7,
+                b + 8
+            ));
+            params.push(Box::new(e.seq as i64));
+            params.push(Box::new(e.request_key.clone()));
+            params.push(Box::new(e.tenant.clone()));
+            params.push(Box::new(e.adapter.clone()));
+            params.push(Box::new(e.recorded_at_ms as i64));
+            params.push(Box::new(e.body.clone()));
+            params.push(Box::new(e.prev_hash.clone()));
+            params.push(Box::new(e.hash.clone()));
+        }
+        let refs: Vec<&(dyn postgres::types::ToSql + Sync)> = params.iter().map(|p| p.as_ref()).collect();
+        self.tx.execute(&sql, &refs).map(drop).map_err(err)
     }
 
     fn put_blob(&mut self, sha256: &str, bytes: &[u8]) -> Result<()> {

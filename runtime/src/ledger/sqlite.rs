@@ -73,27 +73,31 @@ impl ChainTx for Tx<'_> {
         read_head(&self.tx, self.path)
     }
 
-    fn by_key(&mut self, key: &str) -> Result<Option<StoredEntry>> {
-        read_by_key(&self.tx, self.path, key)
+    fn by_keys(&mut self, keys: &[&str]) -> Result<Vec<StoredEntry>> {
+        let mut found = Vec::new();
+        for key in keys {
+            found.extend(read_by_key(&self.tx, self.path, key)?);
+        }
+        Ok(found)
     }
 
-    fn insert(&mut self, e: &StoredEntry) -> Result<()> {
-        self.tx
-            .execute(
-                &format!("INSERT INTO ledger_entries ({COLUMNS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)"),
-                params![
-                    e.seq as i64,
-                    e.request_key,
-                    e.tenant,
-                    e.adapter,
-                    e.recorded_at_ms as i64,
-                    e.body,
-                    e.prev_hash,
-                    e.hash
-                ],
-            )
-            .map(drop)
-            .map_err(|e| err(self.path, e))
+    fn insert(&mut self, entries: &[StoredEntry]) -> Result<()> {
+        let sql = format!("INSERT INTO ledger_entries ({COLUMNS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)");
+        let mut stmt = self.tx.prepare_cached(&sql).map_err(|e| err(self.path, e))?;
+        for e in entries {
+            stmt.execute(params![
+                e.seq as i64,
+                e.request_key,
+                e.tenant,
+                e.adapter,
+                e.recorded_at_ms as i64,
+                e.body,
+                e.prev_hash,
+                e.hash
+            ])
+            .map_err(|e| err(self.path, e))?;
+        }
+        Ok(())
     }
 
     fn put_blob(&mut self, sha256: &str, bytes: &[u8]) -> Result<()> {
