@@ -2,8 +2,6 @@
 //! and attribute after it finished, and the `billing` object clients receive.
 
 use std::collections::BTreeMap;
-use std::time::{SystemTime, UNIX_EPOCH};
-
 use std::sync::Arc;
 
 use axum::http::{HeaderMap, StatusCode};
@@ -14,7 +12,7 @@ use super::{ApiError, Shared, blocking};
 use crate::engine::{GenerationRequest, Usage};
 use crate::generate::FinishReason;
 use crate::ledger::entry::ENTRY_FORMAT;
-use crate::ledger::{Appended, Artifact, EntryBody, KeyGuard, KeyState, NewEntry, Outcome, StoredEntry};
+use crate::ledger::{Appended, Artifact, EntryBody, KeyGuard, KeyState, NewEntry, Outcome, StoredEntry, now_ms};
 use crate::policy::{Decider, Routed};
 
 /// Longest `Idempotency-Key` accepted.
@@ -35,11 +33,6 @@ pub struct PolicyContext {
     /// Holds a client's idempotency key until the entry is written (held, never read).
     #[allow(dead_code)]
     pub guard: Option<Arc<KeyGuard>>,
-}
-
-/// Milliseconds since the Unix epoch.
-fn now_ms() -> u64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
 }
 
 /// Checks a request's `metadata` (at most 16 entries, keys ≤ 64 and values ≤ 512 characters).
