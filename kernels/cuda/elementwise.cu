@@ -70,10 +70,6 @@ extern "C" __global__ void fill_random_bf16(bf16* __restrict__ x, unsigned long 
                                             float scale) {
     unsigned long long i = (unsigned long long)blockIdx.x * blockDim.x + threadIdx.x;
     if (i >= n) return;
-    unsigned long long z = seed + (i + 1) * 0x9e3779b97f4a7c15ull;
-    z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ull;
-    z = (z ^ (z >> 27)) * 0x94d049bb133111ebull;
-    z ^= z >> 31;
-    float u = (float)(z >> 40) * (1.0f / 16777216.0f);
+    float u = (float)(splitmix64(seed, i) >> 40) * (1.0f / 16777216.0f);
     x[i] = f32_to_bf16((2.0f * u - 1.0f) * scale);
 }

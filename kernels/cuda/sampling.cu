@@ -3,13 +3,9 @@
 // generator, so a (seed, step) pair always draws the same token. Requests that ask for top-k,
 // top-p or penalties copy their logits to the host sampler instead (runtime/src/sampling.rs).
 
-// SplitMix64: a counter-based hash; uniform in (0, 1) from (seed, index).
+// Uniform in (0, 1) from (seed, index).
 __device__ __forceinline__ float uniform01(unsigned long long seed, unsigned long long i) {
-    unsigned long long z = seed + (i + 1) * 0x9e3779b97f4a7c15ull;
-    z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ull;
-    z = (z ^ (z >> 27)) * 0x94d049bb133111ebull;
-    z ^= z >> 31;
-    return ((float)(z >> 40) + 0.5f) * (1.0f / 16777216.0f);
+    return ((float)(splitmix64(seed, i) >> 40) + 0.5f) * (1.0f / 16777216.0f);
 }
 
 // For each row: temperature[row] <= 0 picks the argmax; otherwise argmax of

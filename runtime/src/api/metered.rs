@@ -27,6 +27,15 @@ impl Metered {
         self.stream.as_mut()?.next().await
     }
 
+    /// Records a request the engine failed (if it did work) and returns the error for the client:
+    /// the ledger's, if recording failed, else the generation failure.
+    pub async fn fail(&mut self, message: String, usage: &Usage) -> ApiError {
+        match self.finish(Ended::Failed(message.clone()), usage).await {
+            Err(ledger) => ledger,
+            Ok(_) => generation_failed(message),
+        }
+    }
+
     /// Records how the request ended (durably) and returns its `billing` object; afterwards,
     /// dropping this records nothing more.
     pub async fn finish(&mut self, ended: Ended, usage: &Usage) -> Result<Option<Value>, ApiError> {
@@ -34,6 +43,11 @@ impl Metered {
         let Some(ctx) = self.ctx.take() else { return Ok(None) };
         record(&self.state, &ctx, ended, usage).await
     }
+}
+
+/// The client's error for a request the engine failed after accepting it.
+pub fn generation_failed(message: String) -> ApiError {
+    ApiError::new(axum::http::StatusCode::SERVICE_UNAVAILABLE, "server_error", "generation_failed", message)
 }
 
 impl Drop for Metered {

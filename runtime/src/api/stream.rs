@@ -117,10 +117,6 @@ fn observe(state: &Shared, model: &str, status: &str, start: Instant, first: Opt
     }
 }
 
-fn failure(message: String) -> ApiError {
-    ApiError::new(axum::http::StatusCode::SERVICE_UNAVAILABLE, "server_error", "generation_failed", message)
-}
-
 /// The outcome of a non-streamed request.
 pub enum Collected {
     /// The response body.
@@ -174,10 +170,7 @@ pub async fn collect(state: &Shared, mut stream: Metered, reply: &Reply) -> Coll
                 }));
             }
             Event::Failed { message, usage } => {
-                let e = match stream.finish(Ended::Failed(message.clone()), &usage).await {
-                    Err(ledger) => ledger,
-                    Ok(_) => failure(message),
-                };
+                let e = stream.fail(message, &usage).await;
                 observe(state, &reply.model, e.code, start, first, Instant::now(), 0);
                 return Collected::Failed(e);
             }
@@ -309,10 +302,7 @@ pub fn sse(
                 }
                 Event::Failed { message, usage } => {
                     st.done = true;
-                    let e = match st.stream.finish(Ended::Failed(message.clone()), &usage).await {
-                        Err(ledger) => ledger,
-                        Ok(_) => failure(message),
-                    };
+                    let e = st.stream.fail(message, &usage).await;
                     observe(&st.state, &st.reply.model, e.code, st.start, st.first, Instant::now(), 0);
                     st.pending.push_back(data(&e.body()));
                     st.pending.push_back(SseEvent::default().data("[DONE]"));

@@ -8,6 +8,8 @@
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
 use serde_json::{Value, json};
 
 use super::lora::GpuAdapters;
@@ -52,13 +54,8 @@ fn llama_7b() -> Result<ModelConfig> {
 
 /// Random rank-`rank` weights on q/k/v/o of every layer (A uniform ±1/√in, B ±1/√rank), from `seed`.
 fn random_adapter(cfg: &ModelConfig, rank: usize, seed: u64) -> LoraWeights {
-    let mut state = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
-    let mut next = move || {
-        state ^= state << 13;
-        state ^= state >> 7;
-        state ^= state << 17;
-        (state >> 40) as f32 / (1u64 << 24) as f32 * 2.0 - 1.0
-    };
+    let mut rng = StdRng::seed_from_u64(seed);
+    let mut next = move || rng.random_range(-1.0f32..1.0);
     let layers = (0..cfg.num_layers)
         .map(|_| {
             let mut mods: [Option<LoraModule>; 7] = Default::default();
@@ -321,12 +318,9 @@ fn popularity(
     let cfg = model.config().clone();
     let weights: Vec<f64> = (1..=c.registered).map(|r| 1.0 / r as f64).collect();
     let total: f64 = weights.iter().sum();
-    let mut rng = 0x2545_f491_4f6c_dd1du64;
+    let mut rng = StdRng::seed_from_u64(0x2545_f491_4f6c_dd1d);
     let mut draw = move || {
-        rng ^= rng << 13;
-        rng ^= rng >> 7;
-        rng ^= rng << 17;
-        let mut u = (rng >> 11) as f64 / (1u64 << 53) as f64 * total;
+        let mut u = rng.random_range(0.0..total);
         weights
             .iter()
             .position(|w| {

@@ -234,13 +234,14 @@ impl GpuLlama {
         } else {
             Some(up("lm_head.weight", &[cfg.vocab_size, h])?)
         };
+        let (cos, sin) = rope::cos_sin(&cfg);
         Ok(GpuLlama {
             embed: up("model.embed_tokens.weight", &[cfg.vocab_size, h])?,
             norm: up("model.norm.weight", &[h])?,
             layers,
             lm_head,
-            cos: gpu.upload(&rope_table(&cfg, f32::cos))?,
-            sin: gpu.upload(&rope_table(&cfg, f32::sin))?,
+            cos: gpu.upload(&cos)?,
+            sin: gpu.upload(&sin)?,
             cfg,
         })
     }
@@ -256,6 +257,7 @@ impl GpuLlama {
             // Uniform in ±sqrt(3/cols): unit variance of each output, as a trained model's.
             gpu.random_bf16(rows * cols, n, (3.0 / cols as f32).sqrt())
         };
+        let (cos, sin) = rope::cos_sin(cfg);
         let mut layers = Vec::with_capacity(cfg.num_layers);
         for _ in 0..cfg.num_layers {
             let proj = Proj::ALL
@@ -272,8 +274,8 @@ impl GpuLlama {
             norm: ones()?,
             layers,
             lm_head: Some(rand(cfg.vocab_size, h)?),
-            cos: gpu.upload(&rope_table(cfg, f32::cos))?,
-            sin: gpu.upload(&rope_table(cfg, f32::sin))?,
+            cos: gpu.upload(&cos)?,
+            sin: gpu.upload(&sin)?,
             cfg: cfg.clone(),
         })
     }
@@ -463,10 +465,4 @@ fn plan_lora(p: &StepPlan) -> LoraRows<'_> {
         seg_adapter: &p.seg_adapter,
         row_adapter: &p.row_adapter,
     }
-}
-
-/// `[max_position, head_dim / 2]` of `f(position × inverse frequency)`, as the CPU tables.
-fn rope_table(cfg: &ModelConfig, f: fn(f32) -> f32) -> Vec<f32> {
-    let freqs = rope::inv_freq(cfg);
-    (0..cfg.max_position_embeddings).flat_map(|p| freqs.iter().map(move |fr| f(p as f32 * fr))).collect()
 }

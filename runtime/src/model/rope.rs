@@ -33,6 +33,23 @@ pub fn inv_freq(cfg: &ModelConfig) -> Vec<f32> {
     }
 }
 
+/// `cos` and `sin` of every position × inverse frequency, `[max_positions, head_dim / 2]`
+/// row-major each (the tables of both backends).
+pub fn cos_sin(cfg: &ModelConfig) -> (Vec<f32>, Vec<f32>) {
+    let freqs = inv_freq(cfg);
+    let n = cfg.max_position_embeddings;
+    let mut cos = Vec::with_capacity(n * freqs.len());
+    let mut sin = Vec::with_capacity(n * freqs.len());
+    for pos in 0..n {
+        for f in &freqs {
+            let angle = pos as f32 * f;
+            cos.push(angle.cos());
+            sin.push(angle.sin());
+        }
+    }
+    (cos, sin)
+}
+
 /// Precomputed `cos` and `sin` for every position up to the model's context.
 #[derive(Debug, Clone)]
 pub struct RopeTables {
@@ -45,18 +62,8 @@ pub struct RopeTables {
 impl RopeTables {
     /// Builds the tables for `cfg` on `device`.
     pub fn new(cfg: &ModelConfig, device: &Device) -> Result<Self> {
-        let freqs = inv_freq(cfg);
-        let half = freqs.len();
-        let n = cfg.max_position_embeddings;
-        let mut cos = Vec::with_capacity(n * half);
-        let mut sin = Vec::with_capacity(n * half);
-        for pos in 0..n {
-            for f in &freqs {
-                let angle = pos as f32 * f;
-                cos.push(angle.cos());
-                sin.push(angle.sin());
-            }
-        }
+        let (cos, sin) = cos_sin(cfg);
+        let (n, half) = (cfg.max_position_embeddings, cfg.head_dim.div_ceil(2));
         Ok(RopeTables {
             cos: Tensor::from_vec(cos, (n, half), device)?,
             sin: Tensor::from_vec(sin, (n, half), device)?,
