@@ -48,7 +48,7 @@ impl Mixed {
 
 fn setup() -> (LoadedModel, AdapterPager, Mixed) {
     let model = LoadedModel::load(&repo_root().join("tests/fixtures/models/gqa-llama3-f32")).expect("base model");
-    let pager = AdapterPager::new(model.llama.config(), PagerConfig::default(), Metrics::new().pager);
+    let pager = AdapterPager::new(model.config(), PagerConfig::default(), Metrics::new().pager);
     let mixed = Mixed::load();
     for name in ["r4-qv", "r8-mlp", "r16-all-rslora", "r64-ko-layer1"] {
         pager.register(name, &adapters_dir().join(name)).expect("fixture adapter registers");
@@ -66,7 +66,7 @@ fn mixed_adapter_prefill_matches_peft() {
     let (model, pager, mixed) = setup();
     let leases = leases(&pager, &mixed.rows);
     let prompts = mixed.prompts();
-    let mut cache = model.llama.kv_cache_for(prompts.len());
+    let mut cache = model.llama().expect("CPU weights").kv_cache_for(prompts.len());
     let mut caches: Vec<SeqKv> = prompts.iter().map(|_| SeqKv::default()).collect();
     let pool = pager.pool();
     let mut batch: Vec<SeqBatch<'_>> = prompts
@@ -75,7 +75,11 @@ fn mixed_adapter_prefill_matches_peft() {
         .zip(&leases)
         .map(|((ids, kv), l)| SeqBatch { tokens: ids, kv, adapter: l.as_ref().map(|l| l.resident()) })
         .collect();
-    let got = model.llama.forward(&mut cache, &mut batch, LogitRows::All, Some(pool.view())).expect("forward");
+    let got = model
+        .llama()
+        .expect("CPU weights")
+        .forward(&mut cache, &mut batch, LogitRows::All, Some(pool.view()))
+        .expect("forward");
     let mut row = 0;
     for (i, ids) in prompts.iter().enumerate() {
         let want = &mixed.tensors[&format!("logits.{i}")];
@@ -92,12 +96,16 @@ fn mixed_adapter_decode_step_matches_peft() {
     let (model, pager, mixed) = setup();
     let leases = leases(&pager, &mixed.rows);
     let prompts = mixed.prompts();
-    let mut cache = model.llama.kv_cache_for(prompts.len());
+    let mut cache = model.llama().expect("CPU weights").kv_cache_for(prompts.len());
     let mut caches: Vec<SeqKv> = prompts.iter().map(|_| SeqKv::default()).collect();
     let pool = pager.pool();
     for ((ids, kv), l) in prompts.iter().zip(caches.iter_mut()).zip(&leases) {
         let seq = SeqBatch { tokens: &ids[..ids.len() - 1], kv, adapter: l.as_ref().map(|l| l.resident()) };
-        model.llama.forward(&mut cache, &mut [seq], LogitRows::Last, Some(pool.view())).expect("prefill");
+        model
+            .llama()
+            .expect("CPU weights")
+            .forward(&mut cache, &mut [seq], LogitRows::Last, Some(pool.view()))
+            .expect("prefill");
     }
     let mut batch: Vec<SeqBatch<'_>> = prompts
         .iter()
@@ -105,7 +113,11 @@ fn mixed_adapter_decode_step_matches_peft() {
         .zip(&leases)
         .map(|((ids, kv), l)| SeqBatch { tokens: &ids[ids.len() - 1..], kv, adapter: l.as_ref().map(|l| l.resident()) })
         .collect();
-    let got = model.llama.forward(&mut cache, &mut batch, LogitRows::All, Some(pool.view())).expect("decode");
+    let got = model
+        .llama()
+        .expect("CPU weights")
+        .forward(&mut cache, &mut batch, LogitRows::All, Some(pool.view()))
+        .expect("decode");
     for (i, ids) in prompts.iter().enumerate() {
         let want = mixed.tensors[&format!("logits.{i}")].narrow(0, ids.len() - 1, 1).expect("last row");
         let d = max_abs_diff(&got.narrow(0, i, 1).expect("row"), &want);
@@ -181,7 +193,7 @@ fn target_modules_must_cover_the_tensors() {
 fn shapes_are_checked_against_the_base_model() {
     // The same adapter against a base of another width is refused, naming the tensor.
     let other = LoadedModel::load(&repo_root().join("tests/fixtures/models/mqa-bf16-sharded")).expect("model");
-    let pager = AdapterPager::new(other.llama.config(), PagerConfig::default(), Metrics::new().pager);
+    let pager = AdapterPager::new(other.config(), PagerConfig::default(), Metrics::new().pager);
     let msg = register_err(&pager, &adapters_dir().join("r4-qv"));
     assert!(msg.contains("lora_A.weight") && msg.contains("adapter_model.safetensors"), "{msg}");
 }

@@ -1,5 +1,6 @@
 //! The serving engine: continuous batching is invisible in the output, preemption never
-//! corrupts, cancellation frees resources within a step, priorities and deadlines hold.
+//! corrupts, cancellation frees resources within a step, priorities and deadlines hold; and the
+//! same mixed-adapter serving on every backend the machine has (the CPU, and a GPU if present).
 
 mod common;
 
@@ -26,7 +27,7 @@ fn model() -> Arc<LoadedModel> {
 }
 
 fn pager(model: &LoadedModel, config: PagerConfig) -> AdapterPager {
-    let pager = AdapterPager::new(model.llama.config(), config, Metrics::new().pager);
+    let pager = AdapterPager::new(model.config(), config, Metrics::new().pager);
     for a in ADAPTERS {
         pager.register(a, &repo_root().join("tests/fixtures/adapters/gqa-llama3-f32").join(a)).expect("register");
     }
@@ -106,6 +107,19 @@ fn alone(model: &LoadedModel, pager: &AdapterPager, req: &GenerationRequest) -> 
     generate(model, &req.prompt_ids, req.params.clone(), with, &mut |_| {}).expect("generate").token_ids
 }
 
+/// The engine's stats once every block is back (or after 5 s): the last step's stats are
+/// published just after its requests are told they are done.
+fn settled(engine: &EngineHandle) -> openlora::engine::EngineStats {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let s = engine.stats();
+        if s.kv_free_blocks == s.kv_total_blocks || Instant::now() >= deadline {
+            return s;
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
 fn run_concurrently(engine: &EngineHandle, reqs: &[GenerationRequest]) -> Vec<Outcome> {
     let streams: Vec<RequestStream> = reqs.iter().map(|r| engine.submit(r.clone()).expect("submit")).collect();
     let handles: Vec<_> = streams.into_iter().map(|s| std::thread::spawn(move || drain(s))).collect();
@@ -130,7 +144,7 @@ fn batching_is_invisible_in_greedy_output() {
         assert_eq!(out.usage.adapter_contribution_ppm > 0, req.adapter.is_some(), "{}", req.id);
         assert!(out.usage.adapter_contribution_ppm < 1_000_000);
     }
-    let stats = engine.stats();
+    let stats = settled(&engine);
     assert!(stats.max_batch_seqs >= 8, "requests were never batched together: {stats:?}");
     assert_eq!(stats.kv_free_blocks, stats.kv_total_blocks, "KV blocks leaked");
     assert!(engine.pager().active_snapshot().0.iter().all(|(_, pins)| *pins == 0), "adapter pins leaked");
@@ -140,7 +154,7 @@ fn batching_is_invisible_in_greedy_output() {
 fn a_kv_pool_too_small_preempts_and_still_completes_correctly() {
     let model = model();
     let reference_pager = pager(&model, PagerConfig::default());
-    let block = PagedKvCache::block_bytes(model.llama.config());
+    let block = PagedKvCache::block_bytes(model.config());
     // 12 blocks (192 tokens) for 24 requests of up to ~70 tokens each.
     let config = EngineConfig { kv_cache_bytes: 12 * block, max_batch_tokens: 128, ..Default::default() };
     let engine = start(&model, config);
@@ -242,7 +256,7 @@ fn deadlines_and_up_front_rejections() {
     assert_eq!(out.reason, FinishReason::Deadline);
     assert!(out.tokens.len() < 200);
 
-    let context = model.llama.config().max_position_embeddings;
+    let context = model.config().max_position_embeddings;
     let long = GenerationRequest { prompt_ids: vec![5; context], deadline: None, ..base.clone() };
     assert!(matches!(engine.submit(long), Err(Error::ContextOverflow { .. })));
     let unknown = GenerationRequest { adapter: Some("nope".into()), deadline: None, ..base.clone() };
@@ -278,7 +292,7 @@ fn requests_wait_for_room_in_a_full_adapter_pool() {
     // adapters must wait for its pin to drop (and evict it), not fail.
     let metrics = Metrics::new();
     let pool = PagerConfig { active_pool_bytes: 640 * 64 * 4, ..PagerConfig::default() };
-    let constrained = AdapterPager::new(model.llama.config(), pool, metrics.pager.clone());
+    let constrained = AdapterPager::new(model.config(), pool, metrics.pager.clone());
     for a in ADAPTERS {
         constrained.register(a, &repo_root().join("tests/fixtures/adapters/gqa-llama3-f32").join(a)).expect("register");
     }
@@ -296,4 +310,70 @@ fn requests_wait_for_room_in_a_full_adapter_pool() {
         assert_eq!(out.tokens, alone(&model, &reference, req), "{}", req.id);
     }
     assert!(metrics.pager.evictions.with_label_values(&["active"]).get() >= 1, "the pool never had to make room");
+}
+
+/// The backends this machine has: the CPU always, and `cuda:0` when the `cuda` feature is built
+/// and a GPU answers (`OPENLORA_REQUIRE_GPU=1`, as the GPU check sets, makes its absence a failure).
+fn backends() -> Vec<&'static str> {
+    #[allow(unused_mut)]
+    let mut found = vec!["cpu"];
+    #[cfg(feature = "cuda")]
+    match openlora::device::probe_cuda(0) {
+        Ok(_) => found.push("cuda:0"),
+        Err(e) => assert!(std::env::var_os("OPENLORA_REQUIRE_GPU").is_none(), "a GPU was required: {e}"),
+    }
+    found
+}
+
+/// An engine on `device` whose adapter pool holds `pool_values` values (device bytes on a GPU).
+fn start_on(device: &str, model: &Arc<LoadedModel>, pool_values: usize) -> EngineHandle {
+    let value_bytes = if device == "cpu" { 4 } else { 2 };
+    let config = PagerConfig { active_pool_bytes: pool_values * value_bytes, value_bytes, ..PagerConfig::default() };
+    let pager = pager(model, config);
+    let engine = EngineConfig { max_batch_tokens: 96, ..Default::default() };
+    #[cfg(feature = "cuda")]
+    if device != "cpu" {
+        let gpu = openlora::gpu::backend::GpuBackend::open(0, model, &pager, Some(256 << 20), 16).expect("GPU backend");
+        return EngineHandle::start_on(Box::new(gpu), model.clone(), pager, engine, Metrics::new()).expect("engine");
+    }
+    EngineHandle::start(model.clone(), pager, engine, Metrics::new()).expect("engine")
+}
+
+#[test]
+fn every_backend_serves_mixed_adapters_as_the_cpu_reference_does() {
+    let model = model();
+    let reference = pager(&model, PagerConfig::default());
+    let mut rng = Rng(0xBAC0);
+    let reqs: Vec<GenerationRequest> = (0..24).map(|i| random_request(&mut rng, &model, i)).collect();
+    let want: Vec<Vec<u32>> = reqs.iter().map(|r| alone(&model, &reference, r)).collect();
+    let mut cpu_ppm: Vec<u32> = Vec::new();
+    for device in backends() {
+        // A roomy adapter pool, and one that holds r16-all-rslora only by itself: adapters are
+        // evicted and new ones placed in reused pages while others run.
+        for pool_values in [1 << 22, 640 * 64] {
+            let engine = start_on(device, &model, pool_values);
+            let outcomes = run_concurrently(&engine, &reqs);
+            let mut first_agree = 0;
+            for (i, (req, out)) in reqs.iter().zip(&outcomes).enumerate() {
+                let at = format!("{device}, pool {pool_values}: {} ({:?})", req.id, req.adapter);
+                assert_eq!(out.usage.completion_tokens as usize, out.tokens.len(), "{at}");
+                assert_eq!(out.usage.adapter_contribution_ppm > 0, req.adapter.is_some(), "{at}");
+                first_agree += usize::from(out.tokens.first() == want[i].first());
+                if device == "cpu" {
+                    assert_eq!(out.tokens, want[i], "{at}");
+                    cpu_ppm.push(out.usage.adapter_contribution_ppm);
+                } else if out.tokens == want[i] {
+                    // Same tokens, so the same rows measured: bf16 against f32 sums.
+                    let (g, c) = (out.usage.adapter_contribution_ppm as f64, cpu_ppm[i] as f64);
+                    assert!((g - c).abs() <= 0.03 * c + 50.0, "{at}: contribution {g} ppm, the CPU's {c}");
+                }
+            }
+            // A GPU computes in bf16: greedy choices may part from the f32 reference's late in a
+            // sequence, rarely on the first token.
+            assert!(first_agree * 10 >= reqs.len() * 9, "{device}: first tokens agree on {first_agree}/{}", reqs.len());
+            let stats = settled(&engine);
+            assert_eq!(stats.kv_free_blocks, stats.kv_total_blocks, "{device}: KV blocks leaked");
+            assert!(engine.pager().active_snapshot().0.iter().all(|(_, pins)| *pins == 0), "{device}: pins leaked");
+        }
+    }
 }

@@ -70,10 +70,14 @@ fn adapter_farm(cfg: &ModelConfig) -> PathBuf {
 
 fn logits_with(model: &LoadedModel, pager: &AdapterPager, lease: &AdapterLease, prompt: &[u32]) -> Vec<f32> {
     let pool = pager.pool();
-    let mut cache = model.llama.kv_cache_for(1);
+    let mut cache = model.llama().expect("CPU weights").kv_cache_for(1);
     let mut kv = SeqKv::default();
     let seq = SeqBatch { tokens: prompt, kv: &mut kv, adapter: Some(lease.resident()) };
-    let out = model.llama.forward(&mut cache, &mut [seq], LogitRows::Last, Some(pool.view())).expect("forward");
+    let out = model
+        .llama()
+        .expect("CPU weights")
+        .forward(&mut cache, &mut [seq], LogitRows::Last, Some(pool.view()))
+        .expect("forward");
     out.flatten_all().expect("flat").to_vec1().expect("logits")
 }
 
@@ -88,10 +92,14 @@ fn pool_for(cfg: &ModelConfig, n: usize) -> usize {
 #[test]
 fn thousand_adapters_sixteen_slots_many_users() {
     let model = Arc::new(base_model());
-    let cfg = model.llama.config().clone();
+    let cfg = model.config().clone();
     let farm = adapter_farm(&cfg);
     let metrics = Metrics::new();
-    let config = PagerConfig { host_cache_bytes: 48 * 4 * 3584, active_pool_bytes: pool_for(&cfg, 16), page_elems: 0 };
+    let config = PagerConfig {
+        host_cache_bytes: 48 * 4 * 3584,
+        active_pool_bytes: pool_for(&cfg, 16),
+        ..PagerConfig::default()
+    };
     let pager = AdapterPager::new(&cfg, config, metrics.pager.clone());
     // The oracle: the same adapters in a pool large enough never to evict.
     let oracle = AdapterPager::new(&cfg, PagerConfig::default(), Metrics::new().pager);
@@ -173,7 +181,7 @@ fn thousand_adapters_sixteen_slots_many_users() {
 #[test]
 fn concurrent_loads_of_one_adapter_are_coalesced() {
     let model = base_model();
-    let cfg = model.llama.config().clone();
+    let cfg = model.config().clone();
     let farm = adapter_farm(&cfg);
     let metrics = Metrics::new();
     let pager = AdapterPager::new(&cfg, PagerConfig::default(), metrics.pager.clone());
@@ -203,7 +211,7 @@ fn concurrent_loads_of_one_adapter_are_coalesced() {
 #[test]
 fn prefetch_warms_the_host_tier() {
     let model = base_model();
-    let cfg = model.llama.config().clone();
+    let cfg = model.config().clone();
     let farm = adapter_farm(&cfg);
     let metrics = Metrics::new();
     let pager = AdapterPager::new(&cfg, PagerConfig::default(), metrics.pager.clone());
@@ -223,7 +231,7 @@ fn prefetch_warms_the_host_tier() {
 #[test]
 fn a_pool_full_of_pinned_adapters_makes_callers_wait_not_fail() {
     let model = base_model();
-    let cfg = model.llama.config().clone();
+    let cfg = model.config().clone();
     let farm = adapter_farm(&cfg);
     let config = PagerConfig { active_pool_bytes: pool_for(&cfg, 1), ..PagerConfig::default() };
     let pager = AdapterPager::new(&cfg, config, Metrics::new().pager);

@@ -32,10 +32,11 @@ fn logits_match_hugging_face() {
         let r = Reference::load(&dir);
         for i in 0..r.prompts.len() {
             let ids = r.ids("input_ids", i);
-            let mut cache = model.llama.kv_cache_for(1);
+            let mut cache = model.llama().expect("CPU weights").kv_cache_for(1);
             let mut kv = SeqKv::default();
             let got = model
-                .llama
+                .llama()
+                .expect("CPU weights")
                 .forward(&mut cache, &mut [SeqBatch::base(&ids, &mut kv)], LogitRows::All, None)
                 .expect("forward");
             let want = r.logits("logits", i).expect("f32 reference logits");
@@ -77,12 +78,13 @@ fn mixed_prefill_and_decode_batch_matches_reference() {
         let prompts: Vec<Vec<u32>> = (0..r.prompts.len()).map(|i| r.ids("input_ids", i)).collect();
         // Odd prompts have everything but their last token in the cache already (decode rows);
         // even prompts are prefilled whole in the same step.
-        let mut cache = model.llama.kv_cache_for(prompts.len());
+        let mut cache = model.llama().expect("CPU weights").kv_cache_for(prompts.len());
         let mut caches: Vec<SeqKv> = prompts.iter().map(|_| SeqKv::default()).collect();
         for (i, ids) in prompts.iter().enumerate() {
             if i % 2 == 1 && ids.len() > 1 {
                 model
-                    .llama
+                    .llama()
+                    .expect("CPU weights")
                     .forward(
                         &mut cache,
                         &mut [SeqBatch::base(&ids[..ids.len() - 1], &mut caches[i])],
@@ -101,7 +103,11 @@ fn mixed_prefill_and_decode_batch_matches_reference() {
                 SeqBatch::base(tokens, kv)
             })
             .collect();
-        let got = model.llama.forward(&mut cache, &mut batch, LogitRows::All, None).expect("batched forward");
+        let got = model
+            .llama()
+            .expect("CPU weights")
+            .forward(&mut cache, &mut batch, LogitRows::All, None)
+            .expect("batched forward");
         let mut row = 0;
         for (i, ids) in prompts.iter().enumerate() {
             let want = r.logits("logits", i).expect("reference");

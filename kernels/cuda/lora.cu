@@ -9,6 +9,10 @@
 // module), scale, and the offsets of their A and Bᵀ page tables in `tables`. Rows name an
 // adapter slot (or -1 for the base model), so a step uploads only those. The shrink writes
 // tmp: [rows, max_rank] (f32); the expand reads it.
+//
+// The expand also measures what the adapter contributed (the attribution input, as the CPU
+// reference's AdapterShare): per sequence, Σ|W·x| of the rows it adapts (y before the delta)
+// into base_l1[seq] and Σ|Δy| into delta_l1[seq].
 
 // The module id of adapter slot `a` (or -1), and whether it has rank-row r of that module.
 __device__ __forceinline__ int module_id(int a, int module, int modules_per_adapter) {
@@ -33,14 +37,26 @@ __device__ void shrink_row(const bf16* __restrict__ x, float* __restrict__ tmp, 
     if (threadIdx.x == 0) tmp[(size_t)row * max_rank + r] = s;
 }
 
-// y[row, o] += scale · Σ_r tmp[row, r] · Bᵀ[r, o] for one row and column.
-__device__ void expand_one(const float* __restrict__ tmp, bf16* __restrict__ y, const bf16* __restrict__ pool,
-                           const u32* __restrict__ table, int row, int o, int rank, float scale, int out_dim,
-                           int max_rank, int page_elems) {
+// y[row, o] += scale · Σ_r tmp[row, r] · Bᵀ[r, o] for one row and column; returns
+// (|y before|, |delta|) for the measure.
+__device__ float2 expand_one(const float* __restrict__ tmp, bf16* __restrict__ y, const bf16* __restrict__ pool,
+                             const u32* __restrict__ table, int row, int o, int rank, float scale, int out_dim,
+                             int max_rank, int page_elems) {
     float acc = 0.0f;
     for (int r = 0; r < rank; r++) acc += tmp[(size_t)row * max_rank + r] * paged(pool, table, r, o, out_dim, page_elems);
     size_t at = (size_t)row * out_dim + o;
-    y[at] = f32_to_bf16(bf16_to_f32(y[at]) + scale * acc);
+    float before = bf16_to_f32(y[at]), delta = scale * acc;
+    y[at] = f32_to_bf16(before + delta);
+    return make_float2(fabsf(before), fabsf(delta));
+}
+
+// Adds a block's measured sums to sequence `seq`'s (every thread of the block calls it).
+__device__ void add_share(float2 v, float* __restrict__ base_l1, float* __restrict__ delta_l1, int seq) {
+    float b = block_sum(v.x), d = block_sum(v.y);
+    if (threadIdx.x == 0) {
+        atomicAdd(base_l1 + seq, b);
+        atomicAdd(delta_l1 + seq, d);
+    }
 }
 
 // Prefill, shrink: segment s (rows seg_start[s] .. + seg_len[s], adapter seg_adapter[s] or -1),
@@ -61,21 +77,28 @@ extern "C" __global__ void lora_shrink_sgmv_bf16(const bf16* __restrict__ x, flo
 }
 
 // Prefill, expand: y[row, o] += scale · Σ_r tmp[row, r] · Bᵀ[r, o] for the segment's rows.
-// grid: (segments, ceil(out_dim / block)).
+// grid: (segments, ceil(out_dim / block)), block: a multiple of 32; segment s is sequence s.
 extern "C" __global__ void lora_expand_sgmv_bf16(const float* __restrict__ tmp, bf16* __restrict__ y,
                                                  const bf16* __restrict__ pool, const u32* __restrict__ tables,
                                                  const int* __restrict__ seg_start, const int* __restrict__ seg_len,
                                                  const int* __restrict__ seg_adapter, int module, int modules_per_adapter,
                                                  const int* __restrict__ ranks, const float* __restrict__ scales,
                                                  const u32* __restrict__ bt_offsets, int out_dim, int max_rank,
-                                                 int page_elems) {
+                                                 int page_elems, float* __restrict__ base_l1,
+                                                 float* __restrict__ delta_l1) {
     int m = module_id(seg_adapter[blockIdx.x], module, modules_per_adapter);
     int o = blockIdx.y * blockDim.x + threadIdx.x;
-    if (m < 0 || ranks[m] == 0 || o >= out_dim) return;
+    if (m < 0 || ranks[m] == 0) return;  // the same for the whole block
     const u32* table = tables + bt_offsets[m];
-    for (int row = seg_start[blockIdx.x]; row < seg_start[blockIdx.x] + seg_len[blockIdx.x]; row++) {
-        expand_one(tmp, y, pool, table, row, o, ranks[m], scales[m], out_dim, max_rank, page_elems);
+    float2 sum = make_float2(0.0f, 0.0f);
+    if (o < out_dim) {
+        for (int row = seg_start[blockIdx.x]; row < seg_start[blockIdx.x] + seg_len[blockIdx.x]; row++) {
+            float2 v = expand_one(tmp, y, pool, table, row, o, ranks[m], scales[m], out_dim, max_rank, page_elems);
+            sum.x += v.x;
+            sum.y += v.y;
+        }
     }
+    add_share(sum, base_l1, delta_l1, blockIdx.x);
 }
 
 // Decode, shrink: every row gathers its own adapter's module (row_adapter[row] or -1).
@@ -90,17 +113,21 @@ extern "C" __global__ void lora_shrink_bgmv_bf16(const bf16* __restrict__ x, flo
     shrink_row(x, tmp, pool, tables + a_offsets[m], row, r, in_dim, max_rank, page_elems);
 }
 
-// Decode, expand.  grid: (rows, ceil(out_dim / block)).
+// Decode, expand.  grid: (rows, ceil(out_dim / block)), block: a multiple of 32; row r is
+// sequence r (one new token each).
 extern "C" __global__ void lora_expand_bgmv_bf16(const float* __restrict__ tmp, bf16* __restrict__ y,
                                                  const bf16* __restrict__ pool, const u32* __restrict__ tables,
                                                  const int* __restrict__ row_adapter, int module, int modules_per_adapter,
                                                  const int* __restrict__ ranks, const float* __restrict__ scales,
                                                  const u32* __restrict__ bt_offsets, int out_dim, int max_rank,
-                                                 int page_elems) {
+                                                 int page_elems, float* __restrict__ base_l1,
+                                                 float* __restrict__ delta_l1) {
     int row = blockIdx.x, m = module_id(row_adapter[row], module, modules_per_adapter);
     int o = blockIdx.y * blockDim.x + threadIdx.x;
-    if (m < 0 || ranks[m] == 0 || o >= out_dim) return;
-    expand_one(tmp, y, pool, tables + bt_offsets[m], row, o, ranks[m], scales[m], out_dim, max_rank, page_elems);
+    if (m < 0 || ranks[m] == 0) return;  // the same for the whole block
+    float2 v = make_float2(0.0f, 0.0f);
+    if (o < out_dim) v = expand_one(tmp, y, pool, tables + bt_offsets[m], row, o, ranks[m], scales[m], out_dim, max_rank, page_elems);
+    add_share(v, base_l1, delta_l1, row);
 }
 
 // Copies staged pages into the pool: page i of `staging` goes to pool page table[i]. An adapter

@@ -11,10 +11,11 @@ const DECODE_TOKENS: usize = 32;
 fn bench_model(c: &mut Criterion, name: &str, folder: &Path) {
     let model = LoadedModel::load(folder).expect("model loads");
     let prompt = model.tokenizer.encode("The meaning of life is").expect("encode");
-    let mut cache = model.llama.kv_cache_for(1);
+    let mut cache = model.llama().expect("CPU weights").kv_cache_for(1);
     let mut kv = SeqKv::default();
     let logits = model
-        .llama
+        .llama()
+        .expect("CPU weights")
         .forward(&mut cache, &mut [SeqBatch::base(&prompt, &mut kv)], LogitRows::Last, None)
         .expect("prefill");
     // Blocks for every token the benchmark decodes, so each iteration reuses them.
@@ -29,7 +30,8 @@ fn bench_model(c: &mut Criterion, name: &str, folder: &Path) {
                 let mut next = first;
                 for _ in 0..DECODE_TOKENS {
                     let logits = model
-                        .llama
+                        .llama()
+                        .expect("CPU weights")
                         .forward(&mut cache, &mut [SeqBatch::base(&[next], &mut kv)], LogitRows::Last, None)
                         .expect("decode step");
                     next = argmax(&logits.squeeze(0).expect("row").to_vec1::<f32>().expect("logits"));

@@ -31,7 +31,7 @@ fn drain(mut s: RequestStream) -> usize {
 fn engine_throughput(c: &mut Criterion) {
     let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures");
     let model = Arc::new(LoadedModel::load(&root.join("models/gqa-llama3-f32")).expect("model"));
-    let pager = AdapterPager::new(model.llama.config(), PagerConfig::default(), Metrics::new().pager);
+    let pager = AdapterPager::new(model.config(), PagerConfig::default(), Metrics::new().pager);
     for i in 0..ADAPTERS {
         let dir = root.join("adapters/gqa-llama3-f32").join(FOLDERS[i % FOLDERS.len()]);
         pager.register(&format!("a{i}"), &dir).expect("register");

@@ -68,7 +68,7 @@ fn decode_step(c: &mut Criterion) {
     let root = std::env::temp_dir().join(format!("openlora-bench-adapters-{}-{}", cfg.hidden_size, std::process::id()));
     let pager = AdapterPager::new(
         &cfg,
-        PagerConfig { active_pool_bytes: 1 << 30, host_cache_bytes: 1 << 30, page_elems: 0 },
+        PagerConfig { active_pool_bytes: 1 << 30, host_cache_bytes: 1 << 30, ..PagerConfig::default() },
         Metrics::new().pager,
     );
     for i in 0..ROWS {

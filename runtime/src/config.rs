@@ -74,8 +74,11 @@ pub struct MemoryConfig {
     pub kv_cache_bytes: usize,
     /// Host RAM cache of loaded adapters.
     pub adapter_host_cache_bytes: usize,
-    /// Active adapter page pool.
+    /// Active adapter page pool (on a GPU: device memory, bf16).
     pub adapter_pool_bytes: usize,
+    /// On a GPU, the device memory for the adapter pool and the KV cache together: the KV cache
+    /// gets what the pool leaves. Default: 90% of what is free once the weights are loaded.
+    pub device_bytes: Option<usize>,
 }
 
 /// Limits on what one request, and all of them together, may ask for.
@@ -125,6 +128,7 @@ impl Default for MemoryConfig {
             kv_cache_bytes: EngineConfig::default().kv_cache_bytes,
             adapter_host_cache_bytes: pager.host_cache_bytes,
             adapter_pool_bytes: pager.active_pool_bytes,
+            device_bytes: None,
         }
     }
 }
@@ -181,6 +185,15 @@ impl ServerConfig {
                 return Err(Error::config(path, field, "must be greater than zero"));
             }
         }
+        if let Some(d) = self.memory.device_bytes
+            && d <= self.memory.adapter_pool_bytes
+        {
+            return Err(Error::config(
+                path,
+                "memory.device_bytes",
+                "must be larger than memory.adapter_pool_bytes (the KV cache gets the rest)",
+            ));
+        }
         self.policy.validate().map_err(|(field, message)| Error::config(path, field, message))?;
         openlora_sdk::money::validate_currency(&self.ledger.currency)
             .map_err(|m| Error::config(path, "ledger.currency", m))?;
@@ -220,7 +233,7 @@ impl ServerConfig {
         PagerConfig {
             host_cache_bytes: self.memory.adapter_host_cache_bytes,
             active_pool_bytes: self.memory.adapter_pool_bytes,
-            page_elems: 0,
+            ..PagerConfig::default()
         }
     }
 }
@@ -269,6 +282,7 @@ mod tests {
             ("[limits]\nmax_body_bytes = 0", "limits.max_body_bytes"),
             ("[limits]\nmax_bodybytes = 1", "max_bodybytes"),
             ("admin_token = \"short\"", "admin_token"),
+            ("[memory]\nadapter_pool_bytes = 1024\ndevice_bytes = 1024", "memory.device_bytes"),
         ] {
             match ServerConfig::from_toml(Path::new("c.toml"), text) {
                 Err(Error::Config { field: f, file, .. }) => {

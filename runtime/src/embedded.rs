@@ -109,7 +109,7 @@ mod tests {
         assert_eq!(a, b);
         let model = crate::model::LoadedModel::load(&a).expect("embedded model loads");
         for name in DEMO_ADAPTERS {
-            crate::adapters::AdapterManifest::inspect(&a.join("adapters").join(name), model.llama.config())
+            crate::adapters::AdapterManifest::inspect(&a.join("adapters").join(name), model.config())
                 .expect("demo adapter is valid for the default model");
         }
         let _ = std::fs::remove_dir_all(root);

@@ -120,7 +120,7 @@ pub fn generate(
     on_text: &mut dyn FnMut(&str),
 ) -> Result<Completion> {
     params.validate()?;
-    let context = model.llama.config().max_position_embeddings;
+    let context = model.config().max_position_embeddings;
     if prompt_ids.is_empty() {
         return Err(Error::InvalidParam { param: "prompt", message: "the prompt has no tokens".into() });
     }
@@ -131,7 +131,7 @@ pub fn generate(
     let ignore_eos = params.ignore_eos;
     let mut scanner = StopScanner::new(params.stop.clone());
     let mut sampler = Sampler::new(params);
-    let mut cache = PagedKvCache::for_sequences(model.llama.config(), 1, prompt_ids.len() + max_new);
+    let mut cache = PagedKvCache::for_sequences(model.config(), 1, prompt_ids.len() + max_new);
     let mut kv = SeqKv::default();
     let mut ids = prompt_ids.to_vec();
     let mut decoder = StreamDecoder::starting_at(ids.len());
@@ -139,13 +139,16 @@ pub fn generate(
     let mut finish = FinishReason::Length;
     for _ in 0..max_new {
         let logits = match adapter {
-            None => {
-                model.llama.forward(&mut cache, &mut [SeqBatch::base(&step_tokens, &mut kv)], LogitRows::Last, None)?
-            }
+            None => model.llama()?.forward(
+                &mut cache,
+                &mut [SeqBatch::base(&step_tokens, &mut kv)],
+                LogitRows::Last,
+                None,
+            )?,
             Some(a) => {
                 let pool = a.pager.pool();
                 let seq = SeqBatch { tokens: &step_tokens, kv: &mut kv, adapter: Some(a.lease.resident()) };
-                model.llama.forward(&mut cache, &mut [seq], LogitRows::Last, Some(pool.view()))?
+                model.llama()?.forward(&mut cache, &mut [seq], LogitRows::Last, Some(pool.view()))?
             }
         };
         let mut logits: Vec<f32> = logits.squeeze(0)?.to_vec1()?;

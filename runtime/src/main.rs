@@ -357,10 +357,10 @@ struct ServeArgs {
 
 fn run_serve(args: ServeArgs) -> anyhow::Result<()> {
     if let openlora::device::DeviceSpec::Cuda(n) = args.device {
+        // Before loading anything: a missing GPU is said at once.
         let info = openlora::device::probe_cuda(n)?;
-        anyhow::bail!(
-            "cuda:{n} is {} ({} GiB, compute capability {}.{}), but this build's CUDA serving backend is not \
-             complete yet (its kernels are in kernels/cuda); serve with --device cpu",
+        eprintln!(
+            "openlora: cuda:{n} is {} ({} GiB, compute capability {}.{})",
             info.name,
             info.memory_bytes >> 30,
             info.capability.0,
@@ -374,7 +374,7 @@ fn run_serve(args: ServeArgs) -> anyhow::Result<()> {
     if let Some(listen) = args.listen {
         config.listen = listen;
     }
-    let server = Server::load(config)?;
+    let server = Server::load(config, args.device)?;
     let runtime =
         tokio::runtime::Builder::new_multi_thread().enable_all().build().context("starting the async runtime")?;
     runtime.block_on(async move {
@@ -385,8 +385,9 @@ fn run_serve(args: ServeArgs) -> anyhow::Result<()> {
         let state = &server.state;
         let adapters = state.engine.pager().names();
         eprintln!(
-            "openlora: serving `{}` with {} adapter(s) [{}] on http://{addr}",
+            "openlora: serving `{}` on {} with {} adapter(s) [{}] on http://{addr}",
             state.model_name,
+            state.engine.device(),
             adapters.len(),
             adapters.join(", ")
         );
@@ -455,7 +456,7 @@ fn run_generate(args: GenerateArgs) -> anyhow::Result<()> {
                     embedded::DEMO_ADAPTERS.join(", ")
                 );
             };
-            let pager = AdapterPager::new(model.llama.config(), PagerConfig::default(), Metrics::new().pager);
+            let pager = AdapterPager::new(model.config(), PagerConfig::default(), Metrics::new().pager);
             pager.register(a, &dir)?;
             let lease = pager.acquire(a, Duration::from_secs(60))?;
             Some((pager, lease))

@@ -11,6 +11,7 @@ use tokio::sync::Semaphore;
 
 use crate::api::{AppState, chat::ChatTemplate, router};
 use crate::config::ServerConfig;
+use crate::device::DeviceSpec;
 use crate::embedded;
 use crate::engine::EngineHandle;
 use crate::error::{Error, Result};
@@ -51,13 +52,17 @@ fn restore_uploads(store: &Path, pager: &AdapterPager) {
 }
 
 impl Server {
-    /// Loads everything the configuration names.
-    pub fn load(config: ServerConfig) -> Result<Self> {
+    /// Loads everything the configuration names, to serve on `device`.
+    pub fn load(config: ServerConfig, device: DeviceSpec) -> Result<Self> {
         let (folder, demo) = match &config.model {
             Some(dir) => (dir.clone(), false),
             None => (embedded::default_model_dir()?, true),
         };
-        let model = Arc::new(LoadedModel::load(&folder)?);
+        let model = Arc::new(match device {
+            DeviceSpec::Cpu => LoadedModel::load(&folder)?,
+            // The GPU backend uploads the weights itself; no f32 copy is kept on the host.
+            DeviceSpec::Cuda(_) => LoadedModel::load_without_weights(&folder)?,
+        });
         let model_name = config.model_name.clone().unwrap_or_else(|| {
             if demo {
                 embedded::DEFAULT_MODEL_NAME.to_string()
@@ -66,7 +71,12 @@ impl Server {
             }
         });
         let metrics = Metrics::new();
-        let pager = AdapterPager::new(model.llama.config(), config.pager(), metrics.pager.clone());
+        let mut pager_config = config.pager();
+        if device != DeviceSpec::Cpu {
+            // The active pool is mirrored on the device in bf16: its budget is device bytes.
+            pager_config.value_bytes = 2;
+        }
+        let pager = AdapterPager::new(model.config(), pager_config, metrics.pager.clone());
         if demo {
             for name in embedded::DEMO_ADAPTERS {
                 pager.register(name, &folder.join("adapters").join(name))?;
@@ -83,7 +93,10 @@ impl Server {
         let policy = Arc::new(PolicyHost::new(&config.policy, Some(data_dir.join("plugins")), metrics.policy.clone())?);
         let drop_dir = config.policy.dir.clone().unwrap_or_else(|| data_dir.join("plugins").join("drop"));
         let ledger = crate::ledger::Ledger::open(config.ledger.location(&data_dir)?, metrics.ledger.clone())?;
-        let engine = EngineHandle::start(model, pager, config.engine(), metrics.clone())?;
+        let engine = match device {
+            DeviceSpec::Cpu => EngineHandle::start(model, pager, config.engine(), metrics.clone())?,
+            DeviceSpec::Cuda(ordinal) => start_on_gpu(ordinal, model, pager, &config, &metrics)?,
+        };
         let state = Arc::new(AppState {
             engine,
             in_flight: Arc::new(Semaphore::new(config.limits.max_concurrent_requests)),
@@ -116,6 +129,39 @@ impl Server {
         eprintln!("openlora: stopped");
         Ok(())
     }
+}
+
+/// The engine on `cuda:ordinal`: the adapter pool's mirror and the KV cache share
+/// `memory.device_bytes`; one step mixes up to `limits.max_running` adapters.
+#[cfg(feature = "cuda")]
+fn start_on_gpu(
+    ordinal: usize,
+    model: Arc<LoadedModel>,
+    pager: AdapterPager,
+    config: &ServerConfig,
+    metrics: &Metrics,
+) -> Result<EngineHandle> {
+    let backend = crate::gpu::backend::GpuBackend::open(
+        ordinal,
+        &model,
+        &pager,
+        config.memory.device_bytes,
+        config.limits.max_running,
+    )?;
+    EngineHandle::start_on(Box::new(backend), model, pager, config.engine(), metrics.clone())
+}
+
+/// Without the `cuda` feature there is no GPU backend: says why.
+#[cfg(not(feature = "cuda"))]
+fn start_on_gpu(
+    ordinal: usize,
+    _model: Arc<LoadedModel>,
+    _pager: AdapterPager,
+    _config: &ServerConfig,
+    _metrics: &Metrics,
+) -> Result<EngineHandle> {
+    crate::device::probe_cuda(ordinal)?;
+    Err(crate::error::Error::Device(format!("cuda:{ordinal}: this build has no CUDA backend (feature `cuda`)")))
 }
 
 async fn wait_for_signal() {

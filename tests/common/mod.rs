@@ -6,9 +6,13 @@ use std::path::{Path, PathBuf};
 
 use candle_core::{Device, Tensor};
 
-/// The repository root.
+/// The repository root: `OPENLORA_REPO` when set (a test binary carried to another machine),
+/// else the checkout it was built from.
 pub fn repo_root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("runtime/ has a parent").to_path_buf()
+    match std::env::var_os("OPENLORA_REPO") {
+        Some(dir) => PathBuf::from(dir),
+        None => Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("runtime/ has a parent").to_path_buf(),
+    }
 }
 
 /// Every fixture model folder under tests/fixtures/models, sorted by name.

@@ -234,7 +234,7 @@ fn store(
     };
     write_files(&tmp, files).map_err(cleanup)?;
     // Validate before anything is renamed or registered: a bad upload changes nothing.
-    AdapterManifest::inspect(&tmp, state.engine.model().llama.config())
+    AdapterManifest::inspect(&tmp, state.engine.model().config())
         .map_err(|e| cleanup(ApiError { code: "invalid_adapter", ..ApiError::from(e) }))?;
     let dir = root.join(format!("{name}@{:016x}", rand::random::<u64>()));
     std::fs::rename(&tmp, &dir).map_err(|e| cleanup(ApiError::internal(format!("{}: {e}", dir.display()))))?;

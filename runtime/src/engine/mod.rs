@@ -4,6 +4,7 @@
 //! Callers [`EngineHandle::submit`] a [`GenerationRequest`] and read [`Event`]s from the
 //! returned [`RequestStream`]; dropping the stream cancels the request within one step.
 
+pub mod backend;
 mod scheduler;
 mod sequence;
 
@@ -17,14 +18,14 @@ use tokio::sync::mpsc::{UnboundedReceiver, unbounded_channel};
 use crate::error::{Error, Result};
 use crate::generate::FinishReason;
 use crate::metrics::Metrics;
-use crate::model::{LoadedModel, PagedKvCache};
+use crate::model::LoadedModel;
 use crate::pager::AdapterPager;
 use crate::sampling::SamplingParams;
 
 /// Limits and capacities of the engine.
 #[derive(Debug, Clone)]
 pub struct EngineConfig {
-    /// Bytes of the KV cache pool.
+    /// Bytes of the KV cache pool (of the CPU backend; a GPU backend sizes its own).
     pub kv_cache_bytes: usize,
     /// Most tokens (prefill and decode together) in one step.
     pub max_batch_tokens: usize,
@@ -211,6 +212,7 @@ pub struct EngineHandle {
 
 struct Shared {
     model: Arc<LoadedModel>,
+    device: String,
     pager: AdapterPager,
     config: EngineConfig,
     kv_total_blocks: usize,
@@ -218,22 +220,36 @@ struct Shared {
 }
 
 impl EngineHandle {
-    /// Starts the engine thread for `model`, reading adapters from `pager`.
+    /// Starts the engine thread for `model` on the CPU, reading adapters from `pager`.
     pub fn start(model: Arc<LoadedModel>, pager: AdapterPager, config: EngineConfig, metrics: Metrics) -> Result<Self> {
-        let kv = PagedKvCache::with_bytes(model.llama.config(), config.kv_cache_bytes);
-        if kv.total_blocks() == 0 {
+        let backend = backend::CpuBackend::new(model.clone(), config.kv_cache_bytes)?;
+        Self::start_on(Box::new(backend), model, pager, config, metrics)
+    }
+
+    /// Starts the engine thread on `backend`, which runs `model`'s weights; `model` gives the
+    /// configuration, tokenizer and stop tokens.
+    pub fn start_on(
+        backend: Box<dyn backend::Backend>,
+        model: Arc<LoadedModel>,
+        pager: AdapterPager,
+        config: EngineConfig,
+        metrics: Metrics,
+    ) -> Result<Self> {
+        let kv_total_blocks = backend.kv().total_blocks();
+        if kv_total_blocks == 0 {
             return Err(Error::InvalidParam { param: "kv_cache_bytes", message: "too small for one KV block".into() });
         }
         let (tx, rx) = channel();
-        let stats = Arc::new(Mutex::new(EngineStats { kv_total_blocks: kv.total_blocks(), ..Default::default() }));
+        let stats = Arc::new(Mutex::new(EngineStats { kv_total_blocks, ..Default::default() }));
         let shared = Arc::new(Shared {
             model: model.clone(),
+            device: backend.describe(),
             pager: pager.clone(),
             config: config.clone(),
-            kv_total_blocks: kv.total_blocks(),
+            kv_total_blocks,
             waiting: Default::default(),
         });
-        let sched = scheduler::Scheduler::new(shared.clone(), kv, metrics, stats.clone());
+        let sched = scheduler::Scheduler::new(shared.clone(), backend, metrics, stats.clone());
         std::thread::Builder::new()
             .name("openlora-engine".into())
             .spawn(move || sched.run(rx))
@@ -244,6 +260,11 @@ impl EngineHandle {
     /// The model the engine runs.
     pub fn model(&self) -> &Arc<LoadedModel> {
         &self.shared.model
+    }
+
+    /// The device the engine runs on, in words.
+    pub fn device(&self) -> &str {
+        &self.shared.device
     }
 
     /// The adapter pager the engine reads from.
@@ -261,7 +282,7 @@ impl EngineHandle {
     /// longer than the context, an unknown adapter, more KV than the whole pool, a full queue.
     pub fn submit(&self, mut request: GenerationRequest) -> Result<RequestStream> {
         request.params.validate()?;
-        let context = self.shared.model.llama.config().max_position_embeddings;
+        let context = self.shared.model.config().max_position_embeddings;
         let prompt = request.prompt_ids.len();
         if prompt == 0 {
             return Err(Error::InvalidParam { param: "prompt", message: "the prompt has no tokens".into() });
@@ -269,7 +290,7 @@ impl EngineHandle {
         if prompt >= context {
             return Err(Error::ContextOverflow { prompt_tokens: prompt, context });
         }
-        let vocab = self.shared.model.llama.config().vocab_size;
+        let vocab = self.shared.model.config().vocab_size;
         if let Some(bad) = request.prompt_ids.iter().find(|&&t| t as usize >= vocab) {
             return Err(Error::InvalidParam {
                 param: "prompt",

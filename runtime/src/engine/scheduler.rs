@@ -5,11 +5,12 @@ use std::sync::mpsc::{Receiver, RecvTimeoutError};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use super::backend::Backend;
 use super::sequence::{Progress, Sequence};
 use super::{EngineStats, Shared, Submission};
 use crate::generate::FinishReason;
 use crate::metrics::Metrics;
-use crate::model::{AllocStatus, LogitRows, PagedKvCache, SeqBatch};
+use crate::model::{AllocStatus, BlockPool, SeqBatch};
 use crate::pager::Acquire;
 
 /// Waiting requests whose adapters are prefetched each step.
@@ -18,7 +19,7 @@ const PREFETCH_AHEAD: usize = 8;
 pub(super) struct Scheduler {
     /// The model, the pager and the configuration, shared with the handles.
     shared: Arc<Shared>,
-    kv: PagedKvCache,
+    backend: Box<dyn Backend>,
     metrics: Metrics,
     stats: Arc<Mutex<EngineStats>>,
     /// Requests not yet running (including preempted ones), in no particular order.
@@ -32,10 +33,15 @@ pub(super) struct Scheduler {
 }
 
 impl Scheduler {
-    pub fn new(shared: Arc<Shared>, kv: PagedKvCache, metrics: Metrics, stats: Arc<Mutex<EngineStats>>) -> Self {
+    pub fn new(
+        shared: Arc<Shared>,
+        backend: Box<dyn Backend>,
+        metrics: Metrics,
+        stats: Arc<Mutex<EngineStats>>,
+    ) -> Self {
         Scheduler {
             shared,
-            kv,
+            backend,
             metrics,
             stats,
             waiting: Vec::new(),
@@ -79,7 +85,7 @@ impl Scheduler {
     }
 
     /// Frees a sequence's blocks and adapter pin.
-    fn release(kv: &mut PagedKvCache, seq: &mut Sequence) {
+    fn release(kv: &mut BlockPool, seq: &mut Sequence) {
         kv.release(&mut seq.kv);
         seq.lease = None;
     }
@@ -118,7 +124,7 @@ impl Scheduler {
         self.left_waiting(from_waiting.len());
         let from_running = Self::take_ended(&mut self.running, now);
         for (mut s, reason) in from_waiting.into_iter().chain(from_running) {
-            Self::release(&mut self.kv, &mut s);
+            Self::release(self.backend.kv_mut(), &mut s);
             s.finish(reason);
         }
     }
@@ -126,7 +132,7 @@ impl Scheduler {
     /// Moves the youngest running sequence back to the waiting queue; it will be recomputed.
     fn preempt_youngest(&mut self) {
         if let Some(mut s) = self.running.pop() {
-            Self::release(&mut self.kv, &mut s);
+            Self::release(self.backend.kv_mut(), &mut s);
             s.usage.preemptions += 1;
             self.preemptions += 1;
             self.metrics.engine.preemptions.inc();
@@ -151,7 +157,7 @@ impl Scheduler {
                 continue;
             }
             loop {
-                match self.kv.reserve(&mut self.running[i].kv, chunk) {
+                match self.backend.kv_mut().reserve(&mut self.running[i].kv, chunk) {
                     AllocStatus::Ok => break,
                     AllocStatus::Later if self.running.len() > i + 1 => self.preempt_youngest(),
                     // Nothing younger to take blocks from: this sequence itself yields.
@@ -207,7 +213,7 @@ impl Scheduler {
                 }
             }
             let chunk = s.pending().min(*budget);
-            match self.kv.reserve(&mut s.kv, chunk) {
+            match self.backend.kv_mut().reserve(&mut s.kv, chunk) {
                 AllocStatus::Ok => {}
                 AllocStatus::Later => {
                     s.lease = None;
@@ -215,7 +221,7 @@ impl Scheduler {
                 }
                 AllocStatus::Impossible => {
                     let mut s = self.waiting.remove(0);
-                    Self::release(&mut self.kv, &mut s);
+                    Self::release(self.backend.kv_mut(), &mut s);
                     s.fail("the request needs more KV cache than the whole pool".into());
                     self.left_waiting(1);
                     continue;
@@ -237,9 +243,7 @@ impl Scheduler {
     fn forward(&mut self, chunks: &[usize]) -> bool {
         let t0 = Instant::now();
         let total: usize = chunks.iter().sum();
-        let any_adapter = self.running.iter().zip(chunks).any(|(s, &c)| c > 0 && s.lease.is_some());
         let result = {
-            let pool = any_adapter.then(|| self.shared.pager.pool());
             let mut batch: Vec<SeqBatch<'_>> = self
                 .running
                 .iter_mut()
@@ -257,11 +261,7 @@ impl Scheduler {
             self.max_batch_seqs = self.max_batch_seqs.max(batch.len());
             self.metrics.engine.batch_seqs.observe(batch.len() as f64);
             self.metrics.engine.batch_tokens.observe(total as f64);
-            self.shared
-                .model
-                .llama
-                .forward_measured(&mut self.kv, &mut batch, LogitRows::Last, pool.as_ref().map(|p| p.view()))
-                .and_then(|(l, shares)| Ok((l.to_vec2::<f32>()?, shares)))
+            self.backend.step(&mut batch, &self.shared.pager)
         };
         let elapsed = t0.elapsed();
         self.steps += 1;
@@ -276,7 +276,7 @@ impl Scheduler {
                     std::mem::take(&mut self.running).into_iter().zip(chunks.iter().chain(std::iter::repeat(&0)))
                 {
                     if c > 0 {
-                        Self::release(&mut self.kv, &mut s);
+                        Self::release(self.backend.kv_mut(), &mut s);
                         s.fail(msg.clone());
                     } else {
                         keep.push(s);
@@ -302,14 +302,15 @@ impl Scheduler {
         }
         for (i, reason) in finished.into_iter().rev() {
             let mut s = self.running.remove(i);
-            Self::release(&mut self.kv, &mut s);
+            Self::release(self.backend.kv_mut(), &mut s);
             s.finish(reason);
         }
         true
     }
 
     fn publish(&self) {
-        let used = self.kv.total_blocks() - self.kv.free_blocks();
+        let kv = self.backend.kv();
+        let used = kv.total_blocks() - kv.free_blocks();
         let m = &self.metrics.engine;
         m.queue_depth.set(self.waiting.len() as i64);
         m.running.set(self.running.len() as i64);
@@ -319,8 +320,8 @@ impl Scheduler {
                 steps: self.steps,
                 running: self.running.len(),
                 waiting: self.waiting.len(),
-                kv_free_blocks: self.kv.free_blocks(),
-                kv_total_blocks: self.kv.total_blocks(),
+                kv_free_blocks: kv.free_blocks(),
+                kv_total_blocks: kv.total_blocks(),
                 preemptions: self.preemptions,
                 max_batch_seqs: self.max_batch_seqs,
             };

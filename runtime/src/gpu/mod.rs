@@ -6,9 +6,11 @@
 //! the cuBLAS handle and the loaded kernels. [`model::GpuLlama`] is the decoder on it,
 //! [`lora::GpuAdapters`] the adapter page pool, [`bench`] the GPU benchmark and parity run.
 
+pub mod backend;
 pub mod bench;
 pub mod lora;
 pub mod model;
+pub mod parity;
 
 use std::collections::HashMap;
 use std::sync::Arc;

@@ -8,10 +8,11 @@ use cudarc::cublas::{Gemm, GemmConfig};
 use cudarc::driver::{CudaSlice, PushKernelArg};
 use half::bf16;
 
-use super::lora::GpuAdapters;
+use super::lora::{GpuAdapters, ShareSums};
 use super::{Gpu, cuda_err, grid};
 use crate::error::{Error, Result};
-use crate::model::{ModelConfig, Proj, rope};
+use crate::model::lora::AdapterShare;
+use crate::model::{BLOCK_SIZE, BlockPool, ModelConfig, Proj, rope};
 
 /// Threads per block of the row kernels.
 const BLOCK: u32 = 256;
@@ -36,37 +37,30 @@ pub struct GpuLlama {
 }
 
 /// The KV cache in device memory: per layer `[blocks, block_size, kv_heads, head_dim]` (bf16),
-/// the layout of the CPU reference.
+/// the layout of the CPU reference, handed out by the same [`BlockPool`] as the CPU's.
 pub struct GpuKv {
     k: Vec<CudaSlice<bf16>>,
     v: Vec<CudaSlice<bf16>>,
-    /// Tokens per block.
-    pub block_size: usize,
-    free: Vec<u32>,
+    /// Its block bookkeeping.
+    pub blocks: BlockPool,
 }
 
 impl GpuKv {
-    /// A cache of `blocks` blocks for `cfg`'s layers.
-    pub fn new(gpu: &Gpu, cfg: &ModelConfig, blocks: usize, block_size: usize) -> Result<Self> {
-        let n = blocks * block_size * cfg.num_kv_heads * cfg.head_dim;
+    /// Bytes one block takes across all layers (keys and values, bf16).
+    pub fn block_bytes(cfg: &ModelConfig) -> usize {
+        2 * cfg.num_layers * BLOCK_SIZE * cfg.num_kv_heads * cfg.head_dim * 2
+    }
+
+    /// A cache of `blocks` blocks of [`BLOCK_SIZE`] tokens for `cfg`'s layers.
+    pub fn new(gpu: &Gpu, cfg: &ModelConfig, blocks: usize) -> Result<Self> {
+        let n = blocks * BLOCK_SIZE * cfg.num_kv_heads * cfg.head_dim;
         let mut k = Vec::with_capacity(cfg.num_layers);
         let mut v = Vec::with_capacity(cfg.num_layers);
         for _ in 0..cfg.num_layers {
             k.push(gpu.zeros::<bf16>(n)?);
             v.push(gpu.zeros::<bf16>(n)?);
         }
-        Ok(GpuKv { k, v, block_size, free: (0..blocks as u32).rev().collect() })
-    }
-
-    /// Blocks for a sequence of up to `tokens` tokens, or `None` if too few are free.
-    pub fn alloc(&mut self, tokens: usize) -> Option<Vec<u32>> {
-        let need = tokens.div_ceil(self.block_size);
-        (need <= self.free.len()).then(|| self.free.split_off(self.free.len() - need))
-    }
-
-    /// Returns a sequence's blocks.
-    pub fn release(&mut self, blocks: &[u32]) {
-        self.free.extend_from_slice(blocks);
+        Ok(GpuKv { k, v, blocks: BlockPool::new(blocks) })
     }
 }
 
@@ -286,7 +280,8 @@ impl GpuLlama {
     }
 
     /// Runs one step: writes the new tokens' keys and values into `kv` and returns f32 logits
-    /// `[rows, vocab]` of every row (`all_rows`) or of each sequence's last row.
+    /// `[rows, vocab]` of every row (`all_rows`) or of each sequence's last row, and each
+    /// sequence's measured adapter share (the CPU backend's [`AdapterShare`]).
     pub fn forward(
         &self,
         gpu: &Gpu,
@@ -294,15 +289,18 @@ impl GpuLlama {
         adapters: Option<&GpuAdapters>,
         seqs: &[GpuSeq<'_>],
         all_rows: bool,
-    ) -> Result<CudaSlice<f32>> {
+    ) -> Result<(CudaSlice<f32>, Vec<AdapterShare>)> {
         let cfg = &self.cfg;
-        let plan = StepPlan::new(gpu, cfg, kv.block_size, seqs, all_rows)?;
-        let adapters = adapters.filter(|_| plan.any_adapter);
+        let plan = StepPlan::new(gpu, cfg, BLOCK_SIZE, seqs, all_rows)?;
+        // The widest rank in this step: the shrink's output width.
+        let step_rank =
+            adapters.map_or(0, |a| seqs.iter().filter_map(|s| s.adapter).map(|s| a.slot_rank(s)).max().unwrap_or(0));
+        let adapters = adapters.filter(|_| plan.any_adapter && step_rank > 0);
         let n = plan.rows;
         let (h, nh, nkv, hd, inter) =
             (cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.intermediate_size);
         let (eps, scale) = (cfg.rms_norm_eps as f32, 1.0 / (hd as f32).sqrt());
-        let (h_i, hd_i, nh_i, nkv_i, bs_i) = (h as i32, hd as i32, nh as i32, nkv as i32, kv.block_size as i32);
+        let (h_i, hd_i, nh_i, nkv_i, bs_i) = (h as i32, hd as i32, nh as i32, nkv as i32, BLOCK_SIZE as i32);
         let mut x = gpu.zeros::<bf16>(n * h)?;
         let mut hn = gpu.zeros::<bf16>(n * h)?;
         let mut q = gpu.zeros::<bf16>(n * nh * hd)?;
@@ -313,7 +311,8 @@ impl GpuLlama {
         let mut gate = gpu.zeros::<bf16>(n * inter)?;
         let mut up = gpu.zeros::<bf16>(n * inter)?;
         let mut act = gpu.zeros::<bf16>(n * inter)?;
-        let mut lora_tmp = gpu.zeros::<f32>(n * adapters.map_or(1, |a| a.max_rank))?;
+        let mut lora_tmp = gpu.zeros::<f32>(n * step_rank.max(1))?;
+        let mut sums = ShareSums::new(gpu, plan.seqs)?;
         let s = &gpu.stream;
         // SAFETY (every launch below): each kernel reads and writes within the buffers passed,
         // which are sized above from the same row count and widths the kernel is given.
@@ -345,18 +344,23 @@ impl GpuLlama {
                 .map_err(cuda_err)
         };
         for (l, layer) in self.layers.iter().enumerate() {
-            let lora =
-                |p: Proj, input: &CudaSlice<bf16>, y: &mut CudaSlice<bf16>, tmp: &mut CudaSlice<f32>| match adapters {
-                    Some(a) => a.apply(gpu, &plan_lora(&plan), l * 7 + p as usize, input, y, tmp, p.shape(cfg)),
-                    None => Ok(()),
-                };
+            let lora = |p: Proj,
+                        input: &CudaSlice<bf16>,
+                        y: &mut CudaSlice<bf16>,
+                        tmp: &mut CudaSlice<f32>,
+                        sums: &mut ShareSums| match adapters {
+                Some(a) => {
+                    a.apply(gpu, &plan_lora(&plan, step_rank), l * 7 + p as usize, input, y, tmp, sums, p.shape(cfg))
+                }
+                None => Ok(()),
+            };
             rms(&x, &layer.input_norm, &mut hn, n)?;
             linear(gpu, &hn, &layer.proj[Proj::Q as usize], &mut q, n, Proj::Q.shape(cfg))?;
             linear(gpu, &hn, &layer.proj[Proj::K as usize], &mut k, n, Proj::K.shape(cfg))?;
             linear(gpu, &hn, &layer.proj[Proj::V as usize], &mut v, n, Proj::V.shape(cfg))?;
-            lora(Proj::Q, &hn, &mut q, &mut lora_tmp)?;
-            lora(Proj::K, &hn, &mut k, &mut lora_tmp)?;
-            lora(Proj::V, &hn, &mut v, &mut lora_tmp)?;
+            lora(Proj::Q, &hn, &mut q, &mut lora_tmp, &mut sums)?;
+            lora(Proj::K, &hn, &mut k, &mut lora_tmp, &mut sums)?;
+            lora(Proj::V, &hn, &mut v, &mut lora_tmp, &mut sums)?;
             rope(&mut q, nh_i)?;
             rope(&mut k, nkv_i)?;
             {
@@ -384,13 +388,13 @@ impl GpuLlama {
                 }
             }
             linear(gpu, &attn, &layer.proj[Proj::O as usize], &mut out, n, Proj::O.shape(cfg))?;
-            lora(Proj::O, &attn, &mut out, &mut lora_tmp)?;
+            lora(Proj::O, &attn, &mut out, &mut lora_tmp, &mut sums)?;
             add(&mut x, &out, n * h)?;
             rms(&x, &layer.post_norm, &mut hn, n)?;
             linear(gpu, &hn, &layer.proj[Proj::Gate as usize], &mut gate, n, Proj::Gate.shape(cfg))?;
             linear(gpu, &hn, &layer.proj[Proj::Up as usize], &mut up, n, Proj::Up.shape(cfg))?;
-            lora(Proj::Gate, &hn, &mut gate, &mut lora_tmp)?;
-            lora(Proj::Up, &hn, &mut up, &mut lora_tmp)?;
+            lora(Proj::Gate, &hn, &mut gate, &mut lora_tmp, &mut sums)?;
+            lora(Proj::Up, &hn, &mut up, &mut lora_tmp, &mut sums)?;
             {
                 let len = (n * inter) as i32;
                 let mut b = s.launch_builder(gpu.kernel("silu_mul_bf16")?);
@@ -400,7 +404,7 @@ impl GpuLlama {
                     .map_err(cuda_err)?;
             }
             linear(gpu, &act, &layer.proj[Proj::Down as usize], &mut out, n, Proj::Down.shape(cfg))?;
-            lora(Proj::Down, &act, &mut out, &mut lora_tmp)?;
+            lora(Proj::Down, &act, &mut out, &mut lora_tmp, &mut sums)?;
             add(&mut x, &out, n * h)?;
         }
         // The rows whose logits are wanted, normed, through the head.
@@ -425,7 +429,11 @@ impl GpuLlama {
             // SAFETY: the buffers passed were sized above for the rows and widths given.
             unsafe { b.launch(grid(((m * vocab).div_ceil(BLOCK as usize) as u32, 1), BLOCK, 0)) }.map_err(cuda_err)?;
         }
-        Ok(out32)
+        let shares = match adapters {
+            Some(_) => sums.download(gpu, plan.seqs)?,
+            None => vec![AdapterShare::default(); plan.seqs],
+        };
+        Ok((out32, shares))
     }
 
     /// Greedy (temperature 0) or sampled next tokens of f32 logits `[rows, vocab]`, on the device.
@@ -447,6 +455,8 @@ impl GpuLlama {
 /// The step's row layout as the LoRA op needs it.
 pub(crate) struct LoraRows<'a> {
     pub decode: bool,
+    /// The widest rank of the step's adapters (the shrink output's row width).
+    pub max_rank: usize,
     pub rows: usize,
     pub seqs: usize,
     pub seg_start: &'a CudaSlice<i32>,
@@ -455,9 +465,10 @@ pub(crate) struct LoraRows<'a> {
     pub row_adapter: &'a CudaSlice<i32>,
 }
 
-fn plan_lora(p: &StepPlan) -> LoraRows<'_> {
+fn plan_lora(p: &StepPlan, max_rank: usize) -> LoraRows<'_> {
     LoraRows {
         decode: p.decode,
+        max_rank,
         rows: p.rows,
         seqs: p.seqs,
         seg_start: &p.seg_start,

@@ -43,10 +43,10 @@ impl SeqKv {
     }
 }
 
-/// The KV pool of every layer, and its free-block list.
-pub struct PagedKvCache {
-    shape: KvShape,
-    layers: Vec<(Vec<f32>, Vec<f32>)>,
+/// The free-block list of a KV pool and the block tables it hands out: the bookkeeping every
+/// backend shares (the CPU keeps the blocks in host memory, a GPU in device memory).
+#[derive(Debug, Clone)]
+pub struct BlockPool {
     free: Vec<u32>,
     total: usize,
 }
@@ -55,42 +55,10 @@ fn blocks_for(tokens: usize) -> usize {
     tokens.div_ceil(BLOCK_SIZE)
 }
 
-impl PagedKvCache {
-    /// Bytes one block takes across all layers (keys and values, f32).
-    pub fn block_bytes(cfg: &ModelConfig) -> usize {
-        2 * cfg.num_layers * BLOCK_SIZE * cfg.num_kv_heads * cfg.head_dim * 4
-    }
-
-    /// A pool of `num_blocks` blocks.
-    pub fn new(cfg: &ModelConfig, num_blocks: usize) -> Self {
-        let shape = KvShape {
-            block_size: BLOCK_SIZE,
-            kv_heads: cfg.num_kv_heads,
-            heads: cfg.num_heads,
-            head_dim: cfg.head_dim,
-        };
-        let elems = num_blocks * shape.block_elems();
-        PagedKvCache {
-            shape,
-            layers: (0..cfg.num_layers).map(|_| (vec![0.0; elems], vec![0.0; elems])).collect(),
-            free: (0..num_blocks as u32).rev().collect(),
-            total: num_blocks,
-        }
-    }
-
-    /// A pool using at most `bytes` bytes.
-    pub fn with_bytes(cfg: &ModelConfig, bytes: usize) -> Self {
-        Self::new(cfg, bytes / Self::block_bytes(cfg))
-    }
-
-    /// A pool just large enough for `seqs` sequences of `max_tokens` tokens each.
-    pub fn for_sequences(cfg: &ModelConfig, seqs: usize, max_tokens: usize) -> Self {
-        Self::new(cfg, seqs * blocks_for(max_tokens))
-    }
-
-    /// The cache's geometry.
-    pub fn shape(&self) -> KvShape {
-        self.shape
+impl BlockPool {
+    /// A pool of `total` blocks, all free.
+    pub fn new(total: usize) -> Self {
+        BlockPool { free: (0..total as u32).rev().collect(), total }
     }
 
     /// Blocks free now.
@@ -137,8 +105,83 @@ impl PagedKvCache {
     }
 
     /// Marks `n` tokens written by the step just run as part of `seq`.
-    pub(crate) fn commit(seq: &mut SeqKv, n: usize) {
+    pub fn commit(seq: &mut SeqKv, n: usize) {
         seq.len += n;
+    }
+}
+
+/// The KV pool of every layer in host memory (f32), and its block bookkeeping.
+pub struct PagedKvCache {
+    shape: KvShape,
+    layers: Vec<(Vec<f32>, Vec<f32>)>,
+    blocks: BlockPool,
+}
+
+impl PagedKvCache {
+    /// Bytes one block takes across all layers (keys and values, f32).
+    pub fn block_bytes(cfg: &ModelConfig) -> usize {
+        2 * cfg.num_layers * BLOCK_SIZE * cfg.num_kv_heads * cfg.head_dim * 4
+    }
+
+    /// A pool of `num_blocks` blocks.
+    pub fn new(cfg: &ModelConfig, num_blocks: usize) -> Self {
+        let shape = KvShape {
+            block_size: BLOCK_SIZE,
+            kv_heads: cfg.num_kv_heads,
+            heads: cfg.num_heads,
+            head_dim: cfg.head_dim,
+        };
+        let elems = num_blocks * shape.block_elems();
+        PagedKvCache {
+            shape,
+            layers: (0..cfg.num_layers).map(|_| (vec![0.0; elems], vec![0.0; elems])).collect(),
+            blocks: BlockPool::new(num_blocks),
+        }
+    }
+
+    /// A pool using at most `bytes` bytes.
+    pub fn with_bytes(cfg: &ModelConfig, bytes: usize) -> Self {
+        Self::new(cfg, bytes / Self::block_bytes(cfg))
+    }
+
+    /// A pool just large enough for `seqs` sequences of `max_tokens` tokens each.
+    pub fn for_sequences(cfg: &ModelConfig, seqs: usize, max_tokens: usize) -> Self {
+        Self::new(cfg, seqs * blocks_for(max_tokens))
+    }
+
+    /// The cache's geometry.
+    pub fn shape(&self) -> KvShape {
+        self.shape
+    }
+
+    /// Its block bookkeeping.
+    pub fn blocks(&self) -> &BlockPool {
+        &self.blocks
+    }
+
+    /// Its block bookkeeping, to hand out or take back blocks.
+    pub fn blocks_mut(&mut self) -> &mut BlockPool {
+        &mut self.blocks
+    }
+
+    /// Blocks free now.
+    pub fn free_blocks(&self) -> usize {
+        self.blocks.free_blocks()
+    }
+
+    /// Blocks in the pool.
+    pub fn total_blocks(&self) -> usize {
+        self.blocks.total_blocks()
+    }
+
+    /// Gives `seq` blocks for `new_tokens` more tokens if they can be had now ([`BlockPool::reserve`]).
+    pub fn reserve(&mut self, seq: &mut SeqKv, new_tokens: usize) -> AllocStatus {
+        self.blocks.reserve(seq, new_tokens)
+    }
+
+    /// Returns every block of `seq` to the pool and empties it.
+    pub fn release(&mut self, seq: &mut SeqKv) {
+        self.blocks.release(seq)
     }
 
     /// Layer `l`'s key and value pools, mutable.
@@ -185,7 +228,7 @@ mod tests {
         let mut a = SeqKv::default();
         assert_eq!(kv.reserve(&mut a, 17), AllocStatus::Ok); // two blocks
         assert_eq!(a.blocks().len(), 2);
-        PagedKvCache::commit(&mut a, 17);
+        BlockPool::commit(&mut a, 17);
         assert_eq!(kv.reserve(&mut a, 15), AllocStatus::Ok, "fits in the second block");
         assert_eq!(a.blocks().len(), 2);
         let mut b = SeqKv::default();

@@ -10,7 +10,7 @@ use openlora_kernels::attention::{SeqAttention, paged_attention, write_kv};
 use openlora_kernels::lora::PagePool;
 
 use super::config::ModelConfig;
-use super::kv::{AllocStatus, PagedKvCache, SeqKv};
+use super::kv::{AllocStatus, BlockPool, PagedKvCache, SeqKv};
 use super::lora::{AdapterShare, LoraPlan};
 use super::ops;
 use super::rope::RopeTables;
@@ -333,7 +333,7 @@ impl Llama {
         }
         drop(attn_seqs);
         for seq in batch.iter_mut() {
-            PagedKvCache::commit(seq.kv, seq.tokens.len());
+            BlockPool::commit(seq.kv, seq.tokens.len());
         }
         let x = match rows {
             LogitRows::All => x,

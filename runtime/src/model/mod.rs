@@ -14,7 +14,7 @@ use std::path::{Path, PathBuf};
 use candle_core::Device;
 
 pub use config::{GenerationDefaults, ModelConfig, RopeScaling, WeightDType};
-pub use kv::{AllocStatus, BLOCK_SIZE, PagedKvCache, SeqKv};
+pub use kv::{AllocStatus, BLOCK_SIZE, BlockPool, PagedKvCache, SeqKv};
 pub use llama::{Llama, LogitRows, Proj, SeqBatch};
 pub use tokenizer::{StreamDecoder, TextTokenizer};
 pub use weights::WeightFiles;
@@ -25,8 +25,10 @@ use crate::error::{Error, Result};
 pub struct LoadedModel {
     /// The folder the model came from.
     pub folder: PathBuf,
-    /// The decoder.
-    pub llama: Llama,
+    /// Its configuration.
+    config: ModelConfig,
+    /// The decoder on the CPU (`None` when a GPU backend holds the weights).
+    llama: Option<Llama>,
     /// Its tokenizer.
     pub tokenizer: TextTokenizer,
     /// Defaults from `generation_config.json`.
@@ -68,6 +70,26 @@ impl LoadedModel {
     /// Loads a model folder on the CPU: `config.json`, `*.safetensors` (memory-mapped),
     /// `tokenizer.json`, and `tokenizer_config.json` / `generation_config.json` when present.
     pub fn load(folder: &Path) -> Result<Self> {
+        Self::open(folder, true)
+    }
+
+    /// Loads and checks everything of a model folder but keeps no CPU weights: for a GPU
+    /// backend, which uploads the weights itself.
+    pub fn load_without_weights(folder: &Path) -> Result<Self> {
+        Self::open(folder, false)
+    }
+
+    /// The model's configuration.
+    pub fn config(&self) -> &ModelConfig {
+        &self.config
+    }
+
+    /// The decoder on the CPU, if this model was loaded with its weights there.
+    pub fn llama(&self) -> Result<&Llama> {
+        self.llama.as_ref().ok_or_else(|| Error::Device("the model's weights are on the GPU, not the CPU".into()))
+    }
+
+    fn open(folder: &Path, cpu_weights: bool) -> Result<Self> {
         if !folder.is_dir() {
             return Err(Error::MissingFile { path: folder.to_path_buf(), what: "model folder" });
         }
@@ -87,7 +109,7 @@ impl LoadedModel {
         let generation = GenerationDefaults::from_file(&folder.join("generation_config.json"))?;
         let files = WeightFiles::discover(folder)?;
         let weights = WeightFiles::open(folder, &files)?;
-        let llama = Llama::load(&cfg, &weights, &Device::Cpu)?;
+        let llama = if cpu_weights { Some(Llama::load(&cfg, &weights, &Device::Cpu)?) } else { None };
         let mut eos_token_ids = cfg.eos_token_ids.clone();
         for id in generation.eos_token_ids.iter().chain(&tokenizer.eos_token_ids) {
             if !eos_token_ids.contains(id) {
@@ -100,6 +122,14 @@ impl LoadedModel {
             ["tokenizer.json", "tokenizer_config.json"].map(|f| folder.join(f)).into_iter().filter(|p| p.exists()),
         );
         let sha256 = content_hash(folder, &hashed)?;
-        Ok(LoadedModel { folder: folder.to_path_buf(), llama, tokenizer, generation, eos_token_ids, sha256 })
+        Ok(LoadedModel {
+            folder: folder.to_path_buf(),
+            config: cfg,
+            llama,
+            tokenizer,
+            generation,
+            eos_token_ids,
+            sha256,
+        })
     }
 }

@@ -29,11 +29,14 @@ pub struct PagerConfig {
     pub active_pool_bytes: usize,
     /// Elements (f32) per page; 0 means the base model's hidden size, as in S-LoRA.
     pub page_elems: usize,
+    /// Bytes one pooled value costs where the pool lives: 4 for the host's f32 arena, 2 when a
+    /// GPU mirrors it in bf16 (`active_pool_bytes` is then device memory).
+    pub value_bytes: usize,
 }
 
 impl Default for PagerConfig {
     fn default() -> Self {
-        PagerConfig { host_cache_bytes: 1 << 30, active_pool_bytes: 256 << 20, page_elems: 0 }
+        PagerConfig { host_cache_bytes: 1 << 30, active_pool_bytes: 256 << 20, page_elems: 0, value_bytes: 4 }
     }
 }
 
@@ -233,8 +236,8 @@ impl AdapterPager {
     /// A pager for adapters of `base`, with tiers sized by `config`.
     pub fn new(base: &ModelConfig, config: PagerConfig, metrics: PagerMetrics) -> Self {
         let page_elems = if config.page_elems == 0 { base.hidden_size } else { config.page_elems };
-        let pages = config.active_pool_bytes / (page_elems * 4);
-        let (alloc, data) = PageAllocator::new(pages, page_elems);
+        let pages = config.active_pool_bytes / (page_elems * config.value_bytes.max(1));
+        let (alloc, data) = PageAllocator::new(pages, page_elems, config.value_bytes.max(1));
         let state = State {
             registry: HashMap::new(),
             host: HashMap::new(),
@@ -416,6 +419,16 @@ impl AdapterPager {
     /// The pool's pages, for the LoRA op to read while a batch runs.
     pub fn pool(&self) -> RwLockReadGuard<'_, PoolData> {
         self.inner.data.read().unwrap_or_else(lock_err)
+    }
+
+    /// The active pool's size in pages.
+    pub fn pool_pages(&self) -> usize {
+        self.inner.lock().alloc.total_pages()
+    }
+
+    /// Values per page of the active pool.
+    pub fn page_elems(&self) -> usize {
+        self.pool().page_elems()
     }
 
     /// A snapshot for tests and metrics: `(adapter, pins)` of every resident adapter, and free pages.

@@ -19,9 +19,31 @@ struct ModuleSlot {
 /// An adapter copied into the page arena: its page table and where each module's rows are.
 #[derive(Debug)]
 pub struct ResidentAdapter {
+    id: u64,
     table: Vec<u32>,
     modules: Vec<[Option<ModuleSlot>; 7]>,
 }
+
+/// One module of a resident adapter as a device mirror needs it: where its rows start in the
+/// adapter's page table.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct ModulePlace {
+    /// Decoder layer.
+    pub layer: usize,
+    /// Projection ([`Proj`] as an index).
+    pub proj: usize,
+    /// Its rank.
+    pub rank: usize,
+    /// `alpha / rank`.
+    pub scale: f32,
+    /// Index in the page table of `A`'s first page.
+    pub a_first: usize,
+    /// Index in the page table of `Bᵀ`'s first page.
+    pub bt_first: usize,
+}
+
+/// Identities of placements: a new one for every adapter copied into the arena, never reused.
+static NEXT_PLACEMENT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
 
 impl ResidentAdapter {
     /// The kernel's view of one projection's weights, if this adapter has it.
@@ -39,6 +61,32 @@ impl ResidentAdapter {
     pub fn pages(&self) -> &[u32] {
         &self.table
     }
+
+    /// This placement's identity: a device copy made from it stays valid while it is the same.
+    pub fn id(&self) -> u64 {
+        self.id
+    }
+
+    /// Every module it has, with where its rows start in [`ResidentAdapter::pages`].
+    pub fn modules(&self) -> impl Iterator<Item = ModulePlace> + '_ {
+        self.modules.iter().enumerate().flat_map(|(layer, slots)| {
+            slots.iter().enumerate().filter_map(move |(proj, m)| {
+                m.as_ref().map(|m| ModulePlace {
+                    layer,
+                    proj,
+                    rank: m.rank,
+                    scale: m.scale,
+                    a_first: m.a.start,
+                    bt_first: m.bt.start,
+                })
+            })
+        })
+    }
+
+    /// Its largest rank.
+    pub fn max_rank(&self) -> usize {
+        self.modules().map(|m| m.rank).max().unwrap_or(0)
+    }
 }
 
 /// The arena's data, read by the LoRA op while a batch runs.
@@ -52,6 +100,17 @@ impl PoolData {
     pub fn view(&self) -> PagePool<'_> {
         PagePool { pages: &self.data, page_elems: self.page_elems }
     }
+
+    /// The values of page `page`.
+    pub fn page(&self, page: u32) -> &[f32] {
+        let s = page as usize * self.page_elems;
+        &self.data[s..s + self.page_elems]
+    }
+
+    /// Values per page.
+    pub fn page_elems(&self) -> usize {
+        self.page_elems
+    }
 }
 
 /// Free-page bookkeeping of the arena.
@@ -59,13 +118,18 @@ pub struct PageAllocator {
     free: Vec<u32>,
     total: usize,
     page_elems: usize,
+    value_bytes: usize,
 }
 
 impl PageAllocator {
-    /// An arena of `pages` pages of `page_elems` f32 each, and its (zeroed) data.
-    pub fn new(pages: usize, page_elems: usize) -> (Self, PoolData) {
+    /// An arena of `pages` pages of `page_elems` values each, and its (zeroed) f32 data;
+    /// `value_bytes` is what one value costs where the pool lives (4 on the host, 2 in bf16).
+    pub fn new(pages: usize, page_elems: usize, value_bytes: usize) -> (Self, PoolData) {
         let free = (0..pages as u32).rev().collect();
-        (PageAllocator { free, total: pages, page_elems }, PoolData { data: vec![0.0; pages * page_elems], page_elems })
+        (
+            PageAllocator { free, total: pages, page_elems, value_bytes },
+            PoolData { data: vec![0.0; pages * page_elems], page_elems },
+        )
     }
 
     /// Pages free now.
@@ -80,7 +144,7 @@ impl PageAllocator {
 
     /// Bytes of one page.
     pub fn page_bytes(&self) -> usize {
-        self.page_elems * 4
+        self.page_elems * self.value_bytes
     }
 
     /// Pages an adapter needs: one run of pages per rank-row of each `A` and `Bᵀ`.
@@ -127,7 +191,8 @@ impl PageAllocator {
             }
             modules.push(slots);
         }
-        Some(ResidentAdapter { table, modules })
+        let id = NEXT_PLACEMENT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        Some(ResidentAdapter { id, table, modules })
     }
 
     /// Returns an evicted adapter's pages to the free list.

@@ -1,0 +1,72 @@
+//! What the engine steps: a model backend that owns the weights and the KV storage. The
+//! scheduler above it is the same on every device; [`CpuBackend`] runs on the host and, with
+//! the `cuda` feature, [`crate::gpu::backend::GpuBackend`] on a GPU.
+
+use std::sync::Arc;
+
+use crate::error::{Error, Result};
+use crate::model::lora::AdapterShare;
+use crate::model::{BlockPool, LoadedModel, LogitRows, PagedKvCache, SeqBatch};
+use crate::pager::AdapterPager;
+
+/// Each sequence's logits for its last new token, and its measured adapter share, in batch order.
+pub type StepOutput = (Vec<Vec<f32>>, Vec<AdapterShare>);
+
+/// A device the engine can run steps on.
+pub trait Backend: Send {
+    /// Where it runs, for logs ("cpu", "cuda:0 NVIDIA H100 …").
+    fn describe(&self) -> String;
+
+    /// The KV pool's block bookkeeping.
+    fn kv(&self) -> &BlockPool;
+
+    /// The KV pool's block bookkeeping, to hand out or take back blocks.
+    fn kv_mut(&mut self) -> &mut BlockPool;
+
+    /// Runs one step: every sequence's new tokens, with the adapter it leases from `pager`'s
+    /// active pool. Reserves the KV blocks a sequence lacks and marks its new tokens stored.
+    fn step(&mut self, batch: &mut [SeqBatch<'_>], pager: &AdapterPager) -> Result<StepOutput>;
+}
+
+/// The host backend: the f32 decoder of [`crate::model::Llama`] and a host KV pool.
+pub struct CpuBackend {
+    model: Arc<LoadedModel>,
+    kv: PagedKvCache,
+}
+
+impl CpuBackend {
+    /// A backend for `model` (loaded with its CPU weights) with a KV pool of `kv_bytes`.
+    pub fn new(model: Arc<LoadedModel>, kv_bytes: usize) -> Result<Self> {
+        model.llama()?;
+        let kv = PagedKvCache::with_bytes(model.config(), kv_bytes);
+        if kv.total_blocks() == 0 {
+            return Err(Error::InvalidParam { param: "kv_cache_bytes", message: "too small for one KV block".into() });
+        }
+        Ok(CpuBackend { model, kv })
+    }
+}
+
+impl Backend for CpuBackend {
+    fn describe(&self) -> String {
+        "cpu".into()
+    }
+
+    fn kv(&self) -> &BlockPool {
+        self.kv.blocks()
+    }
+
+    fn kv_mut(&mut self) -> &mut BlockPool {
+        self.kv.blocks_mut()
+    }
+
+    fn step(&mut self, batch: &mut [SeqBatch<'_>], pager: &AdapterPager) -> Result<StepOutput> {
+        let pool = batch.iter().any(|s| s.adapter.is_some()).then(|| pager.pool());
+        let (logits, shares) = self.model.llama()?.forward_measured(
+            &mut self.kv,
+            batch,
+            LogitRows::Last,
+            pool.as_ref().map(|p| p.view()),
+        )?;
+        Ok((logits.to_vec2::<f32>()?, shares))
+    }
+}

@@ -1,0 +1,146 @@
+//! The engine's backend on a GPU: [`GpuLlama`] with its device KV cache and a device mirror of
+//! the pager's active adapter pool, sized together from one device memory budget.
+
+use std::sync::Arc;
+
+use super::lora::GpuAdapters;
+use super::model::{GpuKv, GpuLlama, GpuSeq};
+use super::{Gpu, cuda_err};
+use crate::engine::backend::{Backend, StepOutput};
+use crate::error::{Error, Result};
+use crate::model::{AllocStatus, BlockPool, LoadedModel, SeqBatch};
+use crate::pager::AdapterPager;
+
+/// Device memory kept free for a step's activations, cuBLAS workspaces and the logits when the
+/// budget is taken from what is free.
+const HEADROOM: f64 = 0.10;
+
+/// The engine's GPU backend.
+pub struct GpuBackend {
+    gpu: Gpu,
+    llama: GpuLlama,
+    kv: GpuKv,
+    adapters: GpuAdapters,
+}
+
+/// How a device memory budget was split.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DeviceBudget {
+    /// Bytes of the adapter pool's mirror.
+    pub adapter_pool_bytes: usize,
+    /// KV blocks the rest holds.
+    pub kv_blocks: usize,
+}
+
+impl DeviceBudget {
+    /// Splits `budget` bytes: the adapter pool (`pool_pages` pages of `page_elems` bf16 values)
+    /// first, the KV cache (blocks of `kv_block_bytes`) in the rest.
+    pub fn split(budget: usize, pool_pages: usize, page_elems: usize, kv_block_bytes: usize) -> Result<Self> {
+        let pool = GpuAdapters::pool_bytes(pool_pages, page_elems);
+        let kv_blocks = budget.saturating_sub(pool) / kv_block_bytes.max(1);
+        if kv_blocks == 0 {
+            return Err(Error::InvalidParam {
+                param: "memory.device_bytes",
+                message: format!(
+                    "{budget} bytes of device memory leave no room for one KV block after the {pool}-byte adapter pool"
+                ),
+            });
+        }
+        Ok(DeviceBudget { adapter_pool_bytes: pool, kv_blocks })
+    }
+}
+
+impl GpuBackend {
+    /// Opens `cuda:ordinal`, uploads `model`'s weights (bf16) and sizes the adapter mirror (as
+    /// `pager`'s active pool, which must count bf16 values) and the KV cache from
+    /// `device_bytes`, or from 90% of the memory free once the weights are in. `slots` is how
+    /// many adapters one step may mix.
+    pub fn open(
+        ordinal: usize,
+        model: &Arc<LoadedModel>,
+        pager: &AdapterPager,
+        device_bytes: Option<usize>,
+        slots: usize,
+    ) -> Result<Self> {
+        let gpu = Gpu::open(ordinal)?;
+        let llama = GpuLlama::load(&gpu, &model.folder)?;
+        gpu.synchronize()?;
+        let cfg = model.config();
+        let budget = match device_bytes {
+            Some(b) => b,
+            None => {
+                let (free, _) = cudarc::driver::result::mem_get_info().map_err(cuda_err)?;
+                (free as f64 * (1.0 - HEADROOM)) as usize
+            }
+        };
+        let (pages, page_elems) = (pager.pool_pages(), pager.page_elems());
+        let split = DeviceBudget::split(budget, pages, page_elems, GpuKv::block_bytes(cfg))?;
+        let kv = GpuKv::new(&gpu, cfg, split.kv_blocks)?;
+        let adapters = GpuAdapters::new(&gpu, cfg.num_layers, pages, page_elems, slots, pages)?;
+        Ok(GpuBackend { gpu, llama, kv, adapters })
+    }
+}
+
+impl Backend for GpuBackend {
+    fn describe(&self) -> String {
+        let i = &self.gpu.info;
+        format!("cuda:{} {} (compute capability {}.{})", i.ordinal, i.name, i.capability.0, i.capability.1)
+    }
+
+    fn kv(&self) -> &BlockPool {
+        &self.kv.blocks
+    }
+
+    fn kv_mut(&mut self) -> &mut BlockPool {
+        &mut self.kv.blocks
+    }
+
+    fn step(&mut self, batch: &mut [SeqBatch<'_>], pager: &AdapterPager) -> Result<StepOutput> {
+        for seq in batch.iter_mut() {
+            match self.kv.blocks.reserve(seq.kv, seq.tokens.len()) {
+                AllocStatus::Ok => {}
+                status => return Err(Error::KvExhausted { needed_tokens: seq.kv.len() + seq.tokens.len(), status }),
+            }
+        }
+        let mut slots: Vec<Option<u32>> = Vec::with_capacity(batch.len());
+        if batch.iter().any(|s| s.adapter.is_some()) {
+            let host = pager.pool();
+            let mut busy = Vec::new();
+            for seq in batch.iter() {
+                let slot = match seq.adapter {
+                    Some(r) => Some(self.adapters.slot_for(&self.gpu, r, &host, &busy)?),
+                    None => None,
+                };
+                busy.extend(slot);
+                slots.push(slot);
+            }
+        } else {
+            slots.resize(batch.len(), None);
+        }
+        let seqs: Vec<GpuSeq<'_>> = batch
+            .iter()
+            .zip(&slots)
+            .map(|(s, &adapter)| GpuSeq { tokens: s.tokens, start: s.kv.len(), blocks: s.kv.blocks(), adapter })
+            .collect();
+        let (logits, shares) = self.llama.forward(&self.gpu, &mut self.kv, Some(&self.adapters), &seqs, false)?;
+        let flat = self.gpu.download(&logits)?;
+        let vocab = self.llama.config().vocab_size;
+        let rows: Vec<Vec<f32>> = flat.chunks(vocab).take(batch.len()).map(<[f32]>::to_vec).collect();
+        for seq in batch.iter_mut() {
+            BlockPool::commit(seq.kv, seq.tokens.len());
+        }
+        Ok((rows, shares))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_budget_goes_to_the_pool_first_and_the_kv_cache_gets_the_rest() {
+        let s = DeviceBudget::split(10_000, 10, 100, 1_000).expect("fits");
+        assert_eq!(s, DeviceBudget { adapter_pool_bytes: 2_000, kv_blocks: 8 });
+        assert!(DeviceBudget::split(2_500, 10, 100, 1_000).is_err(), "no room for one block");
+    }
+}

@@ -1,0 +1,253 @@
+//! The GPU's correctness checks, run by `openlora bench --device cuda:N`: logits against the
+//! committed references (Hugging Face transformers, and PEFT for a mixed-adapter batch, on both
+//! the segmented prefill and the gathered decode path), and the serving path itself: the same
+//! requests through an engine on the CPU backend and one on the GPU backend.
+
+use std::path::Path;
+use std::sync::Arc;
+
+use serde_json::{Value, json};
+
+use super::Gpu;
+use super::backend::GpuBackend;
+use super::lora::{AdapterArena, GpuAdapters};
+use super::model::{GpuKv, GpuLlama, GpuSeq};
+use crate::adapters::AdapterManifest;
+use crate::engine::backend::{Backend, CpuBackend};
+use crate::engine::{EngineConfig, EngineHandle, Event, GenerationRequest};
+use crate::error::{Error, Result};
+use crate::metrics::Metrics;
+use crate::model::{AllocStatus, BLOCK_SIZE, LoadedModel, ModelConfig, SeqKv};
+use crate::pager::{AdapterPager, PagerConfig};
+use crate::sampling::SamplingParams;
+
+/// Largest |a - b| and the share of rows whose argmax agrees, of `[rows, vocab]` logits.
+fn compare(got: &[f32], want: &[f32], vocab: usize) -> (f32, f64) {
+    let max = got.iter().zip(want).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
+    let argmax = |r: &[f32]| r.iter().enumerate().fold((0, f32::MIN), |m, (i, &v)| if v > m.1 { (i, v) } else { m }).0;
+    let rows = want.len() / vocab;
+    let agree =
+        (0..rows).filter(|&r| argmax(&got[r * vocab..][..vocab]) == argmax(&want[r * vocab..][..vocab])).count();
+    (max, agree as f64 / rows.max(1) as f64)
+}
+
+fn tensors(path: &Path) -> Result<std::collections::HashMap<String, candle_core::Tensor>> {
+    Ok(candle_core::safetensors::load(path, &candle_core::Device::Cpu)?)
+}
+
+fn ids(t: &std::collections::HashMap<String, candle_core::Tensor>, key: &str) -> Result<Vec<u32>> {
+    let v = t.get(key).ok_or_else(|| Error::Device(format!("reference has no {key}")))?;
+    Ok(v.to_vec1::<i64>()?.into_iter().map(|x| x as u32).collect())
+}
+
+fn logits(t: &std::collections::HashMap<String, candle_core::Tensor>, key: &str) -> Result<Vec<f32>> {
+    let v = t.get(key).ok_or_else(|| Error::Device(format!("reference has no {key}")))?;
+    Ok(v.to_dtype(candle_core::DType::F32)?.flatten_all()?.to_vec1::<f32>()?)
+}
+
+/// A KV cache just large enough for `prompts`, and each prompt's blocks in it.
+fn kv_for(gpu: &Gpu, cfg: &ModelConfig, prompts: &[(Vec<u32>, Option<u32>)]) -> Result<(GpuKv, Vec<SeqKv>)> {
+    let mut kv = GpuKv::new(gpu, cfg, prompts.iter().map(|p| p.0.len().div_ceil(BLOCK_SIZE)).sum::<usize>() + 1)?;
+    let mut seqs = Vec::with_capacity(prompts.len());
+    for p in prompts {
+        let mut s = SeqKv::default();
+        if kv.blocks.reserve(&mut s, p.0.len()) != AllocStatus::Ok {
+            return Err(Error::Device("the parity KV cache is too small".into()));
+        }
+        seqs.push(s);
+    }
+    Ok((kv, seqs))
+}
+
+/// Runs `prompts` as one prefill batch (each with its adapter slot) and returns every row's logits.
+fn prefill_all(
+    gpu: &Gpu,
+    model: &GpuLlama,
+    adapters: Option<&GpuAdapters>,
+    prompts: &[(Vec<u32>, Option<u32>)],
+) -> Result<Vec<f32>> {
+    let (mut kv, held) = kv_for(gpu, model.config(), prompts)?;
+    let blocks: Vec<&[u32]> = held.iter().map(SeqKv::blocks).collect();
+    let seqs: Vec<GpuSeq<'_>> =
+        prompts.iter().zip(&blocks).map(|((t, a), b)| GpuSeq { tokens: t, start: 0, blocks: b, adapter: *a }).collect();
+    gpu.download(&model.forward(gpu, &mut kv, adapters, &seqs, true)?.0)
+}
+
+/// Parity on the committed fixtures; each check reports max |Δ| and argmax agreement.
+pub fn fixtures(gpu: &Gpu, fixtures: &Path) -> Result<Value> {
+    let mut out = serde_json::Map::new();
+    for name in ["gqa-llama3-f32", "tied-f16", "mqa-bf16-sharded"] {
+        let dir = fixtures.join("models").join(name);
+        let model = GpuLlama::load(gpu, &dir)?;
+        let r = tensors(&dir.join("reference.safetensors"))?;
+        let vocab = model.config().vocab_size;
+        let (mut worst, mut agree, mut n) = (0f32, 0f64, 0);
+        while r.contains_key(&format!("input_ids.{n}")) {
+            let got = prefill_all(gpu, &model, None, &[(ids(&r, &format!("input_ids.{n}"))?, None)])?;
+            let (m, a) = compare(&got, &logits(&r, &format!("logits.{n}"))?, vocab);
+            (worst, agree, n) = (worst.max(m), agree + a, n + 1);
+        }
+        out.insert(
+            name.into(),
+            json!({"prompts": n, "max_abs_diff": worst, "argmax_agreement": agree / n.max(1) as f64}),
+        );
+    }
+    // Mixed adapters against PEFT: every row in one batch, prefill (SGMV) and then the last
+    // token of every row as one decode step (BGMV).
+    let base = fixtures.join("models/gqa-llama3-f32");
+    let adir = fixtures.join("adapters/gqa-llama3-f32");
+    let model = GpuLlama::load(gpu, &base)?;
+    let cfg = model.config().clone();
+    let meta: Value = serde_json::from_str(
+        &std::fs::read_to_string(adir.join("mixed_reference.json")).map_err(|e| Error::io(&adir, e))?,
+    )
+    .map_err(|e| Error::Device(format!("mixed_reference.json: {e}")))?;
+    let rows: Vec<String> = meta["rows"]
+        .as_array()
+        .map(|a| a.iter().filter_map(|r| r.as_str().map(String::from)).collect())
+        .unwrap_or_default();
+    let names: Vec<String> = {
+        let mut v: Vec<String> = rows.iter().filter(|r| *r != "__base__").cloned().collect();
+        v.sort();
+        v.dedup();
+        v
+    };
+    let mut arena = AdapterArena::new(gpu, cfg.num_layers, 1 << 14, cfg.hidden_size, names.len())?;
+    let mut slots = Vec::with_capacity(names.len());
+    for n in &names {
+        let w = AdapterManifest::inspect(&adir.join(n), &cfg)?.load(&cfg)?;
+        let resident = arena.place(&w)?;
+        slots.push(arena.slot_for(gpu, &resident, &slots)?);
+    }
+    let pool = &arena.device;
+    let r = tensors(&adir.join("mixed_reference.safetensors"))?;
+    let slot_of = |row: &str| names.iter().position(|n| n == row).map(|s| slots[s]);
+    let prompts: Vec<(Vec<u32>, Option<u32>)> = rows
+        .iter()
+        .enumerate()
+        .map(|(i, row)| Ok((ids(&r, &format!("input_ids.{i}"))?, slot_of(row))))
+        .collect::<Result<_>>()?;
+    let got = prefill_all(gpu, &model, Some(pool), &prompts)?;
+    let want: Vec<f32> =
+        (0..rows.len()).map(|i| logits(&r, &format!("logits.{i}"))).collect::<Result<Vec<_>>>()?.concat();
+    let (m, a) = compare(&got, &want, cfg.vocab_size);
+    // Decode: everything but the last token as prefill, then the last tokens as one gathered step.
+    let (mut kv, held) = kv_for(gpu, &cfg, &prompts)?;
+    let blocks: Vec<&[u32]> = held.iter().map(SeqKv::blocks).collect();
+    let heads: Vec<GpuSeq<'_>> = prompts
+        .iter()
+        .zip(&blocks)
+        .filter(|(p, _)| p.0.len() > 1)
+        .map(|((t, ad), b)| GpuSeq { tokens: &t[..t.len() - 1], start: 0, blocks: b, adapter: *ad })
+        .collect();
+    model.forward(gpu, &mut kv, Some(pool), &heads, false)?;
+    let tails: Vec<GpuSeq<'_>> = prompts
+        .iter()
+        .zip(&blocks)
+        .filter(|(p, _)| p.0.len() > 1)
+        .map(|((t, ad), b)| GpuSeq { tokens: &t[t.len() - 1..], start: t.len() - 1, blocks: b, adapter: *ad })
+        .collect();
+    let got_last = gpu.download(&model.forward(gpu, &mut kv, Some(pool), &tails, false)?.0)?;
+    let v = cfg.vocab_size;
+    let want_last: Vec<f32> = prompts
+        .iter()
+        .enumerate()
+        .filter(|(_, p)| p.0.len() > 1)
+        .map(|(i, p)| logits(&r, &format!("logits.{i}")).map(|l| l[(p.0.len() - 1) * v..p.0.len() * v].to_vec()))
+        .collect::<Result<Vec<_>>>()?
+        .concat();
+    let (md, ad) = compare(&got_last, &want_last, v);
+    out.insert(
+        "mixed_adapters_vs_peft".into(),
+        json!({"rows": rows, "prefill_max_abs_diff": m, "prefill_argmax_agreement": a,
+               "decode_max_abs_diff": md, "decode_argmax_agreement": ad}),
+    );
+    Ok(Value::Object(out))
+}
+
+/// Per request, its tokens and its measured adapter contribution (ppm); and the device.
+type Served = (Vec<(Vec<u32>, u32)>, String);
+
+/// Greedy tokens of the same requests (mixed adapters, submitted together so they batch) on an
+/// engine over the CPU backend and one over the GPU backend; reports how far they agree.
+pub fn serving(ordinal: usize, fixtures: &Path) -> Result<Value> {
+    let dir = fixtures.join("models/gqa-llama3-f32");
+    let adir = fixtures.join("adapters/gqa-llama3-f32");
+    let mut names: Vec<String> = std::fs::read_dir(&adir)
+        .map_err(|e| Error::io(&adir, e))?
+        .filter_map(|e| e.ok())
+        .filter(|e| e.path().is_dir())
+        .filter_map(|e| e.file_name().to_str().map(String::from))
+        .collect();
+    names.sort();
+    let requests: Vec<GenerationRequest> = (0..12)
+        .map(|i| GenerationRequest {
+            id: format!("parity-{i}"),
+            prompt_ids: (0..3 + i * 5).map(|t| (1 + (t * 37 + i * 11) % 250) as u32).collect(),
+            params: SamplingParams { max_tokens: 24, ignore_eos: true, ..Default::default() },
+            adapter: (i % (names.len() + 1)).checked_sub(1).map(|a| names[a].clone()),
+            priority: 0,
+            deadline: None,
+            logprobs: None,
+        })
+        .collect();
+    let run = |on_gpu: bool| -> Result<Served> {
+        let model = Arc::new(if on_gpu { LoadedModel::load_without_weights(&dir)? } else { LoadedModel::load(&dir)? });
+        let config = PagerConfig { value_bytes: if on_gpu { 2 } else { 4 }, ..PagerConfig::default() };
+        let pager = AdapterPager::new(model.config(), config, Metrics::new().pager);
+        for n in &names {
+            pager.register(n, &adir.join(n))?;
+        }
+        let backend: Box<dyn Backend> = if on_gpu {
+            Box::new(GpuBackend::open(ordinal, &model, &pager, Some(512 << 20), 8)?)
+        } else {
+            Box::new(CpuBackend::new(model.clone(), 64 << 20)?)
+        };
+        let described = backend.describe();
+        let engine = EngineHandle::start_on(backend, model, pager, EngineConfig::default(), Metrics::new())?;
+        let streams = requests.iter().map(|r| engine.submit(r.clone())).collect::<Result<Vec<_>>>()?;
+        let mut out = Vec::with_capacity(streams.len());
+        for mut s in streams {
+            let (mut tokens, mut ppm) = (Vec::new(), 0);
+            while let Some(ev) = s.next_blocking() {
+                match ev {
+                    Event::Token { id, .. } => tokens.push(id),
+                    Event::Done { usage, .. } => {
+                        ppm = usage.adapter_contribution_ppm;
+                        break;
+                    }
+                    Event::Failed { message, .. } => return Err(Error::Device(format!("{}: {message}", s.id))),
+                }
+            }
+            out.push((tokens, ppm));
+        }
+        Ok((out, described))
+    };
+    let (cpu, _) = run(false)?;
+    let (gpu, device) = run(true)?;
+    let prefix = |a: &[u32], b: &[u32]| a.iter().zip(b).take_while(|(x, y)| x == y).count();
+    let same: Vec<usize> = cpu.iter().zip(&gpu).map(|(a, b)| prefix(&a.0, &b.0)).collect();
+    let total: usize = cpu.iter().map(|r| r.0.len()).sum();
+    let ppm: Vec<(u32, u32)> = cpu.iter().zip(&gpu).map(|(a, b)| (a.1, b.1)).collect();
+    Ok(json!({
+        "device": device,
+        "requests": requests.len(),
+        "identical_requests": cpu.iter().zip(&gpu).filter(|(a, b)| a.0 == b.0).count(),
+        "agreeing_prefix_tokens": same.iter().sum::<usize>(),
+        "tokens": total,
+        "first_divergence": same,
+        "adapter_contribution_ppm_cpu_gpu": ppm,
+    }))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn comparison_reports_the_worst_difference_and_argmax_agreement() {
+        let (m, a) = compare(&[1.0, 2.0, 0.5, 0.1], &[1.0, 2.5, 0.4, 0.2], 2);
+        assert!((m - 0.5).abs() < 1e-6);
+        assert_eq!(a, 1.0);
+    }
+}
