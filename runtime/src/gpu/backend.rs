@@ -69,7 +69,7 @@ impl GpuBackend {
         let budget = match device_bytes {
             Some(b) => b,
             None => {
-                let (free, _) = cudarc::driver::result::mem_get_info().map_err(cuda_err)?;
+                let (free, _) = gpu.ctx.mem_get_info().map_err(cuda_err)?;
                 (free as f64 * (1.0 - HEADROOM)) as usize
             }
         };
@@ -96,6 +96,8 @@ impl Backend for GpuBackend {
     }
 
     fn step(&mut self, batch: &mut [SeqBatch<'_>], pager: &AdapterPager) -> Result<StepOutput> {
+        // The engine thread is not the one that opened the device; cuBLAS needs its context.
+        self.gpu.ctx.bind_to_thread().map_err(cuda_err)?;
         for seq in batch.iter_mut() {
             match self.kv.blocks.reserve(seq.kv, seq.tokens.len()) {
                 AllocStatus::Ok => {}

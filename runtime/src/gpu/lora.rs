@@ -30,6 +30,88 @@ struct Bound {
     last_used: u64,
 }
 
+/// Which placement each device slot holds, the least recently used going first: the
+/// bookkeeping of [`GpuAdapters`], apart from device memory.
+#[derive(Debug, Clone)]
+struct SlotTable {
+    slots: Vec<Option<Bound>>,
+    clock: u64,
+}
+
+impl SlotTable {
+    fn new(n: usize) -> Self {
+        SlotTable { slots: vec![None; n.max(1)], clock: 0 }
+    }
+
+    /// The widest rank in `slot` (0 if empty).
+    fn rank(&self, slot: u32) -> usize {
+        self.slots.get(slot as usize).copied().flatten().map_or(0, |b| b.max_rank)
+    }
+
+    /// `(slot, true)` if `placement` is bound (now the most recently used), else `(slot, false)`
+    /// with the slot to bind it into: an empty one, or the least recently used not in `busy`.
+    fn lookup(&mut self, placement: u64, busy: &[u32]) -> Result<(usize, bool)> {
+        self.clock += 1;
+        if let Some(s) = self.slots.iter().position(|b| b.is_some_and(|b| b.placement == placement)) {
+            if let Some(b) = &mut self.slots[s] {
+                b.last_used = self.clock;
+            }
+            return Ok((s, true));
+        }
+        let slots = &self.slots;
+        (0..slots.len())
+            .filter(|s| !busy.contains(&(*s as u32)))
+            .min_by_key(|&s| slots[s].map_or(0, |b| b.last_used))
+            .map(|s| (s, false))
+            .ok_or_else(|| Error::Device(format!("more adapters in one step than the {} GPU slots", slots.len())))
+    }
+
+    /// Records what `slot` holds (`None`: nothing, while it is being rewritten).
+    fn set(&mut self, slot: usize, placement: Option<(u64, usize)>) {
+        self.clock += 1;
+        let clock = self.clock;
+        self.slots[slot] = placement.map(|(placement, max_rank)| Bound { placement, max_rank, last_used: clock });
+    }
+}
+
+/// A placement as the device needs it: its pages in bf16, in page-table order, and per module
+/// (layer × 7 + projection) its rank (0: absent), scale, and where its `A` and `Bᵀ` rows start
+/// in the device's page tables (`first` is the slot's first entry there).
+struct Staged {
+    pages: Vec<bf16>,
+    ranks: Vec<i32>,
+    scales: Vec<f32>,
+    a_off: Vec<u32>,
+    bt_off: Vec<u32>,
+}
+
+impl Staged {
+    fn new(resident: &ResidentAdapter, host: &PoolData, modules_per_adapter: usize, first: usize) -> Result<Self> {
+        let mpa = modules_per_adapter;
+        let mut st = Staged {
+            pages: Vec::with_capacity(resident.pages().len() * host.page_elems()),
+            ranks: vec![0; mpa],
+            scales: vec![0.0; mpa],
+            a_off: vec![0; mpa],
+            bt_off: vec![0; mpa],
+        };
+        for &p in resident.pages() {
+            st.pages.extend(host.page(p).iter().map(|&v| bf16::from_f32(v)));
+        }
+        for m in resident.modules() {
+            let id = m.layer * PROJS + m.proj;
+            if id >= mpa {
+                return Err(Error::Device(format!("the adapter has a module in layer {} the model lacks", m.layer)));
+            }
+            st.ranks[id] = m.rank as i32;
+            st.scales[id] = m.scale;
+            st.a_off[id] = (first + m.a_first) as u32;
+            st.bt_off[id] = (first + m.bt_first) as u32;
+        }
+        Ok(st)
+    }
+}
+
 /// The device adapter pool.
 pub struct GpuAdapters {
     pool: CudaSlice<bf16>,
@@ -45,8 +127,7 @@ pub struct GpuAdapters {
     a_offsets: CudaSlice<u32>,
     bt_offsets: CudaSlice<u32>,
     modules_per_adapter: usize,
-    slots: Vec<Option<Bound>>,
-    clock: u64,
+    slots: SlotTable,
     /// Placements uploaded so far (each adapter load from the host pool).
     pub uploads: u64,
 }
@@ -74,8 +155,7 @@ impl GpuAdapters {
             a_offsets: gpu.zeros::<u32>(modules)?,
             bt_offsets: gpu.zeros::<u32>(modules)?,
             modules_per_adapter: layers * PROJS,
-            slots: vec![None; slots.max(1)],
-            clock: 0,
+            slots: SlotTable::new(slots),
             uploads: 0,
         })
     }
@@ -87,26 +167,18 @@ impl GpuAdapters {
 
     /// The widest rank of the adapter in `slot` (0 if empty).
     pub fn slot_rank(&self, slot: u32) -> usize {
-        self.slots.get(slot as usize).copied().flatten().map_or(0, |b| b.max_rank)
+        self.slots.rank(slot)
     }
 
     /// The slot holding `resident`, binding (and uploading) it first if none does; the least
-    /// recently used slot not named in `busy` (the step's other adapters) is reused.
+    /// recently used slot not named in `busy` (the step's other adapters) is reused. Callers
+    /// bind between steps (each step ends by reading its logits back), so no kernel still
+    /// reads a slot being rewritten.
     pub fn slot_for(&mut self, gpu: &Gpu, resident: &ResidentAdapter, host: &PoolData, busy: &[u32]) -> Result<u32> {
-        self.clock += 1;
-        if let Some(s) = self.slots.iter().position(|b| b.is_some_and(|b| b.placement == resident.id())) {
-            if let Some(b) = &mut self.slots[s] {
-                b.last_used = self.clock;
-            }
-            return Ok(s as u32);
+        let (slot, bound) = self.slots.lookup(resident.id(), busy)?;
+        if !bound {
+            self.bind(gpu, slot, resident, host)?;
         }
-        let slot = (0..self.slots.len())
-            .filter(|s| !busy.contains(&(*s as u32)))
-            .min_by_key(|&s| self.slots[s].map_or(0, |b| b.last_used))
-            .ok_or_else(|| {
-                Error::Device(format!("more adapters in one step than the {} GPU slots", self.slots.len()))
-            })?;
-        self.bind(gpu, slot, resident, host)?;
         Ok(slot as u32)
     }
 
@@ -116,8 +188,8 @@ impl GpuAdapters {
     /// compute stream never reads a page before it is written.
     pub fn bind(&mut self, gpu: &Gpu, slot: usize, resident: &ResidentAdapter, host: &PoolData) -> Result<()> {
         let table = resident.pages();
-        if slot >= self.slots.len() {
-            return Err(Error::Device(format!("adapter slot {slot} is out of range ({} slots)", self.slots.len())));
+        if slot >= self.slots.slots.len() {
+            return Err(Error::Device(format!("adapter slot {slot} is out of range")));
         }
         if host.page_elems() != self.page_elems || table.iter().any(|&p| p as usize >= self.pages) {
             return Err(Error::Device("the adapter's pages do not fit the device pool's geometry".into()));
@@ -129,27 +201,12 @@ impl GpuAdapters {
                 self.table_cap
             )));
         }
-        self.slots[slot] = None;
-        let mut staging: Vec<bf16> = Vec::with_capacity(table.len() * self.page_elems);
-        for &p in table {
-            staging.extend(host.page(p).iter().map(|&v| bf16::from_f32(v)));
-        }
+        self.slots.set(slot, None);
         let mpa = self.modules_per_adapter;
-        let (mut ranks, mut scales, mut a_off, mut bt_off) =
-            (vec![0i32; mpa], vec![0f32; mpa], vec![0u32; mpa], vec![0u32; mpa]);
         let first = slot * self.table_cap;
-        for m in resident.modules() {
-            let id = m.layer * PROJS + m.proj;
-            if id >= mpa {
-                return Err(Error::Device(format!("the adapter has a module in layer {} the model lacks", m.layer)));
-            }
-            ranks[id] = m.rank as i32;
-            scales[id] = m.scale;
-            a_off[id] = (first + m.a_first) as u32;
-            bt_off[id] = (first + m.bt_first) as u32;
-        }
+        let st = Staged::new(resident, host, mpa, first)?;
         let cs = &gpu.copy_stream;
-        let staged = cs.clone_htod(&staging).map_err(cuda_err)?;
+        let staged = cs.clone_htod(&st.pages).map_err(cuda_err)?;
         let dev_table = cs.clone_htod(table).map_err(cuda_err)?;
         if !table.is_empty() {
             let pe_i = self.page_elems as i32;
@@ -161,16 +218,14 @@ impl GpuAdapters {
             cs.memcpy_htod(table, &mut self.tables.slice_mut(first..first + table.len())).map_err(cuda_err)?;
         }
         let mods = slot * mpa..(slot + 1) * mpa;
-        cs.memcpy_htod(&ranks, &mut self.ranks.slice_mut(mods.clone())).map_err(cuda_err)?;
-        cs.memcpy_htod(&scales, &mut self.scales.slice_mut(mods.clone())).map_err(cuda_err)?;
-        cs.memcpy_htod(&a_off, &mut self.a_offsets.slice_mut(mods.clone())).map_err(cuda_err)?;
-        cs.memcpy_htod(&bt_off, &mut self.bt_offsets.slice_mut(mods)).map_err(cuda_err)?;
+        cs.memcpy_htod(&st.ranks, &mut self.ranks.slice_mut(mods.clone())).map_err(cuda_err)?;
+        cs.memcpy_htod(&st.scales, &mut self.scales.slice_mut(mods.clone())).map_err(cuda_err)?;
+        cs.memcpy_htod(&st.a_off, &mut self.a_offsets.slice_mut(mods.clone())).map_err(cuda_err)?;
+        cs.memcpy_htod(&st.bt_off, &mut self.bt_offsets.slice_mut(mods)).map_err(cuda_err)?;
         // The staging buffers must outlive the copy, and compute must not read the slot early.
         cs.synchronize().map_err(cuda_err)?;
-        self.clock += 1;
         self.uploads += 1;
-        self.slots[slot] =
-            Some(Bound { placement: resident.id(), max_rank: resident.max_rank(), last_used: self.clock });
+        self.slots.set(slot, Some((resident.id(), resident.max_rank())));
         Ok(())
     }
 
@@ -284,5 +339,71 @@ impl AdapterArena {
     /// The device slot of `r`, uploading it if needed ([`GpuAdapters::slot_for`]).
     pub fn slot_for(&mut self, gpu: &Gpu, r: &ResidentAdapter, busy: &[u32]) -> Result<u32> {
         self.device.slot_for(gpu, r, &self.host, busy)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::adapters::LoraModule;
+
+    #[test]
+    fn slots_are_reused_least_recently_used_first_and_never_while_busy() {
+        let mut t = SlotTable::new(2);
+        assert_eq!(t.lookup(10, &[]).unwrap(), (0, false));
+        t.set(0, Some((10, 8)));
+        assert_eq!(t.lookup(11, &[0]).unwrap(), (1, false));
+        t.set(1, Some((11, 16)));
+        assert_eq!((t.rank(0), t.rank(1), t.rank(7)), (8, 16, 0));
+        assert_eq!(t.lookup(10, &[]).unwrap(), (0, true), "bound: found, and now the most recent");
+        assert_eq!(t.lookup(12, &[]).unwrap(), (1, false), "11 is the least recently used");
+        assert_eq!(t.lookup(12, &[1]).unwrap(), (0, false), "busy slots are never taken");
+        assert!(t.lookup(12, &[0, 1]).is_err(), "more adapters than slots in one step");
+    }
+
+    /// The device reads element `k` of rank-row `r` of a module as the kernels' `paged()` does:
+    /// page `tables[offset + r · ceil(width / page_elems) + k / page_elems]`, where the scatter
+    /// put staged page `i` into pool page `table[i]`. Widths here are not multiples of the page.
+    #[test]
+    fn staged_pages_and_offsets_address_every_weight_as_the_kernels_read_them() {
+        let (pe, layers, first) = (5, 2, 300);
+        let module = |rank: usize, inp: usize, out: usize, seed: f32| LoraModule {
+            rank,
+            scale: 0.5 * seed,
+            a: (0..rank * inp).map(|i| seed + i as f32 / 64.0).collect(),
+            bt: (0..rank * out).map(|i| -seed - i as f32 / 32.0).collect(),
+        };
+        let mut l0: [Option<LoraModule>; 7] = Default::default();
+        l0[0] = Some(module(2, 7, 6, 1.0));
+        let mut l1: [Option<LoraModule>; 7] = Default::default();
+        l1[6] = Some(module(3, 11, 7, 2.0));
+        let w = crate::adapters::LoraWeights { layers: vec![l0, l1], bytes: 0 };
+        let (mut alloc, mut host) = PageAllocator::new(200, pe, 2);
+        alloc.place(&mut host, &w).unwrap(); // a first copy, so the second's pages start mid-pool
+        let resident = alloc.place(&mut host, &w).unwrap();
+        let st = Staged::new(&resident, &host, layers * PROJS, first).unwrap();
+        let read = |off: u32, r: usize, k: usize, width: usize| {
+            let i = off as usize - first + r * width.div_ceil(pe) + k / pe;
+            st.pages[i * pe + k % pe].to_f32()
+        };
+        for (layer, l) in w.layers.iter().enumerate() {
+            for (proj, m) in l.iter().enumerate() {
+                let id = layer * PROJS + proj;
+                let Some(m) = m else {
+                    assert_eq!(st.ranks[id], 0);
+                    continue;
+                };
+                assert_eq!((st.ranks[id] as usize, st.scales[id]), (m.rank, m.scale));
+                let (inp, out) = (m.a.len() / m.rank, m.bt.len() / m.rank);
+                for r in 0..m.rank {
+                    for k in 0..inp {
+                        assert_eq!(read(st.a_off[id], r, k, inp), bf16::from_f32(m.a[r * inp + k]).to_f32());
+                    }
+                    for o in 0..out {
+                        assert_eq!(read(st.bt_off[id], r, o, out), bf16::from_f32(m.bt[r * out + o]).to_f32());
+                    }
+                }
+            }
+        }
     }
 }
