@@ -17,22 +17,26 @@ extern "C" __global__ void write_kv_bf16(const bf16* __restrict__ k, const bf16*
 }
 
 // One query row of one head against `len` cached tokens: scores into shared memory, softmax,
-// then the weighted sum of values. Every thread of the block takes part.
+// then the weighted sum of values. Every thread of the block takes part (blockDim.x a multiple
+// of 32). Each score is one warp's: its lanes read the key's values side by side (coalesced)
+// and the dot product is summed across the warp.
 __device__ void attend(const bf16* __restrict__ q, const bf16* __restrict__ k_cache, const bf16* __restrict__ v_cache,
                        const u32* __restrict__ table, int len, int kv_head, int kv_heads, int head_dim,
                        int block_size, float scale, float* scores, bf16* __restrict__ out) {
     int token_elems = kv_heads * head_dim;
     int block_elems = block_size * token_elems;
-    float local_max = NEG_INF;
-    for (int j = threadIdx.x; j < len; j += blockDim.x) {
+    int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, warps = blockDim.x >> 5;
+    for (int j = warp; j < len; j += warps) {
         const bf16* kj = k_cache + (size_t)table[j / block_size] * block_elems + (j % block_size) * token_elems +
                          kv_head * head_dim;
         float s = 0.0f;
-        for (int d = 0; d < head_dim; d++) s += bf16_to_f32(q[d]) * bf16_to_f32(kj[d]);
-        s *= scale;
-        scores[j] = s;
-        local_max = fmaxf(local_max, s);
+        for (int d = lane; d < head_dim; d += 32) s += bf16_to_f32(q[d]) * bf16_to_f32(kj[d]);
+        s = warp_sum(s);
+        if (lane == 0) scores[j] = s * scale;
     }
+    __syncthreads();
+    float local_max = NEG_INF;
+    for (int j = threadIdx.x; j < len; j += blockDim.x) local_max = fmaxf(local_max, scores[j]);
     float max = block_max(local_max);
     float local_sum = 0.0f;
     for (int j = threadIdx.x; j < len; j += blockDim.x) {
