@@ -66,6 +66,12 @@ impl GpuBackend {
         let llama = GpuLlama::load(&gpu, &model.folder)?;
         gpu.synchronize()?;
         let cfg = model.config();
+        if cfg.max_position_embeddings > gpu.max_attention_context {
+            eprintln!(
+                "openlora: warning: the model's context is {} tokens; on this GPU a sequence may grow to {}",
+                cfg.max_position_embeddings, gpu.max_attention_context
+            );
+        }
         let budget = match device_bytes {
             Some(b) => b,
             None => {

@@ -253,13 +253,13 @@ impl GpuAdapters {
         if rows.decode {
             {
                 let mut b = s.launch_builder(gpu.kernel("lora_shrink_bgmv_bf16")?);
-                b.arg(x).arg(&mut *tmp).arg(&self.pool).arg(&self.tables).arg(rows.row_adapter).arg(&module).arg(&mpa);
+                b.arg(x).arg(&mut *tmp).arg(&self.pool).arg(&self.tables).arg(&rows.row_adapter).arg(&module).arg(&mpa);
                 b.arg(&self.ranks).arg(&self.a_offsets).arg(&in_i).arg(&mr).arg(&pe);
                 // SAFETY: the buffers passed were sized above for the rows and widths given.
                 unsafe { b.launch(grid((rows.rows as u32, rows.max_rank as u32), 128, 0)) }.map_err(cuda_err)?;
             }
             let mut b = s.launch_builder(gpu.kernel("lora_expand_bgmv_bf16")?);
-            b.arg(&*tmp).arg(y).arg(&self.pool).arg(&self.tables).arg(rows.row_adapter).arg(&module).arg(&mpa);
+            b.arg(&*tmp).arg(y).arg(&self.pool).arg(&self.tables).arg(&rows.row_adapter).arg(&module).arg(&mpa);
             b.arg(&self.ranks).arg(&self.scales).arg(&self.bt_offsets).arg(&out_i).arg(&mr).arg(&pe);
             b.arg(&mut sums.base_l1).arg(&mut sums.delta_l1);
             // SAFETY: the buffers passed were sized above for the rows and widths given.
@@ -267,15 +267,15 @@ impl GpuAdapters {
         } else {
             {
                 let mut b = s.launch_builder(gpu.kernel("lora_shrink_sgmv_bf16")?);
-                b.arg(x).arg(&mut *tmp).arg(&self.pool).arg(&self.tables).arg(rows.seg_start).arg(rows.seg_len);
-                b.arg(rows.seg_adapter).arg(&module).arg(&mpa).arg(&self.ranks).arg(&self.a_offsets);
+                b.arg(x).arg(&mut *tmp).arg(&self.pool).arg(&self.tables).arg(&rows.seg_start).arg(&rows.seg_len);
+                b.arg(&rows.seg_adapter).arg(&module).arg(&mpa).arg(&self.ranks).arg(&self.a_offsets);
                 b.arg(&in_i).arg(&mr).arg(&pe);
                 // SAFETY: the buffers passed were sized above for the rows and widths given.
                 unsafe { b.launch(grid((rows.seqs as u32, rows.max_rank as u32), 128, 0)) }.map_err(cuda_err)?;
             }
             let mut b = s.launch_builder(gpu.kernel("lora_expand_sgmv_bf16")?);
-            b.arg(&*tmp).arg(y).arg(&self.pool).arg(&self.tables).arg(rows.seg_start).arg(rows.seg_len);
-            b.arg(rows.seg_adapter).arg(&module).arg(&mpa).arg(&self.ranks).arg(&self.scales);
+            b.arg(&*tmp).arg(y).arg(&self.pool).arg(&self.tables).arg(&rows.seg_start).arg(&rows.seg_len);
+            b.arg(&rows.seg_adapter).arg(&module).arg(&mpa).arg(&self.ranks).arg(&self.scales);
             b.arg(&self.bt_offsets).arg(&out_i).arg(&mr).arg(&pe).arg(&mut sums.base_l1).arg(&mut sums.delta_l1);
             // SAFETY: the buffers passed were sized above for the rows and widths given.
             unsafe { b.launch(grid((rows.seqs as u32, out_blocks), 256, 0)) }.map_err(cuda_err)?;
@@ -350,14 +350,14 @@ mod tests {
     #[test]
     fn slots_are_reused_least_recently_used_first_and_never_while_busy() {
         let mut t = SlotTable::new(2);
-        assert_eq!(t.lookup(10, &[]).unwrap(), (0, false));
+        assert_eq!(t.lookup(10, &[]).expect("in the test"), (0, false));
         t.set(0, Some((10, 8)));
-        assert_eq!(t.lookup(11, &[0]).unwrap(), (1, false));
+        assert_eq!(t.lookup(11, &[0]).expect("in the test"), (1, false));
         t.set(1, Some((11, 16)));
         assert_eq!((t.rank(0), t.rank(1), t.rank(7)), (8, 16, 0));
-        assert_eq!(t.lookup(10, &[]).unwrap(), (0, true), "bound: found, and now the most recent");
-        assert_eq!(t.lookup(12, &[]).unwrap(), (1, false), "11 is the least recently used");
-        assert_eq!(t.lookup(12, &[1]).unwrap(), (0, false), "busy slots are never taken");
+        assert_eq!(t.lookup(10, &[]).expect("in the test"), (0, true), "bound: found, and now the most recent");
+        assert_eq!(t.lookup(12, &[]).expect("in the test"), (1, false), "11 is the least recently used");
+        assert_eq!(t.lookup(12, &[1]).expect("in the test"), (0, false), "busy slots are never taken");
         assert!(t.lookup(12, &[0, 1]).is_err(), "more adapters than slots in one step");
     }
 
@@ -379,9 +379,9 @@ mod tests {
         l1[6] = Some(module(3, 11, 7, 2.0));
         let w = crate::adapters::LoraWeights { layers: vec![l0, l1], bytes: 0 };
         let (mut alloc, mut host) = PageAllocator::new(200, pe, 2);
-        alloc.place(&mut host, &w).unwrap(); // a first copy, so the second's pages start mid-pool
-        let resident = alloc.place(&mut host, &w).unwrap();
-        let st = Staged::new(&resident, &host, layers * PROJS, first).unwrap();
+        alloc.place(&mut host, &w).expect("in the test"); // a first copy, so the second's pages start mid-pool
+        let resident = alloc.place(&mut host, &w).expect("in the test");
+        let st = Staged::new(&resident, &host, layers * PROJS, first).expect("in the test");
         let read = |off: u32, r: usize, k: usize, width: usize| {
             let i = off as usize - first + r * width.div_ceil(pe) + k / pe;
             st.pages[i * pe + k % pe].to_f32()

@@ -5,7 +5,7 @@
 
 use cudarc::cublas::sys::cublasOperation_t;
 use cudarc::cublas::{Gemm, GemmConfig};
-use cudarc::driver::{CudaSlice, PushKernelArg};
+use cudarc::driver::{CudaSlice, CudaView, PushKernelArg};
 use half::bf16;
 
 use super::lora::{GpuAdapters, ShareSums};
@@ -104,37 +104,55 @@ fn linear(
     unsafe { gpu.blas.gemm(cfg, w, x, y) }.map_err(cuda_err)
 }
 
-/// Host-side description of a step, uploaded once and used by every layer.
+/// The per-row and per-sequence arrays of a step, in the order they sit in its one upload.
+#[derive(Debug, Clone, Copy)]
+enum Part {
+    /// Token id per row.
+    Ids,
+    /// Position per row.
+    Positions,
+    /// KV cache slot per row (block × block size + offset).
+    Slots,
+    /// Sequence index per row.
+    RowSeq,
+    /// Block table per sequence, `max_blocks` wide.
+    Tables,
+    /// Cached tokens per sequence, the new ones included.
+    ContextLens,
+    /// First row per sequence (i32).
+    SegStart,
+    /// Rows per sequence (i32).
+    SegLen,
+    /// Adapter slot per sequence, or -1 (i32).
+    SegAdapter,
+    /// Adapter slot per row, or -1 (i32).
+    RowAdapter,
+    /// The rows whose logits are wanted.
+    OutRows,
+}
+
+const PARTS: usize = 11;
+
+/// Host-side description of a step, uploaded in one copy and read by every layer.
 struct StepPlan {
     rows: usize,
     seqs: usize,
     decode: bool,
     max_context: usize,
-    ids: CudaSlice<u32>,
-    positions: CudaSlice<u32>,
-    slots: CudaSlice<u32>,
-    row_seq: CudaSlice<u32>,
-    row_pos: CudaSlice<u32>,
-    tables: CudaSlice<u32>,
     max_blocks: usize,
-    context_lens: CudaSlice<u32>,
-    seg_start: CudaSlice<i32>,
-    seg_len: CudaSlice<i32>,
-    seg_adapter: CudaSlice<i32>,
-    row_adapter: CudaSlice<i32>,
     any_adapter: bool,
-    out_rows: CudaSlice<u32>,
     n_out: usize,
+    /// Every [`Part`] end to end (i32 parts as their bits).
+    buf: CudaSlice<u32>,
+    ranges: [std::ops::Range<usize>; PARTS],
 }
 
 impl StepPlan {
     fn new(gpu: &Gpu, cfg: &ModelConfig, block_size: usize, seqs: &[GpuSeq<'_>], all_rows: bool) -> Result<Self> {
-        let mut p = (Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new());
-        let (ids, positions, slots, row_seq, row_pos) = (&mut p.0, &mut p.1, &mut p.2, &mut p.3, &mut p.4);
+        let mut parts: [Vec<u32>; PARTS] = Default::default();
         let max_blocks = seqs.iter().map(|s| s.blocks.len()).max().unwrap_or(1).max(1);
-        let mut tables = vec![0u32; seqs.len() * max_blocks];
-        let (mut seg_start, mut seg_len, mut seg_adapter, mut row_adapter) = (vec![], vec![], vec![], vec![]);
-        let (mut context_lens, mut out_rows) = (vec![], vec![]);
+        parts[Part::Tables as usize] = vec![0u32; seqs.len() * max_blocks];
+        let mut rows = 0usize;
         for (i, s) in seqs.iter().enumerate() {
             let end = s.start + s.tokens.len();
             if s.tokens.is_empty() || end > cfg.max_position_embeddings || end > s.blocks.len() * block_size {
@@ -153,46 +171,51 @@ impl StepPlan {
                     message: format!("token id {bad} is outside the vocabulary"),
                 });
             }
-            tables[i * max_blocks..i * max_blocks + s.blocks.len()].copy_from_slice(s.blocks);
-            seg_start.push(ids.len() as i32);
-            seg_len.push(s.tokens.len() as i32);
-            let a = s.adapter.map_or(-1, |a| a as i32);
-            seg_adapter.push(a);
-            context_lens.push(end as u32);
+            parts[Part::Tables as usize][i * max_blocks..i * max_blocks + s.blocks.len()].copy_from_slice(s.blocks);
+            // i32 parts travel as their bits: -1 (no adapter) is 0xffff_ffff.
+            let adapter = s.adapter.map_or(-1i32, |a| a as i32) as u32;
+            parts[Part::SegStart as usize].push(rows as u32);
+            parts[Part::SegLen as usize].push(s.tokens.len() as u32);
+            parts[Part::SegAdapter as usize].push(adapter);
+            parts[Part::ContextLens as usize].push(end as u32);
             for (t, &id) in s.tokens.iter().enumerate() {
                 let pos = s.start + t;
                 if all_rows || t + 1 == s.tokens.len() {
-                    out_rows.push(ids.len() as u32);
+                    parts[Part::OutRows as usize].push(rows as u32);
                 }
-                ids.push(id);
-                positions.push(pos as u32);
-                slots.push(s.blocks[pos / block_size] * block_size as u32 + (pos % block_size) as u32);
-                row_seq.push(i as u32);
-                row_pos.push(pos as u32);
-                row_adapter.push(a);
+                parts[Part::Ids as usize].push(id);
+                parts[Part::Positions as usize].push(pos as u32);
+                parts[Part::Slots as usize]
+                    .push(s.blocks[pos / block_size] * block_size as u32 + (pos % block_size) as u32);
+                parts[Part::RowSeq as usize].push(i as u32);
+                parts[Part::RowAdapter as usize].push(adapter);
+                rows += 1;
             }
         }
+        let mut flat = Vec::with_capacity(parts.iter().map(Vec::len).sum());
+        let ranges = parts.each_ref().map(|p| {
+            let start = flat.len();
+            flat.extend_from_slice(p);
+            start..flat.len()
+        });
         Ok(StepPlan {
-            rows: ids.len(),
+            rows,
             seqs: seqs.len(),
             decode: seqs.iter().all(|s| s.tokens.len() == 1),
-            max_context: context_lens.iter().copied().max().unwrap_or(1) as usize,
-            ids: gpu.upload(ids)?,
-            positions: gpu.upload(positions)?,
-            slots: gpu.upload(slots)?,
-            row_seq: gpu.upload(row_seq)?,
-            row_pos: gpu.upload(row_pos)?,
-            tables: gpu.upload(&tables)?,
+            max_context: parts[Part::ContextLens as usize].iter().copied().max().unwrap_or(1) as usize,
             max_blocks,
-            context_lens: gpu.upload(&context_lens)?,
-            any_adapter: seg_adapter.iter().any(|&a| a >= 0),
-            seg_start: gpu.upload(&seg_start)?,
-            seg_len: gpu.upload(&seg_len)?,
-            seg_adapter: gpu.upload(&seg_adapter)?,
-            row_adapter: gpu.upload(&row_adapter)?,
-            n_out: out_rows.len(),
-            out_rows: gpu.upload(&out_rows)?,
+            any_adapter: seqs.iter().any(|s| s.adapter.is_some()),
+            n_out: parts[Part::OutRows as usize].len(),
+            buf: gpu.upload(&flat)?,
+            ranges,
         })
+    }
+
+    /// One part of the upload, for a kernel argument.
+    fn part(&self, p: Part) -> CudaView<'_, u32> {
+        let r = self.ranges[p as usize].clone();
+        // An empty part still names a valid address (the kernels never read it).
+        if r.is_empty() { self.buf.slice(0..1) } else { self.buf.slice(r) }
     }
 }
 
@@ -292,6 +315,12 @@ impl GpuLlama {
     ) -> Result<(CudaSlice<f32>, Vec<AdapterShare>)> {
         let cfg = &self.cfg;
         let plan = StepPlan::new(gpu, cfg, BLOCK_SIZE, seqs, all_rows)?;
+        if plan.max_context > gpu.max_attention_context {
+            return Err(Error::Device(format!(
+                "a context of {} tokens is beyond the {} the attention kernels hold in shared memory on this GPU",
+                plan.max_context, gpu.max_attention_context
+            )));
+        }
         // The widest rank in this step: the shrink's output width.
         let step_rank =
             adapters.map_or(0, |a| seqs.iter().filter_map(|s| s.adapter).map(|s| a.slot_rank(s)).max().unwrap_or(0));
@@ -318,7 +347,8 @@ impl GpuLlama {
         // which are sized above from the same row count and widths the kernel is given.
         {
             let mut b = s.launch_builder(gpu.kernel("embedding_bf16")?);
-            b.arg(&self.embed).arg(&plan.ids).arg(&mut x).arg(&h_i);
+            let ids = plan.part(Part::Ids);
+            b.arg(&self.embed).arg(&ids).arg(&mut x).arg(&h_i);
             // SAFETY: the buffers passed were sized above for the rows and widths given.
             unsafe { b.launch(grid((n as u32, 1), BLOCK, 0)) }.map_err(cuda_err)?;
         }
@@ -335,9 +365,12 @@ impl GpuLlama {
             // SAFETY: the buffers passed were sized above for the rows and widths given.
             unsafe { b.launch(grid((len.div_ceil(BLOCK as usize) as u32, 1), BLOCK, 0)) }.map(drop).map_err(cuda_err)
         };
+        let (positions, slots, tables) = (plan.part(Part::Positions), plan.part(Part::Slots), plan.part(Part::Tables));
+        let (context_lens, row_seq) = (plan.part(Part::ContextLens), plan.part(Part::RowSeq));
+        let lora_rows = plan_lora(&plan, step_rank);
         let rope = |t: &mut CudaSlice<bf16>, heads: i32| -> Result<()> {
             let mut b = s.launch_builder(gpu.kernel("rope_bf16")?);
-            b.arg(t).arg(&self.cos).arg(&self.sin).arg(&plan.positions).arg(&heads).arg(&hd_i);
+            b.arg(t).arg(&self.cos).arg(&self.sin).arg(&positions).arg(&heads).arg(&hd_i);
             // SAFETY: the buffers passed were sized above for the rows and widths given.
             unsafe { b.launch(grid((n as u32, heads as u32), (hd as u32 / 2).clamp(32, 1024), 0)) }
                 .map(drop)
@@ -349,9 +382,7 @@ impl GpuLlama {
                         y: &mut CudaSlice<bf16>,
                         tmp: &mut CudaSlice<f32>,
                         sums: &mut ShareSums| match adapters {
-                Some(a) => {
-                    a.apply(gpu, &plan_lora(&plan, step_rank), l * 7 + p as usize, input, y, tmp, sums, p.shape(cfg))
-                }
+                Some(a) => a.apply(gpu, &lora_rows, l * 7 + p as usize, input, y, tmp, sums, p.shape(cfg)),
                 None => Ok(()),
             };
             rms(&x, &layer.input_norm, &mut hn, n)?;
@@ -366,7 +397,7 @@ impl GpuLlama {
             {
                 let te = (nkv * hd) as i32;
                 let mut b = s.launch_builder(gpu.kernel("write_kv_bf16")?);
-                b.arg(&k).arg(&v).arg(&mut kv.k[l]).arg(&mut kv.v[l]).arg(&plan.slots).arg(&te);
+                b.arg(&k).arg(&v).arg(&mut kv.k[l]).arg(&mut kv.v[l]).arg(&slots).arg(&te);
                 // SAFETY: the buffers passed were sized above for the rows and widths given.
                 unsafe { b.launch(grid((n as u32, 1), BLOCK, 0)) }.map_err(cuda_err)?;
             }
@@ -375,14 +406,14 @@ impl GpuLlama {
                 let shared = (plan.max_context * 4) as u32;
                 if plan.decode {
                     let mut b = s.launch_builder(gpu.kernel("paged_attention_decode_bf16")?);
-                    b.arg(&mut attn).arg(&q).arg(&kv.k[l]).arg(&kv.v[l]).arg(&plan.tables).arg(&plan.context_lens);
+                    b.arg(&mut attn).arg(&q).arg(&kv.k[l]).arg(&kv.v[l]).arg(&tables).arg(&context_lens);
                     b.arg(&mb).arg(&nh_i).arg(&nkv_i).arg(&hd_i).arg(&bs_i).arg(&scale);
                     // SAFETY: the buffers passed were sized above for the rows and widths given.
                     unsafe { b.launch(grid((nh as u32, plan.seqs as u32), 128, shared)) }.map_err(cuda_err)?;
                 } else {
                     let mut b = s.launch_builder(gpu.kernel("paged_attention_prefill_bf16")?);
-                    b.arg(&mut attn).arg(&q).arg(&kv.k[l]).arg(&kv.v[l]).arg(&plan.tables).arg(&plan.row_seq);
-                    b.arg(&plan.row_pos).arg(&mb).arg(&nh_i).arg(&nkv_i).arg(&hd_i).arg(&bs_i).arg(&scale);
+                    b.arg(&mut attn).arg(&q).arg(&kv.k[l]).arg(&kv.v[l]).arg(&tables).arg(&row_seq);
+                    b.arg(&positions).arg(&mb).arg(&nh_i).arg(&nkv_i).arg(&hd_i).arg(&bs_i).arg(&scale);
                     // SAFETY: the buffers passed were sized above for the rows and widths given.
                     unsafe { b.launch(grid((nh as u32, n as u32), 128, shared)) }.map_err(cuda_err)?;
                 }
@@ -412,7 +443,8 @@ impl GpuLlama {
         let mut picked = gpu.zeros::<bf16>(m * h)?;
         {
             let mut b = s.launch_builder(gpu.kernel("embedding_bf16")?);
-            b.arg(&x).arg(&plan.out_rows).arg(&mut picked).arg(&h_i);
+            let out_rows = plan.part(Part::OutRows);
+            b.arg(&x).arg(&out_rows).arg(&mut picked).arg(&h_i);
             // SAFETY: the buffers passed were sized above for the rows and widths given.
             unsafe { b.launch(grid((m as u32, 1), BLOCK, 0)) }.map_err(cuda_err)?;
         }
@@ -453,16 +485,17 @@ impl GpuLlama {
 }
 
 /// The step's row layout as the LoRA op needs it.
+/// (The adapter parts are i32 on the device, passed as their u32 bits.)
 pub(crate) struct LoraRows<'a> {
     pub decode: bool,
     /// The widest rank of the step's adapters (the shrink output's row width).
     pub max_rank: usize,
     pub rows: usize,
     pub seqs: usize,
-    pub seg_start: &'a CudaSlice<i32>,
-    pub seg_len: &'a CudaSlice<i32>,
-    pub seg_adapter: &'a CudaSlice<i32>,
-    pub row_adapter: &'a CudaSlice<i32>,
+    pub seg_start: CudaView<'a, u32>,
+    pub seg_len: CudaView<'a, u32>,
+    pub seg_adapter: CudaView<'a, u32>,
+    pub row_adapter: CudaView<'a, u32>,
 }
 
 fn plan_lora(p: &StepPlan, max_rank: usize) -> LoraRows<'_> {
@@ -471,9 +504,9 @@ fn plan_lora(p: &StepPlan, max_rank: usize) -> LoraRows<'_> {
         max_rank,
         rows: p.rows,
         seqs: p.seqs,
-        seg_start: &p.seg_start,
-        seg_len: &p.seg_len,
-        seg_adapter: &p.seg_adapter,
-        row_adapter: &p.row_adapter,
+        seg_start: p.part(Part::SegStart),
+        seg_len: p.part(Part::SegLen),
+        seg_adapter: p.part(Part::SegAdapter),
+        row_adapter: p.part(Part::RowAdapter),
     }
 }
