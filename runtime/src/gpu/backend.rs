@@ -33,10 +33,9 @@ pub struct DeviceBudget {
 }
 
 impl DeviceBudget {
-    /// Splits `budget` bytes: the adapter pool (`pool_pages` pages of `page_elems` bf16 values)
-    /// first, the KV cache (blocks of `kv_block_bytes`) in the rest.
-    pub fn split(budget: usize, pool_pages: usize, page_elems: usize, kv_block_bytes: usize) -> Result<Self> {
-        let pool = GpuAdapters::pool_bytes(pool_pages, page_elems);
+    /// Splits `budget` bytes: the adapter pool (`pool` bytes) first, the KV cache (blocks of
+    /// `kv_block_bytes`) in the rest.
+    pub fn split(budget: usize, pool: usize, kv_block_bytes: usize) -> Result<Self> {
         let kv_blocks = budget.saturating_sub(pool) / kv_block_bytes.max(1);
         if kv_blocks == 0 {
             return Err(Error::InvalidParam {
@@ -80,7 +79,8 @@ impl GpuBackend {
             }
         };
         let (pages, page_elems) = (pager.pool_pages(), pager.page_elems());
-        let split = DeviceBudget::split(budget, pages, page_elems, GpuKv::block_bytes(cfg))?;
+        let pool = GpuAdapters::device_bytes(cfg.num_layers, pages, page_elems, slots, pages);
+        let split = DeviceBudget::split(budget, pool, GpuKv::block_bytes(cfg))?;
         let kv = GpuKv::new(&gpu, cfg, split.kv_blocks)?;
         let adapters = GpuAdapters::new(&gpu, cfg.num_layers, pages, page_elems, slots, pages)?;
         Ok(GpuBackend { gpu, llama, kv, adapters })
@@ -147,8 +147,8 @@ mod tests {
 
     #[test]
     fn the_budget_goes_to_the_pool_first_and_the_kv_cache_gets_the_rest() {
-        let s = DeviceBudget::split(10_000, 10, 100, 1_000).expect("fits");
+        let s = DeviceBudget::split(10_000, 2_000, 1_000).expect("fits");
         assert_eq!(s, DeviceBudget { adapter_pool_bytes: 2_000, kv_blocks: 8 });
-        assert!(DeviceBudget::split(2_500, 10, 100, 1_000).is_err(), "no room for one block");
+        assert!(DeviceBudget::split(2_500, 2_000, 1_000).is_err(), "no room for one block");
     }
 }

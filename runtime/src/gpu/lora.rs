@@ -143,6 +143,7 @@ impl GpuAdapters {
         slots: usize,
         table_cap: usize,
     ) -> Result<Self> {
+        let slots = slots.max(1);
         let modules = slots * layers * PROJS;
         Ok(GpuAdapters {
             pool: gpu.zeros::<bf16>(pages * page_elems)?,
@@ -160,9 +161,10 @@ impl GpuAdapters {
         })
     }
 
-    /// Bytes of device memory a mirror of `pages` pages of `page_elems` values takes.
-    pub fn pool_bytes(pages: usize, page_elems: usize) -> usize {
-        pages * page_elems * 2
+    /// Bytes of device memory [`GpuAdapters::new`] takes with these arguments: the bf16 pages,
+    /// the slots' page tables and the module descriptors.
+    pub fn device_bytes(layers: usize, pages: usize, page_elems: usize, slots: usize, table_cap: usize) -> usize {
+        pages * page_elems * 2 + slots.max(1) * (table_cap * 4 + layers * PROJS * 16)
     }
 
     /// The widest rank of the adapter in `slot` (0 if empty).

@@ -133,8 +133,9 @@ enum Part {
 
 const PARTS: usize = 11;
 
-/// Host-side description of a step, uploaded in one copy and read by every layer.
-struct StepPlan {
+/// Description of a step, laid out on the host (`B` = `Vec<u32>`), then uploaded in one copy
+/// (`B` = `CudaSlice<u32>`) and read by every layer.
+struct StepPlan<B = CudaSlice<u32>> {
     rows: usize,
     seqs: usize,
     decode: bool,
@@ -143,12 +144,13 @@ struct StepPlan {
     any_adapter: bool,
     n_out: usize,
     /// Every [`Part`] end to end (i32 parts as their bits).
-    buf: CudaSlice<u32>,
+    buf: B,
     ranges: [std::ops::Range<usize>; PARTS],
 }
 
-impl StepPlan {
-    fn new(gpu: &Gpu, cfg: &ModelConfig, block_size: usize, seqs: &[GpuSeq<'_>], all_rows: bool) -> Result<Self> {
+impl StepPlan<Vec<u32>> {
+    /// Lays out a step of `seqs` (checking each fits its blocks, the context and the vocabulary).
+    fn layout(cfg: &ModelConfig, block_size: usize, seqs: &[GpuSeq<'_>], all_rows: bool) -> Result<Self> {
         let mut parts: [Vec<u32>; PARTS] = Default::default();
         let max_blocks = seqs.iter().map(|s| s.blocks.len()).max().unwrap_or(1).max(1);
         parts[Part::Tables as usize] = vec![0u32; seqs.len() * max_blocks];
@@ -206,11 +208,26 @@ impl StepPlan {
             max_blocks,
             any_adapter: seqs.iter().any(|s| s.adapter.is_some()),
             n_out: parts[Part::OutRows as usize].len(),
-            buf: gpu.upload(&flat)?,
+            buf: flat,
             ranges,
         })
     }
 
+    /// One part, on the host.
+    #[cfg(test)]
+    fn host_part(&self, p: Part) -> &[u32] {
+        &self.buf[self.ranges[p as usize].clone()]
+    }
+
+    /// The plan on the device, in one copy.
+    fn upload(self, gpu: &Gpu) -> Result<StepPlan> {
+        let buf = gpu.upload(&self.buf)?;
+        let StepPlan { rows, seqs, decode, max_context, max_blocks, any_adapter, n_out, ranges, .. } = self;
+        Ok(StepPlan { rows, seqs, decode, max_context, max_blocks, any_adapter, n_out, buf, ranges })
+    }
+}
+
+impl StepPlan {
     /// One part of the upload, for a kernel argument.
     fn part(&self, p: Part) -> CudaView<'_, u32> {
         let r = self.ranges[p as usize].clone();
@@ -314,7 +331,7 @@ impl GpuLlama {
         all_rows: bool,
     ) -> Result<(CudaSlice<f32>, Vec<AdapterShare>)> {
         let cfg = &self.cfg;
-        let plan = StepPlan::new(gpu, cfg, BLOCK_SIZE, seqs, all_rows)?;
+        let plan = StepPlan::layout(cfg, BLOCK_SIZE, seqs, all_rows)?.upload(gpu)?;
         if plan.max_context > gpu.max_attention_context {
             return Err(Error::Device(format!(
                 "a context of {} tokens is beyond the {} the attention kernels hold in shared memory on this GPU",
@@ -508,5 +525,57 @@ fn plan_lora(p: &StepPlan, max_rank: usize) -> LoraRows<'_> {
         seg_len: p.part(Part::SegLen),
         seg_adapter: p.part(Part::SegAdapter),
         row_adapter: p.part(Part::RowAdapter),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cfg() -> ModelConfig {
+        let text = r#"{"model_type": "llama", "hidden_size": 8, "intermediate_size": 16, "num_hidden_layers": 1,
+            "num_attention_heads": 2, "num_key_value_heads": 1, "vocab_size": 100, "max_position_embeddings": 64}"#;
+        let dir = std::env::temp_dir().join(format!("openlora-plan-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("temp dir");
+        std::fs::write(dir.join("config.json"), text).expect("config");
+        ModelConfig::from_file(&dir.join("config.json")).expect("config")
+    }
+
+    #[test]
+    fn a_step_is_laid_out_row_by_row_with_slots_tables_and_adapters() {
+        let cfg = cfg();
+        // A prefill of 3 tokens at 0 (block 7), and a decode at position 17: the fifth block (4), slot 4·4+1.
+        let seqs = [
+            GpuSeq { tokens: &[11, 12, 13], start: 0, blocks: &[7], adapter: Some(3) },
+            GpuSeq { tokens: &[14], start: 17, blocks: &[2, 5, 9, 1, 4], adapter: None },
+        ];
+        let p = StepPlan::layout(&cfg, 4, &seqs, false).expect("layout");
+        assert_eq!((p.rows, p.seqs, p.decode, p.any_adapter, p.max_blocks, p.max_context), (4, 2, false, true, 5, 18));
+        assert_eq!(p.host_part(Part::Ids), [11, 12, 13, 14]);
+        assert_eq!(p.host_part(Part::Positions), [0, 1, 2, 17]);
+        assert_eq!(p.host_part(Part::Slots), [28, 29, 30, 17]);
+        assert_eq!(p.host_part(Part::RowSeq), [0, 0, 0, 1]);
+        assert_eq!(p.host_part(Part::Tables), [7, 0, 0, 0, 0, 2, 5, 9, 1, 4]);
+        assert_eq!(p.host_part(Part::ContextLens), [3, 18]);
+        assert_eq!(p.host_part(Part::SegStart), [0, 3]);
+        assert_eq!(p.host_part(Part::SegLen), [3, 1]);
+        assert_eq!(p.host_part(Part::SegAdapter), [3, u32::MAX], "no adapter is -1 as i32");
+        assert_eq!(p.host_part(Part::RowAdapter), [3, 3, 3, u32::MAX]);
+        assert_eq!(p.host_part(Part::OutRows), [2, 3], "each sequence's last row");
+        let all = StepPlan::layout(&cfg, 4, &seqs, true).expect("layout");
+        assert_eq!(all.host_part(Part::OutRows), [0, 1, 2, 3]);
+        let decode = StepPlan::layout(&cfg, 4, &seqs[1..], false).expect("layout");
+        assert!(decode.decode && !decode.any_adapter);
+    }
+
+    #[test]
+    fn a_step_that_does_not_fit_is_refused_before_anything_is_uploaded() {
+        let cfg = cfg();
+        let beyond_blocks = [GpuSeq { tokens: &[1, 2], start: 3, blocks: &[0], adapter: None }];
+        assert!(StepPlan::layout(&cfg, 4, &beyond_blocks, false).is_err());
+        let bad_token = [GpuSeq { tokens: &[100], start: 0, blocks: &[0], adapter: None }];
+        assert!(StepPlan::layout(&cfg, 4, &bad_token, false).is_err());
+        let empty = [GpuSeq { tokens: &[], start: 0, blocks: &[0], adapter: None }];
+        assert!(StepPlan::layout(&cfg, 4, &empty, false).is_err());
     }
 }
