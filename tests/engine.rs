@@ -377,3 +377,53 @@ fn every_backend_serves_mixed_adapters_as_the_cpu_reference_does() {
         }
     }
 }
+
+/// A device that broke mid-run: every step fails, and it says it can run no more.
+struct BrokenDevice {
+    kv: openlora::model::BlockPool,
+}
+
+impl openlora::engine::backend::Backend for BrokenDevice {
+    fn describe(&self) -> String {
+        "broken".into()
+    }
+    fn kv(&self) -> &openlora::model::BlockPool {
+        &self.kv
+    }
+    fn kv_mut(&mut self) -> &mut openlora::model::BlockPool {
+        &mut self.kv
+    }
+    fn step(
+        &mut self,
+        _: &mut [openlora::model::SeqBatch<'_>],
+        _: &AdapterPager,
+    ) -> openlora::Result<openlora::engine::backend::StepOutput> {
+        Err(Error::Device("cuda: CUDA_ERROR_ILLEGAL_ADDRESS".into()))
+    }
+    fn fault(&self) -> Option<String> {
+        Some("broken: cuda: CUDA_ERROR_ILLEGAL_ADDRESS".into())
+    }
+}
+
+#[test]
+fn a_failed_device_fails_its_requests_frees_their_blocks_and_reports_the_fault() {
+    let model = model();
+    let broken = Box::new(BrokenDevice { kv: openlora::model::BlockPool::new(64) });
+    let engine = EngineHandle::start_on(
+        broken,
+        model.clone(),
+        pager(&model, PagerConfig::default()),
+        EngineConfig::default(),
+        Metrics::new(),
+    )
+    .expect("engine");
+    assert_eq!(engine.device(), "broken");
+    let mut stream = engine.submit(plain(&model, 4)).expect("submit");
+    match stream.next_blocking() {
+        Some(Event::Failed { message, .. }) => assert!(message.contains("ILLEGAL_ADDRESS"), "{message}"),
+        other => panic!("expected the request to fail, got {other:?}"),
+    }
+    let stats = settled(&engine);
+    assert_eq!(stats.kv_free_blocks, stats.kv_total_blocks, "the failed request's blocks are back");
+    assert!(stats.device_fault.is_some_and(|f| f.contains("ILLEGAL_ADDRESS")), "the fault is reported");
+}

@@ -125,6 +125,15 @@ async fn health() -> impl IntoResponse {
 }
 
 async fn ready(State(state): State<Shared>) -> Response {
+    if let Some(fault) = state.engine.stats().device_fault {
+        return ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "server_error",
+            "device_failed",
+            format!("the device can run no more steps: {fault}"),
+        )
+        .into_response();
+    }
     if state.ready.load(Ordering::Relaxed) {
         Json(serde_json::json!({"status": "ready"})).into_response()
     } else {

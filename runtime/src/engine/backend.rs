@@ -26,6 +26,11 @@ pub trait Backend: Send {
     /// Runs one step: every sequence's new tokens, with the adapter it leases from `pager`'s
     /// active pool. Reserves the KV blocks a sequence lacks and marks its new tokens stored.
     fn step(&mut self, batch: &mut [SeqBatch<'_>], pager: &AdapterPager) -> Result<StepOutput>;
+
+    /// Why the device can run no more steps (a sticky device error), if that happened.
+    fn fault(&self) -> Option<String> {
+        None
+    }
 }
 
 /// The host backend: the f32 decoder of [`crate::model::Llama`] and a host KV pool.

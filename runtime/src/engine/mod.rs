@@ -193,6 +193,8 @@ pub struct EngineStats {
     pub preemptions: u64,
     /// Largest number of sequences in one step so far.
     pub max_batch_seqs: usize,
+    /// Why the device can run no more steps, once that happened (the server is then not ready).
+    pub device_fault: Option<String>,
 }
 
 pub(crate) struct Submission {

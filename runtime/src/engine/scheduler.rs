@@ -324,6 +324,7 @@ impl Scheduler {
                 kv_total_blocks: kv.total_blocks(),
                 preemptions: self.preemptions,
                 max_batch_seqs: self.max_batch_seqs,
+                device_fault: self.backend.fault(),
             };
         }
     }

@@ -21,6 +21,8 @@ pub struct GpuBackend {
     llama: GpuLlama,
     kv: GpuKv,
     adapters: GpuAdapters,
+    /// Set when a step failed and the device no longer answers (a sticky CUDA error).
+    fault: Option<String>,
 }
 
 /// How a device memory budget was split.
@@ -83,7 +85,7 @@ impl GpuBackend {
         let split = DeviceBudget::split(budget, pool, GpuKv::block_bytes(cfg))?;
         let kv = GpuKv::new(&gpu, cfg, split.kv_blocks)?;
         let adapters = GpuAdapters::new(&gpu, cfg.num_layers, pages, page_elems, slots, pages)?;
-        Ok(GpuBackend { gpu, llama, kv, adapters })
+        Ok(GpuBackend { gpu, llama, kv, adapters, fault: None })
     }
 }
 
@@ -102,6 +104,24 @@ impl Backend for GpuBackend {
     }
 
     fn step(&mut self, batch: &mut [SeqBatch<'_>], pager: &AdapterPager) -> Result<StepOutput> {
+        let result = self.run_step(batch, pager);
+        if let Err(e) = &result
+            && self.fault.is_none()
+            && self.gpu.synchronize().is_err()
+        {
+            // The step's error left the context unusable: every later step would fail too.
+            self.fault = Some(format!("{}: {e}", self.describe()));
+        }
+        result
+    }
+
+    fn fault(&self) -> Option<String> {
+        self.fault.clone()
+    }
+}
+
+impl GpuBackend {
+    fn run_step(&mut self, batch: &mut [SeqBatch<'_>], pager: &AdapterPager) -> Result<StepOutput> {
         // The engine thread is not the one that opened the device; cuBLAS needs its context.
         self.gpu.ctx.bind_to_thread().map_err(cuda_err)?;
         for seq in batch.iter_mut() {
