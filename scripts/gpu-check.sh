@@ -9,6 +9,7 @@
 #   3. openlora_bench.json: parity on the fixtures (transformers, PEFT, and the serving path on
 #      the CPU against the GPU), then throughput at Llama-7B shape and the power-law run;
 #   4. peft.log: the HF PEFT baseline in the same run, when its script is carried in bench/.
+# Worst case of the step timeouts below: about 590 s, inside one 600 s device call.
 set -uo pipefail
 OUT=${OUT:-$(mktemp -d)}
 BIN=${OPENLORA_BIN:-target/gpu/openlora}
@@ -22,7 +23,7 @@ nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv >"$OUT/nvid
 status=0
 
 if [ -x target/gpu/engine-tests ]; then
-    OPENLORA_REPO=$PWD OPENLORA_REQUIRE_GPU=1 timeout "${ENGINE_TEST_TIMEOUT:-120}" target/gpu/engine-tests \
+    OPENLORA_REPO=$PWD OPENLORA_REQUIRE_GPU=1 timeout "${ENGINE_TEST_TIMEOUT:-90}" target/gpu/engine-tests \
         every_backend --nocapture >"$OUT/engine-tests.log" 2>&1 || status=1
 fi
 
@@ -56,11 +57,11 @@ grep -c " 200 " "$OUT/http.log" >"$OUT/http-200-count.txt" 2>/dev/null
 "$BIN" ledger verify --ledger "$DATA/ledger.sqlite3" >"$OUT/ledger-verify.log" 2>&1 || status=1
 
 [ "$DEVICE" = cpu ] && exit "$status"
-timeout "${OPENLORA_BENCH_TIMEOUT:-420}" "$BIN" bench --device cuda:0 --fixtures tests/fixtures \
+timeout "${OPENLORA_BENCH_TIMEOUT:-270}" "$BIN" bench --device cuda:0 --fixtures tests/fixtures \
     --out "$OUT/openlora_bench.json" 2>&1 | tee "$OUT/openlora_bench.log"
 [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
 if [ -f bench/hf_peft_multilora.py ]; then
-    OUT="$OUT" PYTHONUNBUFFERED=1 timeout "${PEFT_TIMEOUT:-300}" python3 bench/hf_peft_multilora.py \
+    OUT="$OUT" PYTHONUNBUFFERED=1 timeout "${PEFT_TIMEOUT:-200}" python3 bench/hf_peft_multilora.py \
         2>&1 | tail -n 40 >"$OUT/peft.log"
 fi
 exit "$status"

@@ -8,10 +8,11 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Barrier, Mutex, OnceLock};
 use std::time::Duration;
 
-use candle_core::{Device, Tensor};
+use candle_core::DType;
 use common::repo_root;
+use openlora::adapters::random::RandomAdapter;
 use openlora::metrics::Metrics;
-use openlora::model::{LoadedModel, LogitRows, ModelConfig, SeqBatch, SeqKv};
+use openlora::model::{LoadedModel, LogitRows, ModelConfig, Proj, SeqBatch, SeqKv};
 use openlora::pager::{AdapterLease, AdapterPager, PagerConfig};
 
 const ADAPTERS: usize = 1000;
@@ -23,36 +24,8 @@ fn base_model() -> LoadedModel {
 
 /// Writes a real PEFT folder: rank `r` on q_proj and v_proj of every layer, values from `seed`.
 fn write_adapter(dir: &Path, cfg: &ModelConfig, r: usize, seed: u64) {
-    std::fs::create_dir_all(dir).expect("adapter dir");
-    let mut state = seed.wrapping_mul(0x9E3779B97F4A7C15) | 1;
-    let mut rand = |n: usize| -> Vec<f32> {
-        (0..n)
-            .map(|_| {
-                state ^= state << 13;
-                state ^= state >> 7;
-                state ^= state << 17;
-                ((state >> 40) as f32 / (1u64 << 24) as f32 - 0.5) * 0.5
-            })
-            .collect()
-    };
-    let mut tensors = HashMap::new();
-    let h = cfg.hidden_size;
-    let kv = cfg.num_kv_heads * cfg.head_dim;
-    for l in 0..cfg.num_layers {
-        for (m, out) in [("q_proj", cfg.num_heads * cfg.head_dim), ("v_proj", kv)] {
-            let stem = format!("base_model.model.model.layers.{l}.self_attn.{m}");
-            let a = Tensor::from_vec(rand(r * h), (r, h), &Device::Cpu).expect("A");
-            let b = Tensor::from_vec(rand(out * r), (out, r), &Device::Cpu).expect("B");
-            tensors.insert(format!("{stem}.lora_A.weight"), a);
-            tensors.insert(format!("{stem}.lora_B.weight"), b);
-        }
-    }
-    candle_core::safetensors::save(&tensors, dir.join("adapter_model.safetensors")).expect("save");
-    let config = serde_json::json!({
-        "peft_type": "LORA", "r": r, "lora_alpha": 2 * r, "target_modules": ["q_proj", "v_proj"],
-        "bias": "none", "use_dora": false, "base_model_name_or_path": "gqa-llama3-f32",
-    });
-    std::fs::write(dir.join("adapter_config.json"), config.to_string()).expect("config");
+    let spec = RandomAdapter { rank: r, targets: &[Proj::Q, Proj::V], scale: 1.0, seed, dtype: DType::F32 };
+    openlora::adapters::random::write(dir, cfg, &spec).expect("adapter folder");
 }
 
 /// The 1,000 adapter folders, written once per test process.

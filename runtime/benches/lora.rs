@@ -1,12 +1,12 @@
 //! One decode step of 32 rows on a model of realistic width (random weights), three ways in
 //! one run: base only; one adapter for every row; 32 different rank-16 adapters on q/k/v/o.
 
-use std::collections::HashMap;
 use std::path::Path;
 use std::time::Duration;
 
-use candle_core::{Device, Tensor};
+use candle_core::{DType, Device};
 use criterion::{BatchSize, Criterion, criterion_group, criterion_main};
+use openlora::adapters::random::RandomAdapter;
 use openlora::metrics::Metrics;
 use openlora::model::{AllocStatus, Llama, LogitRows, ModelConfig, PagedKvCache, Proj, RopeScaling, SeqBatch, SeqKv};
 use openlora::pager::{AdapterLease, AdapterPager, PagerConfig};
@@ -39,27 +39,10 @@ fn config() -> ModelConfig {
     }
 }
 
-fn write_adapter(dir: &Path, cfg: &ModelConfig) {
-    std::fs::create_dir_all(dir).expect("dir");
-    let mut tensors = HashMap::new();
-    for l in 0..cfg.num_layers {
-        for p in [Proj::Q, Proj::K, Proj::V, Proj::O] {
-            let (out, inp) = p.shape(cfg);
-            let stem = format!("base_model.model.{}", p.tensor_name(l).trim_end_matches(".weight"));
-            tensors.insert(
-                format!("{stem}.lora_A.weight"),
-                Tensor::randn(0f32, 0.02, (RANK, inp), &Device::Cpu).expect("A"),
-            );
-            tensors.insert(
-                format!("{stem}.lora_B.weight"),
-                Tensor::randn(0f32, 0.02, (out, RANK), &Device::Cpu).expect("B"),
-            );
-        }
-    }
-    candle_core::safetensors::save(&tensors, dir.join("adapter_model.safetensors")).expect("save");
-    let c = serde_json::json!({"peft_type": "LORA", "r": RANK, "lora_alpha": 32,
-        "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj"]});
-    std::fs::write(dir.join("adapter_config.json"), c.to_string()).expect("config");
+fn write_adapter(dir: &Path, cfg: &ModelConfig, seed: u64) {
+    let targets = [Proj::Q, Proj::K, Proj::V, Proj::O];
+    let spec = RandomAdapter { rank: RANK, targets: &targets, scale: 1.0, seed, dtype: DType::F32 };
+    openlora::adapters::random::write(dir, cfg, &spec).expect("adapter folder");
 }
 
 fn decode_step(c: &mut Criterion) {
@@ -73,7 +56,7 @@ fn decode_step(c: &mut Criterion) {
     );
     for i in 0..ROWS {
         let dir = root.join(format!("a{i}"));
-        write_adapter(&dir, &cfg);
+        write_adapter(&dir, &cfg, i as u64);
         pager.register(&format!("a{i}"), &dir).expect("register");
     }
     let leases: Vec<AdapterLease> =

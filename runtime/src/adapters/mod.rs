@@ -1,6 +1,7 @@
 //! PEFT LoRA adapter folders: validation against the base model and loading to host memory.
 
 pub mod config;
+pub mod random;
 
 use std::path::{Path, PathBuf};
 

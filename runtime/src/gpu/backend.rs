@@ -65,8 +65,20 @@ impl GpuBackend {
     ) -> Result<Self> {
         let gpu = Gpu::open(ordinal)?;
         let llama = GpuLlama::load(&gpu, &model.folder)?;
+        Self::with_model(gpu, llama, pager, device_bytes, slots)
+    }
+
+    /// [`GpuBackend::open`] with the device opened and the decoder on it already (the
+    /// benchmark's random Llama-7B).
+    pub fn with_model(
+        gpu: Gpu,
+        llama: GpuLlama,
+        pager: &AdapterPager,
+        device_bytes: Option<usize>,
+        slots: usize,
+    ) -> Result<Self> {
         gpu.synchronize()?;
-        let cfg = model.config();
+        let cfg = &llama.config().clone();
         if cfg.max_position_embeddings > gpu.max_attention_context {
             eprintln!(
                 "openlora: warning: the model's context is {} tokens; on this GPU a sequence may grow to {}",

@@ -40,15 +40,18 @@ pub struct BenchConfig {
     pub registered: usize,
 }
 
-/// Llama-7B's shape (the HF PEFT baseline's `LlamaConfig`).
-fn llama_7b() -> Result<ModelConfig> {
+/// `config.json` of Llama-7B's shape (the HF PEFT baseline's `LlamaConfig`).
+pub(crate) const LLAMA_7B_CONFIG: &str = r#"{"model_type": "llama", "hidden_size": 4096, "intermediate_size": 11008,
+    "num_hidden_layers": 32, "num_attention_heads": 32, "num_key_value_heads": 32, "vocab_size": 32000,
+    "max_position_embeddings": 4096, "rms_norm_eps": 1e-5, "rope_theta": 10000.0, "tie_word_embeddings": false,
+    "torch_dtype": "bfloat16"}"#;
+
+/// Llama-7B's shape.
+pub(crate) fn llama_7b() -> Result<ModelConfig> {
     let dir = std::env::temp_dir().join(format!("openlora-7b-{}", std::process::id()));
     std::fs::create_dir_all(&dir).map_err(|e| Error::io(&dir, e))?;
     let path = dir.join("config.json");
-    let text = r#"{"model_type": "llama", "hidden_size": 4096, "intermediate_size": 11008, "num_hidden_layers": 32,
-        "num_attention_heads": 32, "num_key_value_heads": 32, "vocab_size": 32000, "max_position_embeddings": 4096,
-        "rms_norm_eps": 1e-5, "rope_theta": 10000.0, "tie_word_embeddings": false, "torch_dtype": "bfloat16"}"#;
-    std::fs::write(&path, text).map_err(|e| Error::io(&path, e))?;
+    std::fs::write(&path, LLAMA_7B_CONFIG).map_err(|e| Error::io(&path, e))?;
     ModelConfig::from_file(&path)
 }
 
@@ -130,6 +133,10 @@ pub fn run(c: &BenchConfig) -> Result<Value> {
         report["serving_parity"] = section("serving parity", || parity::serving(c.ordinal, f));
     }
     report["throughput"] = section("throughput", || throughput(&gpu, c));
+    if let Some(f) = &c.fixtures {
+        // The same shape through the engine, as `serve` runs it.
+        report["serving_throughput"] = section("serving throughput", || super::serving_bench::run(c, f));
+    }
     gpu.ctx.synchronize().map_err(cuda_err)?;
     Ok(report)
 }

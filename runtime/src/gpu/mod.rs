@@ -11,6 +11,7 @@ pub mod bench;
 pub mod lora;
 pub mod model;
 pub mod parity;
+pub mod serving_bench;
 
 use std::collections::HashMap;
 use std::sync::Arc;
