@@ -11,7 +11,8 @@ pub struct PagerMetrics {
     pub hits: IntCounterVec,
     /// Lookups that had to go to the next tier down (`tier` = `active` | `host`).
     pub misses: IntCounterVec,
-    /// Seconds to bring an adapter into a tier (`tier` = `host` from disk, `active` from host).
+    /// Seconds to bring an adapter into a tier (`tier` = `host` from disk, `active` from host,
+    /// `device` from the active pool to a GPU's mirror of it).
     pub load_seconds: HistogramVec,
     /// Adapters evicted from a tier (`tier` = `active` | `host`).
     pub evictions: IntCounterVec,

@@ -148,7 +148,15 @@ impl GpuBackend {
             let mut busy = Vec::new();
             for seq in batch.iter() {
                 let slot = match seq.adapter {
-                    Some(r) => Some(self.adapters.slot_for(&self.gpu, r, &host, &busy)?),
+                    Some(r) => {
+                        let (t0, before) = (std::time::Instant::now(), self.adapters.uploads);
+                        let slot = self.adapters.slot_for(&self.gpu, r, &host, &busy)?;
+                        if self.adapters.uploads > before {
+                            let seconds = t0.elapsed().as_secs_f64();
+                            pager.metrics().load_seconds.with_label_values(&["device"]).observe(seconds);
+                        }
+                        Some(slot)
+                    }
                     None => None,
                 };
                 busy.extend(slot);

@@ -421,6 +421,11 @@ impl AdapterPager {
         self.inner.data.read().unwrap_or_else(lock_err)
     }
 
+    /// The pager's metrics (a GPU backend reports its uploads into them).
+    pub fn metrics(&self) -> &PagerMetrics {
+        &self.inner.metrics
+    }
+
     /// The active pool's size in pages.
     pub fn pool_pages(&self) -> usize {
         self.inner.lock().alloc.total_pages()
