@@ -9,8 +9,17 @@ use crate::model::lora::AdapterShare;
 use crate::model::{BlockPool, LoadedModel, LogitRows, PagedKvCache, SeqBatch};
 use crate::pager::AdapterPager;
 
-/// Each sequence's logits for its last new token, and its measured adapter share, in batch order.
-pub type StepOutput = (Vec<Vec<f32>>, Vec<AdapterShare>);
+/// What one step gives back, per sequence in batch order.
+#[derive(Debug, Default)]
+pub struct StepOutput {
+    /// Logits of its last new token.
+    pub logits: Vec<Vec<f32>>,
+    /// Its adapter's measured share of the adapted projections' output.
+    pub shares: Vec<AdapterShare>,
+    /// Time spent bringing its adapter onto the device for this step (a GPU's upload; empty
+    /// when nothing was brought).
+    pub adapter_load: Vec<std::time::Duration>,
+}
 
 /// A device the engine can run steps on.
 pub trait Backend: Send {
@@ -72,6 +81,6 @@ impl Backend for CpuBackend {
             LogitRows::Last,
             pool.as_ref().map(|p| p.view()),
         )?;
-        Ok((logits.to_vec2::<f32>()?, shares))
+        Ok(StepOutput { logits: logits.to_vec2::<f32>()?, shares, adapter_load: Vec::new() })
     }
 }

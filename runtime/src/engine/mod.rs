@@ -88,7 +88,8 @@ pub struct Usage {
     pub queue_ms: u64,
     /// Milliseconds of the steps this request took part in.
     pub compute_ms: u64,
-    /// Milliseconds spent bringing its adapter into the active pool.
+    /// Milliseconds spent bringing its adapter into the active pool (on a GPU, and onto the
+    /// device: that upload happens inside a step, so it is in `compute_ms` too).
     pub adapter_load_ms: u64,
     /// Its share of each step it took part in (its tokens over the step's), summed, in millionths.
     pub batch_share_ppm: u64,

@@ -266,8 +266,8 @@ impl Scheduler {
         let elapsed = t0.elapsed();
         self.steps += 1;
         self.metrics.engine.step_seconds.observe(elapsed.as_secs_f64());
-        let (mut rows, mut shares) = match result {
-            Ok((rows, shares)) => (rows.into_iter(), shares.into_iter()),
+        let (mut rows, mut shares, mut loads) = match result {
+            Ok(out) => (out.logits.into_iter(), out.shares.into_iter(), out.adapter_load.into_iter()),
             Err(e) => {
                 // A failed step is a bug, not bad input: fail the requests in it, keep serving.
                 let msg = format!("engine step failed: {e}");
@@ -294,6 +294,7 @@ impl Scheduler {
             let Some(mut logits) = rows.next() else { break };
             s.add_step(elapsed, c, total);
             s.add_share(shares.next().unwrap_or_default());
+            s.add_adapter_time(loads.next().unwrap_or_default());
             if s.pending() == 0
                 && let Progress::Finished(reason) = s.push_token(&self.shared.model, &mut logits)
             {

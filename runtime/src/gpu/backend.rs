@@ -142,28 +142,23 @@ impl GpuBackend {
                 status => return Err(Error::KvExhausted { needed_tokens: seq.kv.len() + seq.tokens.len(), status }),
             }
         }
-        let mut slots: Vec<Option<u32>> = Vec::with_capacity(batch.len());
+        let mut slots: Vec<Option<u32>> = vec![None; batch.len()];
+        let mut adapter_load = Vec::new();
         if batch.iter().any(|s| s.adapter.is_some()) {
             let host = pager.pool();
             let mut busy = Vec::new();
-            for seq in batch.iter() {
-                let slot = match seq.adapter {
-                    Some(r) => {
-                        let (t0, before) = (std::time::Instant::now(), self.adapters.uploads);
-                        let slot = self.adapters.slot_for(&self.gpu, r, &host, &busy)?;
-                        if self.adapters.uploads > before {
-                            let seconds = t0.elapsed().as_secs_f64();
-                            pager.metrics().load_seconds.with_label_values(&["device"]).observe(seconds);
-                        }
-                        Some(slot)
-                    }
-                    None => None,
-                };
-                busy.extend(slot);
-                slots.push(slot);
+            adapter_load = vec![std::time::Duration::ZERO; batch.len()];
+            for (i, seq) in batch.iter().enumerate() {
+                let Some(r) = seq.adapter else { continue };
+                let (t0, before) = (std::time::Instant::now(), self.adapters.uploads);
+                let slot = self.adapters.slot_for(&self.gpu, r, &host, &busy)?;
+                if self.adapters.uploads > before {
+                    adapter_load[i] = t0.elapsed();
+                    pager.metrics().load_seconds.with_label_values(&["device"]).observe(adapter_load[i].as_secs_f64());
+                }
+                busy.push(slot);
+                slots[i] = Some(slot);
             }
-        } else {
-            slots.resize(batch.len(), None);
         }
         let seqs: Vec<GpuSeq<'_>> = batch
             .iter()
@@ -177,7 +172,7 @@ impl GpuBackend {
         for seq in batch.iter_mut() {
             BlockPool::commit(seq.kv, seq.tokens.len());
         }
-        Ok((rows, shares))
+        Ok(StepOutput { logits: rows, shares, adapter_load })
     }
 }
 
