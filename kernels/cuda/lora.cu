@@ -12,7 +12,11 @@
 //
 // The expand also measures what the adapter contributed (the attribution input, as the CPU
 // reference's AdapterShare): per sequence, Σ|W·x| of the rows it adapts (y before the delta)
-// into base_l1[seq] and Σ|Δy| into delta_l1[seq].
+// into sums[2·seq] and Σ|Δy| into sums[2·seq + 1].
+//
+// Prefill (SGMV) and decode (BGMV) differ only in where a block's rows come from: a segment
+// (a sequence's rows) or one row (one sequence's one new token). Both run the same routines
+// over a row range.
 
 // The module id of adapter slot `a` (or -1), and whether it has rank-row r of that module.
 __device__ __forceinline__ int module_id(int a, int module, int modules_per_adapter) {
@@ -51,29 +55,58 @@ __device__ float2 expand_one(const float* __restrict__ tmp, bf16* __restrict__ y
 }
 
 // Adds a block's measured sums to sequence `seq`'s (every thread of the block calls it).
-__device__ void add_share(float2 v, float* __restrict__ base_l1, float* __restrict__ delta_l1, int seq) {
+__device__ void add_share(float2 v, float* __restrict__ sums, int seq) {
     float b = block_sum(v.x), d = block_sum(v.y);
     if (threadIdx.x == 0) {
-        atomicAdd(base_l1 + seq, b);
-        atomicAdd(delta_l1 + seq, d);
+        atomicAdd(sums + 2 * seq, b);
+        atomicAdd(sums + 2 * seq + 1, d);
     }
 }
 
-// Prefill, shrink: segment s (rows seg_start[s] .. + seg_len[s], adapter seg_adapter[s] or -1),
-// rank-row blockIdx.y. Each block reads its A row once for all the segment's rows.
-// grid: (segments, max_rank), block: a multiple of 32.
+// The shrink of rank-row blockIdx.y of module m (or none: m < 0) for rows first .. first + count.
+__device__ void shrink_rows(const bf16* __restrict__ x, float* __restrict__ tmp, const bf16* __restrict__ pool,
+                            const u32* __restrict__ tables, int m, int first, int count,
+                            const int* __restrict__ ranks, const u32* __restrict__ a_offsets, int in_dim,
+                            int max_rank, int page_elems) {
+    int r = blockIdx.y;
+    if (m < 0 || r >= ranks[m]) return;  // the same for the whole block
+    const u32* table = tables + a_offsets[m];
+    for (int row = first; row < first + count; row++) shrink_row(x, tmp, pool, table, row, r, in_dim, max_rank, page_elems);
+}
+
+// The expand of module m (or none) for rows first .. first + count, column
+// blockIdx.y · blockDim.x + threadIdx.x, measured into sequence `seq`'s sums.
+__device__ void expand_rows(const float* __restrict__ tmp, bf16* __restrict__ y, const bf16* __restrict__ pool,
+                            const u32* __restrict__ tables, int m, int first, int count, int seq,
+                            const int* __restrict__ ranks, const float* __restrict__ scales,
+                            const u32* __restrict__ bt_offsets, int out_dim, int max_rank, int page_elems,
+                            float* __restrict__ sums) {
+    if (m < 0 || ranks[m] == 0) return;  // the same for the whole block
+    int o = blockIdx.y * blockDim.x + threadIdx.x;
+    const u32* table = tables + bt_offsets[m];
+    float2 sum = make_float2(0.0f, 0.0f);
+    if (o < out_dim) {
+        for (int row = first; row < first + count; row++) {
+            float2 v = expand_one(tmp, y, pool, table, row, o, ranks[m], scales[m], out_dim, max_rank, page_elems);
+            sum.x += v.x;
+            sum.y += v.y;
+        }
+    }
+    add_share(sum, sums, seq);
+}
+
+// Prefill, shrink: segment s = blockIdx.x (rows seg_start[s] .. + seg_len[s], adapter
+// seg_adapter[s] or -1), rank-row blockIdx.y. Each block reads its A row once for all the
+// segment's rows.  grid: (segments, max_rank), block: a multiple of 32.
 extern "C" __global__ void lora_shrink_sgmv_bf16(const bf16* __restrict__ x, float* __restrict__ tmp,
                                                  const bf16* __restrict__ pool, const u32* __restrict__ tables,
                                                  const int* __restrict__ seg_start, const int* __restrict__ seg_len,
                                                  const int* __restrict__ seg_adapter, int module, int modules_per_adapter,
                                                  const int* __restrict__ ranks, const u32* __restrict__ a_offsets,
                                                  int in_dim, int max_rank, int page_elems) {
-    int m = module_id(seg_adapter[blockIdx.x], module, modules_per_adapter), r = blockIdx.y;
-    if (m < 0 || r >= ranks[m]) return;
-    const u32* table = tables + a_offsets[m];
-    for (int row = seg_start[blockIdx.x]; row < seg_start[blockIdx.x] + seg_len[blockIdx.x]; row++) {
-        shrink_row(x, tmp, pool, table, row, r, in_dim, max_rank, page_elems);
-    }
+    int s = blockIdx.x;
+    shrink_rows(x, tmp, pool, tables, module_id(seg_adapter[s], module, modules_per_adapter), seg_start[s], seg_len[s],
+                ranks, a_offsets, in_dim, max_rank, page_elems);
 }
 
 // Prefill, expand: y[row, o] += scale · Σ_r tmp[row, r] · Bᵀ[r, o] for the segment's rows.
@@ -84,21 +117,10 @@ extern "C" __global__ void lora_expand_sgmv_bf16(const float* __restrict__ tmp, 
                                                  const int* __restrict__ seg_adapter, int module, int modules_per_adapter,
                                                  const int* __restrict__ ranks, const float* __restrict__ scales,
                                                  const u32* __restrict__ bt_offsets, int out_dim, int max_rank,
-                                                 int page_elems, float* __restrict__ base_l1,
-                                                 float* __restrict__ delta_l1) {
-    int m = module_id(seg_adapter[blockIdx.x], module, modules_per_adapter);
-    int o = blockIdx.y * blockDim.x + threadIdx.x;
-    if (m < 0 || ranks[m] == 0) return;  // the same for the whole block
-    const u32* table = tables + bt_offsets[m];
-    float2 sum = make_float2(0.0f, 0.0f);
-    if (o < out_dim) {
-        for (int row = seg_start[blockIdx.x]; row < seg_start[blockIdx.x] + seg_len[blockIdx.x]; row++) {
-            float2 v = expand_one(tmp, y, pool, table, row, o, ranks[m], scales[m], out_dim, max_rank, page_elems);
-            sum.x += v.x;
-            sum.y += v.y;
-        }
-    }
-    add_share(sum, base_l1, delta_l1, blockIdx.x);
+                                                 int page_elems, float* __restrict__ sums) {
+    int s = blockIdx.x;
+    expand_rows(tmp, y, pool, tables, module_id(seg_adapter[s], module, modules_per_adapter), seg_start[s], seg_len[s],
+                s, ranks, scales, bt_offsets, out_dim, max_rank, page_elems, sums);
 }
 
 // Decode, shrink: every row gathers its own adapter's module (row_adapter[row] or -1).
@@ -108,9 +130,9 @@ extern "C" __global__ void lora_shrink_bgmv_bf16(const bf16* __restrict__ x, flo
                                                  const int* __restrict__ row_adapter, int module, int modules_per_adapter,
                                                  const int* __restrict__ ranks, const u32* __restrict__ a_offsets,
                                                  int in_dim, int max_rank, int page_elems) {
-    int row = blockIdx.x, r = blockIdx.y, m = module_id(row_adapter[row], module, modules_per_adapter);
-    if (m < 0 || r >= ranks[m]) return;
-    shrink_row(x, tmp, pool, tables + a_offsets[m], row, r, in_dim, max_rank, page_elems);
+    int row = blockIdx.x;
+    shrink_rows(x, tmp, pool, tables, module_id(row_adapter[row], module, modules_per_adapter), row, 1, ranks,
+                a_offsets, in_dim, max_rank, page_elems);
 }
 
 // Decode, expand.  grid: (rows, ceil(out_dim / block)), block: a multiple of 32; row r is
@@ -120,14 +142,10 @@ extern "C" __global__ void lora_expand_bgmv_bf16(const float* __restrict__ tmp, 
                                                  const int* __restrict__ row_adapter, int module, int modules_per_adapter,
                                                  const int* __restrict__ ranks, const float* __restrict__ scales,
                                                  const u32* __restrict__ bt_offsets, int out_dim, int max_rank,
-                                                 int page_elems, float* __restrict__ base_l1,
-                                                 float* __restrict__ delta_l1) {
-    int row = blockIdx.x, m = module_id(row_adapter[row], module, modules_per_adapter);
-    int o = blockIdx.y * blockDim.x + threadIdx.x;
-    if (m < 0 || ranks[m] == 0) return;  // the same for the whole block
-    float2 v = make_float2(0.0f, 0.0f);
-    if (o < out_dim) v = expand_one(tmp, y, pool, tables + bt_offsets[m], row, o, ranks[m], scales[m], out_dim, max_rank, page_elems);
-    add_share(v, base_l1, delta_l1, row);
+                                                 int page_elems, float* __restrict__ sums) {
+    int row = blockIdx.x;
+    expand_rows(tmp, y, pool, tables, module_id(row_adapter[row], module, modules_per_adapter), row, 1, row, ranks,
+                scales, bt_offsets, out_dim, max_rank, page_elems, sums);
 }
 
 // Copies staged pages into the pool: page i of `staging` goes to pool page table[i]. An adapter

@@ -8,7 +8,7 @@ use candle_core::{DType, Device, Tensor};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
-use super::{CONFIG_FILE, WEIGHTS_FILE};
+use super::{CONFIG_FILE, LoraModule, LoraWeights, WEIGHTS_FILE};
 use crate::error::{Error, Result};
 use crate::model::{ModelConfig, Proj};
 
@@ -27,21 +27,40 @@ pub struct RandomAdapter<'a> {
     pub dtype: DType,
 }
 
-/// Writes a PEFT folder for `cfg` into `dir` (created if missing).
-pub fn write(dir: &Path, cfg: &ModelConfig, a: &RandomAdapter<'_>) -> Result<()> {
-    std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
+/// The adapter's weights in memory, as a loaded folder holds them (scale `lora_alpha / r`,
+/// with `lora_alpha = 2r` as [`write`] records).
+pub fn weights(cfg: &ModelConfig, a: &RandomAdapter<'_>) -> LoraWeights {
     let mut rng = StdRng::seed_from_u64(a.seed);
     let mut uniform = |n: usize, bound: f32| -> Vec<f32> { (0..n).map(|_| rng.random_range(-bound..bound)).collect() };
+    let layers = (0..cfg.num_layers)
+        .map(|_| {
+            let mut mods: [Option<LoraModule>; 7] = Default::default();
+            for &p in a.targets {
+                let (out, inp) = p.shape(cfg);
+                let lora_a = uniform(a.rank * inp, a.scale / (inp as f32).sqrt());
+                let bt = uniform(a.rank * out, a.scale / (a.rank as f32).sqrt());
+                mods[p as usize] = Some(LoraModule { rank: a.rank, scale: 2.0, a: lora_a, bt });
+            }
+            mods
+        })
+        .collect();
+    LoraWeights { layers, bytes: 0 }
+}
+
+/// Writes a PEFT folder for `cfg` into `dir` (created if missing) holding [`weights`].
+pub fn write(dir: &Path, cfg: &ModelConfig, a: &RandomAdapter<'_>) -> Result<()> {
+    std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
     let mut tensors = HashMap::new();
-    for l in 0..cfg.num_layers {
+    for (l, layer) in weights(cfg, a).layers.iter().enumerate() {
         for &p in a.targets {
+            let Some(m) = &layer[p as usize] else { continue };
             let (out, inp) = p.shape(cfg);
             let stem = format!("base_model.model.{}", p.tensor_name(l).trim_end_matches(".weight"));
-            let lora_a = uniform(a.rank * inp, a.scale / (inp as f32).sqrt());
-            let lora_b = uniform(out * a.rank, a.scale / (a.rank as f32).sqrt());
-            let t = |v: Vec<f32>, shape: (usize, usize)| Tensor::from_vec(v, shape, &Device::Cpu)?.to_dtype(a.dtype);
-            tensors.insert(format!("{stem}.lora_A.weight"), t(lora_a, (a.rank, inp))?);
-            tensors.insert(format!("{stem}.lora_B.weight"), t(lora_b, (out, a.rank))?);
+            let t = |v: &[f32], shape: (usize, usize)| Tensor::from_slice(v, shape, &Device::Cpu);
+            // PEFT stores B as [out, rank]; the host form holds Bᵀ.
+            let b = t(&m.bt, (a.rank, out))?.t()?.contiguous()?;
+            tensors.insert(format!("{stem}.lora_A.weight"), t(&m.a, (a.rank, inp))?.to_dtype(a.dtype)?);
+            tensors.insert(format!("{stem}.lora_B.weight"), b.to_dtype(a.dtype)?);
         }
     }
     let weights = dir.join(WEIGHTS_FILE);
@@ -75,6 +94,12 @@ mod tests {
         let q = w.layers[0][Proj::Q as usize].as_ref().expect("q_proj");
         assert_eq!((q.rank, q.a.len()), (4, 4 * cfg.hidden_size));
         assert!(w.layers[0][Proj::V as usize].is_none());
+        // What the folder holds is what `weights` makes (to bf16).
+        let made = weights(&cfg, &spec);
+        let m = made.layers[1][Proj::O as usize].as_ref().expect("o_proj");
+        let loaded = w.layers[1][Proj::O as usize].as_ref().expect("o_proj");
+        let bf = |v: &[f32]| v.iter().map(|&x| half::bf16::from_f32(x).to_f32()).collect::<Vec<_>>();
+        assert_eq!((bf(&m.a), bf(&m.bt), m.scale), (loaded.a.clone(), loaded.bt.clone(), loaded.scale));
         std::fs::remove_dir_all(&dir).ok();
     }
 }

@@ -8,7 +8,8 @@ use super::model::{GpuKv, GpuLlama, GpuSeq};
 use super::{Gpu, cuda_err};
 use crate::engine::backend::{Backend, StepOutput};
 use crate::error::{Error, Result};
-use crate::model::{AllocStatus, BlockPool, LoadedModel, SeqBatch};
+use crate::model::llama::reserve_batch;
+use crate::model::{BlockPool, LoadedModel, SeqBatch};
 use crate::pager::AdapterPager;
 
 /// Device memory kept free for a step's activations, cuBLAS workspaces and the logits when the
@@ -136,12 +137,7 @@ impl GpuBackend {
     fn run_step(&mut self, batch: &mut [SeqBatch<'_>], pager: &AdapterPager) -> Result<StepOutput> {
         // The engine thread is not the one that opened the device; cuBLAS needs its context.
         self.gpu.ctx.bind_to_thread().map_err(cuda_err)?;
-        for seq in batch.iter_mut() {
-            match self.kv.blocks.reserve(seq.kv, seq.tokens.len()) {
-                AllocStatus::Ok => {}
-                status => return Err(Error::KvExhausted { needed_tokens: seq.kv.len() + seq.tokens.len(), status }),
-            }
-        }
+        reserve_batch(&mut self.kv.blocks, batch)?;
         let mut slots: Vec<Option<u32>> = vec![None; batch.len()];
         let mut adapter_load = Vec::new();
         if batch.iter().any(|s| s.adapter.is_some()) {

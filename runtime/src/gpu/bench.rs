@@ -15,7 +15,8 @@ use serde_json::{Value, json};
 use super::lora::{AdapterArena, GpuAdapters};
 use super::model::{GpuKv, GpuLlama, GpuSeq};
 use super::{Gpu, cuda_err, parity};
-use crate::adapters::{LoraModule, LoraWeights};
+use crate::adapters::LoraWeights;
+use crate::adapters::random::{self, RandomAdapter};
 use crate::error::{Error, Result};
 use crate::model::{AllocStatus, BLOCK_SIZE, ModelConfig, Proj, SeqKv};
 
@@ -55,25 +56,15 @@ pub(crate) fn llama_7b() -> Result<ModelConfig> {
     ModelConfig::from_file(&path)
 }
 
-/// Random rank-`rank` weights on q/k/v/o of every layer (A uniform ±1/√in, B ±1/√rank), from `seed`.
-fn random_adapter(cfg: &ModelConfig, rank: usize, seed: u64) -> LoraWeights {
-    let mut rng = StdRng::seed_from_u64(seed);
-    let mut next = move || rng.random_range(-1.0f32..1.0);
-    let layers = (0..cfg.num_layers)
-        .map(|_| {
-            let mut mods: [Option<LoraModule>; 7] = Default::default();
-            for p in [Proj::Q, Proj::K, Proj::V, Proj::O] {
-                let (out, inp) = p.shape(cfg);
-                let (sa, sb) = (1.0 / (inp as f32).sqrt(), 1.0 / (rank as f32).sqrt());
-                let a = (0..rank * inp).map(|_| next() * sa).collect();
-                let bt = (0..rank * out).map(|_| next() * sb * 0.1).collect();
-                mods[p as usize] = Some(LoraModule { rank, scale: 2.0, a, bt });
-            }
-            mods
-        })
-        .collect();
-    LoraWeights { layers, bytes: 0 }
+/// The benchmark's adapters on q/k/v/o: rank `rank`, values from `seed`, made in memory (the
+/// serving-path run writes the same to disk).
+pub(crate) fn random_adapter(cfg: &ModelConfig, rank: usize, seed: u64) -> LoraWeights {
+    let spec = RandomAdapter { rank, targets: &QKVO, scale: 1.0, seed, dtype: candle_core::DType::BF16 };
+    random::weights(cfg, &spec)
 }
+
+/// The projections the baseline's adapters target.
+pub(crate) const QKVO: [Proj; 4] = [Proj::Q, Proj::K, Proj::V, Proj::O];
 
 /// Times greedy generation: one prefill step for the batch, then `new_tokens - 1` decode steps.
 /// Returns (total seconds, mean decode step ms).

@@ -263,7 +263,7 @@ impl GpuAdapters {
             let mut b = s.launch_builder(gpu.kernel("lora_expand_bgmv_bf16")?);
             b.arg(&*tmp).arg(y).arg(&self.pool).arg(&self.tables).arg(&rows.row_adapter).arg(&module).arg(&mpa);
             b.arg(&self.ranks).arg(&self.scales).arg(&self.bt_offsets).arg(&out_i).arg(&mr).arg(&pe);
-            b.arg(&mut sums.base_l1).arg(&mut sums.delta_l1);
+            b.arg(&mut sums.sums);
             // SAFETY: the buffers passed were sized above for the rows and widths given.
             unsafe { b.launch(grid((rows.rows as u32, out_blocks), 256, 0)) }.map_err(cuda_err)?;
         } else {
@@ -278,7 +278,7 @@ impl GpuAdapters {
             let mut b = s.launch_builder(gpu.kernel("lora_expand_sgmv_bf16")?);
             b.arg(&*tmp).arg(y).arg(&self.pool).arg(&self.tables).arg(&rows.seg_start).arg(&rows.seg_len);
             b.arg(&rows.seg_adapter).arg(&module).arg(&mpa).arg(&self.ranks).arg(&self.scales);
-            b.arg(&self.bt_offsets).arg(&out_i).arg(&mr).arg(&pe).arg(&mut sums.base_l1).arg(&mut sums.delta_l1);
+            b.arg(&self.bt_offsets).arg(&out_i).arg(&mr).arg(&pe).arg(&mut sums.sums);
             // SAFETY: the buffers passed were sized above for the rows and widths given.
             unsafe { b.launch(grid((rows.seqs as u32, out_blocks), 256, 0)) }.map_err(cuda_err)?;
         }
@@ -286,22 +286,22 @@ impl GpuAdapters {
     }
 }
 
-/// Per sequence of a step: Σ|W·x| and Σ|Δy| over the rows and projections its adapter touches.
+/// Per sequence of a step: Σ|W·x| and Σ|Δy| over the rows and projections its adapter touches,
+/// side by side (`[seqs, 2]`), so one copy brings them back.
 pub(crate) struct ShareSums {
-    pub base_l1: CudaSlice<f32>,
-    pub delta_l1: CudaSlice<f32>,
+    pub sums: CudaSlice<f32>,
 }
 
 impl ShareSums {
     /// Zeroed sums for `seqs` sequences.
     pub fn new(gpu: &Gpu, seqs: usize) -> Result<Self> {
-        Ok(ShareSums { base_l1: gpu.zeros(seqs)?, delta_l1: gpu.zeros(seqs)? })
+        Ok(ShareSums { sums: gpu.zeros(2 * seqs)? })
     }
 
     /// The sums as the CPU backend reports them (waits for the compute stream).
     pub fn download(&self, gpu: &Gpu, seqs: usize) -> Result<Vec<AdapterShare>> {
-        let (b, d) = (gpu.download(&self.base_l1)?, gpu.download(&self.delta_l1)?);
-        Ok(b.iter().zip(&d).take(seqs).map(|(&b, &d)| AdapterShare { delta_l1: d as f64, base_l1: b as f64 }).collect())
+        let v = gpu.download(&self.sums)?;
+        Ok(v.chunks(2).take(seqs).map(|p| AdapterShare { base_l1: p[0] as f64, delta_l1: p[1] as f64 }).collect())
     }
 }
 

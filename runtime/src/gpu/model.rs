@@ -48,7 +48,7 @@ pub struct GpuKv {
 impl GpuKv {
     /// Bytes one block takes across all layers (keys and values, bf16).
     pub fn block_bytes(cfg: &ModelConfig) -> usize {
-        2 * cfg.num_layers * BLOCK_SIZE * cfg.num_kv_heads * cfg.head_dim * 2
+        BlockPool::block_bytes(cfg, 2)
     }
 
     /// A cache of `blocks` blocks of [`BLOCK_SIZE`] tokens for `cfg`'s layers.

@@ -14,7 +14,7 @@ use super::lora::{AdapterArena, GpuAdapters};
 use super::model::{GpuKv, GpuLlama, GpuSeq};
 use crate::adapters::AdapterManifest;
 use crate::engine::backend::{Backend, CpuBackend};
-use crate::engine::{EngineConfig, EngineHandle, Event, GenerationRequest};
+use crate::engine::{EngineConfig, EngineHandle, GenerationRequest};
 use crate::error::{Error, Result};
 use crate::metrics::Metrics;
 use crate::model::{AllocStatus, BLOCK_SIZE, LoadedModel, ModelConfig, SeqKv};
@@ -203,25 +203,10 @@ pub fn serving(ordinal: usize, fixtures: &Path) -> Result<Value> {
         } else {
             Box::new(CpuBackend::new(model.clone(), 64 << 20)?)
         };
-        let described = backend.describe();
         let engine = EngineHandle::start_on(backend, model, pager, EngineConfig::default(), Metrics::new())?;
-        let streams = requests.iter().map(|r| engine.submit(r.clone())).collect::<Result<Vec<_>>>()?;
-        let mut out = Vec::with_capacity(streams.len());
-        for mut s in streams {
-            let (mut tokens, mut ppm) = (Vec::new(), 0);
-            while let Some(ev) = s.next_blocking() {
-                match ev {
-                    Event::Token { id, .. } => tokens.push(id),
-                    Event::Done { usage, .. } => {
-                        ppm = usage.adapter_contribution_ppm;
-                        break;
-                    }
-                    Event::Failed { message, .. } => return Err(Error::Device(format!("{}: {message}", s.id))),
-                }
-            }
-            out.push((tokens, ppm));
-        }
-        Ok((out, described))
+        let served = super::serving_bench::serve_all(&engine, requests.clone())?;
+        let out = served.into_iter().map(|(tokens, usage)| (tokens, usage.adapter_contribution_ppm)).collect();
+        Ok((out, engine.device().to_string()))
     };
     let (cpu, _) = run(false)?;
     let (gpu, device) = run(true)?;

@@ -11,15 +11,37 @@ use candle_core::DType;
 use serde_json::{Value, json};
 
 use super::backend::GpuBackend;
-use super::bench::{BenchConfig, LLAMA_7B_CONFIG, llama_7b};
+use super::bench::{BenchConfig, LLAMA_7B_CONFIG, QKVO, llama_7b};
 use super::{Gpu, model::GpuLlama};
 use crate::adapters::random::{self, RandomAdapter};
-use crate::engine::{EngineConfig, EngineHandle, Event, GenerationRequest};
+use crate::engine::{EngineConfig, EngineHandle, Event, GenerationRequest, Usage};
 use crate::error::{Error, Result};
 use crate::metrics::Metrics;
-use crate::model::{BLOCK_SIZE, LoadedModel, Proj};
+use crate::model::{BLOCK_SIZE, LoadedModel};
 use crate::pager::{AdapterPager, PagerConfig};
 use crate::sampling::SamplingParams;
+
+/// Submits `requests` all at once (so they batch) and reads each to its end: its tokens and
+/// what it used.
+pub fn serve_all(engine: &EngineHandle, requests: Vec<GenerationRequest>) -> Result<Vec<(Vec<u32>, Usage)>> {
+    let streams = requests.into_iter().map(|r| engine.submit(r)).collect::<Result<Vec<_>>>()?;
+    let mut out = Vec::with_capacity(streams.len());
+    for mut s in streams {
+        let mut tokens = Vec::new();
+        loop {
+            match s.next_blocking() {
+                Some(Event::Token { id, .. }) => tokens.push(id),
+                Some(Event::Done { usage, .. }) => {
+                    out.push((tokens, usage));
+                    break;
+                }
+                Some(Event::Failed { message, .. }) => return Err(Error::Device(format!("{}: {message}", s.id))),
+                None => return Err(Error::Device(format!("{}: the engine stopped", s.id))),
+            }
+        }
+    }
+    Ok(out)
+}
 
 /// Greedy requests of `prompt` tokens generating `new_tokens` each (EOS ignored), one per entry
 /// of `adapters`, all submitted at once. Returns the seconds until the last finished and the
@@ -31,33 +53,22 @@ pub fn run_batch(
     new_tokens: usize,
 ) -> Result<(f64, usize)> {
     let vocab = engine.model().config().vocab_size;
-    let t = Instant::now();
-    let streams = adapters
+    let requests = adapters
         .iter()
         .enumerate()
-        .map(|(i, a)| {
-            engine.submit(GenerationRequest {
-                id: format!("bench-{i}"),
-                prompt_ids: (0..prompt).map(|t| ((7 + i * 7919 + t * 104_729) % (vocab - 1) + 1) as u32).collect(),
-                params: SamplingParams { max_tokens: new_tokens, ignore_eos: true, ..Default::default() },
-                adapter: a.clone(),
-                priority: 0,
-                deadline: None,
-                logprobs: None,
-            })
+        .map(|(i, a)| GenerationRequest {
+            id: format!("bench-{i}"),
+            prompt_ids: (0..prompt).map(|t| ((7 + i * 7919 + t * 104_729) % (vocab - 1) + 1) as u32).collect(),
+            params: SamplingParams { max_tokens: new_tokens, ignore_eos: true, ..Default::default() },
+            adapter: a.clone(),
+            priority: 0,
+            deadline: None,
+            logprobs: None,
         })
-        .collect::<Result<Vec<_>>>()?;
-    let mut tokens = 0;
-    for mut s in streams {
-        while let Some(ev) = s.next_blocking() {
-            match ev {
-                Event::Token { .. } => tokens += 1,
-                Event::Done { .. } => break,
-                Event::Failed { message, .. } => return Err(Error::Device(format!("{}: {message}", s.id))),
-            }
-        }
-    }
-    Ok((t.elapsed().as_secs_f64(), tokens))
+        .collect();
+    let t = Instant::now();
+    let served = serve_all(engine, requests)?;
+    Ok((t.elapsed().as_secs_f64(), served.iter().map(|(tokens, _)| tokens.len()).sum()))
 }
 
 /// Base-only, then one of `names` per request (round robin), through `engine`, after a short
@@ -102,7 +113,7 @@ pub fn run(c: &BenchConfig, fixtures: &Path) -> Result<Value> {
     weightless_model(&root.join("model"), LLAMA_7B_CONFIG, fixtures)?;
     let model = Arc::new(LoadedModel::load_without_weights(&root.join("model"))?);
     let t = Instant::now();
-    let targets = [Proj::Q, Proj::K, Proj::V, Proj::O];
+    let targets = QKVO;
     let mut names = Vec::with_capacity(c.adapters);
     for i in 0..c.adapters {
         let spec =
@@ -144,6 +155,7 @@ pub fn run(c: &BenchConfig, fixtures: &Path) -> Result<Value> {
 mod tests {
     use super::*;
     use crate::engine::backend::CpuBackend;
+    use crate::model::Proj;
 
     /// The harness on the CPU backend: the fixture model, two random PEFT folders.
     #[test]

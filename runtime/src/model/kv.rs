@@ -56,6 +56,11 @@ fn blocks_for(tokens: usize) -> usize {
 }
 
 impl BlockPool {
+    /// Bytes one block takes across all layers, keys and values, at `value_bytes` a value.
+    pub fn block_bytes(cfg: &ModelConfig, value_bytes: usize) -> usize {
+        2 * cfg.num_layers * BLOCK_SIZE * cfg.num_kv_heads * cfg.head_dim * value_bytes
+    }
+
     /// A pool of `total` blocks, all free.
     pub fn new(total: usize) -> Self {
         BlockPool { free: (0..total as u32).rev().collect(), total }
@@ -120,7 +125,7 @@ pub struct PagedKvCache {
 impl PagedKvCache {
     /// Bytes one block takes across all layers (keys and values, f32).
     pub fn block_bytes(cfg: &ModelConfig) -> usize {
-        2 * cfg.num_layers * BLOCK_SIZE * cfg.num_kv_heads * cfg.head_dim * 4
+        BlockPool::block_bytes(cfg, 4)
     }
 
     /// A pool of `num_blocks` blocks.

@@ -104,6 +104,18 @@ impl<'a> SeqBatch<'a> {
     }
 }
 
+/// Gives every sequence of a step the KV blocks it lacks for its new tokens (the scheduler has
+/// reserved them already; a direct caller may not have), or says which sequence cannot have them.
+pub fn reserve_batch(kv: &mut BlockPool, batch: &mut [SeqBatch<'_>]) -> Result<()> {
+    for seq in batch.iter_mut() {
+        match kv.reserve(seq.kv, seq.tokens.len()) {
+            AllocStatus::Ok => {}
+            status => return Err(Error::KvExhausted { needed_tokens: seq.kv.len() + seq.tokens.len(), status }),
+        }
+    }
+    Ok(())
+}
+
 /// Which rows of the batch to compute logits for.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum LogitRows {
@@ -284,14 +296,7 @@ impl Llama {
                 message: "a sequence has an adapter but no pool was given".into(),
             });
         }
-        for seq in batch.iter_mut() {
-            match kv.reserve(seq.kv, seq.tokens.len()) {
-                AllocStatus::Ok => {}
-                status => {
-                    return Err(Error::KvExhausted { needed_tokens: seq.kv.len() + seq.tokens.len(), status });
-                }
-            }
-        }
+        reserve_batch(kv.blocks_mut(), batch)?;
         let lora =
             LoraPlan::new(pool, batch.iter().zip(&spans).map(|(s, &(off, len, _))| (off, len, s.adapter)).collect());
         let attn_seqs: Vec<SeqAttention<'_>> = batch
