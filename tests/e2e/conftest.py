@@ -30,7 +30,10 @@ def free_port() -> int:
 class Server:
     """One `openlora serve` process with its own config and data directory."""
 
-    def __init__(self, extra: str = "", config: str | None = None, **limits):
+    def __init__(self, extra: str = "", config: str | None = None, device: str | None = None,
+                 env: dict | None = None, **limits):
+        self.device = device
+        self.env = {**os.environ, **(env or {})}
         self.dir = Path(tempfile.mkdtemp(prefix="openlora-e2e-"))
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
@@ -60,9 +63,10 @@ admin_token = "{ADMIN_TOKEN}"
 
     def start(self):
         """Starts the process (again, after a stop: same config, data and port) and waits until ready."""
+        device = ["--device", self.device] if self.device else []
         self.proc = subprocess.Popen(
-            [str(BINARY), "serve", "--config", str(self.dir / "openlora.toml")],
-            stdout=self.log, stderr=subprocess.STDOUT, env={**os.environ, "OPENLORA_HOME": str(self.dir)},
+            [str(BINARY), "serve", "--config", str(self.dir / "openlora.toml"), *device],
+            stdout=self.log, stderr=subprocess.STDOUT, env={**self.env, "OPENLORA_HOME": str(self.dir)},
         )
         deadline = time.time() + 60
         while time.time() < deadline:
@@ -80,13 +84,13 @@ admin_token = "{ADMIN_TOKEN}"
         """Runs `openlora ARGS --config <this server's config>`."""
         return subprocess.run(
             [str(BINARY), *args, "--config", str(self.dir / "openlora.toml")],
-            capture_output=True, text=True, timeout=120, env={**os.environ, "OPENLORA_HOME": str(self.dir)},
+            capture_output=True, text=True, timeout=120, env={**self.env, "OPENLORA_HOME": str(self.dir)},
         )
 
     @classmethod
-    def embedded(cls) -> "Server":
+    def embedded(cls, **kw) -> "Server":
         """A server on the embedded default model and demo adapters, no keys."""
-        return cls(config=f'admin_token = "{ADMIN_TOKEN}"\n')
+        return cls(config=f'admin_token = "{ADMIN_TOKEN}"\n', **kw)
 
     def logs(self) -> str:
         self.log.flush()
