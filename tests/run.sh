@@ -41,7 +41,20 @@ export OPENLORA_HOME="${OPENLORA_HOME:-$(mktemp -d)}"
 cargo fmt --all --check
 # Unit tests, end-to-end tests in tests/, and every criterion benchmark run once in test mode.
 cargo test --workspace --all-targets --locked
+
+# The GPU backend, run on the CUDA stand-in (tests/cuda-standin): our own libcuda, NVRTC and
+# cuBLAS, built from source, first on the library path (and nothing else: cudarc must load
+# them, not the NVRTC above). Its own tests first; then the GPU unit tests and the engine test
+# written once for every backend, with the copy stream's work deferred to where it is owed.
+standin=$(bash tests/cuda-standin/build.sh | tail -n 1)
+"$standin/selftest"
+LD_LIBRARY_PATH="$standin" OPENLORA_REQUIRE_GPU=1 cargo test --locked -p openlora --lib gpu::
+LD_LIBRARY_PATH="$standin" OPENLORA_REQUIRE_GPU=1 CUDA_STANDIN_DEFER_STREAMS=1 \
+    cargo test --locked -p openlora --test engine every_backend
+
 # The HTTP API through real sockets and the real `openai` client, against the binary that
-# `cargo test` built for the CLI tests (a separate `cargo build` would recompile for other features).
+# `cargo test` built for the CLI tests (a separate `cargo build` would recompile for other features);
+# `serve --device cuda:0` and `bench --parity-only` on the stand-in among them (tests/e2e/test_gpu.py).
 test -x target/debug/openlora
-OPENLORA_BIN="$PWD/target/debug/openlora" "$venv/bin/python" -m pytest tests/e2e -q -p no:cacheprovider
+OPENLORA_BIN="$PWD/target/debug/openlora" OPENLORA_CUDA_LIBS="$standin" OPENLORA_REQUIRE_GPU=1 \
+    "$venv/bin/python" -m pytest tests/e2e -q -p no:cacheprovider

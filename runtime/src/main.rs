@@ -69,6 +69,9 @@ struct BenchArgs {
     /// Also write the report (JSON) here.
     #[arg(long)]
     out: Option<PathBuf>,
+    /// Only the parity checks on the fixtures; exit 1 if one fails.
+    #[arg(long)]
+    parity_only: bool,
 }
 
 fn run_bench(args: BenchArgs) -> anyhow::Result<()> {
@@ -86,12 +89,18 @@ fn run_bench(args: BenchArgs) -> anyhow::Result<()> {
             prompt: args.prompt.max(1),
             new_tokens: args.new_tokens.max(1),
             registered: args.registered,
+            parity_only: args.parity_only,
         };
         let report = openlora::gpu::bench::run(&c)?;
         let text = serde_json::to_string_pretty(&report)?;
         println!("{text}");
         if let Some(out) = &args.out {
             std::fs::write(out, &text).with_context(|| format!("writing {}", out.display()))?;
+        }
+        for section in ["parity", "serving_parity"] {
+            if report.get(section).is_some_and(|r| !openlora::gpu::parity::passed(r)) {
+                anyhow::bail!("the GPU's {section} check failed (see the report above)");
+            }
         }
         Ok(())
     }

@@ -4,14 +4,17 @@ there. `OPENLORA_CUDA_LIBS` names a folder of CUDA libraries to load first (the 
 `OPENLORA_REQUIRE_GPU=1` makes a missing device a failure instead of a skip."""
 
 import io
+import json
 import os
+import subprocess
 import tarfile
+import tempfile
 import threading
 
 import httpx
 import openai
 import pytest
-from conftest import ADMIN_TOKEN, ROOT, Server
+from conftest import ADMIN_TOKEN, BINARY, ROOT, Server
 
 DEMO = ROOT / "runtime" / "assets" / "default-model" / "adapters"
 BASE = "openlora-tiny-fortunes"
@@ -115,3 +118,20 @@ def test_the_ledger_verifies(gpu, client):
     complete(client, "love")
     out = gpu.cli("ledger", "verify")
     assert out.returncode == 0, out.stdout + out.stderr
+
+
+def test_bench_parity_on_the_fixtures():
+    """`openlora bench --parity-only`: logits against transformers within bf16 tolerance, the
+    mixed-adapter batch against PEFT on prefill and decode, and the serving path on the CPU
+    against the GPU (tokens, measured contributions within 3%)."""
+    env = {**os.environ, **gpu_env(), "OPENLORA_HOME": tempfile.mkdtemp()}
+    out = subprocess.run([str(BINARY), "bench", "--device", "cuda:0", "--parity-only", "--fixtures",
+                          str(ROOT / "tests" / "fixtures")], capture_output=True, text=True, timeout=300, env=env)
+    if out.returncode != 0 and "not available" in out.stderr and not os.environ.get("OPENLORA_REQUIRE_GPU"):
+        pytest.skip("no CUDA device")
+    assert out.returncode == 0, out.stderr[-3000:]
+    report = json.loads(out.stdout)
+    for name in ["gqa-llama3-f32", "tied-f16", "mqa-bf16-sharded", "mixed_adapters_vs_peft"]:
+        assert report["parity"][name]["pass"], report["parity"][name]
+    assert report["serving_parity"]["pass"] and report["serving_parity"]["requests"] == 12, report["serving_parity"]
+    assert "throughput" not in report

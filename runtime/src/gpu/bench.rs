@@ -39,6 +39,8 @@ pub struct BenchConfig {
     pub new_tokens: usize,
     /// Registered adapters for the popularity run (0 skips it).
     pub registered: usize,
+    /// Only the parity checks (no throughput runs).
+    pub parity_only: bool,
 }
 
 /// `config.json` of Llama-7B's shape (the HF PEFT baseline's `LlamaConfig`).
@@ -123,6 +125,9 @@ pub fn run(c: &BenchConfig) -> Result<Value> {
         report["parity"] = section("parity", || parity::fixtures(&gpu, f));
         report["serving_parity"] = section("serving parity", || parity::serving(c.ordinal, f));
     }
+    if c.parity_only {
+        return Ok(report);
+    }
     report["throughput"] = section("throughput", || throughput(&gpu, c));
     if let Some(f) = &c.fixtures {
         // The same shape through the engine, as `serve` runs it.
@@ -135,7 +140,7 @@ pub fn run(c: &BenchConfig) -> Result<Value> {
 /// A section's report, or its error (so one failing check does not hide the others' figures).
 fn section(name: &str, f: impl FnOnce() -> Result<Value>) -> Value {
     let t = Instant::now();
-    let v = f().unwrap_or_else(|e| json!({"error": e.to_string()}));
+    let v = f().unwrap_or_else(|e| json!({"error": e.to_string(), "pass": false}));
     eprintln!("{name} ({:.1} s): {v}", t.elapsed().as_secs_f64());
     v
 }

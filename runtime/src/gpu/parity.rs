@@ -21,6 +21,32 @@ use crate::model::{AllocStatus, BLOCK_SIZE, LoadedModel, ModelConfig, SeqKv};
 use crate::pager::{AdapterPager, PagerConfig};
 use crate::sampling::SamplingParams;
 
+/// How far a GPU's logits may lie from the f32 reference: the device computes in bf16 (weights,
+/// activations and KV cache) with f32 accumulation, so each op rounds to 8 significant bits, as
+/// transformers computing natively in bf16 does (0.06–0.15 from f32 on these fixtures).
+pub const BF16_MAX_ABS_DIFF: f32 = 0.25;
+/// The share of rows whose argmax must agree with the reference's.
+pub const MIN_ARGMAX_AGREEMENT: f64 = 0.9;
+/// How far a GPU-served request's measured adapter contribution may lie from the CPU's:
+/// 3%, plus 50 ppm for contributions near zero.
+pub fn contribution_agrees(gpu_ppm: u32, cpu_ppm: u32) -> bool {
+    let (g, c) = (gpu_ppm as f64, cpu_ppm as f64);
+    (g - c).abs() <= 0.03 * c + 50.0
+}
+
+/// Whether a comparison is within the bf16 tolerance.
+fn within(max_abs_diff: f32, argmax_agreement: f64) -> bool {
+    max_abs_diff <= BF16_MAX_ABS_DIFF && argmax_agreement >= MIN_ARGMAX_AGREEMENT
+}
+
+/// Whether every check of a parity report passed (each check carries `"pass"`).
+pub fn passed(report: &Value) -> bool {
+    match report {
+        Value::Object(m) => m.get("pass").is_none_or(|p| p.as_bool() == Some(true)) && m.values().all(passed),
+        _ => true,
+    }
+}
+
 /// Largest |a - b| and the share of rows whose argmax agrees, of `[rows, vocab]` logits.
 fn compare(got: &[f32], want: &[f32], vocab: usize) -> (f32, f64) {
     let max = got.iter().zip(want).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
@@ -89,7 +115,8 @@ pub fn fixtures(gpu: &Gpu, fixtures: &Path) -> Result<Value> {
         }
         out.insert(
             name.into(),
-            json!({"prompts": n, "max_abs_diff": worst, "argmax_agreement": agree / n.max(1) as f64}),
+            json!({"prompts": n, "max_abs_diff": worst, "argmax_agreement": agree / n.max(1) as f64,
+                   "pass": within(worst, agree / n.max(1) as f64)}),
         );
     }
     // Mixed adapters against PEFT: every row in one batch, prefill (SGMV) and then the last
@@ -160,7 +187,7 @@ pub fn fixtures(gpu: &Gpu, fixtures: &Path) -> Result<Value> {
     out.insert(
         "mixed_adapters_vs_peft".into(),
         json!({"rows": rows, "prefill_max_abs_diff": m, "prefill_argmax_agreement": a,
-               "decode_max_abs_diff": md, "decode_argmax_agreement": ad}),
+               "decode_max_abs_diff": md, "decode_argmax_agreement": ad, "pass": within(m, a) && within(md, ad)}),
     );
     Ok(Value::Object(out))
 }
@@ -214,7 +241,11 @@ pub fn serving(ordinal: usize, fixtures: &Path) -> Result<Value> {
     let same: Vec<usize> = cpu.iter().zip(&gpu).map(|(a, b)| prefix(&a.0, &b.0)).collect();
     let total: usize = cpu.iter().map(|r| r.0.len()).sum();
     let ppm: Vec<(u32, u32)> = cpu.iter().zip(&gpu).map(|(a, b)| (a.1, b.1)).collect();
+    // bf16 greedy choices may part from the f32 reference late in a sequence, rarely at once.
+    let first_agree = same.iter().filter(|&&n| n > 0).count();
+    let pass = first_agree * 10 >= requests.len() * 9 && ppm.iter().all(|&(c, g)| contribution_agrees(g, c));
     Ok(json!({
+        "pass": pass,
         "device": device,
         "requests": requests.len(),
         "identical_requests": cpu.iter().zip(&gpu).filter(|(a, b)| a.0 == b.0).count(),
@@ -228,6 +259,16 @@ pub fn serving(ordinal: usize, fixtures: &Path) -> Result<Value> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_report_passes_only_when_every_check_does() {
+        assert!(passed(&json!({"a": {"pass": true, "x": 1}, "b": {"pass": true}})));
+        assert!(!passed(&json!({"a": {"pass": true}, "b": {"c": {"pass": false}}})));
+        assert!(!passed(&json!({"error": "x", "pass": false})));
+        assert!(within(0.1, 0.95) && !within(0.3, 1.0) && !within(0.1, 0.5));
+        assert!(contribution_agrees(103_000, 100_000) && !contribution_agrees(104_000, 100_000));
+        assert!(contribution_agrees(40, 0) && !contribution_agrees(60, 0));
+    }
 
     #[test]
     fn comparison_reports_the_worst_difference_and_argmax_agreement() {
