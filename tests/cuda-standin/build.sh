@@ -10,6 +10,9 @@ out="${1:-$root/target/cuda-standin}"
 mkdir -p "$out"
 out="$(cd "$out" && pwd)"
 cxx="${CXX:-c++}"
+if ! command -v "$cxx" >/dev/null; then  # a fresh machine: Debian's C++ compiler
+    apt-get update -qq && apt-get install -y -qq g++ >/dev/null
+fi
 flags=(-std=c++17 -O2 -g1 -fPIC -Wall -Wno-unused-function -fvisibility=hidden -I"$here/src")
 
 # Rebuild only when a source changed.

@@ -80,12 +80,6 @@ impl GpuBackend {
     ) -> Result<Self> {
         gpu.synchronize()?;
         let cfg = &llama.config().clone();
-        if cfg.max_position_embeddings > gpu.max_attention_context {
-            eprintln!(
-                "openlora: warning: the model's context is {} tokens; on this GPU a sequence may grow to {}",
-                cfg.max_position_embeddings, gpu.max_attention_context
-            );
-        }
         let budget = match device_bytes {
             Some(b) => b,
             None => {

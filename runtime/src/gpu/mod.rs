@@ -13,6 +13,9 @@ pub mod model;
 pub mod parity;
 pub mod serving_bench;
 
+#[cfg(test)]
+mod kernel_tests;
+
 use std::collections::HashMap;
 use std::sync::Arc;
 
@@ -40,16 +43,8 @@ pub struct Gpu {
     pub blas: CudaBlas,
     /// What the probe found.
     pub info: CudaDeviceInfo,
-    /// The longest context the attention kernels take (their scores sit in shared memory).
-    pub max_attention_context: usize,
     kernels: HashMap<&'static str, CudaFunction>,
 }
-
-/// The attention kernels, whose dynamic shared memory grows with the context.
-const ATTENTION_KERNELS: [&str; 2] = ["paged_attention_decode_bf16", "paged_attention_prefill_bf16"];
-
-/// Shared memory the attention kernels declare statically (the block reduction's), rounded up.
-const ATTENTION_STATIC_SMEM: usize = 1024;
 
 /// The NVRTC target for a compute capability (PTX JIT-compiles forward to newer devices).
 fn arch(capability: (i32, i32)) -> &'static str {
@@ -83,18 +78,7 @@ impl Gpu {
                 kernels.insert(name, module.load_function(name).map_err(cuda_err)?);
             }
         }
-        // Opt the attention kernels in to all the shared memory a block may have (over 48 KiB
-        // needs asking), so the scores of long contexts fit.
-        use cudarc::driver::sys::{CUdevice_attribute as D, CUfunction_attribute as F};
-        let optin = ctx.attribute(D::CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_BLOCK_OPTIN).map_err(cuda_err)?;
-        let dynamic = (optin.max(0) as usize).saturating_sub(ATTENTION_STATIC_SMEM);
-        for name in ATTENTION_KERNELS {
-            if let Some(f) = kernels.get(name) {
-                f.set_attribute(F::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, dynamic as i32)
-                    .map_err(cuda_err)?;
-            }
-        }
-        Ok(Gpu { ctx, stream, copy_stream, blas, info, max_attention_context: dynamic / 4, kernels })
+        Ok(Gpu { ctx, stream, copy_stream, blas, info, kernels })
     }
 
     /// A loaded kernel by name.

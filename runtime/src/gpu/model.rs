@@ -17,6 +17,24 @@ use crate::model::{BLOCK_SIZE, BlockPool, ModelConfig, Proj, rope};
 /// Threads per block of the row kernels.
 const BLOCK: u32 = 256;
 
+/// Threads per block of the attention kernels; each accumulates at most 4 of a head's
+/// dimensions (`ATTN_DIMS` in attention.cu).
+const ATTENTION_BLOCK: u32 = 128;
+
+/// The widest head the attention kernels take.
+pub const MAX_HEAD_DIM: usize = 4 * ATTENTION_BLOCK as usize;
+
+/// Refuses a model whose heads the attention kernels cannot hold.
+fn check_shape(cfg: &ModelConfig) -> Result<()> {
+    if cfg.head_dim > MAX_HEAD_DIM {
+        return Err(Error::Device(format!(
+            "head_dim {} is beyond the {MAX_HEAD_DIM} the GPU attention kernels take",
+            cfg.head_dim
+        )));
+    }
+    Ok(())
+}
+
 struct GpuLayer {
     /// q, k, v, o, gate, up, down: `[out, in]` row-major, indexed by `Proj as usize`.
     proj: Vec<CudaSlice<bf16>>,
@@ -241,6 +259,7 @@ impl GpuLlama {
     pub fn load(gpu: &Gpu, folder: &std::path::Path) -> Result<Self> {
         use candle_core::{DType, Device};
         let cfg = ModelConfig::from_file(&folder.join("config.json"))?;
+        check_shape(&cfg)?;
         let files = crate::model::weights::WeightFiles::discover(folder)?;
         let w = crate::model::weights::WeightFiles::open(folder, &files)?;
         let up = |name: &str, shape: &[usize]| -> Result<CudaSlice<bf16>> {
@@ -283,6 +302,7 @@ impl GpuLlama {
     /// A model of `cfg`'s shape with random weights made on the device (for benchmarks at real
     /// sizes without shipping weights); norms are ones.
     pub fn random(gpu: &Gpu, cfg: &ModelConfig, seed: u64) -> Result<Self> {
+        check_shape(cfg)?;
         let h = cfg.hidden_size;
         let ones = || gpu.upload(&vec![bf16::ONE; h]);
         let mut n = seed;
@@ -332,12 +352,6 @@ impl GpuLlama {
     ) -> Result<(CudaSlice<f32>, Vec<AdapterShare>)> {
         let cfg = &self.cfg;
         let plan = StepPlan::layout(cfg, BLOCK_SIZE, seqs, all_rows)?.upload(gpu)?;
-        if plan.max_context > gpu.max_attention_context {
-            return Err(Error::Device(format!(
-                "a context of {} tokens is beyond the {} the attention kernels hold in shared memory on this GPU",
-                plan.max_context, gpu.max_attention_context
-            )));
-        }
         // The widest rank in this step: the shrink's output width.
         let step_rank =
             adapters.map_or(0, |a| seqs.iter().filter_map(|s| s.adapter).map(|s| a.slot_rank(s)).max().unwrap_or(0));
@@ -420,19 +434,18 @@ impl GpuLlama {
             }
             {
                 let mb = plan.max_blocks as i32;
-                let shared = (plan.max_context * 4) as u32;
                 if plan.decode {
                     let mut b = s.launch_builder(gpu.kernel("paged_attention_decode_bf16")?);
                     b.arg(&mut attn).arg(&q).arg(&kv.k[l]).arg(&kv.v[l]).arg(&tables).arg(&context_lens);
                     b.arg(&mb).arg(&nh_i).arg(&nkv_i).arg(&hd_i).arg(&bs_i).arg(&scale);
                     // SAFETY: the buffers passed were sized above for the rows and widths given.
-                    unsafe { b.launch(grid((nh as u32, plan.seqs as u32), 128, shared)) }.map_err(cuda_err)?;
+                    unsafe { b.launch(grid((nh as u32, plan.seqs as u32), ATTENTION_BLOCK, 0)) }.map_err(cuda_err)?;
                 } else {
                     let mut b = s.launch_builder(gpu.kernel("paged_attention_prefill_bf16")?);
                     b.arg(&mut attn).arg(&q).arg(&kv.k[l]).arg(&kv.v[l]).arg(&tables).arg(&row_seq);
                     b.arg(&positions).arg(&mb).arg(&nh_i).arg(&nkv_i).arg(&hd_i).arg(&bs_i).arg(&scale);
                     // SAFETY: the buffers passed were sized above for the rows and widths given.
-                    unsafe { b.launch(grid((nh as u32, n as u32), 128, shared)) }.map_err(cuda_err)?;
+                    unsafe { b.launch(grid((nh as u32, n as u32), ATTENTION_BLOCK, 0)) }.map_err(cuda_err)?;
                 }
             }
             linear(gpu, &attn, &layer.proj[Proj::O as usize], &mut out, n, Proj::O.shape(cfg))?;

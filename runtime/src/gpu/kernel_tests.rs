@@ -1,0 +1,120 @@
+//! The attention kernels against their CPU reference (`openlora_kernels::attention`), on a GPU or
+//! the CUDA stand-in: contexts over several score tiles and KV blocks in shuffled order,
+//! grouped-query heads, decode and prefill rows. Skipped without a device unless
+//! `OPENLORA_REQUIRE_GPU` is set.
+
+use cudarc::driver::PushKernelArg;
+use half::bf16;
+use openlora_kernels::attention::{KvLayer, KvShape, SeqAttention, paged_attention};
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+
+use super::{Gpu, grid};
+
+fn gpu() -> Option<Gpu> {
+    match Gpu::open(0) {
+        Ok(g) => Some(g),
+        Err(e) => {
+            assert!(std::env::var_os("OPENLORA_REQUIRE_GPU").is_none(), "a GPU was required: {e}");
+            None
+        }
+    }
+}
+
+/// Random values already rounded to bf16, so the f32 reference sees what the device sees.
+fn values(rng: &mut StdRng, n: usize) -> Vec<f32> {
+    (0..n).map(|_| bf16::from_f32(rng.random_range(-1.0..1.0)).to_f32()).collect()
+}
+
+fn to_bf16(v: &[f32]) -> Vec<bf16> {
+    v.iter().map(|&x| bf16::from_f32(x)).collect()
+}
+
+#[test]
+fn attention_matches_the_cpu_reference_over_contexts_of_many_tiles() {
+    let Some(gpu) = gpu() else { return };
+    let shape = KvShape { block_size: 16, kv_heads: 2, heads: 4, head_dim: 48 };
+    // Contexts of 700 and 300 tokens (the kernels score 256 keys a tile), blocks shuffled.
+    let contexts = [700usize, 300];
+    let max_blocks = contexts[0].div_ceil(shape.block_size);
+    let total_blocks = contexts.iter().map(|c| c.div_ceil(shape.block_size)).sum::<usize>();
+    let mut rng = StdRng::seed_from_u64(11);
+    let mut order: Vec<u32> = (0..total_blocks as u32).collect();
+    for i in (1..order.len()).rev() {
+        order.swap(i, rng.random_range(0..=i));
+    }
+    let tables: Vec<Vec<u32>> = {
+        let mut at = 0;
+        contexts
+            .iter()
+            .map(|c| {
+                let n = c.div_ceil(shape.block_size);
+                at += n;
+                order[at - n..at].to_vec()
+            })
+            .collect()
+    };
+    let mut k = values(&mut rng, total_blocks * shape.block_elems());
+    // Later tiles of the long sequence score higher, so the running maximum grows and the earlier
+    // tiles' sums must be rescaled.
+    for t in 0..contexts[0] {
+        let at = shape.offset(&tables[0], t);
+        for x in &mut k[at..at + shape.token_elems()] {
+            *x = bf16::from_f32(*x * (1.0 + (t / 256) as f32)).to_f32();
+        }
+    }
+    let v = values(&mut rng, total_blocks * shape.block_elems());
+    let row_elems = shape.heads * shape.head_dim;
+    let scale = 1.0 / (shape.head_dim as f32).sqrt();
+    let flat_tables: Vec<u32> =
+        tables.iter().flat_map(|t| t.iter().copied().chain(std::iter::repeat(0)).take(max_blocks)).collect();
+    let (k_dev, v_dev, tables_dev) =
+        (gpu.upload(&to_bf16(&k)).unwrap(), gpu.upload(&to_bf16(&v)).unwrap(), gpu.upload(&flat_tables).unwrap());
+    let (mb, nh, nkv, hd, bs) =
+        (max_blocks as i32, shape.heads as i32, shape.kv_heads as i32, shape.head_dim as i32, shape.block_size as i32);
+    let worst =
+        |got: &[bf16], want: &[f32]| got.iter().zip(want).map(|(g, w)| (g.to_f32() - w).abs()).fold(0f32, f32::max);
+
+    // Decode: each sequence's last token.
+    let q = values(&mut rng, contexts.len() * row_elems);
+    let seqs: Vec<SeqAttention<'_>> = contexts
+        .iter()
+        .zip(&tables)
+        .enumerate()
+        .map(|(i, (&context, t))| SeqAttention { row: i, new_tokens: 1, context, blocks: t })
+        .collect();
+    let mut want = vec![0f32; q.len()];
+    paged_attention(shape, KvLayer { k: &k, v: &v }, &q, &mut want, &seqs, scale);
+    let (q_dev, lens) = (gpu.upload(&to_bf16(&q)).unwrap(), gpu.upload(&contexts.map(|c| c as u32)).unwrap());
+    let mut out = gpu.zeros::<bf16>(q.len()).unwrap();
+    let mut b = gpu.stream.launch_builder(gpu.kernel("paged_attention_decode_bf16").unwrap());
+    b.arg(&mut out).arg(&q_dev).arg(&k_dev).arg(&v_dev).arg(&tables_dev).arg(&lens);
+    b.arg(&mb).arg(&nh).arg(&nkv).arg(&hd).arg(&bs).arg(&scale);
+    // SAFETY: out and q hold 2 rows of heads × head_dim; the tables name blocks below total_blocks.
+    unsafe { b.launch(grid((shape.heads as u32, 2), 128, 0)) }.unwrap();
+    let d = worst(&gpu.download(&out).unwrap(), &want);
+    assert!(d < 1e-2, "decode: max |Δ| {d} against the CPU reference");
+
+    // Prefill: three rows of the long sequence, at 255, 256 and 699 (tile edges), and one of the other.
+    let rows = [(0usize, 255usize), (0, 256), (0, 699), (1, 42)];
+    let q = values(&mut rng, rows.len() * row_elems);
+    let mut want = vec![0f32; q.len()];
+    for (r, &(s, pos)) in rows.iter().enumerate() {
+        let one = SeqAttention { row: 0, new_tokens: 1, context: pos + 1, blocks: &tables[s] };
+        let mut o = vec![0f32; row_elems];
+        paged_attention(shape, KvLayer { k: &k, v: &v }, &q[r * row_elems..][..row_elems], &mut o, &[one], scale);
+        want[r * row_elems..][..row_elems].copy_from_slice(&o);
+    }
+    let row_seq: Vec<u32> = rows.iter().map(|r| r.0 as u32).collect();
+    let row_pos: Vec<u32> = rows.iter().map(|r| r.1 as u32).collect();
+    let (q_dev, seq_dev, pos_dev) =
+        (gpu.upload(&to_bf16(&q)).unwrap(), gpu.upload(&row_seq).unwrap(), gpu.upload(&row_pos).unwrap());
+    let mut out = gpu.zeros::<bf16>(q.len()).unwrap();
+    let mut b = gpu.stream.launch_builder(gpu.kernel("paged_attention_prefill_bf16").unwrap());
+    b.arg(&mut out).arg(&q_dev).arg(&k_dev).arg(&v_dev).arg(&tables_dev).arg(&seq_dev).arg(&pos_dev);
+    b.arg(&mb).arg(&nh).arg(&nkv).arg(&hd).arg(&bs).arg(&scale);
+    // SAFETY: out and q hold 4 rows of heads × head_dim; each row's position is inside its table.
+    unsafe { b.launch(grid((shape.heads as u32, rows.len() as u32), 128, 0)) }.unwrap();
+    let d = worst(&gpu.download(&out).unwrap(), &want);
+    assert!(d < 1e-2, "prefill: max |Δ| {d} against the CPU reference");
+}
