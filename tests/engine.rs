@@ -396,6 +396,7 @@ impl openlora::engine::backend::Backend for BrokenDevice {
     fn step(
         &mut self,
         _: &mut [openlora::model::SeqBatch<'_>],
+        _: &[openlora::engine::backend::Pick],
         _: &AdapterPager,
     ) -> openlora::Result<openlora::engine::backend::StepOutput> {
         Err(Error::Device("cuda: CUDA_ERROR_ILLEGAL_ADDRESS".into()))

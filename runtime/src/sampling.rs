@@ -51,6 +51,15 @@ impl Default for SamplingParams {
 pub const MAX_STOP_STRINGS: usize = 4;
 
 impl SamplingParams {
+    /// Whether the next token is the plain argmax of the model's logits (greedy, no penalties),
+    /// which a device can choose without sending the logits back.
+    pub fn is_plain_greedy(&self) -> bool {
+        self.temperature == 0.0
+            && self.repetition_penalty == 1.0
+            && self.presence_penalty == 0.0
+            && self.frequency_penalty == 0.0
+    }
+
     /// Checks every field is in range, naming the first that is not.
     pub fn validate(&self) -> Result<()> {
         let bad = |param, message: String| Err(Error::InvalidParam { param, message });

@@ -70,6 +70,24 @@ def test_completions_chat_and_stream(client):
     assert chunks[-1].usage.completion_tokens == whole.usage.completion_tokens
 
 
+def test_logprobs_penalties_and_seeded_sampling(client):
+    """Rows the host must see (log-probabilities, penalties, temperature) beside device argmax rows."""
+    greedy = complete(client, "startrek", n=12)
+    with_lp = complete(client, "startrek", n=12, logprobs=3)
+    assert with_lp.choices[0].text == greedy.choices[0].text  # the same argmax, chosen on the host
+    lp = with_lp.choices[0].logprobs
+    assert len(lp.tokens) == with_lp.usage.completion_tokens and all(x <= 0 for x in lp.token_logprobs)
+    assert all(len(t) <= 3 for t in lp.top_logprobs)
+    penalised = complete(client, "startrek", n=12, frequency_penalty=2.0)
+    assert penalised.usage.completion_tokens > 0
+
+    def sampled(seed):
+        return client.completions.create(model="love", prompt="A", max_tokens=16, temperature=1.0,
+                                         seed=seed).choices[0].text
+
+    assert sampled(5) == sampled(5)
+
+
 def test_mixed_adapters_concurrently(client):
     prompts = [(MODELS[i % 4], f"Q: why {i}") for i in range(16)]
     alone = {p: complete(client, *p, n=24).choices[0].text for p in prompts}

@@ -9,11 +9,29 @@ use crate::model::lora::AdapterShare;
 use crate::model::{BlockPool, LoadedModel, LogitRows, PagedKvCache, SeqBatch};
 use crate::pager::AdapterPager;
 
+/// What the engine needs from a step to choose a sequence's next token.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Pick {
+    /// The most likely token: a device may choose it and send back only its id.
+    Argmax,
+    /// The whole logits row of the last new token (the host sampler, log-probabilities).
+    Logits,
+}
+
+/// A sequence's result of one step, as its [`Pick`] asked (a backend may always give logits).
+#[derive(Debug, Clone, PartialEq)]
+pub enum StepRow {
+    /// The most likely next token.
+    Token(u32),
+    /// The logits of the last new token.
+    Logits(Vec<f32>),
+}
+
 /// What one step gives back, per sequence in batch order.
 #[derive(Debug, Default)]
 pub struct StepOutput {
-    /// Logits of its last new token.
-    pub logits: Vec<Vec<f32>>,
+    /// Its next token or its logits.
+    pub rows: Vec<StepRow>,
     /// Its adapter's measured share of the adapted projections' output.
     pub shares: Vec<AdapterShare>,
     /// Time spent bringing its adapter onto the device for this step (a GPU's upload; empty
@@ -33,8 +51,9 @@ pub trait Backend: Send {
     fn kv_mut(&mut self) -> &mut BlockPool;
 
     /// Runs one step: every sequence's new tokens, with the adapter it leases from `pager`'s
-    /// active pool. Reserves the KV blocks a sequence lacks and marks its new tokens stored.
-    fn step(&mut self, batch: &mut [SeqBatch<'_>], pager: &AdapterPager) -> Result<StepOutput>;
+    /// active pool, giving back what `picks` (one per sequence) asks. Reserves the KV blocks a
+    /// sequence lacks and marks its new tokens stored.
+    fn step(&mut self, batch: &mut [SeqBatch<'_>], picks: &[Pick], pager: &AdapterPager) -> Result<StepOutput>;
 
     /// Why the device can run no more steps (a sticky device error), if that happened.
     fn fault(&self) -> Option<String> {
@@ -73,7 +92,7 @@ impl Backend for CpuBackend {
         self.kv.blocks_mut()
     }
 
-    fn step(&mut self, batch: &mut [SeqBatch<'_>], pager: &AdapterPager) -> Result<StepOutput> {
+    fn step(&mut self, batch: &mut [SeqBatch<'_>], _: &[Pick], pager: &AdapterPager) -> Result<StepOutput> {
         let pool = batch.iter().any(|s| s.adapter.is_some()).then(|| pager.pool());
         let (logits, shares) = self.model.llama()?.forward_measured(
             &mut self.kv,
@@ -81,6 +100,7 @@ impl Backend for CpuBackend {
             LogitRows::Last,
             pool.as_ref().map(|p| p.view()),
         )?;
-        Ok(StepOutput { logits: logits.to_vec2::<f32>()?, shares, adapter_load: Vec::new() })
+        let rows = logits.to_vec2::<f32>()?.into_iter().map(StepRow::Logits).collect();
+        Ok(StepOutput { rows, shares, adapter_load: Vec::new() })
     }
 }

@@ -5,7 +5,7 @@ use std::sync::mpsc::{Receiver, RecvTimeoutError};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use super::backend::Backend;
+use super::backend::{Backend, Pick};
 use super::sequence::{Progress, Sequence};
 use super::{EngineStats, Shared, Submission};
 use crate::generate::FinishReason;
@@ -243,6 +243,14 @@ impl Scheduler {
     fn forward(&mut self, chunks: &[usize]) -> bool {
         let t0 = Instant::now();
         let total: usize = chunks.iter().sum();
+        // A sequence whose prompt is not all in after this step has no token to choose yet.
+        let picks: Vec<Pick> = self
+            .running
+            .iter()
+            .zip(chunks)
+            .filter(|(_, c)| **c > 0)
+            .map(|(s, &c)| if s.pending() == c { s.pick() } else { Pick::Argmax })
+            .collect();
         let result = {
             let mut batch: Vec<SeqBatch<'_>> = self
                 .running
@@ -261,13 +269,13 @@ impl Scheduler {
             self.max_batch_seqs = self.max_batch_seqs.max(batch.len());
             self.metrics.engine.batch_seqs.observe(batch.len() as f64);
             self.metrics.engine.batch_tokens.observe(total as f64);
-            self.backend.step(&mut batch, &self.shared.pager)
+            self.backend.step(&mut batch, &picks, &self.shared.pager)
         };
         let elapsed = t0.elapsed();
         self.steps += 1;
         self.metrics.engine.step_seconds.observe(elapsed.as_secs_f64());
         let (mut rows, mut shares, mut loads) = match result {
-            Ok(out) => (out.logits.into_iter(), out.shares.into_iter(), out.adapter_load.into_iter()),
+            Ok(out) => (out.rows.into_iter(), out.shares.into_iter(), out.adapter_load.into_iter()),
             Err(e) => {
                 // A failed step is a bug, not bad input: fail the requests in it, keep serving.
                 let msg = format!("engine step failed: {e}");
@@ -291,12 +299,12 @@ impl Scheduler {
             if c == 0 {
                 continue;
             }
-            let Some(mut logits) = rows.next() else { break };
+            let Some(row) = rows.next() else { break };
             s.add_step(elapsed, c, total);
             s.add_share(shares.next().unwrap_or_default());
             s.add_adapter_time(loads.next().unwrap_or_default());
             if s.pending() == 0
-                && let Progress::Finished(reason) = s.push_token(&self.shared.model, &mut logits)
+                && let Progress::Finished(reason) = s.push_token(&self.shared.model, row)
             {
                 finished.push((i, reason));
             }

@@ -6,6 +6,7 @@ use std::time::{Duration, Instant};
 
 use tokio::sync::mpsc::UnboundedSender;
 
+use super::backend::{Pick, StepRow};
 use super::{Event, GenerationRequest, Submission, TokenLogprob, Usage};
 use crate::generate::{FinishReason, StopScanner};
 use crate::model::lora::AdapterShare;
@@ -103,11 +104,26 @@ impl Sequence {
         self.tokens.len() - self.prompt_len
     }
 
-    /// Samples the next token from this sequence's logits row and streams it.
-    pub fn push_token(&mut self, model: &LoadedModel, logits: &mut [f32]) -> Progress {
-        // Log-probabilities are of the model's own distribution, before sampling adjustments.
-        let raw = self.request.logprobs.map(|k| (logits.to_vec(), k));
-        let next = self.sampler.sample(logits, &self.tokens, self.prompt_len);
+    /// What a step must give back for this sequence's next token: only the most likely token's
+    /// id when that is all it takes (greedy without penalties or log-probabilities).
+    pub fn pick(&self) -> Pick {
+        if self.request.logprobs.is_none() && self.sampler.params().is_plain_greedy() {
+            Pick::Argmax
+        } else {
+            Pick::Logits
+        }
+    }
+
+    /// Takes the next token from this sequence's step row (sampling its logits) and streams it.
+    pub fn push_token(&mut self, model: &LoadedModel, row: StepRow) -> Progress {
+        let (next, raw) = match row {
+            StepRow::Token(t) => (t, None),
+            StepRow::Logits(mut logits) => {
+                // Log-probabilities are of the model's own distribution, before sampling adjustments.
+                let raw = self.request.logprobs.map(|k| (logits.clone(), k));
+                (self.sampler.sample(&mut logits, &self.tokens, self.prompt_len), raw)
+            }
+        };
         let params = self.sampler.params();
         if !params.ignore_eos && model.eos_token_ids.contains(&next) {
             return Progress::Finished(FinishReason::Stop);

@@ -3,10 +3,12 @@
 
 use std::sync::Arc;
 
+use cudarc::driver::CudaSlice;
+
 use super::lora::GpuAdapters;
 use super::model::{GpuKv, GpuLlama, GpuSeq};
 use super::{Gpu, cuda_err};
-use crate::engine::backend::{Backend, StepOutput};
+use crate::engine::backend::{Backend, Pick, StepOutput, StepRow};
 use crate::error::{Error, Result};
 use crate::model::llama::reserve_batch;
 use crate::model::{BlockPool, LoadedModel, SeqBatch};
@@ -110,8 +112,8 @@ impl Backend for GpuBackend {
         &mut self.kv.blocks
     }
 
-    fn step(&mut self, batch: &mut [SeqBatch<'_>], pager: &AdapterPager) -> Result<StepOutput> {
-        let result = self.run_step(batch, pager);
+    fn step(&mut self, batch: &mut [SeqBatch<'_>], picks: &[Pick], pager: &AdapterPager) -> Result<StepOutput> {
+        let result = self.run_step(batch, picks, pager);
         if let Err(e) = &result
             && self.fault.is_none()
             && self.gpu.synchronize().is_err()
@@ -128,7 +130,7 @@ impl Backend for GpuBackend {
 }
 
 impl GpuBackend {
-    fn run_step(&mut self, batch: &mut [SeqBatch<'_>], pager: &AdapterPager) -> Result<StepOutput> {
+    fn run_step(&mut self, batch: &mut [SeqBatch<'_>], picks: &[Pick], pager: &AdapterPager) -> Result<StepOutput> {
         // The engine thread is not the one that opened the device; cuBLAS needs its context.
         self.gpu.ctx.bind_to_thread().map_err(cuda_err)?;
         reserve_batch(&mut self.kv.blocks, batch)?;
@@ -156,13 +158,33 @@ impl GpuBackend {
             .map(|(s, &adapter)| GpuSeq { tokens: s.tokens, start: s.kv.len(), blocks: s.kv.blocks(), adapter })
             .collect();
         let (logits, shares) = self.llama.forward(&self.gpu, &mut self.kv, Some(&self.adapters), &seqs, false)?;
-        let flat = self.gpu.download(&logits)?;
-        let vocab = self.llama.config().vocab_size;
-        let rows: Vec<Vec<f32>> = flat.chunks(vocab).take(batch.len()).map(<[f32]>::to_vec).collect();
+        let rows = self.pick_rows(&logits, picks, batch.len())?;
         for seq in batch.iter_mut() {
             BlockPool::commit(seq.kv, seq.tokens.len());
         }
-        Ok(StepOutput { logits: rows, shares, adapter_load })
+        Ok(StepOutput { rows, shares, adapter_load })
+    }
+
+    /// What each sequence asked of the step's last-row logits: the argmax chosen on the device
+    /// (only the ids come back), or the row itself (only those rows come back).
+    fn pick_rows(&self, logits: &CudaSlice<f32>, picks: &[Pick], seqs: usize) -> Result<Vec<StepRow>> {
+        let vocab = self.llama.config().vocab_size;
+        let ids = if picks.iter().take(seqs).any(|p| *p == Pick::Argmax) {
+            self.llama.sample(&self.gpu, logits, &vec![0.0; seqs], &vec![0; seqs])?
+        } else {
+            Vec::new()
+        };
+        (0..seqs)
+            .map(|i| match picks.get(i).copied().unwrap_or(Pick::Logits) {
+                Pick::Argmax => Ok(StepRow::Token(ids[i])),
+                Pick::Logits => self
+                    .gpu
+                    .stream
+                    .clone_dtoh(&logits.slice(i * vocab..(i + 1) * vocab))
+                    .map(StepRow::Logits)
+                    .map_err(cuda_err),
+            })
+            .collect()
     }
 }
 
