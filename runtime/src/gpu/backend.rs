@@ -3,10 +3,9 @@
 
 use std::sync::Arc;
 
-use cudarc::driver::CudaSlice;
-
 use super::lora::GpuAdapters;
 use super::model::{GpuKv, GpuLlama, GpuSeq};
+use super::step::Step;
 use super::{Gpu, cuda_err};
 use crate::engine::backend::{Backend, Pick, StepOutput, StepRow};
 use crate::error::{Error, Result};
@@ -157,35 +156,31 @@ impl GpuBackend {
             .zip(&slots)
             .map(|(s, &adapter)| GpuSeq { tokens: s.tokens, start: s.kv.len(), blocks: s.kv.blocks(), adapter })
             .collect();
-        let (logits, shares) = self.llama.forward(&self.gpu, &mut self.kv, Some(&self.adapters), &seqs, false)?;
-        let rows = self.pick_rows(&logits, picks, batch.len())?;
+        let mut step = self.llama.forward(&self.gpu, &mut self.kv, Some(&self.adapters), &seqs, false)?;
+        let rows = pick_rows(&self.gpu, &mut step, picks, batch.len())?;
+        let shares = std::mem::take(&mut step.shares);
+        drop(step);
         for seq in batch.iter_mut() {
             BlockPool::commit(seq.kv, seq.tokens.len());
         }
         Ok(StepOutput { rows, shares, adapter_load })
     }
+}
 
-    /// What each sequence asked of the step's last-row logits: the argmax chosen on the device
-    /// (only the ids come back), or the row itself (only those rows come back).
-    fn pick_rows(&self, logits: &CudaSlice<f32>, picks: &[Pick], seqs: usize) -> Result<Vec<StepRow>> {
-        let vocab = self.llama.config().vocab_size;
-        let ids = if picks.iter().take(seqs).any(|p| *p == Pick::Argmax) {
-            self.llama.sample(&self.gpu, logits, &vec![0.0; seqs], &vec![0; seqs])?
-        } else {
-            Vec::new()
-        };
-        (0..seqs)
-            .map(|i| match picks.get(i).copied().unwrap_or(Pick::Logits) {
-                Pick::Argmax => Ok(StepRow::Token(ids[i])),
-                Pick::Logits => self
-                    .gpu
-                    .stream
-                    .clone_dtoh(&logits.slice(i * vocab..(i + 1) * vocab))
-                    .map(StepRow::Logits)
-                    .map_err(cuda_err),
-            })
-            .collect()
-    }
+/// What each sequence asked of the step's last-row logits: the argmax chosen on the device
+/// (only the ids come back), or the row itself (only those rows come back).
+fn pick_rows(gpu: &Gpu, step: &mut Step<'_>, picks: &[Pick], seqs: usize) -> Result<Vec<StepRow>> {
+    let ids = if picks.iter().take(seqs).any(|p| *p == Pick::Argmax) {
+        step.sample(gpu, &vec![0.0; seqs], &vec![0; seqs])?
+    } else {
+        Vec::new()
+    };
+    (0..seqs)
+        .map(|i| match (picks.get(i).copied().unwrap_or(Pick::Logits), ids.get(i)) {
+            (Pick::Argmax, Some(&id)) => Ok(StepRow::Token(id)),
+            _ => step.download_row(gpu, i).map(StepRow::Logits),
+        })
+        .collect()
 }
 
 #[cfg(test)]

@@ -95,14 +95,14 @@ fn generate(
     let t0 = Instant::now();
     let seqs: Vec<GpuSeq<'_>> =
         (0..batch).map(|i| GpuSeq { tokens: &prompts[i], start: 0, blocks: blocks[i], adapter: slots[i] }).collect();
-    let mut next = model.sample(gpu, &model.forward(gpu, kv, adapters, &seqs, false)?.0, &greedy.0, &greedy.1)?;
+    let mut next = model.forward(gpu, kv, adapters, &seqs, false)?.sample(gpu, &greedy.0, &greedy.1)?;
     let t1 = Instant::now();
     for step in 1..new_tokens {
         let toks: Vec<[u32; 1]> = next.iter().map(|&t| [t % cfg.vocab_size as u32]).collect();
         let seqs: Vec<GpuSeq<'_>> = (0..batch)
             .map(|i| GpuSeq { tokens: &toks[i], start: prompt + step - 1, blocks: blocks[i], adapter: slots[i] })
             .collect();
-        next = model.sample(gpu, &model.forward(gpu, kv, adapters, &seqs, false)?.0, &greedy.0, &greedy.1)?;
+        next = model.forward(gpu, kv, adapters, &seqs, false)?.sample(gpu, &greedy.0, &greedy.1)?;
     }
     let total = t0.elapsed().as_secs_f64();
     let decode_ms = t1.elapsed().as_secs_f64() * 1e3 / (new_tokens.max(2) - 1) as f64;

@@ -243,7 +243,7 @@ impl GpuAdapters {
         x: &CudaSlice<bf16>,
         y: &mut CudaSlice<bf16>,
         tmp: &mut CudaSlice<f32>,
-        sums: &mut ShareSums,
+        sums: &mut ShareSums<'_>,
         (out_dim, in_dim): (usize, usize),
     ) -> Result<()> {
         let s = &gpu.stream;
@@ -263,7 +263,7 @@ impl GpuAdapters {
             let mut b = s.launch_builder(gpu.kernel("lora_expand_bgmv_bf16")?);
             b.arg(&*tmp).arg(y).arg(&self.pool).arg(&self.tables).arg(&rows.row_adapter).arg(&module).arg(&mpa);
             b.arg(&self.ranks).arg(&self.scales).arg(&self.bt_offsets).arg(&out_i).arg(&mr).arg(&pe);
-            b.arg(&mut sums.sums);
+            b.arg(&mut *sums.sums);
             // SAFETY: the buffers passed were sized above for the rows and widths given.
             unsafe { b.launch(grid((rows.rows as u32, out_blocks), 256, 0)) }.map_err(cuda_err)?;
         } else {
@@ -278,7 +278,7 @@ impl GpuAdapters {
             let mut b = s.launch_builder(gpu.kernel("lora_expand_sgmv_bf16")?);
             b.arg(&*tmp).arg(y).arg(&self.pool).arg(&self.tables).arg(&rows.seg_start).arg(&rows.seg_len);
             b.arg(&rows.seg_adapter).arg(&module).arg(&mpa).arg(&self.ranks).arg(&self.scales);
-            b.arg(&self.bt_offsets).arg(&out_i).arg(&mr).arg(&pe).arg(&mut sums.sums);
+            b.arg(&self.bt_offsets).arg(&out_i).arg(&mr).arg(&pe).arg(&mut *sums.sums);
             // SAFETY: the buffers passed were sized above for the rows and widths given.
             unsafe { b.launch(grid((rows.seqs as u32, out_blocks), 256, 0)) }.map_err(cuda_err)?;
         }
@@ -288,20 +288,22 @@ impl GpuAdapters {
 
 /// Per sequence of a step: Σ|W·x| and Σ|Δy| over the rows and projections its adapter touches,
 /// side by side (`[seqs, 2]`), so one copy brings them back.
-pub(crate) struct ShareSums {
-    pub sums: CudaSlice<f32>,
+pub(crate) struct ShareSums<'a> {
+    pub sums: &'a mut CudaSlice<f32>,
+    seqs: usize,
 }
 
-impl ShareSums {
-    /// Zeroed sums for `seqs` sequences.
-    pub fn new(gpu: &Gpu, seqs: usize) -> Result<Self> {
-        Ok(ShareSums { sums: gpu.zeros(2 * seqs)? })
+impl<'a> ShareSums<'a> {
+    /// The sums of `seqs` sequences in `buf` (at least `2 · seqs` long), zeroed.
+    pub fn new(gpu: &Gpu, buf: &'a mut CudaSlice<f32>, seqs: usize) -> Result<Self> {
+        gpu.stream.memset_zeros(&mut buf.slice_mut(0..2 * seqs)).map_err(cuda_err)?;
+        Ok(ShareSums { sums: buf, seqs })
     }
 
     /// The sums as the CPU backend reports them (waits for the compute stream).
-    pub fn download(&self, gpu: &Gpu, seqs: usize) -> Result<Vec<AdapterShare>> {
-        let v = gpu.download(&self.sums)?;
-        Ok(v.chunks(2).take(seqs).map(|p| AdapterShare { base_l1: p[0] as f64, delta_l1: p[1] as f64 }).collect())
+    pub fn download(&self, gpu: &Gpu) -> Result<Vec<AdapterShare>> {
+        let v = gpu.stream.clone_dtoh(&self.sums.slice(0..2 * self.seqs)).map_err(cuda_err)?;
+        Ok(v.chunks(2).map(|p| AdapterShare { base_l1: p[0] as f64, delta_l1: p[1] as f64 }).collect())
     }
 }
 

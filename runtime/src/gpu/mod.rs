@@ -12,6 +12,7 @@ pub mod lora;
 pub mod model;
 pub mod parity;
 pub mod serving_bench;
+pub mod step;
 
 #[cfg(test)]
 mod kernel_tests;

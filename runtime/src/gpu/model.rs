@@ -9,6 +9,7 @@ use cudarc::driver::{CudaSlice, CudaView, PushKernelArg};
 use half::bf16;
 
 use super::lora::{GpuAdapters, ShareSums};
+use super::step::{Step, StepBuffers};
 use super::{Gpu, cuda_err, grid};
 use crate::error::{Error, Result};
 use crate::model::lora::AdapterShare;
@@ -52,6 +53,8 @@ pub struct GpuLlama {
     lm_head: Option<CudaSlice<bf16>>,
     cos: CudaSlice<f32>,
     sin: CudaSlice<f32>,
+    /// Every step's device buffers, kept from one step to the next.
+    step: std::sync::Mutex<StepBuffers>,
 }
 
 /// The KV cache in device memory: per layer `[blocks, block_size, kv_heads, head_dim]` (bf16),
@@ -237,9 +240,11 @@ impl StepPlan<Vec<u32>> {
         &self.buf[self.ranges[p as usize].clone()]
     }
 
-    /// The plan on the device, in one copy.
-    fn upload(self, gpu: &Gpu) -> Result<StepPlan> {
-        let buf = gpu.upload(&self.buf)?;
+    /// The plan on the device, in one copy into `buf` (at least as long).
+    fn upload(self, gpu: &Gpu, mut buf: CudaSlice<u32>) -> Result<StepPlan> {
+        if !self.buf.is_empty() {
+            gpu.stream.memcpy_htod(&self.buf, &mut buf.slice_mut(0..self.buf.len())).map_err(cuda_err)?;
+        }
         let StepPlan { rows, seqs, decode, max_context, max_blocks, any_adapter, n_out, ranges, .. } = self;
         Ok(StepPlan { rows, seqs, decode, max_context, max_blocks, any_adapter, n_out, buf, ranges })
     }
@@ -295,6 +300,7 @@ impl GpuLlama {
             lm_head,
             cos: gpu.upload(&cos)?,
             sin: gpu.upload(&sin)?,
+            step: Default::default(),
             cfg,
         })
     }
@@ -330,6 +336,7 @@ impl GpuLlama {
             lm_head: Some(rand(cfg.vocab_size, h)?),
             cos: gpu.upload(&cos)?,
             sin: gpu.upload(&sin)?,
+            step: Default::default(),
             cfg: cfg.clone(),
         })
     }
@@ -339,9 +346,15 @@ impl GpuLlama {
         &self.cfg
     }
 
-    /// Runs one step: writes the new tokens' keys and values into `kv` and returns f32 logits
+    /// How many times a step buffer was allocated (the first steps, and larger steps after).
+    pub fn step_allocations(&self) -> usize {
+        self.step.lock().map_or(0, |b| b.grown)
+    }
+
+    /// Runs one step: writes the new tokens' keys and values into `kv` and gives back f32 logits
     /// `[rows, vocab]` of every row (`all_rows`) or of each sequence's last row, and each
-    /// sequence's measured adapter share (the CPU backend's [`AdapterShare`]).
+    /// sequence's measured adapter share (the CPU backend's [`AdapterShare`]). The step's
+    /// buffers are the model's own, allocated once and grown when a larger step comes.
     pub fn forward(
         &self,
         gpu: &Gpu,
@@ -349,9 +362,14 @@ impl GpuLlama {
         adapters: Option<&GpuAdapters>,
         seqs: &[GpuSeq<'_>],
         all_rows: bool,
-    ) -> Result<(CudaSlice<f32>, Vec<AdapterShare>)> {
+    ) -> Result<Step<'_>> {
         let cfg = &self.cfg;
-        let plan = StepPlan::layout(cfg, BLOCK_SIZE, seqs, all_rows)?.upload(gpu)?;
+        let mut guard =
+            self.step.lock().map_err(|_| Error::Device("a step failed while holding its buffers".into()))?;
+        let bufs = &mut *guard;
+        let layout = StepPlan::layout(cfg, BLOCK_SIZE, seqs, all_rows)?;
+        let plan_buf = bufs.plan.take(gpu, layout.buf.len(), &mut bufs.grown)?;
+        let plan = layout.upload(gpu, plan_buf)?;
         // The widest rank in this step: the shrink's output width.
         let step_rank =
             adapters.map_or(0, |a| seqs.iter().filter_map(|s| s.adapter).map(|s| a.slot_rank(s)).max().unwrap_or(0));
@@ -361,18 +379,20 @@ impl GpuLlama {
             (cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.intermediate_size);
         let (eps, scale) = (cfg.rms_norm_eps as f32, 1.0 / (hd as f32).sqrt());
         let (h_i, hd_i, nh_i, nkv_i, bs_i) = (h as i32, hd as i32, nh as i32, nkv as i32, BLOCK_SIZE as i32);
-        let mut x = gpu.zeros::<bf16>(n * h)?;
-        let mut hn = gpu.zeros::<bf16>(n * h)?;
-        let mut q = gpu.zeros::<bf16>(n * nh * hd)?;
-        let mut k = gpu.zeros::<bf16>(n * nkv * hd)?;
-        let mut v = gpu.zeros::<bf16>(n * nkv * hd)?;
-        let mut attn = gpu.zeros::<bf16>(n * nh * hd)?;
-        let mut out = gpu.zeros::<bf16>(n * h)?;
-        let mut gate = gpu.zeros::<bf16>(n * inter)?;
-        let mut up = gpu.zeros::<bf16>(n * inter)?;
-        let mut act = gpu.zeros::<bf16>(n * inter)?;
-        let mut lora_tmp = gpu.zeros::<f32>(n * step_rank.max(1))?;
-        let mut sums = ShareSums::new(gpu, plan.seqs)?;
+        let grown = &mut bufs.grown;
+        let mut x = bufs.x.take(gpu, n * h, grown)?;
+        let mut hn = bufs.hn.take(gpu, n * h, grown)?;
+        let mut q = bufs.q.take(gpu, n * nh * hd, grown)?;
+        let mut k = bufs.k.take(gpu, n * nkv * hd, grown)?;
+        let mut v = bufs.v.take(gpu, n * nkv * hd, grown)?;
+        let mut attn = bufs.attn.take(gpu, n * nh * hd, grown)?;
+        let mut out = bufs.out.take(gpu, n * h, grown)?;
+        let mut gate = bufs.gate.take(gpu, n * inter, grown)?;
+        let mut up = bufs.up.take(gpu, n * inter, grown)?;
+        let mut act = bufs.act.take(gpu, n * inter, grown)?;
+        let mut lora_tmp = bufs.lora_tmp.take(gpu, n * step_rank.max(1), grown)?;
+        let mut sums_buf = bufs.sums.take(gpu, 2 * plan.seqs, grown)?;
+        let mut sums = ShareSums::new(gpu, &mut sums_buf, plan.seqs)?;
         let s = &gpu.stream;
         // SAFETY (every launch below): each kernel reads and writes within the buffers passed,
         // which are sized above from the same row count and widths the kernel is given.
@@ -470,7 +490,11 @@ impl GpuLlama {
         }
         // The rows whose logits are wanted, normed, through the head.
         let m = plan.n_out;
-        let mut picked = gpu.zeros::<bf16>(m * h)?;
+        let vocab = cfg.vocab_size;
+        let mut picked = bufs.picked.take(gpu, m * h, grown)?;
+        let mut normed = bufs.normed.take(gpu, m * h, grown)?;
+        let mut logits = bufs.logits16.take(gpu, m * vocab, grown)?;
+        let mut out32 = bufs.logits.take(gpu, m * vocab, grown)?;
         {
             let mut b = s.launch_builder(gpu.kernel("embedding_bf16")?);
             let out_rows = plan.part(Part::OutRows);
@@ -478,12 +502,8 @@ impl GpuLlama {
             // SAFETY: the buffers passed were sized above for the rows and widths given.
             unsafe { b.launch(grid((m as u32, 1), BLOCK, 0)) }.map_err(cuda_err)?;
         }
-        let mut normed = gpu.zeros::<bf16>(m * h)?;
         rms(&picked, &self.norm, &mut normed, m)?;
-        let vocab = cfg.vocab_size;
-        let mut logits = gpu.zeros::<bf16>(m * vocab)?;
         linear(gpu, &normed, self.lm_head.as_ref().unwrap_or(&self.embed), &mut logits, m, (vocab, h))?;
-        let mut out32 = gpu.zeros::<f32>(m * vocab)?;
         {
             let len = (m * vocab) as i32;
             let mut b = s.launch_builder(gpu.kernel("bf16_to_f32_kernel")?);
@@ -492,25 +512,32 @@ impl GpuLlama {
             unsafe { b.launch(grid(((m * vocab).div_ceil(BLOCK as usize) as u32, 1), BLOCK, 0)) }.map_err(cuda_err)?;
         }
         let shares = match adapters {
-            Some(_) => sums.download(gpu, plan.seqs)?,
+            Some(_) => sums.download(gpu)?,
             None => vec![AdapterShare::default(); plan.seqs],
         };
-        Ok((out32, shares))
-    }
-
-    /// Greedy (temperature 0) or sampled next tokens of f32 logits `[rows, vocab]`, on the device.
-    pub fn sample(&self, gpu: &Gpu, logits: &CudaSlice<f32>, temperatures: &[f32], seeds: &[u64]) -> Result<Vec<u32>> {
-        let rows = temperatures.len();
-        let (t, sd) = (gpu.upload(temperatures)?, gpu.upload(seeds)?);
-        let mut out = gpu.zeros::<u32>(rows)?;
-        let vocab = self.cfg.vocab_size as i32;
-        let mut b = gpu.stream.launch_builder(gpu.kernel("sample_rows")?);
-        b.arg(logits).arg(&vocab).arg(&t).arg(&sd).arg(&mut out);
-        // SAFETY: reads rows × vocab logits and writes rows ids; blocks of 256 (a power of two).
-        unsafe { b.launch(grid((rows as u32, 1), 256, 0)) }.map_err(cuda_err)?;
-        let mut ids = gpu.download(&out)?;
-        ids.truncate(rows);
-        Ok(ids)
+        drop(sums);
+        bufs.sums.put(sums_buf);
+        bufs.plan.put(plan.buf);
+        for (slot, b) in [
+            (&mut bufs.x, x),
+            (&mut bufs.hn, hn),
+            (&mut bufs.q, q),
+            (&mut bufs.k, k),
+            (&mut bufs.v, v),
+            (&mut bufs.attn, attn),
+            (&mut bufs.out, out),
+            (&mut bufs.gate, gate),
+            (&mut bufs.up, up),
+            (&mut bufs.act, act),
+            (&mut bufs.picked, picked),
+            (&mut bufs.normed, normed),
+            (&mut bufs.logits16, logits),
+        ] {
+            slot.put(b);
+        }
+        bufs.lora_tmp.put(lora_tmp);
+        bufs.logits.put(out32);
+        Ok(Step { bufs: guard, rows: m, vocab, shares })
     }
 }
 

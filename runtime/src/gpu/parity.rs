@@ -96,7 +96,7 @@ fn prefill_all(
     let blocks: Vec<&[u32]> = held.iter().map(SeqKv::blocks).collect();
     let seqs: Vec<GpuSeq<'_>> =
         prompts.iter().zip(&blocks).map(|((t, a), b)| GpuSeq { tokens: t, start: 0, blocks: b, adapter: *a }).collect();
-    gpu.download(&model.forward(gpu, &mut kv, adapters, &seqs, true)?.0)
+    model.forward(gpu, &mut kv, adapters, &seqs, true)?.download_logits(gpu)
 }
 
 /// Parity on the committed fixtures; each check reports max |Δ| and argmax agreement.
@@ -174,7 +174,7 @@ pub fn fixtures(gpu: &Gpu, fixtures: &Path) -> Result<Value> {
         .filter(|(p, _)| p.0.len() > 1)
         .map(|((t, ad), b)| GpuSeq { tokens: &t[t.len() - 1..], start: t.len() - 1, blocks: b, adapter: *ad })
         .collect();
-    let got_last = gpu.download(&model.forward(gpu, &mut kv, Some(pool), &tails, false)?.0)?;
+    let got_last = model.forward(gpu, &mut kv, Some(pool), &tails, false)?.download_logits(gpu)?;
     let v = cfg.vocab_size;
     let want_last: Vec<f32> = prompts
         .iter()
