@@ -515,7 +515,6 @@ impl GpuLlama {
             Some(_) => sums.download(gpu)?,
             None => vec![AdapterShare::default(); plan.seqs],
         };
-        drop(sums);
         bufs.sums.put(sums_buf);
         bufs.plan.put(plan.buf);
         for (slot, b) in [
