@@ -378,6 +378,69 @@ fn every_backend_serves_mixed_adapters_as_the_cpu_reference_does() {
     }
 }
 
+/// On a device other than the CPU, what the CPU test above shows for the CPU: batching, chunked
+/// prefill and preemption are invisible in greedy output. The reference is the same device
+/// running each request alone; the CUDA stand-in's arithmetic does not depend on the batch, so
+/// there the tokens must be identical (a GPU's cuBLAS may pick other kernels for other batch
+/// sizes: there most must agree).
+#[test]
+fn on_every_device_batching_chunking_and_preemption_are_invisible() {
+    let model = model();
+    let mut rng = Rng(0xC4A5);
+    let reqs: Vec<GenerationRequest> = (0..16)
+        .map(|i| {
+            let mut r = random_request(&mut rng, &model, i);
+            r.params.max_tokens = 12 + rng.next(20);
+            r.params.ignore_eos = true;
+            r
+        })
+        .collect();
+    for device in backends().into_iter().filter(|d| *d != "cpu") {
+        #[cfg(feature = "cuda")]
+        {
+            let gpu_engine = |kv_blocks: Option<usize>, max_batch_tokens: usize| {
+                let config = PagerConfig { active_pool_bytes: 2 << 22, value_bytes: 2, ..PagerConfig::default() };
+                let pager = pager(&model, config);
+                let cfg = model.config();
+                let budget = kv_blocks.map(|blocks| {
+                    openlora::gpu::lora::GpuAdapters::device_bytes(
+                        cfg.num_layers,
+                        pager.pool_pages(),
+                        pager.page_elems(),
+                        16,
+                        pager.pool_pages(),
+                    ) + blocks * openlora::gpu::model::GpuKv::block_bytes(cfg)
+                });
+                let gpu = openlora::gpu::backend::GpuBackend::open(0, &model, &pager, budget.or(Some(256 << 20)), 16)
+                    .expect("GPU backend");
+                let engine = EngineConfig { max_batch_tokens, ..Default::default() };
+                EngineHandle::start_on(Box::new(gpu), model.clone(), pager, engine, Metrics::new()).expect("engine")
+            };
+            let alone_engine = gpu_engine(None, 512);
+            let want: Vec<Vec<u32>> =
+                reqs.iter().map(|r| drain(alone_engine.submit(r.clone()).expect("submit")).tokens).collect();
+            // 12 blocks (192 tokens) for 16 requests of up to ~62 tokens, 24 tokens a step.
+            let engine = gpu_engine(Some(12), 24);
+            let outcomes = run_concurrently(&engine, &reqs);
+            let standin = engine.device().contains("stand-in");
+            let mut same = 0;
+            for (i, (req, out)) in reqs.iter().zip(&outcomes).enumerate() {
+                assert_eq!(out.reason, FinishReason::Length, "{device}: {}", req.id);
+                assert_eq!(out.tokens.len(), req.params.max_tokens, "{device}: {}", req.id);
+                same += usize::from(out.tokens == want[i]);
+            }
+            let stats = settled(&engine);
+            assert!(stats.preemptions > 0, "{device}: the pool was never short: {stats:?}");
+            assert_eq!(stats.kv_free_blocks, stats.kv_total_blocks, "{device}: KV blocks leaked");
+            if standin {
+                assert_eq!(same, reqs.len(), "{device}: batched output differs from the same device alone");
+            } else {
+                assert!(same * 10 >= reqs.len() * 8, "{device}: {same}/{} requests as alone", reqs.len());
+            }
+        }
+    }
+}
+
 /// A device that broke mid-run: every step fails, and it says it can run no more.
 struct BrokenDevice {
     kv: openlora::model::BlockPool,

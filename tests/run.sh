@@ -50,7 +50,7 @@ standin=$(bash tests/cuda-standin/build.sh | tail -n 1)
 "$standin/selftest"
 LD_LIBRARY_PATH="$standin" OPENLORA_REQUIRE_GPU=1 cargo test --locked -p openlora --lib gpu::
 LD_LIBRARY_PATH="$standin" OPENLORA_REQUIRE_GPU=1 CUDA_STANDIN_DEFER_STREAMS=1 \
-    cargo test --locked -p openlora --test engine every_backend
+    cargo test --locked -p openlora --test engine -- every_backend on_every_device
 
 # The HTTP API through real sockets and the real `openai` client, against the binary that
 # `cargo test` built for the CLI tests (a separate `cargo build` would recompile for other features);

@@ -68,8 +68,11 @@ fn attention_matches_the_cpu_reference_over_contexts_of_many_tiles() {
     let scale = 1.0 / (shape.head_dim as f32).sqrt();
     let flat_tables: Vec<u32> =
         tables.iter().flat_map(|t| t.iter().copied().chain(std::iter::repeat(0)).take(max_blocks)).collect();
-    let (k_dev, v_dev, tables_dev) =
-        (gpu.upload(&to_bf16(&k)).unwrap(), gpu.upload(&to_bf16(&v)).unwrap(), gpu.upload(&flat_tables).unwrap());
+    let (k_dev, v_dev, tables_dev) = (
+        gpu.upload(&to_bf16(&k)).expect("device call"),
+        gpu.upload(&to_bf16(&v)).expect("device call"),
+        gpu.upload(&flat_tables).expect("device call"),
+    );
     let (mb, nh, nkv, hd, bs) =
         (max_blocks as i32, shape.heads as i32, shape.kv_heads as i32, shape.head_dim as i32, shape.block_size as i32);
     let worst =
@@ -85,14 +88,15 @@ fn attention_matches_the_cpu_reference_over_contexts_of_many_tiles() {
         .collect();
     let mut want = vec![0f32; q.len()];
     paged_attention(shape, KvLayer { k: &k, v: &v }, &q, &mut want, &seqs, scale);
-    let (q_dev, lens) = (gpu.upload(&to_bf16(&q)).unwrap(), gpu.upload(&contexts.map(|c| c as u32)).unwrap());
-    let mut out = gpu.zeros::<bf16>(q.len()).unwrap();
-    let mut b = gpu.stream.launch_builder(gpu.kernel("paged_attention_decode_bf16").unwrap());
+    let (q_dev, lens) =
+        (gpu.upload(&to_bf16(&q)).expect("device call"), gpu.upload(&contexts.map(|c| c as u32)).expect("device call"));
+    let mut out = gpu.zeros::<bf16>(q.len()).expect("device call");
+    let mut b = gpu.stream.launch_builder(gpu.kernel("paged_attention_decode_bf16").expect("device call"));
     b.arg(&mut out).arg(&q_dev).arg(&k_dev).arg(&v_dev).arg(&tables_dev).arg(&lens);
     b.arg(&mb).arg(&nh).arg(&nkv).arg(&hd).arg(&bs).arg(&scale);
     // SAFETY: out and q hold 2 rows of heads × head_dim; the tables name blocks below total_blocks.
-    unsafe { b.launch(grid((shape.heads as u32, 2), 128, 0)) }.unwrap();
-    let d = worst(&gpu.download(&out).unwrap(), &want);
+    unsafe { b.launch(grid((shape.heads as u32, 2), 128, 0)) }.expect("device call");
+    let d = worst(&gpu.download(&out).expect("device call"), &want);
     assert!(d < 1e-2, "decode: max |Δ| {d} against the CPU reference");
 
     // Prefill: three rows of the long sequence, at 255, 256 and 699 (tile edges), and one of the other.
@@ -107,15 +111,18 @@ fn attention_matches_the_cpu_reference_over_contexts_of_many_tiles() {
     }
     let row_seq: Vec<u32> = rows.iter().map(|r| r.0 as u32).collect();
     let row_pos: Vec<u32> = rows.iter().map(|r| r.1 as u32).collect();
-    let (q_dev, seq_dev, pos_dev) =
-        (gpu.upload(&to_bf16(&q)).unwrap(), gpu.upload(&row_seq).unwrap(), gpu.upload(&row_pos).unwrap());
-    let mut out = gpu.zeros::<bf16>(q.len()).unwrap();
-    let mut b = gpu.stream.launch_builder(gpu.kernel("paged_attention_prefill_bf16").unwrap());
+    let (q_dev, seq_dev, pos_dev) = (
+        gpu.upload(&to_bf16(&q)).expect("device call"),
+        gpu.upload(&row_seq).expect("device call"),
+        gpu.upload(&row_pos).expect("device call"),
+    );
+    let mut out = gpu.zeros::<bf16>(q.len()).expect("device call");
+    let mut b = gpu.stream.launch_builder(gpu.kernel("paged_attention_prefill_bf16").expect("device call"));
     b.arg(&mut out).arg(&q_dev).arg(&k_dev).arg(&v_dev).arg(&tables_dev).arg(&seq_dev).arg(&pos_dev);
     b.arg(&mb).arg(&nh).arg(&nkv).arg(&hd).arg(&bs).arg(&scale);
     // SAFETY: out and q hold 4 rows of heads × head_dim; each row's position is inside its table.
-    unsafe { b.launch(grid((shape.heads as u32, rows.len() as u32), 128, 0)) }.unwrap();
-    let d = worst(&gpu.download(&out).unwrap(), &want);
+    unsafe { b.launch(grid((shape.heads as u32, rows.len() as u32), 128, 0)) }.expect("device call");
+    let d = worst(&gpu.download(&out).expect("device call"), &want);
     assert!(d < 1e-2, "prefill: max |Δ| {d} against the CPU reference");
 }
 
