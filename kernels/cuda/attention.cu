@@ -84,13 +84,13 @@ __device__ void attend(const bf16* __restrict__ q, const bf16* __restrict__ k_ca
 
 // Decode: one new token per sequence. q, out: [seqs, heads, head_dim]; block_tables:
 // [seqs, max_blocks]; context_lens[seq] counts the cached tokens including the new one.
-// grid: (heads, seqs), block: a multiple of 32 with head_dim <= 4 × block.
+// grid: (seqs, heads), block: a multiple of 32 with head_dim <= 4 × block.
 extern "C" __global__ void paged_attention_decode_bf16(bf16* __restrict__ out, const bf16* __restrict__ q,
                                                        const bf16* __restrict__ k_cache, const bf16* __restrict__ v_cache,
                                                        const u32* __restrict__ block_tables, const u32* __restrict__ context_lens,
                                                        int max_blocks, int heads, int kv_heads, int head_dim,
                                                        int block_size, float scale) {
-    int h = blockIdx.x, seq = blockIdx.y;
+    int seq = blockIdx.x, h = blockIdx.y;
     size_t at = ((size_t)seq * heads + h) * head_dim;
     attend(q + at, k_cache, v_cache, block_tables + (size_t)seq * max_blocks, (int)context_lens[seq],
            h / (heads / kv_heads), kv_heads, head_dim, block_size, scale, out + at);
@@ -98,14 +98,15 @@ extern "C" __global__ void paged_attention_decode_bf16(bf16* __restrict__ out, c
 
 // Prefill (and mixed batches): every query row attends causally to its sequence's tokens up to
 // its own position. row_seq[row] names the row's sequence (its block table), row_pos[row] its
-// position. q, out: [rows, heads, head_dim].  grid: (heads, rows), block: a multiple of 32
+// position. q, out: [rows, heads, head_dim].  grid: (rows, heads) (rows in x: a step may hold
+// more than the 65,535 blocks grid y allows), block: a multiple of 32
 // with head_dim <= 4 × block.
 extern "C" __global__ void paged_attention_prefill_bf16(bf16* __restrict__ out, const bf16* __restrict__ q,
                                                         const bf16* __restrict__ k_cache, const bf16* __restrict__ v_cache,
                                                         const u32* __restrict__ block_tables, const u32* __restrict__ row_seq,
                                                         const u32* __restrict__ row_pos, int max_blocks, int heads,
                                                         int kv_heads, int head_dim, int block_size, float scale) {
-    int h = blockIdx.x, row = blockIdx.y;
+    int row = blockIdx.x, h = blockIdx.y;
     size_t at = ((size_t)row * heads + h) * head_dim;
     attend(q + at, k_cache, v_cache, block_tables + (size_t)row_seq[row] * max_blocks, (int)row_pos[row] + 1,
            h / (heads / kv_heads), kv_heads, head_dim, block_size, scale, out + at);

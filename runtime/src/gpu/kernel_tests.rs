@@ -9,7 +9,7 @@ use openlora_kernels::attention::{KvLayer, KvShape, SeqAttention, paged_attentio
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
-use super::{Gpu, grid};
+use super::Gpu;
 
 fn gpu() -> Option<Gpu> {
     match Gpu::open(0) {
@@ -95,7 +95,7 @@ fn attention_matches_the_cpu_reference_over_contexts_of_many_tiles() {
     b.arg(&mut out).arg(&q_dev).arg(&k_dev).arg(&v_dev).arg(&tables_dev).arg(&lens);
     b.arg(&mb).arg(&nh).arg(&nkv).arg(&hd).arg(&bs).arg(&scale);
     // SAFETY: out and q hold 2 rows of heads × head_dim; the tables name blocks below total_blocks.
-    unsafe { b.launch(grid((shape.heads as u32, 2), 128, 0)) }.expect("device call");
+    unsafe { b.launch(super::model::attention_grid(shape.heads, 2)) }.expect("device call");
     let d = worst(&gpu.download(&out).expect("device call"), &want);
     assert!(d < 1e-2, "decode: max |Δ| {d} against the CPU reference");
 
@@ -121,7 +121,7 @@ fn attention_matches_the_cpu_reference_over_contexts_of_many_tiles() {
     b.arg(&mut out).arg(&q_dev).arg(&k_dev).arg(&v_dev).arg(&tables_dev).arg(&seq_dev).arg(&pos_dev);
     b.arg(&mb).arg(&nh).arg(&nkv).arg(&hd).arg(&bs).arg(&scale);
     // SAFETY: out and q hold 4 rows of heads × head_dim; each row's position is inside its table.
-    unsafe { b.launch(grid((shape.heads as u32, rows.len() as u32), 128, 0)) }.expect("device call");
+    unsafe { b.launch(super::model::attention_grid(shape.heads, rows.len())) }.expect("device call");
     let d = worst(&gpu.download(&out).expect("device call"), &want);
     assert!(d < 1e-2, "prefill: max |Δ| {d} against the CPU reference");
 }
@@ -162,4 +162,38 @@ fn a_step_allocates_no_device_memory_once_its_buffers_are_large_enough() {
     assert!(grown > first, "a larger step grows the buffers");
     assert_eq!(step(3, &[9], 44), grown, "a smaller step after it allocates nothing");
     assert_eq!(step(4, &prompt[..17], 45), grown, "nor does one of the same size");
+}
+
+/// A step may hold more rows than a grid's y dimension (65,535): `max_batch_tokens` is the
+/// operator's to raise. Each row here attends to one cached token, so its output is that
+/// token's value.
+#[test]
+fn prefill_attention_takes_more_rows_than_a_grid_dimension_holds() {
+    let Some(gpu) = gpu() else { return };
+    let rows = 65_536 + 7;
+    let (hd, bs) = (32usize, 16usize);
+    let v: Vec<f32> = (0..bs * hd).map(|i| ((i % hd) as f32 - 16.0) / 8.0).collect();
+    let k = vec![0.5f32; bs * hd];
+    let q = vec![bf16::from_f32(0.25); rows * hd];
+    let (k_dev, v_dev) =
+        (gpu.upload(&to_bf16(&k)).expect("device call"), gpu.upload(&to_bf16(&v)).expect("device call"));
+    let (table, row_seq, row_pos) = (
+        gpu.upload(&[0u32]).expect("device call"),
+        gpu.upload(&vec![0u32; rows]).expect("device call"),
+        gpu.upload(&vec![0u32; rows]).expect("device call"),
+    );
+    let q_dev = gpu.upload(&q).expect("device call");
+    let mut out = gpu.zeros::<bf16>(rows * hd).expect("device call");
+    let (mb, one, hd_i, bs_i, scale) = (1i32, 1i32, hd as i32, bs as i32, 1.0f32);
+    let mut b = gpu.stream.launch_builder(gpu.kernel("paged_attention_prefill_bf16").expect("kernel"));
+    b.arg(&mut out).arg(&q_dev).arg(&k_dev).arg(&v_dev).arg(&table).arg(&row_seq).arg(&row_pos);
+    b.arg(&mb).arg(&one).arg(&one).arg(&hd_i).arg(&bs_i).arg(&scale);
+    // SAFETY: out and q hold rows × head_dim; every row reads block 0's first token.
+    unsafe { b.launch(super::model::attention_grid(1, rows)) }.expect("a launch of this many rows");
+    let got = gpu.download(&out).expect("device call");
+    for r in [0, 65_535, rows - 1] {
+        for d in 0..hd {
+            assert_eq!(got[r * hd + d].to_f32(), bf16::from_f32(v[d]).to_f32(), "row {r}, dim {d}");
+        }
+    }
 }

@@ -22,6 +22,12 @@ const BLOCK: u32 = 256;
 /// dimensions (`ATTN_DIMS` in attention.cu).
 const ATTENTION_BLOCK: u32 = 128;
 
+/// The launch of the attention kernels for `heads` heads of `rows` query rows (or sequences):
+/// rows go in the grid's x dimension, which holds 2³¹ − 1 blocks (y holds 65,535).
+pub(crate) fn attention_grid(heads: usize, rows: usize) -> cudarc::driver::LaunchConfig {
+    grid((rows as u32, heads as u32), ATTENTION_BLOCK, 0)
+}
+
 /// The widest head the attention kernels take.
 pub const MAX_HEAD_DIM: usize = 4 * ATTENTION_BLOCK as usize;
 
@@ -459,13 +465,13 @@ impl GpuLlama {
                     b.arg(&mut attn).arg(&q).arg(&kv.k[l]).arg(&kv.v[l]).arg(&tables).arg(&context_lens);
                     b.arg(&mb).arg(&nh_i).arg(&nkv_i).arg(&hd_i).arg(&bs_i).arg(&scale);
                     // SAFETY: the buffers passed were sized above for the rows and widths given.
-                    unsafe { b.launch(grid((nh as u32, plan.seqs as u32), ATTENTION_BLOCK, 0)) }.map_err(cuda_err)?;
+                    unsafe { b.launch(attention_grid(nh, plan.seqs)) }.map_err(cuda_err)?;
                 } else {
                     let mut b = s.launch_builder(gpu.kernel("paged_attention_prefill_bf16")?);
                     b.arg(&mut attn).arg(&q).arg(&kv.k[l]).arg(&kv.v[l]).arg(&tables).arg(&row_seq);
                     b.arg(&positions).arg(&mb).arg(&nh_i).arg(&nkv_i).arg(&hd_i).arg(&bs_i).arg(&scale);
                     // SAFETY: the buffers passed were sized above for the rows and widths given.
-                    unsafe { b.launch(grid((nh as u32, n as u32), ATTENTION_BLOCK, 0)) }.map_err(cuda_err)?;
+                    unsafe { b.launch(attention_grid(nh, n)) }.map_err(cuda_err)?;
                 }
             }
             linear(gpu, &attn, &layer.proj[Proj::O as usize], &mut out, n, Proj::O.shape(cfg))?;
