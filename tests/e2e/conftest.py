@@ -1,9 +1,11 @@
 """Starts real `openlora serve` processes on loopback for the end-to-end tests."""
 
+import io
 import os
 import signal
 import socket
 import subprocess
+import tarfile
 import tempfile
 import time
 from pathlib import Path
@@ -110,6 +112,20 @@ admin_token = "{ADMIN_TOKEN}"
         if self.proc.poll() is None:
             self.proc.send_signal(sig)
         return self.proc.wait(timeout=timeout)
+
+
+def adapter_tar(src: Path, name: str, corrupt: bool = False) -> bytes:
+    """The PEFT folder `src` as a tar upload under `name/` (`corrupt`: its weights cut in half)."""
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w") as tar:
+        for f in ["adapter_config.json", "adapter_model.safetensors"]:
+            data = (src / f).read_bytes()
+            if corrupt and f.endswith(".safetensors"):
+                data = data[: len(data) // 2]
+            info = tarfile.TarInfo(f"{name}/{f}")
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    return buf.getvalue()
 
 
 def plugin_wasm(package: str) -> bytes:

@@ -3,18 +3,16 @@ GPU backend, on the CUDA stand-in (tests/cuda-standin) in the test command, on a
 there. `OPENLORA_CUDA_LIBS` names a folder of CUDA libraries to load first (the stand-in's);
 `OPENLORA_REQUIRE_GPU=1` makes a missing device a failure instead of a skip."""
 
-import io
 import json
 import os
 import subprocess
-import tarfile
 import tempfile
 import threading
 
 import httpx
 import openai
 import pytest
-from conftest import ADMIN_TOKEN, BINARY, ROOT, Server
+from conftest import ADMIN_TOKEN, BINARY, ROOT, Server, adapter_tar
 
 DEMO = ROOT / "runtime" / "assets" / "default-model" / "adapters"
 BASE = "openlora-tiny-fortunes"
@@ -113,20 +111,9 @@ def test_mixed_adapters_concurrently(client):
             assert r.choices[0].text == alone[p], p
 
 
-def adapter_tar(src: str, name: str) -> bytes:
-    buf = io.BytesIO()
-    with tarfile.open(fileobj=buf, mode="w") as tar:
-        for f in ["adapter_config.json", "adapter_model.safetensors"]:
-            data = (DEMO / src / f).read_bytes()
-            info = tarfile.TarInfo(f"{name}/{f}")
-            info.size = len(data)
-            tar.addfile(info, io.BytesIO(data))
-    return buf.getvalue()
-
-
 def test_an_adapter_uploaded_at_run_time_is_served(gpu, client):
     admin = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
-    r = httpx.post(f"{gpu.url}/admin/adapters/trek-copy", content=adapter_tar("startrek", "trek-copy"), headers=admin)
+    r = httpx.post(f"{gpu.url}/admin/adapters/trek-copy", content=adapter_tar(DEMO / "startrek", "trek-copy"), headers=admin)
     assert r.status_code == 201, r.text
     got = complete(client, "trek-copy", n=24).choices[0].text
     assert got == complete(client, "startrek", n=24).choices[0].text

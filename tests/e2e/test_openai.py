@@ -1,15 +1,14 @@
 """The HTTP API driven by the official `openai` Python client and raw HTTP."""
 
-import io
 import json
 import signal
-import tarfile
 import threading
 import time
 
 import httpx
 import openai
 import pytest
+import conftest
 from conftest import ADAPTERS, ADMIN_TOKEN, API_KEY
 
 
@@ -176,16 +175,7 @@ def test_client_disconnect_mid_stream_cancels(server):
 
 
 def adapter_tar(name: str, corrupt: bool = False) -> bytes:
-    buf = io.BytesIO()
-    with tarfile.open(fileobj=buf, mode="w") as tar:
-        for f in ["adapter_config.json", "adapter_model.safetensors"]:
-            data = (ADAPTERS / name / f).read_bytes()
-            if corrupt and f.endswith(".safetensors"):
-                data = data[: len(data) // 2]
-            info = tarfile.TarInfo(f"{name}/{f}")
-            info.size = len(data)
-            tar.addfile(info, io.BytesIO(data))
-    return buf.getvalue()
+    return conftest.adapter_tar(ADAPTERS / name, name, corrupt)
 
 
 def test_admin_adapter_upload_list_delete(server, client):
