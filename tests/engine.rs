@@ -13,7 +13,7 @@ use openlora::engine::{EngineConfig, EngineHandle, Event, GenerationRequest, Req
 use openlora::generate::{FinishReason, WithAdapter, generate};
 use openlora::metrics::Metrics;
 use openlora::model::{LoadedModel, PagedKvCache};
-use openlora::pager::{AdapterPager, PagerConfig};
+use openlora::pager::{AdapterPager, PagerConfig, PoolPlace};
 use openlora::sampling::SamplingParams;
 
 const ADAPTERS: [&str; 4] = ["r4-qv", "r8-mlp", "r16-all-rslora", "r64-ko-layer1"];
@@ -327,8 +327,8 @@ fn backends() -> Vec<&'static str> {
 
 /// An engine on `device` whose adapter pool holds `pool_values` values (device bytes on a GPU).
 fn start_on(device: &str, model: &Arc<LoadedModel>, pool_values: usize) -> EngineHandle {
-    let value_bytes = if device == "cpu" { 4 } else { 2 };
-    let config = PagerConfig { active_pool_bytes: pool_values * value_bytes, value_bytes, ..PagerConfig::default() };
+    let pool = if device == "cpu" { PoolPlace::Host } else { PoolPlace::Device };
+    let config = PagerConfig { active_pool_bytes: pool_values * pool.value_bytes(), pool, ..PagerConfig::default() };
     let pager = pager(model, config);
     let engine = EngineConfig { max_batch_tokens: 96, ..Default::default() };
     #[cfg(feature = "cuda")]
@@ -399,7 +399,8 @@ fn on_every_device_batching_chunking_and_preemption_are_invisible() {
         #[cfg(feature = "cuda")]
         {
             let gpu_engine = |kv_blocks: Option<usize>, max_batch_tokens: usize| {
-                let config = PagerConfig { active_pool_bytes: 2 << 22, value_bytes: 2, ..PagerConfig::default() };
+                let config =
+                    PagerConfig { active_pool_bytes: 2 << 22, pool: PoolPlace::Device, ..PagerConfig::default() };
                 let pager = pager(&model, config);
                 let cfg = model.config();
                 let budget = kv_blocks.map(|blocks| {

@@ -74,7 +74,7 @@ impl Server {
         let mut pager_config = config.pager();
         if device != DeviceSpec::Cpu {
             // The active pool is mirrored on the device in bf16: its budget is device bytes.
-            pager_config.value_bytes = 2;
+            pager_config.pool = crate::pager::PoolPlace::Device;
         }
         let pager = AdapterPager::new(model.config(), pager_config, metrics.pager.clone());
         if demo {

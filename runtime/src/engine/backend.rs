@@ -7,7 +7,7 @@ use std::sync::Arc;
 use crate::error::{Error, Result};
 use crate::model::lora::AdapterShare;
 use crate::model::{BlockPool, LoadedModel, LogitRows, PagedKvCache, SeqBatch};
-use crate::pager::AdapterPager;
+use crate::pager::{AdapterPager, PoolPlace};
 
 /// What the engine needs from a step to choose a sequence's next token.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -94,6 +94,11 @@ impl Backend for CpuBackend {
 
     fn step(&mut self, batch: &mut [SeqBatch<'_>], _: &[Pick], pager: &AdapterPager) -> Result<StepOutput> {
         let pool = batch.iter().any(|s| s.adapter.is_some()).then(|| pager.pool());
+        if pool.as_ref().is_some_and(|p| p.place() != PoolPlace::Host) {
+            return Err(Error::Device(
+                "the adapter pool lives on a device: the CPU backend needs it on the host".into(),
+            ));
+        }
         let (logits, shares) = self.model.llama()?.forward_measured(
             &mut self.kv,
             batch,

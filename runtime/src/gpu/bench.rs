@@ -164,7 +164,7 @@ fn throughput(gpu: &Gpu, c: &BenchConfig) -> Result<Value> {
     let t = Instant::now();
     let mut ids = Vec::with_capacity(c.adapters);
     for a in 0..c.adapters {
-        let resident = arena.place(&random_adapter(&cfg, c.rank, a as u64 + 1))?;
+        let resident = arena.place(random_adapter(&cfg, c.rank, a as u64 + 1))?;
         ids.push(arena.slot_for(gpu, &resident, &ids)?);
     }
     report["adapter_load_s"] = json!(t.elapsed().as_secs_f64());
@@ -243,7 +243,7 @@ fn popularity(
                     }
                 }
                 // Made on the host, as a read from disk would be.
-                resident.insert(id, (arena.place(&random_adapter(&cfg, c.rank, id as u64 + 1))?, clock));
+                resident.insert(id, (arena.place(random_adapter(&cfg, c.rank, id as u64 + 1))?, clock));
                 loads += 1;
             }
             let Some((r, used)) = resident.get_mut(&id) else { unreachable!("inserted above") };

@@ -17,7 +17,7 @@ use super::{Gpu, cuda_err, grid};
 use crate::adapters::LoraWeights;
 use crate::error::{Error, Result};
 use crate::model::lora::AdapterShare;
-use crate::pager::pool::{PageAllocator, PoolData, ResidentAdapter};
+use crate::pager::pool::{PageAllocator, PoolData, PoolPlace, ResidentAdapter, adapter_chunks};
 
 /// Modules an adapter can have per layer (the seven projections).
 const PROJS: usize = 7;
@@ -87,16 +87,30 @@ struct Staged {
 
 impl Staged {
     fn new(resident: &ResidentAdapter, host: &PoolData, modules_per_adapter: usize, first: usize) -> Result<Self> {
-        let mpa = modules_per_adapter;
+        let (mpa, pe) = (modules_per_adapter, host.page_elems());
         let mut st = Staged {
-            pages: Vec::with_capacity(resident.pages().len() * host.page_elems()),
+            pages: Vec::with_capacity(resident.pages().len() * pe),
             ranks: vec![0; mpa],
             scales: vec![0.0; mpa],
             a_off: vec![0; mpa],
             bt_off: vec![0; mpa],
         };
-        for &p in resident.pages() {
-            st.pages.extend(host.page(p).iter().map(|&v| bf16::from_f32(v)));
+        match resident.source() {
+            // The pool lives on the device: its pages come from the placement's own weights.
+            Some(w) => {
+                for chunk in adapter_chunks(w, pe) {
+                    st.pages.extend(chunk.iter().map(|&v| bf16::from_f32(v)));
+                    st.pages.resize(st.pages.len() + pe - chunk.len(), bf16::ZERO);
+                }
+            }
+            None => {
+                for &p in resident.pages() {
+                    st.pages.extend(host.page(p).iter().map(|&v| bf16::from_f32(v)));
+                }
+            }
+        }
+        if st.pages.len() != resident.pages().len() * pe {
+            return Err(Error::Device("the adapter's pages do not match its placement".into()));
         }
         for m in resident.modules() {
             let id = m.layer * PROJS + m.proj;
@@ -320,16 +334,17 @@ pub struct AdapterArena {
 impl AdapterArena {
     /// An arena of `pages` pages of `page_elems` values with `slots` device slots.
     pub fn new(gpu: &Gpu, layers: usize, pages: usize, page_elems: usize, slots: usize) -> Result<Self> {
-        let (alloc, host) = PageAllocator::new(pages, page_elems, 2);
+        let (alloc, host) = PageAllocator::new(pages, page_elems, PoolPlace::Device);
         Ok(AdapterArena { alloc, host, device: GpuAdapters::new(gpu, layers, pages, page_elems, slots, pages)? })
     }
 
-    /// Places `w` in free pages of the host arena (not yet on the device).
-    pub fn place(&mut self, w: &LoraWeights) -> Result<ResidentAdapter> {
-        self.alloc.place(&mut self.host, w).ok_or_else(|| {
+    /// Gives `w` free pages of the arena (not yet on the device).
+    pub fn place(&mut self, w: LoraWeights) -> Result<ResidentAdapter> {
+        let w = std::sync::Arc::new(w);
+        self.alloc.place(&mut self.host, &w).ok_or_else(|| {
             Error::Device(format!(
                 "the adapter needs {} pages; {} are free",
-                self.alloc.pages_needed(w),
+                self.alloc.pages_needed(&w),
                 self.alloc.free_pages()
             ))
         })
@@ -382,29 +397,34 @@ mod tests {
         let mut l1: [Option<LoraModule>; 7] = Default::default();
         l1[6] = Some(module(3, 11, 7, 2.0));
         let w = crate::adapters::LoraWeights { layers: vec![l0, l1], bytes: 0 };
-        let (mut alloc, mut host) = PageAllocator::new(200, pe, 2);
-        alloc.place(&mut host, &w).expect("in the test"); // a first copy, so the second's pages start mid-pool
-        let resident = alloc.place(&mut host, &w).expect("in the test");
-        let st = Staged::new(&resident, &host, layers * PROJS, first).expect("in the test");
-        let read = |off: u32, r: usize, k: usize, width: usize| {
-            let i = off as usize - first + r * width.div_ceil(pe) + k / pe;
-            st.pages[i * pe + k % pe].to_f32()
-        };
-        for (layer, l) in w.layers.iter().enumerate() {
-            for (proj, m) in l.iter().enumerate() {
-                let id = layer * PROJS + proj;
-                let Some(m) = m else {
-                    assert_eq!(st.ranks[id], 0);
-                    continue;
-                };
-                assert_eq!((st.ranks[id] as usize, st.scales[id]), (m.rank, m.scale));
-                let (inp, out) = (m.a.len() / m.rank, m.bt.len() / m.rank);
-                for r in 0..m.rank {
-                    for k in 0..inp {
-                        assert_eq!(read(st.a_off[id], r, k, inp), bf16::from_f32(m.a[r * inp + k]).to_f32());
-                    }
-                    for o in 0..out {
-                        assert_eq!(read(st.bt_off[id], r, o, out), bf16::from_f32(m.bt[r * out + o]).to_f32());
+        let w = std::sync::Arc::new(w);
+        // The same staging whether the pool's values are on the host or only in the placement.
+        for place in [PoolPlace::Host, PoolPlace::Device] {
+            let (mut alloc, mut host) = PageAllocator::new(200, pe, place);
+            alloc.place(&mut host, &w).expect("in the test"); // a first copy, so the second's pages start mid-pool
+            let resident = alloc.place(&mut host, &w).expect("in the test");
+            assert_eq!(resident.source().is_some(), place == PoolPlace::Device);
+            let st = Staged::new(&resident, &host, layers * PROJS, first).expect("in the test");
+            let read = |off: u32, r: usize, k: usize, width: usize| {
+                let i = off as usize - first + r * width.div_ceil(pe) + k / pe;
+                st.pages[i * pe + k % pe].to_f32()
+            };
+            for (layer, l) in w.layers.iter().enumerate() {
+                for (proj, m) in l.iter().enumerate() {
+                    let id = layer * PROJS + proj;
+                    let Some(m) = m else {
+                        assert_eq!(st.ranks[id], 0);
+                        continue;
+                    };
+                    assert_eq!((st.ranks[id] as usize, st.scales[id]), (m.rank, m.scale));
+                    let (inp, out) = (m.a.len() / m.rank, m.bt.len() / m.rank);
+                    for r in 0..m.rank {
+                        for k in 0..inp {
+                            assert_eq!(read(st.a_off[id], r, k, inp), bf16::from_f32(m.a[r * inp + k]).to_f32());
+                        }
+                        for o in 0..out {
+                            assert_eq!(read(st.bt_off[id], r, o, out), bf16::from_f32(m.bt[r * out + o]).to_f32());
+                        }
                     }
                 }
             }

@@ -143,7 +143,7 @@ pub fn fixtures(gpu: &Gpu, fixtures: &Path) -> Result<Value> {
     let mut slots = Vec::with_capacity(names.len());
     for n in &names {
         let w = AdapterManifest::inspect(&adir.join(n), &cfg)?.load(&cfg)?;
-        let resident = arena.place(&w)?;
+        let resident = arena.place(w)?;
         slots.push(arena.slot_for(gpu, &resident, &slots)?);
     }
     let pool = &arena.device;
@@ -220,7 +220,8 @@ pub fn serving(ordinal: usize, fixtures: &Path) -> Result<Value> {
         .collect();
     let run = |on_gpu: bool| -> Result<Served> {
         let model = Arc::new(if on_gpu { LoadedModel::load_without_weights(&dir)? } else { LoadedModel::load(&dir)? });
-        let config = PagerConfig { value_bytes: if on_gpu { 2 } else { 4 }, ..PagerConfig::default() };
+        let pool = if on_gpu { crate::pager::PoolPlace::Device } else { crate::pager::PoolPlace::Host };
+        let config = PagerConfig { pool, ..PagerConfig::default() };
         let pager = AdapterPager::new(model.config(), config, Metrics::new().pager);
         for n in &names {
             pager.register(n, &adir.join(n))?;

@@ -128,7 +128,7 @@ pub fn run(c: &BenchConfig, fixtures: &Path) -> Result<Value> {
     let config = PagerConfig {
         host_cache_bytes: (c.adapters + 1) * adapter_values * 4,
         active_pool_bytes: pool_bytes,
-        value_bytes: 2,
+        pool: crate::pager::PoolPlace::Device,
         ..PagerConfig::default()
     };
     let pager = AdapterPager::new(&cfg, config, Metrics::new().pager);

@@ -18,6 +18,7 @@ use crate::adapters::{AdapterManifest, LoraWeights};
 use crate::error::{Error, Result};
 use crate::metrics::PagerMetrics;
 use crate::model::ModelConfig;
+pub use pool::PoolPlace;
 use pool::{PageAllocator, PoolData, ResidentAdapter};
 
 /// Capacities of the pager's tiers, in bytes.
@@ -29,14 +30,14 @@ pub struct PagerConfig {
     pub active_pool_bytes: usize,
     /// Elements (f32) per page; 0 means the base model's hidden size, as in S-LoRA.
     pub page_elems: usize,
-    /// Bytes one pooled value costs where the pool lives: 4 for the host's f32 arena, 2 when a
-    /// GPU mirrors it in bf16 (`active_pool_bytes` is then device memory).
-    pub value_bytes: usize,
+    /// Where the pool's values live: the host's f32 arena, or a GPU's bf16 mirror
+    /// (`active_pool_bytes` is then device memory, and the host keeps no copy of the pool).
+    pub pool: PoolPlace,
 }
 
 impl Default for PagerConfig {
     fn default() -> Self {
-        PagerConfig { host_cache_bytes: 1 << 30, active_pool_bytes: 256 << 20, page_elems: 0, value_bytes: 4 }
+        PagerConfig { host_cache_bytes: 1 << 30, active_pool_bytes: 256 << 20, page_elems: 0, pool: PoolPlace::Host }
     }
 }
 
@@ -236,8 +237,8 @@ impl AdapterPager {
     /// A pager for adapters of `base`, with tiers sized by `config`.
     pub fn new(base: &ModelConfig, config: PagerConfig, metrics: PagerMetrics) -> Self {
         let page_elems = if config.page_elems == 0 { base.hidden_size } else { config.page_elems };
-        let pages = config.active_pool_bytes / (page_elems * config.value_bytes.max(1));
-        let (alloc, data) = PageAllocator::new(pages, page_elems, config.value_bytes.max(1));
+        let pages = config.active_pool_bytes / (page_elems * config.pool.value_bytes());
+        let (alloc, data) = PageAllocator::new(pages, page_elems, config.pool);
         let state = State {
             registry: HashMap::new(),
             host: HashMap::new(),

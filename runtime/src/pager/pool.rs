@@ -1,6 +1,7 @@
 //! The active tier: one arena of fixed-size pages shared by adapters of every rank.
 
 use std::ops::Range;
+use std::sync::Arc;
 
 use openlora_kernels::lora::{LoraModuleView, PagePool};
 
@@ -16,12 +17,49 @@ struct ModuleSlot {
     bt: Range<usize>,
 }
 
+/// Where the active pool's values live.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PoolPlace {
+    /// In host memory as f32: the CPU backend's LoRA op reads them there.
+    Host,
+    /// On a GPU as bf16: the device mirror stages each placement from its source weights (held
+    /// once, shared with the host cache), and the host keeps no copy of the pool.
+    Device,
+}
+
+impl PoolPlace {
+    /// Bytes one pooled value costs where the pool lives.
+    pub fn value_bytes(self) -> usize {
+        match self {
+            PoolPlace::Host => 4,
+            PoolPlace::Device => 2,
+        }
+    }
+}
+
+/// The page-sized pieces of a `rank`-row matrix in the order its pages are laid out: row by
+/// row, each row cut every `page_elems` values (the last piece of a row may be shorter).
+fn matrix_chunks(matrix: &[f32], rank: usize, page_elems: usize) -> impl Iterator<Item = &[f32]> {
+    let width = (matrix.len() / rank.max(1)).max(1);
+    matrix.chunks(width).flat_map(move |row| row.chunks(page_elems))
+}
+
+/// Every page-sized piece of an adapter, in the order [`PageAllocator::place`] gives them pages.
+pub fn adapter_chunks(w: &LoraWeights, page_elems: usize) -> impl Iterator<Item = &[f32]> {
+    w.layers
+        .iter()
+        .flat_map(|l| l.iter().flatten())
+        .flat_map(move |m| matrix_chunks(&m.a, m.rank, page_elems).chain(matrix_chunks(&m.bt, m.rank, page_elems)))
+}
+
 /// An adapter copied into the page arena: its page table and where each module's rows are.
 #[derive(Debug)]
 pub struct ResidentAdapter {
     id: u64,
     table: Vec<u32>,
     modules: Vec<[Option<ModuleSlot>; 7]>,
+    /// The weights its pages hold, when the pool's values live on a device (not on the host).
+    source: Option<Arc<LoraWeights>>,
 }
 
 /// One module of a resident adapter as a device mirror needs it: where its rows start in the
@@ -87,15 +125,32 @@ impl ResidentAdapter {
     pub fn max_rank(&self) -> usize {
         self.modules().map(|m| m.rank).max().unwrap_or(0)
     }
+
+    /// The weights its pages hold, when the pool lives on a device (a device mirror stages its
+    /// pages from them: [`adapter_chunks`]).
+    pub fn source(&self) -> Option<&LoraWeights> {
+        self.source.as_deref()
+    }
 }
 
 /// The arena's data, read by the LoRA op while a batch runs.
 pub struct PoolData {
     data: Vec<f32>,
     page_elems: usize,
+    place: PoolPlace,
 }
 
 impl PoolData {
+    /// Where the values live (on the device: `data` is empty, each placement keeps its source).
+    pub fn place(&self) -> PoolPlace {
+        self.place
+    }
+
+    /// Host memory the pool's values take (none when the pool lives on a device).
+    pub fn host_bytes(&self) -> usize {
+        self.data.len() * std::mem::size_of::<f32>()
+    }
+
     /// The kernel's view of the arena.
     pub fn view(&self) -> PagePool<'_> {
         PagePool { pages: &self.data, page_elems: self.page_elems }
@@ -122,13 +177,17 @@ pub struct PageAllocator {
 }
 
 impl PageAllocator {
-    /// An arena of `pages` pages of `page_elems` values each, and its (zeroed) f32 data;
-    /// `value_bytes` is what one value costs where the pool lives (4 on the host, 2 in bf16).
-    pub fn new(pages: usize, page_elems: usize, value_bytes: usize) -> (Self, PoolData) {
+    /// An arena of `pages` pages of `page_elems` values each living at `place`, and its data:
+    /// zeroed f32 pages on the host, none for a device (each placement keeps its source).
+    pub fn new(pages: usize, page_elems: usize, place: PoolPlace) -> (Self, PoolData) {
         let free = (0..pages as u32).rev().collect();
+        let data = match place {
+            PoolPlace::Host => vec![0.0; pages * page_elems],
+            PoolPlace::Device => Vec::new(),
+        };
         (
-            PageAllocator { free, total: pages, page_elems, value_bytes },
-            PoolData { data: vec![0.0; pages * page_elems], page_elems },
+            PageAllocator { free, total: pages, page_elems, value_bytes: place.value_bytes() },
+            PoolData { data, page_elems, place },
         )
     }
 
@@ -157,25 +216,26 @@ impl PageAllocator {
             .sum()
     }
 
-    /// Copies an adapter into free pages, or returns `None` if too few are free.
-    pub fn place(&mut self, data: &mut PoolData, w: &LoraWeights) -> Option<ResidentAdapter> {
+    /// Gives an adapter free pages and copies it there (on the host), or returns `None` if too
+    /// few are free. A device pool keeps `w` itself instead of a copy.
+    pub fn place(&mut self, data: &mut PoolData, w: &Arc<LoraWeights>) -> Option<ResidentAdapter> {
         let need = self.pages_needed(w);
         if need > self.free.len() {
             return None;
         }
         let pe = self.page_elems;
+        let on_host = data.place == PoolPlace::Host;
         let mut table = Vec::with_capacity(need);
         let mut write_rows = |matrix: &[f32], rank: usize, table: &mut Vec<u32>| -> Range<usize> {
             let start = table.len();
-            let width = matrix.len() / rank;
-            for row in matrix.chunks(width) {
-                for chunk in row.chunks(pe) {
-                    // `need` pages were checked free above, so pop cannot fail.
-                    let Some(page) = self.free.pop() else { unreachable!("free pages were counted") };
+            for chunk in matrix_chunks(matrix, rank, pe) {
+                // `need` pages were checked free above, so pop cannot fail.
+                let Some(page) = self.free.pop() else { unreachable!("free pages were counted") };
+                if on_host {
                     let s = page as usize * pe;
                     data.data[s..s + chunk.len()].copy_from_slice(chunk);
-                    table.push(page);
                 }
+                table.push(page);
             }
             start..table.len()
         };
@@ -192,11 +252,45 @@ impl PageAllocator {
             modules.push(slots);
         }
         let id = NEXT_PLACEMENT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        Some(ResidentAdapter { id, table, modules })
+        Some(ResidentAdapter { id, table, modules, source: (!on_host).then(|| w.clone()) })
     }
 
     /// Returns an evicted adapter's pages to the free list.
     pub fn release(&mut self, adapter: &ResidentAdapter) {
         self.free.extend_from_slice(&adapter.table);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::adapters::LoraModule;
+
+    fn adapter() -> Arc<LoraWeights> {
+        let module =
+            LoraModule { rank: 2, scale: 1.0, a: (0..2 * 10).map(|i| i as f32).collect(), bt: vec![0.5; 2 * 7] };
+        let mut layer: [Option<LoraModule>; 7] = Default::default();
+        layer[1] = Some(module);
+        Arc::new(LoraWeights { layers: vec![layer], bytes: 0 })
+    }
+
+    #[test]
+    fn a_device_pool_keeps_no_host_copy_of_its_values() {
+        let (mut host_alloc, mut host) = PageAllocator::new(64, 4, PoolPlace::Host);
+        let (mut dev_alloc, mut dev) = PageAllocator::new(64, 4, PoolPlace::Device);
+        assert_eq!(host.host_bytes(), 64 * 4 * 4);
+        assert_eq!(dev.host_bytes(), 0, "no f32 copy of a device pool on the host");
+        assert_eq!((host_alloc.page_bytes(), dev_alloc.page_bytes()), (16, 8));
+        let w = adapter();
+        let on_host = host_alloc.place(&mut host, &w).expect("room");
+        let on_device = dev_alloc.place(&mut dev, &w).expect("room");
+        assert!(on_host.source().is_none());
+        assert!(on_device.source().is_some_and(|s| std::ptr::eq(s, &*w)), "the placement shares the weights");
+        // The same pages, and the device placement's chunks are the values the host copied.
+        assert_eq!(on_host.pages(), on_device.pages());
+        for (&page, chunk) in on_host.pages().iter().zip(adapter_chunks(&w, 4)) {
+            assert_eq!(&host.page(page)[..chunk.len()], chunk);
+        }
+        assert_eq!(adapter_chunks(&w, 4).count(), on_device.pages().len());
     }
 }
