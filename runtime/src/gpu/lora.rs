@@ -9,7 +9,7 @@
 //! device. A placement is uploaded when it is first bound; a new placement in reused pages is a
 //! new id, so a stale device copy is never read.
 
-use cudarc::driver::{CudaSlice, PushKernelArg};
+use cudarc::driver::{CudaEvent, CudaSlice, PushKernelArg};
 use half::bf16;
 
 use super::model::LoraRows;
@@ -142,6 +142,9 @@ pub struct GpuAdapters {
     bt_offsets: CudaSlice<u32>,
     modules_per_adapter: usize,
     slots: SlotTable,
+    /// Per slot: the copy stream's event after its last upload, which a step reading the slot
+    /// waits for (and no other step does).
+    ready: Vec<Option<CudaEvent>>,
     /// Placements uploaded so far (each adapter load from the host pool).
     pub uploads: u64,
 }
@@ -159,20 +162,52 @@ impl GpuAdapters {
     ) -> Result<Self> {
         let slots = slots.max(1);
         let modules = slots * layers * PROJS;
+        // The mirror orders its uploads itself, one event per slot. cudarc's own tracking would
+        // make every kernel that reads the pool wait for every upload into it, so it is off
+        // while these buffers are made (they then carry no events of cudarc's).
+        // SAFETY: only this mirror's buffers are made meanwhile, and every read of them is
+        // ordered after their writes by `ready` (`wait_for_uploads`) or by the step boundary.
+        unsafe { gpu.ctx.disable_event_tracking() };
+        let made = (|| -> Result<_> {
+            Ok((
+                gpu.zeros::<bf16>(pages * page_elems)?,
+                gpu.zeros::<u32>(slots * table_cap)?,
+                gpu.zeros::<i32>(modules)?,
+                gpu.zeros::<f32>(modules)?,
+                gpu.zeros::<u32>(modules)?,
+                gpu.zeros::<u32>(modules)?,
+            ))
+        })();
+        // SAFETY: back to cudarc's default for every other buffer.
+        unsafe { gpu.ctx.enable_event_tracking() };
+        let (pool, tables, ranks, scales, a_offsets, bt_offsets) = made?;
+        gpu.synchronize()?; // the zeroing is done before any upload on the copy stream
         Ok(GpuAdapters {
-            pool: gpu.zeros::<bf16>(pages * page_elems)?,
+            pool,
             page_elems,
             pages,
-            tables: gpu.zeros::<u32>(slots * table_cap)?,
+            tables,
             table_cap,
-            ranks: gpu.zeros::<i32>(modules)?,
-            scales: gpu.zeros::<f32>(modules)?,
-            a_offsets: gpu.zeros::<u32>(modules)?,
-            bt_offsets: gpu.zeros::<u32>(modules)?,
+            ranks,
+            scales,
+            a_offsets,
+            bt_offsets,
             modules_per_adapter: layers * PROJS,
             slots: SlotTable::new(slots),
+            ready: (0..slots).map(|_| None).collect(),
             uploads: 0,
         })
+    }
+
+    /// Makes the compute stream wait for the uploads of `slots` (the step's adapters) and of
+    /// nothing else: an upload for another slot goes on meanwhile.
+    pub(crate) fn wait_for_uploads(&self, gpu: &Gpu, slots: impl Iterator<Item = u32>) -> Result<()> {
+        for s in slots {
+            if let Some(Some(ev)) = self.ready.get(s as usize) {
+                gpu.stream.wait(ev).map_err(cuda_err)?;
+            }
+        }
+        Ok(())
     }
 
     /// Bytes of device memory [`GpuAdapters::new`] takes with these arguments: the bf16 pages,
@@ -198,10 +233,11 @@ impl GpuAdapters {
         Ok(slot as u32)
     }
 
-    /// Uploads `resident`'s pages from the host pool into the same pages of the device pool and
-    /// points `slot` at them. The pages are converted to bf16 on the host, copied in one transfer
-    /// on the copy stream and scattered there; the call returns once the copy is done, so the
-    /// compute stream never reads a page before it is written.
+    /// Uploads `resident`'s pages into the same pages of the device pool and points `slot` at
+    /// them. The pages are converted to bf16 on the host, copied in one transfer on the copy
+    /// stream and scattered there; the call returns at once, and the slot's event marks the end
+    /// of its upload: a step reading the slot waits for it ([`GpuAdapters::wait_for_uploads`]).
+    /// The copy stream frees the staging buffers after it has used them.
     pub fn bind(&mut self, gpu: &Gpu, slot: usize, resident: &ResidentAdapter, host: &PoolData) -> Result<()> {
         let table = resident.pages();
         if slot >= self.slots.slots.len() {
@@ -238,8 +274,7 @@ impl GpuAdapters {
         cs.memcpy_htod(&st.scales, &mut self.scales.slice_mut(mods.clone())).map_err(cuda_err)?;
         cs.memcpy_htod(&st.a_off, &mut self.a_offsets.slice_mut(mods.clone())).map_err(cuda_err)?;
         cs.memcpy_htod(&st.bt_off, &mut self.bt_offsets.slice_mut(mods)).map_err(cuda_err)?;
-        // The staging buffers must outlive the copy, and compute must not read the slot early.
-        cs.synchronize().map_err(cuda_err)?;
+        self.ready[slot] = Some(cs.record_event(None).map_err(cuda_err)?);
         self.uploads += 1;
         self.slots.set(slot, Some((resident.id(), resident.max_rank())));
         Ok(())
@@ -297,6 +332,16 @@ impl GpuAdapters {
             unsafe { b.launch(grid((rows.seqs as u32, out_blocks), 256, 0)) }.map_err(cuda_err)?;
         }
         Ok(())
+    }
+}
+
+impl Drop for GpuAdapters {
+    /// The copy stream may still be writing the buffers: wait for every upload before they go.
+    fn drop(&mut self) {
+        for ev in self.ready.iter().flatten() {
+            // A failed upload has failed its step already (a device fault is reported there).
+            let _ = ev.synchronize();
+        }
     }
 }
 

@@ -446,6 +446,13 @@ impl GpuLlama {
             linear(gpu, &hn, &layer.proj[Proj::Q as usize], &mut q, n, Proj::Q.shape(cfg))?;
             linear(gpu, &hn, &layer.proj[Proj::K as usize], &mut k, n, Proj::K.shape(cfg))?;
             linear(gpu, &hn, &layer.proj[Proj::V as usize], &mut v, n, Proj::V.shape(cfg))?;
+            if l == 0
+                && let Some(a) = adapters
+            {
+                // The first read of the adapter pool: wait for this step's adapters' uploads
+                // (and no others), which ran on the copy stream meanwhile.
+                a.wait_for_uploads(gpu, seqs.iter().filter_map(|s| s.adapter))?;
+            }
             lora(Proj::Q, &hn, &mut q, &mut lora_tmp, &mut sums)?;
             lora(Proj::K, &hn, &mut k, &mut lora_tmp, &mut sums)?;
             lora(Proj::V, &hn, &mut v, &mut lora_tmp, &mut sums)?;
