@@ -16,7 +16,7 @@ extern "C" __global__ void sample_rows(const float* __restrict__ logits, int voc
     float t = temperature[blockIdx.x];
     unsigned long long seed = seeds[blockIdx.x];
     float best = NEG_INF;
-    int best_id = 0x7fffffff;
+    int best_id = 0;  // a row of NaN still names a token (the host sampler picks 0 there too)
     for (int i = threadIdx.x; i < vocab; i += blockDim.x) {
         float v = row[i];
         if (t > 0.0f) v = v / t - __logf(-__logf(uniform01(seed, (unsigned long long)i)));

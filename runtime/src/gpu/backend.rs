@@ -157,7 +157,7 @@ impl GpuBackend {
             .map(|(s, &adapter)| GpuSeq { tokens: s.tokens, start: s.kv.len(), blocks: s.kv.blocks(), adapter })
             .collect();
         let mut step = self.llama.forward(&self.gpu, &mut self.kv, Some(&self.adapters), &seqs, false)?;
-        let rows = pick_rows(&self.gpu, &mut step, picks, batch.len())?;
+        let rows = pick_rows(&self.gpu, &mut step, picks, batch.len(), self.llama.config().vocab_size)?;
         let shares = std::mem::take(&mut step.shares);
         drop(step);
         for seq in batch.iter_mut() {
@@ -169,16 +169,24 @@ impl GpuBackend {
 
 /// What each sequence asked of the step's last-row logits: the argmax chosen on the device
 /// (only the ids come back), or the row itself (only those rows come back).
-fn pick_rows(gpu: &Gpu, step: &mut Step<'_>, picks: &[Pick], seqs: usize) -> Result<Vec<StepRow>> {
-    let ids = if picks.iter().take(seqs).any(|p| *p == Pick::Argmax) {
+fn pick_rows(gpu: &Gpu, step: &mut Step<'_>, picks: &[Pick], seqs: usize, vocab: usize) -> Result<Vec<StepRow>> {
+    let pick = |i: usize| picks.get(i).copied().unwrap_or(Pick::Logits);
+    let ids = if (0..seqs).any(|i| pick(i) == Pick::Argmax) {
         step.sample(gpu, &vec![0.0; seqs], &vec![0; seqs])?
     } else {
         Vec::new()
     };
+    // One copy for all the rows when several need their logits, else one row each.
+    let wanted = (0..seqs).filter(|&i| pick(i) == Pick::Logits).count();
+    let all = if wanted > 1 { Some(step.download_logits(gpu)?) } else { None };
     (0..seqs)
-        .map(|i| match (picks.get(i).copied().unwrap_or(Pick::Logits), ids.get(i)) {
-            (Pick::Argmax, Some(&id)) => Ok(StepRow::Token(id)),
-            _ => step.download_row(gpu, i).map(StepRow::Logits),
+        .map(|i| match (pick(i), ids.get(i)) {
+            (Pick::Argmax, Some(&id)) if (id as usize) < vocab => Ok(StepRow::Token(id)),
+            // (Never outside the vocabulary; if it were, the host sampler decides from the row.)
+            _ => match &all {
+                Some(all) => Ok(StepRow::Logits(all[i * vocab..(i + 1) * vocab].to_vec())),
+                None => step.download_row(gpu, i).map(StepRow::Logits),
+            },
         })
         .collect()
 }

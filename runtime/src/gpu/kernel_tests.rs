@@ -197,3 +197,24 @@ fn prefill_attention_takes_more_rows_than_a_grid_dimension_holds() {
         }
     }
 }
+
+/// Device sampling names a token of the vocabulary for every row, even one whose logits are all
+/// NaN or -inf (an adapter with broken weights): before, such a row came back as 0x7fffffff,
+/// which failed the next step of every request batched with it.
+#[test]
+fn device_argmax_names_a_token_for_rows_of_nan_and_minus_infinity() {
+    let Some(gpu) = gpu() else { return };
+    let vocab = 300usize;
+    let mut logits = vec![f32::NAN; vocab];
+    logits.extend(vec![f32::NEG_INFINITY; vocab]);
+    logits.extend((0..vocab).map(|i| if i == 123 { 5.0 } else { 0.0 }));
+    let dev = gpu.upload(&logits).expect("device call");
+    let (t, seeds) = (gpu.upload(&[0.0f32; 3]).expect("device call"), gpu.upload(&[0u64; 3]).expect("device call"));
+    let mut out = gpu.zeros::<u32>(3).expect("device call");
+    let v = vocab as i32;
+    let mut b = gpu.stream.launch_builder(gpu.kernel("sample_rows").expect("kernel"));
+    b.arg(&dev).arg(&v).arg(&t).arg(&seeds).arg(&mut out);
+    // SAFETY: 3 rows of `vocab` logits, 3 temperatures, seeds and ids; 256 threads (a power of two).
+    unsafe { b.launch(super::grid((3, 1), 256, 0)) }.expect("launch");
+    assert_eq!(gpu.download(&out).expect("device call"), [0, 0, 123]);
+}
