@@ -23,7 +23,7 @@ if [ "$(cat "$out/.stamp" 2>/dev/null)" != "$stamp" ]; then
     "$cxx" "${flags[@]}" -shared -Wl,-soname,libcuda.so.1 -o "$out/libcuda.so" \
         "$here/src/driver.cpp" "$here/src/memory.cpp" "$here/src/compile.cpp" -ldl -lpthread
     "$cxx" "${flags[@]}" -shared -Wl,-soname,libnvrtc.so -o "$out/libnvrtc.so" \
-        "$here/src/nvrtc.cpp" "$here/src/compile.cpp" -ldl
+        "$here/src/nvrtc.cpp" "$here/src/compile.cpp" -ldl -lpthread
     "$cxx" "${flags[@]}" -shared -Wl,-soname,libcublas.so -o "$out/libcublas.so" \
         "$here/src/cublas.cpp" -L"$out" -l:libcuda.so -Wl,-rpath,'$ORIGIN'
     # The names cudarc may try, after the plain ones.
@@ -31,7 +31,7 @@ if [ "$(cat "$out/.stamp" 2>/dev/null)" != "$stamp" ]; then
         for v in 1 12 13; do ln -sf "lib$lib.so" "$out/lib$lib.so.$v"; done
     done
     "$cxx" -std=c++17 -O1 -g -Wall -I"$here/src" -o "$out/selftest" "$here/selftest/selftest.cpp" \
-        -L"$out" -l:libcuda.so -l:libnvrtc.so -l:libcublas.so -Wl,-rpath,"$out" -ldl
+        -L"$out" -l:libcuda.so -l:libnvrtc.so -l:libcublas.so -Wl,-rpath,"$out" -ldl -lpthread
     echo "$stamp" > "$out/.stamp"
 fi
 echo "$out"

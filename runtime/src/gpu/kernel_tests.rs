@@ -33,7 +33,12 @@ fn to_bf16(v: &[f32]) -> Vec<bf16> {
 #[test]
 fn attention_matches_the_cpu_reference_over_contexts_of_many_tiles() {
     let Some(gpu) = gpu() else { return };
-    let shape = KvShape { block_size: 16, kv_heads: 2, heads: 4, head_dim: 48 };
+    // A head narrower than the block, and one wider (each thread accumulates two dimensions).
+    attention_case(&gpu, KvShape { block_size: 16, kv_heads: 2, heads: 4, head_dim: 48 });
+    attention_case(&gpu, KvShape { block_size: 16, kv_heads: 1, heads: 2, head_dim: 160 });
+}
+
+fn attention_case(gpu: &Gpu, shape: KvShape) {
     // Contexts of 700 and 300 tokens (the kernels score 256 keys a tile), blocks shuffled.
     let contexts = [700usize, 300];
     let max_blocks = contexts[0].div_ceil(shape.block_size);

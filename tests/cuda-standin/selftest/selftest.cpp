@@ -14,6 +14,7 @@
 #include <functional>
 #include <random>
 #include <string>
+#include <thread>
 #include <vector>
 
 extern "C" {
@@ -318,6 +319,16 @@ int main(int argc, char** argv) {
     expect(major == 9 && optin == 232448, "the device reports an H100 (compute 9.0, 227 KiB opt-in shared memory)");
 
     CUmodule m = load_module();
+
+    // Work needs a current context on the calling thread, as with the real driver.
+    {
+        CUresult rc = -1;
+        std::thread([&] {
+            CUdeviceptr p;
+            rc = cuMemAlloc_v2(&p, 16);
+        }).join();
+        expect(rc == 201, "an allocation on a thread with no current context fails with CUDA_ERROR_INVALID_CONTEXT");
+    }
 
     // Memcheck: a write one element past the end, a read of freed memory, a host copy too long.
     auto oob = in_child([&] {

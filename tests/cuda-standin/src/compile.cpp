@@ -70,6 +70,12 @@ std::string read_file(const std::string& path) {
 std::string host_source(const std::string& source, const std::string& name) {
     static const std::regex dyn(R"(extern\s+__shared__\s+(?:__align__\s*\(\s*\d+\s*\)\s*)?([A-Za-z_][\w:]*(?:\s+[A-Za-z_][\w:]*)*?)\s+([A-Za-z_]\w*)\s*\[\s*\]\s*;)");
     std::string body = std::regex_replace(source, dyn, "$1* $2 = reinterpret_cast<$1*>(::standin::dyn_smem());");
+    // Static `__shared__ T name[N];` and `__shared__ T name;`: the block's own memory, which
+    // starts as NaN bits in every block (a read before the first write shows), not a C++ static.
+    static const std::regex arr(R"(__shared__\s+([A-Za-z_][\w:]*)\s+([A-Za-z_]\w*)\s*\[([^\]]+)\]\s*;)");
+    body = std::regex_replace(body, arr, "$1* $2 = ::standin::static_smem<$1>(__PRETTY_FUNCTION__, __COUNTER__, ($3));");
+    static const std::regex scalar(R"(__shared__\s+([A-Za-z_][\w:]*)\s+([A-Za-z_]\w*)\s*;)");
+    body = std::regex_replace(body, scalar, "$1& $2 = *::standin::static_smem<$1>(__PRETTY_FUNCTION__, __COUNTER__, 1);");
     std::ostringstream out;
     out << "#include \"" << own_dir() << "/simt.h\"\n#line 1 \"" << name << "\"\n" << body << "\n";
     for (const auto& k : kernel_names(source)) {

@@ -184,6 +184,7 @@ cublasStatus_t submit(cublasHandle_t h, Gemm g, const void* alpha, const void* b
     double al = scalars_f64 ? *(const double*)alpha : *(const float*)alpha;
     double be = scalars_f64 ? *(const double*)beta : *(const float*)beta;
     if (g.m == 0 || g.n == 0 || g.batch == 0) return CUBLAS_STATUS_SUCCESS;
+    for (int i = 0; i < g.batch; i++) check(g, i);  // now too: C counts as written from here on
     if (!standin::enqueue(h->stream, [g, al, be] {
             const char* old = standin::set_current_op("cublasGemmEx");
             run(g, al, be);

@@ -253,6 +253,7 @@ Allocation& checked(uint64_t ptr, size_t bytes, bool is_write, const char* what)
 }  // namespace
 
 bool enqueue(void* stream, std::function<void()> work) {
+    if (t_ctx == nullptr) return false;  // no context current on this thread
     LOCK;
     Stream* s = resolve(stream);
     return s && enqueue_on(s, std::move(work));
@@ -312,6 +313,13 @@ EXPORT CUresult cuDriverGetVersion(int* v) {
 #define INITIALISED                                  \
     do {                                             \
         if (!g_ready) return CUDA_ERROR_NOT_INITIALIZED; \
+    } while (0)
+
+// Work on the device needs a context current on the calling thread, as with the real driver.
+#define CONTEXT                                          \
+    do {                                                 \
+        INITIALISED;                                     \
+        if (t_ctx == nullptr) return CUDA_ERROR_INVALID_CONTEXT; \
     } while (0)
 
 EXPORT CUresult cuDeviceGetCount(int* n) {
@@ -440,7 +448,7 @@ EXPORT CUresult cuMemGetInfo_v2(size_t* free_bytes, size_t* total) {
 }
 
 EXPORT CUresult cuMemAlloc_v2(CUdeviceptr* p, size_t bytes) {
-    INITIALISED;
+    CONTEXT;
     LOCK;
     if (!p) return CUDA_ERROR_INVALID_VALUE;
     uint64_t ptr = driver().memory.alloc(bytes);
@@ -506,7 +514,7 @@ EXPORT CUresult cuMemFreeHost(void* p) {
 namespace {
 
 CUresult htod(CUdeviceptr dst, const void* src, size_t n, CUstream stream, bool sync) {
-    INITIALISED;
+    CONTEXT;
     LOCK;
     Stream* s = sync ? &driver().default_stream : resolve(stream);
     if (!s) return CUDA_ERROR_INVALID_HANDLE;
@@ -529,7 +537,7 @@ CUresult htod(CUdeviceptr dst, const void* src, size_t n, CUstream stream, bool 
 }
 
 CUresult dtoh(void* dst, CUdeviceptr src, size_t n, CUstream stream, bool sync) {
-    INITIALISED;
+    CONTEXT;
     LOCK;
     Stream* s = sync ? &driver().default_stream : resolve(stream);
     if (!s) return CUDA_ERROR_INVALID_HANDLE;
@@ -546,7 +554,7 @@ CUresult dtoh(void* dst, CUdeviceptr src, size_t n, CUstream stream, bool sync) 
 }
 
 CUresult dtod(CUdeviceptr dst, CUdeviceptr src, size_t n, CUstream stream, bool sync) {
-    INITIALISED;
+    CONTEXT;
     LOCK;
     Stream* s = sync ? &driver().default_stream : resolve(stream);
     if (!s) return CUDA_ERROR_INVALID_HANDLE;
@@ -562,7 +570,7 @@ CUresult dtod(CUdeviceptr dst, CUdeviceptr src, size_t n, CUstream stream, bool 
 }
 
 CUresult memset8(CUdeviceptr dst, unsigned char v, size_t n, CUstream stream, bool sync) {
-    INITIALISED;
+    CONTEXT;
     LOCK;
     Stream* s = sync ? &driver().default_stream : resolve(stream);
     if (!s) return CUDA_ERROR_INVALID_HANDLE;
@@ -600,7 +608,7 @@ EXPORT CUresult cuMemsetD8Async(CUdeviceptr dst, unsigned char v, size_t n, CUst
 // ---- streams and events ----
 
 EXPORT CUresult cuStreamCreate(CUstream* out, unsigned flags) {
-    INITIALISED;
+    CONTEXT;
     LOCK;
     if (!out || flags > 1) return CUDA_ERROR_INVALID_VALUE;
     auto* s = new Stream;
@@ -723,7 +731,7 @@ EXPORT CUresult cuLaunchHostFunc(CUstream stream, CUhostFn fn, void* data) {
 // ---- modules and launches ----
 
 EXPORT CUresult cuModuleLoadData(CUmodule* out, const void* image) {
-    INITIALISED;
+    CONTEXT;
     if (!out || !image) return CUDA_ERROR_INVALID_VALUE;
     std::string source, name = "module.cu";
     if (!source_of_ptx((const char*)image, &source, &name)) {
@@ -799,7 +807,7 @@ EXPORT CUresult cuFuncSetCacheConfig(CUfunction, int) { return CUDA_SUCCESS; }
 
 EXPORT CUresult cuLaunchKernel(CUfunction func, unsigned gx, unsigned gy, unsigned gz, unsigned bx, unsigned by,
                                unsigned bz, unsigned smem, CUstream stream, void** params, void** extra) {
-    INITIALISED;
+    CONTEXT;
     LOCK;
     Function* f = (Function*)func;
     if (!driver().functions.count(f)) return CUDA_ERROR_INVALID_HANDLE;
@@ -824,10 +832,10 @@ EXPORT CUresult cuLaunchKernel(CUfunction func, unsigned gx, unsigned gy, unsign
     for (int i = 0; i < f->info->nargs; i++) memcpy(args->data() + offsets[i], params[i], f->info->sizes[i]);
     const KernelInfo* info = f->info;
     auto run = f->module->run;
+    driver().memory.touch_all();  // from now on, a memset may not assume any allocation is zero
     enqueue_on(s, [=] {
         std::vector<void*> ptrs;
         for (size_t off : offsets) ptrs.push_back(args->data() + off);
-        driver().memory.touch_all();
         const char* old = set_current_op(info->name);
         run(info, dim3{gx, gy, gz}, dim3{bx, by, bz}, smem, ptrs.data());
         set_current_op(old);

@@ -134,15 +134,16 @@ inline void release(State waiting, int warp) {
     }
 }
 
-/// __syncthreads(): every live thread of the block arrives before any goes on.
+/// __syncthreads(): every live thread of the block arrives before any goes on. The last to
+/// arrive yields too, so no thread is first past a barrier by position.
 inline void barrier_block() {
     Block* b = blk;
     if (++b->block_arrived == b->live) {
         b->block_arrived = 0;
         release(BLOCK_WAIT, -1);
-        return;
+    } else {
+        cur->state = BLOCK_WAIT;
     }
-    cur->state = BLOCK_WAIT;
     yield_to_scheduler();
 }
 
@@ -153,9 +154,9 @@ inline void barrier_warp() {
     if (++b->warp_arrived[w] == b->warp_live[w]) {
         b->warp_arrived[w] = 0;
         release(WARP_WAIT, w);
-        return;
+    } else {
+        cur->state = WARP_WAIT;
     }
-    cur->state = WARP_WAIT;
     yield_to_scheduler();
 }
 
@@ -176,6 +177,48 @@ inline T exchange(T v, int src) {
 }
 
 inline unsigned char* dyn_smem() { return blk->dyn_smem; }
+
+constexpr size_t STATIC_SMEM_BYTES = 64 << 10;
+constexpr int STATIC_SMEM_VARS = 64;
+
+/// The block's static shared memory: a bump arena, NaN bits at the start of every block.
+struct StaticSmem {
+    alignas(16) unsigned char bytes[STATIC_SMEM_BYTES];
+    size_t used = 0;
+    int count = 0;
+    struct Var {
+        const char* function;  // each template instance of a function has its own variables
+        int id;
+        void* at;
+    } vars[STATIC_SMEM_VARS];
+    void reset() {
+        if (used) memset(bytes, 0xff, used);
+        used = 0;
+        count = 0;
+    }
+};
+
+inline StaticSmem& static_smem_arena() {
+    static thread_local StaticSmem arena;
+    return arena;
+}
+
+/// `__shared__ T name[count]`, declaration `id` of the module in `function`: the same memory
+/// for every thread of the block (the first to reach the declaration places it).
+template <class T>
+inline T* static_smem(const char* function, int id, size_t count) {
+    StaticSmem& a = static_smem_arena();
+    for (int i = 0; i < a.count; i++) {
+        if (a.vars[i].id == id && a.vars[i].function == function) return static_cast<T*>(a.vars[i].at);
+    }
+    if (a.count == STATIC_SMEM_VARS) fail("too many __shared__ variables in one block");
+    size_t at = (a.used + alignof(T) - 1) / alignof(T) * alignof(T);
+    if (at + sizeof(T) * count > STATIC_SMEM_BYTES) fail("static shared memory beyond 64 KiB");
+    a.vars[a.count++] = StaticSmem::Var{function, id, a.bytes + at};
+    a.used = at + sizeof(T) * count;
+    memset(a.bytes + at, 0xff, sizeof(T) * count);
+    return reinterpret_cast<T*>(a.bytes + at);
+}
 
 inline void fiber_entry() {
     blk->info->invoke(blk->params);
@@ -204,18 +247,28 @@ constexpr int MAX_THREADS = 1024;
 struct Workspace {
     unsigned char* stacks = nullptr;
     Fiber fibers[MAX_THREADS];
+    int order[MAX_THREADS];  // the order threads run in, this pass
     int warp_live[MAX_THREADS / 32];
     int warp_arrived[MAX_THREADS / 32];
     uint64_t warp_slots[MAX_THREADS];
     unsigned char* smem = nullptr;
     size_t smem_bytes = 0;
 
+    int guarded = 0;  // stacks below which a guard page is set (made as blocks need them)
+
     Workspace() {
         size_t per = STACK_BYTES + GUARD_BYTES;
         void* m = mmap(nullptr, per * MAX_THREADS, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
         if (m == MAP_FAILED) fail("cannot map fiber stacks");
         stacks = (unsigned char*)m;
-        for (int i = 0; i < MAX_THREADS; i++) mprotect(stacks + per * i, GUARD_BYTES, PROT_NONE);
+    }
+    /// Guard pages under the first `n` stacks (each one splits a mapping: only as many as used).
+    void guard(int n) {
+        for (; guarded < n; guarded++) {
+            if (mprotect(stacks + (STACK_BYTES + GUARD_BYTES) * guarded, GUARD_BYTES, PROT_NONE) != 0) {
+                fail("cannot protect a fiber stack's guard page (vm.max_map_count?)");
+            }
+        }
     }
     ~Workspace() {
         munmap(stacks, (STACK_BYTES + GUARD_BYTES) * MAX_THREADS);
@@ -262,6 +315,7 @@ inline void run(const KernelInfo* info, dim3 grid, dim3 block, size_t dyn_bytes,
     Block* outer_blk = blk;
     Fiber* outer_cur = cur;
     blk = &b;
+    ws.guard(n);
     for (unsigned bz = 0; bz < grid.z; bz++)
         for (unsigned by = 0; by < grid.y; by++)
             for (unsigned bx = 0; bx < grid.x; bx++) {
@@ -270,6 +324,7 @@ inline void run(const KernelInfo* info, dim3 grid, dim3 block, size_t dyn_bytes,
                 b.block_arrived = 0;
                 // Shared memory starts as garbage, as on a device: NaN bits.
                 if (dyn_bytes) memset(ws.smem, 0xff, dyn_bytes);
+                static_smem_arena().reset();
                 for (int w = 0; w < warps; w++) {
                     ws.warp_live[w] = (w == warps - 1 && n % 32) ? n % 32 : 32;
                     ws.warp_arrived[w] = 0;
@@ -282,10 +337,26 @@ inline void run(const KernelInfo* info, dim3 grid, dim3 block, size_t dyn_bytes,
                     f.state = RUNNABLE;
                     f.sp = fresh_stack(ws.stack_top(i));
                 }
-                while (b.live > 0) {
+                // The first pass runs the threads in order, later ones in an order shuffled
+                // afresh (from a fixed seed: runs repeat), so a read of shared memory before
+                // another thread's write (a missing barrier) shows whichever thread comes first.
+                uint64_t rng = 0x9e3779b97f4a7c15ull ^ (bx + 1) * 0xbf58476d1ce4e5b9ull;
+                for (int i = 0; i < n; i++) ws.order[i] = i;
+                for (int pass = 0; b.live > 0; pass++) {
                     bool ran = false;
-                    for (int i = 0; i < n; i++) {
-                        Fiber& f = ws.fibers[i];
+                    if (pass > 0) {
+                        for (int i = n - 1; i > 0; i--) {
+                            rng ^= rng << 13;
+                            rng ^= rng >> 7;
+                            rng ^= rng << 17;
+                            int j = (int)(rng % (uint64_t)(i + 1));
+                            int t = ws.order[i];
+                            ws.order[i] = ws.order[j];
+                            ws.order[j] = t;
+                        }
+                    }
+                    for (int k = 0; k < n; k++) {
+                        Fiber& f = ws.fibers[ws.order[k]];
                         if (f.state != RUNNABLE) continue;
                         ran = true;
                         cur = &f;
