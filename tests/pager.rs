@@ -13,7 +13,7 @@ use common::repo_root;
 use openlora::adapters::random::RandomAdapter;
 use openlora::metrics::Metrics;
 use openlora::model::{LoadedModel, LogitRows, ModelConfig, Proj, SeqBatch, SeqKv};
-use openlora::pager::{AdapterLease, AdapterPager, PagerConfig};
+use openlora::pager::{AdapterLease, AdapterPager, PagerConfig, PoolPlace};
 
 const ADAPTERS: usize = 1000;
 const RANKS: [usize; 3] = [2, 4, 8];
@@ -225,4 +225,28 @@ fn a_pool_full_of_pinned_adapters_makes_callers_wait_not_fail() {
     assert_eq!(pager.active_snapshot().0, vec![("second".to_string(), 1)]);
     drop(lease);
     assert!(pager.active_snapshot().0.is_empty());
+}
+
+/// For a GPU the pager keeps no f32 copy of its pool: a placement holds the host tier's own
+/// weights, and the host tier does not drop weights a placement still holds (that would free
+/// nothing while hiding them from its count).
+#[test]
+fn a_device_pool_holds_weights_only_through_the_host_tier() {
+    let model = base_model();
+    let cfg = model.config();
+    let root = std::env::temp_dir().join(format!("openlora-device-pool-{}", std::process::id()));
+    let config = PagerConfig { host_cache_bytes: 1, pool: PoolPlace::Device, ..PagerConfig::default() };
+    let pager = AdapterPager::new(cfg, config, Metrics::new().pager);
+    assert_eq!(pager.pool().host_bytes(), 0, "no host copy of a device pool");
+    for (i, name) in ["d0", "d1", "d2"].iter().enumerate() {
+        write_adapter(&root.join(name), cfg, 8, 100 + i as u64);
+        pager.register(name, &root.join(name)).expect("register");
+    }
+    let d0 = pager.acquire("d0", Duration::from_secs(10)).expect("d0");
+    let d1 = pager.acquire("d1", Duration::from_secs(10)).expect("d1");
+    assert!(d0.resident().source().is_some() && d1.resident().source().is_some());
+    let mut host = pager.host_snapshot();
+    host.sort();
+    assert_eq!(host, ["d0", "d1"], "adapters on the device stay counted in the host tier");
+    assert_eq!(pager.pool().host_bytes(), 0);
 }

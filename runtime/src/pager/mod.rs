@@ -213,9 +213,15 @@ impl Inner {
     }
 
     /// Evicts least-recently-used host entries (never `keep`) until the tier fits its capacity.
+    /// An entry whose weights a device placement still holds stays: dropping it would free
+    /// nothing, and keeping it counted is what bounds the host's adapter memory by this tier.
     fn evict_host(&self, st: &mut State, keep: &str) {
         while st.host_bytes > self.config.host_cache_bytes {
-            let victim = st.host.iter().filter(|(n, _)| n.as_str() != keep).min_by_key(|(_, h)| h.last_used);
+            let victim = st
+                .host
+                .iter()
+                .filter(|(n, h)| n.as_str() != keep && Arc::strong_count(&h.weights) == 1)
+                .min_by_key(|(_, h)| h.last_used);
             let Some(victim) = victim.map(|(n, _)| n.clone()) else { break };
             if let Some(h) = st.host.remove(&victim) {
                 st.host_bytes -= h.weights.bytes;
