@@ -17,14 +17,9 @@
 #include <thread>
 #include <vector>
 
+#include "cuda_types.h"
+
 extern "C" {
-typedef int CUresult;
-typedef unsigned long long CUdeviceptr;
-typedef void* CUcontext;
-typedef void* CUstream;
-typedef void* CUevent;
-typedef void* CUmodule;
-typedef void* CUfunction;
 CUresult cuInit(unsigned);
 CUresult cuDeviceGetAttribute(int*, int, int);
 CUresult cuDevicePrimaryCtxRetain(CUcontext*, int);
@@ -327,7 +322,7 @@ int main(int argc, char** argv) {
             CUdeviceptr p;
             rc = cuMemAlloc_v2(&p, 16);
         }).join();
-        expect(rc == 201, "an allocation on a thread with no current context fails with CUDA_ERROR_INVALID_CONTEXT");
+        expect(rc == CUDA_ERROR_INVALID_CONTEXT, "an allocation on a thread with no current context fails with CUDA_ERROR_INVALID_CONTEXT");
     }
 
     // Memcheck: a write one element past the end, a read of freed memory, a host copy too long.
@@ -366,7 +361,7 @@ int main(int argc, char** argv) {
         cuMemAlloc_v2(&x, 64);
         CUresult first = cuMemFree_v2(x);
         CUresult second = cuMemFree_v2(x);
-        expect(first == 0 && second == 1, "a double free fails with CUDA_ERROR_INVALID_VALUE");
+        expect(first == CUDA_SUCCESS && second == CUDA_ERROR_INVALID_VALUE, "a double free fails with CUDA_ERROR_INVALID_VALUE");
     }
 
     // Every thread of a block runs: a missing barrier gives a wrong sum, the barrier a right one.
@@ -427,11 +422,11 @@ int main(int argc, char** argv) {
         CUdeviceptr out;
         cuMemAlloc_v2(&out, 1024 * 4);
         void* args[] = {&out};
-        expect(cuLaunchKernel(f, 1, 1, 1, 1025, 1, 1, 0, nullptr, args, nullptr) == 1,
+        expect(cuLaunchKernel(f, 1, 1, 1, 1025, 1, 1, 0, nullptr, args, nullptr) == CUDA_ERROR_INVALID_VALUE,
                "1025 threads per block fail with CUDA_ERROR_INVALID_VALUE");
-        expect(cuLaunchKernel(f, 1, 1, 1, 32, 1, 1, 64 << 10, nullptr, args, nullptr) == 1,
+        expect(cuLaunchKernel(f, 1, 1, 1, 32, 1, 1, 64 << 10, nullptr, args, nullptr) == CUDA_ERROR_INVALID_VALUE,
                "64 KiB of dynamic shared memory without opting in fails");
-        expect(cuFuncSetAttribute(f, 8, 232448 + 1) == 1, "opting in beyond the device's maximum fails");
+        expect(cuFuncSetAttribute(f, 8, 232448 + 1) == CUDA_ERROR_INVALID_VALUE, "opting in beyond the device's maximum fails");
         expect(cuFuncSetAttribute(f, 8, 64 << 10) == 0 &&
                    cuLaunchKernel(f, 1, 1, 1, 256, 1, 1, 64 << 10, nullptr, args, nullptr) == 0,
                "64 KiB of dynamic shared memory after opting in launches");
