@@ -7,6 +7,7 @@ use std::time::Duration;
 
 use common::{max_abs_diff, repo_root};
 use openlora::Error;
+use openlora::error::SubmitError;
 use openlora::generate::{WithAdapter, generate};
 use openlora::metrics::Metrics;
 use openlora::model::{LoadedModel, LogitRows, SeqBatch, SeqKv};
@@ -73,7 +74,7 @@ fn mixed_adapter_prefill_matches_peft() {
         .iter()
         .zip(caches.iter_mut())
         .zip(&leases)
-        .map(|((ids, kv), l)| SeqBatch { tokens: ids, kv, adapter: l.as_ref().map(|l| l.resident()) })
+        .map(|((ids, kv), l)| SeqBatch { tokens: ids, kv, adapter: l.as_ref().map(|l| l.placed()) })
         .collect();
     let got = model
         .llama()
@@ -100,7 +101,7 @@ fn mixed_adapter_decode_step_matches_peft() {
     let mut caches: Vec<SeqKv> = prompts.iter().map(|_| SeqKv::default()).collect();
     let pool = pager.pool();
     for ((ids, kv), l) in prompts.iter().zip(caches.iter_mut()).zip(&leases) {
-        let seq = SeqBatch { tokens: &ids[..ids.len() - 1], kv, adapter: l.as_ref().map(|l| l.resident()) };
+        let seq = SeqBatch { tokens: &ids[..ids.len() - 1], kv, adapter: l.as_ref().map(|l| l.placed()) };
         model
             .llama()
             .expect("CPU weights")
@@ -111,7 +112,7 @@ fn mixed_adapter_decode_step_matches_peft() {
         .iter()
         .zip(caches.iter_mut())
         .zip(&leases)
-        .map(|((ids, kv), l)| SeqBatch { tokens: &ids[ids.len() - 1..], kv, adapter: l.as_ref().map(|l| l.resident()) })
+        .map(|((ids, kv), l)| SeqBatch { tokens: &ids[ids.len() - 1..], kv, adapter: l.as_ref().map(|l| l.placed()) })
         .collect();
     let got = model
         .llama()
@@ -218,7 +219,7 @@ fn a_broken_adapter_fails_only_its_own_requests() {
     std::fs::remove_dir_all(&vanished).expect("remove it");
     for name in ["corrupt", "vanished"] {
         match pager.acquire(name, Duration::from_secs(5)) {
-            Err(Error::AdapterLoad { name: n, .. }) => assert_eq!(n, name),
+            Err(Error::Submit(SubmitError::AdapterLoad { name: n, .. })) => assert_eq!(n, name),
             other => panic!("{name}: expected a load error, got {other:?}"),
         }
     }

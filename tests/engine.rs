@@ -9,8 +9,10 @@ use std::time::{Duration, Instant};
 
 use common::repo_root;
 use openlora::Error;
+use openlora::engine::FinishReason;
 use openlora::engine::{EngineConfig, EngineHandle, Event, GenerationRequest, RequestStream, Usage};
-use openlora::generate::{FinishReason, WithAdapter, generate};
+use openlora::error::SubmitError;
+use openlora::generate::{WithAdapter, generate};
 use openlora::metrics::Metrics;
 use openlora::model::{LoadedModel, PagedKvCache};
 use openlora::pager::{AdapterPager, PagerConfig, PoolPlace};
@@ -258,13 +260,13 @@ fn deadlines_and_up_front_rejections() {
 
     let context = model.config().max_position_embeddings;
     let long = GenerationRequest { prompt_ids: vec![5; context], deadline: None, ..base.clone() };
-    assert!(matches!(engine.submit(long), Err(Error::ContextOverflow { .. })));
+    assert!(matches!(engine.submit(long), Err(Error::Submit(SubmitError::ContextOverflow { .. }))));
     let unknown = GenerationRequest { adapter: Some("nope".into()), deadline: None, ..base.clone() };
-    assert!(matches!(engine.submit(unknown), Err(Error::UnknownAdapter(_))));
+    assert!(matches!(engine.submit(unknown), Err(Error::Submit(SubmitError::UnknownAdapter(_)))));
     let bad = GenerationRequest { params: SamplingParams { top_p: 0.0, ..base.params.clone() }, ..base.clone() };
-    assert!(matches!(engine.submit(bad), Err(Error::InvalidParam { param: "top_p", .. })));
+    assert!(matches!(engine.submit(bad), Err(Error::Submit(SubmitError::InvalidParam { param: "top_p", .. }))));
     let oov = GenerationRequest { prompt_ids: vec![1_000_000], ..base.clone() };
-    assert!(matches!(engine.submit(oov), Err(Error::InvalidParam { .. })));
+    assert!(matches!(engine.submit(oov), Err(Error::Submit(SubmitError::InvalidParam { .. }))));
 }
 
 #[test]
@@ -278,7 +280,7 @@ fn a_full_queue_is_refused() {
     for _ in 0..10 {
         match engine.submit(req.clone()) {
             Ok(s) => kept.push(s),
-            Err(Error::QueueFull) => refused += 1,
+            Err(Error::Submit(SubmitError::QueueFull)) => refused += 1,
             Err(e) => panic!("{e}"),
         }
     }
@@ -463,7 +465,7 @@ impl openlora::engine::backend::Backend for BrokenDevice {
         _: &[openlora::engine::backend::Pick],
         _: &AdapterPager,
     ) -> openlora::Result<openlora::engine::backend::StepOutput> {
-        Err(Error::Device("cuda: CUDA_ERROR_ILLEGAL_ADDRESS".into()))
+        Err(Error::device("cuda: CUDA_ERROR_ILLEGAL_ADDRESS"))
     }
     fn fault(&self) -> Option<String> {
         Some("broken: cuda: CUDA_ERROR_ILLEGAL_ADDRESS".into())

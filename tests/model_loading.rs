@@ -8,6 +8,7 @@ use std::path::{Path, PathBuf};
 use candle_core::{DType, Device, Tensor};
 use common::fixture_models;
 use openlora::Error;
+use openlora::error::LoadError;
 use openlora::model::LoadedModel;
 
 /// A fresh copy of the first fixture in a temporary folder.
@@ -46,7 +47,7 @@ fn missing_tokenizer_names_the_file() {
     let dir = copy_fixture("tok");
     std::fs::remove_file(dir.join("tokenizer.json")).expect("rm");
     let e = load_err(&dir);
-    assert!(matches!(&e, Error::MissingFile { path, .. } if path.ends_with("tokenizer.json")), "{e}");
+    assert!(matches!(&e, Error::Load(LoadError::MissingFile { path, .. }) if path.ends_with("tokenizer.json")), "{e}");
     assert!(e.to_string().contains("tokenizer.json"));
 }
 
@@ -74,7 +75,7 @@ fn missing_tensor_names_file_and_tensor() {
     });
     let e = load_err(&dir);
     let msg = e.to_string();
-    assert!(matches!(e, Error::MissingTensor { .. }), "{msg}");
+    assert!(matches!(e, Error::Load(LoadError::MissingTensor { .. })), "{msg}");
     assert!(msg.contains("model.layers.1.mlp.up_proj.weight") && msg.contains("model.safetensors"), "{msg}");
 }
 
@@ -87,7 +88,7 @@ fn wrong_shape_names_file_tensor_and_shapes() {
     });
     let e = load_err(&dir);
     let msg = e.to_string();
-    assert!(matches!(e, Error::TensorShape { .. }), "{msg}");
+    assert!(matches!(e, Error::Load(LoadError::TensorShape { .. })), "{msg}");
     assert!(msg.contains("model.layers.0.self_attn.k_proj.weight") && msg.contains("[3, 5]"), "{msg}");
 }
 

@@ -45,7 +45,7 @@ fn logits_with(model: &LoadedModel, pager: &AdapterPager, lease: &AdapterLease, 
     let pool = pager.pool();
     let mut cache = model.llama().expect("CPU weights").kv_cache_for(1);
     let mut kv = SeqKv::default();
-    let seq = SeqBatch { tokens: prompt, kv: &mut kv, adapter: Some(lease.resident()) };
+    let seq = SeqBatch { tokens: prompt, kv: &mut kv, adapter: Some(lease.placed()) };
     let out = model
         .llama()
         .expect("CPU weights")

@@ -11,7 +11,8 @@ use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
 use common::{plugin_wasm, temp_dir};
-use openlora::error::Error;
+use openlora::error::{Error, PolicyError, SubmitError};
+use openlora::ledger::Replay;
 use openlora::metrics::Metrics;
 use openlora::policy::dropdir::scan;
 use openlora::policy::{OnFailure, PolicyConfig, PolicyHost, Slot, SlotConfig};
@@ -119,7 +120,7 @@ fn an_adapter_owner_attributor_splits_the_owner_share_among_contributors() {
 
 fn refused(host: &PolicyHost, slot: &Slot, bytes: &[u8], config: &str) -> String {
     match host.install(slot, bytes, config, "test") {
-        Err(Error::PluginInvalid { message, .. }) => message,
+        Err(Error::Policy(PolicyError::PluginInvalid { message, .. })) => message,
         other => panic!("expected a refusal, got {other:?}"),
     }
 }
@@ -159,7 +160,7 @@ fn bad_uploads_are_refused_with_a_reason_and_change_nothing() {
         let message = refused(&host, &slot, &bytes, config);
         assert!(message.contains(expect), "{what}: {message}");
     }
-    let views = host.registry.list();
+    let views = host.list();
     assert_eq!(views.len(), 1, "only the good upload's slot exists: {views:?}");
     assert_eq!((views[0].active, views[0].versions.len()), (Some(v1.version), 1));
     assert!(host.settle(&request("after"), &usage()).unwrap().deciders[1].failure.is_none());
@@ -227,19 +228,19 @@ fn repeated_failures_quarantine_a_plugin_and_fail_closed_slots_refuse() {
     for i in 0..3 {
         assert!(host.settle(&request(&format!("q{i}")), &usage()).unwrap().deciders[1].failure.is_some());
     }
-    let view = host.registry.list().remove(0);
+    let view = host.list().remove(0);
     assert!(view.quarantined && view.consecutive_failures == 3, "{view:?}");
     let s = host.settle(&request("q4"), &usage()).unwrap();
     assert!(s.deciders[1].failure.as_deref().unwrap().contains("quarantined"));
     // Re-activating (or uploading a fix) lifts the quarantine.
-    host.registry.activate(&Slot::Attributor, v.version).unwrap();
-    assert!(!host.registry.list()[0].quarantined);
+    host.activate(&Slot::Attributor, v.version).unwrap();
+    assert!(!host.list()[0].quarantined);
 
     limits.slots.insert("attributor".into(), SlotConfig { on_failure: OnFailure::Reject, builtin: None });
     let closed = self::host(limits);
     closed.install(&Slot::Attributor, &wasm("openlora-test-hostile"), r#"{"mode": "off-by-one"}"#, "test").unwrap();
     match closed.settle(&request("c"), &usage()) {
-        Err(Error::PolicyFailed { slot, message }) => {
+        Err(Error::Policy(PolicyError::Failed { slot, message })) => {
             assert!(slot == "attributor" && message.contains("sum"), "{message}")
         }
         other => panic!("expected the fail-closed slot to refuse, got {other:?}"),
@@ -292,11 +293,11 @@ fn hot_swap_under_concurrent_calls_records_the_version_that_ran() {
     std::thread::sleep(Duration::from_millis(100));
     let v2 = host.install(&Slot::Attributor, &bytes, r#"{"operator": "operator:v2"}"#, "test").unwrap();
     std::thread::sleep(Duration::from_millis(100));
-    assert_eq!(host.registry.rollback(&Slot::Attributor).unwrap().unwrap().version, v1.version);
+    assert_eq!(host.rollback(&Slot::Attributor).unwrap().unwrap().version, v1.version);
     std::thread::sleep(Duration::from_millis(100));
-    host.registry.activate(&Slot::Attributor, v2.version).unwrap();
+    host.activate(&Slot::Attributor, v2.version).unwrap();
     std::thread::sleep(Duration::from_millis(100));
-    assert_eq!(host.registry.rollback(&Slot::Attributor).unwrap().unwrap().version, v1.version);
+    assert_eq!(host.rollback(&Slot::Attributor).unwrap().unwrap().version, v1.version);
     std::thread::sleep(Duration::from_millis(50));
     stop.store(true, Ordering::Relaxed);
     let mut versions = std::collections::BTreeSet::new();
@@ -323,7 +324,7 @@ fn plugins_survive_a_restart_and_load_from_the_drop_folder() {
     let s = second.settle(&request("restart"), &usage()).unwrap();
     assert_eq!(s.charge.currency, "EUR");
     assert_eq!(s.deciders[0].plugin, format!("sha256:{sha}"));
-    assert_eq!(second.registry.blob(&sha).as_deref(), Some(&bytes[..]), "stored content-addressed for replay");
+    assert_eq!(second.blob(&sha).as_deref(), Some(&bytes[..]), "stored content-addressed for replay");
 
     let drop = root.join("drop");
     std::fs::create_dir_all(&drop).unwrap();
@@ -338,7 +339,7 @@ fn plugins_survive_a_restart_and_load_from_the_drop_folder() {
     let mut r = request("alias");
     r.adapter = Some("trek".into());
     assert_eq!(second.route(&r, &exists).unwrap().adapter.as_deref(), Some("startrek"));
-    assert!(second.registry.existing(&Slot::Attributor).is_none_or(|h| h.active.load().is_none()));
+    assert!(!second.is_active(&Slot::Attributor));
     let _ = std::fs::remove_dir_all(&root);
 }
 
@@ -347,17 +348,19 @@ fn routing_rejections_and_unknown_adapters_are_client_errors_not_plugin_failures
     let host = host(PolicyConfig::default());
     let cfg = r#"{"tenants": {"acme": {"allow": ["love"]}}, "aliases": {"gone": "deleted-adapter"}}"#;
     host.install(&Slot::Router, &wasm("openlora-plugin-router"), cfg, "test").unwrap();
-    assert!(matches!(host.route(&request("a"), &exists), Err(Error::PolicyRejected(m)) if m.contains("startrek")));
+    assert!(
+        matches!(host.route(&request("a"), &exists), Err(Error::Policy(PolicyError::Rejected(m))) if m.contains("startrek"))
+    );
     let mut unknown = request("b");
     unknown.tenant = "other".into();
     unknown.adapter = Some("nope".into());
-    assert!(matches!(host.route(&unknown, &exists), Err(Error::UnknownAdapter(n)) if n == "nope"));
-    assert_eq!(host.registry.list()[0].consecutive_failures, 0, "client mistakes do not count against the plugin");
+    assert!(matches!(host.route(&unknown, &exists), Err(Error::Submit(SubmitError::UnknownAdapter(n))) if n == "nope"));
+    assert_eq!(host.list()[0].consecutive_failures, 0, "client mistakes do not count against the plugin");
     // Routing somewhere that does not exist is the plugin's fault: the built-in answers.
     unknown.adapter = Some("gone".into());
     let r = host.route(&unknown, &exists);
-    assert!(matches!(&r, Err(Error::UnknownAdapter(n)) if n == "gone"), "{r:?}");
-    assert_eq!(host.registry.list()[0].consecutive_failures, 1);
+    assert!(matches!(&r, Err(Error::Submit(SubmitError::UnknownAdapter(n))) if n == "gone"), "{r:?}");
+    assert_eq!(host.list()[0].consecutive_failures, 1);
     let _ = Money::new(0, "USD");
 }
 

@@ -96,7 +96,7 @@ fn decode_step(c: &mut Criterion) {
                         .map(|(r, kv)| SeqBatch {
                             tokens: &next[r..r + 1],
                             kv,
-                            adapter: which(r).map(|a| leases[a].resident()),
+                            adapter: which(r).map(|a| leases[a].placed()),
                         })
                         .collect();
                     model.forward(&mut cache, &mut batch, LogitRows::Last, Some(pool.view())).expect("decode step")

@@ -109,7 +109,7 @@ fn policy_overhead(c: &mut Criterion) {
         })
     });
     g.finish();
-    let pricer = wasm.registry.existing(&Slot::Pricer).and_then(|h| h.active.load_full()).expect("pricer");
+    let pricer = wasm.active(&Slot::Pricer).expect("pricer");
     for pace in [None, Some(Duration::from_micros(500))] {
         std::thread::sleep(Duration::from_millis(200));
         let (mut warm, mut cold) = (Vec::new(), Vec::new());

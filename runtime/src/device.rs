@@ -3,7 +3,7 @@
 
 use std::str::FromStr;
 
-use crate::error::{Error, Result};
+use crate::error::{DeviceError, Error, Result};
 
 /// A device named on the command line.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -42,6 +42,12 @@ pub struct CudaDeviceInfo {
     pub memory_bytes: usize,
 }
 
+/// A failed driver call on device `ordinal`, its error kept as the source.
+#[cfg(feature = "cuda")]
+fn driver(ordinal: usize, what: &str, e: cudarc::driver::DriverError) -> Error {
+    DeviceError::Driver { what: format!("cuda:{ordinal} {what}").trim_end().to_string(), source: Box::new(e) }.into()
+}
+
 /// Opens the CUDA driver and the device, or says why it cannot.
 pub fn probe_cuda(ordinal: usize) -> Result<CudaDeviceInfo> {
     #[cfg(feature = "cuda")]
@@ -49,35 +55,33 @@ pub fn probe_cuda(ordinal: usize) -> Result<CudaDeviceInfo> {
         use cudarc::driver::sys::CUdevice_attribute as A;
         // SAFETY: only tries to dlopen the driver library by its known names; no symbol is called.
         if !unsafe { cudarc::driver::sys::is_culib_present() } {
-            return Err(Error::Device(format!(
+            return Err(Error::from(DeviceError::Unavailable(format!(
                 "cuda:{ordinal} is not available: no CUDA driver (libcuda.so) on this machine"
-            )));
+            ))));
         }
-        let count = cudarc::driver::CudaContext::device_count()
-            .map_err(|e| Error::Device(format!("cuda:{ordinal} is not available: {e}")))?;
+        let count = cudarc::driver::CudaContext::device_count().map_err(|e| driver(ordinal, "is not available", e))?;
         if ordinal >= count as usize {
-            return Err(Error::Device(format!(
+            return Err(Error::from(DeviceError::Unavailable(format!(
                 "cuda:{ordinal} is not available: this machine has {count} CUDA device(s)"
-            )));
+            ))));
         }
-        let ctx =
-            cudarc::driver::CudaContext::new(ordinal).map_err(|e| Error::Device(format!("cuda:{ordinal}: {e}")))?;
-        let attr = |a| ctx.attribute(a).map_err(|e| Error::Device(format!("cuda:{ordinal}: {e}")));
+        let ctx = cudarc::driver::CudaContext::new(ordinal).map_err(|e| driver(ordinal, "", e))?;
+        let attr = |a| ctx.attribute(a).map_err(|e| driver(ordinal, "", e));
         Ok(CudaDeviceInfo {
             ordinal,
-            name: ctx.name().map_err(|e| Error::Device(format!("cuda:{ordinal}: {e}")))?,
+            name: ctx.name().map_err(|e| driver(ordinal, "", e))?,
             capability: (
                 attr(A::CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MAJOR)?,
                 attr(A::CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MINOR)?,
             ),
-            memory_bytes: ctx.total_mem().map_err(|e| Error::Device(format!("cuda:{ordinal}: {e}")))?,
+            memory_bytes: ctx.total_mem().map_err(|e| driver(ordinal, "", e))?,
         })
     }
     #[cfg(not(feature = "cuda"))]
     {
-        Err(Error::Device(format!(
+        Err(Error::from(DeviceError::Unavailable(format!(
             "cuda:{ordinal} is not available: this openlora was built without the `cuda` feature"
-        )))
+        ))))
     }
 }
 

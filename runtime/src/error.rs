@@ -1,13 +1,17 @@
-//! The runtime's one error type.
+//! The runtime's errors, one enum per layer, and [`Error`], which holds any of them.
+//!
+//! This module is a leaf: it names no other module of the crate, so every layer can use it.
+//! Each variant carries the file, field, tensor or request value it concerns, and wraps the
+//! underlying error as its `source` rather than flattening it into a string.
 
 use std::path::PathBuf;
 
-/// Everything that can go wrong inside the openlora runtime.
-///
-/// Variants carry the file and the field or tensor they concern, so a message
-/// reaching an operator says exactly what to fix.
+/// Something the error came from, kept as its `source`.
+pub type Source = Box<dyn std::error::Error + Send + Sync + 'static>;
+
+/// Reading a model or an adapter from its files.
 #[derive(Debug, thiserror::Error)]
-pub enum Error {
+pub enum LoadError {
     /// A file could not be read or written.
     #[error("{}: {source}", path.display())]
     Io {
@@ -18,24 +22,13 @@ pub enum Error {
         source: std::io::Error,
     },
 
-    /// A file the model folder must contain is not there.
+    /// A file the folder must contain is not there.
     #[error("{}: missing file ({what})", path.display())]
     MissingFile {
         /// The path that was expected.
         path: PathBuf,
         /// What the file is for.
         what: &'static str,
-    },
-
-    /// A JSON or TOML file is malformed, or one of its fields is wrong.
-    #[error("{}: field `{field}`: {message}", file.display())]
-    Config {
-        /// The file concerned.
-        file: PathBuf,
-        /// The field at fault (`-` when the file as a whole does not parse).
-        field: String,
-        /// What is wrong with it.
-        message: String,
     },
 
     /// A tensor the model needs is absent from every weight file.
@@ -68,11 +61,11 @@ pub enum Error {
         /// What is wrong.
         message: String,
     },
+}
 
-    /// The tokenizer could not be loaded or failed on some input.
-    #[error("tokenizer: {0}")]
-    Tokenizer(String),
-
+/// A request the engine refuses, or could not serve.
+#[derive(Debug, thiserror::Error)]
+pub enum SubmitError {
     /// A request parameter is out of range.
     #[error("invalid `{param}`: {message}")]
     InvalidParam {
@@ -81,6 +74,30 @@ pub enum Error {
         /// Why it is refused.
         message: String,
     },
+
+    /// A field of the request as the API spells it (`messages[2].content[0]`) is wrong.
+    #[error("{message}")]
+    InvalidField {
+        /// The field's path (none when the request as a whole is wrong).
+        param: Option<String>,
+        /// Why it is refused.
+        message: String,
+    },
+
+    /// The prompt is longer than the server accepts.
+    #[error("the prompt has {size} {unit}; the limit is {limit}")]
+    PromptTooLong {
+        /// Its size.
+        size: usize,
+        /// The limit.
+        limit: usize,
+        /// What is counted (`tokens`, `bytes`, `messages`).
+        unit: &'static str,
+    },
+
+    /// The text could not be tokenised.
+    #[error("tokenizer: {0}")]
+    Tokenize(#[source] Source),
 
     /// A prompt (plus the tokens asked for) does not fit in the model's context.
     #[error("prompt has {prompt_tokens} tokens; the model's context is {context} tokens")]
@@ -96,12 +113,13 @@ pub enum Error {
     UnknownAdapter(String),
 
     /// An adapter could not be loaded from disk (corrupt, vanished or invalid files).
-    #[error("adapter `{name}` failed to load: {message}")]
+    #[error("adapter `{name}` failed to load: {source}")]
     AdapterLoad {
         /// The adapter's name.
         name: String,
         /// Why.
-        message: String,
+        #[source]
+        source: std::sync::Arc<Error>,
     },
 
     /// An adapter needs more pages than the whole active pool holds.
@@ -119,13 +137,13 @@ pub enum Error {
     #[error("timed out waiting for room in the adapter pool for `{0}`")]
     PoolTimeout(String),
 
-    /// The KV cache has no room for a sequence's next tokens.
-    #[error("KV cache: no room for {needed_tokens} tokens ({status:?})")]
+    /// The KV cache has no room for a sequence's tokens.
+    #[error("KV cache: no room for {needed_tokens} tokens ({})", if *.ever { "not now" } else { "not ever" })]
     KvExhausted {
         /// Tokens the sequence would hold.
         needed_tokens: usize,
-        /// What the allocator answered.
-        status: crate::model::AllocStatus,
+        /// Whether they would fit once other sequences finish.
+        ever: bool,
     },
 
     /// The engine's queue is full; try again later.
@@ -135,9 +153,13 @@ pub enum Error {
     /// The engine has stopped.
     #[error("the engine has stopped")]
     EngineStopped,
+}
 
-    /// A policy plugin was refused (at upload or load): not a component, wrong world, a
-    /// forbidden import, too large, or a configuration it rejects.
+/// Policy plugins: installing them, and the decisions they make.
+#[derive(Debug, thiserror::Error)]
+pub enum PolicyError {
+    /// A plugin was refused (at upload or load): not a component, wrong world, a forbidden
+    /// import, too large, or a configuration it rejects.
     #[error("plugin {what}: {message}")]
     PluginInvalid {
         /// The file or slot concerned.
@@ -152,24 +174,110 @@ pub enum Error {
 
     /// The router refused the request.
     #[error("request refused by policy: {0}")]
-    PolicyRejected(String),
+    Rejected(String),
 
     /// A policy failed and its slot is fail-closed, so the request is refused.
     #[error("policy `{slot}` failed and is fail-closed: {message}")]
-    PolicyFailed {
+    Failed {
         /// The slot whose plugin failed.
         slot: String,
         /// What went wrong.
         message: String,
     },
 
-    /// The device asked for cannot be used.
-    #[error("{0}")]
-    Device(String),
+    /// The WebAssembly engine could not be set up or a plugin's store could not be written.
+    #[error("plugin runtime: {what}")]
+    Runtime {
+        /// What was being done.
+        what: String,
+        /// The underlying error.
+        #[source]
+        source: Source,
+    },
+}
 
-    /// The ledger could not be opened, read or written.
+/// The ledger: opening, reading and writing its store.
+#[derive(Debug, thiserror::Error)]
+pub enum LedgerError {
+    /// The store (SQLite or PostgreSQL) failed.
+    #[error("ledger {what}: {source}")]
+    Store {
+        /// Which store and what was being done.
+        what: String,
+        /// The database's error.
+        #[source]
+        source: Source,
+    },
+
+    /// The ledger's location or contents are not what they must be.
     #[error("ledger: {0}")]
-    Ledger(String),
+    Invalid(String),
+
+    /// The ledger's writer thread is gone.
+    #[error("ledger: the writer has stopped")]
+    WriterStopped,
+
+    /// Writing an export failed.
+    #[error("ledger export: {0}")]
+    Export(#[source] std::io::Error),
+}
+
+/// The device (a GPU) the engine runs on.
+#[derive(Debug, thiserror::Error)]
+pub enum DeviceError {
+    /// The device asked for cannot be used (absent, unsupported, or not built in).
+    #[error("{0}")]
+    Unavailable(String),
+
+    /// A driver, NVRTC or cuBLAS call failed.
+    #[error("{what}: {source}")]
+    Driver {
+        /// What was being done.
+        what: String,
+        /// The library's error.
+        #[source]
+        source: Source,
+    },
+
+    /// The device's state is not what the backend needs (a bug, or a step over its limits).
+    #[error("{0}")]
+    State(String),
+}
+
+/// Any of the runtime's errors.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// A configuration file (the server's TOML, a model's or an adapter's JSON) is malformed,
+    /// or one of its fields is wrong.
+    #[error("{}: field `{field}`: {message}", file.display())]
+    Config {
+        /// The file concerned.
+        file: PathBuf,
+        /// The field at fault (`-` when the file as a whole does not parse).
+        field: String,
+        /// What is wrong with it.
+        message: String,
+    },
+
+    /// Reading a model or an adapter failed.
+    #[error(transparent)]
+    Load(#[from] LoadError),
+
+    /// A request was refused or could not be served.
+    #[error(transparent)]
+    Submit(#[from] SubmitError),
+
+    /// A policy plugin or decision failed.
+    #[error(transparent)]
+    Policy(#[from] PolicyError),
+
+    /// The ledger failed.
+    #[error(transparent)]
+    Ledger(#[from] LedgerError),
+
+    /// The device failed.
+    #[error(transparent)]
+    Device(#[from] DeviceError),
 
     /// A tensor operation failed (a bug, not bad input).
     #[error("tensor op: {0}")]
@@ -179,12 +287,22 @@ pub enum Error {
 impl Error {
     /// Wraps an I/O error with the path it concerns.
     pub fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
-        Error::Io { path: path.into(), source }
+        LoadError::Io { path: path.into(), source }.into()
     }
 
     /// A configuration error naming the file and field.
     pub fn config(file: impl Into<PathBuf>, field: impl Into<String>, message: impl Into<String>) -> Self {
         Error::Config { file: file.into(), field: field.into(), message: message.into() }
+    }
+
+    /// A request parameter that is out of range.
+    pub fn invalid(param: &'static str, message: impl Into<String>) -> Self {
+        SubmitError::InvalidParam { param, message: message.into() }.into()
+    }
+
+    /// A device in a state the backend cannot work with.
+    pub fn device(message: impl Into<String>) -> Self {
+        DeviceError::State(message.into()).into()
     }
 }
 

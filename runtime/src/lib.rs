@@ -19,7 +19,10 @@ pub mod metrics;
 pub mod model;
 pub mod pager;
 pub mod policy;
+pub mod request;
 pub mod sampling;
 pub mod serve;
+pub mod settlement;
+pub mod shape;
 
 pub use error::{Error, Result};

@@ -2,14 +2,15 @@
 
 use std::io::Write;
 use std::path::PathBuf;
-use std::time::{Duration, Instant};
+use std::sync::Arc;
+use std::time::Instant;
 
 use anyhow::Context;
 use clap::{Args, Parser, Subcommand};
 
 use openlora::config::ServerConfig;
 use openlora::embedded;
-use openlora::generate::{WithAdapter, generate};
+use openlora::engine::{EngineConfig, EngineHandle, Event, GenerationRequest};
 use openlora::metrics::Metrics;
 use openlora::model::LoadedModel;
 use openlora::pager::{AdapterPager, PagerConfig};
@@ -228,7 +229,7 @@ fn run_ledger(command: LedgerCommand) -> anyhow::Result<bool> {
             let (config, mut store, name) = args.ledger.open()?;
             let mut replayer =
                 if args.no_replay { None } else { Some(openlora::policy::Replayer::new(&config.policy)?) };
-            let r = openlora::ledger::verify::verify(store.as_mut(), replayer.as_mut(), &name)?;
+            let r = openlora::ledger::verify::verify(store.as_mut(), replayer.as_mut().map(|r| r as _), &name)?;
             if args.json {
                 println!("{}", serde_json::to_string_pretty(&r)?);
             } else if let Some(bad) = &r.first_bad {
@@ -450,7 +451,9 @@ fn run_generate(args: GenerateArgs) -> anyhow::Result<()> {
         None => embedded::default_model_dir().context("unpacking the embedded default model")?,
     };
     let t0 = Instant::now();
-    let model = LoadedModel::load(&folder)?;
+    let model = Arc::new(LoadedModel::load(&folder)?);
+    let metrics = Metrics::new();
+    let pager = AdapterPager::new(model.config(), PagerConfig::default(), metrics.pager.clone());
     let adapter = match &args.adapter {
         None => None,
         Some(a) => {
@@ -465,10 +468,8 @@ fn run_generate(args: GenerateArgs) -> anyhow::Result<()> {
                     embedded::DEMO_ADAPTERS.join(", ")
                 );
             };
-            let pager = AdapterPager::new(model.config(), PagerConfig::default(), Metrics::new().pager);
             pager.register(a, &dir)?;
-            let lease = pager.acquire(a, Duration::from_secs(60))?;
-            Some((pager, lease))
+            Some(a.clone())
         }
     };
     let load_ms = t0.elapsed().as_millis();
@@ -486,31 +487,42 @@ fn run_generate(args: GenerateArgs) -> anyhow::Result<()> {
         stop: args.stop,
         ignore_eos: args.ignore_eos,
     };
+    // The same engine `serve` runs, with one request.
+    let engine = EngineHandle::start(model.clone(), pager, EngineConfig::default(), metrics)?;
     let prompt_ids = model.tokenizer.encode(&args.prompt)?;
+    let prompt_tokens = prompt_ids.len();
+    let request = GenerationRequest {
+        id: "generate".into(),
+        prompt_ids,
+        params,
+        adapter,
+        priority: 0,
+        deadline: None,
+        logprobs: None,
+    };
+    let mut stream = engine.submit(request)?;
     let mut stdout = std::io::stdout().lock();
     write!(stdout, "{}", args.prompt)?;
     stdout.flush()?;
     let t1 = Instant::now();
-    let mut write_err = None;
-    let with = adapter.as_ref().map(|(pager, lease)| WithAdapter { pager, lease });
-    let done = generate(&model, &prompt_ids, params, with, &mut |piece| {
-        if write_err.is_none()
-            && let Err(e) = write!(stdout, "{piece}").and_then(|_| stdout.flush())
-        {
-            write_err = Some(e);
+    let (reason, generated) = loop {
+        match stream.next_blocking() {
+            Some(Event::Token { text, .. }) => {
+                write!(stdout, "{text}").and_then(|_| stdout.flush()).context("writing to stdout")?;
+            }
+            Some(Event::Done { reason, usage }) => break (reason, usage.completion_tokens),
+            Some(Event::Failed { message, .. }) => anyhow::bail!("generation failed: {message}"),
+            None => anyhow::bail!("the engine stopped"),
         }
-    })?;
-    if let Some(e) = write_err {
-        return Err(e).context("writing to stdout");
-    }
+    };
     writeln!(stdout)?;
     let secs = t1.elapsed().as_secs_f64();
     eprintln!(
         "[{} prompt + {} generated tokens, finish_reason={}, {:.1} tok/s, model load {} ms, {}{}]",
-        done.prompt_tokens,
-        done.token_ids.len(),
-        done.finish_reason.as_str(),
-        done.token_ids.len() as f64 / secs.max(1e-9),
+        prompt_tokens,
+        generated,
+        reason.as_str(),
+        f64::from(generated) / secs.max(1e-9),
         load_ms,
         folder.display(),
         args.adapter.as_deref().map(|a| format!(", adapter {a}")).unwrap_or_default()

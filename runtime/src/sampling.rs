@@ -3,7 +3,7 @@
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
-use crate::error::{Error, Result};
+use crate::error::{Error, Result, SubmitError};
 
 /// How one request wants its tokens chosen and when it wants to stop.
 #[derive(Debug, Clone, PartialEq)]
@@ -62,7 +62,7 @@ impl SamplingParams {
 
     /// Checks every field is in range, naming the first that is not.
     pub fn validate(&self) -> Result<()> {
-        let bad = |param, message: String| Err(Error::InvalidParam { param, message });
+        let bad = |param, message: String| Err(Error::from(SubmitError::InvalidParam { param, message }));
         if !self.temperature.is_finite() || !(0.0..=100.0).contains(&self.temperature) {
             return bad("temperature", format!("{} is not between 0 and 100", self.temperature));
         }
@@ -284,7 +284,7 @@ mod tests {
         ];
         for (p, name) in cases {
             match p.validate() {
-                Err(Error::InvalidParam { param, .. }) => assert_eq!(param, name),
+                Err(Error::Submit(SubmitError::InvalidParam { param, .. })) => assert_eq!(param, name),
                 other => panic!("expected {name} to be refused, got {other:?}"),
             }
         }

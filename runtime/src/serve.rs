@@ -9,7 +9,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
 
-use crate::api::{AppState, chat::ChatTemplate, router};
+use crate::api::{AppState, router};
 use crate::config::ServerConfig;
 use crate::device::DeviceSpec;
 use crate::embedded;
@@ -19,6 +19,8 @@ use crate::metrics::Metrics;
 use crate::model::LoadedModel;
 use crate::pager::AdapterPager;
 use crate::policy::PolicyHost;
+use crate::request::{RequestLimits, Validator};
+use crate::settlement::SettlementService;
 
 /// A loaded, ready-to-serve application and the address it will listen on.
 pub struct Server {
@@ -88,8 +90,6 @@ impl Server {
         let data_dir = config.data_dir.clone().unwrap_or_else(embedded::data_dir);
         let adapter_store = data_dir.join("adapters");
         restore_uploads(&adapter_store, &pager);
-        let tok = &model.tokenizer;
-        let chat = ChatTemplate::new(tok.chat_template.as_deref(), tok.bos_token.as_deref(), tok.eos_token.as_deref())?;
         let policy = Arc::new(PolicyHost::new(&config.policy, Some(data_dir.join("plugins")), metrics.policy.clone())?);
         let drop_dir = config.policy.dir.clone().unwrap_or_else(|| data_dir.join("plugins").join("drop"));
         let ledger = crate::ledger::Ledger::open(config.ledger.location(&data_dir)?, metrics.ledger.clone())?;
@@ -97,6 +97,19 @@ impl Server {
             DeviceSpec::Cpu => EngineHandle::start(model, pager, config.engine(), metrics.clone())?,
             DeviceSpec::Cuda(ordinal) => start_on_gpu(ordinal, model, pager, &config, &metrics)?,
         };
+        let limits = RequestLimits {
+            max_prompt_tokens: config.limits.max_prompt_tokens,
+            default_max_tokens: config.limits.default_max_tokens,
+        };
+        let checker = engine.checker().clone();
+        let validator = Arc::new(Validator::new(engine.model().clone(), model_name.clone(), limits, checker)?);
+        let settlement = SettlementService::new(
+            engine.clone(),
+            policy.clone(),
+            ledger.clone(),
+            model_name.clone(),
+            config.ledger.currency.clone(),
+        );
         let state = Arc::new(AppState {
             engine,
             in_flight: Arc::new(Semaphore::new(config.limits.max_concurrent_requests)),
@@ -105,7 +118,8 @@ impl Server {
             ready: AtomicBool::new(false),
             adapter_store,
             started: SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0),
-            chat,
+            validator,
+            settlement,
             policy,
             drop_dir,
             ledger,

@@ -5,7 +5,7 @@ use std::path::Path;
 use serde_json::{Map, Value};
 
 use crate::error::{Error, Result};
-use crate::model::Proj;
+use crate::shape::Proj;
 
 /// The validated parts of a PEFT LoRA configuration that change the math.
 #[derive(Debug, Clone, PartialEq)]
@@ -91,7 +91,7 @@ pub fn proj_from_module(name: &str) -> Option<Proj> {
 impl LoraConfig {
     /// Reads and validates `adapter_config.json`, naming the field at fault in any error.
     pub fn from_file(path: &Path) -> Result<Self> {
-        let v: Value = crate::model::config::read_json(path)?;
+        let v: Value = crate::shape::read_json(path)?;
         let obj = v.as_object().ok_or_else(|| Error::config(path, "-", "not a JSON object"))?;
         Self::from_map(path, obj)
     }

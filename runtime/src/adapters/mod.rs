@@ -9,9 +9,9 @@ use candle_core::{DType, Device};
 
 pub use config::LoraConfig;
 
-use crate::error::{Error, Result};
+use crate::error::{Error, LoadError, Result};
 use crate::model::weights::WeightFiles;
-use crate::model::{ModelConfig, Proj};
+use crate::shape::{ModelConfig, Proj};
 
 /// File name of an adapter's weights.
 pub const WEIGHTS_FILE: &str = "adapter_model.safetensors";
@@ -87,25 +87,25 @@ impl AdapterManifest {
     /// the config's fields, every tensor's name and shape, and that `A` and `B` come in pairs.
     pub fn inspect(dir: &Path, base: &ModelConfig) -> Result<Self> {
         if !dir.is_dir() {
-            return Err(Error::MissingFile { path: dir.to_path_buf(), what: "adapter folder" });
+            return Err(Error::from(LoadError::MissingFile { path: dir.to_path_buf(), what: "adapter folder" }));
         }
         let cfg_path = dir.join(CONFIG_FILE);
         if !cfg_path.exists() {
-            return Err(Error::MissingFile { path: cfg_path, what: "PEFT adapter configuration" });
+            return Err(Error::from(LoadError::MissingFile { path: cfg_path, what: "PEFT adapter configuration" }));
         }
         let config = LoraConfig::from_file(&cfg_path)?;
         let weights_path = dir.join(WEIGHTS_FILE);
         if !weights_path.exists() {
             let bin = dir.join("adapter_model.bin");
             if bin.exists() {
-                return Err(Error::WeightFile {
+                return Err(Error::from(LoadError::WeightFile {
                     file: bin,
                     message: "pickled adapters are not loaded (they can run code); convert with \
                               `PeftModel.from_pretrained(base, dir).save_pretrained(dir, safe_serialization=True)`"
                         .into(),
-                });
+                }));
             }
-            return Err(Error::MissingFile { path: weights_path, what: "adapter weights" });
+            return Err(Error::from(LoadError::MissingFile { path: weights_path, what: "adapter weights" }));
         }
         let files = WeightFiles::open(dir, std::slice::from_ref(&weights_path))?;
         let mut seen: Vec<(usize, Proj, bool)> = Vec::new();
@@ -113,15 +113,17 @@ impl AdapterManifest {
         let mut names: Vec<&str> = files.names().collect();
         names.sort_unstable();
         for name in names {
-            let (layer, proj, is_a) = parse_tensor_name(name).ok_or_else(|| Error::WeightFile {
-                file: weights_path.clone(),
-                message: format!("tensor `{name}` is not a LoRA A/B weight of a Llama projection"),
+            let (layer, proj, is_a) = parse_tensor_name(name).ok_or_else(|| {
+                Error::from(LoadError::WeightFile {
+                    file: weights_path.clone(),
+                    message: format!("tensor `{name}` is not a LoRA A/B weight of a Llama projection"),
+                })
             })?;
             if layer >= base.num_layers {
-                return Err(Error::WeightFile {
+                return Err(Error::from(LoadError::WeightFile {
                     file: weights_path.clone(),
                     message: format!("tensor `{name}`: the base model has {} layers", base.num_layers),
-                });
+                }));
             }
             if let Some(targets) = &config.target_modules
                 && !targets.contains(&proj)
@@ -136,7 +138,12 @@ impl AdapterManifest {
             let expected = if is_a { vec![config.rank, in_dim] } else { vec![out_dim, config.rank] };
             let (_, got) = files.shape(name)?;
             if got != expected {
-                return Err(Error::TensorShape { file: weights_path.clone(), tensor: name.to_string(), expected, got });
+                return Err(Error::from(LoadError::TensorShape {
+                    file: weights_path.clone(),
+                    tensor: name.to_string(),
+                    expected,
+                    got,
+                }));
             }
             f32_bytes += expected.iter().product::<usize>() * 4;
             seen.push((layer, proj, is_a));
@@ -146,17 +153,20 @@ impl AdapterManifest {
         for &(layer, proj, is_a) in &seen {
             if !seen.contains(&(layer, proj, !is_a)) {
                 let (have, missing) = if is_a { ("A", "B") } else { ("B", "A") };
-                return Err(Error::MissingTensor {
+                return Err(Error::from(LoadError::MissingTensor {
                     file: weights_path.clone(),
                     tensor: format!(
                         "base_model.model.{}",
                         proj.tensor_name(layer).replace(".weight", &format!(".lora_{missing}.weight"))
                     ) + &format!(" (lora_{have} is present)"),
-                });
+                }));
             }
         }
         if modules.is_empty() {
-            return Err(Error::WeightFile { file: weights_path, message: "holds no LoRA weights".into() });
+            return Err(Error::from(LoadError::WeightFile {
+                file: weights_path,
+                message: "holds no LoRA weights".into(),
+            }));
         }
         let owner = read_owner(dir)?;
         let sha256 = crate::model::content_hash(dir, &[cfg_path.clone(), weights_path.clone()])?;

@@ -9,7 +9,7 @@ use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
 use super::{CONFIG_FILE, LoraModule, LoraWeights, WEIGHTS_FILE};
-use crate::error::{Error, Result};
+use crate::error::{Error, LoadError, Result};
 use crate::model::{ModelConfig, Proj};
 
 /// What to write.
@@ -65,7 +65,7 @@ pub fn write(dir: &Path, cfg: &ModelConfig, a: &RandomAdapter<'_>) -> Result<()>
     }
     let weights = dir.join(WEIGHTS_FILE);
     candle_core::safetensors::save(&tensors, &weights)
-        .map_err(|e| Error::WeightFile { file: weights.clone(), message: e.to_string() })?;
+        .map_err(|e| Error::from(LoadError::WeightFile { file: weights.clone(), message: e.to_string() }))?;
     let targets: Vec<&str> = a.targets.iter().map(|p| p.module_name()).collect();
     let config = serde_json::json!({
         "peft_type": "LORA", "r": a.rank, "lora_alpha": 2 * a.rank, "target_modules": targets,

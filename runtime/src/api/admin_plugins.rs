@@ -1,6 +1,5 @@
 //! `/admin/plugins`: upload (validated before anything changes), list, activate, roll back and
 //! deactivate policy plugins, slot by slot.
-
 use axum::Json;
 use axum::Router;
 use axum::body::Bytes;
@@ -12,6 +11,7 @@ use serde_json::{Value, json};
 
 use super::admin::authorize;
 use super::{ApiError, Shared, blocking, is_multipart};
+use crate::error::{Error, PolicyError};
 use crate::policy::Slot;
 
 /// Plugin admin routes.
@@ -33,7 +33,7 @@ fn bad_upload(m: String) -> ApiError {
 
 async fn list(State(state): State<Shared>, headers: HeaderMap) -> Result<Json<Value>, ApiError> {
     authorize(&state, &headers)?;
-    Ok(Json(json!({"object": "list", "data": state.policy.registry.list()})))
+    Ok(Json(json!({"object": "list", "data": state.policy.list()})))
 }
 
 async fn show(
@@ -43,8 +43,8 @@ async fn show(
 ) -> Result<Json<Value>, ApiError> {
     authorize(&state, &headers)?;
     let slot = slot(&name)?;
-    let view = state.policy.registry.list().into_iter().find(|v| v.slot == slot);
-    let view = view.ok_or_else(|| ApiError::from(crate::error::Error::UnknownPlugin(format!("slot {slot}"))))?;
+    let view = state.policy.list().into_iter().find(|v| v.slot == slot);
+    let view = view.ok_or_else(|| ApiError::from(Error::from(PolicyError::UnknownPlugin(format!("slot {slot}")))))?;
     Ok(Json(json!(view)))
 }
 
@@ -107,7 +107,7 @@ async fn rollback(
     authorize(&state, &headers)?;
     let slot = slot(&name)?;
     let (st, slot2) = (state.clone(), slot.clone());
-    let active = blocking("rollback", move || Ok(st.policy.registry.rollback(&slot2)?)).await?;
+    let active = blocking("rollback", move || Ok(st.policy.rollback(&slot2)?)).await?;
     Ok(Json(json!({"slot": slot, "active": active})))
 }
 
@@ -119,7 +119,7 @@ async fn activate(
     authorize(&state, &headers)?;
     let slot = slot(&name)?;
     let (st, slot2) = (state.clone(), slot.clone());
-    let active = blocking("activate", move || Ok(st.policy.registry.activate(&slot2, version)?)).await?;
+    let active = blocking("activate", move || Ok(st.policy.activate(&slot2, version)?)).await?;
     Ok(Json(json!({"slot": slot, "active": active})))
 }
 
@@ -130,6 +130,6 @@ async fn deactivate(
 ) -> Result<Json<Value>, ApiError> {
     authorize(&state, &headers)?;
     let slot = slot(&name)?;
-    state.policy.registry.deactivate(&slot)?;
+    state.policy.deactivate(&slot)?;
     Ok(Json(json!({"slot": slot, "active": null})))
 }

@@ -4,7 +4,8 @@ use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use serde_json::json;
 
-use crate::error::Error;
+use crate::error::{Error, LoadError, PolicyError, SubmitError};
+use crate::settlement::SettleError;
 
 /// An error answered as `{"error": {"message", "type", "param", "code"}}`.
 #[derive(Debug, Clone)]
@@ -89,39 +90,76 @@ impl From<Error> for ApiError {
     fn from(e: Error) -> Self {
         let msg = e.to_string();
         match e {
-            Error::InvalidParam { param, .. } => ApiError::invalid(Some(param.to_string()), msg),
-            Error::ContextOverflow { .. } => {
-                ApiError { code: "context_length_exceeded", ..ApiError::invalid(Some("messages".to_string()), msg) }
-            }
-            Error::KvExhausted { .. } => ApiError { code: "context_length_exceeded", ..ApiError::invalid(None, msg) },
-            Error::UnknownAdapter(name) => ApiError::model_not_found(&name),
-            Error::QueueFull => ApiError::overloaded(msg),
-            Error::EngineStopped => ApiError {
-                retry_after: Some(5),
-                ..ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "server_error", "unavailable", msg)
+            Error::Submit(e) => submit_error(e, msg),
+            Error::Policy(e) => match e {
+                PolicyError::PluginInvalid { .. } => {
+                    ApiError { code: "invalid_plugin", ..ApiError::invalid(None, msg) }
+                }
+                PolicyError::UnknownPlugin(_) => {
+                    ApiError::new(StatusCode::NOT_FOUND, "invalid_request_error", "not_found", msg)
+                }
+                PolicyError::Rejected(_) => {
+                    ApiError::new(StatusCode::FORBIDDEN, "permission_error", "rejected_by_policy", msg)
+                }
+                PolicyError::Failed { .. } => {
+                    ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "server_error", "policy_unavailable", msg)
+                }
+                PolicyError::Runtime { .. } => ApiError::internal(msg),
             },
-            Error::AdapterLoad { .. } | Error::AdapterTooLarge { .. } | Error::PoolTimeout(_) => {
-                ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "server_error", "adapter_unavailable", msg)
-            }
-            Error::Config { .. }
-            | Error::MissingFile { .. }
-            | Error::MissingTensor { .. }
-            | Error::TensorShape { .. }
-            | Error::WeightFile { .. } => ApiError { code: "invalid_adapter", ..ApiError::invalid(None, msg) },
-            Error::Tokenizer(_) => ApiError::invalid(None, msg),
-            Error::PluginInvalid { .. } => ApiError { code: "invalid_plugin", ..ApiError::invalid(None, msg) },
-            Error::UnknownPlugin(_) => ApiError::new(StatusCode::NOT_FOUND, "invalid_request_error", "not_found", msg),
-            Error::PolicyRejected(_) => {
-                ApiError::new(StatusCode::FORBIDDEN, "permission_error", "rejected_by_policy", msg)
-            }
-            Error::PolicyFailed { .. } => {
-                ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "server_error", "policy_unavailable", msg)
-            }
             Error::Ledger(_) => ApiError {
                 retry_after: Some(1),
                 ..ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "server_error", "ledger_unavailable", msg)
             },
-            Error::Io { .. } | Error::Tensor(_) | Error::Device(_) => ApiError::internal(msg),
+            Error::Config { .. }
+            | Error::Load(
+                LoadError::MissingFile { .. }
+                | LoadError::MissingTensor { .. }
+                | LoadError::TensorShape { .. }
+                | LoadError::WeightFile { .. },
+            ) => ApiError { code: "invalid_adapter", ..ApiError::invalid(None, msg) },
+            Error::Load(LoadError::Io { .. }) | Error::Tensor(_) | Error::Device(_) => ApiError::internal(msg),
+        }
+    }
+}
+
+impl From<SettleError> for ApiError {
+    fn from(e: SettleError) -> Self {
+        let msg = e.to_string();
+        match e {
+            SettleError::KeyInUse => {
+                ApiError::new(StatusCode::CONFLICT, "invalid_request_error", "idempotency_key_in_use", msg)
+            }
+            SettleError::KeyReused { billing } => ApiError {
+                extra: Some(Box::new([("billing".to_string(), *billing)].into_iter().collect())),
+                ..ApiError::new(StatusCode::CONFLICT, "invalid_request_error", "idempotency_key_reused", msg)
+            },
+            SettleError::Failed(e) => e.into(),
+            SettleError::Panicked(_) => ApiError::internal(msg),
+        }
+    }
+}
+
+/// The client's error for a request the engine refused or could not serve.
+fn submit_error(e: SubmitError, msg: String) -> ApiError {
+    match e {
+        SubmitError::InvalidParam { param, .. } => ApiError::invalid(Some(param.to_string()), msg),
+        SubmitError::InvalidField { param, .. } => ApiError::invalid(param, msg),
+        SubmitError::PromptTooLong { .. } => {
+            ApiError { code: "context_length_exceeded", ..ApiError::invalid(Some("prompt".to_string()), msg) }
+        }
+        SubmitError::Tokenize(_) => ApiError::invalid(None, msg),
+        SubmitError::ContextOverflow { .. } => {
+            ApiError { code: "context_length_exceeded", ..ApiError::invalid(Some("messages".to_string()), msg) }
+        }
+        SubmitError::KvExhausted { .. } => ApiError { code: "context_length_exceeded", ..ApiError::invalid(None, msg) },
+        SubmitError::UnknownAdapter(name) => ApiError::model_not_found(&name),
+        SubmitError::QueueFull => ApiError::overloaded(msg),
+        SubmitError::EngineStopped => ApiError {
+            retry_after: Some(5),
+            ..ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "server_error", "unavailable", msg)
+        },
+        SubmitError::AdapterLoad { .. } | SubmitError::AdapterTooLarge { .. } | SubmitError::PoolTimeout(_) => {
+            ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "server_error", "adapter_unavailable", msg)
         }
     }
 }

@@ -112,7 +112,7 @@ async fn admin_verify(State(state): State<Shared>, headers: HeaderMap, q: Params
     let report = blocking("ledger verify", move || {
         let mut replayer = if replay { Some(Replayer::new(&st.config.policy)?) } else { None };
         let name = st.ledger.location().to_string();
-        Ok(verify(st.ledger.location().open()?.as_mut(), replayer.as_mut(), &name)?)
+        Ok(verify(st.ledger.location().open()?.as_mut(), replayer.as_mut().map(|r| r as _), &name)?)
     })
     .await?;
     Ok(Json(json!({"ok": report.ok(), "report": report})))

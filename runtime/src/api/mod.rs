@@ -2,11 +2,8 @@
 
 pub mod admin;
 pub mod admin_plugins;
-mod billing;
-pub mod chat;
 pub mod error;
 pub mod ledger;
-mod metered;
 pub mod openai;
 mod stream;
 
@@ -45,8 +42,10 @@ pub struct AppState {
     pub adapter_store: std::path::PathBuf,
     /// Seconds since the epoch at start (the `created` of `/v1/models`).
     pub started: u64,
-    /// The model's chat template.
-    pub chat: chat::ChatTemplate,
+    /// Checks requests: limits, tokenizer, chat template, the engine's rules.
+    pub validator: Arc<crate::request::Validator>,
+    /// Admits requests and settles them (routing, pricing, attribution, the ledger).
+    pub settlement: Arc<crate::settlement::SettlementService>,
     /// Routing, pricing and attribution: the plugins and the built-ins.
     pub policy: Arc<crate::policy::PolicyHost>,
     /// The folder watched for dropped-in plugins.

@@ -8,11 +8,9 @@ use futures_util::Stream;
 use serde_json::{Value, json};
 use tokio::sync::OwnedSemaphorePermit;
 
-use super::billing::Ended;
-use super::metered::Metered;
 use super::{ApiError, Shared};
-use crate::engine::{Event, TokenLogprob, Usage};
-use crate::generate::FinishReason;
+use crate::engine::{Ended, Event, FinishReason, TokenLogprob, Usage};
+use crate::settlement::Metered;
 
 /// Which API shape to answer in.
 #[derive(Debug, Clone, Copy)]
@@ -60,13 +58,6 @@ fn usage_json(u: &Usage) -> Value {
         "completion_tokens": u.completion_tokens,
         "total_tokens": u.prompt_tokens + u.completion_tokens,
     })
-}
-
-fn finish_str(r: FinishReason) -> &'static str {
-    match r {
-        FinishReason::Length | FinishReason::Deadline => "length",
-        FinishReason::Stop | FinishReason::Cancelled => "stop",
-    }
 }
 
 fn logprobs_json(kind: Kind, tokens: &[TokenInfo], text_offset0: usize) -> Value {
@@ -117,6 +108,17 @@ fn observe(state: &Shared, model: &str, status: &str, start: Instant, first: Opt
     }
 }
 
+/// Records a request the engine failed (if it did work) and returns the client's error: the
+/// ledger's, if recording failed, else the generation failure.
+async fn failed(stream: &mut Metered, message: String, usage: &Usage) -> ApiError {
+    match stream.finish(Ended::Failed(message.clone()), usage).await {
+        Err(e) => e.into(),
+        Ok(_) => {
+            ApiError::new(axum::http::StatusCode::SERVICE_UNAVAILABLE, "server_error", "generation_failed", message)
+        }
+    }
+}
+
 /// The outcome of a non-streamed request.
 pub enum Collected {
     /// The response body.
@@ -142,7 +144,7 @@ pub async fn collect(state: &Shared, mut stream: Metered, reply: &Reply) -> Coll
             }
             Event::Done { reason, usage } => {
                 // The entry is durably written before the client sees its usage.
-                let billing = match stream.finish(Ended::Finished(reason), &usage).await {
+                let billing = match stream.finish(Ended::Finished(reason), &usage).await.map_err(ApiError::from) {
                     Ok(b) => b.unwrap_or(Value::Null),
                     Err(e) => {
                         observe(state, &reply.model, e.code, start, first, Instant::now(), 0);
@@ -153,11 +155,11 @@ pub async fn collect(state: &Shared, mut stream: Metered, reply: &Reply) -> Coll
                 let logprobs = logprobs_json(reply.kind, &tokens, 0);
                 let choice = match reply.kind {
                     Kind::Completion { .. } => json!({
-                        "index": 0, "text": text, "logprobs": logprobs, "finish_reason": finish_str(reason),
+                        "index": 0, "text": text, "logprobs": logprobs, "finish_reason": FinishReason::openai(reason),
                     }),
                     Kind::Chat { .. } => json!({
                         "index": 0, "message": {"role": "assistant", "content": text},
-                        "logprobs": logprobs, "finish_reason": finish_str(reason),
+                        "logprobs": logprobs, "finish_reason": FinishReason::openai(reason),
                     }),
                 };
                 let object = match reply.kind {
@@ -170,7 +172,7 @@ pub async fn collect(state: &Shared, mut stream: Metered, reply: &Reply) -> Coll
                 }));
             }
             Event::Failed { message, usage } => {
-                let e = stream.fail(message, &usage).await;
+                let e = failed(&mut stream, message, &usage).await;
                 observe(state, &reply.model, e.code, start, first, Instant::now(), 0);
                 return Collected::Failed(e);
             }
@@ -268,7 +270,8 @@ pub fn sse(
                 Event::Done { reason, usage } => {
                     st.done = true;
                     // The entry is durably written before the last chunk (with the usage) is sent.
-                    let billing = match st.stream.finish(Ended::Finished(reason), &usage).await {
+                    let billing = match st.stream.finish(Ended::Finished(reason), &usage).await.map_err(ApiError::from)
+                    {
                         Ok(b) => b.unwrap_or(Value::Null),
                         Err(e) => {
                             observe(&st.state, &st.reply.model, e.code, st.start, st.first, Instant::now(), 0);
@@ -287,7 +290,7 @@ pub fn sse(
                         usage.completion_tokens,
                     );
                     let first = !st.sent_any;
-                    let fin = delta_choice(st.reply.kind, "", Value::Null, Some(finish_str(reason)), first);
+                    let fin = delta_choice(st.reply.kind, "", Value::Null, Some(FinishReason::openai(reason)), first);
                     let mut fin = chunk(&st.reply, fin);
                     fin["billing"] = billing.clone();
                     st.pending.push_back(data(&fin));
@@ -302,7 +305,7 @@ pub fn sse(
                 }
                 Event::Failed { message, usage } => {
                     st.done = true;
-                    let e = st.stream.fail(message, &usage).await;
+                    let e = failed(&mut st.stream, message, &usage).await;
                     observe(&st.state, &st.reply.model, e.code, st.start, st.first, Instant::now(), 0);
                     st.pending.push_back(data(&e.body()));
                     st.pending.push_back(SseEvent::default().data("[DONE]"));

@@ -4,7 +4,7 @@
 
 use std::sync::Arc;
 
-use crate::error::{Error, Result};
+use crate::error::{Error, Result, SubmitError};
 use crate::model::lora::AdapterShare;
 use crate::model::{BlockPool, LoadedModel, LogitRows, PagedKvCache, SeqBatch};
 use crate::pager::{AdapterPager, PoolPlace};
@@ -73,7 +73,10 @@ impl CpuBackend {
         model.llama()?;
         let kv = PagedKvCache::with_bytes(model.config(), kv_bytes);
         if kv.total_blocks() == 0 {
-            return Err(Error::InvalidParam { param: "kv_cache_bytes", message: "too small for one KV block".into() });
+            return Err(Error::from(SubmitError::InvalidParam {
+                param: "kv_cache_bytes",
+                message: "too small for one KV block".into(),
+            }));
         }
         Ok(CpuBackend { model, kv })
     }
@@ -95,9 +98,7 @@ impl Backend for CpuBackend {
     fn step(&mut self, batch: &mut [SeqBatch<'_>], _: &[Pick], pager: &AdapterPager) -> Result<StepOutput> {
         let pool = batch.iter().any(|s| s.adapter.is_some()).then(|| pager.pool());
         if pool.as_ref().is_some_and(|p| p.place() != PoolPlace::Host) {
-            return Err(Error::Device(
-                "the adapter pool lives on a device: the CPU backend needs it on the host".into(),
-            ));
+            return Err(Error::device("the adapter pool lives on a device: the CPU backend needs it on the host"));
         }
         let (logits, shares) = self.model.llama()?.forward_measured(
             &mut self.kv,

@@ -5,6 +5,7 @@
 //! returned [`RequestStream`]; dropping the stream cancels the request within one step.
 
 pub mod backend;
+mod finish;
 mod scheduler;
 mod sequence;
 
@@ -15,12 +16,13 @@ use std::time::{Duration, Instant};
 
 use tokio::sync::mpsc::{UnboundedReceiver, unbounded_channel};
 
-use crate::error::{Error, Result};
-use crate::generate::FinishReason;
+use crate::error::{Error, Result, SubmitError};
 use crate::metrics::Metrics;
 use crate::model::LoadedModel;
 use crate::pager::AdapterPager;
-use crate::sampling::SamplingParams;
+pub use crate::request::GenerationRequest;
+use crate::request::{AdapterRef, Checker, ValidRequest};
+pub use finish::{Ended, FinishReason, StopScanner};
 
 /// Limits and capacities of the engine.
 #[derive(Debug, Clone)]
@@ -31,7 +33,7 @@ pub struct EngineConfig {
     pub max_batch_tokens: usize,
     /// Most sequences running at once.
     pub max_running: usize,
-    /// Most requests waiting; beyond it `submit` answers [`Error::QueueFull`].
+    /// Most requests waiting; beyond it `submit` answers [`Error::from(SubmitError::QueueFull)`].
     pub max_waiting: usize,
     /// A request waiting longer than this jumps ahead of every priority (no starvation).
     pub age_limit: Duration,
@@ -47,25 +49,6 @@ impl Default for EngineConfig {
             age_limit: Duration::from_secs(10),
         }
     }
-}
-
-/// One request for the engine, already validated and tokenized.
-#[derive(Debug, Clone)]
-pub struct GenerationRequest {
-    /// Caller's id for this request (echoed in usage and logs).
-    pub id: String,
-    /// Prompt token ids.
-    pub prompt_ids: Vec<u32>,
-    /// Sampling and stopping.
-    pub params: SamplingParams,
-    /// Adapter to run with, by registered name; `None` for the base model.
-    pub adapter: Option<String>,
-    /// Larger runs first; FCFS within a priority.
-    pub priority: i32,
-    /// Give up (finish with [`FinishReason::Deadline`]) past this instant.
-    pub deadline: Option<Instant>,
-    /// Return log-probabilities of each chosen token and this many alternatives (`None`: none).
-    pub logprobs: Option<usize>,
 }
 
 /// A generated token's log-probability and the most likely alternatives.
@@ -200,6 +183,7 @@ pub struct EngineStats {
 
 pub(crate) struct Submission {
     request: GenerationRequest,
+    adapter: Option<AdapterRef>,
     events: tokio::sync::mpsc::UnboundedSender<Event>,
     cancel: Arc<AtomicBool>,
     arrival: Instant,
@@ -210,15 +194,16 @@ pub(crate) struct Submission {
 pub struct EngineHandle {
     tx: Sender<Submission>,
     stats: Arc<Mutex<EngineStats>>,
-    shared: Arc<Shared>,
+    core: Arc<Core>,
 }
 
-struct Shared {
+/// What the engine thread and every handle share: the model, the pager and the rules.
+struct Core {
     model: Arc<LoadedModel>,
     device: String,
     pager: AdapterPager,
     config: EngineConfig,
-    kv_total_blocks: usize,
+    checker: Checker,
     waiting: std::sync::atomic::AtomicUsize,
 }
 
@@ -240,39 +225,39 @@ impl EngineHandle {
     ) -> Result<Self> {
         let kv_total_blocks = backend.kv().total_blocks();
         if kv_total_blocks == 0 {
-            return Err(Error::InvalidParam { param: "kv_cache_bytes", message: "too small for one KV block".into() });
+            return Err(Error::config("server configuration", "memory.kv_cache_bytes", "too small for one KV block"));
         }
         let (tx, rx) = channel();
         let stats = Arc::new(Mutex::new(EngineStats { kv_total_blocks, ..Default::default() }));
-        let shared = Arc::new(Shared {
+        let core = Arc::new(Core {
             model: model.clone(),
             device: backend.describe(),
             pager: pager.clone(),
             config: config.clone(),
-            kv_total_blocks,
+            checker: Checker::new(model.config(), kv_total_blocks, pager.clone()),
             waiting: Default::default(),
         });
-        let sched = scheduler::Scheduler::new(shared.clone(), backend, metrics, stats.clone());
+        let sched = scheduler::Scheduler::new(core.clone(), backend, metrics, stats.clone());
         std::thread::Builder::new()
             .name("openlora-engine".into())
             .spawn(move || sched.run(rx))
             .map_err(|e| Error::io("engine thread", e))?;
-        Ok(EngineHandle { tx, stats, shared })
+        Ok(EngineHandle { tx, stats, core })
     }
 
     /// The model the engine runs.
     pub fn model(&self) -> &Arc<LoadedModel> {
-        &self.shared.model
+        &self.core.model
     }
 
     /// The device the engine runs on, in words.
     pub fn device(&self) -> &str {
-        &self.shared.device
+        &self.core.device
     }
 
     /// The adapter pager the engine reads from.
     pub fn pager(&self) -> &AdapterPager {
-        &self.shared.pager
+        &self.core.pager
     }
 
     /// The latest stats snapshot.
@@ -280,50 +265,33 @@ impl EngineHandle {
         self.stats.lock().map(|s| s.clone()).unwrap_or_default()
     }
 
-    /// Checks a request against the model and the engine's capacity, then queues it.
-    /// Rejected up front: bad sampling parameters, an empty prompt, a prompt (plus one token)
-    /// longer than the context, an unknown adapter, more KV than the whole pool, a full queue.
-    pub fn submit(&self, mut request: GenerationRequest) -> Result<RequestStream> {
-        request.params.validate()?;
-        let context = self.shared.model.config().max_position_embeddings;
-        let prompt = request.prompt_ids.len();
-        if prompt == 0 {
-            return Err(Error::InvalidParam { param: "prompt", message: "the prompt has no tokens".into() });
+    /// The engine's rules for requests (the model's context and vocabulary, the KV pool, the
+    /// registered adapters).
+    pub fn checker(&self) -> &Checker {
+        &self.core.checker
+    }
+
+    /// Checks a request (see [`Checker::check`]) and queues it: for callers that build engine
+    /// requests themselves (the CLI, benchmarks, tests).
+    pub fn submit(&self, request: GenerationRequest) -> Result<RequestStream> {
+        self.enqueue(self.core.checker.check(request)?)
+    }
+
+    /// Queues a validated request, or refuses it when the queue is full.
+    pub fn enqueue(&self, request: ValidRequest) -> Result<RequestStream> {
+        let (request, adapter) = request.into_parts();
+        debug_assert!(!request.prompt_ids.is_empty() && request.params.max_tokens > 0);
+        if self.core.waiting.load(Ordering::Relaxed) >= self.core.config.max_waiting {
+            return Err(Error::from(SubmitError::QueueFull));
         }
-        if prompt >= context {
-            return Err(Error::ContextOverflow { prompt_tokens: prompt, context });
-        }
-        let vocab = self.shared.model.config().vocab_size;
-        if let Some(bad) = request.prompt_ids.iter().find(|&&t| t as usize >= vocab) {
-            return Err(Error::InvalidParam {
-                param: "prompt",
-                message: format!("token id {bad} is outside the vocabulary"),
-            });
-        }
-        request.params.max_tokens = request.params.max_tokens.min(context - prompt);
-        let needed = (prompt + request.params.max_tokens).div_ceil(crate::model::BLOCK_SIZE);
-        if needed > self.shared.kv_total_blocks {
-            return Err(Error::KvExhausted {
-                needed_tokens: prompt + request.params.max_tokens,
-                status: crate::model::AllocStatus::Impossible,
-            });
-        }
-        if let Some(a) = &request.adapter
-            && self.shared.pager.manifest(a).is_none()
-        {
-            return Err(Error::UnknownAdapter(a.clone()));
-        }
-        if self.shared.waiting.load(Ordering::Relaxed) >= self.shared.config.max_waiting {
-            return Err(Error::QueueFull);
-        }
-        self.shared.waiting.fetch_add(1, Ordering::Relaxed);
+        self.core.waiting.fetch_add(1, Ordering::Relaxed);
         let (etx, erx) = unbounded_channel();
         let cancel = Arc::new(AtomicBool::new(false));
         let id = request.id.clone();
-        let sub = Submission { request, events: etx, cancel: cancel.clone(), arrival: Instant::now() };
+        let sub = Submission { request, adapter, events: etx, cancel: cancel.clone(), arrival: Instant::now() };
         if self.tx.send(sub).is_err() {
-            self.shared.waiting.fetch_sub(1, Ordering::Relaxed);
-            return Err(Error::EngineStopped);
+            self.core.waiting.fetch_sub(1, Ordering::Relaxed);
+            return Err(Error::from(SubmitError::EngineStopped));
         }
         Ok(RequestStream { id, events: erx, cancel })
     }

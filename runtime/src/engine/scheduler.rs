@@ -5,10 +5,10 @@ use std::sync::mpsc::{Receiver, RecvTimeoutError};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use super::FinishReason;
 use super::backend::{Backend, Pick};
 use super::sequence::{Progress, Sequence};
-use super::{EngineStats, Shared, Submission};
-use crate::generate::FinishReason;
+use super::{Core, EngineStats, Submission};
 use crate::metrics::Metrics;
 use crate::model::{AllocStatus, BlockPool, SeqBatch};
 use crate::pager::Acquire;
@@ -17,8 +17,8 @@ use crate::pager::Acquire;
 const PREFETCH_AHEAD: usize = 8;
 
 pub(super) struct Scheduler {
-    /// The model, the pager and the configuration, shared with the handles.
-    shared: Arc<Shared>,
+    /// The model, the pager and the configuration, core with the handles.
+    core: Arc<Core>,
     backend: Box<dyn Backend>,
     metrics: Metrics,
     stats: Arc<Mutex<EngineStats>>,
@@ -33,14 +33,9 @@ pub(super) struct Scheduler {
 }
 
 impl Scheduler {
-    pub fn new(
-        shared: Arc<Shared>,
-        backend: Box<dyn Backend>,
-        metrics: Metrics,
-        stats: Arc<Mutex<EngineStats>>,
-    ) -> Self {
+    pub fn new(core: Arc<Core>, backend: Box<dyn Backend>, metrics: Metrics, stats: Arc<Mutex<EngineStats>>) -> Self {
         Scheduler {
-            shared,
+            core,
             backend,
             metrics,
             stats,
@@ -91,7 +86,7 @@ impl Scheduler {
     }
 
     fn left_waiting(&self, n: usize) {
-        self.shared.waiting.fetch_sub(n, Ordering::Relaxed);
+        self.core.waiting.fetch_sub(n, Ordering::Relaxed);
     }
 
     /// Why a sequence must end now, if it must: its caller left, or its deadline passed.
@@ -137,7 +132,7 @@ impl Scheduler {
             self.preemptions += 1;
             self.metrics.engine.preemptions.inc();
             self.waiting.push(s);
-            self.shared.waiting.fetch_add(1, Ordering::Relaxed);
+            self.core.waiting.fetch_add(1, Ordering::Relaxed);
         }
     }
 
@@ -145,7 +140,7 @@ impl Scheduler {
     fn step(&mut self) -> bool {
         let now = Instant::now();
         self.reap(now);
-        let mut budget = self.shared.config.max_batch_tokens;
+        let mut budget = self.core.config.max_batch_tokens;
         // Tokens each running sequence runs this step (0 = sits this step out).
         let mut chunks: Vec<usize> = Vec::with_capacity(self.running.len());
         let mut i = 0;
@@ -175,8 +170,8 @@ impl Scheduler {
         }
         self.admit(&mut budget, &mut chunks, now);
         for s in self.waiting.iter().filter(|s| s.lease.is_none()).take(PREFETCH_AHEAD) {
-            if let Some(a) = &s.request.adapter {
-                self.shared.pager.prefetch(a);
+            if let Some(a) = &s.adapter {
+                self.core.pager.prefetch(&a.name);
             }
         }
         let ran = chunks.iter().any(|&c| c > 0) && self.forward(&chunks);
@@ -187,17 +182,17 @@ impl Scheduler {
     /// Admits waiting requests, highest (aged) priority first, FCFS within a priority, while
     /// the step's token budget, the running limit, the KV pool and the adapter pool allow.
     fn admit(&mut self, budget: &mut usize, chunks: &mut Vec<usize>, now: Instant) {
-        let age_limit = self.shared.config.age_limit;
+        let age_limit = self.core.config.age_limit;
         let key = |s: &Sequence| {
             let aged = now.duration_since(s.arrival) >= age_limit;
             (std::cmp::Reverse(if aged { i32::MAX } else { s.request.priority }), s.arrival_seq)
         };
         self.waiting.sort_by_key(key);
-        while *budget > 0 && self.running.len() < self.shared.config.max_running && !self.waiting.is_empty() {
+        while *budget > 0 && self.running.len() < self.core.config.max_running && !self.waiting.is_empty() {
             let s = &mut self.waiting[0];
-            if let (Some(name), None) = (s.request.adapter.clone(), s.lease.as_ref()) {
+            if let (Some(a), None) = (&s.adapter, s.lease.as_ref()) {
                 let t0 = Instant::now();
-                match self.shared.pager.try_acquire(&name) {
+                match self.core.pager.try_acquire_version(&a.name, &a.manifest) {
                     Ok(Acquire::Ready(lease)) => {
                         s.lease = Some(lease);
                         s.add_adapter_time(t0.elapsed());
@@ -262,14 +257,14 @@ impl Scheduler {
                     SeqBatch {
                         tokens: &s.tokens[start..start + c],
                         kv: &mut s.kv,
-                        adapter: s.lease.as_ref().map(|l| l.resident()),
+                        adapter: s.lease.as_ref().map(|l| l.placed()),
                     }
                 })
                 .collect();
             self.max_batch_seqs = self.max_batch_seqs.max(batch.len());
             self.metrics.engine.batch_seqs.observe(batch.len() as f64);
             self.metrics.engine.batch_tokens.observe(total as f64);
-            self.backend.step(&mut batch, &picks, &self.shared.pager)
+            self.backend.step(&mut batch, &picks, &self.core.pager)
         };
         let elapsed = t0.elapsed();
         self.steps += 1;
@@ -304,7 +299,7 @@ impl Scheduler {
             s.add_share(shares.next().unwrap_or_default());
             s.add_adapter_time(loads.next().unwrap_or_default());
             if s.pending() == 0
-                && let Progress::Finished(reason) = s.push_token(&self.shared.model, row)
+                && let Progress::Finished(reason) = s.push_token(&self.core.model, row)
             {
                 finished.push((i, reason));
             }

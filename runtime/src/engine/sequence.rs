@@ -8,15 +8,18 @@ use tokio::sync::mpsc::UnboundedSender;
 
 use super::backend::{Pick, StepRow};
 use super::{Event, GenerationRequest, Submission, TokenLogprob, Usage};
-use crate::generate::{FinishReason, StopScanner};
+use super::{FinishReason, StopScanner};
 use crate::model::lora::AdapterShare;
 use crate::model::{LoadedModel, SeqKv, StreamDecoder};
 use crate::pager::AdapterLease;
+use crate::request::AdapterRef;
 use crate::sampling::Sampler;
 
 /// A request's state from arrival to finish.
 pub(super) struct Sequence {
     pub request: GenerationRequest,
+    /// The adapter version it was admitted with.
+    pub adapter: Option<AdapterRef>,
     events: UnboundedSender<Event>,
     cancel: Arc<AtomicBool>,
     pub arrival: Instant,
@@ -46,7 +49,7 @@ pub(super) enum Progress {
 
 impl Sequence {
     pub fn new(sub: Submission, arrival_seq: u64) -> Self {
-        let Submission { request, events, cancel, arrival } = sub;
+        let Submission { request, adapter, events, cancel, arrival } = sub;
         let prompt_len = request.prompt_ids.len();
         let usage = Usage { prompt_tokens: prompt_len as u32, ..Default::default() };
         Sequence {
@@ -55,6 +58,7 @@ impl Sequence {
             scanner: StopScanner::new(request.params.stop.clone()),
             decoder: StreamDecoder::starting_at(prompt_len),
             request,
+            adapter,
             events,
             cancel,
             arrival,

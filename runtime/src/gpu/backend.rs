@@ -8,10 +8,11 @@ use super::model::{GpuKv, GpuLlama, GpuSeq};
 use super::step::Step;
 use super::{Gpu, cuda_err};
 use crate::engine::backend::{Backend, Pick, StepOutput, StepRow};
-use crate::error::{Error, Result};
+use crate::error::{Error, Result, SubmitError};
 use crate::model::llama::reserve_batch;
 use crate::model::{BlockPool, LoadedModel, SeqBatch};
 use crate::pager::AdapterPager;
+use crate::pager::pool::ResidentAdapter;
 
 /// Device memory kept free for a step's activations, cuBLAS workspaces and the logits when the
 /// budget is taken from what is free.
@@ -42,12 +43,12 @@ impl DeviceBudget {
     pub fn split(budget: usize, pool: usize, kv_block_bytes: usize) -> Result<Self> {
         let kv_blocks = budget.saturating_sub(pool) / kv_block_bytes.max(1);
         if kv_blocks == 0 {
-            return Err(Error::InvalidParam {
+            return Err(Error::from(SubmitError::InvalidParam {
                 param: "memory.device_bytes",
                 message: format!(
                     "{budget} bytes of device memory leave no room for one KV block after the {pool}-byte adapter pool"
                 ),
-            });
+            }));
         }
         Ok(DeviceBudget { adapter_pool_bytes: pool, kv_blocks })
     }
@@ -141,6 +142,10 @@ impl GpuBackend {
             adapter_load = vec![std::time::Duration::ZERO; batch.len()];
             for (i, seq) in batch.iter().enumerate() {
                 let Some(r) = seq.adapter else { continue };
+                let r = r
+                    .as_any()
+                    .downcast_ref::<ResidentAdapter>()
+                    .ok_or_else(|| Error::device("an adapter not placed by the pager"))?;
                 let (t0, before) = (std::time::Instant::now(), self.adapters.uploads);
                 let slot = self.adapters.slot_for(&self.gpu, r, &host, &busy)?;
                 if self.adapters.uploads > before {

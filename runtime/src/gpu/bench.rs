@@ -86,7 +86,7 @@ fn generate(
     let mut held = vec![SeqKv::default(); batch];
     for h in &mut held {
         if kv.blocks.reserve(h, prompt + new_tokens) != AllocStatus::Ok {
-            return Err(Error::Device("the benchmark's KV cache is too small".into()));
+            return Err(Error::device("the benchmark's KV cache is too small"));
         }
     }
     let blocks: Vec<&[u32]> = held.iter().map(SeqKv::blocks).collect();

@@ -63,7 +63,7 @@ impl SlotTable {
             .filter(|s| !busy.contains(&(*s as u32)))
             .min_by_key(|&s| slots[s].map_or(0, |b| b.last_used))
             .map(|s| (s, false))
-            .ok_or_else(|| Error::Device(format!("more adapters in one step than the {} GPU slots", slots.len())))
+            .ok_or_else(|| Error::device(format!("more adapters in one step than the {} GPU slots", slots.len())))
     }
 
     /// Records what `slot` holds (`None`: nothing, while it is being rewritten).
@@ -110,12 +110,12 @@ impl Staged {
             }
         }
         if st.pages.len() != resident.pages().len() * pe {
-            return Err(Error::Device("the adapter's pages do not match its placement".into()));
+            return Err(Error::device("the adapter's pages do not match its placement"));
         }
         for m in resident.modules() {
             let id = m.layer * PROJS + m.proj;
             if id >= mpa {
-                return Err(Error::Device(format!("the adapter has a module in layer {} the model lacks", m.layer)));
+                return Err(Error::device(format!("the adapter has a module in layer {} the model lacks", m.layer)));
             }
             st.ranks[id] = m.rank as i32;
             st.scales[id] = m.scale;
@@ -241,13 +241,13 @@ impl GpuAdapters {
     pub fn bind(&mut self, gpu: &Gpu, slot: usize, resident: &ResidentAdapter, host: &PoolData) -> Result<()> {
         let table = resident.pages();
         if slot >= self.slots.slots.len() {
-            return Err(Error::Device(format!("adapter slot {slot} is out of range")));
+            return Err(Error::device(format!("adapter slot {slot} is out of range")));
         }
         if host.page_elems() != self.page_elems || table.iter().any(|&p| p as usize >= self.pages) {
-            return Err(Error::Device("the adapter's pages do not fit the device pool's geometry".into()));
+            return Err(Error::device("the adapter's pages do not fit the device pool's geometry"));
         }
         if table.len() > self.table_cap {
-            return Err(Error::Device(format!(
+            return Err(Error::device(format!(
                 "the adapter holds {} pages; a GPU slot holds {}",
                 table.len(),
                 self.table_cap
@@ -387,7 +387,7 @@ impl AdapterArena {
     pub fn place(&mut self, w: LoraWeights) -> Result<ResidentAdapter> {
         let w = std::sync::Arc::new(w);
         self.alloc.place(&mut self.host, &w).ok_or_else(|| {
-            Error::Device(format!(
+            Error::device(format!(
                 "the adapter needs {} pages; {} are free",
                 self.alloc.pages_needed(&w),
                 self.alloc.free_pages()

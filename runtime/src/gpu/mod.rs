@@ -28,8 +28,8 @@ use crate::device::{CudaDeviceInfo, probe_cuda};
 use crate::error::{Error, Result};
 
 /// A CUDA error as the runtime's error.
-pub(crate) fn cuda_err(e: impl std::fmt::Debug) -> Error {
-    Error::Device(format!("cuda: {e:?}"))
+pub(crate) fn cuda_err(e: impl std::error::Error + Send + Sync + 'static) -> Error {
+    crate::error::DeviceError::Driver { what: "cuda".into(), source: Box::new(e) }.into()
 }
 
 /// One GPU, ready to run openlora's kernels.
@@ -72,7 +72,7 @@ impl Gpu {
         let target = arch(info.capability);
         let mut kernels = HashMap::new();
         for (source, ptx) in
-            openlora_kernels::cuda::nvrtc::compile_all(target).map_err(|e| Error::Device(e.to_string()))?
+            openlora_kernels::cuda::nvrtc::compile_all(target).map_err(|e| Error::device(e.to_string()))?
         {
             let module = ctx.load_module(cudarc::nvrtc::Ptx::from_src(ptx)).map_err(cuda_err)?;
             for &name in source.kernels {
@@ -84,7 +84,7 @@ impl Gpu {
 
     /// A loaded kernel by name.
     pub fn kernel(&self, name: &str) -> Result<&CudaFunction> {
-        self.kernels.get(name).ok_or_else(|| Error::Device(format!("kernel {name} is not loaded")))
+        self.kernels.get(name).ok_or_else(|| Error::device(format!("kernel {name} is not loaded")))
     }
 
     /// Zeroed device memory for `n` values.

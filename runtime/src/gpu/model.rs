@@ -11,7 +11,7 @@ use half::bf16;
 use super::lora::{GpuAdapters, ShareSums};
 use super::step::{Step, StepBuffers};
 use super::{Gpu, cuda_err, grid};
-use crate::error::{Error, Result};
+use crate::error::{Error, Result, SubmitError};
 use crate::model::lora::AdapterShare;
 use crate::model::{BLOCK_SIZE, BlockPool, ModelConfig, Proj, rope};
 
@@ -34,7 +34,7 @@ pub const MAX_HEAD_DIM: usize = 4 * ATTENTION_BLOCK as usize;
 /// Refuses a model whose heads the attention kernels cannot hold.
 fn check_shape(cfg: &ModelConfig) -> Result<()> {
     if cfg.head_dim > MAX_HEAD_DIM {
-        return Err(Error::Device(format!(
+        return Err(Error::device(format!(
             "head_dim {} is beyond the {MAX_HEAD_DIM} the GPU attention kernels take",
             cfg.head_dim
         )));
@@ -185,20 +185,20 @@ impl StepPlan<Vec<u32>> {
         for (i, s) in seqs.iter().enumerate() {
             let end = s.start + s.tokens.len();
             if s.tokens.is_empty() || end > cfg.max_position_embeddings || end > s.blocks.len() * block_size {
-                return Err(Error::InvalidParam {
+                return Err(Error::from(SubmitError::InvalidParam {
                     param: "tokens",
                     message: format!(
                         "sequence {i}: {} new tokens at {} do not fit its blocks or the context",
                         s.tokens.len(),
                         s.start
                     ),
-                });
+                }));
             }
             if let Some(bad) = s.tokens.iter().find(|&&t| t as usize >= cfg.vocab_size) {
-                return Err(Error::InvalidParam {
+                return Err(Error::from(SubmitError::InvalidParam {
                     param: "tokens",
                     message: format!("token id {bad} is outside the vocabulary"),
-                });
+                }));
             }
             parts[Part::Tables as usize][i * max_blocks..i * max_blocks + s.blocks.len()].copy_from_slice(s.blocks);
             // i32 parts travel as their bits: -1 (no adapter) is 0xffff_ffff.
@@ -370,8 +370,7 @@ impl GpuLlama {
         all_rows: bool,
     ) -> Result<Step<'_>> {
         let cfg = &self.cfg;
-        let mut guard =
-            self.step.lock().map_err(|_| Error::Device("a step failed while holding its buffers".into()))?;
+        let mut guard = self.step.lock().map_err(|_| Error::device("a step failed while holding its buffers"))?;
         let bufs = &mut *guard;
         let layout = StepPlan::layout(cfg, BLOCK_SIZE, seqs, all_rows)?;
         let plan_buf = bufs.plan.take(gpu, layout.buf.len(), &mut bufs.grown)?;

@@ -62,12 +62,12 @@ fn tensors(path: &Path) -> Result<std::collections::HashMap<String, candle_core:
 }
 
 fn ids(t: &std::collections::HashMap<String, candle_core::Tensor>, key: &str) -> Result<Vec<u32>> {
-    let v = t.get(key).ok_or_else(|| Error::Device(format!("reference has no {key}")))?;
+    let v = t.get(key).ok_or_else(|| Error::device(format!("reference has no {key}")))?;
     Ok(v.to_vec1::<i64>()?.into_iter().map(|x| x as u32).collect())
 }
 
 fn logits(t: &std::collections::HashMap<String, candle_core::Tensor>, key: &str) -> Result<Vec<f32>> {
-    let v = t.get(key).ok_or_else(|| Error::Device(format!("reference has no {key}")))?;
+    let v = t.get(key).ok_or_else(|| Error::device(format!("reference has no {key}")))?;
     Ok(v.to_dtype(candle_core::DType::F32)?.flatten_all()?.to_vec1::<f32>()?)
 }
 
@@ -78,7 +78,7 @@ fn kv_for(gpu: &Gpu, cfg: &ModelConfig, prompts: &[(Vec<u32>, Option<u32>)]) -> 
     for p in prompts {
         let mut s = SeqKv::default();
         if kv.blocks.reserve(&mut s, p.0.len()) != AllocStatus::Ok {
-            return Err(Error::Device("the parity KV cache is too small".into()));
+            return Err(Error::device("the parity KV cache is too small"));
         }
         seqs.push(s);
     }
@@ -128,7 +128,7 @@ pub fn fixtures(gpu: &Gpu, fixtures: &Path) -> Result<Value> {
     let meta: Value = serde_json::from_str(
         &std::fs::read_to_string(adir.join("mixed_reference.json")).map_err(|e| Error::io(&adir, e))?,
     )
-    .map_err(|e| Error::Device(format!("mixed_reference.json: {e}")))?;
+    .map_err(|e| Error::device(format!("mixed_reference.json: {e}")))?;
     let rows: Vec<String> = meta["rows"]
         .as_array()
         .map(|a| a.iter().filter_map(|r| r.as_str().map(String::from)).collect())

@@ -15,7 +15,7 @@ use super::bench::{BenchConfig, LLAMA_7B_CONFIG, QKVO, llama_7b};
 use super::{Gpu, model::GpuLlama};
 use crate::adapters::random::{self, RandomAdapter};
 use crate::engine::{EngineConfig, EngineHandle, Event, GenerationRequest, Usage};
-use crate::error::{Error, Result};
+use crate::error::{Error, LoadError, Result};
 use crate::metrics::Metrics;
 use crate::model::{BLOCK_SIZE, LoadedModel};
 use crate::pager::{AdapterPager, PagerConfig};
@@ -35,8 +35,8 @@ pub fn serve_all(engine: &EngineHandle, requests: Vec<GenerationRequest>) -> Res
                     out.push((tokens, usage));
                     break;
                 }
-                Some(Event::Failed { message, .. }) => return Err(Error::Device(format!("{}: {message}", s.id))),
-                None => return Err(Error::Device(format!("{}: the engine stopped", s.id))),
+                Some(Event::Failed { message, .. }) => return Err(Error::device(format!("{}: {message}", s.id))),
+                None => return Err(Error::device(format!("{}: the engine stopped", s.id))),
             }
         }
     }
@@ -101,7 +101,7 @@ fn weightless_model(dir: &Path, cfg_text: &str, fixtures: &Path) -> Result<()> {
     let placeholder = candle_core::Tensor::zeros(1, DType::BF16, &candle_core::Device::Cpu)?;
     let path = dir.join("model.safetensors");
     candle_core::safetensors::save(&std::collections::HashMap::from([("placeholder".to_string(), placeholder)]), &path)
-        .map_err(|e| Error::WeightFile { file: path.clone(), message: e.to_string() })
+        .map_err(|e| Error::from(LoadError::WeightFile { file: path.clone(), message: e.to_string() }))
 }
 
 /// The serving path at Llama-7B shape on `cuda:ordinal`: `c.adapters` rank-`c.rank` PEFT

@@ -82,7 +82,7 @@ impl Step<'_> {
         let n = self.rows * self.vocab;
         match &self.bufs.logits.0 {
             Some(l) if l.len() >= n => Ok(l.slice(0..n)),
-            _ => Err(Error::Device("the step has no logits".into())),
+            _ => Err(Error::device("the step has no logits")),
         }
     }
 
@@ -112,7 +112,7 @@ impl Step<'_> {
         let mut ids = bufs.ids.take(gpu, rows, &mut bufs.grown)?;
         gpu.stream.memcpy_htod(&temperatures[..rows], &mut t.slice_mut(0..rows)).map_err(cuda_err)?;
         gpu.stream.memcpy_htod(&seeds[..rows], &mut sd.slice_mut(0..rows)).map_err(cuda_err)?;
-        let logits = bufs.logits.0.as_ref().ok_or_else(|| Error::Device("the step has no logits".into()))?;
+        let logits = bufs.logits.0.as_ref().ok_or_else(|| Error::device("the step has no logits"))?;
         let logits = logits.slice(0..n);
         let mut b = gpu.stream.launch_builder(gpu.kernel("sample_rows")?);
         b.arg(&logits).arg(&vocab).arg(&t).arg(&sd).arg(&mut ids);

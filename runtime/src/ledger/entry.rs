@@ -5,7 +5,22 @@ use openlora_sdk::{Money, RequestInfo, Split, Usage};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
-use crate::policy::Decider;
+/// Who made one decision, recorded with it so it can be replayed.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Decider {
+    /// The slot (`router`, `pricer`, `attributor`, `adapter:<name>`).
+    pub slot: String,
+    /// `sha256:<hex>` of the plugin that answered, or `builtin:<slot>@<version>`.
+    pub plugin: String,
+    /// The plugin's version number in its slot (none for the built-in).
+    pub version: Option<u32>,
+    /// The configuration it ran with (JSON; empty for none).
+    pub config: String,
+    /// If the slot's plugin failed and the built-in answered instead: why.
+    pub failure: Option<String>,
+    /// Fuel the plugin used (0 for the built-in).
+    pub fuel: u64,
+}
 
 /// The `prev_hash` of the first entry of a ledger.
 pub const GENESIS_HASH: &str = "0000000000000000000000000000000000000000000000000000000000000000";

@@ -24,10 +24,11 @@ use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
 use dashmap::DashMap;
 
-pub use entry::{Artifact, EntryBody, NewEntry, Outcome, StoredEntry};
+pub use entry::{Artifact, Decider, EntryBody, NewEntry, Outcome, StoredEntry};
 pub use store::{Appended, Filter, Head, LedgerStore, Location};
+pub use verify::{Replay, Replayed};
 
-use crate::error::{Error, Result};
+use crate::error::{Error, LedgerError, Result};
 use crate::metrics::LedgerMetrics;
 
 /// Most entries one commit writes.
@@ -87,7 +88,7 @@ impl Ledger {
         std::thread::Builder::new()
             .name("openlora-ledger".into())
             .spawn(move || write_loop(loc, Some(writer_store), rx, m))
-            .map_err(|e| Error::Ledger(format!("starting the ledger writer: {e}")))?;
+            .map_err(|e| Error::io("ledger writer thread", e))?;
         Ok(Arc::new(Ledger {
             location,
             jobs,
@@ -111,8 +112,8 @@ impl Ledger {
         let result = self
             .jobs
             .send(Job { entry, reply })
-            .map_err(|_| Error::Ledger("the ledger writer has stopped".into()))
-            .and_then(|_| answer.recv().map_err(|_| Error::Ledger("the ledger writer has stopped".into()))?);
+            .map_err(|_| Error::from(LedgerError::WriterStopped))
+            .and_then(|_| answer.recv().map_err(|_| Error::from(LedgerError::WriterStopped))?);
         match &result {
             Ok(Appended::Written(_)) => {
                 for sha in blobs {
@@ -148,7 +149,7 @@ impl Ledger {
         if reader.is_none() {
             *reader = Some(self.location.open()?);
         }
-        let store = reader.as_mut().ok_or_else(|| Error::Ledger("no reader".into()))?;
+        let store = reader.as_mut().ok_or_else(|| LedgerError::Invalid("no reader".into()))?;
         let result = f(store.as_mut());
         if result.is_err() {
             *reader = None;
@@ -194,9 +195,20 @@ fn write_loop(location: Location, mut store: Option<Box<dyn LedgerStore>>, rx: R
                 eprintln!("openlora: ledger write of {} entries failed: {e}", entries.len());
                 store = None;
                 for reply in replies {
-                    let _ = reply.send(Err(Error::Ledger(e.to_string())));
+                    let _ = reply
+                        .send(Err(LedgerError::Store { what: "write".into(), source: e.to_string().into() }.into()));
                 }
             }
         }
+    }
+}
+
+impl Location {
+    /// Opens (creating if needed) the ledger.
+    pub fn open(&self) -> Result<Box<dyn LedgerStore>> {
+        Ok(match self {
+            Location::Sqlite(path) => Box::new(sqlite::SqliteStore::open(path)?),
+            Location::Postgres(url) => Box::new(postgres::PostgresStore::open(url)?),
+        })
     }
 }

@@ -6,7 +6,7 @@ use postgres::{Client, GenericClient, NoTls, Row};
 use super::chain::{COLUMNS, ChainTx, append_chained, schema};
 use super::entry::{GENESIS_HASH, NewEntry, StoredEntry};
 use super::store::{Appended, Filter, Head, LedgerStore};
-use crate::error::{Error, Result};
+use crate::error::{Error, LedgerError, Result};
 
 /// A ledger in a PostgreSQL database.
 pub struct PostgresStore {
@@ -14,7 +14,7 @@ pub struct PostgresStore {
 }
 
 fn err(e: postgres::Error) -> Error {
-    Error::Ledger(format!("postgres: {e}"))
+    LedgerError::Store { what: "postgres".into(), source: Box::new(e) }.into()
 }
 
 fn entry(r: &Row) -> StoredEntry {

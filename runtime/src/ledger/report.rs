@@ -10,7 +10,7 @@ use serde_json::json;
 
 use super::entry::{EntryBody, StoredEntry};
 use super::store::{Filter, LedgerStore};
-use crate::error::{Error, Result};
+use crate::error::{Error, LedgerError, Result};
 
 /// Entries read per query.
 const PAGE: usize = 1000;
@@ -26,7 +26,7 @@ pub fn for_each(
         let page = store.page(filter, last, PAGE)?;
         let Some(end) = page.last().map(|e| e.seq) else { return Ok(()) };
         for e in &page {
-            f(e, e.parse().map_err(Error::Ledger)?)?;
+            f(e, e.parse().map_err(LedgerError::Invalid)?)?;
         }
         last = end;
     }
@@ -101,7 +101,7 @@ fn csv(field: &str) -> String {
 
 /// Writes the matching entries to `out`; returns how many.
 pub fn export(store: &mut dyn LedgerStore, filter: &Filter, format: Format, out: &mut dyn Write) -> Result<u64> {
-    let io = |e: std::io::Error| Error::Ledger(format!("writing the export: {e}"));
+    let io = |e: std::io::Error| Error::from(LedgerError::Export(e));
     let mut n = 0;
     if format == Format::Csv {
         writeln!(out, "{CSV_HEADER}").map_err(io)?;

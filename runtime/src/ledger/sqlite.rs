@@ -8,7 +8,7 @@ use rusqlite::{Connection, OptionalExtension, Row, TransactionBehavior, params};
 use super::chain::{COLUMNS, ChainTx, append_chained, schema};
 use super::entry::{GENESIS_HASH, NewEntry, StoredEntry};
 use super::store::{Appended, Filter, Head, LedgerStore};
-use crate::error::{Error, Result};
+use crate::error::{Error, LedgerError, Result};
 
 /// A ledger in an SQLite file.
 pub struct SqliteStore {
@@ -17,7 +17,7 @@ pub struct SqliteStore {
 }
 
 fn err(path: &Path, e: rusqlite::Error) -> Error {
-    Error::Ledger(format!("sqlite {}: {e}", path.display()))
+    LedgerError::Store { what: format!("sqlite {}", path.display()), source: Box::new(e) }.into()
 }
 
 fn row(r: &Row<'_>) -> rusqlite::Result<StoredEntry> {

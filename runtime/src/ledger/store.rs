@@ -3,7 +3,7 @@
 use std::path::PathBuf;
 
 use super::entry::{NewEntry, StoredEntry};
-use crate::error::{Error, Result};
+use crate::error::{LedgerError, Result};
 
 /// What became of one entry handed to [`LedgerStore::append`].
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -76,20 +76,12 @@ impl Location {
     pub fn parse(text: &str) -> Result<Self> {
         let text = text.trim();
         if text.is_empty() {
-            return Err(Error::Ledger("empty ledger location".into()));
+            return Err(LedgerError::Invalid("empty ledger location".into()).into());
         }
         if text.starts_with("postgres://") || text.starts_with("postgresql://") {
             return Ok(Location::Postgres(text.to_string()));
         }
         Ok(Location::Sqlite(PathBuf::from(text.strip_prefix("sqlite:").unwrap_or(text))))
-    }
-
-    /// Opens (creating if needed) the ledger.
-    pub fn open(&self) -> Result<Box<dyn LedgerStore>> {
-        Ok(match self {
-            Location::Sqlite(path) => Box::new(super::sqlite::SqliteStore::open(path)?),
-            Location::Postgres(url) => Box::new(super::postgres::PostgresStore::open(url)?),
-        })
     }
 }
 

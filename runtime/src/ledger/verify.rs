@@ -2,12 +2,38 @@
 //! its link to the one before, its hash, its exactness and (optionally) that replaying its
 //! pricer and attributor gives the same charge and splits. Stops at the first bad entry.
 
+use openlora_sdk::{Money, RequestInfo, Split, Usage};
 use serde::Serialize;
 
+use super::entry::Decider;
 use super::entry::{EntryBody, GENESIS_HASH, StoredEntry, link};
 use super::store::{Filter, LedgerStore};
 use crate::error::Result;
-use crate::policy::Replayer;
+
+/// Finds stored plugin bytes by sha256 (hex).
+pub type BlobSource<'a> = &'a mut dyn FnMut(&str) -> Result<Option<Vec<u8>>>;
+
+/// The settlement a replay produced.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Replayed {
+    /// The charge.
+    pub charge: Money,
+    /// The splits.
+    pub splits: Vec<Split>,
+}
+
+/// Runs an entry's recorded pricer and attributor again on its recorded inputs. The policy
+/// host implements it; the ledger only stores what a replay needs.
+pub trait Replay {
+    /// The charge and splits the recorded deciders give for the recorded request and usage.
+    fn settle(
+        &mut self,
+        request: &RequestInfo,
+        usage: &Usage,
+        deciders: &[Decider],
+        blobs: BlobSource<'_>,
+    ) -> std::result::Result<Replayed, String>;
+}
 
 /// Entries read per query while verifying.
 const PAGE: usize = 500;
@@ -71,7 +97,7 @@ fn check_entry(e: &StoredEntry, expected_seq: u64, prev_hash: &str) -> std::resu
 }
 
 /// Replays one entry's settlement; `None` if it matches.
-fn replay(r: &mut Replayer, store: &mut dyn LedgerStore, body: &EntryBody) -> Option<String> {
+fn replay(r: &mut dyn Replay, store: &mut dyn LedgerStore, body: &EntryBody) -> Option<String> {
     if body.charge.amount == 0 && body.splits.is_empty() {
         return None;
     }
@@ -89,7 +115,11 @@ fn replay(r: &mut Replayer, store: &mut dyn LedgerStore, body: &EntryBody) -> Op
 }
 
 /// Verifies the whole ledger; with a replayer, also replays every entry's settlement.
-pub fn verify(store: &mut dyn LedgerStore, mut replayer: Option<&mut Replayer>, ledger: &str) -> Result<VerifyReport> {
+pub fn verify(
+    store: &mut dyn LedgerStore,
+    mut replayer: Option<&mut dyn Replay>,
+    ledger: &str,
+) -> Result<VerifyReport> {
     let mut report = VerifyReport {
         ledger: ledger.to_string(),
         entries: 0,

@@ -3,7 +3,7 @@
 
 use openlora_kernels::attention::{KvLayer, KvShape};
 
-use super::config::ModelConfig;
+use crate::shape::ModelConfig;
 
 /// Tokens per KV block.
 pub const BLOCK_SIZE: usize = 16;

@@ -9,76 +9,13 @@ use candle_core::{D, DType, Device, Tensor};
 use openlora_kernels::attention::{SeqAttention, paged_attention, write_kv};
 use openlora_kernels::lora::PagePool;
 
-use super::config::ModelConfig;
 use super::kv::{AllocStatus, BlockPool, PagedKvCache, SeqKv};
-use super::lora::{AdapterShare, LoraPlan};
+use super::lora::{AdapterShare, LoraPlan, PlacedAdapter};
 use super::ops;
 use super::rope::RopeTables;
 use super::weights::WeightFiles;
-use crate::error::{Error, Result};
-use crate::pager::pool::ResidentAdapter;
-
-/// The seven projections of a decoder layer (the places a LoRA adapter may attach).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum Proj {
-    /// Attention query projection.
-    Q,
-    /// Attention key projection.
-    K,
-    /// Attention value projection.
-    V,
-    /// Attention output projection.
-    O,
-    /// MLP gate projection.
-    Gate,
-    /// MLP up projection.
-    Up,
-    /// MLP down projection.
-    Down,
-}
-
-impl Proj {
-    /// Every projection, in layer order.
-    pub const ALL: [Proj; 7] = [Proj::Q, Proj::K, Proj::V, Proj::O, Proj::Gate, Proj::Up, Proj::Down];
-
-    /// The module name Hugging Face uses (`q_proj`, …).
-    pub fn module_name(self) -> &'static str {
-        match self {
-            Proj::Q => "q_proj",
-            Proj::K => "k_proj",
-            Proj::V => "v_proj",
-            Proj::O => "o_proj",
-            Proj::Gate => "gate_proj",
-            Proj::Up => "up_proj",
-            Proj::Down => "down_proj",
-        }
-    }
-
-    fn parent(self) -> &'static str {
-        match self {
-            Proj::Q | Proj::K | Proj::V | Proj::O => "self_attn",
-            Proj::Gate | Proj::Up | Proj::Down => "mlp",
-        }
-    }
-
-    /// `(out_features, in_features)` of this projection for a model config.
-    pub fn shape(self, cfg: &ModelConfig) -> (usize, usize) {
-        let q = cfg.num_heads * cfg.head_dim;
-        let kv = cfg.num_kv_heads * cfg.head_dim;
-        match self {
-            Proj::Q => (q, cfg.hidden_size),
-            Proj::K | Proj::V => (kv, cfg.hidden_size),
-            Proj::O => (cfg.hidden_size, q),
-            Proj::Gate | Proj::Up => (cfg.intermediate_size, cfg.hidden_size),
-            Proj::Down => (cfg.hidden_size, cfg.intermediate_size),
-        }
-    }
-
-    /// The weight's tensor name in layer `layer`.
-    pub fn tensor_name(self, layer: usize) -> String {
-        format!("model.layers.{layer}.{}.{}.weight", self.parent(), self.module_name())
-    }
-}
+use crate::error::{Error, Result, SubmitError};
+use crate::shape::{ModelConfig, Proj};
 
 struct Layer {
     /// Projection weights `[out, in]`, indexed by `Proj as usize`.
@@ -94,7 +31,7 @@ pub struct SeqBatch<'a> {
     /// The sequence's KV blocks; its length is the position of `tokens[0]`.
     pub kv: &'a mut SeqKv,
     /// The LoRA adapter this sequence runs with, resident in the pool passed to `forward`.
-    pub adapter: Option<&'a ResidentAdapter>,
+    pub adapter: Option<&'a dyn PlacedAdapter>,
 }
 
 impl<'a> SeqBatch<'a> {
@@ -110,7 +47,12 @@ pub fn reserve_batch(kv: &mut BlockPool, batch: &mut [SeqBatch<'_>]) -> Result<(
     for seq in batch.iter_mut() {
         match kv.reserve(seq.kv, seq.tokens.len()) {
             AllocStatus::Ok => {}
-            status => return Err(Error::KvExhausted { needed_tokens: seq.kv.len() + seq.tokens.len(), status }),
+            status => {
+                return Err(Error::from(SubmitError::KvExhausted {
+                    needed_tokens: seq.kv.len() + seq.tokens.len(),
+                    ever: status == AllocStatus::Later,
+                }));
+            }
         }
     }
     Ok(())
@@ -268,34 +210,16 @@ impl Llama {
         let mut spans = Vec::with_capacity(batch.len());
         for seq in batch.iter() {
             let start = seq.kv.len();
-            if seq.tokens.is_empty() {
-                return Err(Error::InvalidParam {
-                    param: "tokens",
-                    message: "a sequence in the batch has no new tokens".into(),
-                });
-            }
-            if start + seq.tokens.len() > cfg.max_position_embeddings {
-                return Err(Error::ContextOverflow {
-                    prompt_tokens: start + seq.tokens.len(),
-                    context: cfg.max_position_embeddings,
-                });
-            }
-            if let Some(bad) = seq.tokens.iter().find(|&&t| t as usize >= cfg.vocab_size) {
-                return Err(Error::InvalidParam {
-                    param: "tokens",
-                    message: format!("token id {bad} is outside the vocabulary"),
-                });
-            }
+            // The engine runs only validated requests (`crate::request`); direct callers
+            // (tests, benchmarks) must keep to the same rules.
+            debug_assert!(!seq.tokens.is_empty(), "a sequence in the batch has no new tokens");
+            debug_assert!(start + seq.tokens.len() <= cfg.max_position_embeddings, "past the context");
+            debug_assert!(seq.tokens.iter().all(|&t| (t as usize) < cfg.vocab_size), "token outside the vocabulary");
             spans.push((ids.len(), seq.tokens.len(), start));
             ids.extend_from_slice(seq.tokens);
             positions.extend((start..start + seq.tokens.len()).map(|p| p as u32));
         }
-        if pool.is_none() && batch.iter().any(|s| s.adapter.is_some()) {
-            return Err(Error::InvalidParam {
-                param: "adapter",
-                message: "a sequence has an adapter but no pool was given".into(),
-            });
-        }
+        debug_assert!(pool.is_some() || batch.iter().all(|s| s.adapter.is_none()), "an adapter but no pool");
         reserve_batch(kv.blocks_mut(), batch)?;
         let lora =
             LoraPlan::new(pool, batch.iter().zip(&spans).map(|(s, &(off, len, _))| (off, len, s.adapter)).collect());

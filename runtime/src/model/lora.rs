@@ -1,17 +1,26 @@
 //! Applying each sequence's LoRA adapter inside the batched forward pass.
 
 use candle_core::Tensor;
-use openlora_kernels::lora::{Dims, PagePool, Segment, bgmv, sgmv};
+use openlora_kernels::lora::{Dims, LoraModuleView, PagePool, Segment, bgmv, sgmv};
 
-use super::llama::Proj;
 use crate::error::Result;
-use crate::pager::pool::ResidentAdapter;
+use crate::shape::Proj;
+
+/// An adapter placed in the page pool, as the LoRA op reads it (the pager places adapters;
+/// the model only reads where their pages are).
+pub trait PlacedAdapter: Sync {
+    /// The kernel's view of one projection's weights, if the adapter has it.
+    fn view(&self, layer: usize, proj: Proj) -> Option<LoraModuleView<'_>>;
+
+    /// The placement itself, for a backend that knows the pager's type (a device mirror).
+    fn as_any(&self) -> &dyn std::any::Any;
+}
 
 /// Which rows of a flat batch use which resident adapter, and the pool holding them.
 pub struct LoraPlan<'a> {
     pool: Option<PagePool<'a>>,
     /// `(first row, rows, adapter)` per sequence.
-    spans: Vec<(usize, usize, Option<&'a ResidentAdapter>)>,
+    spans: Vec<(usize, usize, Option<&'a dyn PlacedAdapter>)>,
     /// Every sequence contributes one row: use the gathered (BGMV) schedule.
     decode_only: bool,
     /// Per sequence: Σ|adapter delta| and Σ|base output| over its adapted projections.
@@ -44,7 +53,7 @@ impl AdapterShare {
 
 impl<'a> LoraPlan<'a> {
     /// A plan for sequences laid out as `spans`; `pool` may be `None` when no sequence has an adapter.
-    pub fn new(pool: Option<PagePool<'a>>, spans: Vec<(usize, usize, Option<&'a ResidentAdapter>)>) -> Self {
+    pub fn new(pool: Option<PagePool<'a>>, spans: Vec<(usize, usize, Option<&'a dyn PlacedAdapter>)>) -> Self {
         let decode_only = spans.iter().all(|s| s.1 == 1);
         let shares = std::cell::RefCell::new(vec![AdapterShare::default(); spans.len()]);
         LoraPlan { pool, spans, decode_only, shares }

@@ -1,6 +1,5 @@
 //! Llama-family models loaded from a Hugging Face folder.
 
-pub mod config;
 pub mod kv;
 pub mod llama;
 pub mod lora;
@@ -13,13 +12,13 @@ use std::path::{Path, PathBuf};
 
 use candle_core::Device;
 
-pub use config::{GenerationDefaults, ModelConfig, RopeScaling, WeightDType};
+pub use crate::shape::{GenerationDefaults, ModelConfig, Proj, RopeScaling, WeightDType};
 pub use kv::{AllocStatus, BLOCK_SIZE, BlockPool, PagedKvCache, SeqKv};
-pub use llama::{Llama, LogitRows, Proj, SeqBatch};
+pub use llama::{Llama, LogitRows, SeqBatch};
 pub use tokenizer::{StreamDecoder, TextTokenizer};
 pub use weights::WeightFiles;
 
-use crate::error::{Error, Result};
+use crate::error::{Error, LoadError, Result};
 
 /// Everything loaded from one model folder: configuration, weights and tokenizer.
 pub struct LoadedModel {
@@ -86,16 +85,19 @@ impl LoadedModel {
 
     /// The decoder on the CPU, if this model was loaded with its weights there.
     pub fn llama(&self) -> Result<&Llama> {
-        self.llama.as_ref().ok_or_else(|| Error::Device("the model's weights are on the GPU, not the CPU".into()))
+        self.llama.as_ref().ok_or_else(|| Error::device("the model's weights are on the GPU, not the CPU"))
     }
 
     fn open(folder: &Path, cpu_weights: bool) -> Result<Self> {
         if !folder.is_dir() {
-            return Err(Error::MissingFile { path: folder.to_path_buf(), what: "model folder" });
+            return Err(Error::from(LoadError::MissingFile { path: folder.to_path_buf(), what: "model folder" }));
         }
         let config_path = folder.join("config.json");
         if !config_path.exists() {
-            return Err(Error::MissingFile { path: config_path, what: "model configuration (config.json)" });
+            return Err(Error::from(LoadError::MissingFile {
+                path: config_path,
+                what: "model configuration (config.json)",
+            }));
         }
         let cfg = ModelConfig::from_file(&config_path)?;
         let tokenizer = TextTokenizer::from_folder(folder)?;

@@ -2,8 +2,8 @@
 
 use candle_core::{Device, Tensor};
 
-use super::config::{ModelConfig, RopeScaling};
 use crate::error::Result;
+use crate::shape::{ModelConfig, RopeScaling};
 
 /// Inverse frequencies per rotary pair, after any scaling (f32, as transformers does).
 pub fn inv_freq(cfg: &ModelConfig) -> Vec<f32> {

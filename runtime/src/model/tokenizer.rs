@@ -4,7 +4,7 @@ use std::path::Path;
 
 use serde_json::Value;
 
-use crate::error::{Error, Result};
+use crate::error::{Error, LoadError, Result, SubmitError};
 
 /// A Hugging Face tokenizer with the special tokens and chat template of its folder.
 pub struct TextTokenizer {
@@ -35,12 +35,12 @@ impl TextTokenizer {
     pub fn from_folder(folder: &Path) -> Result<Self> {
         let path = folder.join("tokenizer.json");
         if !path.exists() {
-            return Err(Error::MissingFile { path, what: "tokenizer (tokenizer.json)" });
+            return Err(Error::from(LoadError::MissingFile { path, what: "tokenizer (tokenizer.json)" }));
         }
         let inner = tokenizers::Tokenizer::from_file(&path)
             .map_err(|e| Error::config(&path, "-", format!("not a valid tokenizer: {e}")))?;
         let cfg_path = folder.join("tokenizer_config.json");
-        let cfg: Value = if cfg_path.exists() { super::config::read_json(&cfg_path)? } else { Value::Null };
+        let cfg: Value = if cfg_path.exists() { crate::shape::read_json(&cfg_path)? } else { Value::Null };
         let bos_token = special(cfg.get("bos_token"));
         let eos_token = special(cfg.get("eos_token"));
         let id = |t: &Option<String>| t.as_deref().and_then(|t| inner.token_to_id(t));
@@ -72,13 +72,13 @@ impl TextTokenizer {
     /// Encodes text, adding the tokenizer's special tokens only if `add_special` is set
     /// (a rendered chat template already carries them).
     pub fn encode_with(&self, text: &str, add_special: bool) -> Result<Vec<u32>> {
-        let enc = self.inner.encode(text, add_special).map_err(|e| Error::Tokenizer(e.to_string()))?;
+        let enc = self.inner.encode(text, add_special).map_err(|e| Error::from(SubmitError::Tokenize(e)))?;
         Ok(enc.get_ids().to_vec())
     }
 
     /// Decodes token ids to text, skipping special tokens.
     pub fn decode(&self, ids: &[u32]) -> Result<String> {
-        self.inner.decode(ids, true).map_err(|e| Error::Tokenizer(e.to_string()))
+        self.inner.decode(ids, true).map_err(|e| Error::from(SubmitError::Tokenize(e)))
     }
 
     /// The number of entries in the vocabulary, special tokens included.

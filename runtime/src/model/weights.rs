@@ -7,7 +7,7 @@ use candle_core::safetensors::Load;
 use candle_core::{DType, Device, Tensor};
 use safetensors::tensor::{Metadata, TensorView};
 
-use crate::error::{Error, Result};
+use crate::error::{Error, LoadError, Result};
 
 struct Shard {
     path: PathBuf,
@@ -35,16 +35,19 @@ impl WeightFiles {
             // the contract of a model folder.
             let mmap = unsafe { memmap2::Mmap::map(&file) }.map_err(|e| Error::io(path, e))?;
             let (header_len, meta) = safetensors::SafeTensors::read_metadata(&mmap[..]).map_err(|e| {
-                Error::WeightFile { file: path.clone(), message: format!("not a valid safetensors file: {e}") }
+                Error::from(LoadError::WeightFile {
+                    file: path.clone(),
+                    message: format!("not a valid safetensors file: {e}"),
+                })
             })?;
             let shard_idx = shards.len();
             for name in meta.tensors().keys() {
                 if let Some(prev) = index.insert(name.clone(), shard_idx) {
                     let prev: &Shard = &shards[prev];
-                    return Err(Error::WeightFile {
+                    return Err(Error::from(LoadError::WeightFile {
                         file: path.clone(),
                         message: format!("tensor `{name}` is also in {}", prev.path.display()),
-                    });
+                    }));
                 }
             }
             shards.push(Shard { path: path.clone(), mmap, data_start: 8 + header_len, meta });
@@ -57,7 +60,7 @@ impl WeightFiles {
     pub fn discover(folder: &Path) -> Result<Vec<PathBuf>> {
         let index = folder.join("model.safetensors.index.json");
         if index.exists() {
-            let v: serde_json::Value = super::config::read_json(&index)?;
+            let v: serde_json::Value = crate::shape::read_json(&index)?;
             let map = v
                 .get("weight_map")
                 .and_then(|m| m.as_object())
@@ -74,10 +77,10 @@ impl WeightFiles {
             }
             for p in &files {
                 if !p.exists() {
-                    return Err(Error::MissingFile {
+                    return Err(Error::from(LoadError::MissingFile {
                         path: p.clone(),
                         what: "weight shard named in model.safetensors.index.json",
-                    });
+                    }));
                 }
             }
             files.sort();
@@ -94,10 +97,10 @@ impl WeightFiles {
         } else {
             ""
         };
-        Err(Error::WeightFile {
+        Err(Error::from(LoadError::WeightFile {
             file: single,
             message: format!("missing file (model weights, or model.safetensors.index.json for shards){hint}"),
-        })
+        }))
     }
 
     /// Whether a tensor of this name exists in any shard.
@@ -127,7 +130,7 @@ impl WeightFiles {
             [one] => one.path.clone(),
             _ => self.folder.clone(),
         };
-        Error::MissingTensor { file, tensor: name.to_string() }
+        Error::from(LoadError::MissingTensor { file, tensor: name.to_string() })
     }
 
     /// Loads a tensor after checking its shape, converted to `dtype` on `device`.
@@ -135,29 +138,31 @@ impl WeightFiles {
         let shard = self.shard_of(name)?;
         let info = shard.meta.info(name).ok_or_else(|| self.missing(name))?;
         if info.shape != expected {
-            return Err(Error::TensorShape {
+            return Err(Error::from(LoadError::TensorShape {
                 file: shard.path.clone(),
                 tensor: name.to_string(),
                 expected: expected.to_vec(),
                 got: info.shape.clone(),
-            });
+            }));
         }
         let (start, end) = info.data_offsets;
-        let bytes =
-            shard.mmap.get(shard.data_start + start..shard.data_start + end).ok_or_else(|| Error::WeightFile {
+        let bytes = shard.mmap.get(shard.data_start + start..shard.data_start + end).ok_or_else(|| {
+            Error::from(LoadError::WeightFile {
                 file: shard.path.clone(),
                 message: format!("tensor `{name}` points past the end of the file"),
-            })?;
-        let view = TensorView::new(info.dtype, info.shape.clone(), bytes)
-            .map_err(|e| Error::WeightFile { file: shard.path.clone(), message: format!("tensor `{name}`: {e}") })?;
-        let t = view
-            .load(device)
-            .map_err(|e| Error::WeightFile { file: shard.path.clone(), message: format!("tensor `{name}`: {e}") })?;
+            })
+        })?;
+        let view = TensorView::new(info.dtype, info.shape.clone(), bytes).map_err(|e| {
+            Error::from(LoadError::WeightFile { file: shard.path.clone(), message: format!("tensor `{name}`: {e}") })
+        })?;
+        let t = view.load(device).map_err(|e| {
+            Error::from(LoadError::WeightFile { file: shard.path.clone(), message: format!("tensor `{name}`: {e}") })
+        })?;
         if !matches!(t.dtype(), DType::F32 | DType::F16 | DType::BF16) {
-            return Err(Error::WeightFile {
+            return Err(Error::from(LoadError::WeightFile {
                 file: shard.path.clone(),
                 message: format!("tensor `{name}` has dtype {:?}; expected a float dtype", t.dtype()),
-            });
+            }));
         }
         Ok(t.to_dtype(dtype)?)
     }

@@ -15,9 +15,9 @@ use std::sync::{Arc, Condvar, Mutex, MutexGuard, RwLock, RwLockReadGuard, Weak};
 use std::time::{Duration, Instant};
 
 use crate::adapters::{AdapterManifest, LoraWeights};
-use crate::error::{Error, Result};
+use crate::error::{Error, Result, SubmitError};
 use crate::metrics::PagerMetrics;
-use crate::model::ModelConfig;
+use crate::shape::ModelConfig;
 pub use pool::PoolPlace;
 use pool::{PageAllocator, PoolData, ResidentAdapter};
 
@@ -57,7 +57,7 @@ struct ActiveEntry {
 /// A disk load in flight, which other requests for the same adapter wait on.
 #[derive(Default)]
 struct LoadWait {
-    done: Mutex<Option<Result<Arc<LoraWeights>, String>>>,
+    done: Mutex<Option<Result<Arc<LoraWeights>, Arc<Error>>>>,
     cv: Condvar,
 }
 
@@ -98,6 +98,11 @@ impl AdapterLease {
     /// The adapter's name.
     pub fn name(&self) -> &str {
         &self.name
+    }
+
+    /// The adapter as the model's LoRA op reads it.
+    pub fn placed(&self) -> &dyn crate::model::lora::PlacedAdapter {
+        &*self.resident
     }
 
     /// Where its weights sit in the pool.
@@ -173,7 +178,9 @@ impl Inner {
                     done = wait.cv.wait(done).unwrap_or_else(lock_err);
                 }
                 match done.as_ref() {
-                    Some(Err(msg)) => return Err(Error::AdapterLoad { name: name.into(), message: msg.clone() }),
+                    Some(Err(e)) => {
+                        return Err(SubmitError::AdapterLoad { name: name.into(), source: e.clone() }.into());
+                    }
                     // Loaded: loop to pick it up from the host tier (or reload if replaced).
                     _ => continue,
                 }
@@ -201,14 +208,14 @@ impl Inner {
                 }
                 Err(e) => {
                     self.metrics.load_failures.with_label_values(&["load"]).inc();
-                    Err(e.to_string())
+                    Err(Arc::new(e))
                 }
             };
             self.update_gauges(&st);
             drop(st);
             *wait.done.lock().unwrap_or_else(lock_err) = Some(result.clone());
             wait.cv.notify_all();
-            return result.map_err(|message| Error::AdapterLoad { name: name.into(), message });
+            return result.map_err(|source| SubmitError::AdapterLoad { name: name.into(), source }.into());
         }
     }
 
@@ -339,19 +346,26 @@ impl AdapterPager {
     ///
     /// Must not be called while holding [`AdapterPager::pool`].
     pub fn try_acquire(&self, name: &str) -> Result<Acquire> {
+        let manifest = self.manifest(name).ok_or_else(|| SubmitError::UnknownAdapter(name.to_string()))?;
+        self.try_acquire_version(name, &manifest)
+    }
+
+    /// Like [`AdapterPager::try_acquire`], for one version of the adapter (the one a request
+    /// was admitted with), whether or not it is still the registered one. While another
+    /// version of the name is resident and in use, this one waits ([`Acquire::Later`]).
+    pub fn try_acquire_version(&self, name: &str, manifest: &Arc<AdapterManifest>) -> Result<Acquire> {
         let inner = &self.inner;
-        let manifest = {
+        {
             let mut st = inner.lock();
             st.clock += 1;
             let now = st.clock;
-            let manifest = st.registry.get(name).cloned().ok_or_else(|| Error::UnknownAdapter(name.to_string()))?;
-            if let Some(lease) = Self::pin_active(inner, &mut st, name, &manifest, now) {
+            if let Some(lease) = Self::pin_active(inner, &mut st, name, manifest, now) {
                 inner.metrics.hits.with_label_values(&["active"]).inc();
                 return Ok(Acquire::Ready(lease));
             }
             inner.metrics.misses.with_label_values(&["active"]).inc();
-            manifest
-        };
+        }
+        let manifest = manifest.clone();
         let weights = inner.host_weights(name, &manifest)?;
         let t0 = Instant::now();
         let mut st = inner.lock();
@@ -360,13 +374,22 @@ impl AdapterPager {
         if let Some(lease) = Self::pin_active(inner, &mut st, name, &manifest, now) {
             return Ok(Acquire::Ready(lease));
         }
+        // Another version of this name is resident: free it if unused, else wait for its users.
+        if let Some(other) = st.active.get(name) {
+            if other.pins > 0 {
+                return Ok(Acquire::Later);
+            }
+            if let Some(a) = st.active.remove(name) {
+                st.alloc.release(&a.resident);
+            }
+        }
         let need = st.alloc.pages_needed(&weights);
         if need > st.alloc.total_pages() {
-            return Err(Error::AdapterTooLarge {
+            return Err(Error::from(SubmitError::AdapterTooLarge {
                 name: name.to_string(),
                 need_bytes: need * st.alloc.page_bytes(),
                 pool_bytes: st.alloc.total_pages() * st.alloc.page_bytes(),
-            });
+            }));
         }
         while st.alloc.free_pages() < need {
             let victim =
@@ -416,7 +439,7 @@ impl AdapterPager {
             let st = self.inner.lock();
             let left = deadline.saturating_duration_since(Instant::now());
             if left.is_zero() {
-                return Err(Error::PoolTimeout(name.to_string()));
+                return Err(Error::from(SubmitError::PoolTimeout(name.to_string())));
             }
             // Woken when any lease is dropped; re-check either way.
             let _ = self.inner.room.wait_timeout(st, left.min(Duration::from_millis(50))).unwrap_or_else(lock_err);

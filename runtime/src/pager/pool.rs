@@ -6,7 +6,7 @@ use std::sync::Arc;
 use openlora_kernels::lora::{LoraModuleView, PagePool};
 
 use crate::adapters::LoraWeights;
-use crate::model::Proj;
+use crate::shape::Proj;
 
 /// Where one projection's `A` and `Bᵀ` rows sit in the page table of its adapter.
 #[derive(Debug, Clone)]
@@ -78,6 +78,16 @@ pub struct ModulePlace {
     pub a_first: usize,
     /// Index in the page table of `Bᵀ`'s first page.
     pub bt_first: usize,
+}
+
+impl crate::model::lora::PlacedAdapter for ResidentAdapter {
+    fn view(&self, layer: usize, proj: Proj) -> Option<LoraModuleView<'_>> {
+        ResidentAdapter::view(self, layer, proj)
+    }
+
+    fn as_any(&self) -> &dyn std::any::Any {
+        self
+    }
 }
 
 /// Identities of placements: a new one for every adapter copied into the arena, never reused.

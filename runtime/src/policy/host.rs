@@ -17,7 +17,8 @@ use super::plugin::{CallFailure, Called, CompiledPlugin, FailureKind};
 use super::registry::Registry;
 use super::slot::Slot;
 use super::wasm::WasmRuntime;
-use crate::error::{Error, Result};
+use crate::error::{Error, PolicyError, Result, SubmitError};
+use crate::ledger::Decider;
 use crate::metrics::PolicyMetrics;
 
 /// Longest reason a router may give for a rejection, in bytes.
@@ -29,23 +30,6 @@ pub(crate) fn check_rejection(reason: &str) -> std::result::Result<(), String> {
         return Err(format!("rejection reason longer than {MAX_REJECT_BYTES} bytes"));
     }
     Ok(())
-}
-
-/// Who made one decision, recorded with it so it can be replayed.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Decider {
-    /// The slot (`router`, `pricer`, `attributor`, `adapter:<name>`).
-    pub slot: String,
-    /// `sha256:<hex>` of the plugin that answered, or `builtin:<slot>@<version>`.
-    pub plugin: String,
-    /// The plugin's version number in its slot (none for the built-in).
-    pub version: Option<u32>,
-    /// The configuration it ran with (JSON; empty for none).
-    pub config: String,
-    /// If the slot's plugin failed and the built-in answered instead: why.
-    pub failure: Option<String>,
-    /// Fuel the plugin used (0 for the built-in).
-    pub fuel: u64,
 }
 
 /// What routing decided.
@@ -73,7 +57,7 @@ pub struct Settlement {
 /// The plugins in their slots, the built-ins, and the failure policy.
 pub struct PolicyHost {
     /// The installed plugins.
-    pub registry: Registry,
+    pub(super) registry: Registry,
     builtins: Builtins,
     config: PolicyConfig,
     metrics: PolicyMetrics,
@@ -153,7 +137,10 @@ impl PolicyHost {
                     }
                     if a.on_failure == OnFailure::Reject {
                         self.metrics.decisions.with_label_values(&[label, "rejected"]).inc();
-                        return Err(Error::PolicyFailed { slot: a.slot.to_string(), message: f.to_string() });
+                        return Err(Error::from(PolicyError::Failed {
+                            slot: a.slot.to_string(),
+                            message: f.to_string(),
+                        }));
                     }
                     failure = Some(format!("plugin sha256:{} v{}: {f}", active.info.sha256, active.info.version));
                 }
@@ -161,7 +148,7 @@ impl PolicyHost {
         }
         let value = (a.builtin)()
             .and_then(|v| (a.validate)(&v).map(|_| v))
-            .map_err(|message| Error::PolicyFailed { slot: a.slot.to_string(), message })?;
+            .map_err(|message| Error::from(PolicyError::Failed { slot: a.slot.to_string(), message }))?;
         let by_label = if failure.is_some() { "fallback" } else { "builtin" };
         self.metrics.decisions.with_label_values(&[label, by_label]).inc();
         let config = match a.slot {
@@ -210,11 +197,11 @@ impl PolicyHost {
                 if let Some(a) = &route.adapter
                     && !adapter_exists(a)
                 {
-                    return Err(Error::UnknownAdapter(a.clone()));
+                    return Err(Error::from(SubmitError::UnknownAdapter(a.clone())));
                 }
                 Ok(Routed { adapter: route.adapter, priority: route.priority, by })
             }
-            RouteDecision::Reject(reason) => Err(Error::PolicyRejected(reason)),
+            RouteDecision::Reject(reason) => Err(Error::from(PolicyError::Rejected(reason))),
         }
     }
 
@@ -253,8 +240,43 @@ impl PolicyHost {
             }
         }
         validate_splits(&charge, &splits)
-            .map_err(|message| Error::PolicyFailed { slot: "attributor".into(), message })?;
+            .map_err(|message| Error::from(PolicyError::Failed { slot: "attributor".into(), message }))?;
         Ok(Settlement { charge, splits, deciders })
+    }
+
+    /// Every slot with its versions, the active one marked.
+    pub fn list(&self) -> Vec<super::SlotView> {
+        self.registry.list()
+    }
+
+    /// The stored bytes of a plugin version, by sha256 (hex).
+    pub fn blob(&self, sha256: &str) -> Option<Vec<u8>> {
+        self.registry.blob(sha256)
+    }
+
+    /// Makes an installed version of a slot active.
+    pub fn activate(&self, slot: &Slot, version: u32) -> Result<super::VersionInfo> {
+        self.registry.activate(slot, version)
+    }
+
+    /// Makes the version active before the current one again (`None`: there was none).
+    pub fn rollback(&self, slot: &Slot) -> Result<Option<super::VersionInfo>> {
+        self.registry.rollback(slot)
+    }
+
+    /// Leaves a slot with no active version (the built-in answers).
+    pub fn deactivate(&self, slot: &Slot) -> Result<()> {
+        self.registry.deactivate(slot)
+    }
+
+    /// The slot's active plugin version, if any (for benchmarks that call it directly).
+    pub fn active(&self, slot: &Slot) -> Option<Arc<super::registry::Active>> {
+        self.registry.existing(slot).and_then(|h| h.active.load_full())
+    }
+
+    /// Whether a slot has an active plugin version.
+    pub fn is_active(&self, slot: &Slot) -> bool {
+        self.active(slot).is_some()
     }
 
     /// Installs a plugin (see [`Registry::install`]), counting the outcome.

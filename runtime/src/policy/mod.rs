@@ -13,10 +13,11 @@ mod sandbox;
 pub mod slot;
 pub mod wasm;
 
+pub use crate::ledger::Decider;
 pub use config::{OnFailure, PolicyConfig, SlotConfig};
-pub use host::{Decider, PolicyHost, Routed, Settlement};
+pub use host::{PolicyHost, Routed, Settlement};
 pub use plugin::{CallFailure, CallStats, Called, CompiledPlugin, FailureKind};
 pub use registry::{Registry, SlotView, VersionInfo};
-pub use replay::{Replayed, Replayer};
+pub use replay::Replayer;
 pub use slot::{Slot, World};
 pub use wasm::{WasmRuntime, sha256_hex};

@@ -13,7 +13,8 @@ use wasmtime::{Store, StoreLimitsBuilder, Trap};
 
 use super::sandbox::{Sandbox, attribution, pricing, routing, wit};
 use super::slot::World;
-use super::wasm::{Job, WasmRuntime};
+use super::wasm::{Job, WasmRuntime, check_header, check_imports_exports, sha256_hex};
+use crate::error::{Error, PolicyError, Result};
 
 /// How a call failed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -97,6 +98,32 @@ enum Exports {
     Router(routing::GuestIndices),
     Pricer(pricing::GuestIndices),
     Attributor(attribution::GuestIndices),
+}
+
+impl WasmRuntime {
+    /// Validates `bytes` as a plugin of `world` and prepares it for calls, configured with
+    /// `config` (JSON; empty for none): the plugin's own `configure` must accept it.
+    /// `what` names the file or upload in errors.
+    pub fn load(self: &Arc<Self>, what: &str, bytes: &[u8], world: World, config: &str) -> Result<Arc<CompiledPlugin>> {
+        let invalid = |message: String| Error::from(PolicyError::PluginInvalid { what: what.to_string(), message });
+        if bytes.len() > self.limits.max_plugin_bytes {
+            return Err(invalid(format!(
+                "{} bytes is more than the limit of {} (policy.max_plugin_bytes)",
+                bytes.len(),
+                self.limits.max_plugin_bytes
+            )));
+        }
+        check_header(bytes).map_err(invalid)?;
+        let sha = sha256_hex(bytes);
+        let component = self.compile(&sha, bytes).map_err(|e| invalid(format!("does not compile: {e:#}")))?;
+        check_imports_exports(&self.engine, &component, world).map_err(invalid)?;
+        let pre = self.linker.instantiate_pre(&component).map_err(|e| invalid(format!("cannot be linked: {e:#}")))?;
+        let plugin = CompiledPlugin::new(self.clone(), sha, world, config.to_string(), bytes.len(), pre)
+            .map_err(|e| invalid(format!("{e:#}")))?;
+        // A first instance proves it instantiates and accepts its configuration; it stays warm.
+        plugin.prime().map_err(|e| invalid(e.to_string()))?;
+        Ok(plugin)
+    }
 }
 
 /// A validated, compiled plugin version, ready to call.
@@ -198,7 +225,12 @@ impl CompiledPlugin {
         if self.runtime.limits.warm_instances == 0 || self.refilling.swap(true, Ordering::AcqRel) {
             return;
         }
-        self.runtime.background(Job::Refill(Arc::downgrade(self)));
+        let plugin = Arc::downgrade(self);
+        self.runtime.background(Job::Refill(Box::new(move || {
+            if let Some(p) = plugin.upgrade() {
+                p.refill()
+            }
+        })));
     }
 
     /// Instantiates and configures instances until the warm pool is full (background thread).

@@ -15,7 +15,7 @@ use serde::{Deserialize, Serialize};
 use super::plugin::CompiledPlugin;
 use super::slot::Slot;
 use super::wasm::{WasmRuntime, sha256_hex, write_atomically};
-use crate::error::{Error, Result};
+use crate::error::{Error, PolicyError, Result};
 
 /// One installed version of a slot's plugin.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
@@ -164,7 +164,7 @@ impl Registry {
     fn compile(&self, slot: &Slot, info: &VersionInfo) -> Result<Arc<CompiledPlugin>> {
         let bytes = self
             .blob(&info.sha256)
-            .ok_or_else(|| Error::UnknownPlugin(format!("blob {} of slot {slot}", info.sha256)))?;
+            .ok_or_else(|| Error::from(PolicyError::UnknownPlugin(format!("blob {} of slot {slot}", info.sha256))))?;
         self.runtime.load(&format!("{slot} v{}", info.version), &bytes, slot.world(), &info.config)
     }
 
@@ -212,15 +212,15 @@ impl Registry {
 
     /// Makes an installed version active again.
     pub fn activate(&self, slot: &Slot, version: u32) -> Result<VersionInfo> {
-        let info = {
-            let records = self.lock();
-            let rec = records.get(slot).ok_or_else(|| Error::UnknownPlugin(format!("slot {slot}")))?;
-            rec.versions
-                .iter()
-                .find(|v| v.version == version)
-                .cloned()
-                .ok_or_else(|| Error::UnknownPlugin(format!("version {version} in slot {slot}")))?
-        };
+        let info =
+            {
+                let records = self.lock();
+                let rec =
+                    records.get(slot).ok_or_else(|| Error::from(PolicyError::UnknownPlugin(format!("slot {slot}"))))?;
+                rec.versions.iter().find(|v| v.version == version).cloned().ok_or_else(|| {
+                    Error::from(PolicyError::UnknownPlugin(format!("version {version} in slot {slot}")))
+                })?
+            };
         let plugin = self.compile(slot, &info)?;
         let mut records = self.lock();
         let rec = records.entry(slot.clone()).or_default();
@@ -235,9 +235,12 @@ impl Registry {
     pub fn rollback(&self, slot: &Slot) -> Result<Option<VersionInfo>> {
         let previous = {
             let records = self.lock();
-            let rec = records.get(slot).ok_or_else(|| Error::UnknownPlugin(format!("slot {slot}")))?;
+            let rec =
+                records.get(slot).ok_or_else(|| Error::from(PolicyError::UnknownPlugin(format!("slot {slot}"))))?;
             if rec.active.is_none() {
-                return Err(Error::UnknownPlugin(format!("active version in slot {slot} to roll back from")));
+                return Err(Error::from(PolicyError::UnknownPlugin(format!(
+                    "active version in slot {slot} to roll back from"
+                ))));
             }
             let mut history = rec.history.clone();
             history.pop();
@@ -250,7 +253,8 @@ impl Registry {
                 let records = self.lock();
                 let info = records.get(slot).and_then(|r| r.versions.iter().find(|i| i.version == v).cloned());
                 drop(records);
-                let info = info.ok_or_else(|| Error::UnknownPlugin(format!("version {v} in slot {slot}")))?;
+                let info =
+                    info.ok_or_else(|| Error::from(PolicyError::UnknownPlugin(format!("version {v} in slot {slot}"))))?;
                 let plugin = self.compile(slot, &info)?;
                 Some(Arc::new(Active { info, plugin }))
             }
@@ -269,7 +273,8 @@ impl Registry {
     /// Deactivates the slot's plugin (the built-in answers); its versions are kept.
     pub fn deactivate(&self, slot: &Slot) -> Result<()> {
         let mut records = self.lock();
-        let rec = records.get_mut(slot).ok_or_else(|| Error::UnknownPlugin(format!("slot {slot}")))?;
+        let rec =
+            records.get_mut(slot).ok_or_else(|| Error::from(PolicyError::UnknownPlugin(format!("slot {slot}"))))?;
         rec.active = None;
         rec.history.clear();
         self.swap_in(slot, None);

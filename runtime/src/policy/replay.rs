@@ -7,32 +7,22 @@ use std::collections::HashMap;
 use std::sync::Arc;
 
 use openlora_sdk::money::validate_splits;
-use openlora_sdk::{Money, RequestInfo, Split, Usage};
+use openlora_sdk::{RequestInfo, Usage};
 
 use super::builtin::{Builtins, builtin_label};
 use super::config::PolicyConfig;
-use super::host::{Decider, divide_owner_share};
+use super::host::divide_owner_share;
 use super::plugin::CompiledPlugin;
 use super::slot::World;
 use super::wasm::WasmRuntime;
 use crate::error::Result;
-
-/// Finds stored plugin bytes by sha256 (hex).
-pub type BlobSource<'a> = &'a mut dyn FnMut(&str) -> Result<Option<Vec<u8>>>;
+use crate::ledger::Decider;
+use crate::ledger::verify::{BlobSource, Replay, Replayed};
 
 /// Replays settlements, keeping each plugin compiled once per configuration.
 pub struct Replayer {
     runtime: Arc<WasmRuntime>,
-    loaded: HashMap<(String, String), Arc<CompiledPlugin>>,
-}
-
-/// The settlement a replay produced.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Replayed {
-    /// The charge.
-    pub charge: Money,
-    /// The splits.
-    pub splits: Vec<Split>,
+    loaded: HashMap<(String, String, World), Arc<CompiledPlugin>>,
 }
 
 impl Replayer {
@@ -50,7 +40,7 @@ impl Replayer {
         let Some(sha) = d.plugin.strip_prefix("sha256:") else {
             return Err(format!("{}: {} is not a plugin hash", d.slot, d.plugin));
         };
-        let key = (sha.to_string(), d.config.clone());
+        let key = (sha.to_string(), d.config.clone(), world);
         if let Some(p) = self.loaded.get(&key) {
             return Ok(p.clone());
         }
@@ -64,9 +54,10 @@ impl Replayer {
         self.loaded.insert(key, p.clone());
         Ok(p)
     }
+}
 
-    /// Runs the recorded deciders again on the recorded inputs.
-    pub fn settle(
+impl Replay for Replayer {
+    fn settle(
         &mut self,
         request: &RequestInfo,
         usage: &Usage,

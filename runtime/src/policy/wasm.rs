@@ -2,9 +2,9 @@
 //! cache on disk, and the epoch ticker that backs every call's wall-clock deadline.
 
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::mpsc::{Sender, channel};
-use std::sync::{Arc, Weak};
 use std::time::Duration;
 
 use sha2::{Digest, Sha256};
@@ -12,10 +12,9 @@ use wasmtime::component::{Component, Linker};
 use wasmtime::{Config, Engine, InstanceAllocationStrategy, PoolingAllocationConfig};
 
 use super::config::PolicyConfig;
-use super::plugin::CompiledPlugin;
 use super::sandbox::{ALLOWED_IMPORTS, Sandbox, linker};
 use super::slot::World;
-use crate::error::{Error, Result};
+use crate::error::{Error, PolicyError, Result};
 
 /// Milliseconds per epoch tick: the granularity of call deadlines.
 const EPOCH_TICK: Duration = Duration::from_millis(1);
@@ -31,7 +30,7 @@ pub fn sha256_hex(bytes: &[u8]) -> String {
 /// Work done off the request path by the runtime's background thread.
 pub(crate) enum Job {
     /// Top up a plugin's pool of warm instances.
-    Refill(Weak<CompiledPlugin>),
+    Refill(Box<dyn FnOnce() + Send>),
     /// Drop a used instance (returning its memory to the pool takes time).
     Discard(Box<dyn Send>),
 }
@@ -98,11 +97,7 @@ impl WasmRuntime {
                 // Ends when the runtime (the only sender) is dropped.
                 while let Ok(job) = queue.recv() {
                     match job {
-                        Job::Refill(plugin) => {
-                            if let Some(p) = plugin.upgrade() {
-                                p.refill();
-                            }
-                        }
+                        Job::Refill(refill) => refill(),
                         Job::Discard(used) => {
                             drop(used);
                             pending.fetch_sub(1, Ordering::Relaxed);
@@ -132,11 +127,7 @@ impl WasmRuntime {
         }
         if let Err(std::sync::mpsc::SendError(job)) = self.jobs.send(job) {
             match job {
-                Job::Refill(p) => {
-                    if let Some(p) = p.upgrade() {
-                        p.refill()
-                    }
-                }
+                Job::Refill(refill) => refill(),
                 Job::Discard(used) => {
                     drop(used);
                     self.discards_pending.fetch_sub(1, Ordering::Relaxed);
@@ -150,34 +141,10 @@ impl WasmRuntime {
         self.limits.deadline_ms.div_ceil(EPOCH_TICK.as_millis() as u64).max(1)
     }
 
-    /// Validates `bytes` as a plugin of `world` and prepares it for calls, configured with
-    /// `config` (JSON; empty for none): the plugin's own `configure` must accept it.
-    /// `what` names the file or upload in errors.
-    pub fn load(self: &Arc<Self>, what: &str, bytes: &[u8], world: World, config: &str) -> Result<Arc<CompiledPlugin>> {
-        let invalid = |message: String| Error::PluginInvalid { what: what.to_string(), message };
-        if bytes.len() > self.limits.max_plugin_bytes {
-            return Err(invalid(format!(
-                "{} bytes is more than the limit of {} (policy.max_plugin_bytes)",
-                bytes.len(),
-                self.limits.max_plugin_bytes
-            )));
-        }
-        check_header(bytes).map_err(invalid)?;
-        let sha = sha256_hex(bytes);
-        let component = self.compile(&sha, bytes).map_err(|e| invalid(format!("does not compile: {e:#}")))?;
-        check_imports_exports(&self.engine, &component, world).map_err(invalid)?;
-        let pre = self.linker.instantiate_pre(&component).map_err(|e| invalid(format!("cannot be linked: {e:#}")))?;
-        let plugin = CompiledPlugin::new(self.clone(), sha, world, config.to_string(), bytes.len(), pre)
-            .map_err(|e| invalid(format!("{e:#}")))?;
-        // A first instance proves it instantiates and accepts its configuration; it stays warm.
-        plugin.prime().map_err(|e| invalid(e.to_string()))?;
-        Ok(plugin)
-    }
-
     /// The world a component exports (the first of router, pricer, attributor it has), checking
     /// its header and compiling it.
     pub fn detect_world(&self, what: &str, bytes: &[u8]) -> Result<World> {
-        let invalid = |message: String| Error::PluginInvalid { what: what.to_string(), message };
+        let invalid = |message: String| Error::from(PolicyError::PluginInvalid { what: what.to_string(), message });
         check_header(bytes).map_err(invalid)?;
         let component =
             self.compile(&sha256_hex(bytes), bytes).map_err(|e| invalid(format!("does not compile: {e:#}")))?;
@@ -200,7 +167,7 @@ impl WasmRuntime {
     }
 
     /// Compiles a component, or loads it from the on-disk cache keyed by sha256 and wasmtime version.
-    fn compile(&self, sha: &str, bytes: &[u8]) -> wasmtime::Result<Component> {
+    pub(crate) fn compile(&self, sha: &str, bytes: &[u8]) -> wasmtime::Result<Component> {
         let Some(dir) = &self.cache_dir else {
             return Component::from_binary(&self.engine, bytes);
         };
@@ -233,7 +200,7 @@ fn wasmtime_version() -> &'static str {
 }
 
 fn wasm_error(what: &str, e: wasmtime::Error) -> Error {
-    Error::PluginInvalid { what: what.to_string(), message: format!("{e:#}") }
+    Error::from(PolicyError::PluginInvalid { what: what.to_string(), message: format!("{e:#}") })
 }
 
 /// Writes `bytes` to `path` through a temporary file and a rename, so readers never see half a file.
@@ -245,7 +212,7 @@ pub(crate) fn write_atomically(dir: &Path, path: &Path, bytes: &[u8]) -> std::io
 }
 
 /// Refuses what is not a wasm component before handing it to the compiler, with a useful message.
-fn check_header(bytes: &[u8]) -> std::result::Result<(), String> {
+pub(crate) fn check_header(bytes: &[u8]) -> std::result::Result<(), String> {
     if bytes.len() < 8 || &bytes[..4] != b"\0asm" {
         return Err("not a WebAssembly file (no `\\0asm` header; truncated or another format?)".into());
     }
@@ -259,7 +226,11 @@ fn check_header(bytes: &[u8]) -> std::result::Result<(), String> {
 }
 
 /// Checks the component exports `world`'s interface and imports nothing outside the allow-list.
-fn check_imports_exports(engine: &Engine, component: &Component, world: World) -> std::result::Result<(), String> {
+pub(crate) fn check_imports_exports(
+    engine: &Engine,
+    component: &Component,
+    world: World,
+) -> std::result::Result<(), String> {
     let ty = component.component_type();
     let mut forbidden = Vec::new();
     for (name, _) in ty.imports(engine) {

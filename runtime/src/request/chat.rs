@@ -3,7 +3,7 @@
 use minijinja::{Environment, ErrorKind, context};
 use serde::Deserialize;
 
-use super::ApiError;
+use crate::error::{Error, Result, SubmitError};
 
 /// Used when a model ships no chat template: one line per message, then `assistant:`.
 const FALLBACK_TEMPLATE: &str = "{{ bos_token }}{% for m in messages %}{{ m.role }}: {{ m.content }}\n{% endfor %}\
@@ -58,8 +58,8 @@ pub struct ChatMessage {
 }
 
 impl ChatMessage {
-    /// The message with its content as plain text, or a 400 naming the offending part.
-    pub fn to_template(&self, index: usize) -> Result<TemplateMessage, ApiError> {
+    /// The message with its content as plain text, or an error naming the offending part.
+    pub fn to_template(&self, index: usize) -> Result<TemplateMessage> {
         let content = match &self.content {
             None => String::new(),
             Some(MessageContent::Text(t)) => t.clone(),
@@ -69,8 +69,8 @@ impl ChatMessage {
                     match (p.kind.as_str(), &p.text) {
                         ("text", Some(t)) => out.push_str(t),
                         _ => {
-                            return Err(ApiError::invalid(
-                                Some(format!("messages[{index}].content[{j}]")),
+                            return Err(invalid(
+                                format!("messages[{index}].content[{j}]"),
                                 format!("content part of type `{}` is not supported (text only)", p.kind),
                             ));
                         }
@@ -92,30 +92,34 @@ pub struct ChatTemplate {
 
 impl ChatTemplate {
     /// Compiles the model's template (or the fallback); `bos`/`eos` are the special tokens' text.
-    pub fn new(template: Option<&str>, bos: Option<&str>, eos: Option<&str>) -> crate::Result<Self> {
+    pub fn new(template: Option<&str>, bos: Option<&str>, eos: Option<&str>) -> Result<Self> {
         let mut env = Environment::new();
         minijinja_contrib::add_to_environment(&mut env);
         env.set_unknown_method_callback(minijinja_contrib::pycompat::unknown_method_callback);
         env.add_function("raise_exception", |msg: String| -> Result<String, minijinja::Error> {
             Err(minijinja::Error::new(ErrorKind::InvalidOperation, msg))
         });
-        env.add_template_owned("chat", template.unwrap_or(FALLBACK_TEMPLATE).to_string()).map_err(|e| {
-            crate::Error::config("tokenizer_config.json", "chat_template", format!("does not compile: {e}"))
-        })?;
+        env.add_template_owned("chat", template.unwrap_or(FALLBACK_TEMPLATE).to_string())
+            .map_err(|e| Error::config("tokenizer_config.json", "chat_template", format!("does not compile: {e}")))?;
         Ok(ChatTemplate { env, bos: bos.unwrap_or_default().to_string(), eos: eos.unwrap_or_default().to_string() })
     }
 
     /// Renders a conversation, ending with the assistant's turn opened.
-    pub fn render(&self, messages: &[TemplateMessage]) -> Result<String, ApiError> {
-        let tmpl = self.env.get_template("chat").map_err(|e| ApiError::internal(e.to_string()))?;
+    pub fn render(&self, messages: &[TemplateMessage]) -> Result<String> {
+        let tmpl = self.env.get_template("chat").map_err(|e| invalid("messages".into(), e.to_string()))?;
         tmpl.render(context! {
             messages => messages.iter().map(TemplateMessage::to_value).collect::<Vec<_>>(),
             bos_token => self.bos.as_str(),
             eos_token => self.eos.as_str(),
             add_generation_prompt => true,
         })
-        .map_err(|e| ApiError::invalid(Some("messages".into()), format!("the chat template refused the messages: {e}")))
+        .map_err(|e| invalid("messages".into(), format!("the chat template refused the messages: {e}")))
     }
+}
+
+/// A request field at fault.
+fn invalid(param: String, message: String) -> Error {
+    SubmitError::InvalidField { param: Some(param), message }.into()
 }
 
 #[cfg(test)]
@@ -142,8 +146,8 @@ mod tests {
     fn raise_exception_is_a_400() {
         let t = ChatTemplate::new(Some("{{ raise_exception('roles must alternate') }}"), None, None).expect("compiles");
         let e = t.render(&msgs(&[("user", "x")])).expect_err("refused");
-        assert_eq!(e.status, axum::http::StatusCode::BAD_REQUEST);
-        assert!(e.message.contains("roles must alternate"));
+        assert!(matches!(&e, Error::Submit(SubmitError::InvalidField { param: Some(p), .. }) if p == "messages"));
+        assert!(e.to_string().contains("roles must alternate"));
     }
 
     #[test]

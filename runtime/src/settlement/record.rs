@@ -1,0 +1,114 @@
+//! The end of a request's settlement: price and attribute what it used, write its ledger entry,
+//! and build the `billing` object its client receives.
+
+use std::sync::Arc;
+
+use openlora_sdk::Money;
+use serde_json::{Value, json};
+
+use super::context::{Context, SettleError, blocking};
+use crate::engine::{Ended, FinishReason, Usage};
+use crate::error::LedgerError;
+use crate::ledger::entry::ENTRY_FORMAT;
+use crate::ledger::{Appended, Artifact, EntryBody, Ledger, NewEntry, Outcome, StoredEntry, now_ms};
+use crate::policy::PolicyHost;
+
+/// The `billing` object of a response: the entry's charge, splits, deciders and place in the ledger.
+pub fn billing_json(body: &EntryBody, stored: &StoredEntry) -> Value {
+    json!({
+        "request_id": body.request_id,
+        "charge": body.charge,
+        "splits": body.splits,
+        "decided_by": body.deciders,
+        "ledger": {"seq": stored.seq, "hash": stored.hash, "outcome": body.outcome},
+    })
+}
+
+/// Records how requests ended: owns the policy host, the ledger and the base model's identity.
+pub(crate) struct Recorder {
+    pub policy: Arc<PolicyHost>,
+    pub ledger: Arc<Ledger>,
+    pub base: Artifact,
+    pub currency: String,
+}
+
+impl Recorder {
+    /// Prices and attributes a request that did work and writes its ledger entry durably;
+    /// returns the `billing` object (`None` when no work was done: nothing is recorded). A
+    /// policy failure still records the request (with a zero charge) before the error is
+    /// returned.
+    pub(crate) async fn record(
+        self: &Arc<Self>,
+        ctx: &Context,
+        ended: Ended,
+        usage: &Usage,
+    ) -> Result<Option<Value>, SettleError> {
+        let (outcome, finish) = match &ended {
+            Ended::Finished(FinishReason::Cancelled) => (Outcome::Cancelled, "cancelled".to_string()),
+            Ended::Finished(r) => (Outcome::Completed, r.as_str().to_string()),
+            Ended::Failed(m) => (Outcome::Failed, m.clone()),
+        };
+        let did_work = match outcome {
+            Outcome::Cancelled => usage.completion_tokens > 0,
+            Outcome::Failed => usage.steps > 0 || usage.compute_ms > 0,
+            Outcome::Completed => true,
+        };
+        if !did_work {
+            return Ok(None);
+        }
+        let (svc, ctx, usage) = (self.clone(), ctx.clone(), usage.for_policy());
+        let (billing, policy_error) = blocking("settlement", move || {
+            let mut deciders = vec![ctx.routed_by.clone()];
+            let zero = || Money::new(0, svc.currency.clone());
+            let (charge, splits, outcome, finish, policy_error) = if outcome == Outcome::Failed {
+                (zero(), Vec::new(), outcome, finish, None)
+            } else {
+                match svc.policy.settle(&ctx.info, &usage) {
+                    Ok(s) => {
+                        deciders.extend(s.deciders);
+                        (s.charge, s.splits, outcome, finish, None)
+                    }
+                    Err(e) => (zero(), Vec::new(), Outcome::Failed, format!("policy: {e}"), Some(e)),
+                }
+            };
+            let body = EntryBody {
+                format: ENTRY_FORMAT,
+                request_id: ctx.info.request_id.clone(),
+                request_key: ctx.key.clone(),
+                tenant: ctx.info.tenant.clone(),
+                outcome,
+                finish,
+                base_model: svc.base.clone(),
+                adapter: ctx.adapter.clone(),
+                request: ctx.info.clone(),
+                usage,
+                charge,
+                splits,
+                deciders,
+                finished_at_ms: now_ms(),
+            };
+            let blobs = body
+                .plugin_hashes()
+                .into_iter()
+                .filter(|sha| svc.ledger.needs_blob(sha))
+                .filter_map(|sha| svc.policy.blob(&sha).map(|b| (sha, b)))
+                .collect();
+            let entry = NewEntry::new(body, blobs).map_err(LedgerError::Invalid).map_err(crate::Error::from)?;
+            let body = entry.body.clone();
+            let billing = match svc.ledger.append(entry)? {
+                Appended::Written(stored) => billing_json(&body, &stored),
+                // Already recorded (a retry of the same key): the first entry stands, charged once.
+                Appended::Duplicate(stored) => {
+                    let first = stored.parse().map_err(LedgerError::Invalid).map_err(crate::Error::from)?;
+                    billing_json(&first, &stored)
+                }
+            };
+            Ok((billing, policy_error))
+        })
+        .await?;
+        match policy_error {
+            Some(e) => Err(e.into()),
+            None => Ok(Some(billing)),
+        }
+    }
+}
