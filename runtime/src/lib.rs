@@ -14,6 +14,8 @@ pub mod error;
 pub mod generate;
 #[cfg(feature = "cuda")]
 pub mod gpu;
+/// Benchmark, parity and random-weight tooling (`openlora bench`, `cargo bench`, tests), not the serving path.
+pub mod harness;
 pub mod ledger;
 pub mod metrics;
 pub mod model;
