@@ -8,7 +8,7 @@ use std::time::Duration;
 use common::{max_abs_diff, repo_root};
 use openlora::Error;
 use openlora::error::SubmitError;
-use openlora::generate::{WithAdapter, generate};
+use openlora::harness::reference::{WithAdapter, generate};
 use openlora::metrics::Metrics;
 use openlora::model::{LoadedModel, LogitRows, SeqBatch, SeqKv};
 use openlora::pager::{AdapterLease, AdapterPager, PagerConfig};

@@ -12,7 +12,7 @@ use openlora::Error;
 use openlora::engine::FinishReason;
 use openlora::engine::{EngineConfig, EngineHandle, Event, GenerationRequest, RequestStream, Usage};
 use openlora::error::SubmitError;
-use openlora::generate::{WithAdapter, generate};
+use openlora::harness::reference::{WithAdapter, generate};
 use openlora::metrics::Metrics;
 use openlora::model::{LoadedModel, PagedKvCache};
 use openlora::pager::{AdapterPager, PagerConfig, PoolPlace};

@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use candle_core::DType;
 use common::repo_root;
-use openlora::adapters::random::RandomAdapter;
+use openlora::harness::random::RandomAdapter;
 use openlora::metrics::Metrics;
 use openlora::model::{LoadedModel, LogitRows, ModelConfig, Proj, SeqBatch, SeqKv};
 use openlora::pager::{AdapterLease, AdapterPager, PagerConfig, PoolPlace};
@@ -25,7 +25,7 @@ fn base_model() -> LoadedModel {
 /// Writes a real PEFT folder: rank `r` on q_proj and v_proj of every layer, values from `seed`.
 fn write_adapter(dir: &Path, cfg: &ModelConfig, r: usize, seed: u64) {
     let spec = RandomAdapter { rank: r, targets: &[Proj::Q, Proj::V], scale: 1.0, seed, dtype: DType::F32 };
-    openlora::adapters::random::write(dir, cfg, &spec).expect("adapter folder");
+    openlora::harness::random::write(dir, cfg, &spec).expect("adapter folder");
 }
 
 /// The 1,000 adapter folders, written once per test process.

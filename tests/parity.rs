@@ -3,7 +3,7 @@
 mod common;
 
 use common::{Reference, fixture_models, max_abs_diff};
-use openlora::generate::generate;
+use openlora::harness::reference::generate;
 use openlora::model::{LoadedModel, LogitRows, SeqBatch, SeqKv};
 use openlora::sampling::SamplingParams;
 

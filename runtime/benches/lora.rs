@@ -6,9 +6,9 @@ use std::time::Duration;
 
 use candle_core::{DType, Device};
 use criterion::{BatchSize, Criterion, criterion_group, criterion_main};
-use openlora::adapters::random::RandomAdapter;
+use openlora::harness::random::RandomAdapter;
 use openlora::metrics::Metrics;
-use openlora::model::{AllocStatus, Llama, LogitRows, ModelConfig, PagedKvCache, Proj, RopeScaling, SeqBatch, SeqKv};
+use openlora::model::{AllocStatus, LogitRows, ModelConfig, PagedKvCache, Proj, RopeScaling, SeqBatch, SeqKv};
 use openlora::pager::{AdapterLease, AdapterPager, PagerConfig};
 
 const ROWS: usize = 32;
@@ -42,12 +42,12 @@ fn config() -> ModelConfig {
 fn write_adapter(dir: &Path, cfg: &ModelConfig, seed: u64) {
     let targets = [Proj::Q, Proj::K, Proj::V, Proj::O];
     let spec = RandomAdapter { rank: RANK, targets: &targets, scale: 1.0, seed, dtype: DType::F32 };
-    openlora::adapters::random::write(dir, cfg, &spec).expect("adapter folder");
+    openlora::harness::random::write(dir, cfg, &spec).expect("adapter folder");
 }
 
 fn decode_step(c: &mut Criterion) {
     let cfg = config();
-    let model = Llama::random(&cfg, &Device::Cpu).expect("model");
+    let model = openlora::harness::random::llama(&cfg, &Device::Cpu).expect("model");
     let root = std::env::temp_dir().join(format!("openlora-bench-adapters-{}-{}", cfg.hidden_size, std::process::id()));
     let pager = AdapterPager::new(
         &cfg,

@@ -1,8 +1,11 @@
 //! openlora: one resident base model, many LoRA adapters, and exact, replayable accounting.
 //!
-//! This crate is the host: model loading and the forward pass (`model`), token sampling
-//! (`sampling`), the generation loop (`generate`), the embedded default model (`embedded`),
-//! policy plugins (`policy`) and the attribution ledger (`ledger`).
+//! The modules, bottom-up (each uses only those before it): `error`, `shape`, `metrics`,
+//! `sampling`, `device`, `embedded`, `model`, `adapters`, `pager`, `request` (one validated
+//! request), `engine` (continuous batching over a backend), `gpu` (the CUDA backend), `ledger`,
+//! `policy` (the wasm plugin host), `settlement` (a request's money, from its key to its ledger
+//! entry), `api` (HTTP), `config` and `serve`; `harness` holds benchmark and parity tooling
+//! apart from the serving path. `docs/ARCHITECTURE.md` tells the whole story.
 
 pub mod adapters;
 pub mod api;
@@ -11,9 +14,10 @@ pub mod device;
 pub mod embedded;
 pub mod engine;
 pub mod error;
-pub mod generate;
 #[cfg(feature = "cuda")]
 pub mod gpu;
+/// Benchmark, parity and random-weight tooling (`openlora bench`, `cargo bench`, tests), not the serving path.
+pub mod harness;
 pub mod ledger;
 pub mod metrics;
 pub mod model;

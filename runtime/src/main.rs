@@ -81,7 +81,7 @@ fn run_bench(args: BenchArgs) -> anyhow::Result<()> {
     };
     #[cfg(feature = "cuda")]
     {
-        let c = openlora::gpu::bench::BenchConfig {
+        let c = openlora::harness::BenchConfig {
             ordinal,
             fixtures: (args.fixtures.as_os_str() != "none").then_some(args.fixtures),
             adapters: args.adapters.max(1),
@@ -92,14 +92,14 @@ fn run_bench(args: BenchArgs) -> anyhow::Result<()> {
             registered: args.registered,
             parity_only: args.parity_only,
         };
-        let report = openlora::gpu::bench::run(&c)?;
+        let report = openlora::harness::bench::run(&c)?;
         let text = serde_json::to_string_pretty(&report)?;
         println!("{text}");
         if let Some(out) = &args.out {
             std::fs::write(out, &text).with_context(|| format!("writing {}", out.display()))?;
         }
         for section in ["parity", "serving_parity"] {
-            if report.get(section).is_some_and(|r| !openlora::gpu::parity::passed(r)) {
+            if report.get(section).is_some_and(|r| !openlora::harness::parity::passed(r)) {
                 anyhow::bail!("the GPU's {section} check failed (see the report above)");
             }
         }

@@ -175,7 +175,10 @@ fn start_on_gpu(
     _metrics: &Metrics,
 ) -> Result<EngineHandle> {
     crate::device::probe_cuda(ordinal)?;
-    Err(crate::error::Error::Device(format!("cuda:{ordinal}: this build has no CUDA backend (feature `cuda`)")))
+    Err(crate::error::DeviceError::Unavailable(format!(
+        "cuda:{ordinal}: this build has no CUDA backend (feature `cuda`)"
+    ))
+    .into())
 }
 
 async fn wait_for_signal() {

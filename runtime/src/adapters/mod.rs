@@ -1,7 +1,6 @@
 //! PEFT LoRA adapter folders: validation against the base model and loading to host memory.
 
 pub mod config;
-pub mod random;
 
 use std::path::{Path, PathBuf};
 

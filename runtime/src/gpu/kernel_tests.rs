@@ -1,7 +1,8 @@
 //! Tests that need a device (a GPU, or the CUDA stand-in; skipped without one unless
 //! `OPENLORA_REQUIRE_GPU` is set): the attention kernels against their CPU reference
 //! (`openlora_kernels::attention`) over contexts of several score tiles, KV blocks in shuffled
-//! order, grouped-query heads, decode and prefill rows; and a step allocating no device memory.
+//! order, grouped-query heads, decode and prefill rows. (A step allocating no device memory is
+//! tested with the harness's random decoder, in `harness::gpu_random`.)
 
 use cudarc::driver::PushKernelArg;
 use half::bf16;
@@ -129,44 +130,6 @@ fn attention_case(gpu: &Gpu, shape: KvShape) {
     unsafe { b.launch(super::model::attention_grid(shape.heads, rows.len())) }.expect("device call");
     let d = worst(&gpu.download(&out).expect("device call"), &want);
     assert!(d < 1e-2, "prefill: max |Δ| {d} against the CPU reference");
-}
-
-#[test]
-fn a_step_allocates_no_device_memory_once_its_buffers_are_large_enough() {
-    use crate::model::{AllocStatus, BLOCK_SIZE, ModelConfig, SeqKv};
-    let Some(gpu) = gpu() else { return };
-    let dir = std::env::temp_dir().join(format!("openlora-step-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).expect("temp dir");
-    let text = r#"{"model_type": "llama", "hidden_size": 64, "intermediate_size": 96, "num_hidden_layers": 2,
-        "num_attention_heads": 4, "num_key_value_heads": 2, "vocab_size": 128, "max_position_embeddings": 128}"#;
-    std::fs::write(dir.join("config.json"), text).expect("config");
-    let cfg = ModelConfig::from_file(&dir.join("config.json")).expect("config");
-    let model = super::model::GpuLlama::random(&gpu, &cfg, 3).expect("model");
-    let mut kv = super::model::GpuKv::new(&gpu, &cfg, 16).expect("kv");
-    let mut held = vec![SeqKv::default(); 4];
-    for h in &mut held {
-        assert_eq!(kv.blocks.reserve(h, 4 * BLOCK_SIZE), AllocStatus::Ok);
-    }
-    let prompt: Vec<u32> = (0..20).collect();
-    let mut step = |n: usize, tokens: &[u32], start: usize| {
-        let seqs: Vec<super::model::GpuSeq<'_>> = held[..n]
-            .iter()
-            .map(|h| super::model::GpuSeq { tokens, start, blocks: h.blocks(), adapter: None })
-            .collect();
-        let mut out = model.forward(&gpu, &mut kv, None, &seqs, false).expect("step");
-        out.sample(&gpu, &vec![0.0; n], &vec![0; n]).expect("sample");
-        drop(out);
-        model.step_allocations()
-    };
-    let first = step(2, &prompt, 0);
-    assert!(first > 0, "the first step allocates its buffers");
-    for pos in 20..24 {
-        assert_eq!(step(2, &[7], pos), first, "a decode step after a larger prefill allocates nothing");
-    }
-    let grown = step(4, &prompt, 24);
-    assert!(grown > first, "a larger step grows the buffers");
-    assert_eq!(step(3, &[9], 44), grown, "a smaller step after it allocates nothing");
-    assert_eq!(step(4, &prompt[..17], 45), grown, "nor does one of the same size");
 }
 
 /// A step may hold more rows than a grid's y dimension (65,535): `max_batch_tokens` is the

@@ -9,15 +9,13 @@
 //! device. A placement is uploaded when it is first bound; a new placement in reused pages is a
 //! new id, so a stale device copy is never read.
 
-use cudarc::driver::{CudaEvent, CudaSlice, PushKernelArg};
+use cudarc::driver::{CudaEvent, CudaSlice, CudaView, PushKernelArg};
 use half::bf16;
 
-use super::model::LoraRows;
 use super::{Gpu, cuda_err, grid};
-use crate::adapters::LoraWeights;
 use crate::error::{Error, Result};
 use crate::model::lora::AdapterShare;
-use crate::pager::pool::{PageAllocator, PoolData, PoolPlace, ResidentAdapter, adapter_chunks};
+use crate::pager::pool::{PoolData, ResidentAdapter, adapter_chunks};
 
 /// Modules an adapter can have per layer (the seven projections).
 const PROJS: usize = 7;
@@ -124,6 +122,20 @@ impl Staged {
         }
         Ok(st)
     }
+}
+
+/// The step's row layout as the LoRA op needs it.
+/// (The adapter parts are i32 on the device, passed as their u32 bits.)
+pub(crate) struct LoraRows<'a> {
+    pub decode: bool,
+    /// The widest rank of the step's adapters (the shrink output's row width).
+    pub max_rank: usize,
+    pub rows: usize,
+    pub seqs: usize,
+    pub seg_start: CudaView<'a, u32>,
+    pub seg_len: CudaView<'a, u32>,
+    pub seg_adapter: CudaView<'a, u32>,
+    pub row_adapter: CudaView<'a, u32>,
 }
 
 /// The device adapter pool.
@@ -366,50 +378,11 @@ impl<'a> ShareSums<'a> {
     }
 }
 
-/// Adapters made or loaded in memory, placed by the pager's own page layout into a host arena
-/// and mirrored on the device: the serving path's upload, without a pager (the benchmark and
-/// the parity check use it).
-pub struct AdapterArena {
-    alloc: PageAllocator,
-    host: PoolData,
-    /// The device mirror.
-    pub device: GpuAdapters,
-}
-
-impl AdapterArena {
-    /// An arena of `pages` pages of `page_elems` values with `slots` device slots.
-    pub fn new(gpu: &Gpu, layers: usize, pages: usize, page_elems: usize, slots: usize) -> Result<Self> {
-        let (alloc, host) = PageAllocator::new(pages, page_elems, PoolPlace::Device);
-        Ok(AdapterArena { alloc, host, device: GpuAdapters::new(gpu, layers, pages, page_elems, slots, pages)? })
-    }
-
-    /// Gives `w` free pages of the arena (not yet on the device).
-    pub fn place(&mut self, w: LoraWeights) -> Result<ResidentAdapter> {
-        let w = std::sync::Arc::new(w);
-        self.alloc.place(&mut self.host, &w).ok_or_else(|| {
-            Error::device(format!(
-                "the adapter needs {} pages; {} are free",
-                self.alloc.pages_needed(&w),
-                self.alloc.free_pages()
-            ))
-        })
-    }
-
-    /// Frees an adapter's pages in the host arena.
-    pub fn release(&mut self, r: &ResidentAdapter) {
-        self.alloc.release(r);
-    }
-
-    /// The device slot of `r`, uploading it if needed ([`GpuAdapters::slot_for`]).
-    pub fn slot_for(&mut self, gpu: &Gpu, r: &ResidentAdapter, busy: &[u32]) -> Result<u32> {
-        self.device.slot_for(gpu, r, &self.host, busy)
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::adapters::LoraModule;
+    use crate::pager::pool::{PageAllocator, PoolPlace};
 
     #[test]
     fn slots_are_reused_least_recently_used_first_and_never_while_busy() {

@@ -4,14 +4,12 @@
 //!
 //! [`Gpu`] holds the device: a compute stream, a copy stream (adapter uploads overlap compute),
 //! the cuBLAS handle and the loaded kernels. [`model::GpuLlama`] is the decoder on it,
-//! [`lora::GpuAdapters`] the adapter page pool, [`bench`] the GPU benchmark and parity run.
+//! [`lora::GpuAdapters`] the adapter page pool, [`backend::GpuBackend`] the engine's backend.
+//! The GPU benchmark, parity checks and random weights are [`crate::harness`]'s.
 
 pub mod backend;
-pub mod bench;
 pub mod lora;
 pub mod model;
-pub mod parity;
-pub mod serving_bench;
 pub mod step;
 
 #[cfg(test)]
@@ -21,8 +19,7 @@ use std::collections::HashMap;
 use std::sync::Arc;
 
 use cudarc::cublas::CudaBlas;
-use cudarc::driver::{CudaContext, CudaFunction, CudaSlice, CudaStream, LaunchConfig, PushKernelArg};
-use half::bf16;
+use cudarc::driver::{CudaContext, CudaFunction, CudaSlice, CudaStream, LaunchConfig};
 
 use crate::device::{CudaDeviceInfo, probe_cuda};
 use crate::error::{Error, Result};
@@ -109,18 +106,6 @@ impl Gpu {
     /// Copies device values back to the host (waits for the stream).
     pub fn download<T: cudarc::driver::DeviceRepr + Default + Clone>(&self, d: &CudaSlice<T>) -> Result<Vec<T>> {
         self.stream.clone_dtoh(d).map_err(cuda_err)
-    }
-
-    /// Random bf16 values in [-scale, scale) on the device, from `seed`.
-    pub fn random_bf16(&self, n: usize, seed: u64, scale: f32) -> Result<CudaSlice<bf16>> {
-        let mut x = self.zeros::<bf16>(n)?;
-        let f = self.kernel("fill_random_bf16")?;
-        let (n64, cfg) = (n as u64, LaunchConfig::for_num_elems(n as u32));
-        let mut b = self.stream.launch_builder(f);
-        b.arg(&mut x).arg(&n64).arg(&seed).arg(&scale);
-        // SAFETY: the kernel writes x[0..n], which x holds.
-        unsafe { b.launch(cfg) }.map_err(cuda_err)?;
-        Ok(x)
     }
 
     /// Waits for the compute stream.

@@ -8,7 +8,7 @@ use cudarc::cublas::{Gemm, GemmConfig};
 use cudarc::driver::{CudaSlice, CudaView, PushKernelArg};
 use half::bf16;
 
-use super::lora::{GpuAdapters, ShareSums};
+use super::lora::{GpuAdapters, LoraRows, ShareSums};
 use super::step::{Step, StepBuffers};
 use super::{Gpu, cuda_err, grid};
 use crate::error::{Error, Result, SubmitError};
@@ -32,7 +32,7 @@ pub(crate) fn attention_grid(heads: usize, rows: usize) -> cudarc::driver::Launc
 pub const MAX_HEAD_DIM: usize = 4 * ATTENTION_BLOCK as usize;
 
 /// Refuses a model whose heads the attention kernels cannot hold.
-fn check_shape(cfg: &ModelConfig) -> Result<()> {
+pub(crate) fn check_shape(cfg: &ModelConfig) -> Result<()> {
     if cfg.head_dim > MAX_HEAD_DIM {
         return Err(Error::device(format!(
             "head_dim {} is beyond the {MAX_HEAD_DIM} the GPU attention kernels take",
@@ -42,11 +42,14 @@ fn check_shape(cfg: &ModelConfig) -> Result<()> {
     Ok(())
 }
 
-struct GpuLayer {
+/// One decoder layer's weights on the device, bf16 row-major.
+pub struct GpuLayer {
     /// q, k, v, o, gate, up, down: `[out, in]` row-major, indexed by `Proj as usize`.
-    proj: Vec<CudaSlice<bf16>>,
-    input_norm: CudaSlice<bf16>,
-    post_norm: CudaSlice<bf16>,
+    pub proj: Vec<CudaSlice<bf16>>,
+    /// The input norm, `[hidden]`.
+    pub input_norm: CudaSlice<bf16>,
+    /// The post-attention norm, `[hidden]`.
+    pub post_norm: CudaSlice<bf16>,
 }
 
 /// A Llama-family decoder resident on one GPU.
@@ -298,48 +301,56 @@ impl GpuLlama {
         } else {
             Some(up("lm_head.weight", &[cfg.vocab_size, h])?)
         };
-        let (cos, sin) = rope::cos_sin(&cfg);
-        Ok(GpuLlama {
-            embed: up("model.embed_tokens.weight", &[cfg.vocab_size, h])?,
-            norm: up("model.norm.weight", &[h])?,
-            layers,
-            lm_head,
-            cos: gpu.upload(&cos)?,
-            sin: gpu.upload(&sin)?,
-            step: Default::default(),
-            cfg,
-        })
+        let embed = up("model.embed_tokens.weight", &[cfg.vocab_size, h])?;
+        let norm = up("model.norm.weight", &[h])?;
+        Self::from_weights(gpu, &cfg, embed, layers, norm, lm_head)
     }
 
-    /// A model of `cfg`'s shape with random weights made on the device (for benchmarks at real
-    /// sizes without shipping weights); norms are ones.
-    pub fn random(gpu: &Gpu, cfg: &ModelConfig, seed: u64) -> Result<Self> {
+    /// A decoder of `cfg`'s shape from bf16 weights already on `gpu` (row-major): the embedding
+    /// `[vocab, hidden]`, one [`GpuLayer`] per layer, the final norm `[hidden]` and the head
+    /// `[vocab, hidden]` (`None`: tied to the embedding). Every length is checked against `cfg`.
+    pub fn from_weights(
+        gpu: &Gpu,
+        cfg: &ModelConfig,
+        embed: CudaSlice<bf16>,
+        layers: Vec<GpuLayer>,
+        norm: CudaSlice<bf16>,
+        lm_head: Option<CudaSlice<bf16>>,
+    ) -> Result<Self> {
         check_shape(cfg)?;
         let h = cfg.hidden_size;
-        let ones = || gpu.upload(&vec![bf16::ONE; h]);
-        let mut n = seed;
-        let mut rand = |rows: usize, cols: usize| {
-            n += 1;
-            // Uniform in ±sqrt(3/cols): unit variance of each output, as a trained model's.
-            gpu.random_bf16(rows * cols, n, (3.0 / cols as f32).sqrt())
+        let check = |name: &str, got: usize, want: usize| {
+            if got == want {
+                Ok(())
+            } else {
+                Err(Error::device(format!("{name} holds {got} values; the model's shape needs {want}")))
+            }
         };
-        let (cos, sin) = rope::cos_sin(cfg);
-        let mut layers = Vec::with_capacity(cfg.num_layers);
-        for _ in 0..cfg.num_layers {
-            let proj = Proj::ALL
-                .iter()
-                .map(|&p| {
-                    let (o, i) = p.shape(cfg);
-                    rand(o, i)
-                })
-                .collect::<Result<Vec<_>>>()?;
-            layers.push(GpuLayer { proj, input_norm: ones()?, post_norm: ones()? });
+        if layers.len() != cfg.num_layers {
+            return Err(Error::device(format!("{} layers given; the model has {}", layers.len(), cfg.num_layers)));
         }
+        check("model.embed_tokens.weight", embed.len(), cfg.vocab_size * h)?;
+        check("model.norm.weight", norm.len(), h)?;
+        if let Some(head) = &lm_head {
+            check("lm_head.weight", head.len(), cfg.vocab_size * h)?;
+        }
+        for (l, layer) in layers.iter().enumerate() {
+            if layer.proj.len() != Proj::ALL.len() {
+                return Err(Error::device(format!("layer {l} has {} projections, not 7", layer.proj.len())));
+            }
+            for (&p, w) in Proj::ALL.iter().zip(&layer.proj) {
+                let (o, i) = p.shape(cfg);
+                check(&p.tensor_name(l), w.len(), o * i)?;
+            }
+            check(&format!("model.layers.{l}.input_layernorm.weight"), layer.input_norm.len(), h)?;
+            check(&format!("model.layers.{l}.post_attention_layernorm.weight"), layer.post_norm.len(), h)?;
+        }
+        let (cos, sin) = rope::cos_sin(cfg);
         Ok(GpuLlama {
-            embed: rand(cfg.vocab_size, h)?,
-            norm: ones()?,
+            embed,
+            norm,
             layers,
-            lm_head: Some(rand(cfg.vocab_size, h)?),
+            lm_head,
             cos: gpu.upload(&cos)?,
             sin: gpu.upload(&sin)?,
             step: Default::default(),
@@ -550,20 +561,6 @@ impl GpuLlama {
         bufs.logits.put(out32);
         Ok(Step { bufs: guard, rows: m, vocab, shares })
     }
-}
-
-/// The step's row layout as the LoRA op needs it.
-/// (The adapter parts are i32 on the device, passed as their u32 bits.)
-pub(crate) struct LoraRows<'a> {
-    pub decode: bool,
-    /// The widest rank of the step's adapters (the shrink output's row width).
-    pub max_rank: usize,
-    pub rows: usize,
-    pub seqs: usize,
-    pub seg_start: CudaView<'a, u32>,
-    pub seg_len: CudaView<'a, u32>,
-    pub seg_adapter: CudaView<'a, u32>,
-    pub row_adapter: CudaView<'a, u32>,
 }
 
 fn plan_lora(p: &StepPlan, max_rank: usize) -> LoraRows<'_> {

@@ -14,7 +14,7 @@ use super::lora::{AdapterShare, LoraPlan, PlacedAdapter};
 use super::ops;
 use super::rope::RopeTables;
 use super::weights::WeightFiles;
-use crate::error::{Error, Result, SubmitError};
+use crate::error::{Error, LoadError, Result, SubmitError};
 use crate::shape::{ModelConfig, Proj};
 
 struct Layer {
@@ -127,40 +127,61 @@ impl Llama {
         })
     }
 
-    /// A model of `cfg`'s shape with random weights (scaled like a trained model's), for
-    /// benchmarks at realistic widths without shipping weights.
-    pub fn random(cfg: &ModelConfig, device: &Device) -> Result<Self> {
+    /// A model of `cfg`'s shape from f32 weights already on `device`: the embedding
+    /// `[vocab, hidden]`; per layer its seven projections `[out, in]` in [`Proj::ALL`] order, its
+    /// input norm and its post-attention norm `[hidden]`; the final norm; and the head
+    /// `[vocab, hidden]` (the embedding again when tied). Every shape is checked against `cfg`.
+    pub fn from_parts(
+        cfg: &ModelConfig,
+        embed: Tensor,
+        layers: Vec<([Tensor; 7], Tensor, Tensor)>,
+        norm: Tensor,
+        lm_head: Tensor,
+        device: &Device,
+    ) -> Result<Self> {
         let h = cfg.hidden_size;
-        let randn =
-            |rows: usize, cols: usize| Tensor::randn(0f32, (1.0 / cols as f64).sqrt() as f32, (rows, cols), device);
-        let ones = || Tensor::ones(h, DType::F32, device);
-        let mut layers = Vec::with_capacity(cfg.num_layers);
-        for _ in 0..cfg.num_layers {
-            let p = |p: Proj| {
-                let (o, i) = p.shape(cfg);
-                randn(o, i)
-            };
-            layers.push(Layer {
-                proj: [
-                    p(Proj::Q)?,
-                    p(Proj::K)?,
-                    p(Proj::V)?,
-                    p(Proj::O)?,
-                    p(Proj::Gate)?,
-                    p(Proj::Up)?,
-                    p(Proj::Down)?,
-                ],
-                input_norm: ones()?,
-                post_attention_norm: ones()?,
-            });
+        let check = |name: String, t: &Tensor, expected: &[usize]| {
+            if t.dims() == expected {
+                Ok(())
+            } else {
+                let file = std::path::PathBuf::from("(in memory)");
+                Err(Error::from(LoadError::TensorShape {
+                    file,
+                    tensor: name,
+                    expected: expected.to_vec(),
+                    got: t.dims().to_vec(),
+                }))
+            }
+        };
+        if layers.len() != cfg.num_layers {
+            let got = vec![layers.len()];
+            let file = std::path::PathBuf::from("(in memory)");
+            return Err(Error::from(LoadError::TensorShape {
+                file,
+                tensor: "model.layers".into(),
+                expected: vec![cfg.num_layers],
+                got,
+            }));
         }
-        let embed = randn(cfg.vocab_size, h)?;
+        check("model.embed_tokens.weight".into(), &embed, &[cfg.vocab_size, h])?;
+        check("model.norm.weight".into(), &norm, &[h])?;
+        check("lm_head.weight".into(), &lm_head, &[cfg.vocab_size, h])?;
+        let mut built = Vec::with_capacity(layers.len());
+        for (l, (proj, input_norm, post_attention_norm)) in layers.into_iter().enumerate() {
+            for (&p, w) in Proj::ALL.iter().zip(&proj) {
+                let (o, i) = p.shape(cfg);
+                check(p.tensor_name(l), w, &[o, i])?;
+            }
+            check(format!("model.layers.{l}.input_layernorm.weight"), &input_norm, &[h])?;
+            check(format!("model.layers.{l}.post_attention_layernorm.weight"), &post_attention_norm, &[h])?;
+            built.push(Layer { proj, input_norm, post_attention_norm });
+        }
         Ok(Llama {
             cfg: cfg.clone(),
-            lm_head: embed.clone(),
             embed,
-            layers,
-            norm: ones()?,
+            layers: built,
+            norm,
+            lm_head,
             rope: RopeTables::new(cfg, device)?,
             device: device.clone(),
         })

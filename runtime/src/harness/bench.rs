@@ -5,68 +5,21 @@
 //! q/k/v/o, 128-token prompts and 128 new tokens (greedy), base-only against one distinct adapter
 //! per row, and 1,000 registered adapters drawn by power-law popularity through a smaller pool.
 
-use std::path::PathBuf;
 use std::time::Instant;
 
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use serde_json::{Value, json};
 
-use super::lora::{AdapterArena, GpuAdapters};
-use super::model::{GpuKv, GpuLlama, GpuSeq};
-use super::{Gpu, cuda_err, parity};
-use crate::adapters::LoraWeights;
-use crate::adapters::random::{self, RandomAdapter};
+use super::BenchConfig;
+use super::arena::AdapterArena;
+use super::random::{llama_7b, random_adapter};
+use super::{gpu_random, parity, serving_bench};
 use crate::error::{Error, Result};
-use crate::model::{AllocStatus, BLOCK_SIZE, ModelConfig, Proj, SeqKv};
-
-/// What to run.
-#[derive(Debug, Clone)]
-pub struct BenchConfig {
-    /// The GPU.
-    pub ordinal: usize,
-    /// The repository's `tests/fixtures` for the parity checks (skipped when `None`).
-    pub fixtures: Option<PathBuf>,
-    /// Distinct adapters in the mixed batch.
-    pub adapters: usize,
-    /// Their rank.
-    pub rank: usize,
-    /// Sequences per batch.
-    pub batch: usize,
-    /// Prompt tokens per sequence.
-    pub prompt: usize,
-    /// New tokens per sequence.
-    pub new_tokens: usize,
-    /// Registered adapters for the popularity run (0 skips it).
-    pub registered: usize,
-    /// Only the parity checks (no throughput runs).
-    pub parity_only: bool,
-}
-
-/// `config.json` of Llama-7B's shape (the HF PEFT baseline's `LlamaConfig`).
-pub(crate) const LLAMA_7B_CONFIG: &str = r#"{"model_type": "llama", "hidden_size": 4096, "intermediate_size": 11008,
-    "num_hidden_layers": 32, "num_attention_heads": 32, "num_key_value_heads": 32, "vocab_size": 32000,
-    "max_position_embeddings": 4096, "rms_norm_eps": 1e-5, "rope_theta": 10000.0, "tie_word_embeddings": false,
-    "torch_dtype": "bfloat16"}"#;
-
-/// Llama-7B's shape.
-pub(crate) fn llama_7b() -> Result<ModelConfig> {
-    let dir = std::env::temp_dir().join(format!("openlora-7b-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).map_err(|e| Error::io(&dir, e))?;
-    let path = dir.join("config.json");
-    std::fs::write(&path, LLAMA_7B_CONFIG).map_err(|e| Error::io(&path, e))?;
-    ModelConfig::from_file(&path)
-}
-
-/// The benchmark's adapters on q/k/v/o: rank `rank`, values from `seed`, made in memory (the
-/// serving-path run writes the same to disk).
-pub(crate) fn random_adapter(cfg: &ModelConfig, rank: usize, seed: u64) -> LoraWeights {
-    let spec = RandomAdapter { rank, targets: &QKVO, scale: 1.0, seed, dtype: candle_core::DType::BF16 };
-    random::weights(cfg, &spec)
-}
-
-/// The projections the baseline's adapters target.
-pub(crate) const QKVO: [Proj; 4] = [Proj::Q, Proj::K, Proj::V, Proj::O];
+use crate::gpu::lora::GpuAdapters;
+use crate::gpu::model::{GpuKv, GpuLlama, GpuSeq};
+use crate::gpu::{Gpu, cuda_err};
+use crate::model::{AllocStatus, BLOCK_SIZE, SeqKv};
 
 /// Times greedy generation: one prefill step for the batch, then `new_tokens - 1` decode steps.
 /// Returns (total seconds, mean decode step ms).
@@ -131,7 +84,7 @@ pub fn run(c: &BenchConfig) -> Result<Value> {
     report["throughput"] = section("throughput", || throughput(&gpu, c));
     if let Some(f) = &c.fixtures {
         // The same shape through the engine, as `serve` runs it.
-        report["serving_throughput"] = section("serving throughput", || super::serving_bench::run(c, f));
+        report["serving_throughput"] = section("serving throughput", || serving_bench::run(c, f));
     }
     gpu.ctx.synchronize().map_err(cuda_err)?;
     Ok(report)
@@ -151,7 +104,7 @@ fn throughput(gpu: &Gpu, c: &BenchConfig) -> Result<Value> {
     let mut report = json!({});
     let cfg = llama_7b()?;
     let t = Instant::now();
-    let model = GpuLlama::random(gpu, &cfg, 7)?;
+    let model = gpu_random::llama(gpu, &cfg, 7)?;
     gpu.synchronize()?;
     report["init_s"] = json!(t.elapsed().as_secs_f64());
     // Blocks for every sequence's prompt and new tokens (and the popularity run's).
@@ -258,19 +211,4 @@ fn popularity(
     let secs = t.elapsed().as_secs_f64();
     Ok(json!({"registered": c.registered, "resident_adapters": slots, "batches": 8, "adapter_loads": loads,
               "device_uploads": arena.device.uploads - uploads_before, "tok_per_s": tokens as f64 / secs}))
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn the_benchmark_shape_is_llama_7b() {
-        let cfg = llama_7b().unwrap();
-        assert_eq!((cfg.hidden_size, cfg.num_layers, cfg.intermediate_size, cfg.vocab_size), (4096, 32, 11008, 32000));
-        let w = random_adapter(&cfg, 16, 1);
-        let q = w.layers[3][Proj::Q as usize].as_ref().unwrap();
-        assert_eq!((q.a.len(), q.bt.len()), (16 * 4096, 16 * 4096));
-        assert!(w.layers[0][Proj::Gate as usize].is_none());
-    }
 }

@@ -8,14 +8,16 @@ use std::sync::Arc;
 
 use serde_json::{Value, json};
 
-use super::Gpu;
-use super::backend::GpuBackend;
-use super::lora::{AdapterArena, GpuAdapters};
-use super::model::{GpuKv, GpuLlama, GpuSeq};
+use super::arena::AdapterArena;
+use super::serving::serve_all;
 use crate::adapters::AdapterManifest;
 use crate::engine::backend::{Backend, CpuBackend};
 use crate::engine::{EngineConfig, EngineHandle, GenerationRequest};
 use crate::error::{Error, Result};
+use crate::gpu::Gpu;
+use crate::gpu::backend::GpuBackend;
+use crate::gpu::lora::GpuAdapters;
+use crate::gpu::model::{GpuKv, GpuLlama, GpuSeq};
 use crate::metrics::Metrics;
 use crate::model::{AllocStatus, BLOCK_SIZE, LoadedModel, ModelConfig, SeqKv};
 use crate::pager::{AdapterPager, PagerConfig};
@@ -232,7 +234,7 @@ pub fn serving(ordinal: usize, fixtures: &Path) -> Result<Value> {
             Box::new(CpuBackend::new(model.clone(), 64 << 20)?)
         };
         let engine = EngineHandle::start_on(backend, model, pager, EngineConfig::default(), Metrics::new())?;
-        let served = super::serving_bench::serve_all(&engine, requests.clone())?;
+        let served = serve_all(&engine, requests.clone())?;
         let out = served.into_iter().map(|(tokens, usage)| (tokens, usage.adapter_contribution_ppm)).collect();
         Ok((out, engine.device().to_string()))
     };

@@ -1,24 +1,16 @@
-//! Throughput of the serving path itself: requests submitted to an engine, the scheduler, the
-//! pager with real PEFT adapter folders, host-side sampling — what `serve` runs, minus HTTP.
-//! On the GPU at Llama-7B shape (random bf16 weights made on the device), it is the figure to
-//! set beside `hf_peft_multilora.py`'s; [`modes`] runs on any backend (a CPU test uses it).
+//! The serving path driven as `serve` drives it, minus HTTP: requests submitted to an engine,
+//! the scheduler, the pager with real PEFT adapter folders, host-side sampling. Runs on any
+//! backend (the CPU tests below use the CPU's); the GPU parity check and the GPU serving
+//! benchmark (`harness::serving_bench`, feature `cuda`) run on it.
 
 use std::path::Path;
-use std::sync::Arc;
 use std::time::Instant;
 
 use candle_core::DType;
 use serde_json::{Value, json};
 
-use super::backend::GpuBackend;
-use super::bench::{BenchConfig, LLAMA_7B_CONFIG, QKVO, llama_7b};
-use super::{Gpu, model::GpuLlama};
-use crate::adapters::random::{self, RandomAdapter};
-use crate::engine::{EngineConfig, EngineHandle, Event, GenerationRequest, Usage};
+use crate::engine::{EngineHandle, Event, GenerationRequest, Usage};
 use crate::error::{Error, LoadError, Result};
-use crate::metrics::Metrics;
-use crate::model::{BLOCK_SIZE, LoadedModel};
-use crate::pager::{AdapterPager, PagerConfig};
 use crate::sampling::SamplingParams;
 
 /// Submits `requests` all at once (so they batch) and reads each to its end: its tokens and
@@ -90,7 +82,7 @@ pub fn modes(engine: &EngineHandle, names: &[String], batch: usize, prompt: usiz
 
 /// A model folder for `cfg` that holds no real weights (a GPU backend makes random ones): its
 /// config, the fixture model's tokenizer, and a one-tensor safetensors file.
-fn weightless_model(dir: &Path, cfg_text: &str, fixtures: &Path) -> Result<()> {
+pub fn weightless_model(dir: &Path, cfg_text: &str, fixtures: &Path) -> Result<()> {
     std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
     let write = |name: &str, text: &str| std::fs::write(dir.join(name), text).map_err(|e| Error::io(dir.join(name), e));
     write("config.json", cfg_text)?;
@@ -104,58 +96,18 @@ fn weightless_model(dir: &Path, cfg_text: &str, fixtures: &Path) -> Result<()> {
         .map_err(|e| Error::from(LoadError::WeightFile { file: path.clone(), message: e.to_string() }))
 }
 
-/// The serving path at Llama-7B shape on `cuda:ordinal`: `c.adapters` rank-`c.rank` PEFT
-/// folders on q/k/v/o written to disk and registered, `c.batch` requests of `c.prompt` +
-/// `c.new_tokens` tokens, prefills in one step as HF's `generate` does.
-pub fn run(c: &BenchConfig, fixtures: &Path) -> Result<Value> {
-    let cfg = llama_7b()?;
-    let root = std::env::temp_dir().join(format!("openlora-serving-bench-{}", std::process::id()));
-    weightless_model(&root.join("model"), LLAMA_7B_CONFIG, fixtures)?;
-    let model = Arc::new(LoadedModel::load_without_weights(&root.join("model"))?);
-    let t = Instant::now();
-    let targets = QKVO;
-    let mut names = Vec::with_capacity(c.adapters);
-    for i in 0..c.adapters {
-        let spec =
-            RandomAdapter { rank: c.rank, targets: &targets, scale: 1.0, seed: i as u64 + 1, dtype: DType::BF16 };
-        random::write(&root.join(format!("a{i}")), &cfg, &spec)?;
-        names.push(format!("a{i}"));
-    }
-    let written_s = t.elapsed().as_secs_f64();
-    // Room for every adapter in the active pool and the host cache; KV for the batch.
-    let adapter_values = cfg.num_layers * targets.len() * 2 * c.rank * cfg.hidden_size;
-    let pool_bytes = (c.adapters + 1) * adapter_values * 2;
-    let config = PagerConfig {
-        host_cache_bytes: (c.adapters + 1) * adapter_values * 4,
-        active_pool_bytes: pool_bytes,
-        pool: crate::pager::PoolPlace::Device,
-        ..PagerConfig::default()
-    };
-    let pager = AdapterPager::new(&cfg, config, Metrics::new().pager);
-    for n in &names {
-        pager.register(n, &root.join(n))?;
-    }
-    let kv_bytes = c.batch * (c.prompt + c.new_tokens).div_ceil(BLOCK_SIZE) * super::model::GpuKv::block_bytes(&cfg);
-    let gpu = Gpu::open(c.ordinal)?;
-    let llama = GpuLlama::random(&gpu, &cfg, 7)?;
-    let budget = pool_bytes + kv_bytes + (256 << 20);
-    let backend = GpuBackend::with_model(gpu, llama, &pager, Some(budget), c.batch)?;
-    let engine_config =
-        EngineConfig { max_batch_tokens: c.batch * c.prompt, max_running: c.batch, ..EngineConfig::default() };
-    let engine = EngineHandle::start_on(Box::new(backend), model, pager, engine_config, Metrics::new())?;
-    let mut report = modes(&engine, &names, c.batch, c.prompt, c.new_tokens)?;
-    report["adapter_folders_written_s"] = json!(written_s);
-    report["batch"] = json!(c.batch);
-    drop(engine);
-    std::fs::remove_dir_all(&root).ok();
-    Ok(report)
-}
-
 #[cfg(test)]
 mod tests {
+    use std::sync::Arc;
+
     use super::*;
+    use crate::engine::EngineConfig;
     use crate::engine::backend::CpuBackend;
-    use crate::model::Proj;
+    use crate::harness::random::LLAMA_7B_CONFIG;
+    use crate::harness::random::{self, RandomAdapter};
+    use crate::metrics::Metrics;
+    use crate::model::{LoadedModel, Proj};
+    use crate::pager::{AdapterPager, PagerConfig};
 
     /// The harness on the CPU backend: the fixture model, two random PEFT folders.
     #[test]
