@@ -1,17 +1,16 @@
 //! `/admin/plugins`: upload (validated before anything changes), list, activate, roll back and
-//! deactivate policy plugins, slot by slot.
+//! deactivate policy plugins, slot by slot (behind the admin layer of [`super::router`]).
 
 use axum::Json;
 use axum::Router;
 use axum::body::Bytes;
-use axum::extract::{FromRequest, Multipart, Path as UrlPath, Query, Request, State};
+use axum::extract::{FromRequest, Multipart, Request, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::routing::{get, post};
 use serde::Deserialize;
 use serde_json::{Value, json};
 
-use super::admin::authorize;
-use super::{ApiError, Shared, blocking, is_multipart};
+use super::{ApiError, ApiPath, ApiQuery, Shared, blocking, is_multipart};
 use crate::policy::Slot;
 
 /// Plugin admin routes.
@@ -31,17 +30,14 @@ fn bad_upload(m: String) -> ApiError {
     ApiError { code: "invalid_plugin", ..ApiError::invalid(Some("body".into()), m) }
 }
 
-async fn list(State(state): State<Shared>, headers: HeaderMap) -> Result<Json<Value>, ApiError> {
-    authorize(&state, &headers)?;
+async fn list(State(state): State<Shared>) -> Result<Json<Value>, ApiError> {
     Ok(Json(json!({"object": "list", "data": state.policy.registry.list()})))
 }
 
 async fn show(
     State(state): State<Shared>,
-    headers: HeaderMap,
-    UrlPath(name): UrlPath<String>,
+    ApiPath(name): ApiPath<String>,
 ) -> Result<Json<Value>, ApiError> {
-    authorize(&state, &headers)?;
     let slot = slot(&name)?;
     let view = state.policy.registry.list().into_iter().find(|v| v.slot == slot);
     let view = view.ok_or_else(|| ApiError::from(crate::error::Error::UnknownPlugin(format!("slot {slot}"))))?;
@@ -59,11 +55,10 @@ struct UploadQuery {
 async fn upload(
     State(state): State<Shared>,
     headers: HeaderMap,
-    UrlPath(name): UrlPath<String>,
-    Query(query): Query<UploadQuery>,
+    ApiPath(name): ApiPath<String>,
+    ApiQuery(query): ApiQuery<UploadQuery>,
     req: Request,
 ) -> Result<(StatusCode, Json<Value>), ApiError> {
-    authorize(&state, &headers)?;
     let slot = slot(&name)?;
     if let Slot::Adapter(adapter) = &slot
         && state.engine.pager().manifest(adapter).is_none()
@@ -101,10 +96,8 @@ async fn upload(
 
 async fn rollback(
     State(state): State<Shared>,
-    headers: HeaderMap,
-    UrlPath(name): UrlPath<String>,
+    ApiPath(name): ApiPath<String>,
 ) -> Result<Json<Value>, ApiError> {
-    authorize(&state, &headers)?;
     let slot = slot(&name)?;
     let (st, slot2) = (state.clone(), slot.clone());
     let active = blocking("rollback", move || Ok(st.policy.registry.rollback(&slot2)?)).await?;
@@ -113,10 +106,8 @@ async fn rollback(
 
 async fn activate(
     State(state): State<Shared>,
-    headers: HeaderMap,
-    UrlPath((name, version)): UrlPath<(String, u32)>,
+    ApiPath((name, version)): ApiPath<(String, u32)>,
 ) -> Result<Json<Value>, ApiError> {
-    authorize(&state, &headers)?;
     let slot = slot(&name)?;
     let (st, slot2) = (state.clone(), slot.clone());
     let active = blocking("activate", move || Ok(st.policy.registry.activate(&slot2, version)?)).await?;
@@ -125,10 +116,8 @@ async fn activate(
 
 async fn deactivate(
     State(state): State<Shared>,
-    headers: HeaderMap,
-    UrlPath(name): UrlPath<String>,
+    ApiPath(name): ApiPath<String>,
 ) -> Result<Json<Value>, ApiError> {
-    authorize(&state, &headers)?;
     let slot = slot(&name)?;
     state.policy.registry.deactivate(&slot)?;
     Ok(Json(json!({"slot": slot, "active": null})))
