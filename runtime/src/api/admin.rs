@@ -65,18 +65,12 @@ async fn list_adapters(State(state): State<Shared>) -> Result<Json<Value>, ApiEr
     Ok(Json(json!({"object": "list", "data": data})))
 }
 
-async fn get_adapter(
-    State(state): State<Shared>,
-    ApiPath(name): ApiPath<String>,
-) -> Result<Json<Value>, ApiError> {
+async fn get_adapter(State(state): State<Shared>, ApiPath(name): ApiPath<String>) -> Result<Json<Value>, ApiError> {
     let m = state.engine.pager().manifest(&name).ok_or_else(|| ApiError::model_not_found(&name))?;
     Ok(Json(describe(&name, &m)))
 }
 
-async fn delete_adapter(
-    State(state): State<Shared>,
-    ApiPath(name): ApiPath<String>,
-) -> Result<Json<Value>, ApiError> {
+async fn delete_adapter(State(state): State<Shared>, ApiPath(name): ApiPath<String>) -> Result<Json<Value>, ApiError> {
     // Requests already using it hold a lease and finish first; new ones get 404.
     if !state.engine.pager().unregister(&name) {
         return Err(ApiError::model_not_found(&name));

@@ -34,10 +34,7 @@ async fn list(State(state): State<Shared>) -> Result<Json<Value>, ApiError> {
     Ok(Json(json!({"object": "list", "data": state.policy.registry.list()})))
 }
 
-async fn show(
-    State(state): State<Shared>,
-    ApiPath(name): ApiPath<String>,
-) -> Result<Json<Value>, ApiError> {
+async fn show(State(state): State<Shared>, ApiPath(name): ApiPath<String>) -> Result<Json<Value>, ApiError> {
     let slot = slot(&name)?;
     let view = state.policy.registry.list().into_iter().find(|v| v.slot == slot);
     let view = view.ok_or_else(|| ApiError::from(crate::error::Error::UnknownPlugin(format!("slot {slot}"))))?;
@@ -94,10 +91,7 @@ async fn upload(
     Ok((StatusCode::CREATED, Json(json!({"slot": slot, "active": info}))))
 }
 
-async fn rollback(
-    State(state): State<Shared>,
-    ApiPath(name): ApiPath<String>,
-) -> Result<Json<Value>, ApiError> {
+async fn rollback(State(state): State<Shared>, ApiPath(name): ApiPath<String>) -> Result<Json<Value>, ApiError> {
     let slot = slot(&name)?;
     let (st, slot2) = (state.clone(), slot.clone());
     let active = blocking("rollback", move || Ok(st.policy.registry.rollback(&slot2)?)).await?;
@@ -114,10 +108,7 @@ async fn activate(
     Ok(Json(json!({"slot": slot, "active": active})))
 }
 
-async fn deactivate(
-    State(state): State<Shared>,
-    ApiPath(name): ApiPath<String>,
-) -> Result<Json<Value>, ApiError> {
+async fn deactivate(State(state): State<Shared>, ApiPath(name): ApiPath<String>) -> Result<Json<Value>, ApiError> {
     let slot = slot(&name)?;
     state.policy.registry.deactivate(&slot)?;
     Ok(Json(json!({"slot": slot, "active": null})))

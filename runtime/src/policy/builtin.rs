@@ -7,9 +7,7 @@ use openlora_plugin_router::DefaultRouter;
 use openlora_plugin_token_pricer::TokenPricer;
 use std::cell::Cell;
 
-use openlora_sdk::{
-    Attributor, Level, Money, PluginConfig, Pricer, RequestInfo, RouteDecision, Router, Split, Usage,
-};
+use openlora_sdk::{Attributor, Level, Money, PluginConfig, Pricer, RequestInfo, RouteDecision, Router, Split, Usage};
 
 use super::config::PolicyConfig;
 use super::host::plugin_log;
