@@ -1,6 +1,6 @@
 //! The `openlora` command line.
 
-use std::io::Write;
+use std::io::{IsTerminal, Write};
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Instant;
@@ -21,8 +21,43 @@ use openlora::serve::Server;
 #[derive(Parser)]
 #[command(name = "openlora", version, about, long_about = None)]
 struct Cli {
+    /// Log lines on stderr as plain text or JSON objects, one a line (default: $OPENLORA_LOG_FORMAT,
+    /// else text); the level comes from RUST_LOG (default info).
+    #[arg(long, global = true, value_enum)]
+    log_format: Option<LogFormat>,
     #[command(subcommand)]
     command: Command,
+}
+
+/// How log lines are written.
+#[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum LogFormat {
+    /// Human-readable text.
+    Text,
+    /// One JSON object a line.
+    Json,
+}
+
+/// Sends `tracing` events to stderr in `format` (else $OPENLORA_LOG_FORMAT, else text), at the
+/// levels RUST_LOG allows (default info).
+fn init_logging(format: Option<LogFormat>) -> anyhow::Result<()> {
+    let format = match format {
+        Some(f) => f,
+        None => match std::env::var("OPENLORA_LOG_FORMAT").ok().as_deref().map(str::trim) {
+            None | Some("") | Some("text") => LogFormat::Text,
+            Some("json") => LogFormat::Json,
+            Some(other) => anyhow::bail!("OPENLORA_LOG_FORMAT={other:?}: expected text or json"),
+        },
+    };
+    let filter = tracing_subscriber::EnvFilter::builder()
+        .with_default_directive(tracing_subscriber::filter::LevelFilter::INFO.into())
+        .from_env_lossy();
+    let logs = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    let installed = match format {
+        LogFormat::Text => logs.with_ansi(std::io::stderr().is_terminal()).try_init(),
+        LogFormat::Json => logs.json().with_ansi(false).try_init(),
+    };
+    installed.map_err(|e| anyhow::anyhow!("starting the log: {e}"))
 }
 
 #[derive(Subcommand)]
@@ -369,8 +404,11 @@ fn run_serve(args: ServeArgs) -> anyhow::Result<()> {
     if let openlora::device::DeviceSpec::Cuda(n) = args.device {
         // Before loading anything: a missing GPU is said at once.
         let info = openlora::device::probe_cuda(n)?;
-        eprintln!(
-            "openlora: cuda:{n} is {} ({} GiB, compute capability {}.{})",
+        tracing::info!(
+            ordinal = n,
+            gpu = info.name.as_str(),
+            memory_gib = info.memory_bytes >> 30,
+            "cuda:{n} is {} ({} GiB, compute capability {}.{})",
             info.name,
             info.memory_bytes >> 30,
             info.capability.0,
@@ -394,14 +432,18 @@ fn run_serve(args: ServeArgs) -> anyhow::Result<()> {
         let addr = listener.local_addr()?;
         let state = &server.state;
         let adapters = state.engine.pager().names();
-        eprintln!(
-            "openlora: serving `{}` on {} with {} adapter(s) [{}] on http://{addr}",
+        tracing::info!(
+            model = state.model_name.as_str(),
+            device = %state.engine.device(),
+            adapters = adapters.len(),
+            listen = %addr,
+            "serving `{}` on {} with {} adapter(s) [{}] on http://{addr}",
             state.model_name,
             state.engine.device(),
             adapters.len(),
             adapters.join(", ")
         );
-        eprintln!("openlora: try: curl http://{addr}/v1/completions -H 'Content-Type: application/json' -d '{{\"model\": \"{}\", \"prompt\": \"The meaning of life is\", \"max_tokens\": 32}}'", state.model_name);
+        tracing::info!("try: curl http://{addr}/v1/completions -H 'Content-Type: application/json' -d '{{\"model\": \"{}\", \"prompt\": \"The meaning of life is\", \"max_tokens\": 32}}'", state.model_name);
         server.run(listener).await?;
         anyhow::Ok(())
     })
@@ -532,6 +574,7 @@ fn run_generate(args: GenerateArgs) -> anyhow::Result<()> {
 
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
+    init_logging(cli.log_format)?;
     match cli.command {
         Command::Generate(args) => run_generate(args),
         Command::Serve(args) => run_serve(args),

@@ -48,7 +48,7 @@ fn restore_uploads(store: &Path, pager: &AdapterPager) {
     }
     for (name, (_, dir)) in newest {
         if let Err(e) = pager.register(&name, &dir) {
-            eprintln!("openlora: skipping stored adapter {}: {e}", dir.display());
+            tracing::warn!(adapter = %name, dir = %dir.display(), error = %e, "skipping stored adapter");
         }
     }
 }
@@ -136,11 +136,11 @@ impl Server {
         let app = router(self.state.clone());
         let shutdown = async move {
             wait_for_signal().await;
-            eprintln!("openlora: shutting down: no new connections, draining in-flight requests");
+            tracing::info!("shutting down: no new connections, draining in-flight requests");
             state.ready.store(false, Ordering::Relaxed);
         };
         axum::serve(listener, app).with_graceful_shutdown(shutdown).await.map_err(|e| Error::io("http server", e))?;
-        eprintln!("openlora: stopped");
+        tracing::info!("stopped");
         Ok(())
     }
 }

@@ -74,12 +74,30 @@ pub trait Attributor {
     ) -> Result<Vec<Split>, String>;
 }
 
-/// Writes a line to the server's log (natively: to the buffer [`testing::take_logs`] reads).
+/// Where [`log`] sends lines when a plugin runs natively (linked into a host, not in wasm).
+pub type NativeLogSink = fn(Level, &str);
+
+static NATIVE_LOG_SINK: std::sync::OnceLock<NativeLogSink> = std::sync::OnceLock::new();
+
+/// Installs the process-wide sink for natively run plugins' log lines (a host linking a plugin's
+/// code calls this once at start); `false` if a sink was already installed (the first one stays).
+pub fn set_native_log_sink(sink: NativeLogSink) -> bool {
+    NATIVE_LOG_SINK.set(sink).is_ok()
+}
+
+/// Writes a line to the server's log. Natively: to the [`testing`] buffer while this thread
+/// captures logs ([`testing::capture_logs`], or inside `testing::run_*`), else to the sink
+/// installed with [`set_native_log_sink`], else to stderr. Nothing is kept unless captured.
 pub fn log(level: Level, message: &str) {
     #[cfg(all(target_arch = "wasm32", any(feature = "router", feature = "pricer", feature = "attributor")))]
     bindings::log(level, message);
     #[cfg(not(all(target_arch = "wasm32", any(feature = "router", feature = "pricer", feature = "attributor"))))]
-    testing::record_log(level, message);
+    if !testing::record_log(level, message) {
+        match NATIVE_LOG_SINK.get() {
+            Some(sink) => sink(level, message),
+            None => eprintln!("openlora plugin {level:?}: {message:?}"),
+        }
+    }
 }
 
 /// What the export macros expand to; not for direct use.

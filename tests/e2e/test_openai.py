@@ -206,6 +206,57 @@ def test_admin_adapter_upload_list_delete(server, client):
     assert_error(httpx.delete(f"{url}/uploaded", headers=admin), 404)
 
 
+def test_admin_token_is_checked_before_anything_is_parsed(server):
+    url = server.url
+    admin = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
+    broken_form = {"Content-Type": "multipart/form-data; boundary=zz"}
+    # A wrong or missing token is a 401, even when the path, query or body could not be parsed.
+    for auth in [{"Authorization": "Bearer not-the-admin-token"}, {"Authorization": f"Bearer {API_KEY}"}, {}]:
+        assert_error(httpx.post(f"{url}/admin/adapters/x", content=b"not a form", headers={**auth, **broken_form}), 401)
+        assert_error(httpx.post(f"{url}/admin/adapters/bad name", content=b"not a tar", headers=auth), 401)
+        assert_error(httpx.post(f"{url}/admin/plugins/router/activate/not-a-number", headers=auth), 401)
+        assert_error(httpx.post(f"{url}/admin/plugins/router", content=b"\0", params={"config": "{"}, headers=auth), 401)
+        assert_error(httpx.get(f"{url}/admin/plugins/no-such-slot", headers=auth), 401)
+        assert_error(httpx.get(f"{url}/admin/ledger/summary", params={"by": "nonsense"}, headers=auth), 401)
+    # With the token the same requests fail on what is wrong with them, as JSON too.
+    assert_error(httpx.post(f"{url}/admin/plugins/router/activate/not-a-number", headers=admin), 400)
+    assert_error(httpx.post(f"{url}/admin/adapters/x", content=b"not a form", headers={**admin, **broken_form}), 400)
+    assert_error(httpx.get(f"{url}/admin/plugins/no-such-slot", headers=admin), 400, "slot")
+    assert_error(httpx.get(f"{url}/admin/ledger/summary", params={"by": "nonsense"}, headers=admin), 400, "by")
+
+
+def test_every_error_is_json_404_and_405_included(server):
+    admin = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
+    wrong_method = httpx.get(f"{server.url}/v1/completions", headers={"Authorization": f"Bearer {API_KEY}"})
+    assert_error(wrong_method, 405)
+    assert "POST" in wrong_method.headers.get("allow", ""), wrong_method.headers
+    assert_error(httpx.delete(f"{server.url}/v1/models"), 405)
+    assert_error(httpx.patch(f"{server.url}/admin/adapters/x", headers=admin), 405)
+    assert_error(httpx.post(f"{server.url}/health"), 405)
+    assert_error(httpx.get(f"{server.url}/no/such/route"), 404)
+    assert_error(httpx.get(f"{server.url}/admin/no-such-thing", headers=admin), 404)
+
+
+def test_json_logs_with_plugin_lines_as_fields():
+    s = conftest.Server(
+        extra='[policy.slots.router.builtin]\ntenants = { acme = { allow = ["r4-qv"] } }\n',
+        env={"OPENLORA_LOG_FORMAT": "json", "RUST_LOG": "info"},
+    )
+    try:
+        refused = raw(s, "/v1/completions", {"model": "r8-mlp", "prompt": "x", "max_tokens": 1})
+        assert_error(refused, 403)
+    finally:
+        assert s.stop() == 0, s.logs()
+    lines = [json.loads(line) for line in s.logs().splitlines() if line.strip()]
+    assert all({"timestamp", "level", "fields"} <= set(line) for line in lines), lines
+    assert any(line["fields"]["message"].startswith("serving `base`") for line in lines), lines
+    # The built-in router's log line: a tracing event with the line as a field, not kept in memory.
+    logged = [line["fields"] for line in lines if line["fields"]["message"] == "plugin log"]
+    assert len(logged) == 1, lines
+    assert logged[0]["slot"] == "router" and logged[0]["plugin"].startswith("builtin:router@"), logged
+    assert logged[0]["level"] == "info" and logged[0]["line"] == "tenant acme refused adapter r8-mlp", logged
+
+
 def test_concurrency_limit_is_429_with_retry_after(fresh_server):
     s = fresh_server(max_concurrent_requests=1)
     body = {"model": "base", "prompt": "x", "max_tokens": 100, "ignore_eos": True}

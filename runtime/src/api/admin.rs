@@ -1,5 +1,6 @@
 //! `/admin`: adapter upload, listing and deletion, behind a bearer admin token separate from
-//! inference keys. An upload that fails validation changes nothing.
+//! inference keys (checked by the layer in front of every admin route, see [`super::router`]).
+//! An upload that fails validation changes nothing.
 
 use std::io::Read;
 use std::path::{Path, PathBuf};
@@ -7,13 +8,13 @@ use std::path::{Path, PathBuf};
 use axum::Json;
 use axum::Router;
 use axum::body::Bytes;
-use axum::extract::{FromRequest, Multipart, Path as UrlPath, Query, Request, State};
+use axum::extract::{FromRequest, Multipart, Request, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::routing::get;
 use serde::Deserialize;
 use serde_json::{Value, json};
 
-use super::{ApiError, Shared, bearer, blocking, is_multipart};
+use super::{ApiError, ApiPath, ApiQuery, Shared, blocking, is_multipart};
 use crate::adapters::{AdapterManifest, CONFIG_FILE, OWNER_FILE, WEIGHTS_FILE, valid_owner};
 
 /// Admin routes (the caller layers the upload size limit).
@@ -22,27 +23,6 @@ pub fn router() -> Router<Shared> {
         "/admin/adapters/{name}",
         get(get_adapter).post(upload_adapter).put(upload_adapter).delete(delete_adapter),
     )
-}
-
-pub(crate) fn authorize(state: &Shared, headers: &HeaderMap) -> Result<(), ApiError> {
-    let Some(token) = &state.config.admin_token else {
-        return Err(ApiError::new(
-            StatusCode::FORBIDDEN,
-            "permission_error",
-            "admin_disabled",
-            "the admin API is disabled (set admin_token in the config file)",
-        ));
-    };
-    match bearer(headers) {
-        // Constant-time comparison: the token is a secret.
-        Some(given)
-            if given.len() == token.len()
-                && given.bytes().zip(token.bytes()).fold(0u8, |a, (x, y)| a | (x ^ y)) == 0 =>
-        {
-            Ok(())
-        }
-        _ => Err(ApiError::unauthorized("invalid admin token")),
-    }
 }
 
 fn valid_name(state: &Shared, name: &str) -> Result<(), ApiError> {
@@ -78,30 +58,19 @@ fn describe(name: &str, m: &AdapterManifest) -> Value {
     })
 }
 
-async fn list_adapters(State(state): State<Shared>, headers: HeaderMap) -> Result<Json<Value>, ApiError> {
-    authorize(&state, &headers)?;
+async fn list_adapters(State(state): State<Shared>) -> Result<Json<Value>, ApiError> {
     let pager = state.engine.pager();
     let data: Vec<Value> =
         pager.names().into_iter().filter_map(|n| pager.manifest(&n).map(|m| describe(&n, &m))).collect();
     Ok(Json(json!({"object": "list", "data": data})))
 }
 
-async fn get_adapter(
-    State(state): State<Shared>,
-    headers: HeaderMap,
-    UrlPath(name): UrlPath<String>,
-) -> Result<Json<Value>, ApiError> {
-    authorize(&state, &headers)?;
+async fn get_adapter(State(state): State<Shared>, ApiPath(name): ApiPath<String>) -> Result<Json<Value>, ApiError> {
     let m = state.engine.pager().manifest(&name).ok_or_else(|| ApiError::model_not_found(&name))?;
     Ok(Json(describe(&name, &m)))
 }
 
-async fn delete_adapter(
-    State(state): State<Shared>,
-    headers: HeaderMap,
-    UrlPath(name): UrlPath<String>,
-) -> Result<Json<Value>, ApiError> {
-    authorize(&state, &headers)?;
+async fn delete_adapter(State(state): State<Shared>, ApiPath(name): ApiPath<String>) -> Result<Json<Value>, ApiError> {
     // Requests already using it hold a lease and finish first; new ones get 404.
     if !state.engine.pager().unregister(&name) {
         return Err(ApiError::model_not_found(&name));
@@ -181,11 +150,10 @@ struct UploadQuery {
 async fn upload_adapter(
     State(state): State<Shared>,
     headers: HeaderMap,
-    UrlPath(name): UrlPath<String>,
-    Query(query): Query<UploadQuery>,
+    ApiPath(name): ApiPath<String>,
+    ApiQuery(query): ApiQuery<UploadQuery>,
     req: Request,
 ) -> Result<(StatusCode, Json<Value>), ApiError> {
-    authorize(&state, &headers)?;
     valid_name(&state, &name)?;
     if let Some(owner) = &query.owner
         && !valid_owner(owner)

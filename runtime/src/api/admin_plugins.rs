@@ -1,16 +1,16 @@
 //! `/admin/plugins`: upload (validated before anything changes), list, activate, roll back and
-//! deactivate policy plugins, slot by slot.
+//! deactivate policy plugins, slot by slot (behind the admin layer of [`super::router`]).
+
 use axum::Json;
 use axum::Router;
 use axum::body::Bytes;
-use axum::extract::{FromRequest, Multipart, Path as UrlPath, Query, Request, State};
+use axum::extract::{FromRequest, Multipart, Request, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::routing::{get, post};
 use serde::Deserialize;
 use serde_json::{Value, json};
 
-use super::admin::authorize;
-use super::{ApiError, Shared, blocking, is_multipart};
+use super::{ApiError, ApiPath, ApiQuery, Shared, blocking, is_multipart};
 use crate::error::{Error, PolicyError};
 use crate::policy::Slot;
 
@@ -31,17 +31,11 @@ fn bad_upload(m: String) -> ApiError {
     ApiError { code: "invalid_plugin", ..ApiError::invalid(Some("body".into()), m) }
 }
 
-async fn list(State(state): State<Shared>, headers: HeaderMap) -> Result<Json<Value>, ApiError> {
-    authorize(&state, &headers)?;
+async fn list(State(state): State<Shared>) -> Result<Json<Value>, ApiError> {
     Ok(Json(json!({"object": "list", "data": state.policy.list()})))
 }
 
-async fn show(
-    State(state): State<Shared>,
-    headers: HeaderMap,
-    UrlPath(name): UrlPath<String>,
-) -> Result<Json<Value>, ApiError> {
-    authorize(&state, &headers)?;
+async fn show(State(state): State<Shared>, ApiPath(name): ApiPath<String>) -> Result<Json<Value>, ApiError> {
     let slot = slot(&name)?;
     let view = state.policy.list().into_iter().find(|v| v.slot == slot);
     let view = view.ok_or_else(|| ApiError::from(Error::from(PolicyError::UnknownPlugin(format!("slot {slot}")))))?;
@@ -59,11 +53,10 @@ struct UploadQuery {
 async fn upload(
     State(state): State<Shared>,
     headers: HeaderMap,
-    UrlPath(name): UrlPath<String>,
-    Query(query): Query<UploadQuery>,
+    ApiPath(name): ApiPath<String>,
+    ApiQuery(query): ApiQuery<UploadQuery>,
     req: Request,
 ) -> Result<(StatusCode, Json<Value>), ApiError> {
-    authorize(&state, &headers)?;
     let slot = slot(&name)?;
     if let Slot::Adapter(adapter) = &slot
         && state.engine.pager().manifest(adapter).is_none()
@@ -99,12 +92,7 @@ async fn upload(
     Ok((StatusCode::CREATED, Json(json!({"slot": slot, "active": info}))))
 }
 
-async fn rollback(
-    State(state): State<Shared>,
-    headers: HeaderMap,
-    UrlPath(name): UrlPath<String>,
-) -> Result<Json<Value>, ApiError> {
-    authorize(&state, &headers)?;
+async fn rollback(State(state): State<Shared>, ApiPath(name): ApiPath<String>) -> Result<Json<Value>, ApiError> {
     let slot = slot(&name)?;
     let (st, slot2) = (state.clone(), slot.clone());
     let active = blocking("rollback", move || Ok(st.policy.rollback(&slot2)?)).await?;
@@ -113,22 +101,15 @@ async fn rollback(
 
 async fn activate(
     State(state): State<Shared>,
-    headers: HeaderMap,
-    UrlPath((name, version)): UrlPath<(String, u32)>,
+    ApiPath((name, version)): ApiPath<(String, u32)>,
 ) -> Result<Json<Value>, ApiError> {
-    authorize(&state, &headers)?;
     let slot = slot(&name)?;
     let (st, slot2) = (state.clone(), slot.clone());
     let active = blocking("activate", move || Ok(st.policy.activate(&slot2, version)?)).await?;
     Ok(Json(json!({"slot": slot, "active": active})))
 }
 
-async fn deactivate(
-    State(state): State<Shared>,
-    headers: HeaderMap,
-    UrlPath(name): UrlPath<String>,
-) -> Result<Json<Value>, ApiError> {
-    authorize(&state, &headers)?;
+async fn deactivate(State(state): State<Shared>, ApiPath(name): ApiPath<String>) -> Result<Json<Value>, ApiError> {
     let slot = slot(&name)?;
     state.policy.deactivate(&slot)?;
     Ok(Json(json!({"slot": slot, "active": null})))

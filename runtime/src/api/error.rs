@@ -1,7 +1,10 @@
 //! Errors in OpenAI's JSON shape, with the HTTP status each deserves.
 
+use axum::extract::{FromRequestParts, Path, Query};
+use axum::http::request::Parts;
 use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
+use serde::de::DeserializeOwned;
 use serde_json::json;
 
 use crate::error::{Error, LoadError, PolicyError, SubmitError};
@@ -43,6 +46,15 @@ impl ApiError {
     /// Any status with a code.
     pub fn new(status: StatusCode, kind: &'static str, code: &'static str, message: impl Into<String>) -> Self {
         ApiError { status, message: message.into(), kind, param: None, code, retry_after: None, extra: None }
+    }
+
+    /// An axum extractor's rejection (path, query, …) in our shape: 400s stay 400s, with its text.
+    pub fn rejected(status: StatusCode, message: impl Into<String>) -> Self {
+        if status.is_server_error() {
+            Self::internal(message)
+        } else {
+            ApiError { status, ..Self::invalid(None, message) }
+        }
     }
 
     /// 401.
@@ -177,5 +189,33 @@ impl IntoResponse for ApiError {
             resp.headers_mut().insert("x-should-retry", HeaderValue::from_static("false"));
         }
         resp
+    }
+}
+
+/// Path parameters (like axum's `Path`) whose rejection is an [`ApiError`], not plain text.
+pub struct ApiPath<T>(pub T);
+
+impl<S: Send + Sync, T: DeserializeOwned + Send> FromRequestParts<S> for ApiPath<T> {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, ApiError> {
+        Path::<T>::from_request_parts(parts, state)
+            .await
+            .map(|Path(t)| ApiPath(t))
+            .map_err(|r| ApiError::rejected(r.status(), r.body_text()))
+    }
+}
+
+/// A query string (like axum's `Query`) whose rejection is an [`ApiError`], not plain text.
+pub struct ApiQuery<T>(pub T);
+
+impl<S: Send + Sync, T: DeserializeOwned> FromRequestParts<S> for ApiQuery<T> {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, ApiError> {
+        Query::<T>::from_request_parts(parts, state)
+            .await
+            .map(|Query(t)| ApiQuery(t))
+            .map_err(|r| ApiError::rejected(r.status(), r.body_text()))
     }
 }

@@ -13,6 +13,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use axum::body::Bytes;
 use axum::extract::{DefaultBodyLimit, FromRequest, Request, State};
 use axum::http::{HeaderMap, StatusCode, header};
+use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
@@ -22,7 +23,7 @@ use tokio::sync::Semaphore;
 use crate::config::ServerConfig;
 use crate::engine::EngineHandle;
 use crate::metrics::Metrics;
-pub use error::ApiError;
+pub use error::{ApiError, ApiPath, ApiQuery};
 
 /// What every handler shares.
 pub struct AppState {
@@ -119,6 +120,38 @@ pub fn bearer(headers: &HeaderMap) -> Option<&str> {
     headers.get(header::AUTHORIZATION)?.to_str().ok()?.strip_prefix("Bearer ").map(str::trim)
 }
 
+/// Whether a request carries the admin token: 403 when the admin API is disabled, 401 when the
+/// token is missing or wrong.
+pub fn authorize_admin(state: &AppState, headers: &HeaderMap) -> Result<(), ApiError> {
+    let Some(token) = &state.config.admin_token else {
+        return Err(ApiError::new(
+            StatusCode::FORBIDDEN,
+            "permission_error",
+            "admin_disabled",
+            "the admin API is disabled (set admin_token in the config file)",
+        ));
+    };
+    match bearer(headers) {
+        // Constant-time comparison: the token is a secret.
+        Some(given)
+            if given.len() == token.len()
+                && given.bytes().zip(token.bytes()).fold(0u8, |a, (x, y)| a | (x ^ y)) == 0 =>
+        {
+            Ok(())
+        }
+        _ => Err(ApiError::unauthorized("invalid admin token")),
+    }
+}
+
+/// The layer in front of every admin route: without the admin token the answer is 401/403,
+/// before any extractor reads the path, query or body.
+async fn require_admin(State(state): State<Shared>, req: Request, next: Next) -> Response {
+    match authorize_admin(&state, req.headers()) {
+        Ok(()) => next.run(req).await,
+        Err(e) => e.into_response(),
+    }
+}
+
 async fn health() -> impl IntoResponse {
     Json(serde_json::json!({"status": "ok"}))
 }
@@ -154,6 +187,16 @@ async fn not_found() -> ApiError {
     ApiError::new(StatusCode::NOT_FOUND, "invalid_request_error", "not_found", "no such route")
 }
 
+/// A route that exists, asked with a method it does not take (axum adds the `Allow` header).
+async fn method_not_allowed() -> ApiError {
+    ApiError::new(
+        StatusCode::METHOD_NOT_ALLOWED,
+        "invalid_request_error",
+        "method_not_allowed",
+        "this route does not take that method",
+    )
+}
+
 /// The whole HTTP application.
 pub fn router(state: Shared) -> Router {
     let body_limit = state.config.limits.max_body_bytes;
@@ -164,7 +207,12 @@ pub fn router(state: Shared) -> Router {
         .route("/v1/models", get(openai::models))
         .merge(ledger::router())
         .layer(DefaultBodyLimit::max(body_limit));
-    let admin = admin::router().merge(admin_plugins::router()).layer(DefaultBodyLimit::max(upload_limit));
+    // Every admin route, behind one check of the admin token.
+    let admin = admin::router()
+        .merge(admin_plugins::router())
+        .merge(ledger::admin_router())
+        .route_layer(middleware::from_fn_with_state(state.clone(), require_admin))
+        .layer(DefaultBodyLimit::max(upload_limit));
     Router::new()
         .merge(v1)
         .merge(admin)
@@ -172,5 +220,6 @@ pub fn router(state: Shared) -> Router {
         .route("/health", get(health))
         .route("/ready", get(ready))
         .fallback(not_found)
+        .method_not_allowed_fallback(method_not_allowed)
         .with_state(state)
 }

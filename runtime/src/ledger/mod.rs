@@ -192,7 +192,7 @@ fn write_loop(location: Location, mut store: Option<Box<dyn LedgerStore>>, rx: R
                 }
             }
             Err(e) => {
-                eprintln!("openlora: ledger write of {} entries failed: {e}", entries.len());
+                tracing::error!(entries = entries.len(), error = %e, "ledger write failed");
                 store = None;
                 for reply in replies {
                     let _ = reply

@@ -79,19 +79,20 @@ pub fn scan(policy: &PolicyHost, dir: &Path, seen: &mut HashMap<PathBuf, Seen>) 
 /// Watches `dir` in a background thread for the life of the process.
 pub fn watch(policy: Arc<PolicyHost>, dir: PathBuf) {
     if let Err(e) = std::fs::create_dir_all(&dir) {
-        eprintln!("openlora: plugin folder {}: {e}; dropped-in plugins will not load", dir.display());
+        tracing::warn!(dir = %dir.display(), error = %e, "plugin folder unusable; dropped-in plugins will not load");
         return;
     }
     let spawned = std::thread::Builder::new().name("openlora-plugin-dir".into()).spawn(move || {
         let mut seen = HashMap::new();
         loop {
             for line in scan(&policy, &dir, &mut seen) {
-                eprintln!("openlora: plugin {line}");
+                // The line may quote a plugin's own error text: a `&str` field, escaped.
+                tracing::info!(dir = %dir.display(), report = line.as_str(), "plugin folder change");
             }
             std::thread::sleep(POLL);
         }
     });
     if let Err(e) = spawned {
-        eprintln!("openlora: cannot watch the plugin folder: {e}");
+        tracing::error!(error = %e, "cannot watch the plugin folder");
     }
 }

@@ -87,12 +87,18 @@ impl PolicyHost {
     fn record_failure(&self, slot: &Slot, plugin: &CompiledPlugin, failure: &CallFailure) {
         let label = slot_label(slot);
         self.metrics.failures.with_label_values(&[label, failure.kind.label()]).inc();
-        eprintln!("openlora: plugin {slot}@{} failed: {failure}", plugin.short());
+        tracing::warn!(
+            slot = %slot,
+            plugin = plugin.short(),
+            kind = failure.kind.label(),
+            error = failure.to_string().as_str(),
+            "plugin failed"
+        );
         let Some(handle) = self.registry.existing(slot) else { return };
         let n = handle.failures.fetch_add(1, Ordering::Relaxed) + 1;
         if n >= self.config.quarantine_after && !handle.quarantined.swap(true, Ordering::Relaxed) {
             self.metrics.quarantines.with_label_values(&[label]).inc();
-            eprintln!("openlora: plugin {slot}@{} quarantined after {n} failures in a row", plugin.short());
+            tracing::error!(slot = %slot, plugin = plugin.short(), failures = n, "plugin quarantined after failures in a row");
         }
     }
 
@@ -317,7 +323,21 @@ fn slot_label(slot: &Slot) -> &'static str {
 }
 
 fn emit_logs(slot: &Slot, plugin: &CompiledPlugin, logs: &[(Level, String)]) {
+    let slot = slot.to_string();
     for (level, line) in logs {
-        eprintln!("openlora: plugin {slot}@{} {level:?}: {line}", plugin.short());
+        plugin_log(&slot, plugin.short(), *level, line);
+    }
+}
+
+/// One line a plugin logged, as a `tracing` event at the plugin's level. The line is a `&str`
+/// field: quoted and escaped in plain text and JSON alike, so it cannot forge log lines.
+pub(crate) fn plugin_log(slot: &str, plugin: &str, level: Level, line: &str) {
+    let lvl = format!("{level:?}").to_ascii_lowercase();
+    let lvl = lvl.as_str();
+    match level {
+        Level::Debug => tracing::debug!(slot, plugin, level = lvl, line, "plugin log"),
+        Level::Info => tracing::info!(slot, plugin, level = lvl, line, "plugin log"),
+        Level::Warn => tracing::warn!(slot, plugin, level = lvl, line, "plugin log"),
+        Level::Error => tracing::error!(slot, plugin, level = lvl, line, "plugin log"),
     }
 }

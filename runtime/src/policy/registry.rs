@@ -120,7 +120,12 @@ impl Registry {
             if let Some(info) = active {
                 match registry.compile(&slot, &info) {
                     Ok(plugin) => registry.handle(&slot).active.store(Some(Arc::new(Active { info, plugin }))),
-                    Err(e) => eprintln!("openlora: plugin slot {slot}: version {} not restored: {e}", info.version),
+                    Err(e) => tracing::warn!(
+                        slot = %slot,
+                        version = info.version,
+                        error = %e,
+                        "plugin version not restored"
+                    ),
                 }
             }
             registry.lock().insert(slot, rec);
