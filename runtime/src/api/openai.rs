@@ -9,6 +9,7 @@ use axum::response::{IntoResponse, Response};
 use serde::Deserialize;
 use serde_json::{Value, json};
 use tokio::sync::OwnedSemaphorePermit;
+use tracing::Instrument;
 
 use super::stream::{Collected, Kind, Reply, collect, sse};
 use super::{ApiError, JsonBody, Shared, blocking, parse, tenant};
@@ -101,13 +102,29 @@ async fn answer(
     }
 }
 
+/// A request's span: every log line of its life carries its id.
+fn span(id: &str, label: &str) -> tracing::Span {
+    tracing::info_span!("request", id = %id, model = %label)
+}
+
 /// `POST /v1/completions`.
 pub async fn completions(
     State(state): State<Shared>,
     headers: HeaderMap,
     JsonBody(raw): JsonBody<Value>,
 ) -> Result<Response, ApiError> {
+    let id = request_id("req");
     let label = raw.get("model").and_then(Value::as_str).unwrap_or_default().to_string();
+    completion(state, headers, raw, id.clone(), label.clone()).instrument(span(&id, &label)).await
+}
+
+async fn completion(
+    state: Shared,
+    headers: HeaderMap,
+    raw: Value,
+    id: String,
+    label: String,
+) -> Result<Response, ApiError> {
     let permit = permit(&state, &label)?;
     let tenant = tenant(&state, &headers)?;
     let body: CompletionRequest = parse(&raw)?;
@@ -116,7 +133,7 @@ pub async fn completions(
     let kind = Kind::Completion { logprobs: body.logprobs.is_some() };
     let st = state.clone();
     let prepared = blocking("validation", move || {
-        Ok(st.validator.completion(request_id("req"), &body.model, &body.prompt, body.logprobs, params)?)
+        Ok(st.validator.completion(id, &body.model, &body.prompt, body.logprobs, params)?)
     })
     .await?;
     answer(state, prepared, kind, delivery, (tenant, &headers), label, permit).await
@@ -128,7 +145,18 @@ pub async fn chat_completions(
     headers: HeaderMap,
     JsonBody(raw): JsonBody<Value>,
 ) -> Result<Response, ApiError> {
+    let id = request_id("req");
     let label = raw.get("model").and_then(Value::as_str).unwrap_or_default().to_string();
+    chat_completion(state, headers, raw, id.clone(), label.clone()).instrument(span(&id, &label)).await
+}
+
+async fn chat_completion(
+    state: Shared,
+    headers: HeaderMap,
+    raw: Value,
+    id: String,
+    label: String,
+) -> Result<Response, ApiError> {
     let permit = permit(&state, &label)?;
     let tenant = tenant(&state, &headers)?;
     let body: ChatRequest = parse(&raw)?;
@@ -138,7 +166,7 @@ pub async fn chat_completions(
     let st = state.clone();
     let prepared = blocking("validation", move || {
         let logprobs = (body.logprobs, body.top_logprobs);
-        Ok(st.validator.chat(request_id("req"), &body.model, &body.messages, logprobs, params)?)
+        Ok(st.validator.chat(id, &body.model, &body.messages, logprobs, params)?)
     })
     .await?;
     answer(state, prepared, kind, delivery, (tenant, &headers), label, permit).await

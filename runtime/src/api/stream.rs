@@ -100,6 +100,7 @@ fn token_info(state: &Shared, id: u32, logprob: Option<TokenLogprob>) -> TokenIn
 fn observe(state: &Shared, model: &str, status: &str, start: Instant, first: Option<Instant>, last: Instant, n: u32) {
     let h = &state.metrics.http;
     h.requests.with_label_values(&[model, status]).inc();
+    tracing::info!(status, completion_tokens = n, seconds = last.duration_since(start).as_secs_f64(), "request done");
     if let Some(first) = first {
         h.ttft_seconds.observe(first.duration_since(start).as_secs_f64());
         if n > 1 {
@@ -241,77 +242,92 @@ pub fn sse(
         text_offset: 0,
         _permit: permit,
     };
-    let events = futures_util::stream::unfold(st, |mut st| async move {
-        loop {
-            if let Some(ev) = st.pending.pop_front() {
-                return Some((Ok(ev), st));
-            }
-            if st.done {
-                return None;
-            }
-            let Some(ev) = st.stream.next().await else {
-                st.done = true;
-                continue;
-            };
-            match ev {
-                Event::Token { id, text, logprob } => {
-                    st.first.get_or_insert_with(Instant::now);
-                    let infos: Vec<TokenInfo> =
-                        if id == u32::MAX { Vec::new() } else { vec![token_info(&st.state, id, logprob)] };
-                    if text.is_empty() && infos.is_empty() {
-                        continue;
+    // The stream is polled outside the handler: carry the request's span into each poll.
+    let span = tracing::Span::current();
+    let events = futures_util::stream::unfold(st, move |mut st| {
+        tracing::Instrument::instrument(
+            async move {
+                loop {
+                    if let Some(ev) = st.pending.pop_front() {
+                        return Some((Ok(ev), st));
                     }
-                    let lp = logprobs_json(st.reply.kind, &infos, st.text_offset);
-                    st.text_offset += text.len();
-                    let first = !st.sent_any;
-                    st.sent_any = true;
-                    st.pending.push_back(data(&chunk(&st.reply, delta_choice(st.reply.kind, &text, lp, None, first))));
-                }
-                Event::Done { reason, usage } => {
-                    st.done = true;
-                    // The entry is durably written before the last chunk (with the usage) is sent.
-                    let billing = match st.stream.finish(Ended::Finished(reason), &usage).await.map_err(ApiError::from)
-                    {
-                        Ok(b) => b.unwrap_or(Value::Null),
-                        Err(e) => {
+                    if st.done {
+                        return None;
+                    }
+                    let Some(ev) = st.stream.next().await else {
+                        st.done = true;
+                        continue;
+                    };
+                    match ev {
+                        Event::Token { id, text, logprob } => {
+                            st.first.get_or_insert_with(Instant::now);
+                            let infos: Vec<TokenInfo> =
+                                if id == u32::MAX { Vec::new() } else { vec![token_info(&st.state, id, logprob)] };
+                            if text.is_empty() && infos.is_empty() {
+                                continue;
+                            }
+                            let lp = logprobs_json(st.reply.kind, &infos, st.text_offset);
+                            st.text_offset += text.len();
+                            let first = !st.sent_any;
+                            st.sent_any = true;
+                            st.pending.push_back(data(&chunk(
+                                &st.reply,
+                                delta_choice(st.reply.kind, &text, lp, None, first),
+                            )));
+                        }
+                        Event::Done { reason, usage } => {
+                            st.done = true;
+                            // The entry is durably written before the last chunk (with the usage) is sent.
+                            let billing = match st
+                                .stream
+                                .finish(Ended::Finished(reason), &usage)
+                                .await
+                                .map_err(ApiError::from)
+                            {
+                                Ok(b) => b.unwrap_or(Value::Null),
+                                Err(e) => {
+                                    observe(&st.state, &st.reply.model, e.code, st.start, st.first, Instant::now(), 0);
+                                    st.pending.push_back(data(&e.body()));
+                                    st.pending.push_back(SseEvent::default().data("[DONE]"));
+                                    continue;
+                                }
+                            };
+                            observe(
+                                &st.state,
+                                &st.reply.model,
+                                "ok",
+                                st.start,
+                                st.first,
+                                Instant::now(),
+                                usage.completion_tokens,
+                            );
+                            let first = !st.sent_any;
+                            let fin =
+                                delta_choice(st.reply.kind, "", Value::Null, Some(FinishReason::openai(reason)), first);
+                            let mut fin = chunk(&st.reply, fin);
+                            fin["billing"] = billing.clone();
+                            st.pending.push_back(data(&fin));
+                            if st.reply.include_usage {
+                                let mut u = chunk(&st.reply, Value::Null);
+                                u["choices"] = json!([]);
+                                u["usage"] = usage_json(&usage);
+                                u["billing"] = billing;
+                                st.pending.push_back(data(&u));
+                            }
+                            st.pending.push_back(SseEvent::default().data("[DONE]"));
+                        }
+                        Event::Failed { message, usage } => {
+                            st.done = true;
+                            let e = failed(&mut st.stream, message, &usage).await;
                             observe(&st.state, &st.reply.model, e.code, st.start, st.first, Instant::now(), 0);
                             st.pending.push_back(data(&e.body()));
                             st.pending.push_back(SseEvent::default().data("[DONE]"));
-                            continue;
                         }
-                    };
-                    observe(
-                        &st.state,
-                        &st.reply.model,
-                        "ok",
-                        st.start,
-                        st.first,
-                        Instant::now(),
-                        usage.completion_tokens,
-                    );
-                    let first = !st.sent_any;
-                    let fin = delta_choice(st.reply.kind, "", Value::Null, Some(FinishReason::openai(reason)), first);
-                    let mut fin = chunk(&st.reply, fin);
-                    fin["billing"] = billing.clone();
-                    st.pending.push_back(data(&fin));
-                    if st.reply.include_usage {
-                        let mut u = chunk(&st.reply, Value::Null);
-                        u["choices"] = json!([]);
-                        u["usage"] = usage_json(&usage);
-                        u["billing"] = billing;
-                        st.pending.push_back(data(&u));
                     }
-                    st.pending.push_back(SseEvent::default().data("[DONE]"));
                 }
-                Event::Failed { message, usage } => {
-                    st.done = true;
-                    let e = failed(&mut st.stream, message, &usage).await;
-                    observe(&st.state, &st.reply.model, e.code, st.start, st.first, Instant::now(), 0);
-                    st.pending.push_back(data(&e.body()));
-                    st.pending.push_back(SseEvent::default().data("[DONE]"));
-                }
-            }
-        }
+            },
+            span.clone(),
+        )
     });
     Sse::new(events).keep_alive(KeepAlive::default())
 }

@@ -171,6 +171,7 @@ impl Sequence {
 
     /// Sends a failure.
     pub fn fail(&self, message: String) {
+        tracing::warn!(request = %self.request.id, error = %message, "the engine failed a request");
         let _ = self.events.send(Event::Failed { message, usage: self.usage.clone() });
     }
 }

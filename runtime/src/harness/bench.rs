@@ -73,7 +73,7 @@ pub fn run(c: &BenchConfig) -> Result<Value> {
                    "memory_gib": gpu.info.memory_bytes >> 30},
         "commit": option_env!("OPENLORA_GIT_COMMIT").unwrap_or("unknown"),
     });
-    eprintln!("openlora bench: {}", report["device"]);
+    tracing::info!(device = %report["device"], "openlora bench");
     if let Some(f) = &c.fixtures {
         report["parity"] = section("parity", || parity::fixtures(&gpu, f));
         report["serving_parity"] = section("serving parity", || parity::serving(c.ordinal, f));
@@ -94,7 +94,7 @@ pub fn run(c: &BenchConfig) -> Result<Value> {
 fn section(name: &str, f: impl FnOnce() -> Result<Value>) -> Value {
     let t = Instant::now();
     let v = f().unwrap_or_else(|e| json!({"error": e.to_string(), "pass": false}));
-    eprintln!("{name} ({:.1} s): {v}", t.elapsed().as_secs_f64());
+    tracing::info!(run = name, seconds = t.elapsed().as_secs_f64(), result = %v, "benchmark run done");
     v
 }
 
@@ -131,7 +131,7 @@ fn throughput(gpu: &Gpu, c: &BenchConfig) -> Result<Value> {
         generate(gpu, &model, &mut kv, adapters, &rows, c.prompt, c.new_tokens.min(8))?; // warm-up
         let (secs, step_ms) = generate(gpu, &model, &mut kv, adapters, &rows, c.prompt, c.new_tokens)?;
         let tps = (c.batch * c.new_tokens) as f64 / secs;
-        eprintln!("batch {} {mode}: {tps:.0} tok/s, {step_ms:.2} ms per decode step", c.batch);
+        tracing::info!(batch = c.batch, mode = %mode, tokens_per_second = tps, ms_per_step = step_ms, "throughput");
         modes.insert(mode.into(), json!({"tok_per_s": tps, "seconds": secs, "decode_step_ms": step_ms}));
     }
     let ratio = modes["mixed"]["decode_step_ms"].as_f64().unwrap_or(0.0)

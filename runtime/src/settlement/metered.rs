@@ -48,19 +48,24 @@ impl Drop for Metered {
         stream.cancel();
         let Ok(rt) = tokio::runtime::Handle::try_current() else { return };
         let recorder = self.recorder.clone();
-        rt.spawn(async move {
-            let mut stream = stream;
-            while let Some(ev) = stream.next().await {
-                let (ended, usage) = match ev {
-                    Event::Token { .. } => continue,
-                    Event::Done { reason, usage } => (Ended::Finished(reason), usage),
-                    Event::Failed { message, usage } => (Ended::Failed(message), usage),
-                };
-                if let Err(e) = recorder.record(&ctx, ended, &usage).await {
-                    eprintln!("openlora: recording cancelled request {}: {e}", ctx.info.request_id);
+        let span = tracing::info_span!("request", id = %ctx.info.request_id, tenant = %ctx.info.tenant);
+        rt.spawn(tracing::Instrument::instrument(
+            async move {
+                let mut stream = stream;
+                while let Some(ev) = stream.next().await {
+                    let (ended, usage) = match ev {
+                        Event::Token { .. } => continue,
+                        Event::Done { reason, usage } => (Ended::Finished(reason), usage),
+                        Event::Failed { message, usage } => (Ended::Failed(message), usage),
+                    };
+                    match recorder.record(&ctx, ended, &usage).await {
+                        Ok(_) => tracing::info!("the client left; what the request used is recorded"),
+                        Err(e) => tracing::error!(error = %e, "recording a request whose client left failed"),
+                    }
+                    return;
                 }
-                return;
-            }
-        });
+            },
+            span,
+        ));
     }
 }
