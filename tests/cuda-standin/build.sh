@@ -21,7 +21,7 @@ if [ "$(cat "$out/.stamp" 2>/dev/null)" != "$stamp" ]; then
     cp "$here/src/simt.h" "$out/simt.h"
     rm -rf "$out/cache"
     "$cxx" "${flags[@]}" -shared -Wl,-soname,libcuda.so.1 -o "$out/libcuda.so" \
-        "$here/src/driver.cpp" "$here/src/memory.cpp" "$here/src/compile.cpp" -ldl -lpthread
+        "$here/src/driver.cpp" "$here/src/device.cpp" "$here/src/memory.cpp" "$here/src/compile.cpp" -ldl -lpthread
     "$cxx" "${flags[@]}" -shared -Wl,-soname,libnvrtc.so -o "$out/libnvrtc.so" \
         "$here/src/nvrtc.cpp" "$here/src/compile.cpp" -ldl -lpthread
     "$cxx" "${flags[@]}" -shared -Wl,-soname,libcublas.so -o "$out/libcublas.so" \

@@ -30,19 +30,13 @@
 
 #include "compile.h"
 #include "cuda_types.h"
+#include "device.h"
 #include "memory.h"
 #include "simt.h"
 #include "standin.h"
 
 namespace standin {
 namespace {
-
-// An H100 SXM5 as cuDeviceGetAttribute describes it.
-constexpr int SM_COUNT = 132;
-constexpr int MAX_THREADS_PER_BLOCK = 1024;
-constexpr int SHARED_PER_BLOCK = 48 << 10;
-constexpr int SHARED_PER_BLOCK_OPTIN = 232448;
-constexpr int SHARED_PER_SM = 233472;
 
 size_t parse_bytes(const char* s, size_t fallback) {
     if (!s || !*s) return fallback;
@@ -333,37 +327,7 @@ EXPORT CUresult cuDeviceGetAttribute(int* v, int attr, CUdevice dev) {
     INITIALISED;
     if (dev != 0) return CUDA_ERROR_INVALID_DEVICE;
     if (!v) return CUDA_ERROR_INVALID_VALUE;
-    switch (attr) {
-        case 1: *v = MAX_THREADS_PER_BLOCK; break;          // MAX_THREADS_PER_BLOCK
-        case 2: case 3: *v = 1024; break;                   // MAX_BLOCK_DIM_X/Y
-        case 4: *v = 64; break;                             // MAX_BLOCK_DIM_Z
-        case 5: *v = 2147483647; break;                     // MAX_GRID_DIM_X
-        case 6: case 7: *v = 65535; break;                  // MAX_GRID_DIM_Y/Z
-        case 8: *v = SHARED_PER_BLOCK; break;               // MAX_SHARED_MEMORY_PER_BLOCK
-        case 9: *v = 65536; break;                          // TOTAL_CONSTANT_MEMORY
-        case 10: *v = 32; break;                            // WARP_SIZE
-        case 12: *v = 65536; break;                         // MAX_REGISTERS_PER_BLOCK
-        case 13: *v = 1980000; break;                       // CLOCK_RATE (kHz)
-        case 14: *v = 512; break;                           // TEXTURE_ALIGNMENT
-        case 15: *v = 1; break;                             // GPU_OVERLAP
-        case 16: *v = SM_COUNT; break;                      // MULTIPROCESSOR_COUNT
-        case 31: *v = 1; break;                             // CONCURRENT_KERNELS
-        case 36: *v = 2619000; break;                       // MEMORY_CLOCK_RATE
-        case 37: *v = 5120; break;                          // GLOBAL_MEMORY_BUS_WIDTH
-        case 38: *v = 50 << 20; break;                      // L2_CACHE_SIZE
-        case 39: *v = 2048; break;                          // MAX_THREADS_PER_MULTIPROCESSOR
-        case 40: *v = 3; break;                             // ASYNC_ENGINE_COUNT
-        case 41: *v = 1; break;                             // UNIFIED_ADDRESSING
-        case 75: *v = 9; break;                             // COMPUTE_CAPABILITY_MAJOR
-        case 76: *v = 0; break;                             // COMPUTE_CAPABILITY_MINOR
-        case 81: *v = SHARED_PER_SM; break;                 // MAX_SHARED_MEMORY_PER_MULTIPROCESSOR
-        case 82: *v = 65536; break;                         // MAX_REGISTERS_PER_MULTIPROCESSOR
-        case 83: *v = 1; break;                             // MANAGED_MEMORY
-        case 97: *v = SHARED_PER_BLOCK_OPTIN; break;        // MAX_SHARED_MEMORY_PER_BLOCK_OPTIN
-        case 106: *v = 32; break;                           // MAX_BLOCKS_PER_MULTIPROCESSOR
-        case 115: *v = 1; break;                            // MEMORY_POOLS_SUPPORTED
-        default: *v = 0; break;
-    }
+    *v = device_attribute(attr);
     return CUDA_SUCCESS;
 }
 
