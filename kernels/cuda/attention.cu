@@ -1,14 +1,14 @@
 // Paged attention over vLLM's block-table KV layout, bf16 cache, f32 softmax. The layout and
 // semantics are those of the CPU reference (kernels/src/attention.rs): one layer's cache is
-// [block][slot][kv_head][head_dim]; token p of a sequence lives in block table[p / block_size],
-// slot p % block_size. Grouped-query: query head h reads kv head h / (heads / kv_heads).
+// [block][offset][kv_head][head_dim]; token p of a sequence lives in block table[p / block_size],
+// offset p % block_size. Grouped-query: query head h reads kv head h / (heads / kv_heads).
 
-// Writes new keys and values ([rows, kv_heads * head_dim]) at their cache slots:
-// slot_mapping[row] = block * block_size + slot.  grid: rows, block: any.
+// Writes new keys and values ([rows, kv_heads * head_dim]) at their cache offsets:
+// cache_rows[row] = block * block_size + offset.  grid: rows, block: any.
 extern "C" __global__ void write_kv_bf16(const bf16* __restrict__ k, const bf16* __restrict__ v,
                                          bf16* __restrict__ k_cache, bf16* __restrict__ v_cache,
-                                         const u32* __restrict__ slot_mapping, int token_elems) {
-    size_t dst = (size_t)slot_mapping[blockIdx.x] * token_elems;
+                                         const u32* __restrict__ cache_rows, int token_elems) {
+    size_t dst = (size_t)cache_rows[blockIdx.x] * token_elems;
     size_t src = (size_t)blockIdx.x * token_elems;
     for (int i = threadIdx.x; i < token_elems; i += blockDim.x) {
         k_cache[dst + i] = k[src + i];

@@ -4,10 +4,10 @@
 // each rank-row of A (in_dim wide) and of Bᵀ (out_dim wide) occupies ceil(width / page_elems)
 // pages of the pool, found through the module's page table.
 //
-// Modules are described by parallel arrays indexed by module id = adapter slot ×
+// Modules are described by parallel arrays indexed by module id = adapter bank ×
 // modules_per_adapter + module (layer × 7 + projection): rank (0: the adapter has no such
 // module), scale, and the offsets of their A and Bᵀ page tables in `tables`. Rows name an
-// adapter slot (or -1 for the base model), so a step uploads only those. The shrink writes
+// adapter bank (or -1 for the base model), so a step uploads only those. The shrink writes
 // tmp: [rows, max_rank] (f32); the expand reads it.
 //
 // The expand also measures what the adapter contributed (the attribution input, as the CPU
@@ -18,7 +18,7 @@
 // (a sequence's rows) or one row (one sequence's one new token). Both run the same routines
 // over a row range.
 
-// The module id of adapter slot `a` (or -1), and whether it has rank-row r of that module.
+// The module id of adapter bank `a` (or -1), and whether it has rank-row r of that module.
 __device__ __forceinline__ int module_id(int a, int module, int modules_per_adapter) {
     return a < 0 ? -1 : a * modules_per_adapter + module;
 }

@@ -1,8 +1,8 @@
 //! Paged attention, CPU reference: causal grouped-query attention of many sequences, each
 //! reading its keys and values through its own block table (vLLM's paged KV layout).
 //!
-//! The cache of one layer is `[block][slot][kv_head][head_dim]`, `block_size` slots a block;
-//! token `p` of a sequence lives in block `table[p / block_size]`, slot `p % block_size`.
+//! The cache of one layer is `[block][offset][kv_head][head_dim]`, `block_size` offsets a block;
+//! token `p` of a sequence lives in block `table[p / block_size]`, offset `p % block_size`.
 
 use rayon::prelude::*;
 

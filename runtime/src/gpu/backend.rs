@@ -57,18 +57,18 @@ impl DeviceBudget {
 impl GpuBackend {
     /// Opens `cuda:ordinal`, uploads `model`'s weights (bf16) and sizes the adapter mirror (as
     /// `pager`'s active pool, which must count bf16 values) and the KV cache from
-    /// `device_bytes`, or from 90% of the memory free once the weights are in. `slots` is how
+    /// `device_bytes`, or from 90% of the memory free once the weights are in. `banks` is how
     /// many adapters one step may mix.
     pub fn open(
         ordinal: usize,
         model: &Arc<LoadedModel>,
         pager: &AdapterPager,
         device_bytes: Option<usize>,
-        slots: usize,
+        banks: usize,
     ) -> Result<Self> {
         let gpu = Gpu::open(ordinal)?;
         let llama = GpuLlama::load(&gpu, &model.folder)?;
-        Self::with_model(gpu, llama, pager, device_bytes, slots)
+        Self::with_model(gpu, llama, pager, device_bytes, banks)
     }
 
     /// [`GpuBackend::open`] with the device opened and the decoder on it already (the
@@ -78,7 +78,7 @@ impl GpuBackend {
         llama: GpuLlama,
         pager: &AdapterPager,
         device_bytes: Option<usize>,
-        slots: usize,
+        banks: usize,
     ) -> Result<Self> {
         gpu.synchronize()?;
         let cfg = &llama.config().clone();
@@ -90,10 +90,10 @@ impl GpuBackend {
             }
         };
         let (pages, page_elems) = (pager.pool_pages(), pager.page_elems());
-        let pool = GpuAdapters::device_bytes(cfg.num_layers, pages, page_elems, slots, pages);
+        let pool = GpuAdapters::device_bytes(cfg.num_layers, pages, page_elems, banks, pages);
         let split = DeviceBudget::split(budget, pool, GpuKv::block_bytes(cfg))?;
         let kv = GpuKv::new(&gpu, cfg, split.kv_blocks)?;
-        let adapters = GpuAdapters::new(&gpu, cfg.num_layers, pages, page_elems, slots, pages)?;
+        let adapters = GpuAdapters::new(&gpu, cfg.num_layers, pages, page_elems, banks, pages)?;
         Ok(GpuBackend { gpu, llama, kv, adapters, fault: None })
     }
 }
@@ -134,7 +134,7 @@ impl GpuBackend {
         // The engine thread is not the one that opened the device; cuBLAS needs its context.
         self.gpu.ctx.bind_to_thread().map_err(cuda_err)?;
         reserve_batch(&mut self.kv.blocks, batch)?;
-        let mut slots: Vec<Option<u32>> = vec![None; batch.len()];
+        let mut banks: Vec<Option<u32>> = vec![None; batch.len()];
         let mut adapter_load = Vec::new();
         if batch.iter().any(|s| s.adapter.is_some()) {
             let host = pager.pool();
@@ -147,18 +147,18 @@ impl GpuBackend {
                     .downcast_ref::<ResidentAdapter>()
                     .ok_or_else(|| Error::device("an adapter not placed by the pager"))?;
                 let (t0, before) = (std::time::Instant::now(), self.adapters.uploads);
-                let slot = self.adapters.slot_for(&self.gpu, r, &host, &busy)?;
+                let bank = self.adapters.bank_for(&self.gpu, r, &host, &busy)?;
                 if self.adapters.uploads > before {
                     adapter_load[i] = t0.elapsed();
                     pager.metrics().load_seconds.with_label_values(&["device"]).observe(adapter_load[i].as_secs_f64());
                 }
-                busy.push(slot);
-                slots[i] = Some(slot);
+                busy.push(bank);
+                banks[i] = Some(bank);
             }
         }
         let seqs: Vec<GpuSeq<'_>> = batch
             .iter()
-            .zip(&slots)
+            .zip(&banks)
             .map(|(s, &adapter)| GpuSeq { tokens: s.tokens, start: s.kv.len(), blocks: s.kv.blocks(), adapter })
             .collect();
         let mut step = self.llama.forward(&self.gpu, &mut self.kv, Some(&self.adapters), &seqs, false)?;

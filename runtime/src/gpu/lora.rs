@@ -1,10 +1,10 @@
 //! Adapters on the GPU: a bf16 mirror of the pager's active pool, page for page (S-LoRA's
-//! unified paging: one pool of fixed-size pages shared by every rank), per-slot page tables
+//! unified paging: one pool of fixed-size pages shared by every rank), per-bank page tables
 //! and module descriptors, uploads on the copy stream, and the batched LoRA op: shrink then
 //! expand, segmented (SGMV) for prefill and gathered (BGMV) for decode, with every row's
 //! adapter and rank in one launch.
 //!
-//! The pager decides which adapters are active and which pages they hold; a *slot* here binds
+//! The pager decides which adapters are active and which pages they hold; a *bank* here binds
 //! one such placement (by [`ResidentAdapter::id`]) to its page table and descriptors on the
 //! device. A placement is uploaded when it is first bound; a new placement in reused pages is a
 //! new id, so a stale device copy is never read.
@@ -20,7 +20,7 @@ use crate::pager::pool::{PoolData, ResidentAdapter, adapter_chunks};
 /// Modules an adapter can have per layer (the seven projections).
 const PROJS: usize = 7;
 
-/// What a slot holds.
+/// What a bank holds.
 #[derive(Debug, Clone, Copy)]
 struct Bound {
     placement: u64,
@@ -28,53 +28,53 @@ struct Bound {
     last_used: u64,
 }
 
-/// Which placement each device slot holds, the least recently used going first: the
+/// Which placement each device bank holds, the least recently used going first: the
 /// bookkeeping of [`GpuAdapters`], apart from device memory.
 #[derive(Debug, Clone)]
-struct SlotTable {
-    slots: Vec<Option<Bound>>,
+struct BankTable {
+    banks: Vec<Option<Bound>>,
     clock: u64,
 }
 
-impl SlotTable {
+impl BankTable {
     fn new(n: usize) -> Self {
-        SlotTable { slots: vec![None; n.max(1)], clock: 0 }
+        BankTable { banks: vec![None; n.max(1)], clock: 0 }
     }
 
-    /// The widest rank in `slot` (0 if empty).
-    fn rank(&self, slot: u32) -> usize {
-        self.slots.get(slot as usize).copied().flatten().map_or(0, |b| b.max_rank)
+    /// The widest rank in `bank` (0 if empty).
+    fn rank(&self, bank: u32) -> usize {
+        self.banks.get(bank as usize).copied().flatten().map_or(0, |b| b.max_rank)
     }
 
-    /// `(slot, true)` if `placement` is bound (now the most recently used), else `(slot, false)`
-    /// with the slot to bind it into: an empty one, or the least recently used not in `busy`.
+    /// `(bank, true)` if `placement` is bound (now the most recently used), else `(bank, false)`
+    /// with the bank to bind it into: an empty one, or the least recently used not in `busy`.
     fn lookup(&mut self, placement: u64, busy: &[u32]) -> Result<(usize, bool)> {
         self.clock += 1;
-        if let Some(s) = self.slots.iter().position(|b| b.is_some_and(|b| b.placement == placement)) {
-            if let Some(b) = &mut self.slots[s] {
+        if let Some(s) = self.banks.iter().position(|b| b.is_some_and(|b| b.placement == placement)) {
+            if let Some(b) = &mut self.banks[s] {
                 b.last_used = self.clock;
             }
             return Ok((s, true));
         }
-        let slots = &self.slots;
-        (0..slots.len())
+        let banks = &self.banks;
+        (0..banks.len())
             .filter(|s| !busy.contains(&(*s as u32)))
-            .min_by_key(|&s| slots[s].map_or(0, |b| b.last_used))
+            .min_by_key(|&s| banks[s].map_or(0, |b| b.last_used))
             .map(|s| (s, false))
-            .ok_or_else(|| Error::device(format!("more adapters in one step than the {} GPU slots", slots.len())))
+            .ok_or_else(|| Error::device(format!("more adapters in one step than the {} GPU banks", banks.len())))
     }
 
-    /// Records what `slot` holds (`None`: nothing, while it is being rewritten).
-    fn set(&mut self, slot: usize, placement: Option<(u64, usize)>) {
+    /// Records what `bank` holds (`None`: nothing, while it is being rewritten).
+    fn set(&mut self, bank: usize, placement: Option<(u64, usize)>) {
         self.clock += 1;
         let clock = self.clock;
-        self.slots[slot] = placement.map(|(placement, max_rank)| Bound { placement, max_rank, last_used: clock });
+        self.banks[bank] = placement.map(|(placement, max_rank)| Bound { placement, max_rank, last_used: clock });
     }
 }
 
 /// A placement as the device needs it: its pages in bf16, in page-table order, and per module
 /// (layer × 7 + projection) its rank (0: absent), scale, and where its `A` and `Bᵀ` rows start
-/// in the device's page tables (`first` is the slot's first entry there).
+/// in the device's page tables (`first` is the bank's first entry there).
 struct Staged {
     pages: Vec<bf16>,
     ranks: Vec<i32>,
@@ -143,18 +143,18 @@ pub struct GpuAdapters {
     pool: CudaSlice<bf16>,
     page_elems: usize,
     pages: usize,
-    /// Page tables, `table_cap` entries per slot.
+    /// Page tables, `table_cap` entries per bank.
     tables: CudaSlice<u32>,
     table_cap: usize,
-    /// Per module id (slot × layers × 7 + layer × 7 + projection): rank (0: absent), scale,
+    /// Per module id (bank × layers × 7 + layer × 7 + projection): rank (0: absent), scale,
     /// and the offsets of its A and Bᵀ page tables in `tables`.
     ranks: CudaSlice<i32>,
     scales: CudaSlice<f32>,
     a_offsets: CudaSlice<u32>,
     bt_offsets: CudaSlice<u32>,
     modules_per_adapter: usize,
-    slots: SlotTable,
-    /// Per slot: the copy stream's event after its last upload, which a step reading the slot
+    banks: BankTable,
+    /// Per bank: the copy stream's event after its last upload, which a step reading the bank
     /// waits for (and no other step does).
     ready: Vec<Option<CudaEvent>>,
     /// Placements uploaded so far (each adapter load from the host pool).
@@ -162,19 +162,19 @@ pub struct GpuAdapters {
 }
 
 impl GpuAdapters {
-    /// A mirror of a host pool of `pages` pages of `page_elems` values, with `slots` adapter
-    /// slots of up to `table_cap` pages each, for a model of `layers` layers.
+    /// A mirror of a host pool of `pages` pages of `page_elems` values, with `banks` adapter
+    /// banks of up to `table_cap` pages each, for a model of `layers` layers.
     pub fn new(
         gpu: &Gpu,
         layers: usize,
         pages: usize,
         page_elems: usize,
-        slots: usize,
+        banks: usize,
         table_cap: usize,
     ) -> Result<Self> {
-        let slots = slots.max(1);
-        let modules = slots * layers * PROJS;
-        // The mirror orders its uploads itself, one event per slot. cudarc's own tracking would
+        let banks = banks.max(1);
+        let modules = banks * layers * PROJS;
+        // The mirror orders its uploads itself, one event per bank. cudarc's own tracking would
         // make every kernel that reads the pool wait for every upload into it, so it is off
         // while these buffers are made (they then carry no events of cudarc's).
         // SAFETY: only this mirror's buffers are made meanwhile, and every read of them is
@@ -183,7 +183,7 @@ impl GpuAdapters {
         let made = (|| -> Result<_> {
             Ok((
                 gpu.zeros::<bf16>(pages * page_elems)?,
-                gpu.zeros::<u32>(slots * table_cap)?,
+                gpu.zeros::<u32>(banks * table_cap)?,
                 gpu.zeros::<i32>(modules)?,
                 gpu.zeros::<f32>(modules)?,
                 gpu.zeros::<u32>(modules)?,
@@ -205,16 +205,16 @@ impl GpuAdapters {
             a_offsets,
             bt_offsets,
             modules_per_adapter: layers * PROJS,
-            slots: SlotTable::new(slots),
-            ready: (0..slots).map(|_| None).collect(),
+            banks: BankTable::new(banks),
+            ready: (0..banks).map(|_| None).collect(),
             uploads: 0,
         })
     }
 
-    /// Makes the compute stream wait for the uploads of `slots` (the step's adapters) and of
-    /// nothing else: an upload for another slot goes on meanwhile.
-    pub(crate) fn wait_for_uploads(&self, gpu: &Gpu, slots: impl Iterator<Item = u32>) -> Result<()> {
-        for s in slots {
+    /// Makes the compute stream wait for the uploads of `banks` (the step's adapters) and of
+    /// nothing else: an upload for another bank goes on meanwhile.
+    pub(crate) fn wait_for_uploads(&self, gpu: &Gpu, banks: impl Iterator<Item = u32>) -> Result<()> {
+        for s in banks {
             if let Some(Some(ev)) = self.ready.get(s as usize) {
                 gpu.stream.wait(ev).map_err(cuda_err)?;
             }
@@ -223,51 +223,51 @@ impl GpuAdapters {
     }
 
     /// Bytes of device memory [`GpuAdapters::new`] takes with these arguments: the bf16 pages,
-    /// the slots' page tables and the module descriptors.
-    pub fn device_bytes(layers: usize, pages: usize, page_elems: usize, slots: usize, table_cap: usize) -> usize {
-        pages * page_elems * 2 + slots.max(1) * (table_cap * 4 + layers * PROJS * 16)
+    /// the banks' page tables and the module descriptors.
+    pub fn device_bytes(layers: usize, pages: usize, page_elems: usize, banks: usize, table_cap: usize) -> usize {
+        pages * page_elems * 2 + banks.max(1) * (table_cap * 4 + layers * PROJS * 16)
     }
 
-    /// The widest rank of the adapter in `slot` (0 if empty).
-    pub fn slot_rank(&self, slot: u32) -> usize {
-        self.slots.rank(slot)
+    /// The widest rank of the adapter in `bank` (0 if empty).
+    pub fn bank_rank(&self, bank: u32) -> usize {
+        self.banks.rank(bank)
     }
 
-    /// The slot holding `resident`, binding (and uploading) it first if none does; the least
-    /// recently used slot not named in `busy` (the step's other adapters) is reused. Callers
+    /// The bank holding `resident`, binding (and uploading) it first if none does; the least
+    /// recently used bank not named in `busy` (the step's other adapters) is reused. Callers
     /// bind between steps (each step ends by reading its logits back), so no kernel still
-    /// reads a slot being rewritten.
-    pub fn slot_for(&mut self, gpu: &Gpu, resident: &ResidentAdapter, host: &PoolData, busy: &[u32]) -> Result<u32> {
-        let (slot, bound) = self.slots.lookup(resident.id(), busy)?;
+    /// reads a bank being rewritten.
+    pub fn bank_for(&mut self, gpu: &Gpu, resident: &ResidentAdapter, host: &PoolData, busy: &[u32]) -> Result<u32> {
+        let (bank, bound) = self.banks.lookup(resident.id(), busy)?;
         if !bound {
-            self.bind(gpu, slot, resident, host)?;
+            self.bind(gpu, bank, resident, host)?;
         }
-        Ok(slot as u32)
+        Ok(bank as u32)
     }
 
-    /// Uploads `resident`'s pages into the same pages of the device pool and points `slot` at
+    /// Uploads `resident`'s pages into the same pages of the device pool and points `bank` at
     /// them. The pages are converted to bf16 on the host, copied in one transfer on the copy
-    /// stream and scattered there; the call returns at once, and the slot's event marks the end
-    /// of its upload: a step reading the slot waits for it ([`GpuAdapters::wait_for_uploads`]).
+    /// stream and scattered there; the call returns at once, and the bank's event marks the end
+    /// of its upload: a step reading the bank waits for it ([`GpuAdapters::wait_for_uploads`]).
     /// The copy stream frees the staging buffers after it has used them.
-    pub fn bind(&mut self, gpu: &Gpu, slot: usize, resident: &ResidentAdapter, host: &PoolData) -> Result<()> {
+    pub fn bind(&mut self, gpu: &Gpu, bank: usize, resident: &ResidentAdapter, host: &PoolData) -> Result<()> {
         let table = resident.pages();
-        if slot >= self.slots.slots.len() {
-            return Err(Error::device(format!("adapter slot {slot} is out of range")));
+        if bank >= self.banks.banks.len() {
+            return Err(Error::device(format!("adapter bank {bank} is out of range")));
         }
         if host.page_elems() != self.page_elems || table.iter().any(|&p| p as usize >= self.pages) {
             return Err(Error::device("the adapter's pages do not fit the device pool's geometry"));
         }
         if table.len() > self.table_cap {
             return Err(Error::device(format!(
-                "the adapter holds {} pages; a GPU slot holds {}",
+                "the adapter holds {} pages; a GPU bank holds {}",
                 table.len(),
                 self.table_cap
             )));
         }
-        self.slots.set(slot, None);
+        self.banks.set(bank, None);
         let mpa = self.modules_per_adapter;
-        let first = slot * self.table_cap;
+        let first = bank * self.table_cap;
         let st = Staged::new(resident, host, mpa, first)?;
         let cs = &gpu.copy_stream;
         let staged = cs.clone_htod(&st.pages).map_err(cuda_err)?;
@@ -281,14 +281,14 @@ impl GpuAdapters {
             unsafe { b.launch(grid((table.len() as u32, 1), 256, 0)) }.map_err(cuda_err)?;
             cs.memcpy_htod(table, &mut self.tables.slice_mut(first..first + table.len())).map_err(cuda_err)?;
         }
-        let mods = slot * mpa..(slot + 1) * mpa;
+        let mods = bank * mpa..(bank + 1) * mpa;
         cs.memcpy_htod(&st.ranks, &mut self.ranks.slice_mut(mods.clone())).map_err(cuda_err)?;
         cs.memcpy_htod(&st.scales, &mut self.scales.slice_mut(mods.clone())).map_err(cuda_err)?;
         cs.memcpy_htod(&st.a_off, &mut self.a_offsets.slice_mut(mods.clone())).map_err(cuda_err)?;
         cs.memcpy_htod(&st.bt_off, &mut self.bt_offsets.slice_mut(mods)).map_err(cuda_err)?;
-        self.ready[slot] = Some(cs.record_event(None).map_err(cuda_err)?);
+        self.ready[bank] = Some(cs.record_event(None).map_err(cuda_err)?);
         self.uploads += 1;
-        self.slots.set(slot, Some((resident.id(), resident.max_rank())));
+        self.banks.set(bank, Some((resident.id(), resident.max_rank())));
         Ok(())
     }
 
@@ -312,7 +312,7 @@ impl GpuAdapters {
         let (in_i, out_i, mr, pe) = (in_dim as i32, out_dim as i32, rows.max_rank as i32, self.page_elems as i32);
         let out_blocks = out_dim.div_ceil(256) as u32;
         // SAFETY (both launches): x is rows × in_dim, y rows × out_dim, tmp rows × max_rank;
-        // the descriptors index only the slot tables and pages written by `place`.
+        // the descriptors index only the bank tables and pages written by `place`.
         if rows.decode {
             {
                 let mut b = s.launch_builder(gpu.kernel("lora_shrink_bgmv_bf16")?);
@@ -385,8 +385,8 @@ mod tests {
     use crate::pager::pool::{PageAllocator, PoolPlace};
 
     #[test]
-    fn slots_are_reused_least_recently_used_first_and_never_while_busy() {
-        let mut t = SlotTable::new(2);
+    fn banks_are_reused_least_recently_used_first_and_never_while_busy() {
+        let mut t = BankTable::new(2);
         assert_eq!(t.lookup(10, &[]).expect("in the test"), (0, false));
         t.set(0, Some((10, 8)));
         assert_eq!(t.lookup(11, &[0]).expect("in the test"), (1, false));
@@ -394,8 +394,8 @@ mod tests {
         assert_eq!((t.rank(0), t.rank(1), t.rank(7)), (8, 16, 0));
         assert_eq!(t.lookup(10, &[]).expect("in the test"), (0, true), "bound: found, and now the most recent");
         assert_eq!(t.lookup(12, &[]).expect("in the test"), (1, false), "11 is the least recently used");
-        assert_eq!(t.lookup(12, &[1]).expect("in the test"), (0, false), "busy slots are never taken");
-        assert!(t.lookup(12, &[0, 1]).is_err(), "more adapters than slots in one step");
+        assert_eq!(t.lookup(12, &[1]).expect("in the test"), (0, false), "busy banks are never taken");
+        assert!(t.lookup(12, &[0, 1]).is_err(), "more adapters than banks in one step");
     }
 
     /// The device reads element `k` of rank-row `r` of a module as the kernels' `paged()` does:

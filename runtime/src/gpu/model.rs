@@ -103,7 +103,7 @@ pub struct GpuSeq<'a> {
     pub start: usize,
     /// Its KV blocks (enough for `start + tokens.len()`).
     pub blocks: &'a [u32],
-    /// Its adapter's slot in the device pool, if any.
+    /// Its adapter's bank in the device pool, if any.
     pub adapter: Option<u32>,
 }
 
@@ -141,8 +141,8 @@ enum Part {
     Ids,
     /// Position per row.
     Positions,
-    /// KV cache slot per row (block × block size + offset).
-    Slots,
+    /// KV cache bank per row (block × block size + offset).
+    Banks,
     /// Sequence index per row.
     RowSeq,
     /// Block table per sequence, `max_blocks` wide.
@@ -153,9 +153,9 @@ enum Part {
     SegStart,
     /// Rows per sequence (i32).
     SegLen,
-    /// Adapter slot per sequence, or -1 (i32).
+    /// Adapter bank per sequence, or -1 (i32).
     SegAdapter,
-    /// Adapter slot per row, or -1 (i32).
+    /// Adapter bank per row, or -1 (i32).
     RowAdapter,
     /// The rows whose logits are wanted.
     OutRows,
@@ -217,7 +217,7 @@ impl StepPlan<Vec<u32>> {
                 }
                 parts[Part::Ids as usize].push(id);
                 parts[Part::Positions as usize].push(pos as u32);
-                parts[Part::Slots as usize]
+                parts[Part::Banks as usize]
                     .push(s.blocks[pos / block_size] * block_size as u32 + (pos % block_size) as u32);
                 parts[Part::RowSeq as usize].push(i as u32);
                 parts[Part::RowAdapter as usize].push(adapter);
@@ -388,7 +388,7 @@ impl GpuLlama {
         let plan = layout.upload(gpu, plan_buf)?;
         // The widest rank in this step: the shrink's output width.
         let step_rank =
-            adapters.map_or(0, |a| seqs.iter().filter_map(|s| s.adapter).map(|s| a.slot_rank(s)).max().unwrap_or(0));
+            adapters.map_or(0, |a| seqs.iter().filter_map(|s| s.adapter).map(|s| a.bank_rank(s)).max().unwrap_or(0));
         let adapters = adapters.filter(|_| plan.any_adapter && step_rank > 0);
         let n = plan.rows;
         let (h, nh, nkv, hd, inter) =
@@ -432,7 +432,7 @@ impl GpuLlama {
             // SAFETY: the buffers passed were sized above for the rows and widths given.
             unsafe { b.launch(grid((len.div_ceil(BLOCK as usize) as u32, 1), BLOCK, 0)) }.map(drop).map_err(cuda_err)
         };
-        let (positions, slots, tables) = (plan.part(Part::Positions), plan.part(Part::Slots), plan.part(Part::Tables));
+        let (positions, banks, tables) = (plan.part(Part::Positions), plan.part(Part::Banks), plan.part(Part::Tables));
         let (context_lens, row_seq) = (plan.part(Part::ContextLens), plan.part(Part::RowSeq));
         let lora_rows = plan_lora(&plan, step_rank);
         let rope = |t: &mut CudaSlice<bf16>, heads: i32| -> Result<()> {
@@ -471,7 +471,7 @@ impl GpuLlama {
             {
                 let te = (nkv * hd) as i32;
                 let mut b = s.launch_builder(gpu.kernel("write_kv_bf16")?);
-                b.arg(&k).arg(&v).arg(&mut kv.k[l]).arg(&mut kv.v[l]).arg(&slots).arg(&te);
+                b.arg(&k).arg(&v).arg(&mut kv.k[l]).arg(&mut kv.v[l]).arg(&banks).arg(&te);
                 // SAFETY: the buffers passed were sized above for the rows and widths given.
                 unsafe { b.launch(grid((n as u32, 1), BLOCK, 0)) }.map_err(cuda_err)?;
             }
@@ -540,7 +540,7 @@ impl GpuLlama {
         };
         bufs.sums.put(sums_buf);
         bufs.plan.put(plan.buf);
-        for (slot, b) in [
+        for (bank, b) in [
             (&mut bufs.x, x),
             (&mut bufs.hn, hn),
             (&mut bufs.q, q),
@@ -555,7 +555,7 @@ impl GpuLlama {
             (&mut bufs.normed, normed),
             (&mut bufs.logits16, logits),
         ] {
-            slot.put(b);
+            bank.put(b);
         }
         bufs.lora_tmp.put(lora_tmp);
         bufs.logits.put(out32);
@@ -590,9 +590,9 @@ mod tests {
     }
 
     #[test]
-    fn a_step_is_laid_out_row_by_row_with_slots_tables_and_adapters() {
+    fn a_step_is_laid_out_row_by_row_with_banks_tables_and_adapters() {
         let cfg = cfg();
-        // A prefill of 3 tokens at 0 (block 7), and a decode at position 17: the fifth block (4), slot 4·4+1.
+        // A prefill of 3 tokens at 0 (block 7), and a decode at position 17: the fifth block (4), bank 4·4+1.
         let seqs = [
             GpuSeq { tokens: &[11, 12, 13], start: 0, blocks: &[7], adapter: Some(3) },
             GpuSeq { tokens: &[14], start: 17, blocks: &[2, 5, 9, 1, 4], adapter: None },
@@ -601,7 +601,7 @@ mod tests {
         assert_eq!((p.rows, p.seqs, p.decode, p.any_adapter, p.max_blocks, p.max_context), (4, 2, false, true, 5, 18));
         assert_eq!(p.host_part(Part::Ids), [11, 12, 13, 14]);
         assert_eq!(p.host_part(Part::Positions), [0, 1, 2, 17]);
-        assert_eq!(p.host_part(Part::Slots), [28, 29, 30, 17]);
+        assert_eq!(p.host_part(Part::Banks), [28, 29, 30, 17]);
         assert_eq!(p.host_part(Part::RowSeq), [0, 0, 0, 1]);
         assert_eq!(p.host_part(Part::Tables), [7, 0, 0, 0, 0, 2, 5, 9, 1, 4]);
         assert_eq!(p.host_part(Part::ContextLens), [3, 18]);

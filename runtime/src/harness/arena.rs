@@ -18,10 +18,10 @@ pub struct AdapterArena {
 }
 
 impl AdapterArena {
-    /// An arena of `pages` pages of `page_elems` values with `slots` device slots.
-    pub fn new(gpu: &Gpu, layers: usize, pages: usize, page_elems: usize, slots: usize) -> Result<Self> {
+    /// An arena of `pages` pages of `page_elems` values with `banks` device banks.
+    pub fn new(gpu: &Gpu, layers: usize, pages: usize, page_elems: usize, banks: usize) -> Result<Self> {
         let (alloc, host) = PageAllocator::new(pages, page_elems, PoolPlace::Device);
-        Ok(AdapterArena { alloc, host, device: GpuAdapters::new(gpu, layers, pages, page_elems, slots, pages)? })
+        Ok(AdapterArena { alloc, host, device: GpuAdapters::new(gpu, layers, pages, page_elems, banks, pages)? })
     }
 
     /// Gives `w` free pages of the arena (not yet on the device).
@@ -41,8 +41,8 @@ impl AdapterArena {
         self.alloc.release(r);
     }
 
-    /// The device slot of `r`, uploading it if needed ([`GpuAdapters::slot_for`]).
-    pub fn slot_for(&mut self, gpu: &Gpu, r: &ResidentAdapter, busy: &[u32]) -> Result<u32> {
-        self.device.slot_for(gpu, r, &self.host, busy)
+    /// The device bank of `r`, uploading it if needed ([`GpuAdapters::bank_for`]).
+    pub fn bank_for(&mut self, gpu: &Gpu, r: &ResidentAdapter, busy: &[u32]) -> Result<u32> {
+        self.device.bank_for(gpu, r, &self.host, busy)
     }
 }

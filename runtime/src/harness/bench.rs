@@ -28,12 +28,12 @@ fn generate(
     model: &GpuLlama,
     kv: &mut GpuKv,
     adapters: Option<&GpuAdapters>,
-    slots: &[Option<u32>],
+    banks: &[Option<u32>],
     prompt: usize,
     new_tokens: usize,
 ) -> Result<(f64, f64)> {
     let cfg = model.config();
-    let batch = slots.len();
+    let batch = banks.len();
     let prompts: Vec<Vec<u32>> =
         (0..batch).map(|i| (0..prompt).map(|t| (100 + (i * 7919 + t * 104_729) % 29_000) as u32).collect()).collect();
     let mut held = vec![SeqKv::default(); batch];
@@ -47,13 +47,13 @@ fn generate(
     gpu.synchronize()?;
     let t0 = Instant::now();
     let seqs: Vec<GpuSeq<'_>> =
-        (0..batch).map(|i| GpuSeq { tokens: &prompts[i], start: 0, blocks: blocks[i], adapter: slots[i] }).collect();
+        (0..batch).map(|i| GpuSeq { tokens: &prompts[i], start: 0, blocks: blocks[i], adapter: banks[i] }).collect();
     let mut next = model.forward(gpu, kv, adapters, &seqs, false)?.sample(gpu, &greedy.0, &greedy.1)?;
     let t1 = Instant::now();
     for step in 1..new_tokens {
         let toks: Vec<[u32; 1]> = next.iter().map(|&t| [t % cfg.vocab_size as u32]).collect();
         let seqs: Vec<GpuSeq<'_>> = (0..batch)
-            .map(|i| GpuSeq { tokens: &toks[i], start: prompt + step - 1, blocks: blocks[i], adapter: slots[i] })
+            .map(|i| GpuSeq { tokens: &toks[i], start: prompt + step - 1, blocks: blocks[i], adapter: banks[i] })
             .collect();
         next = model.forward(gpu, kv, adapters, &seqs, false)?.sample(gpu, &greedy.0, &greedy.1)?;
     }
@@ -111,14 +111,14 @@ fn throughput(gpu: &Gpu, c: &BenchConfig) -> Result<Value> {
     let per_seq = (c.prompt + c.new_tokens).div_ceil(BLOCK_SIZE);
     let mut kv = GpuKv::new(gpu, &cfg, per_seq * c.batch + 1)?;
     // Pages of 4,096 values (the hidden size): one per rank-row of q/k/v/o, 4,096 an adapter.
-    let slots = c.adapters.max(64);
+    let banks = c.adapters.max(64);
     let pages_per_adapter = cfg.num_layers * 4 * 2 * c.rank;
-    let mut arena = AdapterArena::new(gpu, cfg.num_layers, slots * pages_per_adapter, cfg.hidden_size, slots)?;
+    let mut arena = AdapterArena::new(gpu, cfg.num_layers, banks * pages_per_adapter, cfg.hidden_size, banks)?;
     let t = Instant::now();
     let mut ids = Vec::with_capacity(c.adapters);
     for a in 0..c.adapters {
         let resident = arena.place(random_adapter(&cfg, c.rank, a as u64 + 1))?;
-        ids.push(arena.slot_for(gpu, &resident, &ids)?);
+        ids.push(arena.bank_for(gpu, &resident, &ids)?);
     }
     report["adapter_load_s"] = json!(t.elapsed().as_secs_f64());
     let mut modes = serde_json::Map::new();
@@ -141,14 +141,14 @@ fn throughput(gpu: &Gpu, c: &BenchConfig) -> Result<Value> {
     report["mixed_over_base_step"] = json!(ratio);
     if c.registered > 0 {
         // The mixed run's adapters leave; the power-law run brings its own through the arena.
-        arena = AdapterArena::new(gpu, cfg.num_layers, slots * pages_per_adapter, cfg.hidden_size, c.batch)?;
-        report["popularity"] = section("popularity", || popularity(gpu, &model, &mut kv, &mut arena, c, slots));
+        arena = AdapterArena::new(gpu, cfg.num_layers, banks * pages_per_adapter, cfg.hidden_size, c.batch)?;
+        report["popularity"] = section("popularity", || popularity(gpu, &model, &mut kv, &mut arena, c, banks));
     }
     Ok(report)
 }
 
 /// `registered` adapters, popularity ∝ 1/rank (Zipf), batches of `batch` requests through a pool
-/// of `slots` resident adapters (least recently used evicted; misses are generated on the host,
+/// of `banks` resident adapters (least recently used evicted; misses are generated on the host,
 /// as a read from disk would be, and uploaded on the copy stream).
 fn popularity(
     gpu: &Gpu,
@@ -156,7 +156,7 @@ fn popularity(
     kv: &mut GpuKv,
     arena: &mut AdapterArena,
     c: &BenchConfig,
-    slots: usize,
+    banks: usize,
 ) -> Result<Value> {
     let cfg = model.config().clone();
     let weights: Vec<f64> = (1..=c.registered).map(|r| 1.0 / r as f64).collect();
@@ -180,12 +180,12 @@ fn popularity(
     let t = Instant::now();
     for _ in 0..8 {
         let batch_ids: Vec<usize> = (0..c.batch).map(|_| draw()).collect();
-        let mut row_slots = Vec::with_capacity(c.batch);
+        let mut row_banks = Vec::with_capacity(c.batch);
         let mut busy = Vec::with_capacity(c.batch);
         for &id in &batch_ids {
             clock += 1;
             if !resident.contains_key(&id) {
-                if resident.len() >= slots {
+                if resident.len() >= banks {
                     let victim = resident
                         .iter()
                         .filter(|(a, _)| !batch_ids.contains(a))
@@ -201,14 +201,14 @@ fn popularity(
             }
             let Some((r, used)) = resident.get_mut(&id) else { unreachable!("inserted above") };
             *used = clock;
-            let slot = arena.slot_for(gpu, r, &busy)?;
-            busy.push(slot);
-            row_slots.push(Some(slot));
+            let bank = arena.bank_for(gpu, r, &busy)?;
+            busy.push(bank);
+            row_banks.push(Some(bank));
         }
-        generate(gpu, model, kv, Some(&arena.device), &row_slots, c.prompt, new_tokens)?;
+        generate(gpu, model, kv, Some(&arena.device), &row_banks, c.prompt, new_tokens)?;
         tokens += c.batch * new_tokens;
     }
     let secs = t.elapsed().as_secs_f64();
-    Ok(json!({"registered": c.registered, "resident_adapters": slots, "batches": 8, "adapter_loads": loads,
+    Ok(json!({"registered": c.registered, "resident_adapters": banks, "batches": 8, "adapter_loads": loads,
               "device_uploads": arena.device.uploads - uploads_before, "tok_per_s": tokens as f64 / secs}))
 }

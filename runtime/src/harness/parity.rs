@@ -87,7 +87,7 @@ fn kv_for(gpu: &Gpu, cfg: &ModelConfig, prompts: &[(Vec<u32>, Option<u32>)]) -> 
     Ok((kv, seqs))
 }
 
-/// Runs `prompts` as one prefill batch (each with its adapter slot) and returns every row's logits.
+/// Runs `prompts` as one prefill batch (each with its adapter bank) and returns every row's logits.
 fn prefill_all(
     gpu: &Gpu,
     model: &GpuLlama,
@@ -142,19 +142,19 @@ pub fn fixtures(gpu: &Gpu, fixtures: &Path) -> Result<Value> {
         v
     };
     let mut arena = AdapterArena::new(gpu, cfg.num_layers, 1 << 14, cfg.hidden_size, names.len())?;
-    let mut slots = Vec::with_capacity(names.len());
+    let mut banks = Vec::with_capacity(names.len());
     for n in &names {
         let w = AdapterManifest::inspect(&adir.join(n), &cfg)?.load(&cfg)?;
         let resident = arena.place(w)?;
-        slots.push(arena.slot_for(gpu, &resident, &slots)?);
+        banks.push(arena.bank_for(gpu, &resident, &banks)?);
     }
     let pool = &arena.device;
     let r = tensors(&adir.join("mixed_reference.safetensors"))?;
-    let slot_of = |row: &str| names.iter().position(|n| n == row).map(|s| slots[s]);
+    let bank_of = |row: &str| names.iter().position(|n| n == row).map(|s| banks[s]);
     let prompts: Vec<(Vec<u32>, Option<u32>)> = rows
         .iter()
         .enumerate()
-        .map(|(i, row)| Ok((ids(&r, &format!("input_ids.{i}"))?, slot_of(row))))
+        .map(|(i, row)| Ok((ids(&r, &format!("input_ids.{i}"))?, bank_of(row))))
         .collect::<Result<_>>()?;
     let got = prefill_all(gpu, &model, Some(pool), &prompts)?;
     let want: Vec<f32> =

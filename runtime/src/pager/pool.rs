@@ -10,7 +10,7 @@ use crate::shape::Proj;
 
 /// Where one projection's `A` and `Bᵀ` rows sit in the page table of its adapter.
 #[derive(Debug, Clone)]
-struct ModuleSlot {
+struct ModuleRange {
     rank: usize,
     scale: f32,
     a: Range<usize>,
@@ -57,7 +57,7 @@ pub fn adapter_chunks(w: &LoraWeights, page_elems: usize) -> impl Iterator<Item 
 pub struct ResidentAdapter {
     id: u64,
     table: Vec<u32>,
-    modules: Vec<[Option<ModuleSlot>; 7]>,
+    modules: Vec<[Option<ModuleRange>; 7]>,
     /// The weights its pages hold, when the pool's values live on a device (not on the host).
     source: Option<Arc<LoraWeights>>,
 }
@@ -251,12 +251,12 @@ impl PageAllocator {
         };
         let mut modules = Vec::with_capacity(w.layers.len());
         for layer in &w.layers {
-            let mut slots: [Option<ModuleSlot>; 7] = Default::default();
+            let mut slots: [Option<ModuleRange>; 7] = Default::default();
             for (i, m) in layer.iter().enumerate() {
                 if let Some(m) = m {
                     let a = write_rows(&m.a, m.rank, &mut table);
                     let bt = write_rows(&m.bt, m.rank, &mut table);
-                    slots[i] = Some(ModuleSlot { rank: m.rank, scale: m.scale, a, bt });
+                    slots[i] = Some(ModuleRange { rank: m.rank, scale: m.scale, a, bt });
                 }
             }
             modules.push(slots);

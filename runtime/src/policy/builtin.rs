@@ -10,7 +10,7 @@ use std::cell::Cell;
 use openlora_sdk::{Attributor, Level, Money, PluginConfig, Pricer, RequestInfo, RouteDecision, Router, Split, Usage};
 
 use super::config::PolicyConfig;
-use super::host::plugin_log;
+use super::log::plugin_log;
 use crate::error::{Error, Result};
 
 thread_local! {

@@ -13,6 +13,7 @@ use serde::{Deserialize, Serialize};
 
 use super::builtin::{Builtins, builtin_label};
 use super::config::{OnFailure, PolicyConfig};
+use super::log::plugin_log;
 use super::plugin::{CallFailure, Called, CompiledPlugin, FailureKind};
 use super::registry::Registry;
 use super::slot::Slot;
@@ -326,18 +327,5 @@ fn emit_logs(slot: &Slot, plugin: &CompiledPlugin, logs: &[(Level, String)]) {
     let slot = slot.to_string();
     for (level, line) in logs {
         plugin_log(&slot, plugin.short(), *level, line);
-    }
-}
-
-/// One line a plugin logged, as a `tracing` event at the plugin's level. The line is a `&str`
-/// field: quoted and escaped in plain text and JSON alike, so it cannot forge log lines.
-pub(crate) fn plugin_log(slot: &str, plugin: &str, level: Level, line: &str) {
-    let lvl = format!("{level:?}").to_ascii_lowercase();
-    let lvl = lvl.as_str();
-    match level {
-        Level::Debug => tracing::debug!(slot, plugin, level = lvl, line, "plugin log"),
-        Level::Info => tracing::info!(slot, plugin, level = lvl, line, "plugin log"),
-        Level::Warn => tracing::warn!(slot, plugin, level = lvl, line, "plugin log"),
-        Level::Error => tracing::error!(slot, plugin, level = lvl, line, "plugin log"),
     }
 }

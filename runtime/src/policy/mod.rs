@@ -6,6 +6,7 @@ pub mod check;
 pub mod config;
 pub mod dropdir;
 pub mod host;
+mod log;
 pub mod plugin;
 pub mod registry;
 pub mod replay;
