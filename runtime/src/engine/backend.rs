@@ -4,7 +4,7 @@
 
 use std::sync::Arc;
 
-use crate::error::{Error, Result, SubmitError};
+use crate::error::{Error, Result};
 use crate::model::lora::AdapterShare;
 use crate::model::{BlockPool, LoadedModel, LogitRows, PagedKvCache, SeqBatch};
 use crate::pager::{AdapterPager, PoolPlace};
@@ -73,10 +73,7 @@ impl CpuBackend {
         model.llama()?;
         let kv = PagedKvCache::with_bytes(model.config(), kv_bytes);
         if kv.total_blocks() == 0 {
-            return Err(Error::from(SubmitError::InvalidParam {
-                param: "kv_cache_bytes",
-                message: "too small for one KV block".into(),
-            }));
+            return Err(Error::config("server configuration", "memory.kv_cache_bytes", "too small for one KV block"));
         }
         Ok(CpuBackend { model, kv })
     }

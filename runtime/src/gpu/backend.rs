@@ -8,7 +8,7 @@ use super::model::{GpuKv, GpuLlama, GpuSeq};
 use super::step::Step;
 use super::{Gpu, cuda_err};
 use crate::engine::backend::{Backend, Pick, StepOutput, StepRow};
-use crate::error::{Error, Result, SubmitError};
+use crate::error::{Error, Result};
 use crate::model::llama::reserve_batch;
 use crate::model::{BlockPool, LoadedModel, SeqBatch};
 use crate::pager::AdapterPager;
@@ -43,12 +43,13 @@ impl DeviceBudget {
     pub fn split(budget: usize, pool: usize, kv_block_bytes: usize) -> Result<Self> {
         let kv_blocks = budget.saturating_sub(pool) / kv_block_bytes.max(1);
         if kv_blocks == 0 {
-            return Err(Error::from(SubmitError::InvalidParam {
-                param: "memory.device_bytes",
-                message: format!(
+            return Err(Error::config(
+                "server configuration",
+                "memory.device_bytes",
+                format!(
                     "{budget} bytes of device memory leave no room for one KV block after the {pool}-byte adapter pool"
                 ),
-            }));
+            ));
         }
         Ok(DeviceBudget { adapter_pool_bytes: pool, kv_blocks })
     }

@@ -11,7 +11,7 @@ use half::bf16;
 use super::lora::{GpuAdapters, LoraRows, ShareSums};
 use super::step::{Step, StepBuffers};
 use super::{Gpu, cuda_err, grid};
-use crate::error::{Error, Result, SubmitError};
+use crate::error::{Error, Result};
 use crate::model::lora::AdapterShare;
 use crate::model::{BLOCK_SIZE, BlockPool, ModelConfig, Proj, rope};
 
@@ -187,21 +187,18 @@ impl StepPlan<Vec<u32>> {
         let mut rows = 0usize;
         for (i, s) in seqs.iter().enumerate() {
             let end = s.start + s.tokens.len();
+            // Requests were validated before they reached the engine (`crate::request`); these
+            // are the device's own bounds, kept because breaking them would write outside
+            // device buffers rather than fail.
             if s.tokens.is_empty() || end > cfg.max_position_embeddings || end > s.blocks.len() * block_size {
-                return Err(Error::from(SubmitError::InvalidParam {
-                    param: "tokens",
-                    message: format!(
-                        "sequence {i}: {} new tokens at {} do not fit its blocks or the context",
-                        s.tokens.len(),
-                        s.start
-                    ),
-                }));
+                return Err(Error::device(format!(
+                    "sequence {i}: {} new tokens at {} do not fit its blocks or the context",
+                    s.tokens.len(),
+                    s.start
+                )));
             }
             if let Some(bad) = s.tokens.iter().find(|&&t| t as usize >= cfg.vocab_size) {
-                return Err(Error::from(SubmitError::InvalidParam {
-                    param: "tokens",
-                    message: format!("token id {bad} is outside the vocabulary"),
-                }));
+                return Err(Error::device(format!("token id {bad} is outside the vocabulary")));
             }
             parts[Part::Tables as usize][i * max_blocks..i * max_blocks + s.blocks.len()].copy_from_slice(s.blocks);
             // i32 parts travel as their bits: -1 (no adapter) is 0xffff_ffff.
