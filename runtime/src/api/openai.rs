@@ -14,7 +14,7 @@ use tracing::Instrument;
 use super::stream::{Collected, Kind, Reply, collect, sse};
 use super::{ApiError, JsonBody, Shared, blocking, parse, tenant};
 use crate::request::chat::ChatMessage;
-use crate::request::{ApiParams, Prepared, PromptInput, idempotency_key};
+use crate::request::{ApiParams, Prepared, PromptInput, Validator, idempotency_key};
 use crate::settlement::Admission;
 
 /// `stream_options`.
@@ -102,9 +102,47 @@ async fn answer(
     }
 }
 
-/// A request's span: every log line of its life carries its id.
-fn span(id: &str, label: &str) -> tracing::Span {
-    tracing::info_span!("request", id = %id, model = %label)
+
+/// Which endpoint a request came to.
+#[derive(Clone, Copy)]
+enum Endpoint {
+    Completion,
+    Chat,
+}
+
+/// A request's validation, to run on a blocking thread.
+type Prepare = Box<dyn FnOnce(&Validator) -> crate::Result<Prepared> + Send>;
+
+/// One request to either endpoint: the permit first, then the tenant, the body's fields, the
+/// validation (off the async threads), settlement and the answer, all in the request's span.
+async fn respond(state: Shared, headers: HeaderMap, raw: Value, endpoint: Endpoint) -> Result<Response, ApiError> {
+    let id = request_id("req");
+    let label = raw.get("model").and_then(Value::as_str).unwrap_or_default().to_string();
+    let span = tracing::info_span!("request", id = %id, model = %label);
+    async move {
+        let permit = permit(&state, &label)?;
+        let tenant = tenant(&state, &headers)?;
+        let params: ApiParams = parse(&raw)?;
+        let delivery: Delivery = parse(&raw)?;
+        let (kind, prepare): (Kind, Prepare) = match endpoint {
+            Endpoint::Completion => {
+                let body: CompletionRequest = parse(&raw)?;
+                let kind = Kind::Completion { logprobs: body.logprobs.is_some() };
+                (kind, Box::new(move |v| v.completion(id, &body.model, &body.prompt, body.logprobs, params)))
+            }
+            Endpoint::Chat => {
+                let body: ChatRequest = parse(&raw)?;
+                let kind = Kind::Chat { logprobs: body.logprobs.unwrap_or(false) };
+                let logprobs = (body.logprobs, body.top_logprobs);
+                (kind, Box::new(move |v| v.chat(id, &body.model, &body.messages, logprobs, params)))
+            }
+        };
+        let st = state.clone();
+        let prepared = blocking("validation", move || Ok(prepare(&st.validator)?)).await?;
+        answer(state, prepared, kind, delivery, (tenant, &headers), label, permit).await
+    }
+    .instrument(span)
+    .await
 }
 
 /// `POST /v1/completions`.
@@ -113,30 +151,7 @@ pub async fn completions(
     headers: HeaderMap,
     JsonBody(raw): JsonBody<Value>,
 ) -> Result<Response, ApiError> {
-    let id = request_id("req");
-    let label = raw.get("model").and_then(Value::as_str).unwrap_or_default().to_string();
-    completion(state, headers, raw, id.clone(), label.clone()).instrument(span(&id, &label)).await
-}
-
-async fn completion(
-    state: Shared,
-    headers: HeaderMap,
-    raw: Value,
-    id: String,
-    label: String,
-) -> Result<Response, ApiError> {
-    let permit = permit(&state, &label)?;
-    let tenant = tenant(&state, &headers)?;
-    let body: CompletionRequest = parse(&raw)?;
-    let params: ApiParams = parse(&raw)?;
-    let delivery: Delivery = parse(&raw)?;
-    let kind = Kind::Completion { logprobs: body.logprobs.is_some() };
-    let st = state.clone();
-    let prepared = blocking("validation", move || {
-        Ok(st.validator.completion(id, &body.model, &body.prompt, body.logprobs, params)?)
-    })
-    .await?;
-    answer(state, prepared, kind, delivery, (tenant, &headers), label, permit).await
+    respond(state, headers, raw, Endpoint::Completion).await
 }
 
 /// `POST /v1/chat/completions`.
@@ -145,31 +160,7 @@ pub async fn chat_completions(
     headers: HeaderMap,
     JsonBody(raw): JsonBody<Value>,
 ) -> Result<Response, ApiError> {
-    let id = request_id("req");
-    let label = raw.get("model").and_then(Value::as_str).unwrap_or_default().to_string();
-    chat_completion(state, headers, raw, id.clone(), label.clone()).instrument(span(&id, &label)).await
-}
-
-async fn chat_completion(
-    state: Shared,
-    headers: HeaderMap,
-    raw: Value,
-    id: String,
-    label: String,
-) -> Result<Response, ApiError> {
-    let permit = permit(&state, &label)?;
-    let tenant = tenant(&state, &headers)?;
-    let body: ChatRequest = parse(&raw)?;
-    let params: ApiParams = parse(&raw)?;
-    let delivery: Delivery = parse(&raw)?;
-    let kind = Kind::Chat { logprobs: body.logprobs.unwrap_or(false) };
-    let st = state.clone();
-    let prepared = blocking("validation", move || {
-        let logprobs = (body.logprobs, body.top_logprobs);
-        Ok(st.validator.chat(id, &body.model, &body.messages, logprobs, params)?)
-    })
-    .await?;
-    answer(state, prepared, kind, delivery, (tenant, &headers), label, permit).await
+    respond(state, headers, raw, Endpoint::Chat).await
 }
 
 /// `GET /v1/models`: the base model and every adapter.

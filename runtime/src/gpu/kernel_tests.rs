@@ -12,7 +12,8 @@ use rand::{Rng, SeedableRng};
 
 use super::Gpu;
 
-fn gpu() -> Option<Gpu> {
+/// The GPU the tests run on, if the machine has one (required when `OPENLORA_REQUIRE_GPU` is set).
+pub(crate) fn gpu() -> Option<Gpu> {
     match Gpu::open(0) {
         Ok(g) => Some(g),
         Err(e) => {

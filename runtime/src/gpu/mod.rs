@@ -13,7 +13,7 @@ pub mod model;
 pub mod step;
 
 #[cfg(test)]
-mod kernel_tests;
+pub(crate) mod kernel_tests;
 
 use std::collections::HashMap;
 use std::sync::Arc;

@@ -55,17 +55,8 @@ pub fn llama(gpu: &Gpu, cfg: &ModelConfig, seed: u64) -> Result<GpuLlama> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::gpu::kernel_tests::gpu;
     use crate::gpu::model::{GpuKv, GpuSeq};
-
-    fn gpu() -> Option<Gpu> {
-        match Gpu::open(0) {
-            Ok(g) => Some(g),
-            Err(e) => {
-                assert!(std::env::var_os("OPENLORA_REQUIRE_GPU").is_none(), "a GPU was required: {e}");
-                None
-            }
-        }
-    }
 
     #[test]
     fn a_step_allocates_no_device_memory_once_its_buffers_are_large_enough() {
