@@ -102,7 +102,6 @@ async fn answer(
     }
 }
 
-
 /// Which endpoint a request came to.
 #[derive(Clone, Copy)]
 enum Endpoint {
