@@ -170,6 +170,7 @@ fn bad_uploads_are_refused_with_a_reason_and_change_nothing() {
 fn hostile_plugins_are_contained_at_call_time_and_the_builtin_answers() {
     let mut limits = PolicyConfig::default();
     limits.quarantine_after = 1000;
+    limits.quarantine_rate_percent = 0;
     let host = host(limits);
     host.install(&Slot::Attributor, &wasm("openlora-test-hostile"), r#"{"mode": "ok"}"#, "test").unwrap();
     let expected = host_builtin_splits();
@@ -217,6 +218,112 @@ fn a_deadline_stops_a_plugin_that_still_has_fuel() {
     let failure = s.deciders[1].failure.clone().unwrap();
     assert!(failure.contains("deadline of 30 ms"), "{failure}");
     assert!(start.elapsed() < Duration::from_secs(2), "{:?}", start.elapsed());
+}
+
+/// Sleeping is free and blocks nothing: virtual time moves to the timer at once, so a call
+/// that sleeps 3 s (or 584 years) answers within its deadline (100 ms + 20 ms), correctly.
+#[test]
+fn a_plugin_that_sleeps_answers_at_once_within_its_deadline() {
+    let limits = PolicyConfig { quarantine_rate_percent: 0, ..PolicyConfig::default() };
+    let host = host(limits.clone());
+    host.install(&Slot::Attributor, &wasm("openlora-test-hostile"), r#"{"mode": "ok"}"#, "test").unwrap();
+    for mode in ["sleep", "sleep-forever"] {
+        let start = Instant::now();
+        let s = host.settle(&with_mode(mode, mode), &usage()).unwrap();
+        let took = start.elapsed();
+        assert!(took < Duration::from_millis(limits.deadline_ms + 20), "{mode} took {took:?}");
+        assert!(s.deciders[1].failure.is_none(), "{mode}: {:?}", s.deciders[1].failure);
+        assert!(s.deciders[1].plugin.starts_with("sha256:"), "{mode}: the plugin answered");
+        assert_eq!(s.splits[0].payee, "operator:hostile");
+    }
+}
+
+/// What a plugin measures of time is virtual: the same request gives the same splits, on this
+/// host and on a fresh one, however long the host really took.
+#[test]
+fn what_a_plugin_measures_of_time_replays_exactly() {
+    let bytes = wasm("openlora-test-hostile");
+    let a = host(PolicyConfig::default());
+    a.install(&Slot::Attributor, &bytes, r#"{"mode": "timing"}"#, "test").unwrap();
+    let b = host(PolicyConfig::default());
+    b.install(&Slot::Attributor, &bytes, r#"{"mode": "timing"}"#, "test").unwrap();
+    for i in 0..5 {
+        let r = request(&format!("timing-{i}"));
+        let first = a.settle(&r, &usage()).unwrap();
+        assert!(first.deciders[1].failure.is_none(), "{:?}", first.deciders[1].failure);
+        std::thread::sleep(Duration::from_millis(3));
+        assert_eq!(a.settle(&r, &usage()).unwrap().splits, first.splits, "again on the same host");
+        assert_eq!(b.settle(&r, &usage()).unwrap().splits, first.splits, "on a fresh host");
+    }
+}
+
+/// A plugin cannot count real time by polling a timer (the count is the same on every run and
+/// on a fresh host), and cannot make the host generate 64 MiB of randomness: it traps at once.
+#[test]
+fn polling_a_timer_replays_exactly_and_a_randomness_flood_traps_at_once() {
+    let limits = PolicyConfig { quarantine_after: 1000, quarantine_rate_percent: 0, ..PolicyConfig::default() };
+    let bytes = wasm("openlora-test-hostile");
+    let (a, b) = (host(limits.clone()), host(limits.clone()));
+    a.install(&Slot::Attributor, &bytes, r#"{"mode": "poll-count"}"#, "test").unwrap();
+    b.install(&Slot::Attributor, &bytes, r#"{"mode": "poll-count"}"#, "test").unwrap();
+    let r = request("polls");
+    let first = a.settle(&r, &usage()).unwrap();
+    assert!(first.deciders[1].failure.is_none(), "{:?}", first.deciders[1].failure);
+    for _ in 0..3 {
+        assert_eq!(a.settle(&r, &usage()).unwrap().splits, first.splits);
+        assert_eq!(b.settle(&r, &usage()).unwrap().splits, first.splits);
+    }
+    let start = Instant::now();
+    let s = a.settle(&with_mode("flood", "random-flood"), &usage()).unwrap();
+    let took = start.elapsed();
+    let failure = s.deciders[1].failure.clone().expect("refused");
+    assert!(failure.contains("random bytes"), "{failure}");
+    assert!(took < Duration::from_millis(limits.deadline_ms + 20), "took {took:?}");
+}
+
+/// A plugin failing only on some requests (every third) is quarantined by its failure rate,
+/// though it never fails three times in a row.
+#[test]
+fn a_plugin_failing_on_a_fraction_of_requests_is_quarantined() {
+    let limits = PolicyConfig { quarantine_after: 3, quarantine_rate_percent: 20, ..PolicyConfig::default() };
+    let host = host(limits);
+    host.install(&Slot::Attributor, &wasm("openlora-test-hostile"), r#"{"mode": "ok"}"#, "test").unwrap();
+    let mut quarantined_at = None;
+    for i in 0..60 {
+        let r = if i % 3 == 0 { with_mode(&format!("f{i}"), "error") } else { request(&format!("f{i}")) };
+        host.settle(&r, &usage()).unwrap();
+        if host.list()[0].quarantined {
+            quarantined_at = Some(i);
+            break;
+        }
+    }
+    let at = quarantined_at.expect("quarantined by its failure rate");
+    assert!((19..=30).contains(&at), "quarantined after {at} calls");
+    assert!(host.list()[0].consecutive_failures < 3);
+}
+
+/// A plugin's own strings are bounded before the host copies them: an 8 MB error is refused by
+/// size, and the failure kept (in responses and the ledger) is at most 1 KiB; a failed call's
+/// log lines (a panic's message) are kept with the failure.
+#[test]
+fn plugin_strings_are_bounded_and_a_failed_calls_logs_are_kept() {
+    let limits = PolicyConfig { quarantine_after: 1000, quarantine_rate_percent: 0, ..PolicyConfig::default() };
+    let host = host(limits);
+    host.install(&Slot::Attributor, &wasm("openlora-test-hostile"), r#"{"mode": "ok"}"#, "test").unwrap();
+    let start = Instant::now();
+    let s = host.settle(&with_mode("huge", "huge-error"), &usage()).unwrap();
+    let failure = s.deciders[1].failure.clone().unwrap();
+    assert!(failure.contains("more than 262144 bytes"), "{}", &failure[..failure.len().min(300)]);
+    assert!(failure.len() < 1200, "{} bytes kept", failure.len());
+    assert!(start.elapsed() < Duration::from_millis(500), "{:?}", start.elapsed());
+    let plugin = host.active(&Slot::Attributor).unwrap().plugin.clone();
+    let charge = Money::new(1000, "USD");
+    let panicked = plugin.attribute(&with_mode("p", "panic"), &usage(), &charge).err().expect("fails");
+    assert!(
+        panicked.logs.iter().any(|(_, l)| l.contains("panicked on purpose")),
+        "the panic's message is kept: {:?}",
+        panicked.logs
+    );
 }
 
 #[test]
@@ -405,7 +512,7 @@ proptest::proptest! {
         use openlora_sdk::money::{split_by_weights, validate_splits};
         static HOST: OnceLock<(PolicyHost, Vec<u8>)> = OnceLock::new();
         let (host, bytes) = HOST.get_or_init(|| {
-            let h = host(PolicyConfig { quarantine_after: u32::MAX, ..PolicyConfig::default() });
+            let h = host(PolicyConfig { quarantine_after: u32::MAX, quarantine_rate_percent: 0, ..PolicyConfig::default() });
             let bytes = wasm("openlora-test-hostile");
             h.install(&Slot::Attributor, &bytes, r#"{"mode": "echo"}"#, "test").unwrap();
             (h, bytes)

@@ -48,15 +48,37 @@ pub struct LedgerConfig {
     pub url: Option<String>,
     /// Currency of the zero charge recorded for requests that failed after compute.
     pub currency: String,
+    /// The Ed25519 key that signs checkpoints of the ledger's head (64 hex digits, mode 0600);
+    /// default: `ledger-signing.key` in the data directory, created on first start. Keep it
+    /// where the database's writers cannot reach it.
+    pub signing_key: Option<PathBuf>,
+    /// Sign a checkpoint every this many entries (and at shutdown); 0: only at shutdown.
+    pub checkpoint_every: u64,
 }
 
 impl Default for LedgerConfig {
     fn default() -> Self {
-        LedgerConfig { url: None, currency: "USD".into() }
+        LedgerConfig { url: None, currency: "USD".into(), signing_key: None, checkpoint_every: 1000 }
     }
 }
 
 impl LedgerConfig {
+    /// Where the checkpoint signing key is (the default one under `data_dir` unless set).
+    pub fn signing_key_path(&self, data_dir: &Path) -> PathBuf {
+        self.signing_key.clone().unwrap_or_else(|| data_dir.join("ledger-signing.key"))
+    }
+
+    /// What `ledger verify` trusts: the signing key's public half, when its file can be read,
+    /// and the latest checkpoint kept beside it.
+    pub fn trust(&self, data_dir: &Path) -> crate::ledger::Trust {
+        use crate::ledger::checkpoint::{latest_path, read_key, read_latest};
+        let path = self.signing_key_path(data_dir);
+        crate::ledger::Trust {
+            key: read_key(&path).ok().map(|k| k.verifying_key()),
+            outside: read_latest(&latest_path(&path)).ok().flatten().into_iter().collect(),
+        }
+    }
+
     /// The ledger's location, the default one under `data_dir` unless `url` says otherwise.
     pub fn location(&self, data_dir: &Path) -> Result<crate::ledger::Location> {
         match &self.url {
@@ -163,7 +185,7 @@ impl ServerConfig {
             let field = msg.split('`').nth(1).map(str::to_string).unwrap_or_else(|| "-".to_string());
             let line = e.span().map(|s| text[..s.start.min(text.len())].lines().count().max(1));
             let at = line.map(|l| format!(" (line {l})")).unwrap_or_default();
-            Error::config(path, field, format!("{msg}{at}"))
+            Error::config_because(path, field, format!("{msg}{at}"), e)
         })?;
         cfg.validate(path)?;
         Ok(cfg)

@@ -12,16 +12,6 @@ pub type Source = Box<dyn std::error::Error + Send + Sync + 'static>;
 /// Reading a model or an adapter from its files.
 #[derive(Debug, thiserror::Error)]
 pub enum LoadError {
-    /// A file could not be read or written.
-    #[error("{}: {source}", path.display())]
-    Io {
-        /// The file concerned.
-        path: PathBuf,
-        /// The underlying I/O error.
-        #[source]
-        source: std::io::Error,
-    },
-
     /// A file the folder must contain is not there.
     #[error("{}: missing file ({what})", path.display())]
     MissingFile {
@@ -138,7 +128,7 @@ pub enum SubmitError {
     PoolTimeout(String),
 
     /// The KV cache has no room for a sequence's tokens.
-    #[error("KV cache: no room for {needed_tokens} tokens ({})", if *.ever { "not now" } else { "not ever" })]
+    #[error("KV cache: no room for {needed_tokens} tokens ({})", if *.ever { "Later" } else { "Impossible" })]
     KvExhausted {
         /// Tokens the sequence would hold.
         needed_tokens: usize,
@@ -213,6 +203,10 @@ pub enum LedgerError {
     #[error("ledger: {0}")]
     Invalid(String),
 
+    /// An entry was refused as malformed or inexact (a bug in the server, not the store).
+    #[error("ledger entry refused: {0}")]
+    Refused(String),
+
     /// The ledger's writer thread is gone.
     #[error("ledger: the writer has stopped")]
     WriterStopped,
@@ -257,6 +251,19 @@ pub enum Error {
         field: String,
         /// What is wrong with it.
         message: String,
+        /// The parser's own error, when there is one.
+        #[source]
+        source: Option<Source>,
+    },
+
+    /// A file, folder, thread or socket could not be used (in any layer).
+    #[error("{}: {source}", path.display())]
+    Io {
+        /// What it concerns (a path, or what the thread or socket is for).
+        path: PathBuf,
+        /// The underlying I/O error.
+        #[source]
+        source: std::io::Error,
     },
 
     /// Reading a model or an adapter failed.
@@ -287,12 +294,22 @@ pub enum Error {
 impl Error {
     /// Wraps an I/O error with the path it concerns.
     pub fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
-        LoadError::Io { path: path.into(), source }.into()
+        Error::Io { path: path.into(), source }
     }
 
     /// A configuration error naming the file and field.
     pub fn config(file: impl Into<PathBuf>, field: impl Into<String>, message: impl Into<String>) -> Self {
-        Error::Config { file: file.into(), field: field.into(), message: message.into() }
+        Error::Config { file: file.into(), field: field.into(), message: message.into(), source: None }
+    }
+
+    /// A configuration error naming the file and field, keeping the parser's error as its source.
+    pub fn config_because(
+        file: impl Into<PathBuf>,
+        field: impl Into<String>,
+        message: impl Into<String>,
+        source: impl Into<Source>,
+    ) -> Self {
+        Error::Config { file: file.into(), field: field.into(), message: message.into(), source: Some(source.into()) }
     }
 
     /// A request parameter that is out of range.

@@ -149,8 +149,12 @@ fn run_bench(args: BenchArgs) -> anyhow::Result<()> {
 
 #[derive(Subcommand)]
 enum LedgerCommand {
-    /// Check the hash chain and replay every entry's pricer and attributor; exit 1 naming the first bad entry.
+    /// Check the hash chain, the signed checkpoints and replay every entry's pricer and attributor;
+    /// exit 1 naming the first bad entry or the checkpoint it contradicts.
     Verify(VerifyArgs),
+    /// Sign the ledger's head with the server's key now and print the checkpoint (JSON), for
+    /// publishing somewhere a database writer cannot reach.
+    Checkpoint(LedgerArgs),
     /// Write entries as CSV (one row per split) or JSON lines (one entry per line) to stdout.
     Export(ExportArgs),
     /// Totals by payee, adapter or tenant.
@@ -190,6 +194,10 @@ struct VerifyArgs {
     /// Check the chain only, without replaying the plugins.
     #[arg(long)]
     no_replay: bool,
+    /// The public key (64 hex digits) the ledger's checkpoints must be signed with. Default: the
+    /// server's signing key, when its file can be read.
+    #[arg(long)]
+    public_key: Option<String>,
     /// Print the report as JSON.
     #[arg(long)]
     json: bool,
@@ -221,17 +229,19 @@ struct SummaryArgs {
 }
 
 impl LedgerArgs {
-    fn open(&self) -> anyhow::Result<(ServerConfig, Box<dyn openlora::ledger::LedgerStore>, String)> {
-        let config = match &self.config {
+    /// The server configuration given (or the default one).
+    fn config(&self) -> anyhow::Result<ServerConfig> {
+        Ok(match &self.config {
             Some(path) => ServerConfig::from_file(path)?,
             None => ServerConfig::default(),
-        };
+        })
+    }
+
+    fn open(&self) -> anyhow::Result<(ServerConfig, Box<dyn openlora::ledger::LedgerStore>, String)> {
+        let config = self.config()?;
         let location = match &self.ledger {
             Some(l) => openlora::ledger::Location::parse(l).context("--ledger")?,
-            None => {
-                let data_dir = config.data_dir.clone().unwrap_or_else(embedded::data_dir);
-                config.ledger.location(&data_dir)?
-            }
+            None => config.ledger.location(&data_dir(&config))?,
         };
         if let openlora::ledger::Location::Sqlite(path) = &location
             && !path.exists()
@@ -241,6 +251,11 @@ impl LedgerArgs {
         let store = location.open().with_context(|| format!("opening the ledger {location}"))?;
         Ok((config, store, location.to_string()))
     }
+}
+
+/// The server's data directory.
+fn data_dir(config: &ServerConfig) -> PathBuf {
+    config.data_dir.clone().unwrap_or_else(embedded::data_dir)
 }
 
 impl RangeArgs {
@@ -264,7 +279,16 @@ fn run_ledger(command: LedgerCommand) -> anyhow::Result<bool> {
             let (config, mut store, name) = args.ledger.open()?;
             let mut replayer =
                 if args.no_replay { None } else { Some(openlora::policy::Replayer::new(&config.policy)?) };
-            let r = openlora::ledger::verify::verify(store.as_mut(), replayer.as_mut().map(|r| r as _), &name)?;
+            let mut trust = config.ledger.trust(&data_dir(&config));
+            if let Some(hex) = &args.public_key {
+                trust.key = Some(openlora::ledger::checkpoint::parse_public_key(hex).context("--public-key")?);
+            }
+            let r = openlora::ledger::verify::verify_with(
+                store.as_mut(),
+                replayer.as_mut().map(|r| r as _),
+                &name,
+                &trust,
+            )?;
             if args.json {
                 println!("{}", serde_json::to_string_pretty(&r)?);
             } else if let Some(bad) = &r.first_bad {
@@ -280,8 +304,26 @@ fn run_ledger(command: LedgerCommand) -> anyhow::Result<bool> {
                     "{name}: ok: {} entries, hash chain intact, {} settlements replayed exactly; head {}",
                     r.entries, r.replayed, r.head_hash
                 );
+                match (&r.checkpoints_unchecked, r.latest_checkpoint) {
+                    (Some(why), _) => println!("checkpoints NOT checked: {why}"),
+                    (None, Some(latest)) => {
+                        println!("{} signed checkpoints hold (the latest at entry {latest})", r.checkpoints_checked)
+                    }
+                    (None, None) => println!("no signed checkpoint yet"),
+                }
             }
             Ok(r.ok())
+        }
+        LedgerCommand::Checkpoint(args) => {
+            use openlora::ledger::checkpoint::{Checkpoint, latest_path, read_key, write_latest};
+            let (config, mut store, _) = args.open()?;
+            let key_path = config.ledger.signing_key_path(&data_dir(&config));
+            let key = read_key(&key_path).context("the ledger's signing key")?;
+            let c = Checkpoint::sign(&key, &store.head()?, openlora::ledger::now_ms());
+            store.put_checkpoint(&c)?;
+            write_latest(&latest_path(&key_path), &c)?;
+            println!("{}", serde_json::to_string_pretty(&c)?);
+            Ok(true)
         }
         LedgerCommand::Export(args) => {
             let format: report::Format = args.format.parse().map_err(|m: String| anyhow::anyhow!("--format: {m}"))?;

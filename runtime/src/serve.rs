@@ -92,7 +92,17 @@ impl Server {
         restore_uploads(&adapter_store, &pager);
         let policy = Arc::new(PolicyHost::new(&config.policy, Some(data_dir.join("plugins")), metrics.policy.clone())?);
         let drop_dir = config.policy.dir.clone().unwrap_or_else(|| data_dir.join("plugins").join("drop"));
-        let ledger = crate::ledger::Ledger::open(config.ledger.location(&data_dir)?, metrics.ledger.clone())?;
+        let key_path = config.ledger.signing_key_path(&data_dir);
+        let signer = crate::ledger::Signer {
+            key: crate::ledger::checkpoint::read_or_create_key(&key_path)?,
+            key_path,
+            every: config.ledger.checkpoint_every,
+        };
+        let ledger = crate::ledger::Ledger::open_signed(
+            config.ledger.location(&data_dir)?,
+            metrics.ledger.clone(),
+            Some(signer),
+        )?;
         let engine = match device {
             DeviceSpec::Cpu => EngineHandle::start(model, pager, config.engine(), metrics.clone())?,
             DeviceSpec::Cuda(ordinal) => start_on_gpu(ordinal, model, pager, &config, &metrics)?,
@@ -140,6 +150,13 @@ impl Server {
             state.ready.store(false, Ordering::Relaxed);
         };
         axum::serve(listener, app).with_graceful_shutdown(shutdown).await.map_err(|e| Error::io("http server", e))?;
+        // The head, signed: nothing written before shutdown can be cut or rewritten unseen.
+        let ledger = self.state.ledger.clone();
+        match tokio::task::spawn_blocking(move || ledger.checkpoint()).await {
+            Ok(Ok(_)) => {}
+            Ok(Err(e)) => tracing::error!(error = %e, "signing the ledger's head at shutdown failed"),
+            Err(e) => tracing::error!(error = %e, "signing the ledger's head at shutdown failed"),
+        }
         tracing::info!("stopped");
         Ok(())
     }

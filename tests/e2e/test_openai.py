@@ -235,6 +235,8 @@ def test_every_error_is_json_404_and_405_included(server):
     assert_error(httpx.post(f"{server.url}/health"), 405)
     assert_error(httpx.get(f"{server.url}/no/such/route"), 404)
     assert_error(httpx.get(f"{server.url}/admin/no-such-thing", headers=admin), 404)
+    # Without the token an unknown admin path says nothing about what exists.
+    assert_error(httpx.get(f"{server.url}/admin/no-such-thing"), 401)
 
 
 def test_json_logs_with_plugin_lines_as_fields():

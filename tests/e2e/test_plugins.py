@@ -16,7 +16,7 @@ AUTH = {"Authorization": f"Bearer {API_KEY}"}
 
 @pytest.fixture(scope="module")
 def policy_server():
-    s = Server(extra="[policy]\nquarantine_after = 1000\n")
+    s = Server(extra="[policy]\nquarantine_after = 1000\nquarantine_rate_percent = 0\n")
     yield s
     assert s.stop() == 0, s.logs()
 

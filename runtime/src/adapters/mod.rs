@@ -225,7 +225,8 @@ fn read_owner(dir: &Path) -> Result<Option<String>> {
         return Ok(None);
     }
     let text = std::fs::read_to_string(&path).map_err(|e| Error::io(&path, e))?;
-    let meta: Meta = serde_json::from_str(&text).map_err(|e| Error::config(&path, "owner", e.to_string()))?;
+    let meta: Meta =
+        serde_json::from_str(&text).map_err(|e| Error::config_because(&path, "owner", e.to_string(), e))?;
     match meta.owner {
         Some(o) if !valid_owner(&o) => {
             Err(Error::config(&path, "owner", "owners are 1-64 characters of A-Z a-z 0-9 - _ . @"))

@@ -7,7 +7,7 @@ use axum::response::{IntoResponse, Response};
 use serde::de::DeserializeOwned;
 use serde_json::json;
 
-use crate::error::{Error, LoadError, PolicyError, SubmitError};
+use crate::error::{Error, LedgerError, LoadError, PolicyError, SubmitError};
 use crate::settlement::SettleError;
 
 /// An error answered as `{"error": {"message", "type", "param", "code"}}`.
@@ -118,6 +118,7 @@ impl From<Error> for ApiError {
                 }
                 PolicyError::Runtime { .. } => ApiError::internal(msg),
             },
+            Error::Ledger(LedgerError::Refused(_)) => ApiError::internal(msg),
             Error::Ledger(_) => ApiError {
                 retry_after: Some(1),
                 ..ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "server_error", "ledger_unavailable", msg)
@@ -129,7 +130,7 @@ impl From<Error> for ApiError {
                 | LoadError::TensorShape { .. }
                 | LoadError::WeightFile { .. },
             ) => ApiError { code: "invalid_adapter", ..ApiError::invalid(None, msg) },
-            Error::Load(LoadError::Io { .. }) | Error::Tensor(_) | Error::Device(_) => ApiError::internal(msg),
+            Error::Io { .. } | Error::Tensor(_) | Error::Device(_) => ApiError::internal(msg),
         }
     }
 }

@@ -16,7 +16,7 @@ use serde_json::{Value, json};
 use super::{ApiError, Shared, blocking, tenant};
 use crate::ledger::Filter;
 use crate::ledger::report::{Format, GroupBy, export, parse_time, summary};
-use crate::ledger::verify::verify;
+use crate::ledger::verify::verify_with;
 use crate::policy::Replayer;
 
 /// The tenant's ledger route (`/v1/usage`).
@@ -112,7 +112,10 @@ async fn admin_verify(State(state): State<Shared>, q: Params) -> Result<Json<Val
     let report = blocking("ledger verify", move || {
         let mut replayer = if replay { Some(Replayer::new(&st.config.policy)?) } else { None };
         let name = st.ledger.location().to_string();
-        Ok(verify(st.ledger.location().open()?.as_mut(), replayer.as_mut().map(|r| r as _), &name)?)
+        let data_dir = st.config.data_dir.clone().unwrap_or_else(crate::embedded::data_dir);
+        let trust = st.config.ledger.trust(&data_dir);
+        let mut store = st.ledger.location().open()?;
+        Ok(verify_with(store.as_mut(), replayer.as_mut().map(|r| r as _), &name, &trust)?)
     })
     .await?;
     Ok(Json(json!({"ok": report.ok(), "report": report})))

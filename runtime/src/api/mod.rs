@@ -15,10 +15,10 @@ use axum::extract::{DefaultBodyLimit, FromRequest, Request, State};
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, post};
+use axum::routing::{any, get, post};
 use axum::{Json, Router};
 use serde::de::DeserializeOwned;
-use tokio::sync::Semaphore;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 use crate::config::ServerConfig;
 use crate::engine::EngineHandle;
@@ -95,7 +95,10 @@ pub async fn blocking<T: Send + 'static>(
     what: &str,
     work: impl FnOnce() -> Result<T, ApiError> + Send + 'static,
 ) -> Result<T, ApiError> {
-    tokio::task::spawn_blocking(work).await.map_err(|e| ApiError::internal(format!("{what} task: {e}")))?
+    let span = tracing::Span::current();
+    tokio::task::spawn_blocking(move || span.in_scope(work))
+        .await
+        .map_err(|e| ApiError::internal(format!("{what} task: {e}")))?
 }
 
 /// Whether a request's body is a multipart form.
@@ -197,13 +200,42 @@ async fn method_not_allowed() -> ApiError {
     )
 }
 
+/// A completion request's concurrency permit, taken before anything of it is read.
+#[derive(Clone)]
+pub struct Permit(Arc<std::sync::Mutex<Option<OwnedSemaphorePermit>>>);
+
+impl Permit {
+    /// The permit (once).
+    pub fn take(&self) -> Option<OwnedSemaphorePermit> {
+        self.0.lock().unwrap_or_else(|p| p.into_inner()).take()
+    }
+}
+
+/// Takes a concurrency permit for a completion request first of all (its body is read after):
+/// beyond `limits.max_concurrent_requests` a 429 costs the server nothing more.
+async fn take_permit(State(state): State<Shared>, mut req: Request, next: Next) -> Response {
+    match state.in_flight.clone().try_acquire_owned() {
+        Ok(p) => {
+            req.extensions_mut().insert(Permit(Arc::new(std::sync::Mutex::new(Some(p)))));
+            next.run(req).await
+        }
+        Err(_) => {
+            state.metrics.http.requests.with_label_values(&["", "rate_limit_exceeded"]).inc();
+            ApiError::overloaded("too many requests in flight").into_response()
+        }
+    }
+}
+
 /// The whole HTTP application.
 pub fn router(state: Shared) -> Router {
     let body_limit = state.config.limits.max_body_bytes;
     let upload_limit = state.config.limits.max_upload_bytes;
-    let v1 = Router::new()
+    let completions = Router::new()
         .route("/v1/completions", post(openai::completions))
         .route("/v1/chat/completions", post(openai::chat_completions))
+        .route_layer(middleware::from_fn_with_state(state.clone(), take_permit));
+    let v1 = Router::new()
+        .merge(completions)
         .route("/v1/models", get(openai::models))
         .merge(ledger::router())
         .layer(DefaultBodyLimit::max(body_limit));
@@ -211,6 +243,8 @@ pub fn router(state: Shared) -> Router {
     let admin = admin::router()
         .merge(admin_plugins::router())
         .merge(ledger::admin_router())
+        // Unknown admin paths too: the token is checked before anything says what exists.
+        .route("/admin/{*rest}", any(not_found))
         .route_layer(middleware::from_fn_with_state(state.clone(), require_admin))
         .layer(DefaultBodyLimit::max(upload_limit));
     Router::new()

@@ -2,17 +2,17 @@
 
 use std::time::{SystemTime, UNIX_EPOCH};
 
-use axum::Json;
 use axum::extract::State;
 use axum::http::HeaderMap;
 use axum::response::{IntoResponse, Response};
+use axum::{Extension, Json};
 use serde::Deserialize;
 use serde_json::{Value, json};
 use tokio::sync::OwnedSemaphorePermit;
 use tracing::Instrument;
 
 use super::stream::{Collected, Kind, Reply, collect, sse};
-use super::{ApiError, JsonBody, Shared, blocking, parse, tenant};
+use super::{ApiError, JsonBody, Permit, Shared, blocking, parse, tenant};
 use crate::request::chat::ChatMessage;
 use crate::request::{ApiParams, Prepared, PromptInput, Validator, idempotency_key};
 use crate::settlement::Admission;
@@ -57,14 +57,6 @@ fn request_id(prefix: &str) -> String {
     format!("{prefix}-{:024x}", rand::random::<u128>() >> 32)
 }
 
-/// The concurrency permit: the first thing a request takes.
-fn permit(state: &Shared, label: &str) -> Result<OwnedSemaphorePermit, ApiError> {
-    state.in_flight.clone().try_acquire_owned().map_err(|_| {
-        state.metrics.http.requests.with_label_values(&[label, "rate_limit_exceeded"]).inc();
-        ApiError::overloaded("too many requests in flight")
-    })
-}
-
 /// Admits a validated request through settlement and answers it, streamed or whole.
 async fn answer(
     state: Shared,
@@ -77,14 +69,7 @@ async fn answer(
 ) -> Result<Response, ApiError> {
     let idempotency_key = idempotency_key(headers.get("idempotency-key").map(|v| v.as_bytes()))?;
     let admission = Admission { prepared, tenant, requested_model: label.clone(), idempotency_key };
-    let stream = match state.settlement.admit(admission).await {
-        Ok(s) => s,
-        Err(e) => {
-            let e = ApiError::from(e);
-            state.metrics.http.requests.with_label_values(&[&label, e.code]).inc();
-            return Err(e);
-        }
-    };
+    let stream = state.settlement.admit(admission).await?;
     let reply = Reply {
         id: request_id(kind.id_prefix()),
         created: unix_now(),
@@ -114,12 +99,18 @@ type Prepare = Box<dyn FnOnce(&Validator) -> crate::Result<Prepared> + Send>;
 
 /// One request to either endpoint: the permit first, then the tenant, the body's fields, the
 /// validation (off the async threads), settlement and the answer, all in the request's span.
-async fn respond(state: Shared, headers: HeaderMap, raw: Value, endpoint: Endpoint) -> Result<Response, ApiError> {
+async fn respond(
+    state: Shared,
+    (headers, permit): (HeaderMap, Permit),
+    raw: Value,
+    endpoint: Endpoint,
+) -> Result<Response, ApiError> {
     let id = request_id("req");
     let label = raw.get("model").and_then(Value::as_str).unwrap_or_default().to_string();
     let span = tracing::info_span!("request", id = %id, model = %label);
-    async move {
-        let permit = permit(&state, &label)?;
+    let (st, model) = (state.clone(), label.clone());
+    let answered = async move {
+        let permit = permit.take().ok_or_else(|| ApiError::internal("the request's permit was taken twice"))?;
         let tenant = tenant(&state, &headers)?;
         let params: ApiParams = parse(&raw)?;
         let delivery: Delivery = parse(&raw)?;
@@ -141,25 +132,32 @@ async fn respond(state: Shared, headers: HeaderMap, raw: Value, endpoint: Endpoi
         answer(state, prepared, kind, delivery, (tenant, &headers), label, permit).await
     }
     .instrument(span)
-    .await
+    .await;
+    // Every refusal counted, whichever step refused (answers are counted when they end).
+    if let Err(e) = &answered {
+        st.metrics.http.requests.with_label_values(&[&model, e.code]).inc();
+    }
+    answered
 }
 
 /// `POST /v1/completions`.
 pub async fn completions(
     State(state): State<Shared>,
+    Extension(permit): Extension<Permit>,
     headers: HeaderMap,
     JsonBody(raw): JsonBody<Value>,
 ) -> Result<Response, ApiError> {
-    respond(state, headers, raw, Endpoint::Completion).await
+    respond(state, (headers, permit), raw, Endpoint::Completion).await
 }
 
 /// `POST /v1/chat/completions`.
 pub async fn chat_completions(
     State(state): State<Shared>,
+    Extension(permit): Extension<Permit>,
     headers: HeaderMap,
     JsonBody(raw): JsonBody<Value>,
 ) -> Result<Response, ApiError> {
-    respond(state, headers, raw, Endpoint::Chat).await
+    respond(state, (headers, permit), raw, Endpoint::Chat).await
 }
 
 /// `GET /v1/models`: the base model and every adapter.

@@ -68,8 +68,8 @@ impl Gpu {
         let blas = CudaBlas::new(stream.clone()).map_err(cuda_err)?;
         let target = arch(info.capability);
         let mut kernels = HashMap::new();
-        for (source, ptx) in
-            openlora_kernels::cuda::nvrtc::compile_all(target).map_err(|e| Error::device(e.to_string()))?
+        for (source, ptx) in openlora_kernels::cuda::nvrtc::compile_all(target)
+            .map_err(|e| crate::error::DeviceError::Driver { what: "nvrtc".into(), source: Box::new(e) })?
         {
             let module = ctx.load_module(cudarc::nvrtc::Ptx::from_src(ptx)).map_err(cuda_err)?;
             for &name in source.kernels {

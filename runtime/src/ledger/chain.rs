@@ -7,7 +7,7 @@ use super::store::{Appended, Head};
 use crate::error::Result;
 
 /// The tables of a ledger, in a backend's integer and byte-string types: the entries (the
-/// chain), the recorded head (one row), and plugin bytes by sha256.
+/// chain), the recorded head (one row), plugin bytes by sha256, and signed checkpoints.
 pub fn schema(bigint: &str, bytes: &str) -> String {
     format!(
         "CREATE TABLE IF NOT EXISTS ledger_entries (
@@ -30,6 +30,13 @@ pub fn schema(bigint: &str, bytes: &str) -> String {
         CREATE TABLE IF NOT EXISTS plugin_blobs (
             sha256 TEXT PRIMARY KEY,
             bytes {bytes} NOT NULL
+        );
+        CREATE TABLE IF NOT EXISTS ledger_checkpoints (
+            seq {bigint} PRIMARY KEY,
+            hash TEXT NOT NULL,
+            signed_at_ms {bigint} NOT NULL,
+            public_key TEXT NOT NULL,
+            signature TEXT NOT NULL
         );"
     )
 }

@@ -1,9 +1,26 @@
 //! What one ledger entry holds, its canonical bytes, and how entries are chained by hash.
 
+use std::time::{SystemTime, UNIX_EPOCH};
+
 use openlora_sdk::money::{validate_currency, validate_splits};
 use openlora_sdk::{Money, RequestInfo, Split, Usage};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
+
+/// The last entry of a ledger, as recorded beside the chain (so that deleting the last entry
+/// is detected too).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Head {
+    /// Its sequence number (0: empty).
+    pub seq: u64,
+    /// Its hash ([`GENESIS_HASH`] when empty).
+    pub hash: String,
+}
+
+/// Milliseconds since the Unix epoch.
+pub fn now_ms() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
+}
 
 /// Who made one decision, recorded with it so it can be replayed.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

@@ -8,43 +8,35 @@
 //! connection for queries, and the idempotency keys of requests in flight.
 
 mod chain;
+pub mod checkpoint;
 pub mod entry;
 pub mod postgres;
 pub mod report;
 pub mod sqlite;
 pub mod store;
 pub mod verify;
+mod writer;
 
 #[cfg(test)]
 mod suite;
 
-use std::sync::mpsc::{Receiver, SyncSender, sync_channel};
+use std::sync::mpsc::{SyncSender, sync_channel};
 use std::sync::{Arc, Mutex};
-use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
 use dashmap::DashMap;
 
-pub use entry::{Artifact, Decider, EntryBody, NewEntry, Outcome, StoredEntry};
+pub use checkpoint::{Checkpoint, Trust};
+pub use entry::{Artifact, Decider, EntryBody, NewEntry, Outcome, StoredEntry, now_ms};
 pub use store::{Appended, Filter, Head, LedgerStore, Location};
 pub use verify::{Replay, Replayed};
+pub use writer::Signer;
+use writer::{Job, write_loop};
 
 use crate::error::{Error, LedgerError, Result};
 use crate::metrics::LedgerMetrics;
 
-/// Most entries one commit writes.
-const MAX_BATCH: usize = 256;
 /// Most entries waiting for the writer before appends block.
 const QUEUE: usize = 4096;
-
-/// Milliseconds since the Unix epoch.
-pub fn now_ms() -> u64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
-}
-
-struct Job {
-    entry: NewEntry,
-    reply: SyncSender<Result<Appended>>,
-}
 
 /// The server's ledger: group-committing writer, reader, and idempotency keys in flight.
 pub struct Ledger {
@@ -79,15 +71,22 @@ impl Drop for KeyGuard {
 }
 
 impl Ledger {
-    /// Opens the ledger (creating it if needed) and starts its writer thread.
+    /// Opens the ledger (creating it if needed) and starts its writer thread; no checkpoints
+    /// are signed.
     pub fn open(location: Location, metrics: LedgerMetrics) -> Result<Arc<Self>> {
+        Self::open_signed(location, metrics, None)
+    }
+
+    /// Opens the ledger and starts its writer thread, which signs a checkpoint of the head with
+    /// `signer` every `signer.every` entries (and when [`Ledger::checkpoint`] asks).
+    pub fn open_signed(location: Location, metrics: LedgerMetrics, signer: Option<Signer>) -> Result<Arc<Self>> {
         let writer_store = location.open()?;
         let reader = location.open()?;
         let (jobs, rx) = sync_channel(QUEUE);
         let (loc, m) = (location.clone(), metrics.clone());
         std::thread::Builder::new()
             .name("openlora-ledger".into())
-            .spawn(move || write_loop(loc, Some(writer_store), rx, m))
+            .spawn(move || write_loop(loc, Some(writer_store), rx, m, signer))
             .map_err(|e| Error::io("ledger writer thread", e))?;
         Ok(Arc::new(Ledger {
             location,
@@ -111,7 +110,7 @@ impl Ledger {
         let (reply, answer) = sync_channel(1);
         let result = self
             .jobs
-            .send(Job { entry, reply })
+            .send(Job::Append { entry, reply })
             .map_err(|_| Error::from(LedgerError::WriterStopped))
             .and_then(|_| answer.recv().map_err(|_| Error::from(LedgerError::WriterStopped))?);
         match &result {
@@ -124,6 +123,14 @@ impl Ledger {
             Err(_) => self.metrics.write_failures.inc(),
         }
         result
+    }
+
+    /// Signs a checkpoint of the head now (as the server does at shutdown), after every entry
+    /// handed to [`Ledger::append`] before it; `None` when this ledger signs none.
+    pub fn checkpoint(&self) -> Result<Option<Checkpoint>> {
+        let (reply, answer) = sync_channel(1);
+        self.jobs.send(Job::Checkpoint { reply }).map_err(|_| Error::from(LedgerError::WriterStopped))?;
+        answer.recv().map_err(|_| Error::from(LedgerError::WriterStopped))?
     }
 
     /// Whether an entry naming this plugin must carry its bytes (not yet stored by this process).
@@ -155,51 +162,6 @@ impl Ledger {
             *reader = None;
         }
         result
-    }
-}
-
-/// The writer: takes every entry waiting (up to [`MAX_BATCH`]), commits them in one
-/// transaction, answers each; reconnects after a failure.
-fn write_loop(location: Location, mut store: Option<Box<dyn LedgerStore>>, rx: Receiver<Job>, m: LedgerMetrics) {
-    while let Ok(first) = rx.recv() {
-        let mut jobs = vec![first];
-        while jobs.len() < MAX_BATCH {
-            match rx.try_recv() {
-                Ok(j) => jobs.push(j),
-                Err(_) => break,
-            }
-        }
-        let (entries, replies): (Vec<NewEntry>, Vec<_>) = jobs.into_iter().map(|j| (j.entry, j.reply)).unzip();
-        let t0 = Instant::now();
-        let result = match store.as_mut() {
-            Some(s) => s.append(&entries, now_ms()),
-            None => location.open().and_then(|mut s| {
-                let r = s.append(&entries, now_ms());
-                store = Some(s);
-                r
-            }),
-        };
-        match result {
-            Ok(out) => {
-                m.commit_seconds.observe(t0.elapsed().as_secs_f64());
-                m.batch_entries.observe(entries.len() as f64);
-                for ((entry, reply), appended) in entries.iter().zip(replies).zip(out) {
-                    match &appended {
-                        Appended::Written(_) => m.entries.with_label_values(&[entry.body.outcome.as_str()]).inc(),
-                        Appended::Duplicate(_) => m.duplicates.inc(),
-                    }
-                    let _ = reply.send(Ok(appended));
-                }
-            }
-            Err(e) => {
-                tracing::error!(entries = entries.len(), error = %e, "ledger write failed");
-                store = None;
-                for reply in replies {
-                    let _ = reply
-                        .send(Err(LedgerError::Store { what: "write".into(), source: e.to_string().into() }.into()));
-                }
-            }
-        }
     }
 }
 

@@ -4,6 +4,7 @@
 use postgres::{Client, GenericClient, NoTls, Row};
 
 use super::chain::{COLUMNS, ChainTx, append_chained, schema};
+use super::checkpoint::Checkpoint;
 use super::entry::{GENESIS_HASH, NewEntry, StoredEntry};
 use super::store::{Appended, Filter, Head, LedgerStore};
 use crate::error::{Error, LedgerError, Result};
@@ -174,5 +175,44 @@ impl LedgerStore for PostgresStore {
 
     fn kind(&self) -> &'static str {
         "postgres"
+    }
+
+    fn put_checkpoint(&mut self, c: &Checkpoint) -> Result<()> {
+        self.client
+            .execute(
+                "INSERT INTO ledger_checkpoints (seq, hash, signed_at_ms, public_key, signature) \
+                 VALUES ($1, $2, $3, $4, $5) ON CONFLICT (seq) DO UPDATE SET hash = EXCLUDED.hash, \
+                 signed_at_ms = EXCLUDED.signed_at_ms, public_key = EXCLUDED.public_key, signature = EXCLUDED.signature",
+                &[&(c.seq as i64), &c.hash, &(c.signed_at_ms as i64), &c.public_key, &c.signature],
+            )
+            .map(drop)
+            .map_err(err)
+    }
+
+    fn checkpoints(&mut self) -> Result<Vec<Checkpoint>> {
+        let rows = self
+            .client
+            .query("SELECT seq, hash, signed_at_ms, public_key, signature FROM ledger_checkpoints ORDER BY seq", &[])
+            .map_err(err)?;
+        Ok(rows
+            .iter()
+            .map(|r| Checkpoint {
+                seq: r.get::<_, i64>(0) as u64,
+                hash: r.get(1),
+                signed_at_ms: r.get::<_, i64>(2) as u64,
+                public_key: r.get(3),
+                signature: r.get(4),
+            })
+            .collect())
+    }
+
+    #[cfg(test)]
+    fn rewrite(&mut self, entries: &[StoredEntry], head: &Head) -> Result<()> {
+        let tx = self.client.transaction().map_err(err)?;
+        let mut t = Tx { tx };
+        t.tx.execute("DELETE FROM ledger_entries", &[]).map_err(err)?;
+        t.insert(entries)?;
+        t.set_head(head)?;
+        t.tx.commit().map_err(err)
     }
 }

@@ -6,6 +6,7 @@ use std::time::Duration;
 use rusqlite::{Connection, OptionalExtension, Row, TransactionBehavior, params};
 
 use super::chain::{COLUMNS, ChainTx, append_chained, schema};
+use super::checkpoint::Checkpoint;
 use super::entry::{GENESIS_HASH, NewEntry, StoredEntry};
 use super::store::{Appended, Filter, Head, LedgerStore};
 use crate::error::{Error, LedgerError, Result};
@@ -164,5 +165,44 @@ impl LedgerStore for SqliteStore {
 
     fn kind(&self) -> &'static str {
         "sqlite"
+    }
+
+    fn put_checkpoint(&mut self, c: &Checkpoint) -> Result<()> {
+        self.conn
+            .execute(
+                "INSERT OR REPLACE INTO ledger_checkpoints (seq, hash, signed_at_ms, public_key, signature) \
+                 VALUES (?1, ?2, ?3, ?4, ?5)",
+                params![c.seq as i64, c.hash, c.signed_at_ms as i64, c.public_key, c.signature],
+            )
+            .map(drop)
+            .map_err(|e| err(&self.path, e))
+    }
+
+    fn checkpoints(&mut self) -> Result<Vec<Checkpoint>> {
+        let sql = "SELECT seq, hash, signed_at_ms, public_key, signature FROM ledger_checkpoints ORDER BY seq";
+        let mut stmt = self.conn.prepare_cached(sql).map_err(|e| err(&self.path, e))?;
+        let rows = stmt
+            .query_map([], |r| {
+                Ok(Checkpoint {
+                    seq: r.get::<_, i64>(0)? as u64,
+                    hash: r.get(1)?,
+                    signed_at_ms: r.get::<_, i64>(2)? as u64,
+                    public_key: r.get(3)?,
+                    signature: r.get(4)?,
+                })
+            })
+            .map_err(|e| err(&self.path, e))?;
+        rows.collect::<rusqlite::Result<Vec<_>>>().map_err(|e| err(&self.path, e))
+    }
+
+    #[cfg(test)]
+    fn rewrite(&mut self, entries: &[StoredEntry], head: &Head) -> Result<()> {
+        let path = self.path.clone();
+        let tx = self.conn.transaction().map_err(|e| err(&path, e))?;
+        tx.execute("DELETE FROM ledger_entries", []).map_err(|e| err(&path, e))?;
+        let mut t = Tx { tx, path: &path };
+        t.insert(entries)?;
+        t.set_head(head)?;
+        t.tx.commit().map_err(|e| err(&path, e))
     }
 }

@@ -2,6 +2,8 @@
 
 use std::path::PathBuf;
 
+use super::checkpoint::Checkpoint;
+pub use super::entry::Head;
 use super::entry::{NewEntry, StoredEntry};
 use crate::error::{LedgerError, Result};
 
@@ -34,16 +36,6 @@ pub struct Filter {
     pub tenant: Option<String>,
 }
 
-/// The last entry of a ledger, as recorded beside the chain (so that deleting the last entry
-/// is detected too).
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct Head {
-    /// Its sequence number (0: empty).
-    pub seq: u64,
-    /// Its hash ([`super::entry::GENESIS_HASH`] when empty).
-    pub hash: String,
-}
-
 /// A ledger backend: an append-only, hash-chained table of entries plus the plugin bytes the
 /// entries name. Appends are atomic per call: every entry of the batch is written, or none.
 pub trait LedgerStore: Send {
@@ -60,6 +52,14 @@ pub trait LedgerStore: Send {
     fn blob(&mut self, sha256: &str) -> Result<Option<Vec<u8>>>;
     /// Which backend this is (`sqlite`, `postgres`).
     fn kind(&self) -> &'static str;
+    /// Stores a signed checkpoint (replacing one of the same sequence number).
+    fn put_checkpoint(&mut self, checkpoint: &Checkpoint) -> Result<()>;
+    /// Every stored checkpoint, oldest first.
+    fn checkpoints(&mut self) -> Result<Vec<Checkpoint>>;
+    /// Replaces the whole chain and head, as someone writing the database directly could (for
+    /// the tests that show such rewrites are caught).
+    #[cfg(test)]
+    fn rewrite(&mut self, entries: &[StoredEntry], head: &Head) -> Result<()>;
 }
 
 /// Where a ledger lives.

@@ -288,3 +288,108 @@ fn exports_and_summaries_are_exact() {
         assert_eq!((only.len(), only[0].requests, only[0].amount), (1, 2, 1002 + 1004));
     });
 }
+
+/// Rewrites the chain as `entries` (renumbered from 1, every hash recomputed) and moves the
+/// head to its end: what anyone who can write the database can do.
+fn rechain(store: &mut dyn LedgerStore, mut entries: Vec<super::StoredEntry>) {
+    let mut head = super::Head { seq: 0, hash: GENESIS_HASH.to_string() };
+    for (i, e) in entries.iter_mut().enumerate() {
+        e.seq = i as u64 + 1;
+        e.prev_hash = head.hash.clone();
+        e.hash = super::entry::link(&e.prev_hash, e.seq, e.recorded_at_ms, &e.body);
+        head = super::Head { seq: e.seq, hash: e.hash.clone() };
+    }
+    store.rewrite(&entries, &head).expect("rewrite");
+}
+
+fn all_entries(store: &mut dyn LedgerStore) -> Vec<super::StoredEntry> {
+    store.page(&Filter::default(), 0, 1000).expect("read")
+}
+
+#[test]
+fn signed_checkpoints_catch_what_a_database_writer_can_rewrite() {
+    use super::checkpoint::{Checkpoint, Trust};
+    use super::verify::verify_with;
+    each(|b| {
+        let key = ed25519_dalek::SigningKey::from_bytes(&[9; 32]);
+        let trust = Trust { key: Some(key.verifying_key()), outside: Vec::new() };
+        let mut store = b.location().open().expect("open");
+        let batch: Vec<NewEntry> = (1..=5).map(entry).collect();
+        store.append(&batch, 1_000).expect("append");
+        let head = store.head().unwrap();
+        store.put_checkpoint(&Checkpoint::sign(&key, &head, 1)).unwrap();
+        let batch: Vec<NewEntry> = (6..=10).map(entry).collect();
+        store.append(&batch, 2_000).expect("append");
+        let head = store.head().unwrap();
+        store.put_checkpoint(&Checkpoint::sign(&key, &head, 2)).unwrap();
+        let check = |store: &mut dyn LedgerStore| {
+            let r = verify_with(store, None, "test", &trust).expect("verify runs");
+            r.first_bad.map(|p| (p.seq, p.problem))
+        };
+        assert_eq!(check(store.as_mut()), None);
+        assert_eq!(verify(store.as_mut(), None, "test").unwrap().first_bad.map(|p| p.seq), None);
+        let original = all_entries(store.as_mut());
+
+        // 1. The tail cut and the head moved back: the chain is consistent, the checkpoint is not.
+        rechain(store.as_mut(), original[..8].to_vec());
+        assert!(verify(store.as_mut(), None, "test").unwrap().ok(), "the chain alone cannot tell");
+        let (seq, problem) = check(store.as_mut()).expect("detected");
+        assert_eq!(seq, 10, "{problem}");
+        assert!(problem.contains("cut from the end"), "{problem}");
+
+        // 2. A charge moved to another tenant, every hash after it recomputed.
+        let mut moved = original.clone();
+        let mut body: super::EntryBody = serde_json::from_str(&moved[2].body).unwrap();
+        body.tenant = "mallory".into();
+        body.request.tenant = "mallory".into();
+        moved[2].body = body.canonical();
+        moved[2].tenant = "mallory".into();
+        rechain(store.as_mut(), moved);
+        assert!(verify(store.as_mut(), None, "test").unwrap().ok(), "the chain alone cannot tell");
+        let (seq, problem) = check(store.as_mut()).expect("detected");
+        assert_eq!(seq, 5, "the first checkpoint after the change: {problem}");
+        assert!(problem.contains("contradicts the checkpoint"), "{problem}");
+
+        // 3. An entry deleted, the rest renumbered and rechained.
+        let mut deleted = original.clone();
+        deleted.remove(3);
+        rechain(store.as_mut(), deleted);
+        assert!(verify(store.as_mut(), None, "test").unwrap().ok(), "the chain alone cannot tell");
+        let (seq, problem) = check(store.as_mut()).expect("detected");
+        assert_eq!(seq, 5, "{problem}");
+
+        // 4. A checkpoint forged with another key, over a rewritten chain, is itself caught.
+        rechain(store.as_mut(), original.clone());
+        let other = ed25519_dalek::SigningKey::from_bytes(&[10; 32]);
+        let head = store.head().unwrap();
+        store.put_checkpoint(&Checkpoint::sign(&other, &head, 3)).unwrap();
+        let (seq, problem) = check(store.as_mut()).expect("detected");
+        assert!(seq == 10 && problem.contains("forged"), "{seq}: {problem}");
+
+        // Without a trusted key the report says the checkpoints went unchecked.
+        let r = verify_with(store.as_mut(), None, "test", &Trust::default()).unwrap();
+        assert!(r.ok() && r.checkpoints_unchecked.is_some());
+    });
+}
+
+#[test]
+fn the_writer_signs_the_head_every_n_entries_and_when_asked() {
+    each(|b| {
+        let dir = std::env::temp_dir().join(format!("openlora-signer-{:016x}", rand::random::<u64>()));
+        let _dir = TempDir(dir.clone());
+        let key_path = dir.join("ledger-signing.key");
+        let key = super::checkpoint::read_or_create_key(&key_path).expect("key");
+        let signer = super::Signer { key: key.clone(), key_path: key_path.clone(), every: 3 };
+        let ledger = Ledger::open_signed(b.location(), LedgerMetrics::detached(), Some(signer)).expect("open");
+        for n in 1..=7 {
+            ledger.append(entry(n)).expect("append");
+        }
+        let last = ledger.checkpoint().expect("signs").expect("a checkpoint");
+        assert_eq!(last.seq, 7);
+        let seqs: Vec<u64> = ledger.read(|s| s.checkpoints()).unwrap().iter().map(|c| c.seq).collect();
+        assert_eq!(seqs, vec![3, 6, 7]);
+        let outside = super::checkpoint::read_latest(&super::checkpoint::latest_path(&key_path)).unwrap();
+        assert_eq!(outside, Some(last.clone()), "the latest is kept beside the key too");
+        assert!(last.verify(&key.verifying_key()).is_ok());
+    });
+}

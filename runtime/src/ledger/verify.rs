@@ -2,11 +2,13 @@
 //! its link to the one before, its hash, its exactness and (optionally) that replaying its
 //! pricer and attributor gives the same charge and splits. Stops at the first bad entry.
 
+use std::collections::BTreeMap;
+
 use openlora_sdk::{Money, RequestInfo, Split, Usage};
 use serde::Serialize;
 
-use super::entry::Decider;
-use super::entry::{EntryBody, GENESIS_HASH, StoredEntry, link};
+use super::checkpoint::{Checkpoint, Trust};
+use super::entry::{Decider, EntryBody, GENESIS_HASH, StoredEntry, link};
 use super::store::{Filter, LedgerStore};
 use crate::error::Result;
 
@@ -51,6 +53,12 @@ pub struct VerifyReport {
     pub head_hash: String,
     /// The first problem, if any.
     pub first_bad: Option<Problem>,
+    /// Signed checkpoints the chain was checked against (valid signatures by the trusted key).
+    pub checkpoints_checked: u64,
+    /// The latest of them.
+    pub latest_checkpoint: Option<u64>,
+    /// Why checkpoints were not checked, when they were not (no public key to trust).
+    pub checkpoints_unchecked: Option<String>,
 }
 
 impl VerifyReport {
@@ -114,11 +122,61 @@ fn replay(r: &mut dyn Replay, store: &mut dyn LedgerStore, body: &EntryBody) -> 
     }
 }
 
-/// Verifies the whole ledger; with a replayer, also replays every entry's settlement.
-pub fn verify(
+/// Verifies the whole ledger; with a replayer, also replays every entry's settlement. No
+/// checkpoint is judged (see [`verify_with`]).
+pub fn verify(store: &mut dyn LedgerStore, replayer: Option<&mut dyn Replay>, ledger: &str) -> Result<VerifyReport> {
+    verify_with(store, replayer, ledger, &Trust::default())
+}
+
+/// The checkpoints to hold the chain to: those in the ledger and those known from outside it,
+/// each signed by the trusted key (a bad signature is itself a problem).
+fn signed_checkpoints(
+    store: &mut dyn LedgerStore,
+    trust: &Trust,
+    report: &mut VerifyReport,
+) -> Result<std::result::Result<BTreeMap<u64, Checkpoint>, Problem>> {
+    let mut all = store.checkpoints()?;
+    all.extend(trust.outside.iter().cloned());
+    let Some(key) = &trust.key else {
+        if !all.is_empty() {
+            report.checkpoints_unchecked =
+                Some("no public key to check the ledger's checkpoints against (give --public-key)".into());
+        }
+        return Ok(Ok(BTreeMap::new()));
+    };
+    let mut good: BTreeMap<u64, Checkpoint> = BTreeMap::new();
+    for c in all {
+        if let Err(m) = c.verify(key) {
+            return Ok(Err(Problem {
+                seq: c.seq,
+                request_id: None,
+                problem: format!("the checkpoint of entry {} is forged: {m}", c.seq),
+            }));
+        }
+        if let Some(other) = good.get(&c.seq)
+            && other.hash != c.hash
+        {
+            return Ok(Err(Problem {
+                seq: c.seq,
+                request_id: None,
+                problem: format!("two checkpoints of entry {} sign different hashes", c.seq),
+            }));
+        }
+        good.insert(c.seq, c);
+    }
+    report.checkpoints_checked = good.len() as u64;
+    report.latest_checkpoint = good.keys().next_back().copied();
+    Ok(Ok(good))
+}
+
+/// Verifies the whole ledger against `trust`'s checkpoints too: a rewrite of any entry at or
+/// before a checkpoint (even with the chain recomputed after it), or a cut of the tail behind
+/// one, contradicts its signature.
+pub fn verify_with(
     store: &mut dyn LedgerStore,
     mut replayer: Option<&mut dyn Replay>,
     ledger: &str,
+    trust: &Trust,
 ) -> Result<VerifyReport> {
     let mut report = VerifyReport {
         ledger: ledger.to_string(),
@@ -126,6 +184,16 @@ pub fn verify(
         replayed: 0,
         head_hash: GENESIS_HASH.to_string(),
         first_bad: None,
+        checkpoints_checked: 0,
+        latest_checkpoint: None,
+        checkpoints_unchecked: None,
+    };
+    let checkpoints = match signed_checkpoints(store, trust, &mut report)? {
+        Ok(c) => c,
+        Err(p) => {
+            report.first_bad = Some(p);
+            return Ok(report);
+        }
     };
     let mut last = 0u64;
     loop {
@@ -135,7 +203,15 @@ pub fn verify(
         }
         for e in &page {
             let bad = |problem: String, request_id: Option<String>| Problem { seq: e.seq, request_id, problem };
-            let body = match check_entry(e, report.entries + 1, &report.head_hash) {
+            let checked = check_entry(e, report.entries + 1, &report.head_hash).and_then(|b| match checkpoints.get(&e.seq) {
+                Some(c) if c.hash != e.hash => Err(format!(
+                    "it contradicts the checkpoint signed at {} ms: the signed hash of entry {} is {}, the chain's is {} \
+                     (entries at or before it were rewritten)",
+                    c.signed_at_ms, c.seq, c.hash, e.hash
+                )),
+                _ => Ok(b),
+            });
+            let body = match checked {
                 Ok(b) => b,
                 Err(m) => {
                     let id = e.parse().ok().map(|b| b.request_id);
@@ -154,6 +230,19 @@ pub fn verify(
             report.head_hash = e.hash.clone();
             last = e.seq;
         }
+    }
+    if let Some((_, c)) = checkpoints.iter().next_back()
+        && c.seq > report.entries
+    {
+        report.first_bad = Some(Problem {
+            seq: c.seq,
+            request_id: None,
+            problem: format!(
+                "the chain ends at entry {} but entry {} was signed at {} ms (entries cut from the end)",
+                report.entries, c.seq, c.signed_at_ms
+            ),
+        });
+        return Ok(report);
     }
     let head = store.head()?;
     if head.seq != report.entries || head.hash != report.head_hash {

@@ -38,7 +38,7 @@ impl TextTokenizer {
             return Err(Error::from(LoadError::MissingFile { path, what: "tokenizer (tokenizer.json)" }));
         }
         let inner = tokenizers::Tokenizer::from_file(&path)
-            .map_err(|e| Error::config(&path, "-", format!("not a valid tokenizer: {e}")))?;
+            .map_err(|e| Error::config_because(&path, "-", format!("not a valid tokenizer: {e}"), e))?;
         let cfg_path = folder.join("tokenizer_config.json");
         let cfg: Value = if cfg_path.exists() { crate::shape::read_json(&cfg_path)? } else { Value::Null };
         let bos_token = special(cfg.get("bos_token"));

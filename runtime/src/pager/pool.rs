@@ -96,12 +96,12 @@ static NEXT_PLACEMENT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU
 impl ResidentAdapter {
     /// The kernel's view of one projection's weights, if this adapter has it.
     pub fn view(&self, layer: usize, proj: Proj) -> Option<LoraModuleView<'_>> {
-        let slot = self.modules.get(layer)?[proj as usize].as_ref()?;
+        let range = self.modules.get(layer)?[proj as usize].as_ref()?;
         Some(LoraModuleView {
-            rank: slot.rank,
-            scale: slot.scale,
-            a_pages: &self.table[slot.a.clone()],
-            bt_pages: &self.table[slot.bt.clone()],
+            rank: range.rank,
+            scale: range.scale,
+            a_pages: &self.table[range.a.clone()],
+            bt_pages: &self.table[range.bt.clone()],
         })
     }
 
@@ -117,8 +117,8 @@ impl ResidentAdapter {
 
     /// Every module it has, with where its rows start in [`ResidentAdapter::pages`].
     pub fn modules(&self) -> impl Iterator<Item = ModulePlace> + '_ {
-        self.modules.iter().enumerate().flat_map(|(layer, slots)| {
-            slots.iter().enumerate().filter_map(move |(proj, m)| {
+        self.modules.iter().enumerate().flat_map(|(layer, ranges)| {
+            ranges.iter().enumerate().filter_map(move |(proj, m)| {
                 m.as_ref().map(|m| ModulePlace {
                     layer,
                     proj,
@@ -251,15 +251,15 @@ impl PageAllocator {
         };
         let mut modules = Vec::with_capacity(w.layers.len());
         for layer in &w.layers {
-            let mut slots: [Option<ModuleRange>; 7] = Default::default();
+            let mut ranges: [Option<ModuleRange>; 7] = Default::default();
             for (i, m) in layer.iter().enumerate() {
                 if let Some(m) = m {
                     let a = write_rows(&m.a, m.rank, &mut table);
                     let bt = write_rows(&m.bt, m.rank, &mut table);
-                    slots[i] = Some(ModuleRange { rank: m.rank, scale: m.scale, a, bt });
+                    ranges[i] = Some(ModuleRange { rank: m.rank, scale: m.scale, a, bt });
                 }
             }
-            modules.push(slots);
+            modules.push(ranges);
         }
         let id = NEXT_PLACEMENT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         Some(ResidentAdapter { id, table, modules, source: (!on_host).then(|| w.clone()) })

@@ -23,6 +23,9 @@ pub struct PolicyConfig {
     pub max_plugin_bytes: usize,
     /// Consecutive failures after which a plugin is quarantined (its slot uses the built-in).
     pub quarantine_after: u32,
+    /// Failure rate, in percent of its last 100 calls (once it has made 20), at which a plugin
+    /// is quarantined; 0 turns the rate rule off.
+    pub quarantine_rate_percent: u32,
     /// Configured, instantiated instances kept ready per plugin, off the request path.
     pub warm_instances: usize,
     /// Folder watched for `<slot>.wasm` (+ optional `<slot>.json` config) to hot-load;
@@ -64,6 +67,7 @@ impl Default for PolicyConfig {
             output_bytes: 64 << 10,
             max_plugin_bytes: 16 << 20,
             quarantine_after: 5,
+            quarantine_rate_percent: 20,
             warm_instances: 8,
             dir: None,
             slots: BTreeMap::new(),
@@ -85,6 +89,9 @@ impl PolicyConfig {
             if v == 0 {
                 return Err((field.into(), "must be greater than zero".into()));
             }
+        }
+        if self.quarantine_rate_percent > 100 {
+            return Err(("policy.quarantine_rate_percent".into(), "is a percentage: at most 100".into()));
         }
         if self.memory_bytes < 1 << 20 {
             return Err(("policy.memory_bytes".into(), "must be at least 1 MiB (1048576)".into()));

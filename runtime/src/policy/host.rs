@@ -22,6 +22,12 @@ use crate::error::{Error, PolicyError, Result, SubmitError};
 use crate::ledger::Decider;
 use crate::metrics::PolicyMetrics;
 
+/// Calls a plugin must have made before its failure rate can quarantine it.
+const MIN_CALLS_FOR_RATE: u32 = 20;
+
+/// Longest adapter name a router may route to, in bytes.
+const MAX_ROUTED_NAME_BYTES: usize = 128;
+
 /// Longest reason a router may give for a rejection, in bytes.
 const MAX_REJECT_BYTES: usize = 1024;
 
@@ -88,6 +94,7 @@ impl PolicyHost {
     fn record_failure(&self, slot: &Slot, plugin: &CompiledPlugin, failure: &CallFailure) {
         let label = slot_label(slot);
         self.metrics.failures.with_label_values(&[label, failure.kind.label()]).inc();
+        emit_logs(slot, plugin, &failure.logs);
         tracing::warn!(
             slot = %slot,
             plugin = plugin.short(),
@@ -97,9 +104,18 @@ impl PolicyHost {
         );
         let Some(handle) = self.registry.existing(slot) else { return };
         let n = handle.failures.fetch_add(1, Ordering::Relaxed) + 1;
-        if n >= self.config.quarantine_after && !handle.quarantined.swap(true, Ordering::Relaxed) {
+        let (failed, calls) = handle.window.record(true);
+        let rate = self.config.quarantine_rate_percent;
+        let by_rate = rate > 0 && calls >= MIN_CALLS_FOR_RATE && failed * 100 >= rate * calls;
+        if (n >= self.config.quarantine_after || by_rate) && !handle.quarantined.swap(true, Ordering::Relaxed) {
             self.metrics.quarantines.with_label_values(&[label]).inc();
-            tracing::error!(slot = %slot, plugin = plugin.short(), failures = n, "plugin quarantined after failures in a row");
+            tracing::error!(
+                slot = %slot,
+                plugin = plugin.short(),
+                in_a_row = n,
+                failed_of_last = format!("{failed}/{calls}").as_str(),
+                "plugin quarantined"
+            );
         }
     }
 
@@ -127,6 +143,7 @@ impl PolicyHost {
             match outcome {
                 Ok(called) => {
                     handle.failures.store(0, Ordering::Relaxed);
+                    handle.window.record(false);
                     self.metrics.decisions.with_label_values(&[label, "plugin"]).inc();
                     let by = Decider {
                         slot: a.slot.to_string(),
@@ -185,6 +202,9 @@ impl PolicyHost {
         let slot = Slot::Router;
         let validate = |d: &RouteDecision| match d {
             RouteDecision::Serve(r) => match &r.adapter {
+                Some(a) if a.len() > MAX_ROUTED_NAME_BYTES => {
+                    Err(format!("routed to an adapter name longer than {MAX_ROUTED_NAME_BYTES} bytes"))
+                }
                 Some(a) if !adapter_exists(a) && request.adapter.as_deref() != Some(a.as_str()) => {
                     Err(format!("routed to adapter {a:?}, which is not registered"))
                 }
@@ -277,7 +297,7 @@ impl PolicyHost {
     }
 
     /// The slot's active plugin version, if any (for benchmarks that call it directly).
-    pub fn active(&self, slot: &Slot) -> Option<Arc<super::registry::Active>> {
+    pub fn active(&self, slot: &Slot) -> Option<Arc<super::Active>> {
         self.registry.existing(slot).and_then(|h| h.active.load_full())
     }
 

@@ -11,7 +11,7 @@ use serde::Serialize;
 use wasmtime::component::{Instance, InstancePre};
 use wasmtime::{Store, StoreLimitsBuilder, Trap};
 
-use super::sandbox::{Sandbox, attribution, pricing, routing, wit};
+use super::sandbox::{RandomLimit, Sandbox, attribution, pricing, routing, wit};
 use super::slot::World;
 use super::wasm::{Job, WasmRuntime, check_header, check_imports_exports, sha256_hex};
 use crate::error::{Error, PolicyError, Result};
@@ -54,19 +54,34 @@ impl FailureKind {
     }
 }
 
+/// Longest failure message kept (it may quote the plugin, and it reaches responses, the ledger
+/// and logs), in bytes.
+pub const MAX_FAILURE_BYTES: usize = 1024;
+
 /// A failed plugin call: what kind of failure and the details.
 #[derive(Debug, Clone)]
 pub struct CallFailure {
     /// The kind of failure.
     pub kind: FailureKind,
-    /// What happened, for logs and errors.
+    /// What happened, for logs and errors (at most [`MAX_FAILURE_BYTES`]).
     pub message: String,
+    /// What the plugin logged during the failed call (a panic's message among them).
+    pub logs: Vec<(sdk::Level, String)>,
 }
 
 impl CallFailure {
-    /// A failure of `kind`.
+    /// A failure of `kind`; the message is cut to [`MAX_FAILURE_BYTES`].
     pub fn new(kind: FailureKind, message: impl Into<String>) -> Self {
-        CallFailure { kind, message: message.into() }
+        let mut message = message.into();
+        if message.len() > MAX_FAILURE_BYTES {
+            let mut cut = MAX_FAILURE_BYTES;
+            while !message.is_char_boundary(cut) {
+                cut -= 1;
+            }
+            message.truncate(cut);
+            message.push('…');
+        }
+        CallFailure { kind, message, logs: Vec::new() }
     }
 }
 
@@ -199,6 +214,9 @@ impl CompiledPlugin {
             .build();
         let mut store = Store::new(&self.runtime.engine, Sandbox::new(store_limits, limits.output_bytes, &self.sha256));
         store.limiter(|s| &mut s.limits);
+        // Bounds what one host call or one result copies out of the guest, checked by wasmtime
+        // before it copies (aliased strings count once per use).
+        store.set_hostcall_fuel(MAX_HOSTCALL_BYTES);
         store.set_fuel(limits.fuel).map_err(|e| classify(&e, limits))?;
         store.set_epoch_deadline(self.runtime.deadline_ticks());
         let instance = self.pre.instantiate(&mut store).map_err(|e| classify(&e, limits))?;
@@ -280,13 +298,20 @@ impl CompiledPlugin {
         self.runtime.background(Job::Discard(Box::new(w)));
         // A guest whose output was cut off usually panics on the failed write: name the cause.
         let output_full = output_len * 10 > limits.output_bytes * 9;
-        let value = result.map_err(|e| match classify(&e, limits) {
-            f if output_full && f.kind == FailureKind::Trap => CallFailure::new(
-                FailureKind::Output,
-                format!("wrote more than {} bytes of output ({})", limits.output_bytes, f.message),
-            ),
-            f => f,
-        })?;
+        let value = match result {
+            Ok(v) => v,
+            Err(e) => {
+                let mut f = match classify(&e, limits) {
+                    f if output_full && f.kind == FailureKind::Trap => CallFailure::new(
+                        FailureKind::Output,
+                        format!("wrote more than {} bytes of output ({})", limits.output_bytes, f.message),
+                    ),
+                    f => f,
+                };
+                f.logs = logs;
+                return Err(f);
+            }
+        };
         let stats = CallStats { fuel, micros: start.elapsed().as_micros() as u64, warm: was_warm };
         Ok(Called { value, stats, logs })
     }
@@ -348,7 +373,14 @@ pub struct Called<T> {
 }
 
 /// Names what stopped a call, from wasmtime's error.
+/// Most bytes a plugin may hand the host in one call or one result (strings and lists
+/// together): room for [`openlora_sdk::money::MAX_SPLITS`] splits with long reasons.
+pub(crate) const MAX_HOSTCALL_BYTES: usize = 256 << 10;
+
 fn classify(e: &wasmtime::Error, limits: &super::config::PolicyConfig) -> CallFailure {
+    if let Some(r) = e.downcast_ref::<RandomLimit>() {
+        return CallFailure::new(FailureKind::Trap, format!("trapped: {r}"));
+    }
     if let Some(trap) = e.downcast_ref::<Trap>() {
         return match trap {
             Trap::OutOfFuel => CallFailure::new(FailureKind::Fuel, format!("used all its fuel ({})", limits.fuel)),
@@ -364,6 +396,8 @@ fn classify(e: &wasmtime::Error, limits: &super::config::PolicyConfig) -> CallFa
     let text = format!("{e:#}");
     if text.contains("forcing trap when growing memory") || text.contains("memory minimum size") {
         CallFailure::new(FailureKind::Memory, format!("went over its memory cap of {} bytes", limits.memory_bytes))
+    } else if text.contains("fuel allocated for hostcalls") {
+        CallFailure::new(FailureKind::Invalid, format!("handed the host more than {MAX_HOSTCALL_BYTES} bytes at once"))
     } else if text.contains("write beyond capacity") {
         CallFailure::new(FailureKind::Output, format!("wrote more than {} bytes of output", limits.output_bytes))
     } else {

@@ -60,6 +60,32 @@ pub struct SlotHandle {
     pub failures: AtomicU32,
     /// Whether the active version is quarantined (the built-in answers instead).
     pub quarantined: AtomicBool,
+    /// The outcomes of its last calls, for quarantine by failure rate.
+    pub window: FailureWindow,
+}
+
+/// The outcomes of a plugin version's last [`FailureWindow::CALLS`] calls: a plugin that fails
+/// on a fraction of its calls (only some requests) is caught by its rate, not only by failures
+/// in a row.
+#[derive(Default)]
+pub struct FailureWindow(std::sync::Mutex<(u128, u32)>);
+
+impl FailureWindow {
+    /// How many calls the window holds.
+    pub const CALLS: u32 = 100;
+
+    /// Records one call; returns the failures and the calls now in the window.
+    pub fn record(&self, failed: bool) -> (u32, u32) {
+        let mut w = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        w.0 = ((w.0 << 1) | u128::from(failed)) & ((1u128 << Self::CALLS) - 1);
+        w.1 = (w.1 + 1).min(Self::CALLS);
+        (w.0.count_ones(), w.1)
+    }
+
+    /// Forgets every call (a version was activated).
+    pub fn reset(&self) {
+        *self.0.lock().unwrap_or_else(|p| p.into_inner()) = (0, 0);
+    }
 }
 
 /// What `GET /admin/plugins` shows of one slot.
@@ -148,11 +174,6 @@ impl Registry {
     /// The live handle of `slot` if it ever had a plugin (no allocation on the request path).
     pub fn existing(&self, slot: &Slot) -> Option<Arc<SlotHandle>> {
         self.slots.get(slot).map(|h| h.clone())
-    }
-
-    /// The runtime plugins are compiled with.
-    pub fn runtime(&self) -> &Arc<WasmRuntime> {
-        &self.runtime
     }
 
     /// The stored bytes of the component with this sha256 (for replay), if kept.
@@ -290,6 +311,7 @@ impl Registry {
         let handle = self.handle(slot);
         handle.active.store(active);
         handle.failures.store(0, Ordering::Relaxed);
+        handle.window.reset();
         handle.quarantined.store(false, Ordering::Relaxed);
     }
 

@@ -1,17 +1,25 @@
 //! What a plugin runs inside: the host bindings of `openlora:policy`, the per-store state, and a
 //! WASI environment that is empty and deterministic (no files, network, environment or
-//! arguments; clocks fixed to the request's time; randomness seeded from the request id).
+//! arguments; randomness seeded from the request id, bounded per call).
+//!
+//! **Time is virtual.** The wall clock reads the request's arrival time plus the virtual time
+//! elapsed in the call; the monotonic clock starts at 0 each call and only the host advances
+//! it: waiting on a timer (`sleep`, `subscribe-duration`, `subscribe-instant`) moves virtual
+//! time to the timer's deadline at once. No host call a plugin can make blocks or reads real
+//! time, so a call's fuel and deadline bound everything it does, and a replay observes exactly
+//! what the first run observed.
 
-use std::convert::Infallible;
+use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use rand_core::TryRng;
 use sha2::{Digest, Sha256};
 use wasmtime::StoreLimits;
-use wasmtime::component::{HasSelf, Linker, ResourceTable};
+use wasmtime::component::{HasSelf, Linker, Resource, ResourceTable};
+use wasmtime_wasi::p2::bindings::clocks::monotonic_clock;
+use wasmtime_wasi::p2::bindings::random::{insecure as wasi_insecure, random as wasi_random};
 use wasmtime_wasi::p2::pipe::MemoryOutputPipe;
+use wasmtime_wasi::p2::{DynPollable, Pollable, subscribe};
 use wasmtime_wasi::{HostMonotonicClock, HostWallClock, WasiCtx, WasiCtxView, WasiView};
 
 use openlora_sdk as sdk;
@@ -42,6 +50,21 @@ const MAX_LOG_LINES: usize = 32;
 /// Longest log line kept, in bytes.
 const MAX_LOG_LINE_BYTES: usize = 1024;
 
+/// Most random bytes one host call may ask for.
+pub(crate) const MAX_RANDOM_PER_HOSTCALL: u64 = 4 << 10;
+
+/// Most random bytes one plugin call may use in all.
+pub(crate) const MAX_RANDOM_PER_CALL: u64 = 64 << 10;
+
+/// The error a plugin gets (as a trap) for asking more randomness than the sandbox gives.
+#[derive(Debug, thiserror::Error)]
+#[error(
+    "asked for {asked} random bytes; a call may use {MAX_RANDOM_PER_HOSTCALL} at once and {MAX_RANDOM_PER_CALL} in all"
+)]
+pub(crate) struct RandomLimit {
+    asked: u64,
+}
+
 /// The state of one store: WASI (empty), resource table, limits and captured output.
 pub(crate) struct Sandbox {
     wasi: WasiCtx,
@@ -56,8 +79,13 @@ pub(crate) struct Sandbox {
     pub(crate) output: MemoryOutputPipe,
     /// Bytes of `output` written before the current call (by configuration).
     pub(crate) output_before_call: usize,
+    /// The current call's request time (ms since the epoch): the wall clock's origin.
     clock_ms: Arc<AtomicU64>,
-    rng: Arc<Mutex<SeededRng>>,
+    /// Virtual nanoseconds elapsed in the current call: the monotonic clock.
+    virtual_ns: Arc<AtomicU64>,
+    rng: SeededRng,
+    /// Random bytes handed out in the current call.
+    random_used: u64,
 }
 
 impl Sandbox {
@@ -66,15 +94,15 @@ impl Sandbox {
     pub(crate) fn new(limits: StoreLimits, output_bytes: usize, plugin_sha: &str) -> Self {
         let output = MemoryOutputPipe::new(output_bytes);
         let clock_ms = Arc::new(AtomicU64::new(0));
-        let rng = Arc::new(Mutex::new(SeededRng::new(&format!("configure:{plugin_sha}"))));
+        let virtual_ns = Arc::new(AtomicU64::new(0));
         let insecure_seed = u128::from_le_bytes(digest(plugin_sha.as_bytes())[..16].try_into().unwrap_or([0; 16]));
         let mut b = WasiCtx::builder();
+        // WASI's own random sources are shadowed in the linker; these only keep them empty.
         b.stdout(output.clone())
             .stderr(output.clone())
-            .wall_clock(FixedWallClock(clock_ms.clone()))
-            .monotonic_clock(FixedMonotonicClock)
-            .secure_random(SharedRng(rng.clone()))
-            .insecure_random(SharedRng(rng.clone()))
+            .wall_clock(VirtualWallClock { origin_ms: clock_ms.clone(), elapsed_ns: virtual_ns.clone() })
+            .monotonic_clock(VirtualMonotonicClock(virtual_ns.clone()))
+            .max_random_size(MAX_RANDOM_PER_HOSTCALL)
             .insecure_random_seed(insecure_seed)
             .allow_tcp(false)
             .allow_udp(false)
@@ -88,15 +116,45 @@ impl Sandbox {
             output,
             output_before_call: 0,
             clock_ms,
-            rng,
+            virtual_ns,
+            rng: SeededRng::new(&format!("configure:{plugin_sha}")),
+            random_used: 0,
         }
     }
 
-    /// Fixes the clock to `received_at_ms` and seeds randomness from `request_id` for one call.
+    /// Sets the clocks to `received_at_ms` and virtual time 0, and seeds randomness from
+    /// `request_id`, for one call: what the call observes depends on nothing else.
     pub(crate) fn prepare_call(&mut self, received_at_ms: u64, request_id: &str) {
         self.clock_ms.store(received_at_ms, Ordering::Relaxed);
-        *self.rng.lock().unwrap_or_else(|p| p.into_inner()) = SeededRng::new(request_id);
+        self.virtual_ns.store(0, Ordering::Relaxed);
+        self.rng = SeededRng::new(request_id);
+        self.random_used = 0;
         self.output_before_call = self.output.contents().len();
+    }
+
+    /// A timer on the virtual clock, due at `at_ns`.
+    fn timer(&mut self, at_ns: u64) -> wasmtime::Result<Resource<DynPollable>> {
+        let timer = self.table.push(VirtualTimer { at_ns, clock: self.virtual_ns.clone() })?;
+        Ok(subscribe(&mut self.table, timer)?)
+    }
+
+    /// `len` random bytes from the call's seeded generator, refused (a trap) before anything
+    /// is allocated when over the per-hostcall or per-call limit.
+    fn random_bytes(&mut self, len: u64) -> wasmtime::Result<Vec<u8>> {
+        if len > MAX_RANDOM_PER_HOSTCALL || self.random_used.saturating_add(len) > MAX_RANDOM_PER_CALL {
+            return Err(wasmtime::Error::new(RandomLimit { asked: len }));
+        }
+        self.random_used += len;
+        let mut buf = vec![0u8; len as usize];
+        for chunk in buf.chunks_mut(8) {
+            chunk.copy_from_slice(&self.rng.next().to_le_bytes()[..chunk.len()]);
+        }
+        Ok(buf)
+    }
+
+    fn random_u64(&mut self) -> wasmtime::Result<u64> {
+        let b = self.random_bytes(8)?;
+        Ok(u64::from_le_bytes(b.try_into().unwrap_or([0; 8])))
     }
 }
 
@@ -133,27 +191,79 @@ impl openlora::policy::host::Host for Sandbox {
 
 impl openlora::policy::types::Host for Sandbox {}
 
-/// A wall clock stopped at the current call's request time.
-struct FixedWallClock(Arc<AtomicU64>);
+/// The wall clock: the request's arrival time plus the call's virtual elapsed time.
+struct VirtualWallClock {
+    origin_ms: Arc<AtomicU64>,
+    elapsed_ns: Arc<AtomicU64>,
+}
 
-impl HostWallClock for FixedWallClock {
+impl HostWallClock for VirtualWallClock {
     fn resolution(&self) -> Duration {
-        Duration::from_millis(1)
+        Duration::from_nanos(1)
     }
     fn now(&self) -> Duration {
-        Duration::from_millis(self.0.load(Ordering::Relaxed))
+        Duration::from_millis(self.origin_ms.load(Ordering::Relaxed))
+            + Duration::from_nanos(self.elapsed_ns.load(Ordering::Relaxed))
     }
 }
 
-/// A monotonic clock that never advances.
-struct FixedMonotonicClock;
+/// The monotonic clock: the call's virtual nanoseconds, which only timers advance.
+struct VirtualMonotonicClock(Arc<AtomicU64>);
 
-impl HostMonotonicClock for FixedMonotonicClock {
+impl HostMonotonicClock for VirtualMonotonicClock {
     fn resolution(&self) -> u64 {
-        1_000_000
+        1
     }
     fn now(&self) -> u64 {
-        0
+        self.0.load(Ordering::Relaxed)
+    }
+}
+
+/// A timer on the virtual clock: waiting on it (`block`, `poll` or `ready`) moves virtual time
+/// to its deadline at once, so it never blocks and never reads real time.
+struct VirtualTimer {
+    at_ns: u64,
+    clock: Arc<AtomicU64>,
+}
+
+#[wasmtime_wasi::async_trait]
+impl Pollable for VirtualTimer {
+    async fn ready(&mut self) {
+        self.clock.fetch_max(self.at_ns, Ordering::Relaxed);
+    }
+}
+
+impl monotonic_clock::Host for Sandbox {
+    fn now(&mut self) -> wasmtime::Result<u64> {
+        Ok(self.virtual_ns.load(Ordering::Relaxed))
+    }
+    fn resolution(&mut self) -> wasmtime::Result<u64> {
+        Ok(1)
+    }
+    fn subscribe_instant(&mut self, when: u64) -> wasmtime::Result<Resource<DynPollable>> {
+        self.timer(when)
+    }
+    fn subscribe_duration(&mut self, duration: u64) -> wasmtime::Result<Resource<DynPollable>> {
+        let at = self.virtual_ns.load(Ordering::Relaxed).saturating_add(duration);
+        self.timer(at)
+    }
+}
+
+impl wasi_random::Host for Sandbox {
+    fn get_random_bytes(&mut self, len: u64) -> wasmtime::Result<Vec<u8>> {
+        self.random_bytes(len)
+    }
+    fn get_random_u64(&mut self) -> wasmtime::Result<u64> {
+        self.random_u64()
+    }
+}
+
+impl wasi_insecure::Host for Sandbox {
+    fn get_insecure_random_bytes(&mut self, len: u64) -> wasmtime::Result<Vec<u8>> {
+        self.random_bytes(len)
+    }
+    fn get_insecure_random_u64(&mut self) -> wasmtime::Result<u64> {
+        self.random_u64()
     }
 }
 
@@ -189,33 +299,19 @@ impl SeededRng {
     }
 }
 
-/// The store's generator, shared by WASI's random interfaces and reseeded per call.
-struct SharedRng(Arc<Mutex<SeededRng>>);
-
-impl TryRng for SharedRng {
-    type Error = Infallible;
-    fn try_next_u32(&mut self) -> Result<u32, Infallible> {
-        Ok((self.try_next_u64()? >> 32) as u32)
-    }
-    fn try_next_u64(&mut self) -> Result<u64, Infallible> {
-        Ok(self.0.lock().unwrap_or_else(|p| p.into_inner()).next())
-    }
-    fn try_fill_bytes(&mut self, buf: &mut [u8]) -> Result<(), Infallible> {
-        let mut rng = self.0.lock().unwrap_or_else(|p| p.into_inner());
-        for chunk in buf.chunks_mut(8) {
-            let v = rng.next().to_le_bytes();
-            chunk.copy_from_slice(&v[..chunk.len()]);
-        }
-        Ok(())
-    }
-}
-
 /// The linker every plugin is instantiated with: `host.log` plus WASI (whose filesystem and
-/// sockets parts exist only to be refused at validation; the context grants nothing anyway).
+/// sockets parts exist only to be refused at validation; the context grants nothing anyway),
+/// with the interfaces that touch time or entropy replaced by the sandbox's own: the virtual
+/// monotonic clock and its timers, and the bounded, seeded random sources.
 pub(crate) fn linker(engine: &wasmtime::Engine) -> wasmtime::Result<Linker<Sandbox>> {
     let mut linker = Linker::new(engine);
     wasmtime_wasi::p2::add_to_linker_sync(&mut linker)?;
     openlora::policy::host::add_to_linker::<Sandbox, HasSelf<Sandbox>>(&mut linker, |s| s)?;
+    linker.allow_shadowing(true);
+    monotonic_clock::add_to_linker::<Sandbox, HasSelf<Sandbox>>(&mut linker, |s| s)?;
+    wasi_random::add_to_linker::<Sandbox, HasSelf<Sandbox>>(&mut linker, |s| s)?;
+    wasi_insecure::add_to_linker::<Sandbox, HasSelf<Sandbox>>(&mut linker, |s| s)?;
+    linker.allow_shadowing(false);
     Ok(linker)
 }
 
@@ -303,5 +399,46 @@ impl From<wit::RouteDecision> for sdk::RouteDecision {
             }
             wit::RouteDecision::Reject(reason) => sdk::RouteDecision::Reject(reason),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sandbox() -> Sandbox {
+        Sandbox::new(wasmtime::StoreLimitsBuilder::new().build(), 1024, "sha")
+    }
+
+    #[test]
+    fn randomness_is_bounded_per_host_call_and_per_call_and_refused_before_allocating() {
+        let mut s = sandbox();
+        s.prepare_call(1, "req-1");
+        let start = std::time::Instant::now();
+        let e = s.random_bytes(64 << 20).expect_err("64 MiB at once is refused");
+        assert!(e.downcast_ref::<RandomLimit>().is_some(), "{e}");
+        assert!(start.elapsed() < Duration::from_millis(5), "refused without work: {:?}", start.elapsed());
+        for _ in 0..MAX_RANDOM_PER_CALL / MAX_RANDOM_PER_HOSTCALL {
+            assert_eq!(s.random_bytes(MAX_RANDOM_PER_HOSTCALL).expect("within the limits").len(), 4096);
+        }
+        assert!(s.random_bytes(1).is_err(), "the call's total is spent");
+        s.prepare_call(1, "req-2");
+        assert!(s.random_bytes(8).is_ok(), "a new call starts afresh");
+    }
+
+    #[test]
+    fn randomness_and_time_depend_only_on_the_request() {
+        let (mut a, mut b) = (sandbox(), sandbox());
+        a.prepare_call(5, "same");
+        b.prepare_call(5, "same");
+        assert_eq!(a.random_bytes(100).unwrap(), b.random_bytes(100).unwrap());
+        b.prepare_call(5, "other");
+        assert_ne!(a.random_bytes(100).unwrap(), b.random_bytes(100).unwrap());
+        // Timers move virtual time, not real time.
+        let t = a.virtual_ns.load(Ordering::Relaxed);
+        let _ = monotonic_clock::Host::subscribe_duration(&mut a, 3_000_000_000).unwrap();
+        assert_eq!(monotonic_clock::Host::now(&mut a).unwrap(), t, "subscribing alone does not move time");
+        let wall = VirtualWallClock { origin_ms: a.clock_ms.clone(), elapsed_ns: a.virtual_ns.clone() };
+        assert_eq!(wall.now(), Duration::from_millis(5));
     }
 }

@@ -99,8 +99,10 @@ impl ChatTemplate {
         env.add_function("raise_exception", |msg: String| -> Result<String, minijinja::Error> {
             Err(minijinja::Error::new(ErrorKind::InvalidOperation, msg))
         });
-        env.add_template_owned("chat", template.unwrap_or(FALLBACK_TEMPLATE).to_string())
-            .map_err(|e| Error::config("tokenizer_config.json", "chat_template", format!("does not compile: {e}")))?;
+        env.add_template_owned("chat", template.unwrap_or(FALLBACK_TEMPLATE).to_string()).map_err(|e| {
+            let message = format!("does not compile: {e}");
+            Error::config_because("tokenizer_config.json", "chat_template", message, e)
+        })?;
         Ok(ChatTemplate { env, bos: bos.unwrap_or_default().to_string(), eos: eos.unwrap_or_default().to_string() })
     }
 

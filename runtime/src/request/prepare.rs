@@ -8,7 +8,7 @@ use std::sync::Arc;
 use serde::Deserialize;
 
 use super::chat::{ChatMessage, ChatTemplate};
-use super::{Checked, Checker, GenerationRequest};
+use super::checker::{Checked, Checker, GenerationRequest};
 use crate::error::{Error, Result, SubmitError};
 use crate::model::LoadedModel;
 use crate::sampling::SamplingParams;
@@ -81,6 +81,9 @@ pub struct Prepared {
     pub requested_adapter: Option<String>,
     /// The request's checked `metadata`.
     pub metadata: Vec<(String, String)>,
+    /// `max_tokens` as the client asked (or the default), before the context cut it: what
+    /// plugins are told.
+    pub max_tokens: usize,
 }
 
 /// Checks the API's requests: owns the limits, the tokenizer, the chat template, the model's
@@ -128,6 +131,7 @@ impl Validator {
         logprobs: Option<u32>,
         params: ApiParams,
     ) -> Result<Prepared> {
+        let sampling = self.sampling(&params)?;
         let logprobs = check_logprobs("logprobs", logprobs)?;
         let max_bytes = self.limits.max_prompt_tokens.saturating_mul(MAX_BYTES_PER_TOKEN);
         let prompt_ids = match prompt {
@@ -142,7 +146,7 @@ impl Validator {
             PromptInput::Texts(_) => return Err(field("prompt", "exactly one prompt is supported")),
             PromptInput::Tokens(ids) => ids.clone(),
         };
-        self.finish(id, model, prompt_ids, logprobs, params)
+        self.finish(id, model, prompt_ids, logprobs, params, sampling)
     }
 
     /// A `/v1/chat/completions` request. Blocking (it renders and tokenises).
@@ -154,6 +158,7 @@ impl Validator {
         (logprobs, top_logprobs): (Option<bool>, Option<u32>),
         params: ApiParams,
     ) -> Result<Prepared> {
+        let sampling = self.sampling(&params)?;
         if messages.is_empty() {
             return Err(field("messages", "at least one message is required"));
         }
@@ -169,7 +174,7 @@ impl Validator {
         let text = self.chat.render(&messages)?;
         // The template writes the special tokens itself.
         let prompt_ids = self.model.tokenizer.encode_with(&text, false)?;
-        self.finish(id, model, prompt_ids, want.then(|| top.unwrap_or(0)), params)
+        self.finish(id, model, prompt_ids, want.then(|| top.unwrap_or(0)), params, sampling)
     }
 
     fn finish(
@@ -178,14 +183,20 @@ impl Validator {
         model: &str,
         prompt_ids: Vec<u32>,
         logprobs: Option<usize>,
-        mut params: ApiParams,
+        mut api: ApiParams,
+        params: SamplingParams,
     ) -> Result<Prepared> {
         too_long(prompt_ids.len(), self.limits.max_prompt_tokens, "tokens")?;
-        let metadata = check_metadata(params.metadata.take())?;
-        let params = self.sampling(&params)?;
+        let metadata = check_metadata(api.metadata.take())?;
+        let max_tokens = params.max_tokens;
         let request =
             GenerationRequest { id, prompt_ids, params, adapter: None, priority: 0, deadline: None, logprobs };
-        Ok(Prepared { checked: self.checker.prompt(request)?, requested_adapter: self.requested(model), metadata })
+        Ok(Prepared {
+            checked: self.checker.prompt_rules(request)?,
+            requested_adapter: self.requested(model),
+            metadata,
+            max_tokens,
+        })
     }
 
     fn sampling(&self, c: &ApiParams) -> Result<SamplingParams> {
@@ -226,7 +237,7 @@ impl Validator {
             stop,
             ignore_eos: c.ignore_eos.unwrap_or(false),
         };
-        p.validate()?;
+        self.checker.params(&p)?;
         Ok(p)
     }
 }

@@ -48,5 +48,7 @@ pub(crate) async fn blocking<T: Send + 'static>(
     what: &'static str,
     work: impl FnOnce() -> Result<T, SettleError> + Send + 'static,
 ) -> Result<T, SettleError> {
-    tokio::task::spawn_blocking(work).await.map_err(|_| SettleError::Panicked(what))?
+    // The request's span follows the work, so plugin log lines carry the request id.
+    let span = tracing::Span::current();
+    tokio::task::spawn_blocking(move || span.in_scope(work)).await.map_err(|_| SettleError::Panicked(what))?
 }

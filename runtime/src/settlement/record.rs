@@ -93,13 +93,13 @@ impl Recorder {
                 .filter(|sha| svc.ledger.needs_blob(sha))
                 .filter_map(|sha| svc.policy.blob(&sha).map(|b| (sha, b)))
                 .collect();
-            let entry = NewEntry::new(body, blobs).map_err(LedgerError::Invalid).map_err(crate::Error::from)?;
+            let entry = NewEntry::new(body, blobs).map_err(LedgerError::Refused).map_err(crate::Error::from)?;
             let body = entry.body.clone();
             let billing = match svc.ledger.append(entry)? {
                 Appended::Written(stored) => billing_json(&body, &stored),
                 // Already recorded (a retry of the same key): the first entry stands, charged once.
                 Appended::Duplicate(stored) => {
-                    let first = stored.parse().map_err(LedgerError::Invalid).map_err(crate::Error::from)?;
+                    let first = stored.parse().map_err(LedgerError::Refused).map_err(crate::Error::from)?;
                     billing_json(&first, &stored)
                 }
             };

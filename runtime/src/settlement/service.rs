@@ -56,10 +56,6 @@ impl SettlementService {
         &self.recorder.ledger
     }
 
-    fn owner_of(&self, adapter: Option<&str>) -> Option<String> {
-        self.engine.pager().manifest(adapter?).and_then(|m| m.owner.clone())
-    }
-
     /// Claims the request's ledger key: the client's idempotency key (scoped to its tenant),
     /// refused while a request with it runs or once it has an entry; else the request id.
     async fn reserve(
@@ -86,26 +82,30 @@ impl SettlementService {
     /// The returned stream always ends in the ledger.
     pub async fn admit(self: &Arc<Self>, a: Admission) -> Result<Metered, SettleError> {
         let Admission { prepared, tenant, requested_model, idempotency_key } = a;
-        let Prepared { mut checked, requested_adapter, metadata } = prepared;
+        let Prepared { mut checked, requested_adapter, metadata, max_tokens } = prepared;
         let request = checked.request();
         let (key, guard) = self.reserve(&tenant, idempotency_key, &request.id).await?;
+        // The requested adapter, resolved once: its owner for the plugins, and the version the
+        // request runs with if the router keeps it.
+        let requested = requested_adapter.as_deref().and_then(|n| self.engine.checker().lookup(n));
         let mut info = RequestInfo {
             request_id: request.id.clone(),
             tenant,
             requested_model,
-            adapter_owner: self.owner_of(requested_adapter.as_deref()),
+            adapter_owner: requested.as_ref().and_then(|a| a.manifest.owner.clone()),
             adapter: requested_adapter,
             prompt_tokens: u32::try_from(request.prompt_ids.len()).unwrap_or(u32::MAX),
-            max_tokens: u32::try_from(request.params.max_tokens).unwrap_or(u32::MAX),
+            max_tokens: u32::try_from(max_tokens).unwrap_or(u32::MAX),
             metadata,
             received_at_ms: now_ms(),
         };
         let (svc, asked) = (self.clone(), info.clone());
         let (routed, valid) = blocking("routing", move || {
             let pager = svc.engine.pager();
-            let routed = svc.recorder.policy.route(&asked, &|a| pager.manifest(a).is_some())?;
+            let exists = |a: &str| requested.as_ref().is_some_and(|r| r.name == a) || pager.manifest(a).is_some();
+            let routed = svc.recorder.policy.route(&asked, &exists)?;
             checked.route(routed.adapter.clone(), routed.priority);
-            let valid = svc.engine.checker().admit(checked)?;
+            let valid = svc.engine.checker().admit_resolved(checked, requested)?;
             Ok((routed, valid))
         })
         .await?;

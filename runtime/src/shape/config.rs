@@ -113,7 +113,8 @@ pub(crate) fn read_json<T: serde::de::DeserializeOwned>(path: &Path) -> Result<T
     serde_path_to_error::deserialize(&mut de).map_err(|e| {
         let field = e.path().to_string();
         let field = if field == "." || field == "?" { "-".to_string() } else { field };
-        Error::config(path, field, e.inner().to_string())
+        let message = e.inner().to_string();
+        Error::config_because(path, field, message, e.into_inner())
     })
 }
 

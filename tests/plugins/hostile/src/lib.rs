@@ -3,7 +3,11 @@
 //! `ok` answers correctly (everything to `operator:hostile`); `entropy` answers correctly with an
 //! amount split driven by the clock and randomness (which the host makes deterministic);
 //! `echo` answers whatever splits the metadata key `splits` lists (`payee=amount,...`), right or
-//! wrong, for property tests of what the host accepts.
+//! wrong, for property tests of what the host accepts. `sleep` and `sleep-forever` sleep (3 s,
+//! 584 years) and then answer correctly; `timing` puts what it measures of time into its split;
+//! `huge-error` declines with an 8 MB message; `poll-count` counts how often a 1 ms timer is
+//! polled before it is ready (real time, on a host that lets it block); `random-flood` asks WASI
+//! for 64 MiB of random bytes at once.
 
 use std::collections::HashMap;
 
@@ -80,6 +84,52 @@ impl Attributor for Hostile {
                 Split::new("base:hostile", charge.amount.wrapping_add(1), "wraps around to the charge"),
             ]),
             "panic" => panic!("the plugin panicked on purpose"),
+            "sleep" => {
+                std::thread::sleep(std::time::Duration::from_secs(3));
+                Ok(vec![Split::new("operator:hostile", charge.amount, "slept")])
+            }
+            "sleep-forever" => {
+                std::thread::sleep(std::time::Duration::from_nanos(u64::MAX));
+                Ok(vec![Split::new("operator:hostile", charge.amount, "slept long")])
+            }
+            "timing" => {
+                // Real time would differ run to run; the sandbox's virtual time does not.
+                let start = std::time::Instant::now();
+                let mut spins = 0u64;
+                while start.elapsed() < std::time::Duration::from_micros(1) && spins < 1_000 {
+                    spins += 1;
+                }
+                std::thread::sleep(std::time::Duration::from_millis(2));
+                let elapsed = start.elapsed().as_nanos() as u64;
+                let wall = std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map(|d| d.as_nanos() as u64)
+                    .unwrap_or(0);
+                let first = (elapsed ^ wall ^ spins) % (charge.amount + 1);
+                Ok(vec![
+                    Split::new("operator:hostile", first, "timing"),
+                    Split::new("base:hostile", charge.amount - first, "rest"),
+                ])
+            }
+            "huge-error" => Err("E".repeat(8 << 20)),
+            #[cfg(target_arch = "wasm32")]
+            "poll-count" => {
+                let timer = wasip2::clocks::monotonic_clock::subscribe_duration(1_000_000);
+                let mut polls = 0u64;
+                while !timer.ready() && polls < 100_000_000 {
+                    polls += 1;
+                }
+                let first = polls % (charge.amount + 1);
+                Ok(vec![
+                    Split::new("operator:hostile", first, "polls"),
+                    Split::new("base:hostile", charge.amount - first, "rest"),
+                ])
+            }
+            #[cfg(target_arch = "wasm32")]
+            "random-flood" => {
+                let bytes = wasip2::random::random::get_random_bytes(64 << 20);
+                Err(format!("got {} random bytes", bytes.len()))
+            }
             "error" => Err("declined on purpose".into()),
             "entropy" => {
                 // Clock and randomness: the host fixes both per request, so this replays exactly.
