@@ -557,3 +557,36 @@ proptest::proptest! {
         proptest::prop_assert_eq!((again.charge, again.splits), (s.charge, s.splits));
     }
 }
+
+/// An adapter's slot takes a plugin only while the adapter is registered — through the admin
+/// API and the drop folder alike — and loses it when the adapter is deleted, so a later adapter
+/// of the same name (another owner's) is not paid out by the old owner's attributor.
+#[test]
+fn an_adapters_slot_lives_and_dies_with_the_adapter() {
+    let root = std::env::temp_dir().join(format!("openlora-adapter-slot-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&root);
+    let host = PolicyHost::new(&PolicyConfig::default(), Some(root.clone()), Metrics::new().policy).unwrap();
+    let registered = std::sync::Arc::new(std::sync::Mutex::new(vec!["trek".to_string()]));
+    let known = registered.clone();
+    host.bind_adapters(move |name| known.lock().unwrap().iter().any(|a| a == name));
+    let bytes = wasm("openlora-plugin-contributor-attributor");
+    let cfg = r#"{"owner_keeps_ppm": 250000, "contributors": {"ann": 1}}"#;
+    let nope = host.install(&Slot::Adapter("nope".into()), &bytes, cfg, "test");
+    assert!(matches!(nope, Err(Error::Submit(SubmitError::UnknownAdapter(ref n))) if n == "nope"), "{nope:?}");
+    let drop = root.join("drop");
+    std::fs::create_dir_all(&drop).unwrap();
+    std::fs::write(drop.join("adapter:nope.wasm"), &bytes).unwrap();
+    std::fs::write(drop.join("adapter:nope.json"), cfg).unwrap();
+    let report = scan(&host, &drop, &mut HashMap::new()).join("\n");
+    assert!(report.contains("not loaded") && report.contains("unknown adapter `nope`"), "{report}");
+    assert!(!host.is_active(&Slot::Adapter("nope".into())));
+
+    host.install(&Slot::Adapter("trek".into()), &bytes, cfg, "test").unwrap();
+    assert!(host.is_active(&Slot::Adapter("trek".into())));
+    registered.lock().unwrap().clear();
+    host.forget_adapter("trek");
+    assert!(!host.is_active(&Slot::Adapter("trek".into())), "deleted with its adapter");
+    registered.lock().unwrap().push("trek".into());
+    assert!(!host.is_active(&Slot::Adapter("trek".into())), "a new adapter of the name starts with none");
+    let _ = std::fs::remove_dir_all(&root);
+}

@@ -135,6 +135,8 @@ impl Server {
             ledger,
             config: config.clone(),
         });
+        let pager = state.engine.pager().clone();
+        state.policy.bind_adapters(move |name| pager.manifest(name).is_some());
         crate::policy::dropdir::watch(state.policy.clone(), state.drop_dir.clone());
         Ok(Server { state, listen: config.listen })
     }

@@ -72,6 +72,41 @@ pub const MAX_SPLITS: usize = 256;
 /// The longest payee or reason, in bytes.
 pub const MAX_NAME_BYTES: usize = 256;
 
+/// Checks a payee name: 1-256 bytes of ASCII letters, digits and `: . _ @ / + -` (so it reads
+/// the same in every log, export and spreadsheet).
+pub fn validate_payee(payee: &str) -> Result<(), String> {
+    let ok = !payee.is_empty()
+        && payee.len() <= MAX_NAME_BYTES
+        && payee.bytes().all(|b| b.is_ascii_alphanumeric() || b":._@/+-".contains(&b));
+    if ok {
+        Ok(())
+    } else {
+        Err(format!(
+            "payee {:?} is not 1-{MAX_NAME_BYTES} characters of A-Z, a-z, 0-9 and : . _ @ / + -",
+            payee.chars().take(64).collect::<String>()
+        ))
+    }
+}
+
+/// Checks a split's reason: at most 256 bytes of text (see [`validate_text`]).
+pub fn validate_reason(reason: &str) -> Result<(), String> {
+    validate_text(reason, MAX_NAME_BYTES)
+}
+
+/// Checks text a plugin hands the host to show people (a reason): at most `max` bytes, with no
+/// control characters (newlines, NUL, escapes) and no bidirectional overrides that would make it
+/// read otherwise.
+pub fn validate_text(reason: &str, max: usize) -> Result<(), String> {
+    if reason.len() > max {
+        return Err(format!("a reason is at most {max} bytes"));
+    }
+    let bidi = |c: char| matches!(c, '\u{202a}'..='\u{202e}' | '\u{2066}'..='\u{2069}' | '\u{200e}' | '\u{200f}');
+    match reason.chars().find(|&c| c.is_control() || bidi(c)) {
+        Some(c) => Err(format!("a reason may not hold control or direction characters ({:?})", c)),
+        None => Ok(()),
+    }
+}
+
 /// Checks a set of splits of `charge` the way the host does before it accepts them: at least one,
 /// at most [`MAX_SPLITS`], named payees, bounded text, and amounts that sum to the charge exactly.
 pub fn validate_splits(charge: &Money, splits: &[Split]) -> Result<(), String> {
@@ -85,9 +120,8 @@ pub fn validate_splits(charge: &Money, splits: &[Split]) -> Result<(), String> {
         if s.payee.trim().is_empty() {
             return Err(format!("split {i} has no payee"));
         }
-        if s.payee.len() > MAX_NAME_BYTES || s.reason.len() > MAX_NAME_BYTES {
-            return Err(format!("split {i}: payee or reason longer than {MAX_NAME_BYTES} bytes"));
-        }
+        validate_payee(&s.payee).map_err(|m| format!("split {i}: {m}"))?;
+        validate_reason(&s.reason).map_err(|m| format!("split {i}: {m}"))?;
     }
     let sum = checked_sum(splits.iter().map(|s| s.amount)).map_err(|e| format!("splits: {e}"))?;
     if sum != charge.amount {
@@ -99,6 +133,24 @@ pub fn validate_splits(charge: &Money, splits: &[Split]) -> Result<(), String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn payees_and_reasons_are_plain_text() {
+        for ok in ["operator:openlora", "contributor:ann", "owner:alice@example.org", "dataset/fortunes+v2", "a.b_c-d"]
+        {
+            assert!(validate_payee(ok).is_ok(), "{ok}");
+        }
+        for bad in ["", "a b", "=HYPERLINK(\"x\")", "nul\0", "line\nbreak", "\u{202e}gnp.exe", "é", &"x".repeat(257)] {
+            assert!(validate_payee(bad).is_err(), "{bad:?}");
+        }
+        assert!(validate_reason("adapter share (40%), per contract §3").is_ok());
+        for bad in ["tab\there", "new\nline", "nul\0", "\u{1b}[31mred", "\u{202e}reversed", "\u{2066}isolate"] {
+            assert!(validate_reason(bad).is_err(), "{bad:?}");
+        }
+        let charge = Money::new(10, "USD");
+        let splits = vec![Split::new("=cmd|' /C calc'!A0", 10, "x")];
+        assert!(validate_splits(&charge, &splits).unwrap_err().contains("payee"));
+    }
 
     #[test]
     fn largest_remainder_sums_exactly() {

@@ -75,6 +75,13 @@ async fn delete_adapter(State(state): State<Shared>, ApiPath(name): ApiPath<Stri
     if !state.engine.pager().unregister(&name) {
         return Err(ApiError::model_not_found(&name));
     }
+    // Its owner's attributor goes with it: a later adapter of this name starts with none.
+    let (policy, forgotten) = (state.policy.clone(), name.clone());
+    blocking("forget adapter", move || {
+        policy.forget_adapter(&forgotten);
+        Ok(())
+    })
+    .await?;
     Ok(Json(json!({"id": name, "object": "adapter", "deleted": true})))
 }
 

@@ -58,11 +58,6 @@ async fn upload(
     req: Request,
 ) -> Result<(StatusCode, Json<Value>), ApiError> {
     let slot = slot(&name)?;
-    if let Slot::Adapter(adapter) = &slot
-        && state.engine.pager().manifest(adapter).is_none()
-    {
-        return Err(ApiError::model_not_found(adapter));
-    }
     let (bytes, config) = if is_multipart(&headers) {
         let mut form = Multipart::from_request(req, &state).await.map_err(|r| bad_upload(r.body_text()))?;
         let (mut bytes, mut config) = (None, query.config);

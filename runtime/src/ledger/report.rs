@@ -90,13 +90,16 @@ impl FromStr for Format {
 const CSV_HEADER: &str = "seq,recorded_at_ms,request_id,tenant,base_model,adapter,outcome,finish,prompt_tokens,\
 completion_tokens,currency,charge,payee,amount,reason,hash";
 
-/// A CSV field, quoted when it needs to be.
+/// A CSV field, quoted when it needs to be; a field a spreadsheet would read as a formula
+/// (starting with `=`, `+`, `-`, `@`, a tab or a carriage return) is prefixed with `'` so it
+/// stays text (OWASP's advice for CSV injection).
 fn csv(field: &str) -> String {
-    if field.contains([',', '"', '\n', '\r']) {
-        format!("\"{}\"", field.replace('"', "\"\""))
+    let field = if field.starts_with(['=', '+', '-', '@', '\t', '\r']) && field.parse::<f64>().is_err() {
+        format!("'{field}")
     } else {
         field.to_string()
-    }
+    };
+    if field.contains([',', '"', '\n', '\r']) { format!("\"{}\"", field.replace('"', "\"\"")) } else { field }
 }
 
 /// Writes the matching entries to `out`; returns how many.
@@ -241,5 +244,8 @@ mod tests {
         assert_eq!(csv("plain"), "plain");
         assert_eq!(csv("a,b"), "\"a,b\"");
         assert_eq!(csv("say \"hi\""), "\"say \"\"hi\"\"\"");
+        assert_eq!(csv("=HYPERLINK(\"http://x\",\"y\")"), "\"'=HYPERLINK(\"\"http://x\"\",\"\"y\"\")\"");
+        assert_eq!(csv("@SUM(A1)"), "'@SUM(A1)");
+        assert_eq!(csv("-5"), "-5", "a number stays a number");
     }
 }

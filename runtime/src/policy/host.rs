@@ -33,10 +33,7 @@ const MAX_REJECT_BYTES: usize = 1024;
 
 /// Checks a router's rejection reason as every decision is checked (here and by `plugin check`).
 pub(crate) fn check_rejection(reason: &str) -> std::result::Result<(), String> {
-    if reason.len() > MAX_REJECT_BYTES {
-        return Err(format!("rejection reason longer than {MAX_REJECT_BYTES} bytes"));
-    }
-    Ok(())
+    openlora_sdk::money::validate_text(reason, MAX_REJECT_BYTES).map_err(|m| format!("rejection: {m}"))
 }
 
 /// What routing decided.
@@ -68,6 +65,8 @@ pub struct PolicyHost {
     builtins: Builtins,
     config: PolicyConfig,
     metrics: PolicyMetrics,
+    /// Which adapters exist (set by the server; unset, every adapter slot is open).
+    adapters: std::sync::OnceLock<Box<dyn Fn(&str) -> bool + Send + Sync>>,
 }
 
 /// Calls a slot's plugin.
@@ -87,7 +86,8 @@ impl PolicyHost {
     pub fn new(config: &PolicyConfig, root: Option<PathBuf>, metrics: PolicyMetrics) -> Result<Self> {
         let runtime = WasmRuntime::new(config, root.as_ref().map(|r| r.join("cache")))?;
         let registry = Registry::open(runtime, root)?;
-        Ok(PolicyHost { registry, builtins: Builtins::new(config)?, config: config.clone(), metrics })
+        let builtins = Builtins::new(config)?;
+        Ok(PolicyHost { registry, builtins, config: config.clone(), metrics, adapters: Default::default() })
     }
 
     /// Counts a failure of the slot's active plugin, quarantining it after too many in a row.
@@ -306,8 +306,31 @@ impl PolicyHost {
         self.active(slot).is_some()
     }
 
-    /// Installs a plugin (see [`Registry::install`]), counting the outcome.
+    /// Tells the host which adapters exist, so that an adapter's slot takes a plugin only while
+    /// the adapter is registered (through the admin API and the drop folder alike).
+    pub fn bind_adapters(&self, exists: impl Fn(&str) -> bool + Send + Sync + 'static) {
+        let _ = self.adapters.set(Box::new(exists));
+    }
+
+    /// Forgets an adapter's slot (its plugin stops serving; a later adapter of the same name
+    /// starts with none): called when the adapter is deleted.
+    pub fn forget_adapter(&self, adapter: &str) {
+        match self.registry.deactivate(&Slot::Adapter(adapter.to_string())) {
+            Ok(()) => tracing::info!(adapter, "the adapter's attributor was removed with it"),
+            Err(Error::Policy(PolicyError::UnknownPlugin(_))) => {}
+            Err(e) => tracing::error!(adapter, error = %e, "removing the adapter's attributor failed"),
+        }
+    }
+
+    /// Installs a plugin (see [`Registry::install`]), counting the outcome; an adapter's slot
+    /// only while the adapter is registered.
     pub fn install(&self, slot: &Slot, bytes: &[u8], config: &str, source: &str) -> Result<super::VersionInfo> {
+        if let (Slot::Adapter(adapter), Some(exists)) = (slot, self.adapters.get())
+            && !exists(adapter)
+        {
+            self.metrics.loads.with_label_values(&["refused"]).inc();
+            return Err(SubmitError::UnknownAdapter(adapter.clone()).into());
+        }
         let result = self.registry.install(slot, bytes, config, source);
         let outcome = if result.is_ok() { "ok" } else { "refused" };
         self.metrics.loads.with_label_values(&[outcome]).inc();

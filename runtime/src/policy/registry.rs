@@ -43,6 +43,9 @@ struct SlotRecord {
     active: Option<u32>,
 }
 
+/// The largest plugin configuration accepted, in bytes (it is recorded with every decision).
+pub const MAX_CONFIG_BYTES: usize = 64 << 10;
+
 /// The active plugin of a slot.
 pub struct Active {
     /// Which version it is.
@@ -198,6 +201,13 @@ impl Registry {
     /// Nothing changes if validation fails. Installing the same bytes and config again re-activates
     /// that version instead of adding one.
     pub fn install(&self, slot: &Slot, bytes: &[u8], config: &str, source: &str) -> Result<VersionInfo> {
+        if config.len() > MAX_CONFIG_BYTES {
+            return Err(PolicyError::PluginInvalid {
+                what: format!("for slot {slot}"),
+                message: format!("its configuration is {} bytes; at most {MAX_CONFIG_BYTES}", config.len()),
+            }
+            .into());
+        }
         let plugin = self.runtime.load(&format!("for slot {slot}"), bytes, slot.world(), config)?;
         let sha256 = sha256_hex(bytes);
         match &self.root {

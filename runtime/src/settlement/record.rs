@@ -13,13 +13,25 @@ use crate::ledger::entry::ENTRY_FORMAT;
 use crate::ledger::{Appended, Artifact, EntryBody, Ledger, NewEntry, Outcome, StoredEntry, now_ms};
 use crate::policy::PolicyHost;
 
-/// The `billing` object of a response: the entry's charge, splits, deciders and place in the ledger.
+/// The `billing` object of a response: the entry's charge, splits, deciders and place in the
+/// ledger. A decider's configuration is the operator's or the owner's business (the built-in
+/// router's lists every tenant's allow-list): the tenant sees only its sha256.
 pub fn billing_json(body: &EntryBody, stored: &StoredEntry) -> Value {
+    let deciders: Vec<Value> = body
+        .deciders
+        .iter()
+        .map(|d| {
+            json!({
+                "slot": d.slot, "plugin": d.plugin, "version": d.version, "failure": d.failure, "fuel": d.fuel,
+                "config_sha256": (!d.config.is_empty()).then(|| crate::policy::wasm::sha256_hex(d.config.as_bytes())),
+            })
+        })
+        .collect();
     json!({
         "request_id": body.request_id,
         "charge": body.charge,
         "splits": body.splits,
-        "decided_by": body.deciders,
+        "decided_by": deciders,
         "ledger": {"seq": stored.seq, "hash": stored.hash, "outcome": body.outcome},
     })
 }
