@@ -2,6 +2,20 @@
 
 use openlora_sdk::Level;
 
+/// Cuts a plugin's text to at most `max` bytes (on a character boundary), marking the cut
+/// with `…`.
+pub(crate) fn cap(mut text: String, max: usize) -> String {
+    if text.len() > max {
+        let mut cut = max;
+        while !text.is_char_boundary(cut) {
+            cut -= 1;
+        }
+        text.truncate(cut);
+        text.push('…');
+    }
+    text
+}
+
 /// One line a plugin logged, as a `tracing` event at the plugin's level. The line is a `&str`
 /// field: quoted and escaped in plain text and JSON alike, so it cannot forge log lines.
 pub(crate) fn plugin_log(slot: &str, plugin: &str, level: Level, line: &str) {

@@ -72,16 +72,7 @@ pub struct CallFailure {
 impl CallFailure {
     /// A failure of `kind`; the message is cut to [`MAX_FAILURE_BYTES`].
     pub fn new(kind: FailureKind, message: impl Into<String>) -> Self {
-        let mut message = message.into();
-        if message.len() > MAX_FAILURE_BYTES {
-            let mut cut = MAX_FAILURE_BYTES;
-            while !message.is_char_boundary(cut) {
-                cut -= 1;
-            }
-            message.truncate(cut);
-            message.push('…');
-        }
-        CallFailure { kind, message, logs: Vec::new() }
+        CallFailure { kind, message: super::log::cap(message.into(), MAX_FAILURE_BYTES), logs: Vec::new() }
     }
 }
 

@@ -170,15 +170,7 @@ impl openlora::policy::host::Host for Sandbox {
             self.dropped_logs += 1;
             return;
         }
-        let mut message = message;
-        if message.len() > MAX_LOG_LINE_BYTES {
-            let mut cut = MAX_LOG_LINE_BYTES;
-            while !message.is_char_boundary(cut) {
-                cut -= 1;
-            }
-            message.truncate(cut);
-            message.push('…');
-        }
+        let message = super::log::cap(message, MAX_LOG_LINE_BYTES);
         let level = match level {
             Level::Debug => sdk::Level::Debug,
             Level::Info => sdk::Level::Info,
