@@ -590,3 +590,23 @@ fn an_adapters_slot_lives_and_dies_with_the_adapter() {
     assert!(!host.is_active(&Slot::Adapter("trek".into())), "a new adapter of the name starts with none");
     let _ = std::fs::remove_dir_all(&root);
 }
+
+/// A refused upload leaves nothing behind: only an accepted plugin's compiled form is cached.
+#[test]
+fn only_accepted_plugins_are_kept_compiled() {
+    let root = std::env::temp_dir().join(format!("openlora-compile-cache-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&root);
+    let host = PolicyHost::new(&PolicyConfig::default(), Some(root.clone()), Metrics::new().policy).unwrap();
+    let cached = || {
+        std::fs::read_dir(root.join("cache"))
+            .map(|d| d.flatten().filter(|e| e.path().extension().is_some_and(|x| x == "cwasm")).count())
+            .unwrap_or(0)
+    };
+    assert!(host.install(&Slot::Attributor, &wasm("openlora-test-fs-reader"), "", "test").is_err());
+    let bytes = wasm("openlora-plugin-token-pricer");
+    assert!(host.install(&Slot::Pricer, &bytes, r#"{"currency": 7}"#, "test").is_err(), "a refused configuration");
+    assert_eq!(cached(), 0, "refused uploads left compiled files");
+    host.install(&Slot::Pricer, &bytes, "", "test").unwrap();
+    assert_eq!(cached(), 1);
+    let _ = std::fs::remove_dir_all(&root);
+}

@@ -128,6 +128,8 @@ impl WasmRuntime {
             .map_err(|e| invalid(format!("{e:#}")))?;
         // A first instance proves it instantiates and accepts its configuration; it stays warm.
         plugin.prime().map_err(|e| invalid(e.to_string()))?;
+        // Only now is its compiled form worth keeping: a refused upload leaves nothing behind.
+        self.remember(&plugin.sha256, &component);
         Ok(plugin)
     }
 }

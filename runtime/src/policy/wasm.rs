@@ -166,31 +166,77 @@ impl WasmRuntime {
         }
     }
 
-    /// Compiles a component, or loads it from the on-disk cache keyed by sha256 and wasmtime version.
+    /// The cache file of the component with this sha256.
+    fn cached_path(dir: &Path, sha: &str) -> PathBuf {
+        dir.join(format!("{sha}-wasmtime-{}.cwasm", wasmtime_version()))
+    }
+
+    /// Compiles a component, or loads it from the on-disk cache keyed by sha256 and wasmtime
+    /// version (a hit marks the file as just used). Nothing is written: only a component that
+    /// passed every check is kept ([`WasmRuntime::remember`]).
     pub(crate) fn compile(&self, sha: &str, bytes: &[u8]) -> wasmtime::Result<Component> {
-        let Some(dir) = &self.cache_dir else {
-            return Component::from_binary(&self.engine, bytes);
-        };
-        let path = dir.join(format!("{sha}-wasmtime-{}.cwasm", wasmtime_version()));
-        if path.is_file() {
-            // SAFETY: files in the cache directory are written only by `serialize` below, named
-            // by the sha256 of the source they were compiled from and by wasmtime's version; the
-            // engine also checks its own compatibility stamp and refuses a mismatched artifact.
-            if let Ok(c) = unsafe { Component::deserialize_file(&self.engine, &path) } {
-                return Ok(c);
+        if let Some(dir) = &self.cache_dir {
+            let path = Self::cached_path(dir, sha);
+            if path.is_file() {
+                // SAFETY: files in the cache directory are written only by `remember` below,
+                // named by the sha256 of the source they were compiled from and by wasmtime's
+                // version; the engine also checks its own compatibility stamp and refuses a
+                // mismatched artifact.
+                if let Ok(c) = unsafe { Component::deserialize_file(&self.engine, &path) } {
+                    let _ = std::fs::File::options()
+                        .write(true)
+                        .open(&path)
+                        .and_then(|f| f.set_modified(std::time::SystemTime::now()));
+                    return Ok(c);
+                }
             }
         }
-        let component = Component::from_binary(&self.engine, bytes)?;
-        if let Ok(serialized) = component.serialize() {
+        Component::from_binary(&self.engine, bytes)
+    }
+
+    /// Keeps an accepted component's compiled form in the cache, then trims the cache to
+    /// [`MAX_CACHE_BYTES`], least recently used first.
+    pub(crate) fn remember(&self, sha: &str, component: &Component) {
+        let Some(dir) = &self.cache_dir else { return };
+        let path = Self::cached_path(dir, sha);
+        if !path.is_file()
+            && let Ok(serialized) = component.serialize()
+        {
             let _ = write_atomically(dir, &path, &serialized);
         }
-        Ok(component)
+        trim_cache(dir, MAX_CACHE_BYTES);
     }
 }
 
 impl Drop for WasmRuntime {
     fn drop(&mut self) {
         self.stop_ticker.store(true, Ordering::Relaxed);
+    }
+}
+
+/// The most bytes of compiled plugins kept on disk.
+pub(crate) const MAX_CACHE_BYTES: u64 = 512 << 20;
+
+/// Removes the least recently used compiled plugins until the cache holds at most `max` bytes.
+pub(crate) fn trim_cache(dir: &Path, max: u64) {
+    let Ok(entries) = std::fs::read_dir(dir) else { return };
+    let mut files: Vec<(std::time::SystemTime, u64, PathBuf)> = entries
+        .flatten()
+        .filter(|e| e.path().extension().is_some_and(|x| x == "cwasm"))
+        .filter_map(|e| {
+            let m = e.metadata().ok()?;
+            Some((m.modified().ok()?, m.len(), e.path()))
+        })
+        .collect();
+    let mut total: u64 = files.iter().map(|f| f.1).sum();
+    files.sort();
+    for (_, len, path) in files {
+        if total <= max {
+            break;
+        }
+        if std::fs::remove_file(&path).is_ok() {
+            total -= len;
+        }
     }
 }
 
@@ -262,6 +308,27 @@ pub(crate) fn check_imports_exports(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_compile_cache_keeps_the_most_recently_used_within_its_bytes() {
+        let dir = std::env::temp_dir().join(format!("openlora-cache-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let t0 = std::time::SystemTime::now() - std::time::Duration::from_secs(100);
+        for (i, name) in ["old", "middle", "new"].iter().enumerate() {
+            let path = dir.join(format!("{name}.cwasm"));
+            std::fs::write(&path, vec![0u8; 1000]).unwrap();
+            let f = std::fs::File::options().write(true).open(&path).unwrap();
+            f.set_modified(t0 + std::time::Duration::from_secs(10 * i as u64)).unwrap();
+        }
+        std::fs::write(dir.join("state.json"), b"{}").unwrap();
+        trim_cache(&dir, 2000);
+        let mut left: Vec<String> =
+            std::fs::read_dir(&dir).unwrap().flatten().map(|e| e.file_name().to_string_lossy().into_owned()).collect();
+        left.sort();
+        assert_eq!(left, ["middle.cwasm", "new.cwasm", "state.json"]);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
 
     #[test]
     fn headers_are_checked_before_compiling() {
