@@ -83,6 +83,8 @@ pub(super) fn write_loop(
             }
         }
         let Some(s) = store.as_mut() else { continue };
+        // The head this batch wrote: what a periodic checkpoint signs, without another query.
+        let mut written: Option<Head> = None;
         if !entries.is_empty() {
             let t0 = Instant::now();
             match s.append(&entries, now_ms()) {
@@ -91,7 +93,10 @@ pub(super) fn write_loop(
                     m.batch_entries.observe(entries.len() as f64);
                     for ((entry, reply), appended) in entries.iter().zip(replies).zip(out) {
                         match &appended {
-                            Appended::Written(_) => m.entries.with_label_values(&[entry.body.outcome.as_str()]).inc(),
+                            Appended::Written(e) => {
+                                m.entries.with_label_values(&[entry.body.outcome.as_str()]).inc();
+                                written = Some(Head { seq: e.seq, hash: e.hash.clone() });
+                            }
                             Appended::Duplicate(_) => m.duplicates.inc(),
                         }
                         let _ = reply.send(Ok(appended));
@@ -112,14 +117,20 @@ pub(super) fn write_loop(
             continue;
         };
         let Some(s) = store.as_mut() else { continue };
-        let head = match s.head() {
-            Ok(h) => h,
-            Err(e) => {
-                tracing::error!(error = %e, "reading the ledger's head to sign it failed");
-                store = None;
-                fail_all(Vec::new(), asks, &e);
-                continue;
-            }
+        let head = match (written, asks.is_empty()) {
+            // Nothing new and nobody asking: nothing to sign.
+            (None, true) => continue,
+            (Some(h), true) => h,
+            // Asked: the ledger's own head (other replicas may have written since).
+            (_, false) => match s.head() {
+                Ok(h) => h,
+                Err(e) => {
+                    tracing::error!(error = %e, "reading the ledger's head to sign it failed");
+                    store = None;
+                    fail_all(Vec::new(), asks, &e);
+                    continue;
+                }
+            },
         };
         let last = *signed_up_to
             .get_or_insert_with(|| s.checkpoints().ok().and_then(|c| c.last().map(|c| c.seq)).unwrap_or(0));
