@@ -588,6 +588,11 @@ fn an_adapters_slot_lives_and_dies_with_the_adapter() {
     assert!(!host.is_active(&Slot::Adapter("trek".into())), "deleted with its adapter");
     registered.lock().unwrap().push("trek".into());
     assert!(!host.is_active(&Slot::Adapter("trek".into())), "a new adapter of the name starts with none");
+    assert!(host.activate(&Slot::Adapter("trek".into()), 1).is_err(), "the old owner's versions went with it");
+    assert!(host.list().iter().all(|v| v.slot != Slot::Adapter("trek".into())));
+    std::mem::drop(host);
+    let again = PolicyHost::new(&PolicyConfig::default(), Some(root.clone()), Metrics::new().policy).unwrap();
+    assert!(again.list().is_empty(), "nothing of it comes back after a restart");
     let _ = std::fs::remove_dir_all(&root);
 }
 
@@ -608,5 +613,52 @@ fn only_accepted_plugins_are_kept_compiled() {
     assert_eq!(cached(), 0, "refused uploads left compiled files");
     host.install(&Slot::Pricer, &bytes, "", "test").unwrap();
     assert_eq!(cached(), 1);
+    let _ = std::fs::remove_dir_all(&root);
+}
+
+/// Ten thousand adapters each with its own attributor: every install works (instances are made
+/// on demand and warm pools share one server-wide budget), every slot answers, and a plugin
+/// called hard meanwhile does not stop another slot's install.
+#[test]
+fn ten_thousand_adapter_slots_install_and_answer() {
+    const SLOTS: usize = 10_000;
+    let root = temp_dir("ten-thousand-slots");
+    let host = Arc::new(PolicyHost::new(&PolicyConfig::default(), Some(root.clone()), Metrics::new().policy).unwrap());
+    let bytes = wasm("openlora-plugin-contributor-attributor");
+    let busy = Arc::new(AtomicBool::new(true));
+    host.install(&Slot::Adapter("startrek".into()), &wasm("openlora-test-hostile"), r#"{"mode": "ok"}"#, "test")
+        .unwrap();
+    let hammer: Vec<_> = (0..2)
+        .map(|t| {
+            let (host, busy) = (host.clone(), busy.clone());
+            std::thread::spawn(move || {
+                let mut n = 0;
+                while busy.load(Ordering::Relaxed) {
+                    let _ = host.settle(&with_mode(&format!("h{t}-{n}"), "loop"), &usage());
+                    n += 1;
+                }
+            })
+        })
+        .collect();
+    let started = Instant::now();
+    for i in 0..SLOTS {
+        let cfg = format!(r#"{{"owner_keeps_ppm": 500000, "contributors": {{"c{i}": 1}}}}"#);
+        host.install(&Slot::Adapter(format!("a{i}")), &bytes, &cfg, "test")
+            .unwrap_or_else(|e| panic!("install {i} failed: {e}"));
+    }
+    busy.store(false, Ordering::Relaxed);
+    hammer.into_iter().for_each(|h| h.join().unwrap());
+    eprintln!("{SLOTS} installs in {:?}", started.elapsed());
+    for i in (0..SLOTS).step_by(97).chain([SLOTS - 1]) {
+        let mut r = request(&format!("r{i}"));
+        r.adapter = Some(format!("a{i}"));
+        let s = host.settle(&r, &usage()).unwrap();
+        let payee = format!("contributor:c{i}");
+        assert!(s.splits.iter().any(|p| p.payee == payee), "slot a{i} answered: {:?}", s.splits);
+        assert!(s.deciders.iter().all(|d| d.failure.is_none()), "{:?}", s.deciders);
+    }
+    host.install(&Slot::Attributor, &wasm("openlora-plugin-proportional-attributor"), "", "test")
+        .expect("the operator's own attributor still installs");
+    assert_eq!(host.list().len(), SLOTS + 2);
     let _ = std::fs::remove_dir_all(&root);
 }

@@ -28,6 +28,9 @@ pub struct PolicyConfig {
     pub quarantine_rate_percent: u32,
     /// Configured, instantiated instances kept ready per plugin, off the request path.
     pub warm_instances: usize,
+    /// Most warm instances kept ready at once, all plugins together: pools of plugins unused for
+    /// 30 s are emptied, and when this is short the least recently used give theirs up first.
+    pub warm_instances_total: usize,
     /// Folder watched for `<slot>.wasm` (+ optional `<slot>.json` config) to hot-load;
     /// default `<data_dir>/plugins/drop`.
     pub dir: Option<PathBuf>,
@@ -69,6 +72,7 @@ impl Default for PolicyConfig {
             quarantine_after: 5,
             quarantine_rate_percent: 20,
             warm_instances: 8,
+            warm_instances_total: 256,
             dir: None,
             slots: BTreeMap::new(),
         }
@@ -92,6 +96,12 @@ impl PolicyConfig {
         }
         if self.quarantine_rate_percent > 100 {
             return Err(("policy.quarantine_rate_percent".into(), "is a percentage: at most 100".into()));
+        }
+        if self.warm_instances_total > 512 {
+            return Err((
+                "policy.warm_instances_total".into(),
+                "at most 512 (the instance pool also holds every call in flight)".into(),
+            ));
         }
         if self.memory_bytes < 1 << 20 {
             return Err(("policy.memory_bytes".into(), "must be at least 1 MiB (1048576)".into()));

@@ -315,7 +315,7 @@ impl PolicyHost {
     /// Forgets an adapter's slot (its plugin stops serving; a later adapter of the same name
     /// starts with none): called when the adapter is deleted.
     pub fn forget_adapter(&self, adapter: &str) {
-        match self.registry.deactivate(&Slot::Adapter(adapter.to_string())) {
+        match self.registry.remove(&Slot::Adapter(adapter.to_string())) {
             Ok(()) => tracing::info!(adapter, "the adapter's attributor was removed with it"),
             Err(Error::Policy(PolicyError::UnknownPlugin(_))) => {}
             Err(e) => tracing::error!(adapter, error = %e, "removing the adapter's attributor failed"),

@@ -12,6 +12,7 @@ mod registry;
 pub mod replay;
 mod sandbox;
 pub mod slot;
+mod warm;
 pub mod wasm;
 
 pub use crate::ledger::Decider;

@@ -2,7 +2,7 @@
 //! path, and the typed calls that run each on one instance under fuel, deadline and memory caps.
 
 use std::fmt;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
@@ -13,6 +13,7 @@ use wasmtime::{Store, StoreLimitsBuilder, Trap};
 
 use super::sandbox::{RandomLimit, Sandbox, attribution, pricing, routing, wit};
 use super::slot::World;
+use super::warm::WarmPool;
 use super::wasm::{Job, WasmRuntime, check_header, check_imports_exports, sha256_hex};
 use crate::error::{Error, PolicyError, Result};
 
@@ -126,6 +127,8 @@ impl WasmRuntime {
         let pre = self.linker.instantiate_pre(&component).map_err(|e| invalid(format!("cannot be linked: {e:#}")))?;
         let plugin = CompiledPlugin::new(self.clone(), sha, world, config.to_string(), bytes.len(), pre)
             .map_err(|e| invalid(format!("{e:#}")))?;
+        let pool: std::sync::Weak<dyn WarmPool> = Arc::downgrade(&(plugin.clone() as Arc<dyn WarmPool>));
+        self.track_pool(pool);
         // A first instance proves it instantiates and accepts its configuration; it stays warm.
         plugin.prime().map_err(|e| invalid(e.to_string()))?;
         // Only now is its compiled form worth keeping: a refused upload leaves nothing behind.
@@ -149,6 +152,8 @@ pub struct CompiledPlugin {
     exports: Exports,
     warm: Mutex<Vec<Warm>>,
     refilling: AtomicBool,
+    /// When it was last called, on the warm budget's clock.
+    last_used_ms: AtomicU64,
 }
 
 impl CompiledPlugin {
@@ -165,11 +170,13 @@ impl CompiledPlugin {
             World::Pricer => Exports::Pricer(pricing::GuestIndices::new(&pre)?),
             World::Attributor => Exports::Attributor(attribution::GuestIndices::new(&pre)?),
         };
+        let last_used_ms = AtomicU64::new(runtime.warm.now_ms());
         Ok(Arc::new(CompiledPlugin {
             sha256,
             world,
             config,
             size,
+            last_used_ms,
             runtime,
             pre,
             exports,
@@ -183,16 +190,37 @@ impl CompiledPlugin {
         &self.sha256[..12.min(self.sha256.len())]
     }
 
-    /// Instantiates and configures one instance now and keeps it warm; the error says why not.
+    /// Instantiates and configures one instance now, and keeps it warm if the server-wide
+    /// budget has room; the error says why it failed. The pool fills up once calls come.
     pub(crate) fn prime(self: &Arc<Self>) -> Result<(), CallFailure> {
         let warm = self.fresh()?;
-        self.lock_warm().push(warm);
-        self.schedule_refill();
+        self.keep_warm(warm);
         Ok(())
     }
 
     fn lock_warm(&self) -> std::sync::MutexGuard<'_, Vec<Warm>> {
         self.warm.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Puts an instance in the warm pool if the budget has room (otherwise it is dropped);
+    /// `false` when it was dropped.
+    fn keep_warm(&self, warm: Warm) -> bool {
+        if self.runtime.warm.reserve() {
+            self.lock_warm().push(warm);
+            true
+        } else {
+            self.runtime.background(Job::Discard(Box::new(warm)));
+            false
+        }
+    }
+
+    /// Takes a warm instance, if one is ready.
+    fn take_warm(&self) -> Option<Warm> {
+        let warm = self.lock_warm().pop();
+        if warm.is_some() {
+            self.runtime.warm.release(1);
+        }
+        warm
     }
 
     /// A new store and instance, configured; its own fuel and deadline budget.
@@ -248,9 +276,9 @@ impl CompiledPlugin {
     pub(crate) fn refill(&self) {
         let target = self.runtime.limits.warm_instances;
         while self.lock_warm().len() < target {
-            match self.fresh() {
-                Ok(w) => self.lock_warm().push(w),
-                Err(_) => break,
+            let Ok(w) = self.fresh() else { break };
+            if !self.keep_warm(w) {
+                break;
             }
         }
         self.refilling.store(false, Ordering::Release);
@@ -263,7 +291,8 @@ impl CompiledPlugin {
         f: impl FnOnce(&Exports, &mut Store<Sandbox>, &Instance) -> wasmtime::Result<T>,
     ) -> Result<Called<T>, CallFailure> {
         let start = Instant::now();
-        let warm = self.lock_warm().pop();
+        self.last_used_ms.store(self.runtime.warm.now_ms(), Ordering::Relaxed);
+        let warm = self.take_warm();
         self.schedule_refill();
         let was_warm = warm.is_some();
         let mut w = match warm {
@@ -351,6 +380,27 @@ impl CompiledPlugin {
         })?;
         let splits = c.value.map_err(|e| CallFailure::new(FailureKind::Declined, e))?;
         Ok(Called { value: splits.into_iter().map(Into::into).collect(), stats: c.stats, logs: c.logs })
+    }
+}
+
+impl WarmPool for CompiledPlugin {
+    fn last_used_ms(&self) -> u64 {
+        self.last_used_ms.load(Ordering::Relaxed)
+    }
+
+    fn warm_len(&self) -> usize {
+        self.lock_warm().len()
+    }
+
+    fn empty_pool(&self) {
+        let emptied = std::mem::take(&mut *self.lock_warm());
+        self.runtime.warm.release(emptied.len());
+    }
+}
+
+impl Drop for CompiledPlugin {
+    fn drop(&mut self) {
+        self.empty_pool();
     }
 }
 

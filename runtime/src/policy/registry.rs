@@ -1,9 +1,10 @@
 //! Installed plugins: every version of every slot, kept content-addressed on disk, the active one
 //! per slot behind an atomic pointer (in-flight calls keep the version they started with), and
-//! one-call rollback. State survives restarts in `<data_dir>/plugins/state.json`.
+//! one-call rollback. State survives restarts: one file per slot under `<data_dir>/plugins/slots/`,
+//! so that an install rewrites only its own slot's record however many slots there are.
 
 use std::collections::BTreeMap;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{SystemTime, UNIX_EPOCH};
@@ -41,6 +42,58 @@ struct SlotRecord {
     /// Versions in the order they were activated; the last is active unless `active` is `None`.
     history: Vec<u32>,
     active: Option<u32>,
+}
+
+/// The folder under the plugin root holding one record file per slot.
+const SLOTS_DIR: &str = "slots";
+
+/// A slot's record as stored in its file.
+#[derive(Serialize, Deserialize)]
+struct StoredSlot {
+    slot: String,
+    #[serde(flatten)]
+    record: SlotRecord,
+}
+
+/// The file name of a slot's record: its name in hex (adapter names may hold any character).
+fn slot_file(slot: &Slot) -> String {
+    let hex: String = slot.to_string().bytes().map(|b| format!("{b:02x}")).collect();
+    format!("{hex}.json")
+}
+
+/// Reads every slot's record under `root`, moving a single-file `state.json` (older servers)
+/// into one file per slot first.
+fn read_records(root: &Path) -> Result<BTreeMap<Slot, SlotRecord>> {
+    let mut records = BTreeMap::new();
+    let legacy = root.join("state.json");
+    if legacy.is_file() {
+        let text = std::fs::read_to_string(&legacy).map_err(|e| Error::io(&legacy, e))?;
+        let raw: BTreeMap<String, SlotRecord> = serde_json::from_str(&text)
+            .map_err(|e| Error::config(&legacy, "-", format!("not a plugin state file: {e}")))?;
+        let dir = root.join(SLOTS_DIR);
+        for (name, record) in raw {
+            let slot: Slot = name.parse().map_err(|m| Error::config(&legacy, &name, m))?;
+            let path = dir.join(slot_file(&slot));
+            let text = serde_json::to_vec_pretty(&StoredSlot { slot: name, record })
+                .map_err(|e| Error::config(&path, "-", e.to_string()))?;
+            write_atomically(&dir, &path, &text).map_err(|e| Error::io(&path, e))?;
+        }
+        std::fs::remove_file(&legacy).map_err(|e| Error::io(&legacy, e))?;
+    }
+    let dir = root.join(SLOTS_DIR);
+    let Ok(entries) = std::fs::read_dir(&dir) else { return Ok(records) };
+    for entry in entries.flatten() {
+        let path = entry.path();
+        if path.extension().is_none_or(|x| x != "json") {
+            continue;
+        }
+        let text = std::fs::read_to_string(&path).map_err(|e| Error::io(&path, e))?;
+        let stored: StoredSlot = serde_json::from_str(&text)
+            .map_err(|e| Error::config(&path, "-", format!("not a plugin slot record: {e}")))?;
+        let slot: Slot = stored.slot.parse().map_err(|m| Error::config(&path, "slot", m))?;
+        records.insert(slot, stored.record);
+    }
+    Ok(records)
 }
 
 /// The largest plugin configuration accepted, in bytes (it is recorded with every decision).
@@ -124,19 +177,10 @@ impl Registry {
     /// A registry keeping its files under `root` (`None`: in memory only), restoring the active
     /// version of every slot recorded there. A version that no longer loads is reported and skipped.
     pub fn open(runtime: Arc<WasmRuntime>, root: Option<PathBuf>) -> Result<Self> {
-        let mut records = BTreeMap::new();
-        if let Some(root) = &root {
-            let path = root.join("state.json");
-            if path.is_file() {
-                let text = std::fs::read_to_string(&path).map_err(|e| Error::io(&path, e))?;
-                let raw: BTreeMap<String, SlotRecord> = serde_json::from_str(&text)
-                    .map_err(|e| Error::config(&path, "-", format!("not a plugin state file: {e}")))?;
-                for (slot, rec) in raw {
-                    let slot: Slot = slot.parse().map_err(|m| Error::config(&path, &slot, m))?;
-                    records.insert(slot, rec);
-                }
-            }
-        }
+        let records = match &root {
+            Some(root) => read_records(root)?,
+            None => BTreeMap::new(),
+        };
         let registry = Registry {
             runtime,
             root,
@@ -242,7 +286,7 @@ impl Registry {
         rec.history.push(info.version);
         rec.active = Some(info.version);
         self.swap_in(slot, Some(Arc::new(Active { info: info.clone(), plugin })));
-        self.persist(&records)?;
+        self.persist(slot, &records)?;
         Ok(info)
     }
 
@@ -263,7 +307,7 @@ impl Registry {
         rec.history.push(version);
         rec.active = Some(version);
         self.swap_in(slot, Some(Arc::new(Active { info: info.clone(), plugin })));
-        self.persist(&records)?;
+        self.persist(slot, &records)?;
         Ok(info)
     }
 
@@ -302,7 +346,7 @@ impl Registry {
         rec.active = previous;
         let info = next.as_ref().map(|a| a.info.clone());
         self.swap_in(slot, next);
-        self.persist(&records)?;
+        self.persist(slot, &records)?;
         Ok(info)
     }
 
@@ -314,7 +358,19 @@ impl Registry {
         rec.active = None;
         rec.history.clear();
         self.swap_in(slot, None);
-        self.persist(&records)
+        self.persist(slot, &records)
+    }
+
+    /// Forgets a slot with every version it had (a later slot of the same name starts empty);
+    /// the blobs stay while the ledger may name them.
+    pub fn remove(&self, slot: &Slot) -> Result<()> {
+        let mut records = self.lock();
+        if records.remove(slot).is_none() {
+            return Err(PolicyError::UnknownPlugin(format!("slot {slot}")).into());
+        }
+        self.swap_in(slot, None);
+        self.slots.remove(slot);
+        self.persist(slot, &records)
     }
 
     fn swap_in(&self, slot: &Slot, active: Option<Arc<Active>>) {
@@ -325,12 +381,22 @@ impl Registry {
         handle.quarantined.store(false, Ordering::Relaxed);
     }
 
-    fn persist(&self, records: &BTreeMap<Slot, SlotRecord>) -> Result<()> {
+    /// Writes `slot`'s record (or removes its file when the slot is gone).
+    fn persist(&self, slot: &Slot, records: &BTreeMap<Slot, SlotRecord>) -> Result<()> {
         let Some(root) = &self.root else { return Ok(()) };
-        let raw: BTreeMap<String, &SlotRecord> = records.iter().map(|(s, r)| (s.to_string(), r)).collect();
-        let text = serde_json::to_vec_pretty(&raw).map_err(|e| Error::config(root, "-", e.to_string()))?;
-        let path = root.join("state.json");
-        write_atomically(root, &path, &text).map_err(|e| Error::io(&path, e))
+        let dir = root.join(SLOTS_DIR);
+        let path = dir.join(slot_file(slot));
+        match records.get(slot) {
+            Some(rec) => {
+                let text = serde_json::to_vec_pretty(&StoredSlot { slot: slot.to_string(), record: rec.clone() })
+                    .map_err(|e| Error::config(&path, "-", e.to_string()))?;
+                write_atomically(&dir, &path, &text).map_err(|e| Error::io(&path, e))
+            }
+            None => match std::fs::remove_file(&path) {
+                Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(Error::io(&path, e)),
+                _ => Ok(()),
+            },
+        }
     }
 
     /// Every slot that has versions, with its state.

@@ -4,7 +4,8 @@
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::mpsc::{Sender, channel};
+use std::sync::mpsc::{RecvTimeoutError, Sender, channel};
+use std::sync::{Mutex, Weak};
 use std::time::Duration;
 
 use sha2::{Digest, Sha256};
@@ -14,13 +15,19 @@ use wasmtime::{Config, Engine, InstanceAllocationStrategy, PoolingAllocationConf
 use super::config::PolicyConfig;
 use super::sandbox::{ALLOWED_IMPORTS, Sandbox, linker};
 use super::slot::World;
+use super::warm::{SWEEP_EVERY, WarmBudget, WarmPool};
 use crate::error::{Error, PolicyError, Result};
 
 /// Milliseconds per epoch tick: the granularity of call deadlines.
 const EPOCH_TICK: Duration = Duration::from_millis(1);
 
-/// Most component instances alive at once (warm pools plus calls in flight).
-const MAX_INSTANCES: u32 = 1000;
+/// Most component instances alive at once: warm pools (`policy.warm_instances_total`), calls
+/// in flight (at most `limits.max_concurrent_requests`), installs and instances being dropped.
+const MAX_INSTANCES: u32 = 1200;
+
+/// Compiled components kept in memory by sha256, so that many slots running one component
+/// (thousands of adapters with the same attributor) share its code.
+const MAX_COMPONENTS_IN_MEMORY: usize = 64;
 
 /// The hex sha256 of `bytes`: the name of a plugin version everywhere.
 pub fn sha256_hex(bytes: &[u8]) -> String {
@@ -45,6 +52,10 @@ pub struct WasmRuntime {
     jobs: Sender<Job>,
     /// Used instances waiting to be dropped by the background thread.
     discards_pending: Arc<AtomicUsize>,
+    /// The server-wide budget of warm instances.
+    pub(crate) warm: Arc<WarmBudget>,
+    /// Recently compiled components by sha256, most recent last.
+    components: Mutex<Vec<(String, Component)>>,
 }
 
 /// Used instances the background thread may have waiting; beyond this callers drop their own.
@@ -91,18 +102,23 @@ impl WasmRuntime {
         let (jobs, queue) = channel::<Job>();
         let discards_pending = Arc::new(AtomicUsize::new(0));
         let pending = discards_pending.clone();
+        let warm = Arc::new(WarmBudget::new(limits.warm_instances_total));
+        let sweeper = warm.clone();
         std::thread::Builder::new()
             .name("openlora-plugin-warm".into())
             .spawn(move || {
                 // Ends when the runtime (the only sender) is dropped.
-                while let Ok(job) = queue.recv() {
-                    match job {
-                        Job::Refill(refill) => refill(),
-                        Job::Discard(used) => {
+                loop {
+                    match queue.recv_timeout(SWEEP_EVERY) {
+                        Ok(Job::Refill(refill)) => refill(),
+                        Ok(Job::Discard(used)) => {
                             drop(used);
                             pending.fetch_sub(1, Ordering::Relaxed);
                         }
+                        Err(RecvTimeoutError::Timeout) => {}
+                        Err(RecvTimeoutError::Disconnected) => break,
                     }
+                    sweeper.sweep_if_due();
                 }
             })
             .map_err(|e| Error::io("plugin warm-pool thread", e))?;
@@ -114,7 +130,14 @@ impl WasmRuntime {
             stop_ticker,
             jobs,
             discards_pending,
+            warm,
+            components: Mutex::new(Vec::new()),
         }))
+    }
+
+    /// Registers a plugin's warm pool with the server-wide budget.
+    pub(crate) fn track_pool(&self, pool: Weak<dyn WarmPool>) {
+        self.warm.track(pool);
     }
 
     /// Hands work to the background thread (done inline if that thread is gone).
@@ -175,6 +198,9 @@ impl WasmRuntime {
     /// version (a hit marks the file as just used). Nothing is written: only a component that
     /// passed every check is kept ([`WasmRuntime::remember`]).
     pub(crate) fn compile(&self, sha: &str, bytes: &[u8]) -> wasmtime::Result<Component> {
+        if let Some(component) = self.in_memory(sha) {
+            return Ok(component);
+        }
         if let Some(dir) = &self.cache_dir {
             let path = Self::cached_path(dir, sha);
             if path.is_file() {
@@ -194,9 +220,27 @@ impl WasmRuntime {
         Component::from_binary(&self.engine, bytes)
     }
 
-    /// Keeps an accepted component's compiled form in the cache, then trims the cache to
+    /// An accepted component compiled recently, marked as just used.
+    fn in_memory(&self, sha: &str) -> Option<Component> {
+        let mut kept = self.components.lock().unwrap_or_else(|p| p.into_inner());
+        let at = kept.iter().position(|(s, _)| s == sha)?;
+        let hit = kept.remove(at);
+        let component = hit.1.clone();
+        kept.push(hit);
+        Some(component)
+    }
+
+    /// Keeps an accepted component's compiled form in memory and in the cache, then trims the cache to
     /// [`MAX_CACHE_BYTES`], least recently used first.
     pub(crate) fn remember(&self, sha: &str, component: &Component) {
+        {
+            let mut kept = self.components.lock().unwrap_or_else(|p| p.into_inner());
+            kept.retain(|(s, _)| s != sha);
+            kept.push((sha.to_string(), component.clone()));
+            if kept.len() > MAX_COMPONENTS_IN_MEMORY {
+                kept.remove(0);
+            }
+        }
         let Some(dir) = &self.cache_dir else { return };
         let path = Self::cached_path(dir, sha);
         if !path.is_file()
