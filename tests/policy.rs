@@ -552,7 +552,9 @@ proptest::proptest! {
         // Replaying the recorded decision gives the same settlement.
         static REPLAYER: OnceLock<std::sync::Mutex<openlora::policy::Replayer>> = OnceLock::new();
         let replayer = REPLAYER.get_or_init(|| openlora::policy::Replayer::new(&PolicyConfig::default()).unwrap().into());
-        let mut blobs = |_: &str| Ok(Some(bytes.clone()));
+        let mut blobs = |sha: &str| {
+            Ok(if sha == openlora::policy::sha256_hex(bytes) { Some(bytes.clone()) } else { host.config_text(sha).map(String::into_bytes) })
+        };
         let again = replayer.lock().unwrap().settle(&r, &u, &s.deciders, &mut blobs).unwrap();
         proptest::prop_assert_eq!((again.charge, again.splits), (s.charge, s.splits));
     }

@@ -1,6 +1,6 @@
 //! Settlement outside the HTTP layer: a request runs with, and its ledger entry records, the
 //! adapter version it was admitted with, even when the adapter is replaced or removed while it
-//! runs.
+//! runs; and the configurations its deciders ran with are stored once, by sha256, and replay.
 
 mod common;
 
@@ -25,7 +25,8 @@ struct Setup {
     validator: Validator,
     service: Arc<SettlementService>,
     ledger: Arc<Ledger>,
-    _dir: TempDir,
+    policy: Arc<PolicyHost>,
+    dir: TempDir,
 }
 
 struct TempDir(std::path::PathBuf);
@@ -49,18 +50,27 @@ fn setup(tag: &str) -> Setup {
     let policy = Arc::new(PolicyHost::new(&PolicyConfig::default(), None, metrics.policy.clone()).expect("policy"));
     let limits = RequestLimits { max_prompt_tokens: 256, default_max_tokens: 16 };
     let validator = Validator::new(model, "base".into(), limits, engine.checker().clone()).expect("validator");
-    let service = SettlementService::new(engine, policy, ledger.clone(), "base".into(), "USD".into());
-    Setup { pager, validator, service, ledger, _dir: TempDir(dir) }
+    let service = SettlementService::new(engine, policy.clone(), ledger.clone(), "base".into(), "USD".into());
+    Setup { pager, validator, service, ledger, policy, dir: TempDir(dir) }
 }
 
 /// Runs one 40-token request for the adapter `tuned`, calling `meanwhile` once it is running;
 /// returns the sha256 its ledger entry records for the adapter.
 async fn run(s: &Setup, meanwhile: impl FnOnce()) -> String {
+    run_as(s, "req-1", meanwhile).await;
+    let entries = s.ledger.read(|st| st.page(&Filter::default(), 0, 10)).expect("read");
+    assert_eq!(entries.len(), 1);
+    let body = entries[0].parse().expect("entry");
+    body.adapter.expect("an adapter is recorded").sha256
+}
+
+/// Runs one 40-token request `id` for the adapter `tuned` to its ledger entry.
+async fn run_as(s: &Setup, id: &str, meanwhile: impl FnOnce()) {
     let params: ApiParams =
         serde_json::from_value(serde_json::json!({"max_tokens": 40, "ignore_eos": true, "temperature": 0}))
             .expect("params");
     let prompt = PromptInput::Text("the cat".into());
-    let prepared = s.validator.completion("req-1".into(), "tuned", &prompt, None, params).expect("valid");
+    let prepared = s.validator.completion(id.into(), "tuned", &prompt, None, params).expect("valid");
     let admission = Admission { prepared, tenant: "t".into(), requested_model: "tuned".into(), idempotency_key: None };
     let mut stream = s.service.admit(admission).await.expect("admitted");
     let mut meanwhile = Some(meanwhile);
@@ -79,10 +89,6 @@ async fn run(s: &Setup, meanwhile: impl FnOnce()) -> String {
             Event::Failed { message, .. } => panic!("failed: {message}"),
         }
     }
-    let entries = s.ledger.read(|st| st.page(&Filter::default(), 0, 10)).expect("read");
-    assert_eq!(entries.len(), 1);
-    let body = entries[0].parse().expect("entry");
-    body.adapter.expect("an adapter is recorded").sha256
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -102,4 +108,49 @@ async fn the_entry_records_the_adapter_version_admitted_when_it_is_deleted_mid_r
     let recorded = run(&s, || assert!(s.pager.unregister("tuned"))).await;
     assert!(s.pager.manifest("tuned").is_none());
     assert_eq!(recorded, admitted, "the entry names the version the request ran with, not \"\"");
+}
+
+/// Entries name each decider's configuration by sha256; the ledger stores each distinct one
+/// once, replay reads it from there, and a stored configuration changed in the database is
+/// caught by `ledger verify`.
+#[tokio::test(flavor = "multi_thread")]
+async fn configurations_are_stored_once_by_sha256_and_replay() {
+    use openlora::policy::{Replayer, Slot};
+    let s = setup("configs");
+    let pricer = r#"{"currency": "USD", "default": {"prompt_per_1k": 2500, "completion_per_1k": 7000}}"#;
+    let owner = r#"{"owner_keeps_ppm": 250000, "contributors": {"ann": 3, "bo": 1}}"#;
+    s.policy.install(&Slot::Pricer, &common::plugin_wasm("openlora-plugin-token-pricer"), pricer, "test").unwrap();
+    let attributor = common::plugin_wasm("openlora-plugin-contributor-attributor");
+    s.policy.install(&Slot::Adapter("tuned".into()), &attributor, owner, "test").unwrap();
+    for i in 0..3 {
+        run_as(&s, &format!("req-{i}"), || {}).await;
+    }
+    let entries = s.ledger.read(|st| st.page(&Filter::default(), 0, 10)).expect("read");
+    assert_eq!(entries.len(), 3);
+    let sha = |text: &str| openlora::policy::sha256_hex(text.as_bytes());
+    for e in &entries {
+        assert!(!e.body.contains("contributors") && !e.body.contains("prompt_per_1k"), "no config inline: {}", e.body);
+        let body = e.parse().unwrap();
+        let named: Vec<_> = body.deciders.iter().filter_map(|d| d.config_sha256.clone()).collect();
+        assert!(named.contains(&sha(pricer)) && named.contains(&sha(owner)), "{named:?}");
+    }
+    for config in [pricer, owner] {
+        let stored = s.ledger.read(|st| st.blob(&sha(config))).unwrap();
+        assert_eq!(stored.as_deref(), Some(config.as_bytes()), "stored once, by its sha256");
+    }
+    let verify = || {
+        let mut replayer = Replayer::new(&PolicyConfig::default()).unwrap();
+        s.ledger.read(|st| openlora::ledger::verify::verify(st, Some(&mut replayer), "test")).unwrap()
+    };
+    let report = verify();
+    assert!(report.ok() && report.replayed == 3, "{report:?}");
+
+    let db = rusqlite::Connection::open(s.dir.0.join("ledger.db")).unwrap();
+    let richer = owner.replace("\"bo\": 1", "\"bo\": 9");
+    db.execute("UPDATE plugin_blobs SET bytes = ?1 WHERE sha256 = ?2", rusqlite::params![richer.as_bytes(), sha(owner)])
+        .unwrap();
+    let report = verify();
+    let bad = report.first_bad.expect("a changed configuration is caught");
+    assert_eq!(bad.seq, 1);
+    assert!(bad.problem.contains("does not match its hash"), "{}", bad.problem);
 }

@@ -31,8 +31,14 @@ pub struct Decider {
     pub plugin: String,
     /// The plugin's version number in its slot (none for the built-in).
     pub version: Option<u32>,
-    /// The configuration it ran with (JSON; empty for none).
-    pub config: String,
+    /// The configuration it ran with, inline (format 1 entries only; later formats name it by
+    /// `config_sha256` and the ledger stores each distinct configuration once).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub config: Option<String>,
+    /// The sha256 (hex) of the configuration it ran with (JSON), stored once in the ledger;
+    /// absent when it ran with none.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub config_sha256: Option<String>,
     /// If the slot's plugin failed and the built-in answered instead: why.
     pub failure: Option<String>,
     /// Fuel the plugin used (0 for the built-in).
@@ -42,8 +48,9 @@ pub struct Decider {
 /// The `prev_hash` of the first entry of a ledger.
 pub const GENESIS_HASH: &str = "0000000000000000000000000000000000000000000000000000000000000000";
 
-/// Version of the entry format, recorded in every entry.
-pub const ENTRY_FORMAT: u32 = 1;
+/// Version of the entry format, recorded in every entry. Format 1 carried each decider's
+/// configuration inline; format 2 names it by sha256.
+pub const ENTRY_FORMAT: u32 = 2;
 
 /// How a request that did work ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -125,6 +132,9 @@ impl EntryBody {
             return Err("request id and key must not be empty".into());
         }
         validate_currency(&self.charge.currency)?;
+        if self.format >= 2 && self.deciders.iter().any(|d| d.config.is_some()) {
+            return Err("from format 2 on, a decider names its configuration by sha256 only".into());
+        }
         if self.charge.amount == 0 && self.splits.is_empty() {
             return Ok(());
         }
@@ -138,6 +148,14 @@ impl EntryBody {
     pub fn plugin_hashes(&self) -> Vec<String> {
         let mut v: Vec<String> =
             self.deciders.iter().filter_map(|d| d.plugin.strip_prefix("sha256:")).map(str::to_string).collect();
+        v.sort();
+        v.dedup();
+        v
+    }
+
+    /// The sha256 (hex) of every configuration a decider ran with.
+    pub fn config_hashes(&self) -> Vec<String> {
+        let mut v: Vec<String> = self.deciders.iter().filter_map(|d| d.config_sha256.clone()).collect();
         v.sort();
         v.dedup();
         v
@@ -188,15 +206,16 @@ pub fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
-/// An entry ready to be written: its body (already checked), and the bytes of any plugin the
-/// ledger may not hold yet.
+/// An entry ready to be written: its body (already checked), and the bytes of any plugin or
+/// configuration the ledger may not hold yet.
 #[derive(Debug, Clone)]
 pub struct NewEntry {
     /// The body.
     pub body: EntryBody,
     /// Its canonical JSON.
     pub canonical: String,
-    /// `(sha256, wasm bytes)` of plugins to store with it (kept once, content-addressed).
+    /// `(sha256, bytes)` of plugins and configurations to store with it (kept once,
+    /// content-addressed).
     pub blobs: Vec<(String, Vec<u8>)>,
 }
 
@@ -239,6 +258,18 @@ pub(crate) mod tests {
         let back: EntryBody = serde_json::from_str(&text).unwrap();
         assert_eq!(back, b);
         assert_eq!(back.canonical(), text);
+    }
+
+    #[test]
+    fn format_one_entries_keep_their_inline_configuration() {
+        let text = r#"{"slot":"pricer","plugin":"builtin:pricer@1","version":null,"config":"{}","failure":null,"fuel":0}"#;
+        let d: Decider = serde_json::from_str(text).unwrap();
+        assert_eq!(serde_json::to_string(&d).unwrap(), text, "format 1 bytes are reproduced exactly");
+        let mut body = sample_body(1);
+        body.deciders.push(d);
+        assert!(body.check().is_err(), "from format 2 on, configurations are named by sha256");
+        body.format = 1;
+        assert!(body.check().is_ok());
     }
 
     #[test]

@@ -51,6 +51,8 @@ pub struct Builtins {
     attributor: <ProportionalAttributor as Attributor>::Config,
     /// The configuration JSON of each, as given (for replay records).
     pub configs: [String; 3],
+    /// Their sha256 (hex), as the ledger names them (`None`: not configured).
+    pub config_hashes: [Option<String>; 3],
 }
 
 fn parse<C: PluginConfig>(slot: &str, json: &str, check: fn(&C) -> std::result::Result<(), String>) -> Result<C> {
@@ -75,6 +77,7 @@ impl Builtins {
             router: parse("router", &configs[0], DefaultRouter::check_config)?,
             pricer: parse("pricer", &configs[1], TokenPricer::check_config)?,
             attributor: parse("attributor", &configs[2], ProportionalAttributor::check_config)?,
+            config_hashes: configs.each_ref().map(|c| super::wasm::config_sha256(c)),
             configs,
         })
     }

@@ -149,7 +149,8 @@ impl PolicyHost {
                         slot: a.slot.to_string(),
                         plugin: format!("sha256:{}", active.info.sha256),
                         version: Some(active.info.version),
-                        config: active.info.config.clone(),
+                        config: None,
+                        config_sha256: active.plugin.config_sha256.clone(),
                         failure: None,
                         fuel: called.stats.fuel,
                     };
@@ -175,17 +176,18 @@ impl PolicyHost {
             .map_err(|message| Error::from(PolicyError::Failed { slot: a.slot.to_string(), message }))?;
         let by_label = if failure.is_some() { "fallback" } else { "builtin" };
         self.metrics.decisions.with_label_values(&[label, by_label]).inc();
-        let config = match a.slot {
-            Slot::Router => self.builtins.configs[0].clone(),
-            Slot::Pricer => self.builtins.configs[1].clone(),
-            Slot::Attributor => self.builtins.configs[2].clone(),
-            Slot::Adapter(_) => String::new(),
+        let config_sha256 = match a.slot {
+            Slot::Router => self.builtins.config_hashes[0].clone(),
+            Slot::Pricer => self.builtins.config_hashes[1].clone(),
+            Slot::Attributor => self.builtins.config_hashes[2].clone(),
+            Slot::Adapter(_) => None,
         };
         let plugin = match a.slot {
             Slot::Adapter(_) => builtin_label("owner-keeps-share"),
             other => builtin_label(&other.to_string()),
         };
-        Ok((value, Decider { slot: a.slot.to_string(), plugin, version: None, config, failure, fuel: 0 }))
+        let by = Decider { slot: a.slot.to_string(), plugin, version: None, config: None, config_sha256, failure, fuel: 0 };
+        Ok((value, by))
     }
 
     fn on_failure(&self, slot: &Slot) -> OnFailure {
@@ -279,6 +281,15 @@ impl PolicyHost {
     /// The stored bytes of a plugin version, by sha256 (hex).
     pub fn blob(&self, sha256: &str) -> Option<Vec<u8>> {
         self.registry.blob(sha256)
+    }
+
+    /// A configuration a built-in or a loaded plugin version runs with, by sha256 (hex).
+    pub fn config_text(&self, sha256: &str) -> Option<String> {
+        let builtin = self.builtins.config_hashes.iter().position(|h| h.as_deref() == Some(sha256));
+        match builtin {
+            Some(i) => Some(self.builtins.configs[i].clone()),
+            None => self.registry.config(sha256).map(|c| c.to_string()),
+        }
     }
 
     /// Makes an installed version of a slot active.

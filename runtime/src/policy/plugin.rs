@@ -14,7 +14,7 @@ use wasmtime::{Store, StoreLimitsBuilder, Trap};
 use super::sandbox::{RandomLimit, Sandbox, attribution, pricing, routing, wit};
 use super::slot::World;
 use super::warm::WarmPool;
-use super::wasm::{Job, WasmRuntime, check_header, check_imports_exports, sha256_hex};
+use super::wasm::{Job, WasmRuntime, check_header, check_imports_exports, config_sha256, sha256_hex};
 use crate::error::{Error, PolicyError, Result};
 
 /// How a call failed.
@@ -145,6 +145,8 @@ pub struct CompiledPlugin {
     pub world: World,
     /// The configuration its instances are given (JSON; empty for none).
     pub config: String,
+    /// The configuration's sha256 (hex), as the ledger names it; `None` for none.
+    pub config_sha256: Option<String>,
     /// The component's size in bytes.
     pub size: usize,
     runtime: Arc<WasmRuntime>,
@@ -174,6 +176,7 @@ impl CompiledPlugin {
         Ok(Arc::new(CompiledPlugin {
             sha256,
             world,
+            config_sha256: config_sha256(&config),
             config,
             size,
             last_used_ms,

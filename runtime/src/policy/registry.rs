@@ -14,7 +14,7 @@ use dashmap::DashMap;
 use serde::{Deserialize, Serialize};
 
 use super::plugin::CompiledPlugin;
-use super::slot::Slot;
+use super::slot::{Slot, World};
 use super::wasm::{WasmRuntime, sha256_hex, write_atomically};
 use crate::error::{Error, PolicyError, Result};
 
@@ -167,6 +167,8 @@ pub struct Registry {
     records: Mutex<BTreeMap<Slot, SlotRecord>>,
     /// Component bytes by sha256 when there is no `root` to keep them in.
     in_memory: DashMap<String, Arc<Vec<u8>>>,
+    /// Every configuration a loaded version runs with, by sha256, for the ledger to store once.
+    configs: DashMap<String, Arc<str>>,
 }
 
 fn now_ms() -> u64 {
@@ -187,6 +189,7 @@ impl Registry {
             slots: DashMap::new(),
             records: Mutex::new(BTreeMap::new()),
             in_memory: DashMap::new(),
+            configs: DashMap::new(),
         };
         for (slot, rec) in records {
             let active = rec.active.and_then(|v| rec.versions.iter().find(|i| i.version == v).cloned());
@@ -238,7 +241,21 @@ impl Registry {
         let bytes = self
             .blob(&info.sha256)
             .ok_or_else(|| Error::from(PolicyError::UnknownPlugin(format!("blob {} of slot {slot}", info.sha256))))?;
-        self.runtime.load(&format!("{slot} v{}", info.version), &bytes, slot.world(), &info.config)
+        self.load(&format!("{slot} v{}", info.version), &bytes, slot.world(), &info.config)
+    }
+
+    /// Loads a plugin version and remembers its configuration by sha256.
+    fn load(&self, what: &str, bytes: &[u8], world: World, config: &str) -> Result<Arc<CompiledPlugin>> {
+        let plugin = self.runtime.load(what, bytes, world, config)?;
+        if let Some(sha) = &plugin.config_sha256 {
+            self.configs.entry(sha.clone()).or_insert_with(|| Arc::from(config));
+        }
+        Ok(plugin)
+    }
+
+    /// A configuration some loaded version ran with, by its sha256 (hex).
+    pub fn config(&self, sha256: &str) -> Option<Arc<str>> {
+        self.configs.get(sha256).map(|c| c.clone())
     }
 
     /// Validates `bytes` (with `config`) as a plugin for `slot`, stores it and makes it active.
@@ -252,7 +269,7 @@ impl Registry {
             }
             .into());
         }
-        let plugin = self.runtime.load(&format!("for slot {slot}"), bytes, slot.world(), config)?;
+        let plugin = self.load(&format!("for slot {slot}"), bytes, slot.world(), config)?;
         let sha256 = sha256_hex(bytes);
         match &self.root {
             Some(root) => {

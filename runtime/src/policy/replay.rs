@@ -14,7 +14,7 @@ use super::config::PolicyConfig;
 use super::host::divide_owner_share;
 use super::plugin::CompiledPlugin;
 use super::slot::World;
-use super::wasm::WasmRuntime;
+use super::wasm::{WasmRuntime, sha256_hex};
 use crate::error::Result;
 use crate::ledger::Decider;
 use crate::ledger::verify::{BlobSource, Replay, Replayed};
@@ -40,17 +40,14 @@ impl Replayer {
         let Some(sha) = d.plugin.strip_prefix("sha256:") else {
             return Err(format!("{}: {} is not a plugin hash", d.slot, d.plugin));
         };
-        let key = (sha.to_string(), d.config.clone(), world);
+        let config = recorded_config(d, blobs)?;
+        let key = (sha.to_string(), config.clone(), world);
         if let Some(p) = self.loaded.get(&key) {
             return Ok(p.clone());
         }
-        let bytes = blobs(sha)
-            .map_err(|e| e.to_string())?
-            .ok_or_else(|| format!("{}: plugin sha256:{sha} is not stored in the ledger", d.slot))?;
-        let p = self
-            .runtime
-            .load(&format!("sha256:{sha}"), &bytes, world, &d.config)
-            .map_err(|e| format!("{}: {e}", d.slot))?;
+        let bytes = stored(blobs, sha, &d.slot, "plugin")?;
+        let p =
+            self.runtime.load(&format!("sha256:{sha}"), &bytes, world, &config).map_err(|e| format!("{}: {e}", d.slot))?;
         self.loaded.insert(key, p.clone());
         Ok(p)
     }
@@ -68,12 +65,12 @@ impl Replay for Replayer {
         let pricer = find("pricer").ok_or("no pricer decision recorded")?;
         let attributor = find("attributor").ok_or("no attributor decision recorded")?;
         let charge = if is_builtin(pricer) {
-            builtins(pricer, "pricer")?.price(request, usage)?
+            builtins(pricer, "pricer", blobs)?.price(request, usage)?
         } else {
             self.plugin(pricer, World::Pricer, blobs)?.price(request, usage).map_err(|f| f.to_string())?.value
         };
         let mut splits = if is_builtin(attributor) {
-            builtins(attributor, "attributor")?.attribute(request, usage, &charge)?
+            builtins(attributor, "attributor", blobs)?.attribute(request, usage, &charge)?
         } else {
             let p = self.plugin(attributor, World::Attributor, blobs)?;
             p.attribute(request, usage, &charge).map_err(|f| f.to_string())?.value
@@ -98,8 +95,29 @@ fn is_builtin(d: &Decider) -> bool {
     d.plugin.starts_with("builtin:")
 }
 
+/// Bytes the ledger stores by sha256, checked against it (a database writer cannot swap them).
+fn stored(blobs: BlobSource<'_>, sha: &str, slot: &str, what: &str) -> std::result::Result<Vec<u8>, String> {
+    let bytes = blobs(sha)
+        .map_err(|e| e.to_string())?
+        .ok_or_else(|| format!("{slot}: {what} sha256:{sha} is not stored in the ledger"))?;
+    if sha256_hex(&bytes) != sha {
+        return Err(format!("{slot}: the stored {what} sha256:{sha} does not match its hash (it was changed)"));
+    }
+    Ok(bytes)
+}
+
+/// The configuration a decision ran with: inline (format 1) or stored once by sha256.
+fn recorded_config(d: &Decider, blobs: BlobSource<'_>) -> std::result::Result<String, String> {
+    match (&d.config, &d.config_sha256) {
+        (Some(inline), _) => Ok(inline.clone()),
+        (None, Some(sha)) => String::from_utf8(stored(blobs, sha, &d.slot, "configuration")?)
+            .map_err(|_| format!("{}: configuration sha256:{sha} is not UTF-8", d.slot)),
+        (None, None) => Ok(String::new()),
+    }
+}
+
 /// The built-ins as a decision recorded them, refusing another version's.
-fn builtins(d: &Decider, slot: &str) -> std::result::Result<Builtins, String> {
+fn builtins(d: &Decider, slot: &str, blobs: BlobSource<'_>) -> std::result::Result<Builtins, String> {
     if d.plugin != builtin_label(slot) {
         return Err(format!(
             "{slot}: decided by {}, which this openlora ({}) cannot replay",
@@ -108,6 +126,6 @@ fn builtins(d: &Decider, slot: &str) -> std::result::Result<Builtins, String> {
         ));
     }
     let mut configs = [String::new(), String::new(), String::new()];
-    configs[if slot == "pricer" { 1 } else { 2 }] = d.config.clone();
+    configs[if slot == "pricer" { 1 } else { 2 }] = recorded_config(d, blobs)?;
     Builtins::from_json(configs).map_err(|e| e.to_string())
 }

@@ -34,6 +34,11 @@ pub fn sha256_hex(bytes: &[u8]) -> String {
     Sha256::digest(bytes).iter().map(|b| format!("{b:02x}")).collect()
 }
 
+/// The sha256 (hex) a configuration is recorded by; `None` for no configuration.
+pub fn config_sha256(config: &str) -> Option<String> {
+    (!config.is_empty()).then(|| sha256_hex(config.as_bytes()))
+}
+
 /// Work done off the request path by the runtime's background thread.
 pub(crate) enum Job {
     /// Top up a plugin's pool of warm instances.

@@ -12,6 +12,7 @@ use crate::error::LedgerError;
 use crate::ledger::entry::ENTRY_FORMAT;
 use crate::ledger::{Appended, Artifact, EntryBody, Ledger, NewEntry, Outcome, StoredEntry, now_ms};
 use crate::policy::PolicyHost;
+use crate::policy::wasm::config_sha256;
 
 /// The `billing` object of a response: the entry's charge, splits, deciders and place in the
 /// ledger. A decider's configuration is the operator's or the owner's business (the built-in
@@ -23,7 +24,7 @@ pub fn billing_json(body: &EntryBody, stored: &StoredEntry) -> Value {
         .map(|d| {
             json!({
                 "slot": d.slot, "plugin": d.plugin, "version": d.version, "failure": d.failure, "fuel": d.fuel,
-                "config_sha256": (!d.config.is_empty()).then(|| crate::policy::wasm::sha256_hex(d.config.as_bytes())),
+                "config_sha256": d.config_sha256.clone().or_else(|| d.config.as_deref().and_then(config_sha256)),
             })
         })
         .collect();
@@ -99,12 +100,10 @@ impl Recorder {
                 deciders,
                 finished_at_ms: now_ms(),
             };
-            let blobs = body
-                .plugin_hashes()
-                .into_iter()
-                .filter(|sha| svc.ledger.needs_blob(sha))
-                .filter_map(|sha| svc.policy.blob(&sha).map(|b| (sha, b)))
-                .collect();
+            let plugins = body.plugin_hashes().into_iter().filter(|sha| svc.ledger.needs_blob(sha));
+            let mut blobs: Vec<_> = plugins.filter_map(|sha| svc.policy.blob(&sha).map(|b| (sha, b))).collect();
+            let configs = body.config_hashes().into_iter().filter(|sha| svc.ledger.needs_blob(sha));
+            blobs.extend(configs.filter_map(|sha| svc.policy.config_text(&sha).map(|c| (sha, c.into_bytes()))));
             let entry = NewEntry::new(body, blobs).map_err(LedgerError::Refused).map_err(crate::Error::from)?;
             let body = entry.body.clone();
             let billing = match svc.ledger.append(entry)? {
