@@ -147,8 +147,11 @@ async fn configurations_are_stored_once_by_sha256_and_replay() {
 
     let db = rusqlite::Connection::open(s.dir.0.join("ledger.db")).unwrap();
     let richer = owner.replace("\"bo\": 1", "\"bo\": 9");
-    db.execute("UPDATE plugin_blobs SET bytes = ?1 WHERE sha256 = ?2", rusqlite::params![richer.as_bytes(), sha(owner)])
-        .unwrap();
+    db.execute(
+        "UPDATE plugin_blobs SET bytes = ?1 WHERE sha256 = ?2",
+        rusqlite::params![richer.as_bytes(), sha(owner)],
+    )
+    .unwrap();
     let report = verify();
     let bad = report.first_bad.expect("a changed configuration is caught");
     assert_eq!(bad.seq, 1);

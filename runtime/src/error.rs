@@ -162,6 +162,10 @@ pub enum PolicyError {
     #[error("no plugin {0}")]
     UnknownPlugin(String),
 
+    /// The plugin version is in use (active) and cannot be removed.
+    #[error("{0}")]
+    InUse(String),
+
     /// The router refused the request.
     #[error("request refused by policy: {0}")]
     Rejected(String),

@@ -6,7 +6,7 @@ use axum::Router;
 use axum::body::Bytes;
 use axum::extract::{FromRequest, Multipart, Request, State};
 use axum::http::{HeaderMap, StatusCode};
-use axum::routing::{get, post};
+use axum::routing::{delete, get, post};
 use serde::Deserialize;
 use serde_json::{Value, json};
 
@@ -21,6 +21,7 @@ pub fn router() -> Router<Shared> {
         .route("/admin/plugins/{slot}", get(show).post(upload).put(upload).delete(deactivate))
         .route("/admin/plugins/{slot}/rollback", post(rollback))
         .route("/admin/plugins/{slot}/activate/{version}", post(activate))
+        .route("/admin/plugins/{slot}/versions/{version}", delete(remove_version))
 }
 
 fn slot(name: &str) -> Result<Slot, ApiError> {
@@ -102,6 +103,16 @@ async fn activate(
     let (st, slot2) = (state.clone(), slot.clone());
     let active = blocking("activate", move || Ok(st.policy.activate(&slot2, version)?)).await?;
     Ok(Json(json!({"slot": slot, "active": active})))
+}
+
+async fn remove_version(
+    State(state): State<Shared>,
+    ApiPath((name, version)): ApiPath<(String, u32)>,
+) -> Result<Json<Value>, ApiError> {
+    let slot = slot(&name)?;
+    let (st, slot2) = (state.clone(), slot.clone());
+    blocking("remove version", move || Ok(st.policy.remove_version(&slot2, version)?)).await?;
+    Ok(Json(json!({"slot": slot, "removed": version})))
 }
 
 async fn deactivate(State(state): State<Shared>, ApiPath(name): ApiPath<String>) -> Result<Json<Value>, ApiError> {

@@ -110,6 +110,9 @@ impl From<Error> for ApiError {
                 PolicyError::UnknownPlugin(_) => {
                     ApiError::new(StatusCode::NOT_FOUND, "invalid_request_error", "not_found", msg)
                 }
+                PolicyError::InUse(_) => {
+                    ApiError::new(StatusCode::CONFLICT, "invalid_request_error", "plugin_in_use", msg)
+                }
                 PolicyError::Rejected(_) => {
                     ApiError::new(StatusCode::FORBIDDEN, "permission_error", "rejected_by_policy", msg)
                 }

@@ -262,7 +262,8 @@ pub(crate) mod tests {
 
     #[test]
     fn format_one_entries_keep_their_inline_configuration() {
-        let text = r#"{"slot":"pricer","plugin":"builtin:pricer@1","version":null,"config":"{}","failure":null,"fuel":0}"#;
+        let text =
+            r#"{"slot":"pricer","plugin":"builtin:pricer@1","version":null,"config":"{}","failure":null,"fuel":0}"#;
         let d: Decider = serde_json::from_str(text).unwrap();
         assert_eq!(serde_json::to_string(&d).unwrap(), text, "format 1 bytes are reproduced exactly");
         let mut body = sample_body(1);

@@ -186,7 +186,8 @@ impl PolicyHost {
             Slot::Adapter(_) => builtin_label("owner-keeps-share"),
             other => builtin_label(&other.to_string()),
         };
-        let by = Decider { slot: a.slot.to_string(), plugin, version: None, config: None, config_sha256, failure, fuel: 0 };
+        let by =
+            Decider { slot: a.slot.to_string(), plugin, version: None, config: None, config_sha256, failure, fuel: 0 };
         Ok((value, by))
     }
 
@@ -300,6 +301,11 @@ impl PolicyHost {
     /// Makes the version active before the current one again (`None`: there was none).
     pub fn rollback(&self, slot: &Slot) -> Result<Option<super::VersionInfo>> {
         self.registry.rollback(slot)
+    }
+
+    /// Removes an installed version that is not active.
+    pub fn remove_version(&self, slot: &Slot, version: u32) -> Result<()> {
+        self.registry.remove_version(slot, version)
     }
 
     /// Leaves a slot with no active version (the built-in answers).

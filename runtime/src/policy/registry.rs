@@ -44,6 +44,21 @@ struct SlotRecord {
     active: Option<u32>,
 }
 
+/// Most versions a slot keeps; installing more removes the oldest that is not active.
+pub const MAX_VERSIONS_PER_SLOT: usize = 32;
+
+/// Removes a slot's oldest inactive versions beyond [`MAX_VERSIONS_PER_SLOT`]; whether any went.
+fn prune_versions(rec: &mut SlotRecord) -> bool {
+    let mut pruned = false;
+    while rec.versions.len() > MAX_VERSIONS_PER_SLOT {
+        let Some(at) = rec.versions.iter().position(|v| Some(v.version) != rec.active) else { break };
+        let gone = rec.versions.remove(at).version;
+        rec.history.retain(|v| *v != gone);
+        pruned = true;
+    }
+    pruned
+}
+
 /// The folder under the plugin root holding one record file per slot.
 const SLOTS_DIR: &str = "slots";
 
@@ -169,7 +184,14 @@ pub struct Registry {
     in_memory: DashMap<String, Arc<Vec<u8>>>,
     /// Every configuration a loaded version runs with, by sha256, for the ledger to store once.
     configs: DashMap<String, Arc<str>>,
+    /// Blobs no version names any more, with when they stopped being named: removed once
+    /// [`BLOB_GRACE`] has passed (a request that just ran one has written its entry, and the
+    /// ledger its own copy, by then).
+    orphans: Mutex<Vec<(String, std::time::Instant)>>,
 }
+
+/// How long a blob no version names is kept before it is removed.
+const BLOB_GRACE: std::time::Duration = std::time::Duration::from_secs(60);
 
 fn now_ms() -> u64 {
     SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
@@ -190,6 +212,7 @@ impl Registry {
             records: Mutex::new(BTreeMap::new()),
             in_memory: DashMap::new(),
             configs: DashMap::new(),
+            orphans: Mutex::new(Vec::new()),
         };
         for (slot, rec) in records {
             let active = rec.active.and_then(|v| rec.versions.iter().find(|i| i.version == v).cloned());
@@ -206,7 +229,62 @@ impl Registry {
             }
             registry.lock().insert(slot, rec);
         }
+        // Nothing is running yet: a blob no version names can go at once.
+        registry.remove_blobs(registry.unnamed_blobs());
         Ok(registry)
+    }
+
+    /// The sha256 of every stored blob no version of any slot names.
+    fn unnamed_blobs(&self) -> Vec<String> {
+        let stored: Vec<String> = match &self.root {
+            Some(root) => std::fs::read_dir(root.join("blobs"))
+                .map(|d| {
+                    d.flatten()
+                        .filter_map(|e| e.file_name().to_str()?.strip_suffix(".wasm").map(str::to_string))
+                        .collect()
+                })
+                .unwrap_or_default(),
+            None => self.in_memory.iter().map(|e| e.key().clone()).collect(),
+        };
+        let records = self.lock();
+        let named: std::collections::HashSet<&str> =
+            records.values().flat_map(|r| r.versions.iter().map(|v| v.sha256.as_str())).collect();
+        stored.into_iter().filter(|sha| !named.contains(sha.as_str())).collect()
+    }
+
+    fn remove_blobs(&self, shas: Vec<String>) {
+        for sha in shas {
+            self.in_memory.remove(&sha);
+            if let Some(root) = &self.root {
+                let path = root.join("blobs").join(format!("{sha}.wasm"));
+                if let Err(e) = std::fs::remove_file(&path)
+                    && e.kind() != std::io::ErrorKind::NotFound
+                {
+                    tracing::warn!(sha256 = sha.as_str(), error = %e, "removing an unused plugin blob failed");
+                }
+            }
+        }
+    }
+
+    /// Removes the blobs that no version has named for [`BLOB_GRACE`], noting the ones that
+    /// have just stopped being named.
+    fn collect_blobs(&self) {
+        let unnamed = self.unnamed_blobs();
+        let now = std::time::Instant::now();
+        let due = {
+            let mut orphans = self.orphans.lock().unwrap_or_else(|p| p.into_inner());
+            orphans.retain(|(sha, _)| unnamed.contains(sha));
+            for sha in &unnamed {
+                if !orphans.iter().any(|(s, _)| s == sha) {
+                    orphans.push((sha.clone(), now));
+                }
+            }
+            let (due, keep): (Vec<_>, Vec<_>) =
+                orphans.drain(..).partition(|(_, since)| now.duration_since(*since) >= BLOB_GRACE);
+            *orphans = keep;
+            due.into_iter().map(|(sha, _)| sha).collect()
+        };
+        self.remove_blobs(due);
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, BTreeMap<Slot, SlotRecord>> {
@@ -302,9 +380,37 @@ impl Registry {
         };
         rec.history.push(info.version);
         rec.active = Some(info.version);
+        let pruned = prune_versions(rec);
         self.swap_in(slot, Some(Arc::new(Active { info: info.clone(), plugin })));
         self.persist(slot, &records)?;
+        drop(records);
+        if pruned {
+            self.collect_blobs();
+        }
         Ok(info)
+    }
+
+    /// Removes an installed version that is not active (its blob goes once no version names it).
+    pub fn remove_version(&self, slot: &Slot, version: u32) -> Result<()> {
+        let mut records = self.lock();
+        let rec =
+            records.get_mut(slot).ok_or_else(|| Error::from(PolicyError::UnknownPlugin(format!("slot {slot}"))))?;
+        if rec.active == Some(version) {
+            return Err(PolicyError::InUse(format!(
+                "version {version} of slot {slot} is active: activate another version or deactivate the slot first"
+            ))
+            .into());
+        }
+        let before = rec.versions.len();
+        rec.versions.retain(|v| v.version != version);
+        if rec.versions.len() == before {
+            return Err(PolicyError::UnknownPlugin(format!("version {version} in slot {slot}")).into());
+        }
+        rec.history.retain(|v| *v != version);
+        self.persist(slot, &records)?;
+        drop(records);
+        self.collect_blobs();
+        Ok(())
     }
 
     /// Makes an installed version active again.
@@ -378,8 +484,9 @@ impl Registry {
         self.persist(slot, &records)
     }
 
-    /// Forgets a slot with every version it had (a later slot of the same name starts empty);
-    /// the blobs stay while the ledger may name them.
+    /// Forgets a slot with every version it had (a later slot of the same name starts empty).
+    /// Its blobs go once no version names them (the ledger keeps its own copy of every plugin
+    /// an entry names).
     pub fn remove(&self, slot: &Slot) -> Result<()> {
         let mut records = self.lock();
         if records.remove(slot).is_none() {
@@ -387,7 +494,10 @@ impl Registry {
         }
         self.swap_in(slot, None);
         self.slots.remove(slot);
-        self.persist(slot, &records)
+        self.persist(slot, &records)?;
+        drop(records);
+        self.collect_blobs();
+        Ok(())
     }
 
     fn swap_in(&self, slot: &Slot, active: Option<Arc<Active>>) {

@@ -46,8 +46,10 @@ impl Replayer {
             return Ok(p.clone());
         }
         let bytes = stored(blobs, sha, &d.slot, "plugin")?;
-        let p =
-            self.runtime.load(&format!("sha256:{sha}"), &bytes, world, &config).map_err(|e| format!("{}: {e}", d.slot))?;
+        let p = self
+            .runtime
+            .load(&format!("sha256:{sha}"), &bytes, world, &config)
+            .map_err(|e| format!("{}: {e}", d.slot))?;
         self.loaded.insert(key, p.clone());
         Ok(p)
     }

@@ -98,9 +98,17 @@ impl WasmRuntime {
         std::thread::Builder::new()
             .name("openlora-plugin-epoch".into())
             .spawn(move || {
+                // Ticks follow the real clock, not the count of sleeps (each oversleeps a little,
+                // more on a busy machine): a late wake-up catches up.
+                let start = std::time::Instant::now();
+                let mut ticks: u128 = 0;
                 while !stop.load(Ordering::Relaxed) {
                     std::thread::sleep(EPOCH_TICK);
-                    ticker_engine.increment_epoch();
+                    let due = start.elapsed().as_micros() / EPOCH_TICK.as_micros();
+                    while ticks < due {
+                        ticker_engine.increment_epoch();
+                        ticks += 1;
+                    }
                 }
             })
             .map_err(|e| Error::io("plugin epoch thread", e))?;

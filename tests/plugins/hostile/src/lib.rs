@@ -7,7 +7,10 @@
 //! 584 years) and then answer correctly; `timing` puts what it measures of time into its split;
 //! `huge-error` declines with an 8 MB message; `poll-count` counts how often a 1 ms timer is
 //! polled before it is ready (real time, on a host that lets it block); `random-flood` asks WASI
-//! for 64 MiB of random bytes at once.
+//! for 64 MiB of random bytes at once. `huge-payees` answers splits whose payees are 2 MiB each;
+//! `forge-log` logs a line holding a newline, a forged log record and terminal escapes;
+//! `odd-stall` loops only on requests whose id ends in an odd digit. Configured with the mode
+//! `configure-sleep` or `configure-loop`, its `configure` sleeps 3 s or never returns.
 
 use std::collections::HashMap;
 
@@ -33,6 +36,17 @@ fn recurse(n: u64, pad: &mut [u64; 16]) -> u64 {
 
 impl Attributor for Hostile {
     type Config = Config;
+
+    fn check_config(config: &Config) -> Result<(), String> {
+        match config.mode.as_str() {
+            "configure-sleep" => std::thread::sleep(std::time::Duration::from_secs(3)),
+            "configure-loop" => loop {
+                std::hint::black_box(std::time::Instant::now());
+            },
+            _ => {}
+        }
+        Ok(())
+    }
 
     fn attribute(config: &Config, request: &RequestInfo, _usage: &Usage, charge: &Money) -> Result<Vec<Split>, String> {
         let mode = request.metadata("hostile-mode").unwrap_or(&config.mode);
@@ -131,6 +145,23 @@ impl Attributor for Hostile {
                 Err(format!("got {} random bytes", bytes.len()))
             }
             "error" => Err("declined on purpose".into()),
+            "huge-payees" => {
+                let payee = "p".repeat(2 << 20);
+                Ok((0..12)
+                    .map(|_| Split::new(payee.clone(), 0, "x"))
+                    .chain([Split::new("operator:hostile", charge.amount, "all")])
+                    .collect())
+            }
+            "forge-log" => {
+                log(
+                    Level::Error,
+                    "ok\n2026-12-02T00:00:00.000000Z ERROR openlora: FORGED server line \u{1b}[31mred\u{1b}[0m",
+                );
+                Ok(vec![Split::new("operator:hostile", charge.amount, "all")])
+            }
+            "odd-stall" if request.request_id.ends_with(['1', '3', '5', '7', '9']) => loop {
+                std::hint::black_box(std::time::Instant::now());
+            },
             "entropy" => {
                 // Clock and randomness: the host fixes both per request, so this replays exactly.
                 let now = std::time::SystemTime::now()
