@@ -123,6 +123,14 @@ pub struct LimitsConfig {
     pub max_running: usize,
     /// Default `max_tokens` when a request gives none.
     pub default_max_tokens: usize,
+    /// Seconds a connection may take to send a request's headers, and may stay idle between
+    /// requests, before it is closed.
+    pub header_timeout_secs: usize,
+    /// Seconds a request's body may pause between two chunks (longer: 408); the whole body
+    /// may take ten times this.
+    pub body_timeout_secs: usize,
+    /// Most open connections; more wait in the listen backlog.
+    pub max_connections: usize,
 }
 
 impl Default for ServerConfig {
@@ -167,6 +175,9 @@ impl Default for LimitsConfig {
             max_batch_tokens: e.max_batch_tokens,
             max_running: e.max_running,
             default_max_tokens: 128,
+            header_timeout_secs: 30,
+            body_timeout_secs: 30,
+            max_connections: 4096,
         }
     }
 }
@@ -199,6 +210,9 @@ impl ServerConfig {
             ("limits.max_batch_tokens", self.limits.max_batch_tokens),
             ("limits.max_running", self.limits.max_running),
             ("limits.default_max_tokens", self.limits.default_max_tokens),
+            ("limits.header_timeout_secs", self.limits.header_timeout_secs),
+            ("limits.body_timeout_secs", self.limits.body_timeout_secs),
+            ("limits.max_connections", self.limits.max_connections),
             ("memory.kv_cache_bytes", self.memory.kv_cache_bytes),
             ("memory.adapter_pool_bytes", self.memory.adapter_pool_bytes),
         ];
@@ -232,8 +246,15 @@ impl ServerConfig {
             return Err(Error::config(path, "admin_token", "must be at least 16 characters"));
         }
         for (key, tenant) in &self.api_keys {
-            if key.is_empty() || tenant.is_empty() {
-                return Err(Error::config(path, "api_keys", "keys and tenant names must be non-empty"));
+            if key.is_empty() {
+                return Err(Error::config(path, "api_keys", "keys must be non-empty"));
+            }
+            if !valid_tenant(tenant) {
+                return Err(Error::config(
+                    path,
+                    "api_keys",
+                    format!("tenant {tenant:?}: tenant names are 1-64 characters of A-Z a-z 0-9 . _ - (no separators)"),
+                ));
             }
         }
         Ok(())
@@ -258,6 +279,14 @@ impl ServerConfig {
             ..PagerConfig::default()
         }
     }
+}
+
+/// Whether `name` is a valid tenant name: 1-64 characters of `A-Z a-z 0-9 . _ -`. No `:` or `/`,
+/// so that keys built from a tenant and a client's string (idempotency keys) cannot collide.
+pub fn valid_tenant(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 64
+        && name.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
 }
 
 #[cfg(test)]
@@ -305,6 +334,8 @@ mod tests {
             ("[limits]\nmax_bodybytes = 1", "max_bodybytes"),
             ("admin_token = \"short\"", "admin_token"),
             ("[memory]\nadapter_pool_bytes = 1024\ndevice_bytes = 1024", "memory.device_bytes"),
+            ("[api_keys]\n\"sk-1\" = \"alice:eu\"", "api_keys"),
+            ("[api_keys]\n\"sk-1\" = \"\"", "api_keys"),
         ] {
             match ServerConfig::from_toml(Path::new("c.toml"), text) {
                 Err(Error::Config { field: f, file, .. }) => {

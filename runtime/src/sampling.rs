@@ -50,6 +50,9 @@ impl Default for SamplingParams {
 /// Most stop strings one request may carry (OpenAI allows four).
 pub const MAX_STOP_STRINGS: usize = 4;
 
+/// Longest stop string, in bytes.
+pub const MAX_STOP_BYTES: usize = 256;
+
 impl SamplingParams {
     /// Whether the next token is the plain argmax of the model's logits (greedy, no penalties),
     /// which a device can choose without sending the logits back.
@@ -85,6 +88,9 @@ impl SamplingParams {
         }
         if self.stop.iter().any(String::is_empty) {
             return bad("stop", "a stop string is empty".into());
+        }
+        if let Some(long) = self.stop.iter().find(|s| s.len() > MAX_STOP_BYTES) {
+            return bad("stop", format!("a stop string is {} bytes; at most {MAX_STOP_BYTES}", long.len()));
         }
         Ok(())
     }
@@ -278,6 +284,7 @@ mod tests {
             (SamplingParams { top_p: 0.0, ..Default::default() }, "top_p"),
             (SamplingParams { max_tokens: 0, ..Default::default() }, "max_tokens"),
             (SamplingParams { stop: vec![String::new()], ..Default::default() }, "stop"),
+            (SamplingParams { stop: vec!["x".repeat(MAX_STOP_BYTES + 1)], ..Default::default() }, "stop"),
             (SamplingParams { repetition_penalty: f32::NAN, ..Default::default() }, "repetition_penalty"),
             (SamplingParams { presence_penalty: 2.5, ..Default::default() }, "presence_penalty"),
             (SamplingParams { frequency_penalty: -3.0, ..Default::default() }, "frequency_penalty"),

@@ -151,7 +151,9 @@ impl Server {
             tracing::info!("shutting down: no new connections, draining in-flight requests");
             state.ready.store(false, Ordering::Relaxed);
         };
-        axum::serve(listener, app).with_graceful_shutdown(shutdown).await.map_err(|e| Error::io("http server", e))?;
+        crate::api::listen::serve(listener, app, &self.state.config.limits, shutdown)
+            .await
+            .map_err(|e| Error::io("http server", e))?;
         // The head, signed: nothing written before shutdown can be cut or rewritten unseen.
         let ledger = self.state.ledger.clone();
         match tokio::task::spawn_blocking(move || ledger.checkpoint()).await {

@@ -14,7 +14,7 @@ use axum::routing::get;
 use serde::Deserialize;
 use serde_json::{Value, json};
 
-use super::{ApiError, ApiPath, ApiQuery, Shared, blocking, is_multipart};
+use super::{ApiError, ApiPath, ApiQuery, Shared, blocking, is_multipart, multipart_error, upload_error};
 use crate::adapters::{AdapterManifest, CONFIG_FILE, OWNER_FILE, WEIGHTS_FILE, valid_owner};
 
 /// Admin routes (the caller layers the upload size limit).
@@ -119,10 +119,10 @@ fn untar(archive: &[u8]) -> Result<Vec<(String, Vec<u8>)>, ApiError> {
 /// The PEFT files of a multipart form (each part named by its file name, or its field name).
 async fn unform(mut form: Multipart) -> Result<Vec<(String, Vec<u8>)>, ApiError> {
     let mut files = Vec::new();
-    while let Some(field) = form.next_field().await.map_err(|e| bad_upload(format!("bad multipart body: {e}")))? {
+    while let Some(field) = form.next_field().await.map_err(|e| multipart_error("bad multipart body", e))? {
         let name = field.file_name().or(field.name()).map(|n| n.rsplit('/').next().unwrap_or(n).to_string());
         let Some(name) = name.filter(|n| wanted(n)) else { continue };
-        let bytes = field.bytes().await.map_err(|e| bad_upload(format!("reading `{name}`: {e}")))?;
+        let bytes = field.bytes().await.map_err(|e| multipart_error(&format!("reading `{name}`"), e))?;
         files.push((name, bytes.to_vec()));
     }
     Ok(files)
@@ -139,10 +139,6 @@ fn write_files(dir: &Path, files: &[(String, Vec<u8>)]) -> Result<(), ApiError> 
         seen.push(name.clone());
     }
     Ok(())
-}
-
-fn too_large(status: StatusCode) -> ApiError {
-    ApiError::new(status, "invalid_request_error", "request_too_large", "the upload is too large")
 }
 
 /// `?owner=` of an adapter upload.
@@ -168,18 +164,10 @@ async fn upload_adapter(
         return Err(ApiError::invalid(Some("owner".into()), "owners are 1-64 characters of A-Z a-z 0-9 - _ . @"));
     }
     let files = if is_multipart(&headers) {
-        let form = Multipart::from_request(req, &state).await.map_err(|r| bad_upload(r.body_text()))?;
-        unform(form).await.map_err(|e| {
-            if e.message.contains("length limit") { too_large(StatusCode::PAYLOAD_TOO_LARGE) } else { e }
-        })?
+        let form = Multipart::from_request(req, &state).await.map_err(|r| upload_error(r.status(), r.body_text()))?;
+        unform(form).await?
     } else {
-        let body = Bytes::from_request(req, &state).await.map_err(|r| {
-            if r.status() == StatusCode::PAYLOAD_TOO_LARGE {
-                too_large(r.status())
-            } else {
-                ApiError::invalid(None, r.body_text())
-            }
-        })?;
+        let body = Bytes::from_request(req, &state).await.map_err(|r| upload_error(r.status(), r.body_text()))?;
         untar(&body)?
     };
     let mut files = files;

@@ -10,7 +10,7 @@ use axum::routing::{delete, get, post};
 use serde::Deserialize;
 use serde_json::{Value, json};
 
-use super::{ApiError, ApiPath, ApiQuery, Shared, blocking, is_multipart};
+use super::{ApiError, ApiPath, ApiQuery, Shared, blocking, is_multipart, multipart_error, upload_error};
 use crate::error::{Error, PolicyError};
 use crate::policy::Slot;
 
@@ -60,11 +60,12 @@ async fn upload(
 ) -> Result<(StatusCode, Json<Value>), ApiError> {
     let slot = slot(&name)?;
     let (bytes, config) = if is_multipart(&headers) {
-        let mut form = Multipart::from_request(req, &state).await.map_err(|r| bad_upload(r.body_text()))?;
+        let mut form =
+            Multipart::from_request(req, &state).await.map_err(|r| upload_error(r.status(), r.body_text()))?;
         let (mut bytes, mut config) = (None, query.config);
-        while let Some(field) = form.next_field().await.map_err(|e| bad_upload(format!("bad multipart body: {e}")))? {
+        while let Some(field) = form.next_field().await.map_err(|e| multipart_error("bad multipart body", e))? {
             let field_name = field.name().unwrap_or_default().to_string();
-            let data = field.bytes().await.map_err(|e| bad_upload(format!("reading `{field_name}`: {e}")))?;
+            let data = field.bytes().await.map_err(|e| multipart_error(&format!("reading `{field_name}`"), e))?;
             match field_name.as_str() {
                 "plugin" | "file" => bytes = Some(data.to_vec()),
                 "config" => {
@@ -76,7 +77,7 @@ async fn upload(
         }
         (bytes.ok_or_else(|| bad_upload("the form has no `plugin` part".into()))?, config)
     } else {
-        let body = Bytes::from_request(req, &state).await.map_err(|r| bad_upload(r.body_text()))?;
+        let body = Bytes::from_request(req, &state).await.map_err(|r| upload_error(r.status(), r.body_text()))?;
         (body.to_vec(), query.config)
     };
     let config = config.unwrap_or_default();

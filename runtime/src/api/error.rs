@@ -83,9 +83,18 @@ impl ApiError {
         }
     }
 
-    /// 500 for a fault of ours (never for bad input).
-    pub fn internal(message: impl Into<String>) -> Self {
-        Self::new(StatusCode::INTERNAL_SERVER_ERROR, "server_error", "internal_error", message)
+    /// 500 for a fault of ours (never for bad input). The details (which may name server paths)
+    /// are logged with the request's id, not sent.
+    pub fn internal(detail: impl Into<String>) -> Self {
+        Self::hidden(StatusCode::INTERNAL_SERVER_ERROR, "internal_error", "an internal error occurred", detail)
+    }
+
+    /// A server-side failure answered with `public` alone; `detail` goes to the log (in the
+    /// request's span, so with its id).
+    pub fn hidden(status: StatusCode, code: &'static str, public: &str, detail: impl Into<String>) -> Self {
+        let detail = detail.into();
+        tracing::error!(status = status.as_u16(), code, detail = detail.as_str(), "request failed on the server");
+        Self::new(status, "server_error", code, format!("{public}; the server's log has the details"))
     }
 
     /// The error object alone, for streamed errors.
@@ -124,7 +133,12 @@ impl From<Error> for ApiError {
             Error::Ledger(LedgerError::Refused(_)) => ApiError::internal(msg),
             Error::Ledger(_) => ApiError {
                 retry_after: Some(1),
-                ..ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "server_error", "ledger_unavailable", msg)
+                ..ApiError::hidden(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "ledger_unavailable",
+                    "the ledger is unavailable",
+                    msg,
+                )
             },
             Error::Config { .. }
             | Error::Load(
@@ -174,7 +188,13 @@ fn submit_error(e: SubmitError, msg: String) -> ApiError {
             retry_after: Some(5),
             ..ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "server_error", "unavailable", msg)
         },
-        SubmitError::AdapterLoad { .. } | SubmitError::AdapterTooLarge { .. } | SubmitError::PoolTimeout(_) => {
+        SubmitError::AdapterLoad { name, .. } => ApiError::hidden(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "adapter_unavailable",
+            &format!("adapter `{name}` could not be loaded"),
+            msg,
+        ),
+        SubmitError::AdapterTooLarge { .. } | SubmitError::PoolTimeout(_) => {
             ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "server_error", "adapter_unavailable", msg)
         }
     }

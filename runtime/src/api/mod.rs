@@ -4,6 +4,7 @@ pub mod admin;
 pub mod admin_plugins;
 pub mod error;
 pub mod ledger;
+pub mod listen;
 pub mod openai;
 mod stream;
 
@@ -74,7 +75,10 @@ impl<S: Send + Sync, T: DeserializeOwned> FromRequest<S> for JsonBody<T> {
             }
         })?;
         let mut de = serde_json::Deserializer::from_slice(&bytes);
-        serde_path_to_error::deserialize(&mut de).map(JsonBody).map_err(body_error)
+        let value = serde_path_to_error::deserialize(&mut de).map_err(body_error)?;
+        // Anything after the JSON value but whitespace makes the body invalid.
+        de.end().map_err(|e| ApiError::invalid(None, format!("invalid request body: {e}")))?;
+        Ok(JsonBody(value))
     }
 }
 
@@ -99,6 +103,21 @@ pub async fn blocking<T: Send + 'static>(
     tokio::task::spawn_blocking(move || span.in_scope(work))
         .await
         .map_err(|e| ApiError::internal(format!("{what} task: {e}")))?
+}
+
+/// An upload's error: 413 when it is over the size limit, else 400 (`invalid_upload`), as
+/// multipart parsing and body reading report them.
+pub fn upload_error(status: StatusCode, message: impl Into<String>) -> ApiError {
+    if status == StatusCode::PAYLOAD_TOO_LARGE {
+        ApiError::new(status, "invalid_request_error", "request_too_large", "the upload is too large")
+    } else {
+        ApiError { code: "invalid_upload", ..ApiError::invalid(Some("body".into()), message) }
+    }
+}
+
+/// A multipart field's error as an upload error.
+pub fn multipart_error(what: &str, e: axum::extract::multipart::MultipartError) -> ApiError {
+    upload_error(e.status(), format!("{what}: {}", e.body_text()))
 }
 
 /// Whether a request's body is a multipart form.
@@ -135,15 +154,17 @@ pub fn authorize_admin(state: &AppState, headers: &HeaderMap) -> Result<(), ApiE
         ));
     };
     match bearer(headers) {
-        // Constant-time comparison: the token is a secret.
-        Some(given)
-            if given.len() == token.len()
-                && given.bytes().zip(token.bytes()).fold(0u8, |a, (x, y)| a | (x ^ y)) == 0 =>
-        {
-            Ok(())
-        }
+        Some(given) if secrets_match(given, token) => Ok(()),
         _ => Err(ApiError::unauthorized("invalid admin token")),
     }
+}
+
+/// Compares a secret in constant time, its length included: both sides are hashed first, and
+/// the digests compared byte by byte without stopping early.
+fn secrets_match(given: &str, secret: &str) -> bool {
+    use sha2::{Digest, Sha256};
+    let (a, b) = (Sha256::digest(given.as_bytes()), Sha256::digest(secret.as_bytes()));
+    a.iter().zip(b.iter()).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
 /// The layer in front of every admin route: without the admin token the answer is 401/403,
@@ -230,9 +251,14 @@ async fn take_permit(State(state): State<Shared>, mut req: Request, next: Next) 
 pub fn router(state: Shared) -> Router {
     let body_limit = state.config.limits.max_body_bytes;
     let upload_limit = state.config.limits.max_upload_bytes;
+    let pause = std::time::Duration::from_secs(state.config.limits.body_timeout_secs as u64);
+    let bodies = listen::BodyRead { limit: body_limit, pause };
+    let uploads = listen::BodyRead { limit: upload_limit, pause };
+    // Layers run last-added first: the permit, then the body (within its deadlines), then the handler.
     let completions = Router::new()
         .route("/v1/completions", post(openai::completions))
         .route("/v1/chat/completions", post(openai::chat_completions))
+        .route_layer(middleware::from_fn_with_state(bodies, listen::read_body))
         .route_layer(middleware::from_fn_with_state(state.clone(), take_permit));
     let v1 = Router::new()
         .merge(completions)
@@ -245,6 +271,7 @@ pub fn router(state: Shared) -> Router {
         .merge(ledger::admin_router())
         // Unknown admin paths too: the token is checked before anything says what exists.
         .route("/admin/{*rest}", any(not_found))
+        .route_layer(middleware::from_fn_with_state(uploads, listen::read_body))
         .route_layer(middleware::from_fn_with_state(state.clone(), require_admin))
         .layer(DefaultBodyLimit::max(upload_limit));
     Router::new()

@@ -109,6 +109,10 @@ async fn respond(
     let label = raw.get("model").and_then(Value::as_str).unwrap_or_default().to_string();
     let span = tracing::info_span!("request", id = %id, model = %label);
     let (st, model) = (state.clone(), label.clone());
+    let prompt_param = match endpoint {
+        Endpoint::Completion => "prompt",
+        Endpoint::Chat => "messages",
+    };
     let answered = async move {
         let permit = permit.take().ok_or_else(|| ApiError::internal("the request's permit was taken twice"))?;
         let tenant = tenant(&state, &headers)?;
@@ -132,7 +136,14 @@ async fn respond(
         answer(state, prepared, kind, delivery, (tenant, &headers), label, permit).await
     }
     .instrument(span)
-    .await;
+    .await
+    .map_err(|mut e| {
+        // The prompt is `prompt` on one endpoint and `messages` on the other.
+        if e.code == "context_length_exceeded" && e.param.is_some() {
+            e.param = Some(prompt_param.into());
+        }
+        e
+    });
     // Every refusal counted, whichever step refused (answers are counted when they end).
     if let Err(e) = &answered {
         st.metrics.http.requests.with_label_values(&[&model, e.code]).inc();
@@ -162,12 +173,21 @@ pub async fn chat_completions(
 
 /// `GET /v1/models`: the base model and every adapter.
 pub async fn models(State(state): State<Shared>, headers: HeaderMap) -> Result<Json<Value>, ApiError> {
-    tenant(&state, &headers)?;
+    let tenant = tenant(&state, &headers)?;
+    let st = state.clone();
+    // The adapters the router would serve this tenant with (its allow-list), asked off the
+    // async threads: a router plugin is called once per adapter.
+    let names = blocking("models", move || {
+        let now = crate::ledger::now_ms();
+        let names = st.engine.pager().names();
+        Ok(names.into_iter().filter(|n| st.policy.would_serve(&tenant, n, now)).collect::<Vec<_>>())
+    })
+    .await?;
     let mut data = vec![json!({
         "id": state.model_name, "object": "model", "created": state.started, "owned_by": "openlora",
         "root": state.model_name, "parent": null,
     })];
-    for name in state.engine.pager().names() {
+    for name in names {
         data.push(json!({
             "id": name, "object": "model", "created": state.started, "owned_by": "openlora",
             "root": name, "parent": state.model_name,

@@ -235,6 +235,31 @@ impl PolicyHost {
         }
     }
 
+    /// Whether the router (the active plugin, or the built-in) would serve `tenant` with
+    /// `adapter`: what `/v1/models` lists for the tenant. Nothing is recorded or counted (it
+    /// decides no request); a plugin that fails here lists nothing.
+    pub fn would_serve(&self, tenant: &str, adapter: &str, now_ms: u64) -> bool {
+        let request = RequestInfo {
+            request_id: format!("models-{tenant}"),
+            tenant: tenant.to_string(),
+            requested_model: adapter.to_string(),
+            adapter: Some(adapter.to_string()),
+            adapter_owner: None,
+            prompt_tokens: 0,
+            max_tokens: 0,
+            metadata: Vec::new(),
+            received_at_ms: now_ms,
+        };
+        let handle = self.registry.existing(&Slot::Router);
+        let plugin =
+            handle.as_ref().filter(|h| !h.quarantined.load(Ordering::Relaxed)).and_then(|h| h.active.load_full());
+        let decision = match plugin {
+            Some(active) => active.plugin.route(&request).ok().map(|c| c.value),
+            None => Some(self.builtins.route(&request)),
+        };
+        matches!(decision, Some(RouteDecision::Serve(_)))
+    }
+
     /// Prices a finished request and splits the charge: the pricer, the operator's attributor,
     /// then the adapter owner's attributor (if registered) on the owner's share.
     pub fn settle(&self, request: &RequestInfo, usage: &Usage) -> Result<Settlement> {

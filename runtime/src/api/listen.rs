@@ -1,0 +1,126 @@
+//! The HTTP transport: connections accepted up to a cap, each served by hyper with header and
+//! idle timeouts on a real timer, request bodies read with pause and total deadlines, and a
+//! graceful shutdown that stops accepting and lets in-flight requests finish.
+
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::Router;
+use axum::body::{Body, Bytes};
+use axum::extract::{Request, State};
+use axum::http::StatusCode;
+use axum::middleware::Next;
+use axum::response::{IntoResponse, Response};
+use http_body_util::BodyExt;
+use hyper_util::rt::{TokioIo, TokioTimer};
+use hyper_util::server::graceful::GracefulShutdown;
+use hyper_util::service::TowerToHyperService;
+use tokio::net::TcpListener;
+use tokio::sync::Semaphore;
+
+use super::ApiError;
+use crate::config::LimitsConfig;
+
+/// Serves `app` on `listener` until `shutdown` resolves, then waits for open connections to
+/// finish their requests.
+pub async fn serve(
+    listener: TcpListener,
+    app: Router,
+    limits: &LimitsConfig,
+    shutdown: impl Future<Output = ()>,
+) -> std::io::Result<()> {
+    let mut http = hyper::server::conn::http1::Builder::new();
+    http.timer(TokioTimer::new())
+        .header_read_timeout(Duration::from_secs(limits.header_timeout_secs as u64))
+        .keep_alive(true);
+    let open = Arc::new(Semaphore::new(limits.max_connections));
+    let graceful = GracefulShutdown::new();
+    tokio::pin!(shutdown);
+    loop {
+        let slot = tokio::select! {
+            slot = open.clone().acquire_owned() => slot,
+            () = &mut shutdown => break,
+        };
+        let Ok(slot) = slot else { break };
+        let accepted = tokio::select! {
+            accepted = listener.accept() => accepted,
+            () = &mut shutdown => break,
+        };
+        let stream = match accepted {
+            Ok((stream, _)) => stream,
+            Err(e) => {
+                // Out of file descriptors and the like: wait a little rather than spin.
+                tracing::warn!(error = %e, "accepting a connection failed");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        let _ = stream.set_nodelay(true);
+        let connection = http.serve_connection(TokioIo::new(stream), TowerToHyperService::new(app.clone()));
+        let connection = graceful.watch(connection);
+        tokio::spawn(async move {
+            if let Err(e) = connection.await {
+                tracing::debug!(error = %e, "connection ended with an error");
+            }
+            drop(slot);
+        });
+    }
+    drop(listener);
+    graceful.shutdown().await;
+    Ok(())
+}
+
+/// How a body is read: at most `limit` bytes, each pause at most `pause`.
+#[derive(Clone, Copy)]
+pub struct BodyRead {
+    /// Most bytes.
+    pub limit: usize,
+    /// Longest pause between chunks; the whole body may take ten times this.
+    pub pause: Duration,
+}
+
+/// A layer's function that reads the request's body within [`BodyRead`]'s deadlines and size
+/// before the handler runs: a client that stalls gets 408, one that sends too much 413.
+pub async fn read_body(State(read): State<BodyRead>, req: Request, next: Next) -> Response {
+    let (parts, body) = req.into_parts();
+    match collect(body, read).await {
+        Ok(bytes) => next.run(Request::from_parts(parts, Body::from(bytes))).await,
+        Err(e) => e.into_response(),
+    }
+}
+
+async fn collect(body: Body, read: BodyRead) -> Result<Bytes, ApiError> {
+    let timed_out = || {
+        ApiError::new(
+            StatusCode::REQUEST_TIMEOUT,
+            "invalid_request_error",
+            "request_timeout",
+            "the request body was not received in time",
+        )
+    };
+    let whole = async {
+        let mut body = body;
+        let mut buf = Vec::new();
+        loop {
+            let frame = match tokio::time::timeout(read.pause, body.frame()).await {
+                Err(_) => return Err(timed_out()),
+                Ok(None) => return Ok(Bytes::from(buf)),
+                Ok(Some(Err(e))) => return Err(ApiError::invalid(None, format!("reading the request body: {e}"))),
+                Ok(Some(Ok(frame))) => frame,
+            };
+            if let Ok(data) = frame.into_data() {
+                if buf.len() + data.len() > read.limit {
+                    return Err(ApiError::new(
+                        StatusCode::PAYLOAD_TOO_LARGE,
+                        "invalid_request_error",
+                        "request_too_large",
+                        format!("the request body is larger than {} bytes", read.limit),
+                    ));
+                }
+                buf.extend_from_slice(&data);
+            }
+        }
+    };
+    tokio::time::timeout(read.pause * 10, whole).await.map_err(|_| timed_out())?
+}
