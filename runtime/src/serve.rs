@@ -1,12 +1,13 @@
 //! `openlora serve`: load the model and adapters, start the engine, answer HTTP until told
 //! to stop, then drain in-flight requests.
 
-use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use tokio::net::TcpListener;
+
+use crate::adapters::store::AdapterStore;
 use tokio::sync::Semaphore;
 
 use crate::api::{AppState, router};
@@ -30,25 +31,12 @@ pub struct Server {
     pub listen: std::net::SocketAddr,
 }
 
-/// Registers uploaded adapters kept from earlier runs (`<name>@<id>` folders; newest wins).
-fn restore_uploads(store: &Path, pager: &AdapterPager) {
-    let Ok(entries) = std::fs::read_dir(store) else { return };
-    let mut newest: std::collections::BTreeMap<String, (SystemTime, PathBuf)> = Default::default();
-    for e in entries.flatten() {
-        let path = e.path();
-        let Some((name, _)) =
-            e.file_name().to_str().and_then(|n| n.split_once('@')).map(|(a, b)| (a.to_string(), b.to_string()))
-        else {
-            continue;
-        };
-        let modified = e.metadata().and_then(|m| m.modified()).unwrap_or(UNIX_EPOCH);
-        if newest.get(&name).is_none_or(|(t, _)| modified > *t) {
-            newest.insert(name, (modified, path));
-        }
-    }
-    for (name, (_, dir)) in newest {
+/// Registers the uploaded adapters the store holds (after the config file's: an upload of the
+/// same name wins, as it did when it was made).
+fn restore_uploads(store: &AdapterStore, pager: &AdapterPager) {
+    for (name, dir) in store.current() {
         if let Err(e) = pager.register(&name, &dir) {
-            tracing::warn!(adapter = %name, dir = %dir.display(), error = %e, "skipping stored adapter");
+            tracing::warn!(adapter = %name, error = %e, "skipping stored adapter");
         }
     }
 }
@@ -88,7 +76,7 @@ impl Server {
             pager.register(name, dir)?;
         }
         let data_dir = config.data_dir.clone().unwrap_or_else(embedded::data_dir);
-        let adapter_store = data_dir.join("adapters");
+        let adapter_store = Arc::new(AdapterStore::open(&data_dir.join("adapters"))?);
         restore_uploads(&adapter_store, &pager);
         let policy = Arc::new(PolicyHost::new(&config.policy, Some(data_dir.join("plugins")), metrics.policy.clone())?);
         let drop_dir = config.policy.dir.clone().unwrap_or_else(|| data_dir.join("plugins").join("drop"));

@@ -1,6 +1,7 @@
 //! PEFT LoRA adapter folders: validation against the base model and loading to host memory.
 
 pub mod config;
+pub mod store;
 
 use std::path::{Path, PathBuf};
 
@@ -63,8 +64,12 @@ pub struct LoraWeights {
 fn parse_tensor_name(name: &str) -> Option<(usize, Proj, bool)> {
     let rest = name.strip_prefix("base_model.model.")?;
     let rest = rest.strip_prefix("model.layers.")?;
-    let (layer, rest) = rest.split_once('.')?;
-    let layer: usize = layer.parse().ok()?;
+    let (digits, rest) = rest.split_once('.')?;
+    let layer: usize = digits.parse().ok()?;
+    // Only the canonical spelling: `00` or `+0` would name layer 0 a second time.
+    if layer.to_string() != digits {
+        return None;
+    }
     let (module, rest) = rest.split_once(".lora_")?;
     let proj = config::proj_from_module(module)?;
     let parent_ok = match proj {
@@ -136,6 +141,13 @@ impl AdapterManifest {
             let (out_dim, in_dim) = proj.shape(base);
             let expected = if is_a { vec![config.rank, in_dim] } else { vec![out_dim, config.rank] };
             let (_, got) = files.shape(name)?;
+            let dtype = files.dtype(name)?;
+            if !matches!(dtype, safetensors::Dtype::F32 | safetensors::Dtype::F16 | safetensors::Dtype::BF16) {
+                return Err(Error::from(LoadError::WeightFile {
+                    file: weights_path.clone(),
+                    message: format!("tensor `{name}` has dtype {dtype:?}; LoRA weights are F32, F16 or BF16"),
+                }));
+            }
             if got != expected {
                 return Err(Error::from(LoadError::TensorShape {
                     file: weights_path.clone(),
@@ -209,6 +221,8 @@ mod tests {
         );
         assert_eq!(parse_tensor_name("base_model.model.model.layers.0.mlp.q_proj.lora_B.weight"), None);
         assert_eq!(parse_tensor_name("base_model.model.lm_head.lora_A.weight"), None);
+        assert_eq!(parse_tensor_name("base_model.model.model.layers.00.self_attn.q_proj.lora_A.weight"), None);
+        assert_eq!(parse_tensor_name("base_model.model.model.layers.+0.self_attn.q_proj.lora_A.weight"), None);
         assert_eq!(parse_tensor_name("base_model.model.model.layers.0.self_attn.q_proj.lora_magnitude_vector"), None);
     }
 }

@@ -3,7 +3,7 @@
 //! An upload that fails validation changes nothing.
 
 use std::io::Read;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use axum::Json;
 use axum::Router;
@@ -15,6 +15,7 @@ use serde::Deserialize;
 use serde_json::{Value, json};
 
 use super::{ApiError, ApiPath, ApiQuery, Shared, blocking, is_multipart, multipart_error, upload_error};
+use crate::adapters::store::{Held, write_synced};
 use crate::adapters::{AdapterManifest, CONFIG_FILE, OWNER_FILE, WEIGHTS_FILE, valid_owner};
 
 /// Admin routes (the caller layers the upload size limit).
@@ -55,6 +56,7 @@ fn describe(name: &str, m: &AdapterManifest) -> Value {
         "bytes": m.f32_bytes,
         "base_model_name_or_path": m.config.base_model_name_or_path,
         "owner": m.owner,
+        "sha256": m.sha256,
     })
 }
 
@@ -71,8 +73,22 @@ async fn get_adapter(State(state): State<Shared>, ApiPath(name): ApiPath<String>
 }
 
 async fn delete_adapter(State(state): State<Shared>, ApiPath(name): ApiPath<String>) -> Result<Json<Value>, ApiError> {
-    // Requests already using it hold a lease and finish first; new ones get 404.
-    if !state.engine.pager().unregister(&name) {
+    // Requests already using it hold its manifest and finish first (its files stay until
+    // then); new ones get 404. An adapter from the config file is not the store's to delete.
+    let st = state.clone();
+    let gone = name.clone();
+    let removed = blocking("delete adapter", move || {
+        let pager = st.engine.pager();
+        st.adapter_store
+            .remove(&gone, || {
+                let held = pager.manifest(&gone).map(|m| m as Held);
+                pager.unregister(&gone);
+                held
+            })
+            .map_err(|e| ApiError::internal(e.to_string()))
+    })
+    .await?;
+    if !removed && !state.engine.pager().unregister(&name) {
         return Err(ApiError::model_not_found(&name));
     }
     // Its owner's attributor goes with it: a later adapter of this name starts with none.
@@ -128,14 +144,14 @@ async fn unform(mut form: Multipart) -> Result<Vec<(String, Vec<u8>)>, ApiError>
     Ok(files)
 }
 
-/// Writes the uploaded files into `dir`, refusing duplicates.
+/// Writes the uploaded files into `dir` (each synced to disk), refusing duplicates.
 fn write_files(dir: &Path, files: &[(String, Vec<u8>)]) -> Result<(), ApiError> {
     let mut seen = Vec::new();
     for (name, bytes) in files {
         if seen.contains(name) {
             return Err(bad_upload(format!("the upload holds `{name}` twice")));
         }
-        std::fs::write(dir.join(name), bytes).map_err(|e| ApiError::internal(format!("writing upload: {e}")))?;
+        write_synced(&dir.join(name), bytes).map_err(|e| ApiError::internal(format!("writing upload: {e}")))?;
         seen.push(name.clone());
     }
     Ok(())
@@ -168,7 +184,7 @@ async fn upload_adapter(
         unform(form).await?
     } else {
         let body = Bytes::from_request(req, &state).await.map_err(|r| upload_error(r.status(), r.body_text()))?;
-        untar(&body)?
+        blocking("untar", move || untar(&body)).await?
     };
     let mut files = files;
     if let Some(owner) = query.owner {
@@ -182,31 +198,53 @@ async fn upload_adapter(
     Ok((status, Json(describe(&name, &manifest))))
 }
 
+/// Validates the upload as the engine would load it, then commits it as the name's current
+/// version (serialised with every other write to the store): a refused upload changes nothing.
 fn store(
     state: &Shared,
     name: &str,
     files: &[(String, Vec<u8>)],
 ) -> Result<(bool, std::sync::Arc<AdapterManifest>), ApiError> {
-    let root = &state.adapter_store;
-    std::fs::create_dir_all(root).map_err(|e| ApiError::internal(format!("{}: {e}", root.display())))?;
-    let tmp: PathBuf = root.join(format!(".upload-{:016x}", rand::random::<u64>()));
-    std::fs::create_dir_all(&tmp).map_err(|e| ApiError::internal(format!("{}: {e}", tmp.display())))?;
+    let adapters = &state.adapter_store;
+    let tmp = adapters.stage().map_err(|e| ApiError::internal(e.to_string()))?;
     let cleanup = |e: ApiError| {
         let _ = std::fs::remove_dir_all(&tmp);
         e
     };
     write_files(&tmp, files).map_err(cleanup)?;
-    // Validate before anything is renamed or registered: a bad upload changes nothing.
-    AdapterManifest::inspect(&tmp, state.engine.model().config())
-        .map_err(|e| cleanup(ApiError { code: "invalid_adapter", ..ApiError::from(e) }))?;
-    let dir = root.join(format!("{name}@{:016x}", rand::random::<u64>()));
-    std::fs::rename(&tmp, &dir).map_err(|e| cleanup(ApiError::internal(format!("{}: {e}", dir.display()))))?;
+    // Validate before anything is renamed or registered: a bad upload changes nothing. Its
+    // messages name the upload's files, never the server's folders.
+    let scrub = |e: crate::Error| {
+        let mut e = ApiError { code: "invalid_adapter", ..ApiError::from(e) };
+        e.message = e.message.replace(&format!("{}/", tmp.display()), "").replace(&tmp.display().to_string(), "upload");
+        cleanup(e)
+    };
+    AdapterManifest::inspect(&tmp, state.engine.model().config()).map_err(scrub)?;
     let pager = state.engine.pager();
-    let replaced = pager.manifest(name).is_some();
-    if let Err(e) = pager.register(name, &dir) {
-        let _ = std::fs::remove_dir_all(&dir);
-        return Err(ApiError { code: "invalid_adapter", ..ApiError::from(e) });
-    }
+    let committed = adapters
+        .commit(name, &tmp, |dir| {
+            let previous = pager.manifest(name).map(|m| m as Held);
+            pager.register(name, dir)?;
+            Ok(previous)
+        })
+        .map_err(|e| {
+            let _ = std::fs::remove_dir_all(&tmp);
+            match e {
+                e @ crate::Error::Submit(crate::error::SubmitError::AdapterTooLarge { .. }) => ApiError {
+                    param: Some("body".into()),
+                    ..ApiError::new(
+                        StatusCode::PAYLOAD_TOO_LARGE,
+                        "invalid_request_error",
+                        "adapter_too_large",
+                        e.to_string(),
+                    )
+                },
+                e @ (crate::Error::Load(_) | crate::Error::Config { .. }) => {
+                    ApiError { code: "invalid_adapter", ..ApiError::from(e) }
+                }
+                e => ApiError::internal(e.to_string()),
+            }
+        })?;
     let manifest = pager.manifest(name).ok_or_else(|| ApiError::internal("adapter vanished after registration"))?;
-    Ok((replaced, manifest))
+    Ok((committed.replaced, manifest))
 }

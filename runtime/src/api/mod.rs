@@ -41,7 +41,7 @@ pub struct AppState {
     /// False while starting and once shutdown has begun.
     pub ready: AtomicBool,
     /// Where uploaded adapters are stored.
-    pub adapter_store: std::path::PathBuf,
+    pub adapter_store: Arc<crate::adapters::store::AdapterStore>,
     /// Seconds since the epoch at start (the `created` of `/v1/models`).
     pub started: u64,
     /// Checks requests: limits, tokenizer, chat template, the engine's rules.

@@ -114,9 +114,13 @@ fn observe(state: &Shared, model: &str, status: &str, start: Instant, first: Opt
 async fn failed(stream: &mut Metered, message: String, usage: &Usage) -> ApiError {
     match stream.finish(Ended::Failed(message.clone()), usage).await {
         Err(e) => e.into(),
-        Ok(_) => {
-            ApiError::new(axum::http::StatusCode::SERVICE_UNAVAILABLE, "server_error", "generation_failed", message)
-        }
+        // The engine's text may name server files (an adapter that failed to load): logged only.
+        Ok(_) => ApiError::hidden(
+            axum::http::StatusCode::SERVICE_UNAVAILABLE,
+            "generation_failed",
+            "the request failed while it was being served",
+            message,
+        ),
     }
 }
 

@@ -120,6 +120,12 @@ impl WeightFiles {
         Ok((&shard.path, info.shape.clone()))
     }
 
+    /// A tensor's dtype as the file declares it.
+    pub fn dtype(&self, name: &str) -> Result<safetensors::Dtype> {
+        let shard = self.shard_of(name)?;
+        Ok(shard.meta.info(name).ok_or_else(|| self.missing(name))?.dtype)
+    }
+
     fn shard_of(&self, name: &str) -> Result<&Shard> {
         let idx = *self.index.get(name).ok_or_else(|| self.missing(name))?;
         Ok(&self.shards[idx])

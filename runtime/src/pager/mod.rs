@@ -298,6 +298,22 @@ impl AdapterPager {
     pub fn register(&self, name: &str, dir: &Path) -> Result<()> {
         let manifest = Arc::new(AdapterManifest::inspect(dir, &self.inner.base)?);
         let mut st = self.inner.lock();
+        // One that could never be placed in the active pool is refused now, not at first use.
+        let need: usize = manifest
+            .modules
+            .iter()
+            .map(|&(_, proj)| {
+                let (out_dim, in_dim) = proj.shape(&self.inner.base);
+                st.alloc.module_pages(manifest.config.rank, in_dim, out_dim)
+            })
+            .sum();
+        if need > st.alloc.total_pages() {
+            return Err(Error::from(SubmitError::AdapterTooLarge {
+                name: name.to_string(),
+                need_bytes: need * st.alloc.page_bytes(),
+                pool_bytes: st.alloc.total_pages() * st.alloc.page_bytes(),
+            }));
+        }
         st.registry.insert(name.to_string(), manifest);
         if let Some(h) = st.host.remove(name) {
             st.host_bytes -= h.weights.bytes;

@@ -218,12 +218,16 @@ impl PageAllocator {
 
     /// Pages an adapter needs: one run of pages per rank-row of each `A` and `Bᵀ`.
     pub fn pages_needed(&self, w: &LoraWeights) -> usize {
-        let per_row = |width: usize| width.div_ceil(self.page_elems);
         w.layers
             .iter()
             .flat_map(|l| l.iter().flatten())
-            .map(|m| m.rank * (per_row(m.a.len() / m.rank) + per_row(m.bt.len() / m.rank)))
+            .map(|m| self.module_pages(m.rank, m.a.len() / m.rank, m.bt.len() / m.rank))
             .sum()
+    }
+
+    /// Pages one module of rank `rank` needs, its `A` rows `in_dim` wide and `Bᵀ` rows `out_dim`.
+    pub fn module_pages(&self, rank: usize, in_dim: usize, out_dim: usize) -> usize {
+        rank * (in_dim.div_ceil(self.page_elems) + out_dim.div_ceil(self.page_elems))
     }
 
     /// Gives an adapter free pages and copies it there (on the host), or returns `None` if too
