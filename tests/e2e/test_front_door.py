@@ -217,6 +217,7 @@ def test_cheap_rejections_and_the_small_things(store_server):
     r = httpx.post(f"{s.url}/v1/completions", content=b'{"model": "base", "prompt": "hi", "max_tokens": 1} trailing',
                    headers={**AUTH, "Content-Type": "application/json"})
     assert r.status_code == 400 and "trailing" in r.json()["error"]["message"], r.text
+    assert complete(s, "m" * 300).status_code == 404
     r = complete(s, "base", stop=["x" * 257])
     assert r.status_code == 400 and r.json()["error"]["param"] == "stop", r.text
     r = complete(s, "base", prompt="hello " * 20000, max_tokens=1)

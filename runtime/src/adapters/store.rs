@@ -67,7 +67,8 @@ impl AdapterStore {
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Manifest::default(),
             Err(e) => return Err(Error::io(&path, e)),
         };
-        let store = AdapterStore { root: root.to_path_buf(), manifest: Mutex::new(manifest), retired: Mutex::default() };
+        let store =
+            AdapterStore { root: root.to_path_buf(), manifest: Mutex::new(manifest), retired: Mutex::default() };
         store.remove_unnamed()?;
         Ok(store)
     }

@@ -71,6 +71,54 @@ pub async fn serve(
     Ok(())
 }
 
+/// The outermost layer's function: a response to a request whose body was not read to its end
+/// (refused before it: 401, 404, 405, ...) says `Connection: close`, so the client does not send
+/// its next request on a connection the server is about to close.
+pub async fn close_unless_read(req: Request, next: Next) -> Response {
+    let done = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let (parts, body) = req.into_parts();
+    let tracked = Body::new(Tracked { inner: body, done: done.clone() });
+    let mut response = next.run(Request::from_parts(parts, tracked)).await;
+    if !done.load(std::sync::atomic::Ordering::Relaxed) {
+        response.headers_mut().insert(axum::http::header::CONNECTION, axum::http::HeaderValue::from_static("close"));
+    }
+    response
+}
+
+/// A request body that notes when it has been read to its end.
+struct Tracked {
+    inner: Body,
+    done: Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl http_body::Body for Tracked {
+    type Data = Bytes;
+    type Error = axum::Error;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<http_body::Frame<Bytes>, axum::Error>>> {
+        let polled = std::pin::Pin::new(&mut self.inner).poll_frame(cx);
+        if let std::task::Poll::Ready(None) = polled {
+            self.done.store(true, std::sync::atomic::Ordering::Relaxed);
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        let end = self.inner.is_end_stream();
+        if end {
+            self.done.store(true, std::sync::atomic::Ordering::Relaxed);
+        }
+        end
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.inner.size_hint()
+    }
+}
+
 /// How a body is read: at most `limit` bytes, each pause at most `pause`.
 #[derive(Clone, Copy)]
 pub struct BodyRead {

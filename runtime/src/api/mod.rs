@@ -282,5 +282,6 @@ pub fn router(state: Shared) -> Router {
         .route("/ready", get(ready))
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
+        .layer(middleware::from_fn(listen::close_unless_read))
         .with_state(state)
 }

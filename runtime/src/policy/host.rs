@@ -205,7 +205,8 @@ impl PolicyHost {
         let slot = Slot::Router;
         let validate = |d: &RouteDecision| match d {
             RouteDecision::Serve(r) => match &r.adapter {
-                Some(a) if a.len() > MAX_ROUTED_NAME_BYTES => {
+                // (the client's own long name is not the router's fault: it is unknown, a 404)
+                Some(a) if a.len() > MAX_ROUTED_NAME_BYTES && request.adapter.as_deref() != Some(a.as_str()) => {
                     Err(format!("routed to an adapter name longer than {MAX_ROUTED_NAME_BYTES} bytes"))
                 }
                 Some(a) if !adapter_exists(a) && request.adapter.as_deref() != Some(a.as_str()) => {
