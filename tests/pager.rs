@@ -250,3 +250,54 @@ fn a_device_pool_holds_weights_only_through_the_host_tier() {
     assert_eq!(host, ["d0", "d1"], "adapters on the device stay counted in the host tier");
     assert_eq!(pager.pool().host_bytes(), 0);
 }
+
+/// The engine's way in: an adapter on disk is read by the background loader, never on the
+/// caller's thread; the caller hears `Loading` until it is in memory, and a version whose load
+/// failed is that error (not loaded again and again).
+#[test]
+fn adapters_on_disk_load_in_the_background_and_failures_are_remembered() {
+    use openlora::pager::Acquire;
+    let model = base_model();
+    let cfg = model.config().clone();
+    let farm = adapter_farm(&cfg);
+    let pager = AdapterPager::new(&cfg, PagerConfig::default(), Metrics::new().pager);
+    pager.register("cold", &farm.join("a0003")).expect("register");
+    let manifest = pager.manifest("cold").expect("manifest");
+    assert!(matches!(pager.try_acquire_loaded("cold", &manifest), Ok(Acquire::Loading)));
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    let lease = loop {
+        match pager.try_acquire_loaded("cold", &manifest) {
+            Ok(Acquire::Ready(lease)) => break lease,
+            Ok(Acquire::Loading) if std::time::Instant::now() < deadline => {
+                std::thread::sleep(Duration::from_millis(2))
+            }
+            other => panic!("not loaded in the background: {:?}", other.err()),
+        }
+    };
+    assert_eq!(lease.name(), "cold");
+
+    let broken = std::env::temp_dir().join(format!("openlora-broken-adapter-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&broken);
+    std::fs::create_dir_all(&broken).unwrap();
+    for f in ["adapter_config.json", "adapter_model.safetensors"] {
+        std::fs::copy(farm.join("a0004").join(f), broken.join(f)).unwrap();
+    }
+    pager.register("broken", &broken).expect("register");
+    std::fs::write(broken.join("adapter_model.safetensors"), b"\0\0\0\0").unwrap();
+    let manifest = pager.manifest("broken").expect("manifest");
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        match pager.try_acquire_loaded("broken", &manifest) {
+            Err(e) => {
+                assert!(e.to_string().contains("failed to load"), "{e}");
+                break;
+            }
+            Ok(Acquire::Loading) if std::time::Instant::now() < deadline => {
+                std::thread::sleep(Duration::from_millis(2))
+            }
+            _ => panic!("a broken adapter must fail"),
+        }
+    }
+    assert!(pager.try_acquire_loaded("broken", &manifest).is_err(), "the failure is remembered");
+    let _ = std::fs::remove_dir_all(&broken);
+}

@@ -60,7 +60,7 @@ fn group(p: &BTreeMap<String, String>, default: GroupBy) -> Result<GroupBy, ApiE
 
 async fn summarize(state: &Shared, f: Filter, by: GroupBy) -> Result<Value, ApiError> {
     let ledger = state.ledger.clone();
-    let rows = blocking("ledger summary", move || Ok(ledger.read(|s| summary(s, &f, by))?)).await?;
+    let rows = blocking("ledger summary", move || Ok(ledger.report(|s| summary(s, &f, by))?)).await?;
     Ok(json!(rows))
 }
 

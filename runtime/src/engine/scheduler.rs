@@ -188,19 +188,26 @@ impl Scheduler {
             (std::cmp::Reverse(if aged { i32::MAX } else { s.request.priority }), s.arrival_seq)
         };
         self.waiting.sort_by_key(key);
-        while *budget > 0 && self.running.len() < self.core.config.max_running && !self.waiting.is_empty() {
-            let s = &mut self.waiting[0];
+        // Requests whose adapter is still being read from disk (in the background) keep their
+        // place; those behind them go ahead.
+        let mut at = 0;
+        while *budget > 0 && self.running.len() < self.core.config.max_running && at < self.waiting.len() {
+            let s = &mut self.waiting[at];
             if let (Some(a), None) = (&s.adapter, s.lease.as_ref()) {
                 let t0 = Instant::now();
-                match self.core.pager.try_acquire_version(&a.name, &a.manifest) {
+                match self.core.pager.try_acquire_loaded(&a.name, &a.manifest) {
                     Ok(Acquire::Ready(lease)) => {
                         s.lease = Some(lease);
                         s.add_adapter_time(t0.elapsed());
                     }
+                    Ok(Acquire::Loading) => {
+                        at += 1;
+                        continue;
+                    }
                     // The adapter pool is full of pinned adapters: wait, in order.
                     Ok(Acquire::Later) => break,
                     Err(e) => {
-                        let s = self.waiting.remove(0);
+                        let s = self.waiting.remove(at);
                         s.fail(e.to_string());
                         self.left_waiting(1);
                         continue;
@@ -215,14 +222,14 @@ impl Scheduler {
                     break;
                 }
                 AllocStatus::Impossible => {
-                    let mut s = self.waiting.remove(0);
+                    let mut s = self.waiting.remove(at);
                     Self::release(self.backend.kv_mut(), &mut s);
                     s.fail("the request needs more KV cache than the whole pool".into());
                     self.left_waiting(1);
                     continue;
                 }
             }
-            let mut s = self.waiting.remove(0);
+            let mut s = self.waiting.remove(at);
             self.left_waiting(1);
             if s.first_scheduled.is_none() {
                 s.first_scheduled = Some(now);

@@ -43,6 +43,9 @@ pub struct Ledger {
     location: Location,
     jobs: SyncSender<Job>,
     reader: Mutex<Option<Box<dyn LedgerStore>>>,
+    /// Reports (usage, summaries) read on a connection of their own: a flood of them never
+    /// delays the idempotency lookups requests make on `reader`.
+    reports: Mutex<Option<Box<dyn LedgerStore>>>,
     in_flight: DashMap<String, ()>,
     stored_blobs: DashMap<String, ()>,
     metrics: LedgerMetrics,
@@ -92,6 +95,7 @@ impl Ledger {
             location,
             jobs,
             reader: Mutex::new(Some(reader)),
+            reports: Mutex::new(None),
             in_flight: DashMap::new(),
             stored_blobs: DashMap::new(),
             metrics,
@@ -152,7 +156,20 @@ impl Ledger {
 
     /// Runs a query on the reader connection (reconnecting after a failure).
     pub fn read<T>(&self, f: impl FnOnce(&mut dyn LedgerStore) -> Result<T>) -> Result<T> {
-        let mut reader = self.reader.lock().unwrap_or_else(|p| p.into_inner());
+        self.on(&self.reader, f)
+    }
+
+    /// Runs a report's query (usage, summaries) on the reports' own connection.
+    pub fn report<T>(&self, f: impl FnOnce(&mut dyn LedgerStore) -> Result<T>) -> Result<T> {
+        self.on(&self.reports, f)
+    }
+
+    fn on<T>(
+        &self,
+        connection: &Mutex<Option<Box<dyn LedgerStore>>>,
+        f: impl FnOnce(&mut dyn LedgerStore) -> Result<T>,
+    ) -> Result<T> {
+        let mut reader = connection.lock().unwrap_or_else(|p| p.into_inner());
         if reader.is_none() {
             *reader = Some(self.location.open()?);
         }

@@ -68,6 +68,8 @@ struct State {
     active: HashMap<String, ActiveEntry>,
     alloc: PageAllocator,
     loading: HashMap<String, Arc<LoadWait>>,
+    /// The last failed disk load of each name: that version, and why.
+    failed: HashMap<String, (Arc<AdapterManifest>, Arc<Error>)>,
     clock: u64,
 }
 
@@ -78,7 +80,8 @@ struct Inner {
     data: RwLock<PoolData>,
     room: Condvar,
     metrics: PagerMetrics,
-    prefetch: Mutex<Option<Sender<String>>>,
+    /// The background loader: a name, and the version to load (`None`: the registered one).
+    prefetch: Mutex<Option<Sender<(String, Option<Arc<AdapterManifest>>)>>>,
 }
 
 /// The three-tier adapter store shared by the HTTP layer, the scheduler and the model.
@@ -204,11 +207,14 @@ impl Inner {
                     }
                     st.host_bytes += w.bytes;
                     self.evict_host(&mut st, name);
+                    st.failed.remove(name);
                     Ok(w)
                 }
                 Err(e) => {
                     self.metrics.load_failures.with_label_values(&["load"]).inc();
-                    Err(Arc::new(e))
+                    let e = Arc::new(e);
+                    st.failed.insert(name.to_string(), (manifest.clone(), e.clone()));
+                    Err(e)
                 }
             };
             self.update_gauges(&st);
@@ -244,6 +250,8 @@ pub enum Acquire {
     Ready(AdapterLease),
     /// The active pool is full of pinned adapters: try again when a lease is dropped.
     Later,
+    /// Its weights are being read from disk in the background: serve others, ask again.
+    Loading,
 }
 
 impl AdapterPager {
@@ -259,6 +267,7 @@ impl AdapterPager {
             active: HashMap::new(),
             alloc,
             loading: HashMap::new(),
+            failed: HashMap::new(),
             clock: 0,
         };
         let inner = Arc::new(Inner {
@@ -270,15 +279,18 @@ impl AdapterPager {
             metrics,
             prefetch: Mutex::new(None),
         });
-        let (tx, rx) = channel::<String>();
+        let (tx, rx) = channel::<(String, Option<Arc<AdapterManifest>>)>();
         let weak: Weak<Inner> = Arc::downgrade(&inner);
         let spawned = std::thread::Builder::new().name("adapter-prefetch".into()).spawn(move || {
-            while let Ok(name) = rx.recv() {
+            while let Ok((name, version)) = rx.recv() {
                 let Some(inner) = weak.upgrade() else { break };
                 let manifest = {
                     let st = inner.lock();
-                    let resident = st.active.contains_key(&name) || st.host.contains_key(&name);
-                    st.registry.get(&name).filter(|_| !resident).cloned()
+                    let resident = |m: &Arc<AdapterManifest>| {
+                        st.active.get(&name).is_some_and(|a| Arc::ptr_eq(&a.manifest, m))
+                            || st.host.get(&name).is_some_and(|h| Arc::ptr_eq(&h.manifest, m))
+                    };
+                    version.or_else(|| st.registry.get(&name).cloned()).filter(|m| !resident(m))
                 };
                 if let Some(m) = manifest {
                     // A failure is counted and reported to the request that needs it.
@@ -315,6 +327,7 @@ impl AdapterPager {
             }));
         }
         st.registry.insert(name.to_string(), manifest);
+        st.failed.remove(name);
         if let Some(h) = st.host.remove(name) {
             st.host_bytes -= h.weights.bytes;
         }
@@ -326,6 +339,7 @@ impl AdapterPager {
     pub fn unregister(&self, name: &str) -> bool {
         let mut st = self.inner.lock();
         let existed = st.registry.remove(name).is_some();
+        st.failed.remove(name);
         if let Some(h) = st.host.remove(name) {
             st.host_bytes -= h.weights.bytes;
         }
@@ -353,8 +367,42 @@ impl AdapterPager {
     /// Asks the background loader to bring an adapter into host memory (a hint; never fails).
     pub fn prefetch(&self, name: &str) {
         if let Some(tx) = self.inner.prefetch.lock().unwrap_or_else(lock_err).as_ref() {
-            let _ = tx.send(name.to_string());
+            let _ = tx.send((name.to_string(), None));
         }
+    }
+
+    /// Like [`AdapterPager::try_acquire_version`], but never reads the disk on the caller's
+    /// thread: a version not in host memory yet is loaded by the background loader, and the
+    /// caller is told [`Acquire::Loading`] (to serve others and ask again). A version whose
+    /// load failed is that error.
+    pub fn try_acquire_loaded(&self, name: &str, manifest: &Arc<AdapterManifest>) -> Result<Acquire> {
+        let st = self.inner.lock();
+        let in_memory = st.active.get(name).is_some_and(|a| Arc::ptr_eq(&a.manifest, manifest))
+            || st.host.get(name).is_some_and(|h| Arc::ptr_eq(&h.manifest, manifest));
+        if !in_memory {
+            if let Some((m, e)) = st.failed.get(name)
+                && Arc::ptr_eq(m, manifest)
+            {
+                return Err(SubmitError::AdapterLoad { name: name.into(), source: e.clone() }.into());
+            }
+            let loading = st.loading.contains_key(name);
+            drop(st);
+            let sent = loading
+                || self
+                    .inner
+                    .prefetch
+                    .lock()
+                    .unwrap_or_else(lock_err)
+                    .as_ref()
+                    .is_some_and(|tx| tx.send((name.to_string(), Some(manifest.clone()))).is_ok());
+            if sent {
+                return Ok(Acquire::Loading);
+            }
+            // No background loader: load here.
+        } else {
+            drop(st);
+        }
+        self.try_acquire_version(name, manifest)
     }
 
     /// Makes an adapter resident and pins it, or says to come back later when the pool is
