@@ -127,7 +127,7 @@ pub struct LimitsConfig {
     /// requests, before it is closed.
     pub header_timeout_secs: usize,
     /// Seconds a request's body may pause between two chunks (longer: 408); the whole body
-    /// may take ten times this.
+    /// may take twice this.
     pub body_timeout_secs: usize,
     /// Most open connections; more wait in the listen backlog.
     pub max_connections: usize,

@@ -101,6 +101,8 @@ def test_deletes_and_replacements_hold_across_sigkill_and_concurrent_puts_serial
     s = store_server
     assert put(s, "gone", adapter_tar(ADAPTERS / "r4-qv", "gone")).status_code == 201
     assert httpx.delete(f"{s.url}/admin/adapters/gone", headers=ADMIN).status_code == 200
+    configured = httpx.delete(f"{s.url}/admin/adapters/r4-qv", headers=ADMIN)
+    assert configured.status_code == 409 and configured.json()["error"]["code"] == "adapter_configured", configured.text
     first = put(s, "twice", adapter_tar(ADAPTERS / "r4-qv", "twice"))
     assert first.status_code == 201, first.text
     second = put(s, "twice", adapter_tar(ADAPTERS / "r8-mlp", "twice"))

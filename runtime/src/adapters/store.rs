@@ -107,13 +107,23 @@ impl AdapterStore {
         let version = StoredVersion { files_sha256: sha, stored_at_ms: crate::ledger::now_ms() };
         let folder = self.folder(&version);
         let mut manifest = self.lock();
-        if folder.is_dir() {
-            let _ = std::fs::remove_dir_all(staged);
-        } else {
+        let new_folder = !folder.is_dir();
+        if new_folder {
+            sync_dir(staged)?;
             std::fs::rename(staged, &folder).map_err(|e| Error::io(&folder, e))?;
             sync_dir(&self.root.join(VERSIONS))?;
+        } else {
+            let _ = std::fs::remove_dir_all(staged);
         }
-        let previous = register(&folder)?;
+        let previous = match register(&folder) {
+            Ok(p) => p,
+            Err(e) => {
+                if new_folder {
+                    let _ = std::fs::remove_dir_all(&folder);
+                }
+                return Err(e);
+            }
+        };
         let before = manifest.adapters.insert(name.to_string(), version.clone());
         if let Err(e) = self.persist(&manifest) {
             // Not recorded: the previous state stays current on disk; say so.
@@ -172,7 +182,8 @@ impl AdapterStore {
         let mut retired = self.retired.lock().unwrap_or_else(|p| p.into_inner());
         retired.retain(|(folder, held)| {
             if named.contains(folder) {
-                return false;
+                // Another name uses the same files now: keep watching this one's holders too.
+                return true;
             }
             if held.strong_count() > 0 {
                 return true;

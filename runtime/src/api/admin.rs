@@ -74,7 +74,8 @@ async fn get_adapter(State(state): State<Shared>, ApiPath(name): ApiPath<String>
 
 async fn delete_adapter(State(state): State<Shared>, ApiPath(name): ApiPath<String>) -> Result<Json<Value>, ApiError> {
     // Requests already using it hold its manifest and finish first (its files stay until
-    // then); new ones get 404. An adapter from the config file is not the store's to delete.
+    // then); new ones get 404. An adapter the config file names is the operator's file to edit:
+    // deleting an upload that shadowed one brings the configured one back.
     let st = state.clone();
     let gone = name.clone();
     let removed = blocking("delete adapter", move || {
@@ -82,13 +83,31 @@ async fn delete_adapter(State(state): State<Shared>, ApiPath(name): ApiPath<Stri
         st.adapter_store
             .remove(&gone, || {
                 let held = pager.manifest(&gone).map(|m| m as Held);
-                pager.unregister(&gone);
+                match st.config.adapters.get(&gone) {
+                    Some(dir) => {
+                        if let Err(e) = pager.register(&gone, dir) {
+                            tracing::warn!(adapter = %gone, error = %e, "the configured adapter did not come back");
+                            pager.unregister(&gone);
+                        }
+                    }
+                    None => {
+                        pager.unregister(&gone);
+                    }
+                }
                 held
             })
             .map_err(|e| ApiError::internal(e.to_string()))
     })
     .await?;
-    if !removed && !state.engine.pager().unregister(&name) {
+    if !removed {
+        if state.engine.pager().manifest(&name).is_some() {
+            return Err(ApiError::new(
+                StatusCode::CONFLICT,
+                "invalid_request_error",
+                "adapter_configured",
+                format!("adapter `{name}` is named in the server's config file; remove it there"),
+            ));
+        }
         return Err(ApiError::model_not_found(&name));
     }
     // Its owner's attributor goes with it: a later adapter of this name starts with none.
@@ -221,10 +240,12 @@ fn store(
     };
     AdapterManifest::inspect(&tmp, state.engine.model().config()).map_err(scrub)?;
     let pager = state.engine.pager();
+    let mut stored = None;
     let committed = adapters
         .commit(name, &tmp, |dir| {
             let previous = pager.manifest(name).map(|m| m as Held);
             pager.register(name, dir)?;
+            stored = pager.manifest(name);
             Ok(previous)
         })
         .map_err(|e| {
@@ -245,6 +266,6 @@ fn store(
                 e => ApiError::internal(e.to_string()),
             }
         })?;
-    let manifest = pager.manifest(name).ok_or_else(|| ApiError::internal("adapter vanished after registration"))?;
+    let manifest = stored.ok_or_else(|| ApiError::internal("adapter vanished after registration"))?;
     Ok((committed.replaced, manifest))
 }

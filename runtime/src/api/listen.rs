@@ -22,6 +22,9 @@ use tokio::sync::Semaphore;
 use super::ApiError;
 use crate::config::LimitsConfig;
 
+/// How long a shutdown waits for requests in flight.
+const DRAIN: Duration = Duration::from_secs(30);
+
 /// Serves `app` on `listener` until `shutdown` resolves, then waits for open connections to
 /// finish their requests.
 pub async fn serve(
@@ -67,7 +70,11 @@ pub async fn serve(
         });
     }
     drop(listener);
-    graceful.shutdown().await;
+    // Requests in flight finish; a stream that outlasts the drain is cut, so the ledger's head
+    // is still signed before a supervisor's SIGKILL.
+    if tokio::time::timeout(DRAIN, graceful.shutdown()).await.is_err() {
+        tracing::warn!(seconds = DRAIN.as_secs(), "connections still open after the drain; closing them");
+    }
     Ok(())
 }
 
@@ -75,8 +82,10 @@ pub async fn serve(
 /// (refused before it: 401, 404, 405, ...) says `Connection: close`, so the client does not send
 /// its next request on a connection the server is about to close.
 pub async fn close_unless_read(req: Request, next: Next) -> Response {
-    let done = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let (parts, body) = req.into_parts();
+    // A request without a body (GET, DELETE) has nothing left unread.
+    let empty = http_body::Body::is_end_stream(&body) || http_body::Body::size_hint(&body).exact() == Some(0);
+    let done = Arc::new(std::sync::atomic::AtomicBool::new(empty));
     let tracked = Body::new(Tracked { inner: body, done: done.clone() });
     let mut response = next.run(Request::from_parts(parts, tracked)).await;
     if !done.load(std::sync::atomic::Ordering::Relaxed) {
@@ -124,7 +133,7 @@ impl http_body::Body for Tracked {
 pub struct BodyRead {
     /// Most bytes.
     pub limit: usize,
-    /// Longest pause between chunks; the whole body may take ten times this.
+    /// Longest pause between chunks; the whole body may take twice this.
     pub pause: Duration,
 }
 
@@ -170,5 +179,5 @@ async fn collect(body: Body, read: BodyRead) -> Result<Bytes, ApiError> {
             }
         }
     };
-    tokio::time::timeout(read.pause * 10, whole).await.map_err(|_| timed_out())?
+    tokio::time::timeout(read.pause * 2, whole).await.map_err(|_| timed_out())?
 }

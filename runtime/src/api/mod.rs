@@ -232,13 +232,23 @@ impl Permit {
     }
 }
 
-/// Takes a concurrency permit for a completion request first of all (its body is read after):
-/// beyond `limits.max_concurrent_requests` a 429 costs the server nothing more.
+/// Checks the API key, then takes a concurrency permit, before the body is read: a client
+/// without a key holds nothing, and beyond `limits.max_concurrent_requests` a 429 costs the
+/// server nothing more.
 async fn take_permit(State(state): State<Shared>, mut req: Request, next: Next) -> Response {
+    if let Err(e) = tenant(&state, req.headers()) {
+        state.metrics.http.requests.with_label_values(&["", e.code]).inc();
+        return e.into_response();
+    }
     match state.in_flight.clone().try_acquire_owned() {
         Ok(p) => {
-            req.extensions_mut().insert(Permit(Arc::new(std::sync::Mutex::new(Some(p)))));
-            next.run(req).await
+            // A handler that answers with a stream takes the permit along; otherwise it is held
+            // until the answer is ready.
+            let permit = Permit(Arc::new(std::sync::Mutex::new(Some(p))));
+            req.extensions_mut().insert(permit.clone());
+            let response = next.run(req).await;
+            drop(permit);
+            response
         }
         Err(_) => {
             state.metrics.http.requests.with_label_values(&["", "rate_limit_exceeded"]).inc();
@@ -260,11 +270,12 @@ pub fn router(state: Shared) -> Router {
         .route("/v1/chat/completions", post(openai::chat_completions))
         .route_layer(middleware::from_fn_with_state(bodies, listen::read_body))
         .route_layer(middleware::from_fn_with_state(state.clone(), take_permit));
-    let v1 = Router::new()
-        .merge(completions)
+    // Listing models may ask the router once per adapter: it takes a permit like a completion.
+    let models = Router::new()
         .route("/v1/models", get(openai::models))
-        .merge(ledger::router())
-        .layer(DefaultBodyLimit::max(body_limit));
+        .route_layer(middleware::from_fn_with_state(state.clone(), take_permit));
+    let v1 =
+        Router::new().merge(completions).merge(models).merge(ledger::router()).layer(DefaultBodyLimit::max(body_limit));
     // Every admin route, behind one check of the admin token.
     let admin = admin::router()
         .merge(admin_plugins::router())

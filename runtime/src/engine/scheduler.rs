@@ -171,7 +171,8 @@ impl Scheduler {
         self.admit(&mut budget, &mut chunks, now);
         for s in self.waiting.iter().filter(|s| s.lease.is_none()).take(PREFETCH_AHEAD) {
             if let Some(a) = &s.adapter {
-                self.core.pager.prefetch(&a.name);
+                // The version the request was admitted with, not whichever is registered now.
+                self.core.pager.load_in_background(&a.name, &a.manifest);
             }
         }
         let ran = chunks.iter().any(|&c| c > 0) && self.forward(&chunks);

@@ -4,11 +4,17 @@ use std::collections::HashMap;
 
 use super::entry::{NewEntry, StoredEntry, link};
 use super::store::{Appended, Head};
+use super::totals::{self, TotalRow};
 use crate::error::Result;
 
 /// The tables of a ledger, in a backend's integer and byte-string types: the entries (the
-/// chain), the recorded head (one row), plugin bytes by sha256, and signed checkpoints.
+/// chain), the recorded head (one row), plugin bytes by sha256, signed checkpoints, and the
+/// running totals.
 pub fn schema(bigint: &str, bytes: &str) -> String {
+    tables(bigint, bytes) + &totals::schema(bigint)
+}
+
+fn tables(bigint: &str, bytes: &str) -> String {
     format!(
         "CREATE TABLE IF NOT EXISTS ledger_entries (
             seq {bigint} PRIMARY KEY,
@@ -56,6 +62,8 @@ pub trait ChainTx {
     fn put_blob(&mut self, sha256: &str, bytes: &[u8]) -> Result<()>;
     /// Records the new head.
     fn set_head(&mut self, head: &Head) -> Result<()>;
+    /// Adds counts to the running totals.
+    fn add_totals(&mut self, rows: &[TotalRow]) -> Result<()>;
 }
 
 /// Appends `entries` in order after the head, skipping (and reporting) request keys already in
@@ -68,6 +76,7 @@ pub fn append_chained(tx: &mut dyn ChainTx, entries: &[NewEntry], recorded_at_ms
         tx.by_keys(&keys)?.into_iter().map(|e| (e.request_key.clone(), e)).collect();
     let mut out = Vec::with_capacity(entries.len());
     let mut written = Vec::new();
+    let mut written_bodies = Vec::new();
     for e in entries {
         let key = e.body.request_key.as_str();
         if let Some(prior) = known.get(key) {
@@ -93,10 +102,12 @@ pub fn append_chained(tx: &mut dyn ChainTx, entries: &[NewEntry], recorded_at_ms
         known.insert(key.to_string(), stored.clone());
         out.push(Appended::Written(stored.clone()));
         written.push(stored);
+        written_bodies.push(&e.body);
     }
     if !written.is_empty() {
         tx.insert(&written)?;
         tx.set_head(&head)?;
+        tx.add_totals(&totals::rows(written_bodies.into_iter().map(|b| (recorded_at_ms, b))))?;
     }
     Ok(out)
 }

@@ -14,6 +14,7 @@ pub mod postgres;
 pub mod report;
 pub mod sqlite;
 pub mod store;
+pub mod totals;
 pub mod verify;
 mod writer;
 

@@ -10,6 +10,7 @@ use serde_json::json;
 
 use super::entry::{EntryBody, StoredEntry};
 use super::store::{Filter, LedgerStore};
+use super::totals::{DAY_MS, TotalsQuery};
 use crate::error::{Error, LedgerError, Result};
 
 /// Entries read per query.
@@ -188,8 +189,38 @@ pub struct SummaryRow {
     pub completion_tokens: u64,
 }
 
-/// Totals per group (and currency), sorted by key.
+/// Totals per group (and currency), sorted by key: from the running totals when the time bounds
+/// fall on whole (UTC) days, else by reading the entries.
 pub fn summary(store: &mut dyn LedgerStore, filter: &Filter, by: GroupBy) -> Result<Vec<SummaryRow>> {
+    let whole_day = |t: Option<u64>| t.is_none_or(|t| t.is_multiple_of(DAY_MS));
+    if whole_day(filter.since_ms) && whole_day(filter.until_ms) {
+        let query = TotalsQuery {
+            grouping: if by == GroupBy::Payee { "payee" } else { "adapter" },
+            by_tenant: by == GroupBy::Tenant,
+            tenant: filter.tenant.as_deref(),
+            days: (
+                filter.since_ms.map_or(0, |t| (t / DAY_MS) as i64),
+                filter.until_ms.map_or(i64::MAX, |t| (t / DAY_MS).min(i64::MAX as u64) as i64),
+            ),
+        };
+        let rows = store.totals(&query)?;
+        return Ok(rows
+            .into_iter()
+            .map(|t| SummaryRow {
+                key: t.key,
+                currency: t.currency,
+                requests: t.requests,
+                amount: t.amount,
+                prompt_tokens: t.prompt_tokens,
+                completion_tokens: t.completion_tokens,
+            })
+            .collect());
+    }
+    scan_summary(store, filter, by)
+}
+
+/// [`summary`] by reading every matching entry.
+pub fn scan_summary(store: &mut dyn LedgerStore, filter: &Filter, by: GroupBy) -> Result<Vec<SummaryRow>> {
     let mut rows: BTreeMap<(String, String), SummaryRow> = BTreeMap::new();
     for_each(store, filter, |_, b| {
         let mut add = |key: &str, amount: u64| {

@@ -9,6 +9,7 @@ use super::chain::{COLUMNS, ChainTx, append_chained, schema};
 use super::checkpoint::Checkpoint;
 use super::entry::{GENESIS_HASH, NewEntry, StoredEntry};
 use super::store::{Appended, Filter, Head, LedgerStore};
+use super::totals::{self, TotalRow, TotalSum, TotalsQuery};
 use crate::error::{Error, LedgerError, Result};
 
 /// A ledger in an SQLite file.
@@ -60,6 +61,8 @@ impl SqliteStore {
         conn.execute_batch(&schema("INTEGER", "BLOB")).map_err(|e| err(path, e))?;
         conn.execute("INSERT OR IGNORE INTO ledger_head (id, seq, hash) VALUES (1, 0, ?1)", params![GENESIS_HASH])
             .map_err(|e| err(path, e))?;
+        let mut conn = conn;
+        backfill_totals(&mut conn, path)?;
         Ok(SqliteStore { conn, path: path.to_path_buf() })
     }
 }
@@ -114,6 +117,56 @@ impl ChainTx for Tx<'_> {
             .map(drop)
             .map_err(|e| err(self.path, e))
     }
+
+    fn add_totals(&mut self, rows: &[TotalRow]) -> Result<()> {
+        add_totals(&self.tx, self.path, rows)
+    }
+}
+
+fn add_totals(conn: &Connection, path: &Path, rows: &[TotalRow]) -> Result<()> {
+    let mut stmt = conn.prepare_cached(&totals::upsert(1, |i| format!("?{i}"))).map_err(|e| err(path, e))?;
+    for r in rows {
+        stmt.execute(params![
+            r.day,
+            r.tenant,
+            r.grouping,
+            r.key,
+            r.currency,
+            r.requests,
+            r.amount_hi,
+            r.amount_lo,
+            r.prompt_tokens,
+            r.completion_tokens
+        ])
+        .map_err(|e| err(path, e))?;
+    }
+    Ok(())
+}
+
+/// Fills the running totals from the entries when they are empty but the chain is not (a
+/// ledger written before totals were kept), under the write lock.
+fn backfill_totals(conn: &mut Connection, path: &Path) -> Result<()> {
+    let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate).map_err(|e| err(path, e))?;
+    let have: i64 = tx.query_row("SELECT COUNT(*) FROM ledger_totals", [], |r| r.get(0)).map_err(|e| err(path, e))?;
+    if have == 0 && read_head(&tx, path)?.seq > 0 {
+        let mut after = 0i64;
+        loop {
+            let page: Vec<StoredEntry> = {
+                let sql = format!("SELECT {COLUMNS} FROM ledger_entries WHERE seq > ?1 ORDER BY seq LIMIT 1000");
+                let mut stmt = tx.prepare_cached(&sql).map_err(|e| err(path, e))?;
+                let rows = stmt.query_map([after], row).map_err(|e| err(path, e))?;
+                rows.collect::<rusqlite::Result<_>>().map_err(|e| err(path, e))?
+            };
+            let Some(last) = page.last() else { break };
+            after = last.seq as i64;
+            let bodies: Vec<(u64, super::entry::EntryBody)> = page
+                .iter()
+                .map(|e| Ok((e.recorded_at_ms, e.parse().map_err(LedgerError::Invalid)?)))
+                .collect::<Result<_>>()?;
+            add_totals(&tx, path, &totals::rows(bodies.iter().map(|(t, b)| (*t, b))))?;
+        }
+    }
+    tx.commit().map_err(|e| err(path, e))
 }
 
 impl LedgerStore for SqliteStore {
@@ -161,6 +214,24 @@ impl LedgerStore for SqliteStore {
             .query_row("SELECT bytes FROM plugin_blobs WHERE sha256 = ?1", [sha256], |r| r.get(0))
             .optional()
             .map_err(|e| err(&self.path, e))
+    }
+
+    fn totals(&mut self, q: &TotalsQuery<'_>) -> Result<Vec<TotalSum>> {
+        let sql = totals::query(if q.by_tenant { "tenant" } else { "key" }, |i| format!("?{i}"), "");
+        let mut stmt = self.conn.prepare_cached(&sql).map_err(|e| err(&self.path, e))?;
+        let rows = stmt
+            .query_map(params![q.grouping, q.tenant, q.days.0, q.days.1], |r| {
+                Ok(TotalSum {
+                    key: r.get(0)?,
+                    currency: r.get(1)?,
+                    requests: r.get::<_, i64>(2)? as u64,
+                    amount: totals::amount(r.get(3)?, r.get(4)?),
+                    prompt_tokens: r.get::<_, i64>(5)? as u64,
+                    completion_tokens: r.get::<_, i64>(6)? as u64,
+                })
+            })
+            .map_err(|e| err(&self.path, e))?;
+        rows.collect::<rusqlite::Result<Vec<_>>>().map_err(|e| err(&self.path, e))
     }
 
     fn kind(&self) -> &'static str {

@@ -68,8 +68,10 @@ struct State {
     active: HashMap<String, ActiveEntry>,
     alloc: PageAllocator,
     loading: HashMap<String, Arc<LoadWait>>,
-    /// The last failed disk load of each name: that version, and why.
-    failed: HashMap<String, (Arc<AdapterManifest>, Arc<Error>)>,
+    /// The last failed disk load of each name: that version, why, and when.
+    failed: HashMap<String, (Arc<AdapterManifest>, Arc<Error>, Instant)>,
+    /// The version of each name waiting for the background loader (sent once).
+    queued: HashMap<String, Arc<AdapterManifest>>,
     clock: u64,
 }
 
@@ -83,6 +85,10 @@ struct Inner {
     /// The background loader: a name, and the version to load (`None`: the registered one).
     prefetch: Mutex<Option<Sender<(String, Option<Arc<AdapterManifest>>)>>>,
 }
+
+/// How long a failed disk load of an adapter version answers its requests at once before the
+/// next request tries the disk again (a transient error, such as too many open files, passes).
+pub const RETRY_FAILED_LOAD: std::time::Duration = std::time::Duration::from_secs(5);
 
 /// The three-tier adapter store shared by the HTTP layer, the scheduler and the model.
 #[derive(Clone)]
@@ -213,7 +219,7 @@ impl Inner {
                 Err(e) => {
                     self.metrics.load_failures.with_label_values(&["load"]).inc();
                     let e = Arc::new(e);
-                    st.failed.insert(name.to_string(), (manifest.clone(), e.clone()));
+                    st.failed.insert(name.to_string(), (manifest.clone(), e.clone(), Instant::now()));
                     Err(e)
                 }
             };
@@ -268,6 +274,7 @@ impl AdapterPager {
             alloc,
             loading: HashMap::new(),
             failed: HashMap::new(),
+            queued: HashMap::new(),
             clock: 0,
         };
         let inner = Arc::new(Inner {
@@ -296,6 +303,7 @@ impl AdapterPager {
                     // A failure is counted and reported to the request that needs it.
                     let _ = inner.host_weights(&name, &m);
                 }
+                inner.lock().queued.remove(&name);
             }
         });
         if spawned.is_ok() {
@@ -374,35 +382,49 @@ impl AdapterPager {
     /// Like [`AdapterPager::try_acquire_version`], but never reads the disk on the caller's
     /// thread: a version not in host memory yet is loaded by the background loader, and the
     /// caller is told [`Acquire::Loading`] (to serve others and ask again). A version whose
-    /// load failed is that error.
+    /// load failed in the last [`RETRY_FAILED_LOAD`] is that error.
     pub fn try_acquire_loaded(&self, name: &str, manifest: &Arc<AdapterManifest>) -> Result<Acquire> {
-        let st = self.inner.lock();
-        let in_memory = st.active.get(name).is_some_and(|a| Arc::ptr_eq(&a.manifest, manifest))
-            || st.host.get(name).is_some_and(|h| Arc::ptr_eq(&h.manifest, manifest));
-        if !in_memory {
-            if let Some((m, e)) = st.failed.get(name)
-                && Arc::ptr_eq(m, manifest)
-            {
-                return Err(SubmitError::AdapterLoad { name: name.into(), source: e.clone() }.into());
+        {
+            let st = self.inner.lock();
+            let in_memory = st.active.get(name).is_some_and(|a| Arc::ptr_eq(&a.manifest, manifest))
+                || st.host.get(name).is_some_and(|h| Arc::ptr_eq(&h.manifest, manifest));
+            if !in_memory {
+                if let Some((m, e, at)) = st.failed.get(name)
+                    && Arc::ptr_eq(m, manifest)
+                    && at.elapsed() < RETRY_FAILED_LOAD
+                {
+                    return Err(SubmitError::AdapterLoad { name: name.into(), source: e.clone() }.into());
+                }
+                drop(st);
+                if self.load_in_background(name, manifest) {
+                    return Ok(Acquire::Loading);
+                }
+                // No background loader: load here.
             }
-            let loading = st.loading.contains_key(name);
-            drop(st);
-            let sent = loading
-                || self
-                    .inner
-                    .prefetch
-                    .lock()
-                    .unwrap_or_else(lock_err)
-                    .as_ref()
-                    .is_some_and(|tx| tx.send((name.to_string(), Some(manifest.clone()))).is_ok());
-            if sent {
-                return Ok(Acquire::Loading);
-            }
-            // No background loader: load here.
-        } else {
-            drop(st);
         }
         self.try_acquire_version(name, manifest)
+    }
+
+    /// Hands one version of an adapter to the background loader, once however often asked;
+    /// `false` if there is no loader.
+    pub fn load_in_background(&self, name: &str, manifest: &Arc<AdapterManifest>) -> bool {
+        let mut st = self.inner.lock();
+        let in_memory = st.active.get(name).is_some_and(|a| Arc::ptr_eq(&a.manifest, manifest))
+            || st.host.get(name).is_some_and(|h| Arc::ptr_eq(&h.manifest, manifest));
+        if in_memory || st.loading.contains_key(name) || st.queued.get(name).is_some_and(|m| Arc::ptr_eq(m, manifest)) {
+            return true;
+        }
+        let sent = self
+            .inner
+            .prefetch
+            .lock()
+            .unwrap_or_else(lock_err)
+            .as_ref()
+            .is_some_and(|tx| tx.send((name.to_string(), Some(manifest.clone()))).is_ok());
+        if sent {
+            st.queued.insert(name.to_string(), manifest.clone());
+        }
+        sent
     }
 
     /// Makes an adapter resident and pins it, or says to come back later when the pool is

@@ -42,6 +42,9 @@ struct SlotRecord {
     /// Versions in the order they were activated; the last is active unless `active` is `None`.
     history: Vec<u32>,
     active: Option<u32>,
+    /// The last version number given (numbers are never reused, even after a removal).
+    #[serde(default)]
+    last_version: u32,
 }
 
 /// Most versions a slot keeps; installing more removes the oldest that is not active.
@@ -70,10 +73,9 @@ struct StoredSlot {
     record: SlotRecord,
 }
 
-/// The file name of a slot's record: its name in hex (adapter names may hold any character).
+/// The file name of a slot's record: the sha256 of its name (any length, any character).
 fn slot_file(slot: &Slot) -> String {
-    let hex: String = slot.to_string().bytes().map(|b| format!("{b:02x}")).collect();
-    format!("{hex}.json")
+    format!("{}.json", sha256_hex(slot.to_string().as_bytes()))
 }
 
 /// Reads every slot's record under `root`, moving a single-file `state.json` (older servers)
@@ -366,8 +368,10 @@ impl Registry {
         let info = match rec.versions.iter().find(|v| v.sha256 == sha256 && v.config == config) {
             Some(existing) => existing.clone(),
             None => {
+                let version = rec.versions.iter().map(|v| v.version).max().unwrap_or(0).max(rec.last_version) + 1;
+                rec.last_version = version;
                 let info = VersionInfo {
-                    version: rec.versions.iter().map(|v| v.version).max().unwrap_or(0) + 1,
+                    version,
                     sha256,
                     config: config.to_string(),
                     size: bytes.len(),

@@ -35,6 +35,9 @@ pub(crate) struct Context {
     pub info: RequestInfo,
     /// Who routed it.
     pub routed_by: Decider,
+    /// The router plugin's `(sha256, bytes)`, kept from routing when the ledger may not hold
+    /// them yet.
+    pub router_blob: Option<(String, Vec<u8>)>,
     /// The adapter version it was admitted with (name and sha256).
     pub adapter: Option<Artifact>,
     /// The key its ledger entry is unique by.

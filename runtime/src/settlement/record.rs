@@ -101,7 +101,9 @@ impl Recorder {
                 finished_at_ms: now_ms(),
             };
             let plugins = body.plugin_hashes().into_iter().filter(|sha| svc.ledger.needs_blob(sha));
-            let mut blobs: Vec<_> = plugins.filter_map(|sha| svc.policy.blob(&sha).map(|b| (sha, b))).collect();
+            let kept = |sha: &str| ctx.router_blob.as_ref().filter(|(s, _)| s == sha).map(|(_, b)| b.clone());
+            let mut blobs: Vec<_> =
+                plugins.filter_map(|sha| kept(&sha).or_else(|| svc.policy.blob(&sha)).map(|b| (sha, b))).collect();
             let configs = body.config_hashes().into_iter().filter(|sha| svc.ledger.needs_blob(sha));
             blobs.extend(configs.filter_map(|sha| svc.policy.config_text(&sha).map(|c| (sha, c.into_bytes()))));
             let entry = NewEntry::new(body, blobs).map_err(LedgerError::Refused).map_err(crate::Error::from)?;

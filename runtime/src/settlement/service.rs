@@ -100,19 +100,27 @@ impl SettlementService {
             received_at_ms: now_ms(),
         };
         let (svc, asked) = (self.clone(), info.clone());
-        let (routed, valid) = blocking("routing", move || {
+        let (routed, valid, router_blob) = blocking("routing", move || {
             let pager = svc.engine.pager();
             let exists = |a: &str| requested.as_ref().is_some_and(|r| r.name == a) || pager.manifest(a).is_some();
             let routed = svc.recorder.policy.route(&asked, &exists)?;
             checked.route(routed.adapter.clone(), routed.priority);
             let valid = svc.engine.checker().admit_resolved(checked, requested)?;
-            Ok((routed, valid))
+            // The router's bytes, kept now if the ledger may not hold them yet: its version
+            // may be removed before this request's entry is written.
+            let router_blob = routed
+                .by
+                .plugin
+                .strip_prefix("sha256:")
+                .filter(|sha| svc.recorder.ledger.needs_blob(sha))
+                .and_then(|sha| svc.recorder.policy.blob(sha).map(|b| (sha.to_string(), b)));
+            Ok((routed, valid, router_blob))
         })
         .await?;
         let adapter = valid.adapter().map(|a| Artifact { name: a.name.clone(), sha256: a.manifest.sha256.clone() });
         info.adapter_owner = valid.adapter().and_then(|a| a.manifest.owner.clone());
         info.adapter = routed.adapter;
-        let ctx = Context { info, routed_by: routed.by, adapter, key, _guard: guard };
+        let ctx = Context { info, routed_by: routed.by, router_blob, adapter, key, _guard: guard };
         let stream = self.engine.enqueue(valid)?;
         Ok(Metered::new(self.recorder.clone(), stream, ctx))
     }
