@@ -2,21 +2,21 @@
 //! inference keys (checked by the layer in front of every admin route, see [`super::router`]).
 //! An upload that fails validation changes nothing.
 
-use std::io::Read;
 use std::path::Path;
 
 use axum::Json;
 use axum::Router;
-use axum::body::Bytes;
 use axum::extract::{FromRequest, Multipart, Request, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::routing::get;
 use serde::Deserialize;
 use serde_json::{Value, json};
 
-use super::{ApiError, ApiPath, ApiQuery, Shared, blocking, is_multipart, multipart_error, upload_error};
+use super::listen::BodyRead;
+use super::upload::{stage_form, stage_tar};
+use super::{ApiError, ApiPath, ApiQuery, Shared, blocking, is_multipart, upload_error};
 use crate::adapters::store::{Held, write_synced};
-use crate::adapters::{AdapterManifest, CONFIG_FILE, OWNER_FILE, WEIGHTS_FILE, valid_owner};
+use crate::adapters::{AdapterManifest, OWNER_FILE, valid_owner};
 
 /// Admin routes (the caller layers the upload size limit).
 pub fn router() -> Router<Shared> {
@@ -120,62 +120,6 @@ async fn delete_adapter(State(state): State<Shared>, ApiPath(name): ApiPath<Stri
     Ok(Json(json!({"id": name, "object": "adapter", "deleted": true})))
 }
 
-/// The files of an upload that matter: the PEFT config and weights (others are ignored).
-fn wanted(file: &str) -> bool {
-    file == CONFIG_FILE || file == WEIGHTS_FILE || file == OWNER_FILE || file == "adapter_model.bin"
-}
-
-fn bad_upload(m: String) -> ApiError {
-    ApiError { code: "invalid_adapter", ..ApiError::invalid(Some("body".into()), m) }
-}
-
-/// The PEFT files of a tar archive (optionally inside one folder).
-fn untar(archive: &[u8]) -> Result<Vec<(String, Vec<u8>)>, ApiError> {
-    let mut tar = tar::Archive::new(archive);
-    let entries = tar.entries().map_err(|e| bad_upload(format!("not a tar archive: {e}")))?;
-    let mut files = Vec::new();
-    for entry in entries {
-        let mut entry = entry.map_err(|e| bad_upload(format!("corrupt tar archive: {e}")))?;
-        if !entry.header().entry_type().is_file() {
-            continue;
-        }
-        let path = entry.path().map_err(|e| bad_upload(format!("bad path in archive: {e}")))?.into_owned();
-        let Some(file) = path.file_name().and_then(|f| f.to_str()).map(str::to_string) else { continue };
-        if !wanted(&file) {
-            continue; // READMEs and the like
-        }
-        let mut bytes = Vec::new();
-        entry.read_to_end(&mut bytes).map_err(|e| bad_upload(format!("reading `{file}` from the archive: {e}")))?;
-        files.push((file, bytes));
-    }
-    Ok(files)
-}
-
-/// The PEFT files of a multipart form (each part named by its file name, or its field name).
-async fn unform(mut form: Multipart) -> Result<Vec<(String, Vec<u8>)>, ApiError> {
-    let mut files = Vec::new();
-    while let Some(field) = form.next_field().await.map_err(|e| multipart_error("bad multipart body", e))? {
-        let name = field.file_name().or(field.name()).map(|n| n.rsplit('/').next().unwrap_or(n).to_string());
-        let Some(name) = name.filter(|n| wanted(n)) else { continue };
-        let bytes = field.bytes().await.map_err(|e| multipart_error(&format!("reading `{name}`"), e))?;
-        files.push((name, bytes.to_vec()));
-    }
-    Ok(files)
-}
-
-/// Writes the uploaded files into `dir` (each synced to disk), refusing duplicates.
-fn write_files(dir: &Path, files: &[(String, Vec<u8>)]) -> Result<(), ApiError> {
-    let mut seen = Vec::new();
-    for (name, bytes) in files {
-        if seen.contains(name) {
-            return Err(bad_upload(format!("the upload holds `{name}` twice")));
-        }
-        write_synced(&dir.join(name), bytes).map_err(|e| ApiError::internal(format!("writing upload: {e}")))?;
-        seen.push(name.clone());
-    }
-    Ok(())
-}
-
 /// `?owner=` of an adapter upload.
 #[derive(Debug, Deserialize)]
 struct UploadQuery {
@@ -198,39 +142,47 @@ async fn upload_adapter(
     {
         return Err(ApiError::invalid(Some("owner".into()), "owners are 1-64 characters of A-Z a-z 0-9 - _ . @"));
     }
-    let files = if is_multipart(&headers) {
-        let form = Multipart::from_request(req, &state).await.map_err(|r| upload_error(r.status(), r.body_text()))?;
-        unform(form).await?
-    } else {
-        let body = Bytes::from_request(req, &state).await.map_err(|r| upload_error(r.status(), r.body_text()))?;
-        blocking("untar", move || untar(&body)).await?
+    let stage = state.adapter_store.stage().map_err(|e| ApiError::internal(e.to_string()))?;
+    let read = BodyRead {
+        limit: state.config.limits.max_upload_bytes,
+        pause: std::time::Duration::from_secs(state.config.limits.body_timeout_secs as u64),
     };
-    let mut files = files;
+    let staged = async {
+        if is_multipart(&headers) {
+            let form =
+                Multipart::from_request(req, &state).await.map_err(|r| upload_error(r.status(), r.body_text()))?;
+            stage_form(form, &stage, read).await
+        } else {
+            stage_tar(req.into_body(), &stage, read).await
+        }
+    }
+    .await;
+    if let Err(e) = staged {
+        let _ = std::fs::remove_dir_all(&stage);
+        return Err(e);
+    }
     if let Some(owner) = query.owner {
-        files.retain(|(f, _)| f != OWNER_FILE);
-        files.push((OWNER_FILE.to_string(), json!({ "owner": owner }).to_string().into_bytes()));
+        let written = write_synced(&stage.join(OWNER_FILE), json!({ "owner": owner }).to_string().as_bytes());
+        if let Err(e) = written {
+            let _ = std::fs::remove_dir_all(&stage);
+            return Err(ApiError::internal(e.to_string()));
+        }
     }
     let state2 = state.clone();
     let name2 = name.clone();
-    let (replaced, manifest) = blocking("upload", move || store(&state2, &name2, &files)).await?;
+    let (replaced, manifest) = blocking("upload", move || store(&state2, &name2, &stage)).await?;
     let status = if replaced { StatusCode::OK } else { StatusCode::CREATED };
     Ok((status, Json(describe(&name, &manifest))))
 }
 
 /// Validates the upload as the engine would load it, then commits it as the name's current
 /// version (serialised with every other write to the store): a refused upload changes nothing.
-fn store(
-    state: &Shared,
-    name: &str,
-    files: &[(String, Vec<u8>)],
-) -> Result<(bool, std::sync::Arc<AdapterManifest>), ApiError> {
+fn store(state: &Shared, name: &str, tmp: &Path) -> Result<(bool, std::sync::Arc<AdapterManifest>), ApiError> {
     let adapters = &state.adapter_store;
-    let tmp = adapters.stage().map_err(|e| ApiError::internal(e.to_string()))?;
     let cleanup = |e: ApiError| {
-        let _ = std::fs::remove_dir_all(&tmp);
+        let _ = std::fs::remove_dir_all(tmp);
         e
     };
-    write_files(&tmp, files).map_err(cleanup)?;
     // Validate before anything is renamed or registered: a bad upload changes nothing. Its
     // messages name the upload's files, never the server's folders.
     let scrub = |e: crate::Error| {
@@ -238,18 +190,18 @@ fn store(
         e.message = e.message.replace(&format!("{}/", tmp.display()), "").replace(&tmp.display().to_string(), "upload");
         cleanup(e)
     };
-    AdapterManifest::inspect(&tmp, state.engine.model().config()).map_err(scrub)?;
+    AdapterManifest::inspect(tmp, state.engine.model().config()).map_err(scrub)?;
     let pager = state.engine.pager();
     let mut stored = None;
     let committed = adapters
-        .commit(name, &tmp, |dir| {
+        .commit(name, tmp, |dir| {
             let previous = pager.manifest(name).map(|m| m as Held);
             pager.register(name, dir)?;
             stored = pager.manifest(name);
             Ok(previous)
         })
         .map_err(|e| {
-            let _ = std::fs::remove_dir_all(&tmp);
+            let _ = std::fs::remove_dir_all(tmp);
             match e {
                 e @ crate::Error::Submit(crate::error::SubmitError::AdapterTooLarge { .. }) => ApiError {
                     param: Some("body".into()),

@@ -7,6 +7,7 @@ pub mod ledger;
 pub mod listen;
 pub mod openai;
 mod stream;
+mod upload;
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -277,12 +278,15 @@ pub fn router(state: Shared) -> Router {
     let v1 =
         Router::new().merge(completions).merge(models).merge(ledger::router()).layer(DefaultBodyLimit::max(body_limit));
     // Every admin route, behind one check of the admin token.
-    let admin = admin::router()
-        .merge(admin_plugins::router())
+    // Plugin uploads and the rest are read whole (within the deadlines); adapter uploads stream
+    // to disk in their handler.
+    let buffered = admin_plugins::router()
         .merge(ledger::admin_router())
         // Unknown admin paths too: the token is checked before anything says what exists.
         .route("/admin/{*rest}", any(not_found))
-        .route_layer(middleware::from_fn_with_state(uploads, listen::read_body))
+        .route_layer(middleware::from_fn_with_state(uploads, listen::read_body));
+    let admin = admin::router()
+        .merge(buffered)
         .route_layer(middleware::from_fn_with_state(state.clone(), require_admin))
         .layer(DefaultBodyLimit::max(upload_limit));
     Router::new()
