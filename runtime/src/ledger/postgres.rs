@@ -7,7 +7,7 @@ use super::chain::{COLUMNS, ChainTx, append_chained, schema};
 use super::checkpoint::Checkpoint;
 use super::entry::{GENESIS_HASH, NewEntry, StoredEntry};
 use super::store::{Appended, Filter, Head, LedgerStore};
-use super::totals::{self, TotalRow, TotalSum, TotalsQuery};
+use super::totals::{self, SummaryRow, TotalRow, TotalsQuery};
 use crate::error::{Error, LedgerError, Result};
 
 /// A ledger in a PostgreSQL database.
@@ -181,14 +181,14 @@ fn backfill_totals(tx: &mut postgres::Transaction<'_>) -> Result<()> {
 }
 
 impl LedgerStore for PostgresStore {
-    fn totals(&mut self, q: &TotalsQuery<'_>) -> Result<Vec<TotalSum>> {
+    fn totals(&mut self, q: &TotalsQuery<'_>) -> Result<Vec<SummaryRow>> {
         // The tenant's type cannot be inferred from `IS NULL`: it is said.
         let placeholder = |i: usize| if i == 2 { "$2::TEXT".to_string() } else { format!("${i}") };
         let sql = totals::query(if q.by_tenant { "tenant" } else { "key" }, placeholder, "::BIGINT");
         let rows = self.client.query(&sql, &[&q.grouping, &q.tenant, &q.days.0, &q.days.1]).map_err(err)?;
         Ok(rows
             .iter()
-            .map(|r| TotalSum {
+            .map(|r| SummaryRow {
                 key: r.get(0),
                 currency: r.get(1),
                 requests: r.get::<_, i64>(2) as u64,

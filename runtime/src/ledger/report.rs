@@ -5,11 +5,11 @@ use std::collections::BTreeMap;
 use std::io::Write;
 use std::str::FromStr;
 
-use serde::Serialize;
 use serde_json::json;
 
 use super::entry::{EntryBody, StoredEntry};
 use super::store::{Filter, LedgerStore};
+pub use super::totals::SummaryRow;
 use super::totals::{DAY_MS, TotalsQuery};
 use crate::error::{Error, LedgerError, Result};
 
@@ -172,23 +172,6 @@ impl FromStr for GroupBy {
     }
 }
 
-/// One group's totals.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
-pub struct SummaryRow {
-    /// The payee, adapter or tenant.
-    pub key: String,
-    /// The currency of the amounts.
-    pub currency: String,
-    /// Entries that count towards it.
-    pub requests: u64,
-    /// Micro-units: earned (payee) or charged (adapter, tenant).
-    pub amount: u128,
-    /// Prompt tokens of those entries.
-    pub prompt_tokens: u64,
-    /// Completion tokens of those entries.
-    pub completion_tokens: u64,
-}
-
 /// Totals per group (and currency), sorted by key: from the running totals when the time bounds
 /// fall on whole (UTC) days, else by reading the entries.
 pub fn summary(store: &mut dyn LedgerStore, filter: &Filter, by: GroupBy) -> Result<Vec<SummaryRow>> {
@@ -203,18 +186,7 @@ pub fn summary(store: &mut dyn LedgerStore, filter: &Filter, by: GroupBy) -> Res
                 filter.until_ms.map_or(i64::MAX, |t| (t / DAY_MS).min(i64::MAX as u64) as i64),
             ),
         };
-        let rows = store.totals(&query)?;
-        return Ok(rows
-            .into_iter()
-            .map(|t| SummaryRow {
-                key: t.key,
-                currency: t.currency,
-                requests: t.requests,
-                amount: t.amount,
-                prompt_tokens: t.prompt_tokens,
-                completion_tokens: t.completion_tokens,
-            })
-            .collect());
+        return store.totals(&query);
     }
     scan_summary(store, filter, by)
 }

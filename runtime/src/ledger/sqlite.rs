@@ -9,7 +9,7 @@ use super::chain::{COLUMNS, ChainTx, append_chained, schema};
 use super::checkpoint::Checkpoint;
 use super::entry::{GENESIS_HASH, NewEntry, StoredEntry};
 use super::store::{Appended, Filter, Head, LedgerStore};
-use super::totals::{self, TotalRow, TotalSum, TotalsQuery};
+use super::totals::{self, SummaryRow, TotalRow, TotalsQuery};
 use crate::error::{Error, LedgerError, Result};
 
 /// A ledger in an SQLite file.
@@ -216,12 +216,12 @@ impl LedgerStore for SqliteStore {
             .map_err(|e| err(&self.path, e))
     }
 
-    fn totals(&mut self, q: &TotalsQuery<'_>) -> Result<Vec<TotalSum>> {
+    fn totals(&mut self, q: &TotalsQuery<'_>) -> Result<Vec<SummaryRow>> {
         let sql = totals::query(if q.by_tenant { "tenant" } else { "key" }, |i| format!("?{i}"), "");
         let mut stmt = self.conn.prepare_cached(&sql).map_err(|e| err(&self.path, e))?;
         let rows = stmt
             .query_map(params![q.grouping, q.tenant, q.days.0, q.days.1], |r| {
-                Ok(TotalSum {
+                Ok(SummaryRow {
                     key: r.get(0)?,
                     currency: r.get(1)?,
                     requests: r.get::<_, i64>(2)? as u64,

@@ -5,7 +5,7 @@ use std::path::PathBuf;
 use super::checkpoint::Checkpoint;
 pub use super::entry::Head;
 use super::entry::{NewEntry, StoredEntry};
-use super::totals::{TotalSum, TotalsQuery};
+use super::totals::{SummaryRow, TotalsQuery};
 use crate::error::{LedgerError, Result};
 
 /// What became of one entry handed to [`LedgerStore::append`].
@@ -52,7 +52,7 @@ pub trait LedgerStore: Send {
     /// The plugin bytes with this sha256 (hex), if stored.
     fn blob(&mut self, sha256: &str) -> Result<Option<Vec<u8>>>;
     /// The running totals a summary asks for, grouped and sorted by key and currency.
-    fn totals(&mut self, query: &TotalsQuery<'_>) -> Result<Vec<TotalSum>>;
+    fn totals(&mut self, query: &TotalsQuery<'_>) -> Result<Vec<SummaryRow>>;
     /// Which backend this is (`sqlite`, `postgres`).
     fn kind(&self) -> &'static str;
     /// Stores a signed checkpoint (replacing one of the same sequence number).

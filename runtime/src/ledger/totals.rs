@@ -5,6 +5,8 @@
 
 use std::collections::BTreeMap;
 
+use serde::Serialize;
+
 use super::entry::EntryBody;
 
 /// Milliseconds in a day (totals are kept per UTC day of the entry's write time).
@@ -60,20 +62,20 @@ pub fn query(key_column: &str, placeholder: fn(usize) -> String, cast: &str) -> 
     )
 }
 
-/// One group's sums, as read back.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct TotalSum {
+/// One group's totals: what a summary answers, from the running totals or the entries.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+pub struct SummaryRow {
     /// The payee, adapter or tenant.
     pub key: String,
-    /// The currency.
+    /// The currency of the amounts.
     pub currency: String,
-    /// Entries.
+    /// Entries that count towards it.
     pub requests: u64,
-    /// Micro-units.
+    /// Micro-units: earned (payee) or charged (adapter, tenant).
     pub amount: u128,
-    /// Prompt tokens.
+    /// Prompt tokens of those entries.
     pub prompt_tokens: u64,
-    /// Completion tokens.
+    /// Completion tokens of those entries.
     pub completion_tokens: u64,
 }
 
