@@ -668,3 +668,29 @@ fn ten_thousand_adapter_slots_install_and_answer() {
     assert_eq!(host.list().len(), SLOTS + 2);
     let _ = std::fs::remove_dir_all(&root);
 }
+
+/// A router's answers are bounded before the host copies them and its time is virtual: an 8 MB
+/// adapter name is refused by size, a 200-byte one by the name limit (the built-in answers
+/// both), and a router that sleeps 30 s answers at once.
+#[test]
+fn a_hostile_router_is_bounded_and_cannot_stall() {
+    let limits = PolicyConfig { quarantine_after: 1000, quarantine_rate_percent: 0, ..PolicyConfig::default() };
+    let host = host(limits);
+    host.install(&Slot::Router, &wasm("openlora-test-hostile-router"), "", "test").unwrap();
+    let routed = |mode: &str| {
+        let mut r = request(&format!("router-{mode}"));
+        r.metadata.push(("router-mode".into(), mode.into()));
+        let start = Instant::now();
+        let routed = host.route(&r, &exists).unwrap();
+        (routed, start.elapsed())
+    };
+    for (mode, says) in [("huge-name", "bytes"), ("long-name", "longer than 128 bytes")] {
+        let (r, _) = routed(mode);
+        let failure = r.by.failure.expect("the built-in answered");
+        assert!(failure.contains(says) && failure.len() < 2048, "{mode}: {failure}");
+        assert_eq!(r.adapter.as_deref(), Some("startrek"), "{mode}");
+    }
+    let (r, took) = routed("sleep");
+    assert!(r.by.failure.is_none() && r.by.plugin.starts_with("sha256:"), "{:?}", r.by);
+    assert!(took < Duration::from_secs(1), "a sleeping router answered in {took:?}");
+}
