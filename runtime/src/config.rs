@@ -34,6 +34,8 @@ pub struct ServerConfig {
     pub api_keys: BTreeMap<String, String>,
     /// Bearer token for `/admin`; absent: the admin API is disabled.
     pub admin_token: Option<String>,
+    /// Bearer token `/metrics` asks for (none: open, as Prometheus scrapes it by default).
+    pub metrics_token: Option<String>,
     /// Policy plugins: sandbox limits and slot behaviour.
     pub policy: PolicyConfig,
     /// Where the ledger is kept.
@@ -145,6 +147,7 @@ impl Default for ServerConfig {
             limits: LimitsConfig::default(),
             api_keys: BTreeMap::new(),
             admin_token: None,
+            metrics_token: None,
             policy: PolicyConfig::default(),
             ledger: LedgerConfig::default(),
         }
@@ -240,10 +243,10 @@ impl ServerConfig {
             Error::Config { field, message, .. } => Error::config(path, field, message),
             other => other,
         })?;
-        if let Some(t) = &self.admin_token
-            && t.len() < 16
-        {
-            return Err(Error::config(path, "admin_token", "must be at least 16 characters"));
+        for (field, token) in [("admin_token", &self.admin_token), ("metrics_token", &self.metrics_token)] {
+            if token.as_ref().is_some_and(|t| t.len() < 16) {
+                return Err(Error::config(path, field, "must be at least 16 characters"));
+            }
         }
         for (key, tenant) in &self.api_keys {
             if key.is_empty() {

@@ -229,3 +229,15 @@ def test_cheap_rejections_and_the_small_things(store_server):
                   timeout=120)
     assert r.status_code == 413, r.text
     assert httpx.get(f"{s.url}/health").status_code == 200
+
+
+def test_metrics_can_ask_for_a_token():
+    token = "metrics-token-0123456789"
+    s = Server(config=f'admin_token = "{ADMIN_TOKEN}"\nmetrics_token = "{token}"\n')
+    try:
+        assert httpx.get(f"{s.url}/metrics").status_code == 401
+        assert httpx.get(f"{s.url}/metrics", headers={"Authorization": "Bearer nope"}).status_code == 401
+        r = httpx.get(f"{s.url}/metrics", headers={"Authorization": f"Bearer {token}"})
+        assert r.status_code == 200 and "openlora_" in r.text
+    finally:
+        s.stop()

@@ -202,7 +202,12 @@ async fn ready(State(state): State<Shared>) -> Response {
     }
 }
 
-async fn metrics(State(state): State<Shared>) -> Response {
+async fn metrics(State(state): State<Shared>, headers: HeaderMap) -> Response {
+    if let Some(token) = &state.config.metrics_token
+        && !bearer(&headers).is_some_and(|given| secrets_match(given, token))
+    {
+        return ApiError::unauthorized("/metrics needs the metrics token (Authorization: Bearer ...)").into_response();
+    }
     let stats = state.engine.stats();
     state.metrics.engine.kv_blocks_used.set((stats.kv_total_blocks - stats.kv_free_blocks) as i64);
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], state.metrics.render()).into_response()
