@@ -241,3 +241,47 @@ def test_metrics_can_ask_for_a_token():
         assert r.status_code == 200 and "openlora_" in r.text
     finally:
         s.stop()
+
+
+def test_usage_from_running_totals_matches_the_entries_across_a_sigkill(store_server):
+    s = store_server
+    for i in range(6):
+        assert complete(s, ["base", "r4-qv", "r8-mlp"][i % 3]).status_code == 200
+    day = "2020-01-01"                       # whole days: the running totals
+    moment = "2020-01-01T00:00:01Z"          # not a whole day: every entry is read
+    for by in ["adapter", "payee"]:
+        fast = httpx.get(f"{s.url}/v1/usage?by={by}&since={day}", headers=AUTH).json()["data"]
+        slow = httpx.get(f"{s.url}/v1/usage?by={by}&since={moment}", headers=AUTH).json()["data"]
+        assert fast == slow and fast, (by, fast, slow)
+    s.stop(signal.SIGKILL)
+    s.start()
+    after = httpx.get(f"{s.url}/admin/ledger/summary?by=tenant&since={day}", headers=ADMIN).json()["data"]
+    scan = httpx.get(f"{s.url}/admin/ledger/summary?by=tenant&since={moment}", headers=ADMIN).json()["data"]
+    assert after == scan, (after, scan)
+
+
+def test_a_cold_adapter_loads_while_others_keep_generating(store_server):
+    s = store_server
+    assert put(s, "cold", crafted(rank_times=8)).status_code in (200, 201)
+    times, usage = [], []
+
+    def stream():
+        body = {"model": "base", "prompt": "Once", "max_tokens": 200, "ignore_eos": True, "stream": True,
+                "stream_options": {"include_usage": True}}
+        with httpx.stream("POST", f"{s.url}/v1/completions", json=body, headers=AUTH, timeout=120) as resp:
+            for line in resp.iter_lines():
+                if line.startswith("data: {"):
+                    times.append(time.perf_counter())
+                    if json.loads(line[6:]).get("usage"):
+                        usage.append(json.loads(line[6:])["usage"])
+
+    t = threading.Thread(target=stream)
+    t.start()
+    time.sleep(0.05)
+    r = complete(s, "cold")
+    t.join()
+    assert r.status_code == 200, r.text
+    assert usage and usage[-1]["completion_tokens"] == 200, "the other stream ran to its end"
+    gaps = sorted(b - a for a, b in zip(times, times[1:]))
+    print(f"\nlongest gap {gaps[-1] * 1000:.1f} ms, median {gaps[len(gaps) // 2] * 1000:.1f} ms")
+    assert gaps[-1] < 1.0, "no stall of a second while the adapter loaded"
