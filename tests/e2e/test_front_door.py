@@ -2,11 +2,13 @@
 replacements that hold across SIGKILL and restarts, concurrent uploads serialised, uploads that
 could never load refused (the running version stays), tenants that cannot collide, tenants that
 see only what is theirs and no server path, slow and idle connections cut off, cheap rejections,
-and the small things (trailing bytes, 413s, the field a context error names)."""
+usage from running totals, a cold adapter loading while others generate, uploads streamed in
+bounded memory, and the small things (trailing bytes, 413s, the field a context error names)."""
 
 import array
 import io
 import json
+import re
 import signal
 import socket
 import struct
@@ -285,3 +287,21 @@ def test_a_cold_adapter_loads_while_others_keep_generating(store_server):
     gaps = sorted(b - a for a, b in zip(times, times[1:]))
     print(f"\nlongest gap {gaps[-1] * 1000:.1f} ms, median {gaps[len(gaps) // 2] * 1000:.1f} ms")
     assert gaps[-1] < 1.0, "no stall of a second while the adapter loaded"
+
+
+def test_an_upload_streams_to_disk_in_bounded_memory():
+    s = Server()
+    try:
+        filler = b"\0" * (96 << 20)
+        archive = tar_of({"adapter_config.json": (SRC / "adapter_config.json").read_bytes(),
+                          "adapter_model.safetensors": (SRC / "adapter_model.safetensors").read_bytes(),
+                          "filler.bin": filler})
+        del filler
+        peak = lambda: int(re.search(r"VmHWM:\s+(\d+) kB", open(f"/proc/{s.proc.pid}/status").read()).group(1)) >> 10
+        before = peak()
+        r = put(s, "streamed", archive)
+        assert r.status_code == 201, r.text
+        print(f"\na {len(archive) >> 20} MiB upload: server peak RSS {before} -> {peak()} MiB")
+        assert peak() - before < 48, "the upload was held in memory"
+    finally:
+        s.stop()
