@@ -65,6 +65,17 @@ fn exists(name: &str) -> bool {
     ["startrek", "computers", "love"].contains(&name)
 }
 
+/// Two separate hosts with the hostile attributor in `mode`: a first run and a replay.
+fn twin_hosts(mode: &str) -> (PolicyHost, PolicyHost) {
+    let config = format!(r#"{{"mode": "{mode}"}}"#);
+    let install = || {
+        let h = host(PolicyConfig::default());
+        h.install(&Slot::Attributor, &wasm("openlora-test-hostile"), &config, "test").unwrap();
+        h
+    };
+    (install(), install())
+}
+
 fn with_mode(id: &str, mode: &str) -> RequestInfo {
     let mut r = request(id);
     r.metadata.push(("hostile-mode".into(), mode.into()));
@@ -242,11 +253,7 @@ fn a_plugin_that_sleeps_answers_at_once_within_its_deadline() {
 /// host and on a fresh one, however long the host really took.
 #[test]
 fn what_a_plugin_measures_of_time_replays_exactly() {
-    let bytes = wasm("openlora-test-hostile");
-    let a = host(PolicyConfig::default());
-    a.install(&Slot::Attributor, &bytes, r#"{"mode": "timing"}"#, "test").unwrap();
-    let b = host(PolicyConfig::default());
-    b.install(&Slot::Attributor, &bytes, r#"{"mode": "timing"}"#, "test").unwrap();
+    let (a, b) = twin_hosts("timing");
     for i in 0..5 {
         let r = request(&format!("timing-{i}"));
         let first = a.settle(&r, &usage()).unwrap();
@@ -357,11 +364,7 @@ fn repeated_failures_quarantine_a_plugin_and_fail_closed_slots_refuse() {
 
 #[test]
 fn decisions_replay_exactly_on_a_fresh_host() {
-    let bytes = wasm("openlora-test-hostile");
-    let a = host(PolicyConfig::default());
-    a.install(&Slot::Attributor, &bytes, r#"{"mode": "entropy"}"#, "test").unwrap();
-    let b = host(PolicyConfig::default());
-    b.install(&Slot::Attributor, &bytes, r#"{"mode": "entropy"}"#, "test").unwrap();
+    let (a, b) = twin_hosts("entropy");
     let mut distinct = std::collections::BTreeSet::new();
     for i in 0..12 {
         let mut r = request(&format!("replay-{i}"));

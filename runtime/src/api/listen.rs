@@ -148,36 +148,65 @@ pub async fn read_body(State(read): State<BodyRead>, req: Request, next: Next) -
 }
 
 async fn collect(body: Body, read: BodyRead) -> Result<Bytes, ApiError> {
-    let timed_out = || {
-        ApiError::new(
-            StatusCode::REQUEST_TIMEOUT,
-            "invalid_request_error",
-            "request_timeout",
-            "the request body was not received in time",
-        )
-    };
-    let whole = async {
-        let mut body = body;
-        let mut buf = Vec::new();
+    let mut chunks = Chunks::new(body, read);
+    let mut buf = Vec::new();
+    while let Some(data) = chunks.next().await? {
+        buf.extend_from_slice(&data);
+    }
+    Ok(Bytes::from(buf))
+}
+
+/// A body that paused or took too long (408).
+pub(super) fn timed_out() -> ApiError {
+    ApiError::new(
+        StatusCode::REQUEST_TIMEOUT,
+        "invalid_request_error",
+        "request_timeout",
+        "the request body was not received in time",
+    )
+}
+
+/// A body over `limit` bytes (413).
+pub(super) fn too_large(limit: usize) -> ApiError {
+    ApiError::new(
+        StatusCode::PAYLOAD_TOO_LARGE,
+        "invalid_request_error",
+        "request_too_large",
+        format!("the request body is larger than {limit} bytes"),
+    )
+}
+
+/// A body's chunks as they come, within [`BodyRead`]'s size, pause and total deadline.
+pub(super) struct Chunks {
+    body: Body,
+    read: BodyRead,
+    total: usize,
+    deadline: tokio::time::Instant,
+}
+
+impl Chunks {
+    /// Starts reading `body` (the total deadline runs from now).
+    pub(super) fn new(body: Body, read: BodyRead) -> Self {
+        Chunks { body, read, total: 0, deadline: tokio::time::Instant::now() + read.pause * 2 }
+    }
+
+    /// The next chunk; `None` at the end.
+    pub(super) async fn next(&mut self) -> Result<Option<Bytes>, ApiError> {
         loop {
-            let frame = match tokio::time::timeout(read.pause, body.frame()).await {
+            let until = self.deadline.min(tokio::time::Instant::now() + self.read.pause);
+            let frame = match tokio::time::timeout_at(until, self.body.frame()).await {
                 Err(_) => return Err(timed_out()),
-                Ok(None) => return Ok(Bytes::from(buf)),
+                Ok(None) => return Ok(None),
                 Ok(Some(Err(e))) => return Err(ApiError::invalid(None, format!("reading the request body: {e}"))),
                 Ok(Some(Ok(frame))) => frame,
             };
             if let Ok(data) = frame.into_data() {
-                if buf.len() + data.len() > read.limit {
-                    return Err(ApiError::new(
-                        StatusCode::PAYLOAD_TOO_LARGE,
-                        "invalid_request_error",
-                        "request_too_large",
-                        format!("the request body is larger than {} bytes", read.limit),
-                    ));
+                self.total += data.len();
+                if self.total > self.read.limit {
+                    return Err(too_large(self.read.limit));
                 }
-                buf.extend_from_slice(&data);
+                return Ok(Some(data));
             }
         }
-    };
-    tokio::time::timeout(read.pause * 2, whole).await.map_err(|_| timed_out())?
+    }
 }

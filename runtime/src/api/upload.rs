@@ -7,11 +7,9 @@ use std::path::{Path, PathBuf};
 
 use axum::body::Body;
 use axum::extract::Multipart;
-use axum::http::StatusCode;
-use http_body_util::BodyExt;
 use tokio::io::AsyncWriteExt;
 
-use super::listen::BodyRead;
+use super::listen::{BodyRead, Chunks, timed_out, too_large};
 use super::{ApiError, blocking, multipart_error};
 
 /// The files of an upload that matter: the PEFT config and weights, the owner file (others
@@ -24,19 +22,6 @@ pub fn wanted(file: &str) -> bool {
 /// A refused upload (400, `invalid_adapter`).
 pub fn bad_upload(m: String) -> ApiError {
     ApiError { code: "invalid_adapter", ..ApiError::invalid(Some("body".into()), m) }
-}
-
-fn timed_out() -> ApiError {
-    ApiError::new(StatusCode::REQUEST_TIMEOUT, "invalid_request_error", "request_timeout", "the upload stalled")
-}
-
-fn too_large(limit: usize) -> ApiError {
-    ApiError::new(
-        StatusCode::PAYLOAD_TOO_LARGE,
-        "invalid_request_error",
-        "request_too_large",
-        format!("the upload is larger than {limit} bytes"),
-    )
 }
 
 fn disk(e: std::io::Error) -> ApiError {
@@ -72,25 +57,12 @@ impl Sink {
 
 /// Streams a tar archive body into `stage` and unpacks its wanted files there.
 pub async fn stage_tar(body: Body, stage: &Path, read: BodyRead) -> Result<(), ApiError> {
-    let whole = async {
-        let mut body = body;
-        let mut sink = Sink::create(stage.join(".archive.tar")).await?;
-        let mut total = 0;
-        loop {
-            match tokio::time::timeout(read.pause, body.frame()).await {
-                Err(_) => return Err(timed_out()),
-                Ok(None) => break,
-                Ok(Some(Err(e))) => return Err(ApiError::invalid(None, format!("reading the upload: {e}"))),
-                Ok(Some(Ok(frame))) => {
-                    if let Ok(data) = frame.into_data() {
-                        sink.write(&data, &mut total, read).await?;
-                    }
-                }
-            }
-        }
-        sink.finish().await
-    };
-    let archive = tokio::time::timeout(read.pause * 2, whole).await.map_err(|_| timed_out())??;
+    let mut sink = Sink::create(stage.join(".archive.tar")).await?;
+    let mut chunks = Chunks::new(body, read);
+    while let Some(data) = chunks.next().await? {
+        sink.file.write_all(&data).await.map_err(disk)?;
+    }
+    let archive = sink.finish().await?;
     let stage = stage.to_path_buf();
     blocking("untar", move || {
         let unpacked = untar(&archive, &stage);

@@ -75,6 +75,14 @@ struct State {
     clock: u64,
 }
 
+impl State {
+    /// Whether this version of `name` is in host memory or the active pool.
+    fn in_memory(&self, name: &str, manifest: &Arc<AdapterManifest>) -> bool {
+        self.active.get(name).is_some_and(|a| Arc::ptr_eq(&a.manifest, manifest))
+            || self.host.get(name).is_some_and(|h| Arc::ptr_eq(&h.manifest, manifest))
+    }
+}
+
 struct Inner {
     base: ModelConfig,
     config: PagerConfig,
@@ -293,11 +301,7 @@ impl AdapterPager {
                 let Some(inner) = weak.upgrade() else { break };
                 let manifest = {
                     let st = inner.lock();
-                    let resident = |m: &Arc<AdapterManifest>| {
-                        st.active.get(&name).is_some_and(|a| Arc::ptr_eq(&a.manifest, m))
-                            || st.host.get(&name).is_some_and(|h| Arc::ptr_eq(&h.manifest, m))
-                    };
-                    version.or_else(|| st.registry.get(&name).cloned()).filter(|m| !resident(m))
+                    version.or_else(|| st.registry.get(&name).cloned()).filter(|m| !st.in_memory(&name, m))
                 };
                 if let Some(m) = manifest {
                     // A failure is counted and reported to the request that needs it.
@@ -386,8 +390,7 @@ impl AdapterPager {
     pub fn try_acquire_loaded(&self, name: &str, manifest: &Arc<AdapterManifest>) -> Result<Acquire> {
         {
             let st = self.inner.lock();
-            let in_memory = st.active.get(name).is_some_and(|a| Arc::ptr_eq(&a.manifest, manifest))
-                || st.host.get(name).is_some_and(|h| Arc::ptr_eq(&h.manifest, manifest));
+            let in_memory = st.in_memory(name, manifest);
             if !in_memory {
                 if let Some((m, e, at)) = st.failed.get(name)
                     && Arc::ptr_eq(m, manifest)
@@ -409,9 +412,10 @@ impl AdapterPager {
     /// `false` if there is no loader.
     pub fn load_in_background(&self, name: &str, manifest: &Arc<AdapterManifest>) -> bool {
         let mut st = self.inner.lock();
-        let in_memory = st.active.get(name).is_some_and(|a| Arc::ptr_eq(&a.manifest, manifest))
-            || st.host.get(name).is_some_and(|h| Arc::ptr_eq(&h.manifest, manifest));
-        if in_memory || st.loading.contains_key(name) || st.queued.get(name).is_some_and(|m| Arc::ptr_eq(m, manifest)) {
+        if st.in_memory(name, manifest)
+            || st.loading.contains_key(name)
+            || st.queued.get(name).is_some_and(|m| Arc::ptr_eq(m, manifest))
+        {
             return true;
         }
         let sent = self
