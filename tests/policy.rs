@@ -493,6 +493,7 @@ fn entry_body(r: &RequestInfo, u: &Usage, s: &openlora::policy::Settlement) -> o
         splits: s.splits.clone(),
         deciders: s.deciders.clone(),
         finished_at_ms: r.received_at_ms,
+        owner_share: s.owner_share.clone(),
     }
 }
 

@@ -40,6 +40,8 @@ pub struct ServerConfig {
     pub policy: PolicyConfig,
     /// Where the ledger is kept.
     pub ledger: LedgerConfig,
+    /// `[owners]`: the quotas of adapter owners who have none of their own.
+    pub owners: crate::accounts::Quotas,
 }
 
 /// `[ledger]`: where entries are written.
@@ -150,6 +152,7 @@ impl Default for ServerConfig {
             metrics_token: None,
             policy: PolicyConfig::default(),
             ledger: LedgerConfig::default(),
+            owners: crate::accounts::Quotas::default(),
         }
     }
 }

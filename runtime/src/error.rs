@@ -220,6 +220,56 @@ pub enum LedgerError {
     Export(#[source] std::io::Error),
 }
 
+/// Accounts, keys, quotas and the audit trail.
+#[derive(Debug, thiserror::Error)]
+pub enum AccountError {
+    /// The database (SQLite or PostgreSQL) failed.
+    #[error("accounts {what}: {source}")]
+    Store {
+        /// Which store and what was being done.
+        what: String,
+        /// The database's error.
+        #[source]
+        source: Source,
+    },
+
+    /// A field of an account or key request is wrong.
+    #[error("{message}")]
+    Invalid {
+        /// The field at fault.
+        param: &'static str,
+        /// Why.
+        message: String,
+    },
+
+    /// No such key, owner or record (or not one the caller may see).
+    #[error("{0}")]
+    NotFound(String),
+
+    /// The caller's scope does not allow this.
+    #[error("{0}")]
+    Forbidden(String),
+
+    /// The name is taken by someone else.
+    #[error("{0}")]
+    Conflict(String),
+
+    /// An owner's quota would be exceeded.
+    #[error("{message}")]
+    Quota {
+        /// What, and the limit.
+        message: String,
+        /// A size quota (413) rather than a count (429).
+        size: bool,
+        /// Seconds until it frees up, for rate quotas.
+        retry_after: Option<u64>,
+    },
+
+    /// The audit trail is not what it must be (a record was changed, removed or reordered).
+    #[error("audit trail: {0}")]
+    Tampered(String),
+}
+
 /// The device (a GPU) the engine runs on.
 #[derive(Debug, thiserror::Error)]
 pub enum DeviceError {
@@ -285,6 +335,10 @@ pub enum Error {
     /// The ledger failed.
     #[error(transparent)]
     Ledger(#[from] LedgerError),
+
+    /// Accounts, keys, quotas or the audit trail.
+    #[error(transparent)]
+    Account(#[from] AccountError),
 
     /// The device failed.
     #[error(transparent)]

@@ -5,6 +5,8 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Instant;
 
+mod cli_accounts;
+
 use anyhow::Context;
 use clap::{Args, Parser, Subcommand};
 
@@ -74,6 +76,12 @@ enum Command {
     Ledger(LedgerCommand),
     /// The GPU check: parity on the fixtures, then multi-adapter throughput at Llama-7B shape.
     Bench(BenchArgs),
+    /// Make, list and revoke the API keys of owners, tenants and contributors (on the database
+    /// beside the ledger, so with the server running or not).
+    #[command(subcommand)]
+    Keys(cli_accounts::KeysCommand),
+    /// How one request's charge was computed and split, with a replay check.
+    Explain(cli_accounts::ExplainArgs),
 }
 
 #[derive(Args)]
@@ -163,7 +171,7 @@ enum LedgerCommand {
 
 /// Which ledger to read.
 #[derive(Args)]
-struct LedgerArgs {
+pub struct LedgerArgs {
     /// The ledger: `sqlite:<path>`, a file path, or `postgres://...`. Default: the server config's
     /// `[ledger] url`, else `ledger.sqlite3` in its data directory (`$OPENLORA_HOME`).
     #[arg(long)]
@@ -237,7 +245,8 @@ impl LedgerArgs {
         })
     }
 
-    fn open(&self) -> anyhow::Result<(ServerConfig, Box<dyn openlora::ledger::LedgerStore>, String)> {
+    /// The configuration and where its ledger is (which must exist, unless `create`).
+    fn location(&self, create: bool) -> anyhow::Result<(ServerConfig, openlora::ledger::Location)> {
         let config = self.config()?;
         let location = match &self.ledger {
             Some(l) => openlora::ledger::Location::parse(l).context("--ledger")?,
@@ -245,11 +254,24 @@ impl LedgerArgs {
         };
         if let openlora::ledger::Location::Sqlite(path) = &location
             && !path.exists()
+            && !create
         {
             anyhow::bail!("{}: no ledger there (give --ledger or --config)", path.display());
         }
+        Ok((config, location))
+    }
+
+    fn open(&self) -> anyhow::Result<(ServerConfig, Box<dyn openlora::ledger::LedgerStore>, String)> {
+        let (config, location) = self.location(false)?;
         let store = location.open().with_context(|| format!("opening the ledger {location}"))?;
         Ok((config, store, location.to_string()))
+    }
+
+    /// The accounts, keys and audit trail beside the ledger (created if need be).
+    fn accounts(&self, create: bool) -> anyhow::Result<std::sync::Arc<openlora::accounts::Accounts>> {
+        let (config, location) = self.location(create)?;
+        openlora::accounts::Accounts::open(&location, config.owners)
+            .with_context(|| format!("opening the accounts beside the ledger {location}"))
     }
 }
 
@@ -289,9 +311,18 @@ fn run_ledger(command: LedgerCommand) -> anyhow::Result<bool> {
                 &name,
                 &trust,
             )?;
+            let audit = args.ledger.accounts(false)?.verify_audit()?;
             if args.json {
-                println!("{}", serde_json::to_string_pretty(&r)?);
-            } else if let Some(bad) = &r.first_bad {
+                println!("{}", serde_json::to_string_pretty(&serde_json::json!({"ledger": r, "audit": audit}))?);
+                return Ok(r.ok() && audit.ok());
+            }
+            match &audit.problem {
+                None => {
+                    println!("audit trail: ok: {} records, hash chain intact; head {}", audit.records, audit.head_hash)
+                }
+                Some(p) => println!("audit trail: FAILED: {p} ({} records before it verified)", audit.records),
+            }
+            if let Some(bad) = &r.first_bad {
                 println!(
                     "{name}: FAILED at entry {}{}: {}",
                     bad.seq,
@@ -312,7 +343,7 @@ fn run_ledger(command: LedgerCommand) -> anyhow::Result<bool> {
                     (None, None) => println!("no signed checkpoint yet"),
                 }
             }
-            Ok(r.ok())
+            Ok(r.ok() && audit.ok())
         }
         LedgerCommand::Checkpoint(args) => {
             use openlora::ledger::checkpoint::{Checkpoint, latest_path, read_key, write_latest};
@@ -627,6 +658,13 @@ fn main() -> anyhow::Result<()> {
             Ok(())
         }
         Command::Bench(args) => run_bench(args),
+        Command::Keys(command) => cli_accounts::run_keys(command),
+        Command::Explain(args) => {
+            if !cli_accounts::run_explain(args)? {
+                std::process::exit(1);
+            }
+            Ok(())
+        }
         Command::Ledger(command) => {
             if !run_ledger(command)? {
                 std::process::exit(1);

@@ -86,11 +86,9 @@ impl Server {
             key_path,
             every: config.ledger.checkpoint_every,
         };
-        let ledger = crate::ledger::Ledger::open_signed(
-            config.ledger.location(&data_dir)?,
-            metrics.ledger.clone(),
-            Some(signer),
-        )?;
+        let location = config.ledger.location(&data_dir)?;
+        let accounts = crate::accounts::Accounts::open(&location, config.owners)?;
+        let ledger = crate::ledger::Ledger::open_signed(location, metrics.ledger.clone(), Some(signer))?;
         let engine = match device {
             DeviceSpec::Cpu => EngineHandle::start(model, pager, config.engine(), metrics.clone())?,
             DeviceSpec::Cuda(ordinal) => start_on_gpu(ordinal, model, pager, &config, &metrics)?,
@@ -121,6 +119,7 @@ impl Server {
             policy,
             drop_dir,
             ledger,
+            accounts,
             config: config.clone(),
         });
         let pager = state.engine.pager().clone();

@@ -1,22 +1,25 @@
-//! `/admin`: adapter upload, listing and deletion, behind a bearer admin token separate from
-//! inference keys (checked by the layer in front of every admin route, see [`super::router`]).
-//! An upload that fails validation changes nothing.
+//! `/admin/adapters`: adapter upload, listing and deletion, by the operator (the admin token)
+//! or by an owner for its own adapters, within its quotas (the gate in front of every admin
+//! route, [`super::caller::admin_gate`], checks the scope). An upload that fails validation
+//! changes nothing; every change is in the audit trail.
 
 use std::path::Path;
 
-use axum::Json;
 use axum::Router;
 use axum::extract::{FromRequest, Multipart, Request, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::routing::get;
+use axum::{Extension, Json};
 use serde::Deserialize;
 use serde_json::{Value, json};
 
 use super::listen::BodyRead;
 use super::upload::{stage_form, stage_tar};
 use super::{ApiError, ApiPath, ApiQuery, Shared, blocking, is_multipart, upload_error};
+use crate::accounts::Caller;
 use crate::adapters::store::{Held, write_synced};
 use crate::adapters::{AdapterManifest, OWNER_FILE, valid_owner};
+use crate::error::AccountError;
 
 /// Admin routes (the caller layers the upload size limit).
 pub fn router() -> Router<Shared> {
@@ -60,10 +63,42 @@ fn describe(name: &str, m: &AdapterManifest) -> Value {
     })
 }
 
-async fn list_adapters(State(state): State<Shared>) -> Result<Json<Value>, ApiError> {
+/// The bytes of the files in a folder (not its subfolders).
+pub fn folder_bytes(dir: &Path) -> u64 {
+    let files = std::fs::read_dir(dir).into_iter().flatten().flatten();
+    files.filter_map(|f| f.metadata().ok()).filter(|m| m.is_file()).map(|m| m.len()).sum()
+}
+
+/// The adapters an owner has (name, folder), but `except`.
+fn owned_by(state: &Shared, owner: &str, except: &str) -> Vec<(String, std::path::PathBuf)> {
     let pager = state.engine.pager();
-    let data: Vec<Value> =
-        pager.names().into_iter().filter_map(|n| pager.manifest(&n).map(|m| describe(&n, &m))).collect();
+    pager
+        .names()
+        .into_iter()
+        .filter(|n| n != except)
+        .filter_map(|n| pager.manifest(&n).filter(|m| m.owner.as_deref() == Some(owner)).map(|m| (n, m.dir.clone())))
+        .collect()
+}
+
+/// The owner an upload is made by, when an owner makes it.
+fn uploader(caller: &Caller) -> Option<&str> {
+    match caller {
+        Caller::Owner { name, .. } => Some(name),
+        _ => None,
+    }
+}
+
+async fn list_adapters(
+    State(state): State<Shared>,
+    Extension(caller): Extension<Caller>,
+) -> Result<Json<Value>, ApiError> {
+    let pager = state.engine.pager();
+    let mine = |m: &AdapterManifest| uploader(&caller).is_none_or(|o| m.owner.as_deref() == Some(o));
+    let data: Vec<Value> = pager
+        .names()
+        .into_iter()
+        .filter_map(|n| pager.manifest(&n).filter(|m| mine(m)).map(|m| describe(&n, &m)))
+        .collect();
     Ok(Json(json!({"object": "list", "data": data})))
 }
 
@@ -72,7 +107,11 @@ async fn get_adapter(State(state): State<Shared>, ApiPath(name): ApiPath<String>
     Ok(Json(describe(&name, &m)))
 }
 
-async fn delete_adapter(State(state): State<Shared>, ApiPath(name): ApiPath<String>) -> Result<Json<Value>, ApiError> {
+async fn delete_adapter(
+    State(state): State<Shared>,
+    Extension(caller): Extension<Caller>,
+    ApiPath(name): ApiPath<String>,
+) -> Result<Json<Value>, ApiError> {
     // Requests already using it hold its manifest and finish first (its files stay until
     // then); new ones get 404. An adapter the config file names is the operator's file to edit:
     // deleting an upload that shadowed one brings the configured one back.
@@ -117,6 +156,7 @@ async fn delete_adapter(State(state): State<Shared>, ApiPath(name): ApiPath<Stri
         Ok(())
     })
     .await?;
+    state.audit(&caller, "adapter.delete", &name, None, String::new()).await?;
     Ok(Json(json!({"id": name, "object": "adapter", "deleted": true})))
 }
 
@@ -131,9 +171,10 @@ struct UploadQuery {
 /// `openlora.json`, `{"owner": ...}`, which `?owner=` overrides).
 async fn upload_adapter(
     State(state): State<Shared>,
+    Extension(caller): Extension<Caller>,
     headers: HeaderMap,
     ApiPath(name): ApiPath<String>,
-    ApiQuery(query): ApiQuery<UploadQuery>,
+    ApiQuery(mut query): ApiQuery<UploadQuery>,
     req: Request,
 ) -> Result<(StatusCode, Json<Value>), ApiError> {
     valid_name(&state, &name)?;
@@ -142,6 +183,27 @@ async fn upload_adapter(
     {
         return Err(ApiError::invalid(Some("owner".into()), "owners are 1-64 characters of A-Z a-z 0-9 - _ . @"));
     }
+    // An owner uploads as itself, within its quotas.
+    let quotas = match uploader(&caller) {
+        Some(me) => {
+            if query.owner.as_deref().is_some_and(|o| o != me) {
+                return Err(ApiError::forbidden("an owner uploads adapters as itself"));
+            }
+            query.owner = Some(me.to_string());
+            let (accounts, who) = (state.accounts.clone(), me.to_string());
+            let quotas = blocking("quotas", move || Ok(accounts.quotas(&who)?)).await?;
+            let have = owned_by(&state, me, &name).len() as u64;
+            if have >= quotas.max_adapters {
+                return Err(ApiError::from(crate::Error::from(AccountError::Quota {
+                    message: format!("owner `{me}` may have {} adapters; delete one first", quotas.max_adapters),
+                    size: false,
+                    retry_after: None,
+                })));
+            }
+            Some(quotas)
+        }
+        None => None,
+    };
     let stage = state.adapter_store.stage().map_err(|e| ApiError::internal(e.to_string()))?;
     let read = BodyRead {
         limit: state.config.limits.max_upload_bytes,
@@ -168,16 +230,41 @@ async fn upload_adapter(
             return Err(ApiError::internal(e.to_string()));
         }
     }
+    if let (Some(q), Some(me)) = (quotas, uploader(&caller)) {
+        let used: u64 = owned_by(&state, me, &name).iter().map(|(_, dir)| folder_bytes(dir)).sum();
+        let staged = folder_bytes(&stage);
+        if used.saturating_add(staged) > q.max_adapter_bytes {
+            let _ = std::fs::remove_dir_all(&stage);
+            return Err(ApiError::from(crate::Error::from(AccountError::Quota {
+                message: format!(
+                    "owner `{me}`'s adapters may take {} bytes; they take {used} and this upload {staged}",
+                    q.max_adapter_bytes
+                ),
+                size: true,
+                retry_after: None,
+            })));
+        }
+    }
     let state2 = state.clone();
     let name2 = name.clone();
-    let (replaced, manifest) = blocking("upload", move || store(&state2, &name2, &stage)).await?;
+    let me = uploader(&caller).map(str::to_string);
+    let (replaced, manifest) = blocking("upload", move || store(&state2, &name2, &stage, me.as_deref())).await?;
+    let detail =
+        format!("{} owner={}", if replaced { "replaced" } else { "created" }, manifest.owner.as_deref().unwrap_or("-"));
+    state.audit(&caller, "adapter.upload", &name, Some(&manifest.sha256), detail).await?;
     let status = if replaced { StatusCode::OK } else { StatusCode::CREATED };
     Ok((status, Json(describe(&name, &manifest))))
 }
 
 /// Validates the upload as the engine would load it, then commits it as the name's current
 /// version (serialised with every other write to the store): a refused upload changes nothing.
-fn store(state: &Shared, name: &str, tmp: &Path) -> Result<(bool, std::sync::Arc<AdapterManifest>), ApiError> {
+/// An owner's upload (`uploader`) may replace only its own adapter, checked in the same commit.
+fn store(
+    state: &Shared,
+    name: &str,
+    tmp: &Path,
+    uploader: Option<&str>,
+) -> Result<(bool, std::sync::Arc<AdapterManifest>), ApiError> {
     let adapters = &state.adapter_store;
     let cleanup = |e: ApiError| {
         let _ = std::fs::remove_dir_all(tmp);
@@ -196,6 +283,13 @@ fn store(state: &Shared, name: &str, tmp: &Path) -> Result<(bool, std::sync::Arc
     let committed = adapters
         .commit(name, tmp, |dir| {
             let previous = pager.manifest(name).map(|m| m as Held);
+            if let (Some(me), Some(p)) = (uploader, pager.manifest(name))
+                && p.owner.as_deref() != Some(me)
+            {
+                return Err(
+                    AccountError::Conflict(format!("the adapter name `{name}` is taken; choose another")).into()
+                );
+            }
             pager.register(name, dir)?;
             stored = pager.manifest(name);
             Ok(previous)
@@ -215,6 +309,7 @@ fn store(state: &Shared, name: &str, tmp: &Path) -> Result<(bool, std::sync::Arc
                 e @ (crate::Error::Load(_) | crate::Error::Config { .. }) => {
                     ApiError { code: "invalid_adapter", ..ApiError::from(e) }
                 }
+                e @ crate::Error::Account(_) => ApiError { param: Some("name".into()), ..ApiError::from(e) },
                 e => ApiError::internal(e.to_string()),
             }
         })?;

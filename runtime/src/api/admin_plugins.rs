@@ -1,16 +1,19 @@
-//! `/admin/plugins`: upload (validated before anything changes), list, activate, roll back and
-//! deactivate policy plugins, slot by slot (behind the admin layer of [`super::router`]).
+//! `/admin/plugins`: upload (validated before anything changes), dry-run, list, activate, roll
+//! back and deactivate policy plugins, slot by slot: the operator any slot, an owner its own
+//! adapters' `adapter:<name>` slots (the gate of [`super::caller::admin_gate`] checks which).
+//! Every change is in the audit trail.
 
-use axum::Json;
 use axum::Router;
 use axum::body::Bytes;
 use axum::extract::{FromRequest, Multipart, Request, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::routing::{delete, get, post};
+use axum::{Extension, Json};
 use serde::Deserialize;
 use serde_json::{Value, json};
 
 use super::{ApiError, ApiPath, ApiQuery, Shared, blocking, is_multipart, multipart_error, upload_error};
+use crate::accounts::Caller;
 use crate::error::{Error, PolicyError};
 use crate::policy::Slot;
 
@@ -22,6 +25,7 @@ pub fn router() -> Router<Shared> {
         .route("/admin/plugins/{slot}/rollback", post(rollback))
         .route("/admin/plugins/{slot}/activate/{version}", post(activate))
         .route("/admin/plugins/{slot}/versions/{version}", delete(remove_version))
+        .route("/admin/plugins/{slot}/dry-run", post(dry_run))
 }
 
 fn slot(name: &str) -> Result<Slot, ApiError> {
@@ -32,13 +36,30 @@ fn bad_upload(m: String) -> ApiError {
     ApiError { code: "invalid_plugin", ..ApiError::invalid(Some("body".into()), m) }
 }
 
-async fn list(State(state): State<Shared>) -> Result<Json<Value>, ApiError> {
-    Ok(Json(json!({"object": "list", "data": state.policy.list()})))
+/// Whether `caller` may see `slot`: the operator every slot, an owner its adapters' (the gate
+/// has checked any slot in the path; lists are filtered here).
+fn visible(state: &Shared, caller: &Caller, slot: &Slot) -> bool {
+    match (caller, slot) {
+        (Caller::Owner { name, .. }, Slot::Adapter(adapter)) => {
+            state.engine.pager().manifest(adapter).is_some_and(|m| m.owner.as_deref() == Some(name.as_str()))
+        }
+        (Caller::Owner { .. }, _) => false,
+        _ => true,
+    }
 }
 
-async fn show(State(state): State<Shared>, ApiPath(name): ApiPath<String>) -> Result<Json<Value>, ApiError> {
+async fn list(State(state): State<Shared>, Extension(caller): Extension<Caller>) -> Result<Json<Value>, ApiError> {
+    let data: Vec<_> = state.policy.list().into_iter().filter(|v| visible(&state, &caller, &v.slot)).collect();
+    Ok(Json(json!({"object": "list", "data": data})))
+}
+
+async fn show(
+    State(state): State<Shared>,
+    Extension(caller): Extension<Caller>,
+    ApiPath(name): ApiPath<String>,
+) -> Result<Json<Value>, ApiError> {
     let slot = slot(&name)?;
-    let view = state.policy.list().into_iter().find(|v| v.slot == slot);
+    let view = state.policy.list().into_iter().find(|v| v.slot == slot && visible(&state, &caller, &v.slot));
     let view = view.ok_or_else(|| ApiError::from(Error::from(PolicyError::UnknownPlugin(format!("slot {slot}")))))?;
     Ok(Json(json!(view)))
 }
@@ -49,19 +70,17 @@ struct UploadQuery {
     config: Option<String>,
 }
 
-/// `POST|PUT /admin/plugins/{slot}`: the component as the raw body (config in `?config=`), or a
+/// A component and its configuration from a request: the raw body (config in `?config=`), or a
 /// multipart form with a `plugin` file part and an optional `config` part (JSON).
-async fn upload(
-    State(state): State<Shared>,
-    headers: HeaderMap,
-    ApiPath(name): ApiPath<String>,
-    ApiQuery(query): ApiQuery<UploadQuery>,
+async fn component(
+    state: &Shared,
+    headers: &HeaderMap,
+    query: UploadQuery,
     req: Request,
-) -> Result<(StatusCode, Json<Value>), ApiError> {
-    let slot = slot(&name)?;
-    let (bytes, config) = if is_multipart(&headers) {
+) -> Result<(Vec<u8>, String), ApiError> {
+    let (bytes, config) = if is_multipart(headers) {
         let mut form =
-            Multipart::from_request(req, &state).await.map_err(|r| upload_error(r.status(), r.body_text()))?;
+            Multipart::from_request(req, state).await.map_err(|r| upload_error(r.status(), r.body_text()))?;
         let (mut bytes, mut config) = (None, query.config);
         while let Some(field) = form.next_field().await.map_err(|e| multipart_error("bad multipart body", e))? {
             let field_name = field.name().unwrap_or_default().to_string();
@@ -77,47 +96,126 @@ async fn upload(
         }
         (bytes.ok_or_else(|| bad_upload("the form has no `plugin` part".into()))?, config)
     } else {
-        let body = Bytes::from_request(req, &state).await.map_err(|r| upload_error(r.status(), r.body_text()))?;
+        let body = Bytes::from_request(req, state).await.map_err(|r| upload_error(r.status(), r.body_text()))?;
         (body.to_vec(), query.config)
     };
     let config = config.unwrap_or_default();
     if !config.trim().is_empty() && serde_json::from_str::<Value>(&config).is_err() {
         return Err(ApiError::invalid(Some("config".into()), "the plugin config must be JSON"));
     }
-    let (st, slot2) = (state.clone(), slot.clone());
-    let info = blocking("upload", move || Ok(st.policy.install(&slot2, &bytes, &config, "admin")?)).await?;
+    Ok((bytes, config))
+}
+
+/// `POST|PUT /admin/plugins/{slot}`: installs a component (see [`component`]) and makes it active.
+async fn upload(
+    State(state): State<Shared>,
+    Extension(caller): Extension<Caller>,
+    headers: HeaderMap,
+    ApiPath(name): ApiPath<String>,
+    ApiQuery(query): ApiQuery<UploadQuery>,
+    req: Request,
+) -> Result<(StatusCode, Json<Value>), ApiError> {
+    let slot = slot(&name)?;
+    let (accounts, by) = (state.accounts.clone(), caller.clone());
+    blocking("install quota", move || Ok(accounts.check_install_quota(&by)?)).await?;
+    let (bytes, config) = component(&state, &headers, query, req).await?;
+    let (st, slot2, source) = (state.clone(), slot.clone(), caller.actor());
+    let info = blocking("upload", move || Ok(st.policy.install(&slot2, &bytes, &config, &source)?)).await?;
+    let detail = format!("version={}", info.version);
+    state.audit(&caller, "plugin.install", &slot.to_string(), Some(&info.sha256), detail).await?;
     Ok((StatusCode::CREATED, Json(json!({"slot": slot, "active": info}))))
 }
 
-async fn rollback(State(state): State<Shared>, ApiPath(name): ApiPath<String>) -> Result<Json<Value>, ApiError> {
+/// `?limit=` of a dry-run.
+#[derive(Debug, Deserialize)]
+struct DryRunQuery {
+    config: Option<String>,
+    limit: Option<usize>,
+}
+
+/// `POST /admin/plugins/{slot}/dry-run?limit=N`: runs a candidate attributor (sent as for an
+/// install) on the adapter's latest `N` entries (default 100, at most 1000) in the sandbox, and
+/// reports what it would have paid beside what was paid. Nothing is installed.
+async fn dry_run(
+    State(state): State<Shared>,
+    Extension(caller): Extension<Caller>,
+    headers: HeaderMap,
+    ApiPath(name): ApiPath<String>,
+    ApiQuery(query): ApiQuery<DryRunQuery>,
+    req: Request,
+) -> Result<Json<Value>, ApiError> {
+    let slot = slot(&name)?;
+    let Slot::Adapter(adapter) = slot.clone() else {
+        return Err(ApiError::invalid(Some("slot".into()), "dry-runs are for adapters' `adapter:<name>` slots"));
+    };
+    let limit = query.limit.unwrap_or(100).clamp(1, 1000);
+    let (bytes, config) = component(&state, &headers, UploadQuery { config: query.config }, req).await?;
+    let st = state.clone();
+    let report = blocking("dry-run", move || {
+        let entries = st.accounts.with(|db| crate::ledger::explain::latest_of_adapter(db, &adapter, limit))?;
+        // An owner's dry-run reads only the entries of its own time as the adapter's owner.
+        let entries: Vec<_> = entries
+            .into_iter()
+            .filter(|e| match &caller {
+                Caller::Owner { name, .. } => {
+                    e.parse().is_ok_and(|b| b.request.adapter_owner.as_deref() == Some(name.as_str()))
+                }
+                _ => true,
+            })
+            .collect();
+        Ok(st.policy.dry_run(&slot, &bytes, &config, &entries)?)
+    })
+    .await?;
+    Ok(Json(json!(report)))
+}
+
+async fn rollback(
+    State(state): State<Shared>,
+    Extension(caller): Extension<Caller>,
+    ApiPath(name): ApiPath<String>,
+) -> Result<Json<Value>, ApiError> {
     let slot = slot(&name)?;
     let (st, slot2) = (state.clone(), slot.clone());
     let active = blocking("rollback", move || Ok(st.policy.rollback(&slot2)?)).await?;
+    let (sha, detail) = active
+        .as_ref()
+        .map_or((None, "none active".to_string()), |a| (Some(a.sha256.as_str()), format!("version={}", a.version)));
+    state.audit(&caller, "plugin.rollback", &slot.to_string(), sha, detail).await?;
     Ok(Json(json!({"slot": slot, "active": active})))
 }
 
 async fn activate(
     State(state): State<Shared>,
+    Extension(caller): Extension<Caller>,
     ApiPath((name, version)): ApiPath<(String, u32)>,
 ) -> Result<Json<Value>, ApiError> {
     let slot = slot(&name)?;
     let (st, slot2) = (state.clone(), slot.clone());
     let active = blocking("activate", move || Ok(st.policy.activate(&slot2, version)?)).await?;
+    let detail = format!("version={version}");
+    state.audit(&caller, "plugin.activate", &slot.to_string(), Some(&active.sha256), detail).await?;
     Ok(Json(json!({"slot": slot, "active": active})))
 }
 
 async fn remove_version(
     State(state): State<Shared>,
+    Extension(caller): Extension<Caller>,
     ApiPath((name, version)): ApiPath<(String, u32)>,
 ) -> Result<Json<Value>, ApiError> {
     let slot = slot(&name)?;
     let (st, slot2) = (state.clone(), slot.clone());
     blocking("remove version", move || Ok(st.policy.remove_version(&slot2, version)?)).await?;
+    state.audit(&caller, "plugin.remove_version", &slot.to_string(), None, format!("version={version}")).await?;
     Ok(Json(json!({"slot": slot, "removed": version})))
 }
 
-async fn deactivate(State(state): State<Shared>, ApiPath(name): ApiPath<String>) -> Result<Json<Value>, ApiError> {
+async fn deactivate(
+    State(state): State<Shared>,
+    Extension(caller): Extension<Caller>,
+    ApiPath(name): ApiPath<String>,
+) -> Result<Json<Value>, ApiError> {
     let slot = slot(&name)?;
     state.policy.deactivate(&slot)?;
+    state.audit(&caller, "plugin.deactivate", &slot.to_string(), None, String::new()).await?;
     Ok(Json(json!({"slot": slot, "active": null})))
 }

@@ -7,7 +7,7 @@ use axum::response::{IntoResponse, Response};
 use serde::de::DeserializeOwned;
 use serde_json::json;
 
-use crate::error::{Error, LedgerError, LoadError, PolicyError, SubmitError};
+use crate::error::{AccountError, Error, LedgerError, LoadError, PolicyError, SubmitError};
 use crate::settlement::SettleError;
 
 /// An error answered as `{"error": {"message", "type", "param", "code"}}`.
@@ -60,6 +60,11 @@ impl ApiError {
     /// 401.
     pub fn unauthorized(message: impl Into<String>) -> Self {
         Self::new(StatusCode::UNAUTHORIZED, "authentication_error", "invalid_api_key", message)
+    }
+
+    /// 403: the caller's key does not allow this.
+    pub fn forbidden(message: impl Into<String>) -> Self {
+        Self::new(StatusCode::FORBIDDEN, "permission_error", "forbidden", message)
     }
 
     /// 404 for a model or adapter.
@@ -130,6 +135,7 @@ impl From<Error> for ApiError {
                 }
                 PolicyError::Runtime { .. } => ApiError::internal(msg),
             },
+            Error::Account(e) => account_error(e, msg),
             Error::Ledger(LedgerError::Refused(_)) => ApiError::internal(msg),
             Error::Ledger(_) => ApiError {
                 retry_after: Some(1),
@@ -166,6 +172,27 @@ impl From<SettleError> for ApiError {
             SettleError::Failed(e) => e.into(),
             SettleError::Panicked(_) => ApiError::internal(msg),
         }
+    }
+}
+
+/// The client's error for an account, key, quota or audit failure.
+fn account_error(e: AccountError, msg: String) -> ApiError {
+    match e {
+        AccountError::Invalid { param, .. } => ApiError::invalid(Some(param.to_string()), msg),
+        AccountError::NotFound(_) => ApiError::new(StatusCode::NOT_FOUND, "invalid_request_error", "not_found", msg),
+        AccountError::Forbidden(_) => ApiError::forbidden(msg),
+        AccountError::Conflict(_) => ApiError::new(StatusCode::CONFLICT, "invalid_request_error", "name_taken", msg),
+        AccountError::Quota { size: true, .. } => {
+            ApiError::new(StatusCode::PAYLOAD_TOO_LARGE, "invalid_request_error", "quota_exceeded", msg)
+        }
+        AccountError::Quota { retry_after, .. } => ApiError {
+            retry_after,
+            ..ApiError::new(StatusCode::TOO_MANY_REQUESTS, "rate_limit_error", "quota_exceeded", msg)
+        },
+        AccountError::Store { .. } | AccountError::Tampered(_) => ApiError {
+            retry_after: Some(1),
+            ..ApiError::hidden(StatusCode::SERVICE_UNAVAILABLE, "accounts_unavailable", "accounts are unavailable", msg)
+        },
     }
 }
 

@@ -13,7 +13,8 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use serde_json::{Value, json};
 
-use super::{ApiError, Shared, blocking, tenant};
+use super::caller::{as_tenant, identify};
+use super::{ApiError, Shared, blocking};
 use crate::ledger::Filter;
 use crate::ledger::report::{Format, GroupBy, export, parse_time, summary};
 use crate::ledger::verify::verify_with;
@@ -66,7 +67,8 @@ async fn summarize(state: &Shared, f: Filter, by: GroupBy) -> Result<Value, ApiE
 
 /// `GET /v1/usage?by=adapter|payee&since=&until=`: the caller's own requests and charges.
 async fn usage(State(state): State<Shared>, headers: HeaderMap, q: Params) -> Result<Json<Value>, ApiError> {
-    let tenant = tenant(&state, &headers)?;
+    let caller = identify(&state, &headers).await?;
+    let tenant = as_tenant(&state, &caller)?;
     let p = params(q)?;
     let by = group(&p, GroupBy::Adapter)?;
     if by == GroupBy::Tenant {
@@ -115,8 +117,10 @@ async fn admin_verify(State(state): State<Shared>, q: Params) -> Result<Json<Val
         let data_dir = st.config.data_dir.clone().unwrap_or_else(crate::embedded::data_dir);
         let trust = st.config.ledger.trust(&data_dir);
         let mut store = st.ledger.location().open()?;
-        Ok(verify_with(store.as_mut(), replayer.as_mut().map(|r| r as _), &name, &trust)?)
+        let report = verify_with(store.as_mut(), replayer.as_mut().map(|r| r as _), &name, &trust)?;
+        Ok((report, st.accounts.verify_audit()?))
     })
     .await?;
-    Ok(Json(json!({"ok": report.ok(), "report": report})))
+    let (report, audit) = report;
+    Ok(Json(json!({"ok": report.ok() && audit.ok(), "report": report, "audit": audit})))
 }

@@ -2,7 +2,10 @@
 
 pub mod admin;
 pub mod admin_plugins;
+pub mod caller;
+pub mod earnings;
 pub mod error;
+pub mod keys;
 pub mod ledger;
 pub mod listen;
 pub mod openai;
@@ -55,6 +58,25 @@ pub struct AppState {
     pub drop_dir: std::path::PathBuf,
     /// The attribution ledger.
     pub ledger: Arc<crate::ledger::Ledger>,
+    /// Owners, keys, quotas and the audit trail.
+    pub accounts: Arc<crate::accounts::Accounts>,
+}
+
+impl AppState {
+    /// Appends an act to the audit trail (off the async threads); an act that cannot be
+    /// recorded is reported as failed.
+    pub async fn audit(
+        &self,
+        by: &crate::accounts::Caller,
+        action: &'static str,
+        target: &str,
+        sha256: Option<&str>,
+        detail: String,
+    ) -> Result<(), ApiError> {
+        let (accounts, by, target, sha) =
+            (self.accounts.clone(), by.clone(), target.to_string(), sha256.map(str::to_string));
+        blocking("audit", move || Ok(accounts.record(&by, action, &target, sha.as_deref(), &detail)?)).await
+    }
 }
 
 /// The shared state handlers receive.
@@ -129,52 +151,17 @@ pub fn is_multipart(headers: &HeaderMap) -> bool {
         .is_some_and(|v| v.starts_with("multipart/form-data"))
 }
 
-/// The tenant an inference request belongs to, from its `Authorization: Bearer` key.
-pub fn tenant(state: &AppState, headers: &HeaderMap) -> Result<String, ApiError> {
-    if state.config.api_keys.is_empty() {
-        return Ok("anonymous".into());
-    }
-    let key = bearer(headers).ok_or_else(|| ApiError::unauthorized("missing API key (Authorization: Bearer ...)"))?;
-    state.config.api_keys.get(key).cloned().ok_or_else(|| ApiError::unauthorized("incorrect API key provided"))
-}
-
 /// The bearer token of a request, if any.
 pub fn bearer(headers: &HeaderMap) -> Option<&str> {
     headers.get(header::AUTHORIZATION)?.to_str().ok()?.strip_prefix("Bearer ").map(str::trim)
 }
 
-/// Whether a request carries the admin token: 403 when the admin API is disabled, 401 when the
-/// token is missing or wrong.
-pub fn authorize_admin(state: &AppState, headers: &HeaderMap) -> Result<(), ApiError> {
-    let Some(token) = &state.config.admin_token else {
-        return Err(ApiError::new(
-            StatusCode::FORBIDDEN,
-            "permission_error",
-            "admin_disabled",
-            "the admin API is disabled (set admin_token in the config file)",
-        ));
-    };
-    match bearer(headers) {
-        Some(given) if secrets_match(given, token) => Ok(()),
-        _ => Err(ApiError::unauthorized("invalid admin token")),
-    }
-}
-
 /// Compares a secret in constant time, its length included: both sides are hashed first, and
 /// the digests compared byte by byte without stopping early.
-fn secrets_match(given: &str, secret: &str) -> bool {
+pub(crate) fn secrets_match(given: &str, secret: &str) -> bool {
     use sha2::{Digest, Sha256};
     let (a, b) = (Sha256::digest(given.as_bytes()), Sha256::digest(secret.as_bytes()));
     a.iter().zip(b.iter()).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
-}
-
-/// The layer in front of every admin route: without the admin token the answer is 401/403,
-/// before any extractor reads the path, query or body.
-async fn require_admin(State(state): State<Shared>, req: Request, next: Next) -> Response {
-    match authorize_admin(&state, req.headers()) {
-        Ok(()) => next.run(req).await,
-        Err(e) => e.into_response(),
-    }
 }
 
 async fn health() -> impl IntoResponse {
@@ -227,14 +214,19 @@ async fn method_not_allowed() -> ApiError {
     )
 }
 
-/// A completion request's concurrency permit, taken before anything of it is read.
+/// A completion request's concurrency permit, taken before anything of it is read, and the
+/// tenant its key belongs to.
 #[derive(Clone)]
-pub struct Permit(Arc<std::sync::Mutex<Option<OwnedSemaphorePermit>>>);
+pub struct Permit {
+    slot: Arc<std::sync::Mutex<Option<OwnedSemaphorePermit>>>,
+    /// The tenant the request is made as.
+    pub tenant: String,
+}
 
 impl Permit {
     /// The permit (once).
     pub fn take(&self) -> Option<OwnedSemaphorePermit> {
-        self.0.lock().unwrap_or_else(|p| p.into_inner()).take()
+        self.slot.lock().unwrap_or_else(|p| p.into_inner()).take()
     }
 }
 
@@ -242,15 +234,18 @@ impl Permit {
 /// without a key holds nothing, and beyond `limits.max_concurrent_requests` a 429 costs the
 /// server nothing more.
 async fn take_permit(State(state): State<Shared>, mut req: Request, next: Next) -> Response {
-    if let Err(e) = tenant(&state, req.headers()) {
-        state.metrics.http.requests.with_label_values(&["", e.code]).inc();
-        return e.into_response();
-    }
+    let tenant = match caller::identify(&state, req.headers()).await.and_then(|c| caller::as_tenant(&state, &c)) {
+        Ok(t) => t,
+        Err(e) => {
+            state.metrics.http.requests.with_label_values(&["", e.code]).inc();
+            return e.into_response();
+        }
+    };
     match state.in_flight.clone().try_acquire_owned() {
         Ok(p) => {
             // A handler that answers with a stream takes the permit along; otherwise it is held
             // until the answer is ready.
-            let permit = Permit(Arc::new(std::sync::Mutex::new(Some(p))));
+            let permit = Permit { slot: Arc::new(std::sync::Mutex::new(Some(p))), tenant };
             req.extensions_mut().insert(permit.clone());
             let response = next.run(req).await;
             drop(permit);
@@ -280,19 +275,24 @@ pub fn router(state: Shared) -> Router {
     let models = Router::new()
         .route("/v1/models", get(openai::models))
         .route_layer(middleware::from_fn_with_state(state.clone(), take_permit));
-    let v1 =
-        Router::new().merge(completions).merge(models).merge(ledger::router()).layer(DefaultBodyLimit::max(body_limit));
-    // Every admin route, behind one check of the admin token.
+    let v1 = Router::new()
+        .merge(completions)
+        .merge(models)
+        .merge(ledger::router())
+        .merge(earnings::router())
+        .layer(DefaultBodyLimit::max(body_limit));
+    // Every admin route, behind one gate: the admin token, or an owner's key for what it owns.
     // Plugin uploads and the rest are read whole (within the deadlines); adapter uploads stream
     // to disk in their handler.
     let buffered = admin_plugins::router()
         .merge(ledger::admin_router())
+        .merge(keys::router())
         // Unknown admin paths too: the token is checked before anything says what exists.
         .route("/admin/{*rest}", any(not_found))
         .route_layer(middleware::from_fn_with_state(uploads, listen::read_body));
     let admin = admin::router()
         .merge(buffered)
-        .route_layer(middleware::from_fn_with_state(state.clone(), require_admin))
+        .route_layer(middleware::from_fn_with_state(state.clone(), caller::admin_gate))
         .layer(DefaultBodyLimit::max(upload_limit));
     Router::new()
         .merge(v1)

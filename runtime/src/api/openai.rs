@@ -12,7 +12,7 @@ use tokio::sync::OwnedSemaphorePermit;
 use tracing::Instrument;
 
 use super::stream::{Collected, Kind, Reply, collect, sse};
-use super::{ApiError, JsonBody, Permit, Shared, blocking, parse, tenant};
+use super::{ApiError, JsonBody, Permit, Shared, blocking, parse};
 use crate::request::chat::ChatMessage;
 use crate::request::{ApiParams, Prepared, PromptInput, Validator, idempotency_key};
 use crate::settlement::Admission;
@@ -114,8 +114,8 @@ async fn respond(
         Endpoint::Chat => "messages",
     };
     let answered = async move {
+        let tenant = permit.tenant.clone();
         let permit = permit.take().ok_or_else(|| ApiError::internal("the request's permit was taken twice"))?;
-        let tenant = tenant(&state, &headers)?;
         let params: ApiParams = parse(&raw)?;
         let delivery: Delivery = parse(&raw)?;
         let (kind, prepare): (Kind, Prepare) = match endpoint {
@@ -172,8 +172,11 @@ pub async fn chat_completions(
 }
 
 /// `GET /v1/models`: the base model and every adapter.
-pub async fn models(State(state): State<Shared>, headers: HeaderMap) -> Result<Json<Value>, ApiError> {
-    let tenant = tenant(&state, &headers)?;
+pub async fn models(
+    State(state): State<Shared>,
+    Extension(permit): Extension<Permit>,
+) -> Result<Json<Value>, ApiError> {
+    let tenant = permit.tenant.clone();
     let st = state.clone();
     // The adapters the router would serve this tenant with (its allow-list), asked off the
     // async threads: a router plugin is called once per adapter.

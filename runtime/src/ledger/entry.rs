@@ -49,8 +49,27 @@ pub struct Decider {
 pub const GENESIS_HASH: &str = "0000000000000000000000000000000000000000000000000000000000000000";
 
 /// Version of the entry format, recorded in every entry. Format 1 carried each decider's
-/// configuration inline; format 2 names it by sha256.
-pub const ENTRY_FORMAT: u32 = 2;
+/// configuration inline; format 2 names it by sha256; format 3 records the adapter owner's share
+/// ([`OwnerShare`]).
+pub const ENTRY_FORMAT: u32 = 3;
+
+/// The adapter owner's share as the operator's attributor paid it, and where the owner's own
+/// attributor's division of it sits among the entry's splits (`count` 1 and the same split when
+/// the owner has no attributor).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct OwnerShare {
+    /// The owner's account (`owner:<name>`).
+    pub payee: String,
+    /// The share, in the charge's currency.
+    pub amount: u64,
+    /// The reason the operator's attributor gave.
+    pub reason: String,
+    /// The index of the division's first split.
+    pub first: usize,
+    /// How many splits the division has.
+    pub count: usize,
+}
 
 /// How a request that did work ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -116,9 +135,29 @@ pub struct EntryBody {
     pub deciders: Vec<Decider>,
     /// When the request finished, milliseconds since the Unix epoch.
     pub finished_at_ms: u64,
+    /// The adapter owner's share and its division (format 3 on; absent when the operator's
+    /// attributor paid the owner nothing).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub owner_share: Option<OwnerShare>,
 }
 
 impl EntryBody {
+    /// The splits the operator's attributor gave: the owner's division folded back into the
+    /// one split it divided.
+    pub fn operator_splits(&self) -> Vec<Split> {
+        let Some(o) = &self.owner_share else { return self.splits.clone() };
+        let mut v = self.splits.clone();
+        let end = (o.first + o.count).min(v.len());
+        v.splice(o.first.min(end)..end, [Split::new(o.payee.clone(), o.amount, o.reason.clone())]);
+        v
+    }
+
+    /// The owner's division of its share (none without a recorded share).
+    pub fn owner_splits(&self) -> Option<&[Split]> {
+        let o = self.owner_share.as_ref()?;
+        self.splits.get(o.first..o.first.checked_add(o.count)?)
+    }
+
     /// The canonical bytes the hash covers: compact JSON, fields in declaration order.
     pub fn canonical(&self) -> String {
         // Serializing plain structs, vectors and strings cannot fail.
@@ -134,6 +173,13 @@ impl EntryBody {
         validate_currency(&self.charge.currency)?;
         if self.format >= 2 && self.deciders.iter().any(|d| d.config.is_some()) {
             return Err("from format 2 on, a decider names its configuration by sha256 only".into());
+        }
+        if let Some(o) = &self.owner_share {
+            let sum =
+                self.owner_splits().filter(|s| !s.is_empty()).map(|s| s.iter().map(|x| u128::from(x.amount)).sum());
+            if self.format < 3 || sum != Some(u128::from(o.amount)) {
+                return Err("the owner's share is not the sum of its division".into());
+            }
         }
         if self.charge.amount == 0 && self.splits.is_empty() {
             return Ok(());
@@ -248,6 +294,7 @@ pub(crate) mod tests {
             splits: vec![Split::new("base:tiny", 600, "base"), Split::new("owner:trekkie", 400 + n, "adapter")],
             deciders: Vec::new(),
             finished_at_ms: 1_700_000_000_000 + n,
+            owner_share: None,
         }
     }
 

@@ -9,7 +9,9 @@
 
 mod chain;
 pub mod checkpoint;
+pub mod earnings;
 pub mod entry;
+pub mod explain;
 pub mod postgres;
 pub mod report;
 pub mod sqlite;
@@ -184,6 +186,14 @@ impl Ledger {
 }
 
 impl Location {
+    /// A plain connection to the ledger's database, for the queries [`crate::sql`] runs.
+    pub fn connect(&self) -> Result<crate::sql::Db> {
+        match self {
+            Location::Sqlite(path) => crate::sql::Db::sqlite(path),
+            Location::Postgres(url) => crate::sql::Db::postgres(url),
+        }
+    }
+
     /// Opens (creating if needed) the ledger.
     pub fn open(&self) -> Result<Box<dyn LedgerStore>> {
         Ok(match self {

@@ -12,6 +12,15 @@ use super::entry::EntryBody;
 /// Milliseconds in a day (totals are kept per UTC day of the entry's write time).
 pub const DAY_MS: u64 = 86_400_000;
 
+/// The grouping of an adapter owner's earnings rows, keyed by [`earning_key`].
+pub const EARNING: &str = "earning";
+
+/// The key of an earnings row: owner, adapter and payee, `/`-separated (owner and adapter
+/// names hold no `/`, so the first two separate them).
+pub fn earning_key(owner: &str, adapter: &str, payee: &str) -> String {
+    format!("{owner}/{adapter}/{payee}")
+}
+
 /// The table, in a backend's integer type.
 pub fn schema(bigint: &str) -> String {
     format!(
@@ -151,6 +160,18 @@ pub fn rows<'a>(entries: impl IntoIterator<Item = (u64, &'a EntryBody)>) -> Vec<
         }
         for (payee, amount) in per {
             add("payee", payee, amount);
+        }
+        // The adapter owner's earnings: its division of its share, payee by payee.
+        if let (Some(owner), Some(adapter), Some(division)) =
+            (b.request.adapter_owner.as_deref(), b.adapter.as_ref(), b.owner_splits())
+        {
+            let mut per: BTreeMap<&str, u64> = BTreeMap::new();
+            for s in division {
+                *per.entry(s.payee.as_str()).or_default() += s.amount;
+            }
+            for (payee, amount) in per {
+                add(EARNING, &earning_key(owner, &adapter.name, payee), amount);
+            }
         }
     }
     merged.into_values().collect()

@@ -22,6 +22,8 @@ pub struct Replayed {
     pub charge: Money,
     /// The splits.
     pub splits: Vec<Split>,
+    /// The adapter owner's share and where its division sits.
+    pub owner_share: Option<super::entry::OwnerShare>,
 }
 
 /// Runs an entry's recorded pricer and attributor again on its recorded inputs. The policy
@@ -118,6 +120,10 @@ fn replay(r: &mut dyn Replay, store: &mut dyn LedgerStore, body: &EntryBody) -> 
         Ok(got) if got.splits != body.splits => {
             Some(format!("replay splits {:?} but the entry records {:?}", got.splits, body.splits))
         }
+        Ok(got) if body.format >= 3 && got.owner_share != body.owner_share => Some(format!(
+            "replay gives the owner's share {:?} but the entry records {:?}",
+            got.owner_share, body.owner_share
+        )),
         Ok(_) => None,
     }
 }

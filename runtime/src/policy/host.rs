@@ -20,6 +20,7 @@ use super::slot::Slot;
 use super::wasm::WasmRuntime;
 use crate::error::{Error, PolicyError, Result, SubmitError};
 use crate::ledger::Decider;
+use crate::ledger::entry::OwnerShare;
 use crate::metrics::PolicyMetrics;
 
 /// Calls a plugin must have made before its failure rate can quarantine it.
@@ -56,6 +57,8 @@ pub struct Settlement {
     pub splits: Vec<Split>,
     /// Who decided the price, the splits, and any adapter owner's sub-splits.
     pub deciders: Vec<Decider>,
+    /// The adapter owner's share and where its division sits among the splits.
+    pub owner_share: Option<OwnerShare>,
 }
 
 /// The plugins in their slots, the built-ins, and the failure policy.
@@ -279,25 +282,24 @@ impl PolicyHost {
             on_failure: self.on_failure(&Slot::Attributor),
         })?;
         let mut deciders = vec![priced_by, split_by];
-        if let Some(adapter) = &request.adapter {
-            let slot = Slot::Adapter(adapter.clone());
-            if self.registry.existing(&slot).is_some_and(|h| h.active.load().is_some()) {
-                divide_owner_share(request, &charge, &mut splits, |share, original| {
-                    let (sub, by) = self.attempt(Attempt {
-                        slot: &slot,
-                        call: &|p| p.attribute(request, usage, share),
-                        validate: &|s: &Vec<Split>| validate_splits(share, s),
-                        builtin: &|| Ok(vec![original.clone()]),
-                        on_failure: OnFailure::Builtin,
-                    })?;
-                    deciders.push(by);
-                    Ok::<_, Error>(sub)
-                })?;
-            }
-        }
+        let slot = request.adapter.as_ref().map(|a| Slot::Adapter(a.clone()));
+        let divided =
+            slot.as_ref().is_some_and(|s| self.registry.existing(s).is_some_and(|h| h.active.load().is_some()));
+        let owner_share = divide_owner_share(request, &charge, &mut splits, |share, original| {
+            let Some(slot) = slot.as_ref().filter(|_| divided) else { return Ok(vec![original.clone()]) };
+            let (sub, by) = self.attempt(Attempt {
+                slot,
+                call: &|p| p.attribute(request, usage, share),
+                validate: &|s: &Vec<Split>| validate_splits(share, s),
+                builtin: &|| Ok(vec![original.clone()]),
+                on_failure: OnFailure::Builtin,
+            })?;
+            deciders.push(by);
+            Ok::<_, Error>(sub)
+        })?;
         validate_splits(&charge, &splits)
             .map_err(|message| Error::from(PolicyError::Failed { slot: "attributor".into(), message }))?;
-        Ok(Settlement { charge, splits, deciders })
+        Ok(Settlement { charge, splits, deciders, owner_share })
     }
 
     /// Every slot with its versions, the active one marked.
@@ -388,16 +390,16 @@ pub(crate) fn divide_owner_share<E>(
     charge: &Money,
     splits: &mut Vec<Split>,
     divide: impl FnOnce(&Money, &Split) -> std::result::Result<Vec<Split>, E>,
-) -> std::result::Result<(), E> {
-    let Some(adapter) = &request.adapter else { return Ok(()) };
+) -> std::result::Result<Option<OwnerShare>, E> {
+    let Some(adapter) = &request.adapter else { return Ok(None) };
     let account = owner_account(request.adapter_owner.as_deref().unwrap_or(adapter));
-    if let Some(i) = splits.iter().position(|s| s.payee == account) {
-        let share = Money::new(splits[i].amount, charge.currency.clone());
-        let original = splits[i].clone();
-        let sub = divide(&share, &original)?;
-        splits.splice(i..=i, sub);
-    }
-    Ok(())
+    let Some(i) = splits.iter().position(|s| s.payee == account) else { return Ok(None) };
+    let share = Money::new(splits[i].amount, charge.currency.clone());
+    let original = splits[i].clone();
+    let sub = divide(&share, &original)?;
+    let count = sub.len();
+    splits.splice(i..=i, sub);
+    Ok(Some(OwnerShare { payee: original.payee, amount: original.amount, reason: original.reason, first: i, count }))
 }
 
 fn slot_label(slot: &Slot) -> &'static str {

@@ -5,6 +5,7 @@ pub mod builtin;
 pub mod check;
 pub mod config;
 pub mod dropdir;
+pub mod dry_run;
 pub mod host;
 mod log;
 pub mod plugin;

@@ -176,6 +176,18 @@ pub struct SlotView {
     pub versions: Vec<VersionInfo>,
 }
 
+/// Refuses a configuration over [`MAX_CONFIG_BYTES`].
+fn check_config_size(slot: &Slot, config: &str) -> Result<()> {
+    if config.len() > MAX_CONFIG_BYTES {
+        return Err(PolicyError::PluginInvalid {
+            what: format!("for slot {slot}"),
+            message: format!("its configuration is {} bytes; at most {MAX_CONFIG_BYTES}", config.len()),
+        }
+        .into());
+    }
+    Ok(())
+}
+
 /// Every slot's plugins.
 pub struct Registry {
     runtime: Arc<WasmRuntime>,
@@ -333,6 +345,13 @@ impl Registry {
         Ok(plugin)
     }
 
+    /// Validates and compiles `bytes` (with `config`) for `slot` as an install would, without
+    /// installing it or keeping anything (a dry-run's candidate).
+    pub fn candidate(&self, slot: &Slot, bytes: &[u8], config: &str) -> Result<Arc<CompiledPlugin>> {
+        check_config_size(slot, config)?;
+        self.runtime.load(&format!("for slot {slot}"), bytes, slot.world(), config)
+    }
+
     /// A configuration some loaded version ran with, by its sha256 (hex).
     pub fn config(&self, sha256: &str) -> Option<Arc<str>> {
         self.configs.get(sha256).map(|c| c.clone())
@@ -342,13 +361,7 @@ impl Registry {
     /// Nothing changes if validation fails. Installing the same bytes and config again re-activates
     /// that version instead of adding one.
     pub fn install(&self, slot: &Slot, bytes: &[u8], config: &str, source: &str) -> Result<VersionInfo> {
-        if config.len() > MAX_CONFIG_BYTES {
-            return Err(PolicyError::PluginInvalid {
-                what: format!("for slot {slot}"),
-                message: format!("its configuration is {} bytes; at most {MAX_CONFIG_BYTES}", config.len()),
-            }
-            .into());
-        }
+        check_config_size(slot, config)?;
         let plugin = self.load(&format!("for slot {slot}"), bytes, slot.world(), config)?;
         let sha256 = sha256_hex(bytes);
         match &self.root {

@@ -78,18 +78,15 @@ impl Replay for Replayer {
             p.attribute(request, usage, &charge).map_err(|f| f.to_string())?.value
         };
         validate_splits(&charge, &splits).map_err(|m| format!("attributor: {m}"))?;
-        if let Some(owner) = deciders.iter().find(|d| d.slot.starts_with("adapter:")) {
-            divide_owner_share(request, &charge, &mut splits, |share, original| {
-                if is_builtin(owner) {
-                    return Ok(vec![original.clone()]);
-                }
-                let p = self.plugin(owner, World::Attributor, blobs)?;
-                let sub = p.attribute(request, usage, share).map_err(|f| f.to_string())?.value;
-                validate_splits(share, &sub).map_err(|m| format!("{}: {m}", owner.slot))?;
-                Ok::<_, String>(sub)
-            })?;
-        }
-        Ok(Replayed { charge, splits })
+        let owner = deciders.iter().find(|d| d.slot.starts_with("adapter:"));
+        let owner_share = divide_owner_share(request, &charge, &mut splits, |share, original| {
+            let Some(owner) = owner.filter(|o| !is_builtin(o)) else { return Ok(vec![original.clone()]) };
+            let p = self.plugin(owner, World::Attributor, blobs)?;
+            let sub = p.attribute(request, usage, share).map_err(|f| f.to_string())?.value;
+            validate_splits(share, &sub).map_err(|m| format!("{}: {m}", owner.slot))?;
+            Ok::<_, String>(sub)
+        })?;
+        Ok(Replayed { charge, splits, owner_share })
     }
 }
 

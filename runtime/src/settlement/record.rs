@@ -73,15 +73,15 @@ impl Recorder {
         let (billing, policy_error) = blocking("settlement", move || {
             let mut deciders = vec![ctx.routed_by.clone()];
             let zero = || Money::new(0, svc.currency.clone());
-            let (charge, splits, outcome, finish, policy_error) = if outcome == Outcome::Failed {
-                (zero(), Vec::new(), outcome, finish, None)
+            let (charge, splits, owner_share, outcome, finish, policy_error) = if outcome == Outcome::Failed {
+                (zero(), Vec::new(), None, outcome, finish, None)
             } else {
                 match svc.policy.settle(&ctx.info, &usage) {
                     Ok(s) => {
                         deciders.extend(s.deciders);
-                        (s.charge, s.splits, outcome, finish, None)
+                        (s.charge, s.splits, s.owner_share, outcome, finish, None)
                     }
-                    Err(e) => (zero(), Vec::new(), Outcome::Failed, format!("policy: {e}"), Some(e)),
+                    Err(e) => (zero(), Vec::new(), None, Outcome::Failed, format!("policy: {e}"), Some(e)),
                 }
             };
             let body = EntryBody {
@@ -99,6 +99,7 @@ impl Recorder {
                 splits,
                 deciders,
                 finished_at_ms: now_ms(),
+                owner_share,
             };
             let plugins = body.plugin_hashes().into_iter().filter(|sha| svc.ledger.needs_blob(sha));
             let kept = |sha: &str| ctx.router_blob.as_ref().filter(|(s, _)| s == sha).map(|(_, b)| b.clone());

@@ -1,0 +1,132 @@
+//! Dry-running a candidate attributor for an adapter's `adapter:<name>` slot: it runs in the
+//! sandbox on the adapter's recorded entries, each with its recorded request, usage and owner's
+//! share, and says what it would have paid beside what was paid. Nothing is installed.
+
+use std::collections::BTreeMap;
+
+use openlora_sdk::money::validate_splits;
+use openlora_sdk::{Money, Split, owner_account};
+use serde::Serialize;
+
+use super::host::PolicyHost;
+use super::slot::Slot;
+use crate::error::{PolicyError, Result};
+use crate::ledger::StoredEntry;
+
+/// Failed calls after which a dry-run stops calling the candidate (a hostile one could
+/// otherwise spend a deadline on every entry).
+const MAX_FAILURES: usize = 10;
+
+/// One entry, dry-run.
+#[derive(Debug, Clone, Serialize)]
+pub struct DryRunEntry {
+    /// The request.
+    pub request_id: String,
+    /// Its place in the ledger.
+    pub seq: u64,
+    /// The owner's share the entry records.
+    pub share: Option<Money>,
+    /// What the share was paid as.
+    pub paid: Vec<Split>,
+    /// What the candidate would have paid it as.
+    pub would_pay: Option<Vec<Split>>,
+    /// Why the candidate gave nothing for it.
+    pub error: Option<String>,
+}
+
+/// A dry-run's report.
+#[derive(Debug, Clone, Serialize)]
+pub struct DryRun {
+    /// The slot.
+    pub slot: Slot,
+    /// Entries the candidate ran on.
+    pub checked: usize,
+    /// Entries it failed on (or was not run on, after too many failures).
+    pub failed: usize,
+    /// Entry by entry, oldest first.
+    pub entries: Vec<DryRunEntry>,
+    /// Sums by payee of what was paid and what would have been.
+    pub totals: Totals,
+}
+
+/// Sums by payee.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct Totals {
+    /// What was paid.
+    pub paid: BTreeMap<String, u128>,
+    /// What the candidate would have paid.
+    pub would_pay: BTreeMap<String, u128>,
+}
+
+impl PolicyHost {
+    /// Runs `bytes` (with `config`) as `slot`'s attributor on `entries` (those of its adapter).
+    pub fn dry_run(&self, slot: &Slot, bytes: &[u8], config: &str, entries: &[StoredEntry]) -> Result<DryRun> {
+        if !matches!(slot, Slot::Adapter(_)) {
+            return Err(PolicyError::PluginInvalid {
+                what: format!("for slot {slot}"),
+                message: "dry-runs are for adapters' `adapter:<name>` slots".into(),
+            }
+            .into());
+        }
+        let plugin = self.registry.candidate(slot, bytes, config)?;
+        let mut report =
+            DryRun { slot: slot.clone(), checked: 0, failed: 0, entries: Vec::new(), totals: Totals::default() };
+        for stored in entries {
+            let mut row = DryRunEntry {
+                request_id: String::new(),
+                seq: stored.seq,
+                share: None,
+                paid: Vec::new(),
+                would_pay: None,
+                error: None,
+            };
+            let outcome = (|| {
+                let body = stored.parse()?;
+                row.request_id = body.request_id.clone();
+                // The share: recorded (format 3), or the owner's undivided split of an older entry.
+                let (amount, paid) = match (&body.owner_share, body.owner_splits()) {
+                    (Some(o), Some(division)) => (o.amount, division.to_vec()),
+                    _ => {
+                        let owner = body
+                            .request
+                            .adapter_owner
+                            .as_deref()
+                            .or(body.request.adapter.as_deref())
+                            .unwrap_or_default();
+                        let undivided = !body.deciders.iter().any(|d| d.slot.starts_with("adapter:"));
+                        let split = body.splits.iter().find(|s| undivided && s.payee == owner_account(owner));
+                        let split = split.ok_or("the entry records no owner's share")?;
+                        (split.amount, vec![split.clone()])
+                    }
+                };
+                let share = Money::new(amount, body.charge.currency.clone());
+                row.share = Some(share.clone());
+                row.paid = paid;
+                if report.failed >= MAX_FAILURES {
+                    return Err("not run: the candidate failed too often".to_string());
+                }
+                let sub = plugin.attribute(&body.request, &body.usage, &share).map_err(|f| f.to_string())?.value;
+                validate_splits(&share, &sub)?;
+                Ok(sub)
+            })();
+            for s in &row.paid {
+                *report.totals.paid.entry(s.payee.clone()).or_default() += u128::from(s.amount);
+            }
+            match outcome {
+                Ok(sub) => {
+                    report.checked += 1;
+                    for s in &sub {
+                        *report.totals.would_pay.entry(s.payee.clone()).or_default() += u128::from(s.amount);
+                    }
+                    row.would_pay = Some(sub);
+                }
+                Err(e) => {
+                    report.failed += 1;
+                    row.error = Some(e);
+                }
+            }
+            report.entries.push(row);
+        }
+        Ok(report)
+    }
+}
