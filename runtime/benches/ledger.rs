@@ -42,6 +42,7 @@ fn entry() -> NewEntry {
         ],
         deciders: Vec::new(),
         finished_at_ms: 1_790_000_000_000 + n,
+        owner_share: None,
     };
     NewEntry::new(body, Vec::new()).expect("valid entry")
 }

@@ -120,11 +120,21 @@ impl Server {
             drop_dir,
             ledger,
             accounts,
+            replayer: std::sync::Mutex::new(None),
             config: config.clone(),
         });
         let pager = state.engine.pager().clone();
         state.policy.bind_adapters(move |name| pager.manifest(name).is_some());
-        crate::policy::dropdir::watch(state.policy.clone(), state.drop_dir.clone());
+        let accounts = state.accounts.clone();
+        let audit: crate::policy::dropdir::Installed = Box::new(move |slot, v| {
+            let (slot, detail) = (slot.to_string(), format!("version={} source={}", v.version, v.source));
+            if let Err(e) =
+                accounts.record(&crate::accounts::Caller::Cli, "plugin.install", &slot, Some(&v.sha256), &detail)
+            {
+                tracing::error!(error = %e, slot = %slot, "recording a dropped-in plugin in the audit trail failed");
+            }
+        });
+        crate::policy::dropdir::watch(state.policy.clone(), state.drop_dir.clone(), audit);
         Ok(Server { state, listen: config.listen })
     }
 

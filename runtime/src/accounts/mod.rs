@@ -172,10 +172,12 @@ fn invalid(param: &'static str, message: impl Into<String>) -> crate::Error {
 /// Longest a key may live: ten years.
 const MAX_KEY_SECS: u64 = 10 * 365 * 86_400;
 
-/// Accounts, keys and the audit trail, on one connection to the ledger's database.
+/// Accounts, keys and the audit trail, on one connection to the ledger's database (and the
+/// third parties' reports on another, so that a long report never delays a key lookup).
 pub struct Accounts {
     location: Location,
     db: Mutex<Option<Db>>,
+    reports: Mutex<Option<Db>>,
     defaults: Quotas,
 }
 
@@ -220,12 +222,26 @@ impl Accounts {
             )?;
             Ok(())
         })?;
-        Ok(Arc::new(Accounts { location: location.clone(), db: Mutex::new(Some(db)), defaults }))
+        Ok(Arc::new(Accounts {
+            location: location.clone(),
+            db: Mutex::new(Some(db)),
+            reports: Mutex::new(None),
+            defaults,
+        }))
     }
 
-    /// Runs queries on this connection (reconnecting after a failure).
+    /// Runs queries on the accounts' connection (reconnecting after a failure).
     pub fn with<T>(&self, work: impl FnOnce(&mut Db) -> Result<T>) -> Result<T> {
-        let mut guard = self.db.lock().unwrap_or_else(|p| p.into_inner());
+        self.on(&self.db, work)
+    }
+
+    /// Runs a report's queries (earnings, `explain`, a dry-run's entries) on their own connection.
+    pub fn report<T>(&self, work: impl FnOnce(&mut Db) -> Result<T>) -> Result<T> {
+        self.on(&self.reports, work)
+    }
+
+    fn on<T>(&self, connection: &Mutex<Option<Db>>, work: impl FnOnce(&mut Db) -> Result<T>) -> Result<T> {
+        let mut guard = connection.lock().unwrap_or_else(|p| p.into_inner());
         if guard.is_none() {
             *guard = Some(self.location.connect()?);
         }
@@ -333,23 +349,33 @@ impl Accounts {
         Ok((rec, key))
     }
 
-    /// The keys `by` may see: all for the operator, its own account's for an owner.
-    pub fn list_keys(&self, by: &Caller) -> Result<Vec<KeyRecord>> {
+    /// Whether `by` may see (and revoke) key `k`: the operator any, an owner the contributor
+    /// keys it minted (not its own owner keys, nor a tenant's of the same name).
+    fn sees(by: &Caller, k: &KeyRecord) -> bool {
         match by {
-            b if b.is_operator() => self.with(|db| keys::list(db, None)),
-            Caller::Owner { name, .. } => self.with(|db| keys::list(db, Some(name))),
-            _ => Err(AccountError::Forbidden("this key cannot list keys".into()).into()),
+            b if b.is_operator() => true,
+            Caller::Owner { name, .. } => k.scope == Scope::Contributor && &k.account == name,
+            _ => false,
         }
+    }
+
+    /// The keys `by` may see: all for the operator, its contributors' for an owner.
+    pub fn list_keys(&self, by: &Caller) -> Result<Vec<KeyRecord>> {
+        let account = match by {
+            b if b.is_operator() => None,
+            Caller::Owner { name, .. } => Some(name.as_str()),
+            _ => return Err(AccountError::Forbidden("this key cannot list keys".into()).into()),
+        };
+        let all = self.with(|db| keys::list(db, account))?;
+        Ok(all.into_iter().filter(|k| Self::sees(by, k)).collect())
     }
 
     /// Revokes a key `by` may see (others are not found).
     pub fn revoke_key(&self, by: &Caller, id: &str) -> Result<KeyRecord> {
-        let found = self.with(|db| keys::by_id(db, id))?;
-        let visible = match by {
-            b if b.is_operator() => found,
-            Caller::Owner { name, .. } => found.filter(|k| &k.account == name),
-            _ => return Err(AccountError::Forbidden("this key cannot revoke keys".into()).into()),
-        };
+        if !matches!(by, Caller::Owner { .. }) && !by.is_operator() {
+            return Err(AccountError::Forbidden("this key cannot revoke keys".into()).into());
+        }
+        let visible = self.with(|db| keys::by_id(db, id))?.filter(|k| Self::sees(by, k));
         let mut rec = visible.ok_or_else(|| AccountError::NotFound(format!("no key `{id}`")))?;
         let now = now_ms();
         self.with(|db| keys::revoke(db, id, now))?;

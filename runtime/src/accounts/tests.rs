@@ -64,7 +64,13 @@ fn keys_authenticate_until_revoked_or_expired_and_are_stored_hashed() {
         // Another owner does not see or revoke alice's keys.
         let (_, carol_key) = a.create_key(&Caller::Cli, key("owner", Some("carol"), None)).unwrap();
         let carol = Caller::from_key(&a.authenticate(&carol_key).unwrap().unwrap());
-        assert!(a.list_keys(&carol).unwrap().iter().all(|k| k.account == "carol"));
+        assert!(a.list_keys(&carol).unwrap().is_empty(), "an owner sees its contributors' keys only");
+        assert_eq!(a.list_keys(&owner).unwrap().iter().map(|k| k.id.as_str()).collect::<Vec<_>>(), [bob.id.as_str()]);
+        // Not its own owner key, nor a tenant's key of the same name.
+        let (tenant_alice, _) = a.create_key(&Caller::Operator, key("tenant", Some("alice"), None)).unwrap();
+        for id in [&alice.id, &tenant_alice.id] {
+            assert!(matches!(a.revoke_key(&owner, id), Err(crate::Error::Account(AccountError::NotFound(_)))));
+        }
         assert!(matches!(a.revoke_key(&carol, &bob.id), Err(crate::Error::Account(AccountError::NotFound(_)))));
         assert!(a.authenticate(&bob_key).unwrap().is_some());
         // Revoked: refused at once.
@@ -137,5 +143,50 @@ fn the_audit_trail_chains_and_catches_edits_and_removals() {
         db.exec("DELETE FROM audit_log WHERE seq = $1", &[Val::Int(last)]).unwrap();
         let report = a.verify_audit().unwrap();
         assert!(report.problem.as_deref().unwrap_or_default().contains("removed"), "{report:?}");
+    });
+}
+
+#[test]
+fn earnings_are_the_owners_division_and_explain_finds_entries() {
+    use crate::ledger::earnings::{self, EarningsBy};
+    use crate::ledger::entry::{OwnerShare, tests::sample_body};
+    use crate::ledger::{Artifact, NewEntry};
+    use openlora_sdk::Split;
+    each(|location, a| {
+        // Entries of three owners whose names a careless prefix match would confuse.
+        let entry = |n: u64, owner: &str| {
+            let mut b = sample_body(n);
+            b.request.adapter_owner = Some(owner.to_string());
+            b.adapter = Some(Artifact { name: format!("ad-{owner}"), sha256: "cd".repeat(32) });
+            b.charge.amount = 1000;
+            b.splits = vec![
+                Split::new("base:tiny", 600, "base"),
+                Split::new(format!("owner:{owner}"), 100, "adapter owner"),
+                Split::new("contributor:bob", 300, "training data"),
+            ];
+            b.owner_share = Some(OwnerShare {
+                payee: format!("owner:{owner}"),
+                amount: 400,
+                reason: "adapter".into(),
+                first: 1,
+                count: 2,
+            });
+            NewEntry::new(b, Vec::new()).unwrap()
+        };
+        let mut store = location.open().unwrap();
+        let batch = [entry(1, "alice"), entry(2, "alice"), entry(3, "Alice"), entry(4, "a_ice"), entry(5, "alice")];
+        store.append(&batch, crate::ledger::now_ms()).unwrap();
+        let rows = a.with(|db| earnings::rows(db, "alice", None, None, None)).unwrap();
+        let by_payee = earnings::group(&rows, EarningsBy::Payee);
+        let got: Vec<(&str, u128, u64)> = by_payee.iter().map(|g| (g.key.as_str(), g.amount, g.requests)).collect();
+        assert_eq!(got, [("contributor:bob", 900, 3), ("owner:alice", 300, 3)]);
+        let bob = a.with(|db| earnings::rows(db, "a_ice", Some("contributor:bob"), None, None)).unwrap();
+        assert_eq!(earnings::group(&bob, EarningsBy::Adapter).iter().map(|g| g.amount).sum::<u128>(), 300);
+        // explain finds an entry by its request id, and the operator's split folds the division back.
+        let found = a.with(|db| crate::ledger::explain::find(db, "req-2")).unwrap().expect("entry");
+        let body = found.parse().unwrap();
+        assert_eq!(body.operator_splits()[1], Split::new("owner:alice", 400, "adapter"));
+        assert_eq!(body.owner_splits().unwrap().len(), 2);
+        assert!(a.with(|db| crate::ledger::explain::find(db, "req-99")).unwrap().is_none());
     });
 }

@@ -152,7 +152,7 @@ async fn dry_run(
     let (bytes, config) = component(&state, &headers, UploadQuery { config: query.config }, req).await?;
     let st = state.clone();
     let report = blocking("dry-run", move || {
-        let entries = st.accounts.with(|db| crate::ledger::explain::latest_of_adapter(db, &adapter, limit))?;
+        let entries = st.accounts.report(|db| crate::ledger::explain::latest_of_adapter(db, &adapter, limit))?;
         // An owner's dry-run reads only the entries of its own time as the adapter's owner.
         let entries: Vec<_> = entries
             .into_iter()

@@ -84,9 +84,9 @@ async fn export(
     }
     let (_, _, rows) = rows(&state, &headers, &p).await?;
     Ok(if format == "csv" {
-        ([(header::CONTENT_TYPE, "text/csv; charset=utf-8")], earnings::csv(&rows)).into_response()
+        ([(header::CONTENT_TYPE, "text/csv; charset=utf-8")], earnings::csv(&earnings::payouts(&rows))).into_response()
     } else {
-        let lines: String = rows.iter().map(|r| format!("{}\n", json!(r))).collect();
+        let lines: String = earnings::payouts(&rows).iter().map(|r| format!("{}\n", json!(r))).collect();
         ([(header::CONTENT_TYPE, "application/x-ndjson")], lines).into_response()
     })
 }
@@ -125,15 +125,20 @@ async fn explain_entry(
     }
     let (st, rid) = (state.clone(), id.clone());
     let explained = blocking("explain", move || {
-        let Some(entry) = st.accounts.with(|db| explain::find(db, &rid))? else { return Ok(None) };
+        let Some(entry) = st.accounts.report(|db| explain::find(db, &rid))? else { return Ok(None) };
         // Nobody but a party to the entry makes the server replay it.
         if !entry.parse().is_ok_and(|b| may_read(&caller, &b)) {
             return Ok(None);
         }
-        let mut replayer = Replayer::new(&st.config.policy)?;
+        // One replayer for every explain, so each plugin is compiled once.
+        let mut replayer = st.replayer.lock().unwrap_or_else(|p| p.into_inner());
+        if replayer.is_none() {
+            *replayer = Some(Replayer::new(&st.config.policy)?);
+        }
+        let replayer = replayer.as_mut().ok_or_else(|| ApiError::internal("no replayer"))?;
         let accounts = st.accounts.clone();
-        let mut blobs = |sha: &str| accounts.with(|db| explain::blob(db, sha));
-        Ok(Some(explain::explain(&entry, &mut replayer, &mut blobs).map_err(ApiError::internal)?))
+        let mut blobs = |sha: &str| accounts.report(|db| explain::blob(db, sha));
+        Ok(Some(explain::explain(&entry, replayer, &mut blobs).map_err(ApiError::internal)?))
     })
     .await?;
     explained.map(|e| Json(json!(e))).ok_or_else(not_found)

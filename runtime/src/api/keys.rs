@@ -52,7 +52,7 @@ async fn revoke_key(
     let accounts = state.accounts.clone();
     let rec = blocking("revoke key", move || Ok(accounts.revoke_key(&caller, &id)?)).await?;
     tracing::info!(key_id = %rec.id, "key revoked");
-    Ok(Json(json!({"id": rec.id, "revoked": true, "key": rec})))
+    Ok(Json(json!({"id": rec.id, "revoked": true, "record": rec})))
 }
 
 fn operator_only(caller: &Caller) -> Result<(), ApiError> {

@@ -60,6 +60,8 @@ pub struct AppState {
     pub ledger: Arc<crate::ledger::Ledger>,
     /// Owners, keys, quotas and the audit trail.
     pub accounts: Arc<crate::accounts::Accounts>,
+    /// The replayer `explain` uses (made on first use; it keeps each plugin compiled).
+    pub replayer: std::sync::Mutex<Option<crate::policy::Replayer>>,
 }
 
 impl AppState {

@@ -28,6 +28,7 @@ fn tables(bigint: &str, bytes: &str) -> String {
         );
         CREATE INDEX IF NOT EXISTS ledger_entries_tenant ON ledger_entries (tenant, seq);
         CREATE INDEX IF NOT EXISTS ledger_entries_time ON ledger_entries (recorded_at_ms);
+        CREATE INDEX IF NOT EXISTS ledger_entries_adapter ON ledger_entries (adapter, seq);
         CREATE TABLE IF NOT EXISTS ledger_head (
             id INTEGER PRIMARY KEY CHECK (id = 1),
             seq {bigint} NOT NULL,

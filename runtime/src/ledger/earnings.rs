@@ -5,7 +5,8 @@ use std::collections::BTreeMap;
 
 use serde::Serialize;
 
-use super::totals::{DAY_MS, EARNING, amount};
+use super::entry::EntryBody;
+use super::totals::{DAY_MS, EARNING, amount, rows as rows_of};
 use crate::error::Result;
 use crate::sql::{Db, Val};
 
@@ -78,8 +79,9 @@ pub fn day_name(day: i64) -> String {
     format!("{y:04}-{m:02}-{d:02}")
 }
 
-/// `owner`'s earnings rows (only `payee`'s, when given) on the whole UTC days that hold
-/// `since_ms..until_ms`.
+/// `owner`'s earnings rows: its share per adapter and day (payee ``), then what each payee got
+/// (only `payee`'s, when given). Whole-day bounds read the running totals; others read the
+/// entries in the range.
 pub fn rows(
     db: &mut Db,
     owner: &str,
@@ -87,40 +89,105 @@ pub fn rows(
     since_ms: Option<u64>,
     until_ms: Option<u64>,
 ) -> Result<Vec<EarningRow>> {
-    let first = since_ms.map_or(0, |t| (t / DAY_MS) as i64);
-    let end = until_ms.map_or(i64::MAX, |t| t.div_ceil(DAY_MS).min(i64::MAX as u64) as i64);
-    // Keys start with `<owner>/`; `0` is the character after `/`.
-    let found = db.rows(
-        "SELECT day, key, currency, CAST(SUM(requests) AS BIGINT), CAST(SUM(amount_hi) AS BIGINT), \
-         CAST(SUM(amount_lo) AS BIGINT) FROM ledger_totals WHERE grouping = $1 AND key >= $2 AND key < $3 \
-         AND day >= $4 AND day < $5 GROUP BY day, key, currency ORDER BY day, key, currency",
-        &[EARNING.into(), format!("{owner}/").into(), format!("{owner}0").into(), Val::Int(first), Val::Int(end)],
-    )?;
+    let whole = |t: Option<u64>| t.is_none_or(|t| t % DAY_MS == 0);
+    let sums = if whole(since_ms) && whole(until_ms) {
+        from_totals(db, owner, since_ms, until_ms)?
+    } else {
+        from_entries(db, owner, since_ms, until_ms)?
+    };
     let mut out = Vec::new();
-    for r in found {
-        let key = r[1].string();
+    for ((day, key, currency), (requests, amount)) in sums {
         let mut parts = key.splitn(3, '/');
-        let (Some(_), Some(adapter), Some(p)) = (parts.next(), parts.next(), parts.next()) else { continue };
-        if payee.is_some_and(|want| want != p) {
-            continue;
+        let (Some(o), Some(adapter), Some(p)) = (parts.next(), parts.next(), parts.next()) else { continue };
+        let wanted = match payee {
+            Some(want) => p == want,
+            None => true,
+        };
+        if o == owner && wanted {
+            out.push(EarningRow {
+                day: day_name(day),
+                adapter: adapter.to_string(),
+                payee: p.to_string(),
+                currency,
+                amount,
+                requests,
+            });
         }
-        let int = |i: usize| r[i].int().unwrap_or(0);
-        out.push(EarningRow {
-            day: day_name(int(0)),
-            adapter: adapter.to_string(),
-            payee: p.to_string(),
-            currency: r[2].string(),
-            amount: amount(int(4), int(5)),
-            requests: int(3).max(0) as u64,
-        });
     }
     Ok(out)
 }
 
-/// Rows summed by adapter, payee or day, sorted by key and currency.
+/// Sums by (day, key, currency): entries and micro-units.
+type Sums = BTreeMap<(i64, String, String), (u64, u128)>;
+
+/// `LIKE` text matching `text` exactly, escaped with `!`.
+fn like_escaped(text: &str) -> String {
+    text.chars().flat_map(|c| if matches!(c, '!' | '%' | '_') { vec!['!', c] } else { vec![c] }).collect()
+}
+
+fn from_totals(db: &mut Db, owner: &str, since_ms: Option<u64>, until_ms: Option<u64>) -> Result<Sums> {
+    let first = since_ms.map_or(0, |t| (t / DAY_MS) as i64);
+    let end = until_ms.map_or(i64::MAX, |t| (t / DAY_MS).min(i64::MAX as u64) as i64);
+    // Keys start with `<owner>/`: LIKE narrows (SQLite's ignores case), `rows` checks exactly.
+    let found = db.rows(
+        "SELECT day, key, currency, CAST(SUM(requests) AS BIGINT), CAST(SUM(amount_hi) AS BIGINT), \
+         CAST(SUM(amount_lo) AS BIGINT) FROM ledger_totals WHERE grouping = $1 AND key LIKE $2 ESCAPE '!' \
+         AND day >= $3 AND day < $4 GROUP BY day, key, currency",
+        &[EARNING.into(), format!("{}/%", like_escaped(owner)).into(), Val::Int(first), Val::Int(end)],
+    )?;
+    let int = |v: &Val| v.int().unwrap_or(0);
+    Ok(found
+        .into_iter()
+        .map(|r| {
+            ((int(&r[0]), r[1].string(), r[2].string()), (int(&r[3]).max(0) as u64, amount(int(&r[4]), int(&r[5]))))
+        })
+        .collect())
+}
+
+/// The same sums from the entries written in `since_ms..until_ms`, as their transactions added
+/// them to the totals.
+fn from_entries(db: &mut Db, owner: &str, since_ms: Option<u64>, until_ms: Option<u64>) -> Result<Sums> {
+    let pattern = format!("%\"adapter_owner\":\"{}\"%", like_escaped(owner));
+    let (since, until) = (since_ms.unwrap_or(0), until_ms.unwrap_or(i64::MAX as u64));
+    let mut sums = Sums::new();
+    let mut after = 0u64;
+    loop {
+        let page = db.rows(
+            "SELECT seq, recorded_at_ms, body FROM ledger_entries WHERE recorded_at_ms >= $1 AND recorded_at_ms < $2 \
+             AND seq > $3 AND body LIKE $4 ESCAPE '!' ORDER BY seq LIMIT 1000",
+            &[since.into(), until.into(), after.into(), pattern.clone().into()],
+        )?;
+        let Some(last) = page.last() else { break };
+        after = last[0].int().unwrap_or(0).max(0) as u64;
+        for r in &page {
+            let Ok(body) = serde_json::from_str::<EntryBody>(&r[2].string()) else { continue };
+            if body.request.adapter_owner.as_deref() != Some(owner) {
+                continue;
+            }
+            let at = r[1].int().unwrap_or(0).max(0) as u64;
+            for t in rows_of([(at, &body)]).into_iter().filter(|t| t.grouping == EARNING) {
+                let s = sums.entry((t.day, t.key, t.currency)).or_default();
+                s.0 += t.requests.max(0) as u64;
+                s.1 += amount(t.amount_hi, t.amount_lo);
+            }
+        }
+    }
+    Ok(sums)
+}
+
+/// Rows summed by adapter, payee or day, sorted by key and currency. By adapter or day, an
+/// owner's rows count its share (each entry once); a contributor's rows are its payee's alone.
 pub fn group(rows: &[EarningRow], by: EarningsBy) -> Vec<EarningGroup> {
+    let has_shares = rows.iter().any(|r| r.payee.is_empty());
     let mut sums: BTreeMap<(String, String), (u128, u64)> = BTreeMap::new();
     for r in rows {
+        let counted = match by {
+            EarningsBy::Payee => !r.payee.is_empty(),
+            _ => r.payee.is_empty() || !has_shares,
+        };
+        if !counted {
+            continue;
+        }
         let key = match by {
             EarningsBy::Adapter => &r.adapter,
             EarningsBy::Payee => &r.payee,
@@ -135,8 +202,13 @@ pub fn group(rows: &[EarningRow], by: EarningsBy) -> Vec<EarningGroup> {
         .collect()
 }
 
-/// Rows as CSV with a header line (fields quoted where they need it).
-pub fn csv(rows: &[EarningRow]) -> String {
+/// What each payee got, day by day and adapter by adapter (the share rows left out).
+pub fn payouts(rows: &[EarningRow]) -> Vec<&EarningRow> {
+    rows.iter().filter(|r| !r.payee.is_empty()).collect()
+}
+
+/// Payout rows as CSV with a header line (fields quoted where they need it).
+pub fn csv(rows: &[&EarningRow]) -> String {
     let field = |s: &str| {
         if s.contains([',', '"', '\n', '\r']) { format!("\"{}\"", s.replace('"', "\"\"")) } else { s.to_string() }
     };
@@ -172,10 +244,18 @@ mod tests {
             amount,
             requests: 1,
         };
+        // A contributor's rows: its payee's alone.
         let rows = [row("d1", "a", "p", 5), row("d2", "a", "q", 7), row("d2", "b", "p", 1)];
         let by_payee = group(&rows, EarningsBy::Payee);
         assert_eq!(by_payee.iter().map(|g| (g.key.as_str(), g.amount)).collect::<Vec<_>>(), [("p", 6), ("q", 7)]);
         assert_eq!(group(&rows, EarningsBy::Day)[1].amount, 8);
-        assert!(csv(&[row("d", "a", "x,\"y\"", 1)]).contains("\"x,\"\"y\"\"\""));
+        // An owner's: by adapter or day, its share rows count each entry once.
+        let owner = [row("d1", "a", "", 10), row("d1", "a", "p", 4), row("d1", "a", "q", 6)];
+        let by_adapter = group(&owner, EarningsBy::Adapter);
+        assert_eq!((by_adapter[0].amount, by_adapter[0].requests), (10, 1));
+        assert_eq!(group(&owner, EarningsBy::Payee).len(), 2);
+        assert_eq!(payouts(&owner).len(), 2);
+        let odd = row("d", "a", "x,\"y\"", 1);
+        assert!(csv(&[&odd]).contains("\"x,\"\"y\"\"\""));
     }
 }

@@ -16,7 +16,8 @@ pub const DAY_MS: u64 = 86_400_000;
 pub const EARNING: &str = "earning";
 
 /// The key of an earnings row: owner, adapter and payee, `/`-separated (owner and adapter
-/// names hold no `/`, so the first two separate them).
+/// names hold no `/`, so the first two separate them); the empty payee is the owner's whole
+/// share, one per entry.
 pub fn earning_key(owner: &str, adapter: &str, payee: &str) -> String {
     format!("{owner}/{adapter}/{payee}")
 }
@@ -161,10 +162,11 @@ pub fn rows<'a>(entries: impl IntoIterator<Item = (u64, &'a EntryBody)>) -> Vec<
         for (payee, amount) in per {
             add("payee", payee, amount);
         }
-        // The adapter owner's earnings: its division of its share, payee by payee.
-        if let (Some(owner), Some(adapter), Some(division)) =
-            (b.request.adapter_owner.as_deref(), b.adapter.as_ref(), b.owner_splits())
+        // The adapter owner's earnings: its share (payee ``), and its division, payee by payee.
+        if let (Some(owner), Some(adapter), Some(division), Some(share)) =
+            (b.request.adapter_owner.as_deref(), b.adapter.as_ref(), b.owner_splits(), b.owner_share.as_ref())
         {
+            add(EARNING, &earning_key(owner, &adapter.name, ""), share.amount);
             let mut per: BTreeMap<&str, u64> = BTreeMap::new();
             for s in division {
                 *per.entry(s.payee.as_str()).or_default() += s.amount;

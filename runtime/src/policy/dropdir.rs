@@ -76,8 +76,12 @@ pub fn scan(policy: &PolicyHost, dir: &Path, seen: &mut HashMap<PathBuf, Seen>) 
     report
 }
 
+/// Told of each version a dropped-in file installs (slot, version), e.g. to record it in the
+/// audit trail.
+pub type Installed = Box<dyn Fn(&super::Slot, &super::VersionInfo) + Send>;
+
 /// Watches `dir` in a background thread for the life of the process.
-pub fn watch(policy: Arc<PolicyHost>, dir: PathBuf) {
+pub fn watch(policy: Arc<PolicyHost>, dir: PathBuf, installed: Installed) {
     if let Err(e) = std::fs::create_dir_all(&dir) {
         tracing::warn!(dir = %dir.display(), error = %e, "plugin folder unusable; dropped-in plugins will not load");
         return;
@@ -85,9 +89,19 @@ pub fn watch(policy: Arc<PolicyHost>, dir: PathBuf) {
     let spawned = std::thread::Builder::new().name("openlora-plugin-dir".into()).spawn(move || {
         let mut seen = HashMap::new();
         loop {
+            let before: HashMap<_, _> =
+                policy.list().into_iter().map(|v| (v.slot.clone(), v.versions.last().map(|i| i.version))).collect();
             for line in scan(&policy, &dir, &mut seen) {
                 // The line may quote a plugin's own error text: a `&str` field, escaped.
                 tracing::info!(dir = %dir.display(), report = line.as_str(), "plugin folder change");
+            }
+            for view in policy.list() {
+                let newest = view.versions.last();
+                let fresh = newest
+                    .is_some_and(|n| n.source.starts_with("dir:") && before.get(&view.slot) != Some(&Some(n.version)));
+                if let (true, Some(v)) = (fresh, newest) {
+                    installed(&view.slot, v);
+                }
             }
             std::thread::sleep(POLL);
         }
