@@ -83,6 +83,24 @@ impl LedgerConfig {
         }
     }
 
+    /// What checking the audit trail trusts: the signing key's public half and the latest
+    /// checkpoint of the trail kept beside it.
+    pub fn audit_trust(&self, data_dir: &Path) -> crate::accounts::AuditTrust {
+        use crate::ledger::checkpoint::{audit_latest_path, read_key, read_latest};
+        let path = self.signing_key_path(data_dir);
+        crate::accounts::AuditTrust {
+            key: read_key(&path).ok().map(|k| k.verifying_key()),
+            latest: read_latest(&audit_latest_path(&path)).ok().flatten(),
+        }
+    }
+
+    /// The signer of the audit trail's head: the signing key, when it can be read.
+    pub fn audit_signer(&self, data_dir: &Path) -> Option<crate::accounts::AuditSigner> {
+        use crate::ledger::checkpoint::{audit_latest_path, read_key};
+        let path = self.signing_key_path(data_dir);
+        read_key(&path).ok().map(|key| crate::accounts::AuditSigner { key, path: audit_latest_path(&path) })
+    }
+
     /// The ledger's location, the default one under `data_dir` unless `url` says otherwise.
     pub fn location(&self, data_dir: &Path) -> Result<crate::ledger::Location> {
         match &self.url {
@@ -287,12 +305,9 @@ impl ServerConfig {
     }
 }
 
-/// Whether `name` is a valid tenant name: 1-64 characters of `A-Z a-z 0-9 . _ -`. No `:` or `/`,
-/// so that keys built from a tenant and a client's string (idempotency keys) cannot collide.
+/// Whether `name` is a valid tenant name (see [`crate::accounts::valid_account`]).
 pub fn valid_tenant(name: &str) -> bool {
-    !name.is_empty()
-        && name.len() <= 64
-        && name.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
+    crate::accounts::valid_account(name, false)
 }
 
 #[cfg(test)]

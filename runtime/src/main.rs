@@ -270,7 +270,8 @@ impl LedgerArgs {
     /// The accounts, keys and audit trail beside the ledger (created if need be).
     fn accounts(&self, create: bool) -> anyhow::Result<std::sync::Arc<openlora::accounts::Accounts>> {
         let (config, location) = self.location(create)?;
-        openlora::accounts::Accounts::open(&location, config.owners)
+        let signer = config.ledger.audit_signer(&data_dir(&config));
+        openlora::accounts::Accounts::open(&location, config.owners, signer)
             .with_context(|| format!("opening the accounts beside the ledger {location}"))
     }
 }
@@ -311,7 +312,8 @@ fn run_ledger(command: LedgerCommand) -> anyhow::Result<bool> {
                 &name,
                 &trust,
             )?;
-            let audit = args.ledger.accounts(false)?.verify_audit()?;
+            let audit_trust = config.ledger.audit_trust(&data_dir(&config));
+            let audit = args.ledger.accounts(false)?.verify_audit(&audit_trust)?;
             if args.json {
                 println!("{}", serde_json::to_string_pretty(&serde_json::json!({"ledger": r, "audit": audit}))?);
                 return Ok(r.ok() && audit.ok());

@@ -87,7 +87,11 @@ impl Server {
             every: config.ledger.checkpoint_every,
         };
         let location = config.ledger.location(&data_dir)?;
-        let accounts = crate::accounts::Accounts::open(&location, config.owners)?;
+        let audit_signer = crate::accounts::AuditSigner {
+            key: signer.key.clone(),
+            path: crate::ledger::checkpoint::audit_latest_path(&signer.key_path),
+        };
+        let accounts = crate::accounts::Accounts::open(&location, config.owners, Some(audit_signer))?;
         let ledger = crate::ledger::Ledger::open_signed(location, metrics.ledger.clone(), Some(signer))?;
         let engine = match device {
             DeviceSpec::Cpu => EngineHandle::start(model, pager, config.engine(), metrics.clone())?,
@@ -121,6 +125,8 @@ impl Server {
             ledger,
             accounts,
             replayer: std::sync::Mutex::new(None),
+            reports: Arc::new(Semaphore::new(crate::api::MAX_REPORTS)),
+            owner_locks: Default::default(),
             config: config.clone(),
         });
         let pager = state.engine.pager().clone();

@@ -181,7 +181,7 @@ def adapter_tar(name: str, corrupt: bool = False) -> bytes:
 def test_admin_adapter_upload_list_delete(server, client):
     admin = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
     url = f"{server.url}/admin/adapters"
-    assert_error(httpx.get(url, headers={"Authorization": f"Bearer {API_KEY}"}), 401)
+    assert_error(httpx.get(url, headers={"Authorization": f"Bearer {API_KEY}"}), 403)  # a tenant key, not an admin credential
     before = httpx.get(url, headers=admin).json()["data"]
     # A broken upload is refused and changes nothing.
     bad = httpx.post(f"{url}/uploaded", content=adapter_tar("r8-mlp", corrupt=True), headers=admin)
@@ -210,14 +210,15 @@ def test_admin_token_is_checked_before_anything_is_parsed(server):
     url = server.url
     admin = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
     broken_form = {"Content-Type": "multipart/form-data; boundary=zz"}
-    # A wrong or missing token is a 401, even when the path, query or body could not be parsed.
-    for auth in [{"Authorization": "Bearer not-the-admin-token"}, {"Authorization": f"Bearer {API_KEY}"}, {}]:
-        assert_error(httpx.post(f"{url}/admin/adapters/x", content=b"not a form", headers={**auth, **broken_form}), 401)
-        assert_error(httpx.post(f"{url}/admin/adapters/bad name", content=b"not a tar", headers=auth), 401)
-        assert_error(httpx.post(f"{url}/admin/plugins/router/activate/not-a-number", headers=auth), 401)
-        assert_error(httpx.post(f"{url}/admin/plugins/router", content=b"\0", params={"config": "{"}, headers=auth), 401)
-        assert_error(httpx.get(f"{url}/admin/plugins/no-such-slot", headers=auth), 401)
-        assert_error(httpx.get(f"{url}/admin/ledger/summary", params={"by": "nonsense"}, headers=auth), 401)
+    # A wrong or missing token is a 401 (a tenant's key, which is not an admin credential, a
+    # 403), even when the path, query or body could not be parsed.
+    for auth, status in [({"Authorization": "Bearer not-the-admin-token"}, 401), ({"Authorization": f"Bearer {API_KEY}"}, 403), ({}, 401)]:
+        assert_error(httpx.post(f"{url}/admin/adapters/x", content=b"not a form", headers={**auth, **broken_form}), status)
+        assert_error(httpx.post(f"{url}/admin/adapters/bad name", content=b"not a tar", headers=auth), status)
+        assert_error(httpx.post(f"{url}/admin/plugins/router/activate/not-a-number", headers=auth), status)
+        assert_error(httpx.post(f"{url}/admin/plugins/router", content=b"\0", params={"config": "{"}, headers=auth), status)
+        assert_error(httpx.get(f"{url}/admin/plugins/no-such-slot", headers=auth), status)
+        assert_error(httpx.get(f"{url}/admin/ledger/summary", params={"by": "nonsense"}, headers=auth), status)
     # With the token the same requests fail on what is wrong with them, as JSON too.
     assert_error(httpx.post(f"{url}/admin/plugins/router/activate/not-a-number", headers=admin), 400)
     assert_error(httpx.post(f"{url}/admin/adapters/x", content=b"not a form", headers={**admin, **broken_form}), 400)

@@ -5,6 +5,7 @@
 use serde::{Deserialize, Serialize};
 
 use crate::error::{AccountError, Result};
+use crate::ledger::Checkpoint;
 use crate::ledger::entry::{GENESIS_HASH, link};
 use crate::sql::{Db, Val};
 
@@ -169,6 +170,10 @@ pub struct AuditReport {
     pub records: u64,
     /// The last good record's hash.
     pub head_hash: String,
+    /// The record the trusted signed checkpoint names, when there is one and it was checked.
+    pub checkpoint: Option<u64>,
+    /// Why no signed checkpoint was checked, when none was.
+    pub checkpoint_unchecked: Option<String>,
     /// The first problem, if any.
     pub problem: Option<String>,
 }
@@ -180,15 +185,26 @@ impl AuditReport {
     }
 }
 
-/// Walks the trail from the first record: each in its place, linked to the one before, with
-/// the hash of what it says; the last one is the recorded head.
-pub fn verify(db: &mut Db) -> Result<AuditReport> {
-    let mut report = AuditReport { records: 0, head_hash: GENESIS_HASH.to_string(), problem: None };
-    let mut after = 0;
-    loop {
-        let page = list(db, None, 0, after, 500)?;
-        let Some(last) = page.last() else { break };
-        after = last.seq;
+/// Walks the trail from the first record up to the head read first (records appended meanwhile
+/// are left for the next check): each in its place, linked to the one before, with the hash of
+/// what it says, ending at the recorded head; then holds it to `signed`, a checkpoint of its
+/// head signed outside the database (a trail rewritten with recomputed hashes, or emptied, no
+/// longer holds the record it names).
+pub fn verify(db: &mut Db, signed: Option<&Checkpoint>) -> Result<AuditReport> {
+    let mut report = AuditReport {
+        records: 0,
+        head_hash: GENESIS_HASH.to_string(),
+        checkpoint: None,
+        checkpoint_unchecked: None,
+        problem: None,
+    };
+    let (head_seq, head_hash) = head(db, false)?;
+    let mut signed_hash = None;
+    while report.records < head_seq {
+        let page = list(db, None, 0, report.records, 500.min((head_seq - report.records) as usize))?;
+        if page.is_empty() {
+            break;
+        }
         for r in page {
             let expected = report.records + 1;
             let problem = if r.seq != expected {
@@ -204,16 +220,31 @@ pub fn verify(db: &mut Db) -> Result<AuditReport> {
                 report.problem = problem;
                 return Ok(report);
             }
+            if signed.is_some_and(|c| c.seq == r.seq) {
+                signed_hash = Some(r.hash.clone());
+            }
             report.records = r.seq;
             report.head_hash = r.hash;
         }
     }
-    let (seq, hash) = head(db, false)?;
-    if seq != report.records || hash != report.head_hash {
+    if head_seq != report.records || head_hash != report.head_hash {
         report.problem = Some(format!(
-            "the recorded head is record {seq}, but the trail ends at record {} (records were removed)",
+            "the recorded head is record {head_seq}, but the trail ends at record {} (records were removed)",
             report.records
         ));
+        return Ok(report);
+    }
+    if let Some(c) = signed {
+        report.checkpoint = Some(c.seq);
+        if c.seq > report.records {
+            report.problem = Some(format!(
+                "a signed checkpoint names record {}, but the trail ends at record {} (records were removed)",
+                c.seq, report.records
+            ));
+        } else if signed_hash.as_deref() != Some(c.hash.as_str()) {
+            report.problem =
+                Some(format!("record {} is not the one its signed checkpoint names (the trail was rewritten)", c.seq));
+        }
     }
     Ok(report)
 }

@@ -5,6 +5,7 @@ use serde::Serialize;
 use sha2::{Digest, Sha256};
 
 use crate::error::{AccountError, Result};
+use crate::ledger::entry::hex;
 use crate::sql::{Db, Val};
 
 /// What a key lets its holder do.
@@ -81,10 +82,6 @@ pub fn generate() -> (String, String) {
     let id = hex(&id);
     let key = format!("{PREFIX}{id}_{}", hex(&secret));
     (id, key)
-}
-
-fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
 /// The sha256 (hex) a key is stored as.

@@ -14,6 +14,7 @@ pub use audit::{Act, AuditRecord, AuditReport};
 pub use keys::{KeyRecord, Scope};
 
 use crate::error::{AccountError, Result};
+use crate::ledger::checkpoint::{AUDIT_DOMAIN, read_latest, write_latest};
 use crate::ledger::{Location, now_ms};
 use crate::sql::{Db, Val};
 
@@ -151,18 +152,16 @@ pub struct NewKey {
     pub expires_in_secs: Option<u64>,
 }
 
-/// Whether `name` is an acceptable tenant or owner name: 1-64 of `A-Z a-z 0-9 . _ -` (owners
-/// may also use `@`).
+/// Whether `name` is an acceptable tenant name (1-64 of `A-Z a-z 0-9 . _ -`: no `:` or `/`, so
+/// that keys built from a tenant and a client's string, like idempotency keys, cannot collide)
+/// or, for an owner, owner name (the same and `@`, as an adapter records it).
 pub fn valid_account(name: &str, owner: bool) -> bool {
+    if owner {
+        return crate::adapters::valid_owner(name);
+    }
     !name.is_empty()
         && name.len() <= 64
-        && name.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.') || (owner && c == '@'))
-}
-
-/// Whether `payee` is an acceptable payee for a contributor key: 1-128 printable ASCII
-/// characters without spaces.
-pub fn valid_payee(payee: &str) -> bool {
-    !payee.is_empty() && payee.len() <= 128 && payee.bytes().all(|b| b.is_ascii_graphic())
+        && name.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
 }
 
 fn invalid(param: &'static str, message: impl Into<String>) -> crate::Error {
@@ -172,6 +171,25 @@ fn invalid(param: &'static str, message: impl Into<String>) -> crate::Error {
 /// Longest a key may live: ten years.
 const MAX_KEY_SECS: u64 = 10 * 365 * 86_400;
 
+/// Signs the audit trail's head after each act, with the ledger's key, into a file beside it.
+#[derive(Clone)]
+pub struct AuditSigner {
+    /// The ledger's signing key.
+    pub key: ed25519_dalek::SigningKey,
+    /// Where the latest checkpoint goes ([`crate::ledger::checkpoint::audit_latest_path`]).
+    pub path: std::path::PathBuf,
+}
+
+/// What checking the audit trail trusts: the signer's public key and the latest checkpoint kept
+/// beside it.
+#[derive(Debug, Clone, Default)]
+pub struct AuditTrust {
+    /// The signer's public key (none: the checkpoint cannot be judged).
+    pub key: Option<ed25519_dalek::VerifyingKey>,
+    /// The latest checkpoint of the trail's head, from outside the database.
+    pub latest: Option<crate::ledger::Checkpoint>,
+}
+
 /// Accounts, keys and the audit trail, on one connection to the ledger's database (and the
 /// third parties' reports on another, so that a long report never delays a key lookup).
 pub struct Accounts {
@@ -179,11 +197,13 @@ pub struct Accounts {
     db: Mutex<Option<Db>>,
     reports: Mutex<Option<Db>>,
     defaults: Quotas,
+    signer: Option<AuditSigner>,
+    signing: Mutex<()>,
 }
 
 impl Accounts {
-    /// Connects and creates the tables if needed.
-    pub fn open(location: &Location, defaults: Quotas) -> Result<Arc<Self>> {
+    /// Connects and creates the tables if needed; `signer` signs the trail's head after each act.
+    pub fn open(location: &Location, defaults: Quotas, signer: Option<AuditSigner>) -> Result<Arc<Self>> {
         let mut db = location.connect()?;
         let bigint = "BIGINT";
         let schema = format!(
@@ -227,6 +247,8 @@ impl Accounts {
             db: Mutex::new(Some(db)),
             reports: Mutex::new(None),
             defaults,
+            signer,
+            signing: Mutex::new(()),
         }))
     }
 
@@ -272,7 +294,18 @@ impl Accounts {
             sha256: sha256.map(str::to_string),
             detail: detail.to_string(),
         };
-        self.with(|db| audit::append(db, &act, now_ms())).map(drop)
+        let rec = self.with(|db| audit::append(db, &act, now_ms()))?;
+        if let Some(s) = &self.signer {
+            let head = crate::ledger::Head { seq: rec.seq, hash: rec.hash.clone() };
+            let c = crate::ledger::Checkpoint::sign_in(AUDIT_DOMAIN, &s.key, &head, now_ms());
+            // Several acts at once: the file keeps the latest head written.
+            let _one = self.signing.lock().unwrap_or_else(|p| p.into_inner());
+            let newer = read_latest(&s.path).ok().flatten().is_none_or(|old| old.seq < c.seq);
+            if newer {
+                write_latest(&s.path, &c)?;
+            }
+        }
+        Ok(())
     }
 
     /// Makes a key; returns its record and the key itself (shown once, never stored).
@@ -296,10 +329,12 @@ impl Accounts {
             return Err(invalid("account", "accounts are 1-64 characters of A-Z a-z 0-9 - _ . (owners also @)"));
         }
         let payee = match (scope, new.payee) {
-            (Scope::Contributor, Some(p)) if valid_payee(&p) => Some(p),
-            (Scope::Contributor, _) => {
-                return Err(invalid("payee", "a contributor key needs its payee: 1-128 printable characters"));
+            (Scope::Contributor, Some(p)) => {
+                // A payee a plugin can pay, by the rules the host checks splits by.
+                openlora_sdk::money::validate_payee(&p).map_err(|m| invalid("payee", m))?;
+                Some(p)
             }
+            (Scope::Contributor, None) => return Err(invalid("payee", "a contributor key needs its payee")),
             (_, Some(_)) => return Err(invalid("payee", "only contributor keys have a payee")),
             (_, None) => None,
         };
@@ -452,9 +487,26 @@ impl Accounts {
         self.with(|db| audit::list(db, actor.as_deref(), since_ms, after, limit.clamp(1, 1000)))
     }
 
-    /// Checks the whole audit trail.
-    pub fn verify_audit(&self) -> Result<AuditReport> {
-        self.with(audit::verify)
+    /// Checks the whole audit trail, and holds it to the latest signed checkpoint `trust` has.
+    pub fn verify_audit(&self, trust: &AuditTrust) -> Result<AuditReport> {
+        let signed = match (&trust.latest, &trust.key) {
+            (Some(c), Some(key)) => match c.verify_in(AUDIT_DOMAIN, key) {
+                Ok(()) => Some(c),
+                Err(why) => {
+                    let mut r = self.with(|db| audit::verify(db, None))?;
+                    r.problem = Some(format!("the audit checkpoint beside the key is forged: {why}"));
+                    return Ok(r);
+                }
+            },
+            _ => None,
+        };
+        let mut report = self.with(|db| audit::verify(db, signed))?;
+        if trust.key.is_none() {
+            report.checkpoint_unchecked = Some("no public key to trust (the signing key cannot be read)".into());
+        } else if trust.latest.is_none() {
+            report.checkpoint_unchecked = Some("no signed checkpoint of the audit trail yet".into());
+        }
+        Ok(report)
     }
 
     fn owner_record(&self, r: &[Val]) -> OwnerRecord {

@@ -3,6 +3,8 @@
 
 use super::*;
 
+const GENESIS: &str = crate::ledger::entry::GENESIS_HASH;
+
 fn locations() -> Vec<(Location, Option<std::path::PathBuf>)> {
     let dir = std::env::temp_dir().join(format!("openlora-accounts-{:016x}", rand::random::<u64>()));
     let mut v = vec![(Location::Sqlite(dir.join("ledger.sqlite3")), Some(dir))];
@@ -21,9 +23,17 @@ fn locations() -> Vec<(Location, Option<std::path::PathBuf>)> {
     v
 }
 
+/// The key the tests sign the audit trail with, and where its checkpoint goes.
+fn signer(location: &Location) -> AuditSigner {
+    let dir = std::env::temp_dir().join(format!("openlora-audit-key-{:016x}", rand::random::<u64>()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let _ = location;
+    AuditSigner { key: ed25519_dalek::SigningKey::from_bytes(&[9; 32]), path: dir.join("audit-checkpoint.json") }
+}
+
 fn each(test: impl Fn(&Location, Arc<Accounts>)) {
     for (location, dir) in locations() {
-        let accounts = Accounts::open(&location, Quotas::default()).expect("open");
+        let accounts = Accounts::open(&location, Quotas::default(), Some(signer(&location))).expect("open");
         test(&location, accounts);
         if let Some(dir) = dir {
             let _ = std::fs::remove_dir_all(dir);
@@ -38,6 +48,12 @@ fn key(scope: &str, account: Option<&str>, payee: Option<&str>) -> NewKey {
         payee: payee.map(str::to_string),
         ..NewKey::default()
     }
+}
+
+/// What a verifier trusts: the test key and the checkpoint file the accounts wrote.
+fn trust(a: &Accounts) -> AuditTrust {
+    let s = a.signer.as_ref().expect("signed");
+    AuditTrust { key: Some(s.key.verifying_key()), latest: crate::ledger::checkpoint::read_latest(&s.path).unwrap() }
 }
 
 #[test]
@@ -106,7 +122,7 @@ fn the_audit_trail_chains_and_catches_edits_and_removals() {
         a.record(&alice, "adapter.upload", "sql", Some("ab12"), "").unwrap();
         a.record(&alice, "plugin.install", "adapter:sql", Some("cd34"), "version=1").unwrap();
         a.record(&Caller::Operator, "plugin.install", "pricer", Some("ef56"), "version=1").unwrap();
-        let report = a.verify_audit().unwrap();
+        let report = a.verify_audit(&trust(&a)).unwrap();
         assert!(report.ok(), "{report:?}");
         assert_eq!(report.records, 4);
         // An owner reads its own acts only; the operator reads all.
@@ -134,15 +150,31 @@ fn the_audit_trail_chains_and_catches_edits_and_removals() {
         // A database writer edits a record: found.
         let mut db = location.connect().unwrap();
         db.exec("UPDATE audit_log SET target = $1 WHERE seq = 3", &["adapter:other".into()]).unwrap();
-        let report = a.verify_audit().unwrap();
+        let report = a.verify_audit(&trust(&a)).unwrap();
         assert!(report.problem.as_deref().unwrap_or_default().contains("record 3 was changed"), "{report:?}");
         db.exec("UPDATE audit_log SET target = $1 WHERE seq = 3", &["adapter:sql".into()]).unwrap();
-        assert!(a.verify_audit().unwrap().ok());
+        assert!(a.verify_audit(&trust(&a)).unwrap().ok());
         // ... or removes the last one: found too.
         let last = a.audit(&Caller::Operator, 0, 0, 100).unwrap().len() as i64;
+        let saved = db.rows("SELECT * FROM audit_log WHERE seq = $1", &[Val::Int(last)]).unwrap();
         db.exec("DELETE FROM audit_log WHERE seq = $1", &[Val::Int(last)]).unwrap();
-        let report = a.verify_audit().unwrap();
+        let report = a.verify_audit(&trust(&a)).unwrap();
         assert!(report.problem.as_deref().unwrap_or_default().contains("removed"), "{report:?}");
+        // ... and moves the head back too, or rewrites a record and every hash after it: the
+        // signed checkpoint beside the key still names the true last record.
+        let prev = &saved[0][8];
+        db.exec("UPDATE audit_head SET seq = $1, hash = $2 WHERE id = 1", &[Val::Int(last - 1), prev.clone()]).unwrap();
+        let report = a.verify_audit(&trust(&a)).unwrap();
+        assert!(report.problem.as_deref().unwrap_or_default().contains("signed checkpoint names record"), "{report:?}");
+        assert!(a.verify_audit(&AuditTrust::default()).unwrap().ok(), "without the checkpoint the cut is invisible");
+        db.exec("DELETE FROM audit_log", &[]).unwrap();
+        db.exec("UPDATE audit_head SET seq = 0, hash = $1 WHERE id = 1", &[GENESIS.into()]).unwrap();
+        let report = a.verify_audit(&trust(&a)).unwrap();
+        assert!(!report.ok(), "an emptied trail is caught: {report:?}");
+        // A checkpoint signed by another key is reported as forged.
+        let mut forged = trust(&a);
+        forged.key = Some(ed25519_dalek::SigningKey::from_bytes(&[1; 32]).verifying_key());
+        assert!(a.verify_audit(&forged).unwrap().problem.unwrap().contains("forged"));
     });
 }
 

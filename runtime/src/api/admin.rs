@@ -183,16 +183,18 @@ async fn upload_adapter(
     {
         return Err(ApiError::invalid(Some("owner".into()), "owners are 1-64 characters of A-Z a-z 0-9 - _ . @"));
     }
-    // An owner uploads as itself, within its quotas.
+    // An owner uploads as itself, within its quotas, one upload at a time.
+    let _one = state.owner_lock(&caller).await;
     let quotas = match uploader(&caller) {
         Some(me) => {
             if query.owner.as_deref().is_some_and(|o| o != me) {
                 return Err(ApiError::forbidden("an owner uploads adapters as itself"));
             }
             query.owner = Some(me.to_string());
-            let (accounts, who) = (state.accounts.clone(), me.to_string());
-            let quotas = blocking("quotas", move || Ok(accounts.quotas(&who)?)).await?;
-            let have = owned_by(&state, me, &name).len() as u64;
+            let (st, who, named) = (state.clone(), me.to_string(), name.clone());
+            let (quotas, have) =
+                blocking("quotas", move || Ok((st.accounts.quotas(&who)?, owned_by(&st, &who, &named).len() as u64)))
+                    .await?;
             if have >= quotas.max_adapters {
                 return Err(ApiError::from(crate::Error::from(AccountError::Quota {
                     message: format!("owner `{me}` may have {} adapters; delete one first", quotas.max_adapters),
@@ -231,8 +233,12 @@ async fn upload_adapter(
         }
     }
     if let (Some(q), Some(me)) = (quotas, uploader(&caller)) {
-        let used: u64 = owned_by(&state, me, &name).iter().map(|(_, dir)| folder_bytes(dir)).sum();
-        let staged = folder_bytes(&stage);
+        let (st, who, named, staging) = (state.clone(), me.to_string(), name.clone(), stage.clone());
+        let (used, staged) = blocking("quota", move || {
+            let used: u64 = owned_by(&st, &who, &named).iter().map(|(_, dir)| folder_bytes(dir)).sum();
+            Ok((used, folder_bytes(&staging)))
+        })
+        .await?;
         if used.saturating_add(staged) > q.max_adapter_bytes {
             let _ = std::fs::remove_dir_all(&stage);
             return Err(ApiError::from(crate::Error::from(AccountError::Quota {

@@ -12,6 +12,7 @@ use axum::{Extension, Json};
 use serde::Deserialize;
 use serde_json::{Value, json};
 
+use super::caller::owns;
 use super::{ApiError, ApiPath, ApiQuery, Shared, blocking, is_multipart, multipart_error, upload_error};
 use crate::accounts::Caller;
 use crate::error::{Error, PolicyError};
@@ -40,9 +41,7 @@ fn bad_upload(m: String) -> ApiError {
 /// has checked any slot in the path; lists are filtered here).
 fn visible(state: &Shared, caller: &Caller, slot: &Slot) -> bool {
     match (caller, slot) {
-        (Caller::Owner { name, .. }, Slot::Adapter(adapter)) => {
-            state.engine.pager().manifest(adapter).is_some_and(|m| m.owner.as_deref() == Some(name.as_str()))
-        }
+        (Caller::Owner { name, .. }, Slot::Adapter(adapter)) => owns(state, name, adapter) == Some(true),
         (Caller::Owner { .. }, _) => false,
         _ => true,
     }
@@ -116,11 +115,23 @@ async fn upload(
     req: Request,
 ) -> Result<(StatusCode, Json<Value>), ApiError> {
     let slot = slot(&name)?;
+    // An owner's installs run one at a time, so its hourly quota counts each of them.
+    let _one = state.owner_lock(&caller).await;
     let (accounts, by) = (state.accounts.clone(), caller.clone());
     blocking("install quota", move || Ok(accounts.check_install_quota(&by)?)).await?;
     let (bytes, config) = component(&state, &headers, query, req).await?;
-    let (st, slot2, source) = (state.clone(), slot.clone(), caller.actor());
-    let info = blocking("upload", move || Ok(st.policy.install(&slot2, &bytes, &config, &source)?)).await?;
+    let (st, slot2, by) = (state.clone(), slot.clone(), caller.clone());
+    let info = blocking("upload", move || {
+        // The adapter must still be the owner's when the version goes in.
+        let still_owned = || match (&by, &slot2) {
+            (Caller::Owner { name, .. }, Slot::Adapter(a)) if owns(&st, name, a) != Some(true) => {
+                Err(crate::Error::from(crate::error::AccountError::NotFound(format!("no adapter `{a}` of yours"))))
+            }
+            _ => Ok(()),
+        };
+        Ok(st.policy.install_guarded(&slot2, &bytes, &config, &by.actor(), &still_owned)?)
+    })
+    .await?;
     let detail = format!("version={}", info.version);
     state.audit(&caller, "plugin.install", &slot.to_string(), Some(&info.sha256), detail).await?;
     Ok((StatusCode::CREATED, Json(json!({"slot": slot, "active": info}))))
@@ -149,6 +160,7 @@ async fn dry_run(
         return Err(ApiError::invalid(Some("slot".into()), "dry-runs are for adapters' `adapter:<name>` slots"));
     };
     let limit = query.limit.unwrap_or(100).clamp(1, 1000);
+    let _permit = state.report_permit()?;
     let (bytes, config) = component(&state, &headers, UploadQuery { config: query.config }, req).await?;
     let st = state.clone();
     let report = blocking("dry-run", move || {

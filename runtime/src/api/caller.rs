@@ -76,12 +76,15 @@ pub async fn admin_gate(State(state): State<Shared>, mut req: Request, next: Nex
         Caller::Owner { name, .. } => {
             let route = req.extensions().get::<MatchedPath>().map(|m| m.as_str().to_string()).unwrap_or_default();
             let (mut parts, body) = req.into_parts();
-            let params: Vec<(String, String)> = match RawPathParams::from_request_parts(&mut parts, &state).await {
-                Ok(p) => p.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect(),
-                Err(_) => Vec::new(),
-            };
+            let params = RawPathParams::from_request_parts(&mut parts, &state)
+                .await
+                .map(|p| p.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect::<Vec<_>>());
             req = Request::from_parts(parts, body);
-            owner_may(&state, name, req.method(), &route, &params)
+            match params {
+                Ok(params) => owner_may(&state, name, req.method(), &route, &params),
+                // A path it cannot read is refused, never let through.
+                Err(_) => Err(ApiError::invalid(None, "the path could not be read")),
+            }
         }
         // Any other token on a server without keys: not the admin token.
         Caller::Tenant { key_id: None, name } if name == ANONYMOUS && state.config.api_keys.is_empty() => {
@@ -116,14 +119,7 @@ fn owner_may(
     params: &[(String, String)],
 ) -> Result<(), ApiError> {
     let param = |k: &str| params.iter().find(|(n, _)| n == k).map(|(_, v)| v.as_str());
-    let owned = |adapter: &str| {
-        let m = state.engine.pager().manifest(adapter);
-        match m.as_ref().map(|m| m.owner.as_deref()) {
-            Some(Some(o)) if o == owner => Ok(true),
-            Some(_) => Ok(false),
-            None => Err(()),
-        }
-    };
+    let owned = |adapter: &str| owns(state, owner, adapter).ok_or(());
     match route {
         "/admin/adapters" | "/admin/plugins" | "/admin/keys" | "/admin/keys/{id}" | "/admin/audit" => Ok(()),
         "/admin/adapters/{name}" => {
@@ -158,6 +154,11 @@ fn owner_may(
         }
         _ => Err(ApiError::forbidden("this route is the operator's")),
     }
+}
+
+/// Whether `owner` owns the adapter `name` (`None`: no such adapter).
+pub fn owns(state: &AppState, owner: &str, name: &str) -> Option<bool> {
+    state.engine.pager().manifest(name).map(|m| m.owner.as_deref() == Some(owner))
 }
 
 /// 409: an adapter name held by another owner (or the operator).

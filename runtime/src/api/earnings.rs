@@ -41,16 +41,16 @@ type Params = BTreeMap<String, String>;
 
 async fn rows(
     state: &Shared,
-    headers: &HeaderMap,
+    caller: &Caller,
     p: &Params,
 ) -> Result<(String, Option<String>, Vec<earnings::EarningRow>), ApiError> {
-    let caller = identify(state, headers).await?;
-    let (owner, payee) = whose(&caller)?;
+    let (owner, payee) = whose(caller)?;
+    let _permit = state.report_permit()?;
     let time = |k: &str| p.get(k).map(|v| parse_time(v)).transpose().map_err(|m| ApiError::invalid(Some(k.into()), m));
     let (since, until) = (time("since")?, time("until")?);
     let (accounts, o, pay) = (state.accounts.clone(), owner.clone(), payee.clone());
     let rows =
-        blocking("earnings", move || Ok(accounts.with(|db| earnings::rows(db, &o, pay.as_deref(), since, until))?))
+        blocking("earnings", move || Ok(accounts.report(|db| earnings::rows(db, &o, pay.as_deref(), since, until))?))
             .await?;
     Ok((owner, payee, rows))
 }
@@ -59,13 +59,16 @@ async fn rows(
 async fn earnings_by(
     State(state): State<Shared>,
     headers: HeaderMap,
-    ApiQuery(p): ApiQuery<Params>,
+    q: Result<ApiQuery<Params>, ApiError>,
 ) -> Result<Json<Value>, ApiError> {
+    // Who asks first: a caller without a key learns nothing about its query.
+    let caller = identify(&state, &headers).await?;
+    let ApiQuery(p) = q?;
     let by: EarningsBy = p
         .get("by")
         .map_or(Ok(EarningsBy::Payee), |b| b.parse())
         .map_err(|m: String| ApiError::invalid(Some("by".into()), m))?;
-    let (owner, payee, rows) = rows(&state, &headers, &p).await?;
+    let (owner, payee, rows) = rows(&state, &caller, &p).await?;
     let by_name = p.get("by").cloned().unwrap_or_else(|| "payee".into());
     Ok(Json(
         json!({"object": "list", "owner": owner, "payee": payee, "by": by_name, "data": earnings::group(&rows, by)}),
@@ -76,13 +79,15 @@ async fn earnings_by(
 async fn export(
     State(state): State<Shared>,
     headers: HeaderMap,
-    ApiQuery(p): ApiQuery<Params>,
+    q: Result<ApiQuery<Params>, ApiError>,
 ) -> Result<Response, ApiError> {
+    let caller = identify(&state, &headers).await?;
+    let ApiQuery(p) = q?;
     let format = p.get("format").map_or("csv", String::as_str).to_string();
     if format != "csv" && format != "jsonl" {
         return Err(ApiError::invalid(Some("format".into()), "format is csv or jsonl"));
     }
-    let (_, _, rows) = rows(&state, &headers, &p).await?;
+    let (_, _, rows) = rows(&state, &caller, &p).await?;
     Ok(if format == "csv" {
         ([(header::CONTENT_TYPE, "text/csv; charset=utf-8")], earnings::csv(&earnings::payouts(&rows))).into_response()
     } else {

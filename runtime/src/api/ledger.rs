@@ -118,7 +118,8 @@ async fn admin_verify(State(state): State<Shared>, q: Params) -> Result<Json<Val
         let trust = st.config.ledger.trust(&data_dir);
         let mut store = st.ledger.location().open()?;
         let report = verify_with(store.as_mut(), replayer.as_mut().map(|r| r as _), &name, &trust)?;
-        Ok((report, st.accounts.verify_audit()?))
+        let audit_trust = st.config.ledger.audit_trust(&data_dir);
+        Ok((report, st.accounts.verify_audit(&audit_trust)?))
     })
     .await?;
     let (report, audit) = report;

@@ -62,7 +62,16 @@ pub struct AppState {
     pub accounts: Arc<crate::accounts::Accounts>,
     /// The replayer `explain` uses (made on first use; it keeps each plugin compiled).
     pub replayer: std::sync::Mutex<Option<crate::policy::Replayer>>,
+    /// Third parties' reports (earnings, `explain`, dry-runs) running at once, bounded: more
+    /// are 429s, so they never take every blocking thread.
+    pub reports: Arc<Semaphore>,
+    /// One lock per owner, held while it uploads or installs, so that its quotas are checked
+    /// and its acts counted one at a time.
+    pub owner_locks: dashmap::DashMap<String, Arc<tokio::sync::Mutex<()>>>,
 }
+
+/// Third parties' reports that may run at once.
+pub const MAX_REPORTS: usize = 4;
 
 impl AppState {
     /// Appends an act to the audit trail (off the async threads); an act that cannot be
@@ -78,6 +87,21 @@ impl AppState {
         let (accounts, by, target, sha) =
             (self.accounts.clone(), by.clone(), target.to_string(), sha256.map(str::to_string));
         blocking("audit", move || Ok(accounts.record(&by, action, &target, sha.as_deref(), &detail)?)).await
+    }
+
+    /// A report's permit (429 when [`MAX_REPORTS`] are running).
+    pub fn report_permit(&self) -> Result<OwnedSemaphorePermit, ApiError> {
+        self.reports
+            .clone()
+            .try_acquire_owned()
+            .map_err(|_| ApiError::overloaded("too many reports are running; retry shortly"))
+    }
+
+    /// Holds an owner's lock (none for other callers) while it uploads or installs.
+    pub async fn owner_lock(&self, caller: &crate::accounts::Caller) -> Option<tokio::sync::OwnedMutexGuard<()>> {
+        let crate::accounts::Caller::Owner { name, .. } = caller else { return None };
+        let lock = self.owner_locks.entry(name.clone()).or_default().clone();
+        Some(lock.lock_owned().await)
     }
 }
 

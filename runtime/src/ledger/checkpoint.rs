@@ -17,10 +17,14 @@ use ed25519_dalek::{Signature, Signer, SigningKey, Verifier, VerifyingKey};
 use serde::{Deserialize, Serialize};
 
 use super::entry::Head;
+use super::entry::hex;
 use crate::error::{Error, LedgerError, Result};
 
-/// What a checkpoint's signature covers, before the head's sequence number and hash.
+/// What a ledger checkpoint's signature covers, before the head's sequence number and hash.
 const DOMAIN: &str = "openlora-ledger-checkpoint-v1";
+
+/// The same for a checkpoint of the audit trail's head (so neither passes for the other).
+pub const AUDIT_DOMAIN: &str = "openlora-audit-checkpoint-v1";
 
 /// The head of the chain at one moment, signed.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -37,12 +41,8 @@ pub struct Checkpoint {
     pub signature: String,
 }
 
-fn message(seq: u64, hash: &str, signed_at_ms: u64) -> Vec<u8> {
-    format!("{DOMAIN}\n{seq}\n{hash}\n{signed_at_ms}").into_bytes()
-}
-
-fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
+fn message(domain: &str, seq: u64, hash: &str, signed_at_ms: u64) -> Vec<u8> {
+    format!("{domain}\n{seq}\n{hash}\n{signed_at_ms}").into_bytes()
 }
 
 fn unhex<const N: usize>(text: &str) -> Option<[u8; N]> {
@@ -58,9 +58,19 @@ fn unhex<const N: usize>(text: &str) -> Option<[u8; N]> {
 }
 
 impl Checkpoint {
-    /// Signs `head` with `key` at `signed_at_ms`.
+    /// Signs the ledger's `head` with `key` at `signed_at_ms`.
     pub fn sign(key: &SigningKey, head: &Head, signed_at_ms: u64) -> Self {
-        let signature = key.sign(&message(head.seq, &head.hash, signed_at_ms));
+        Self::sign_in(DOMAIN, key, head, signed_at_ms)
+    }
+
+    /// Whether `key` signed this ledger checkpoint as it stands.
+    pub fn verify(&self, key: &VerifyingKey) -> std::result::Result<(), String> {
+        self.verify_in(DOMAIN, key)
+    }
+
+    /// Signs the head of the chain `domain` names.
+    pub fn sign_in(domain: &str, key: &SigningKey, head: &Head, signed_at_ms: u64) -> Self {
+        let signature = key.sign(&message(domain, head.seq, &head.hash, signed_at_ms));
         Checkpoint {
             seq: head.seq,
             hash: head.hash.clone(),
@@ -70,10 +80,10 @@ impl Checkpoint {
         }
     }
 
-    /// Whether `key` signed this checkpoint as it stands.
-    pub fn verify(&self, key: &VerifyingKey) -> std::result::Result<(), String> {
+    /// Whether `key` signed this checkpoint of the chain `domain` names, as it stands.
+    pub fn verify_in(&self, domain: &str, key: &VerifyingKey) -> std::result::Result<(), String> {
         let sig = unhex::<64>(&self.signature).ok_or("its signature is not 64 bytes of hex")?;
-        key.verify(&message(self.seq, &self.hash, self.signed_at_ms), &Signature::from_bytes(&sig))
+        key.verify(&message(domain, self.seq, &self.hash, self.signed_at_ms), &Signature::from_bytes(&sig))
             .map_err(|_| "its signature is not the trusted key's".to_string())
     }
 }
@@ -128,11 +138,21 @@ pub fn read_or_create_key(path: &Path) -> Result<SigningKey> {
     Ok(key)
 }
 
+/// A file beside the key: its name with `suffix`.
+fn beside(key_path: &Path, suffix: &str) -> PathBuf {
+    let mut name = key_path.file_name().map(|n| n.to_os_string()).unwrap_or_default();
+    name.push(suffix);
+    key_path.with_file_name(name)
+}
+
 /// Where the latest checkpoint is kept beside the key (outside the database).
 pub fn latest_path(key_path: &Path) -> PathBuf {
-    let mut name = key_path.file_name().map(|n| n.to_os_string()).unwrap_or_default();
-    name.push(".checkpoint.json");
-    key_path.with_file_name(name)
+    beside(key_path, ".checkpoint.json")
+}
+
+/// Where the latest checkpoint of the audit trail is kept beside the key.
+pub fn audit_latest_path(key_path: &Path) -> PathBuf {
+    beside(key_path, ".audit-checkpoint.json")
 }
 
 /// Writes `c` as the latest checkpoint at `path` (atomically).

@@ -129,7 +129,7 @@ pub fn explain(
 
 fn sha256_text(text: &str) -> String {
     use sha2::{Digest, Sha256};
-    Sha256::digest(text.as_bytes()).iter().map(|b| format!("{b:02x}")).collect()
+    super::entry::hex(&Sha256::digest(text.as_bytes()))
 }
 
 fn money(amount: u64, currency: &str) -> String {

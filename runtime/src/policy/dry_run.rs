@@ -17,6 +17,9 @@ use crate::ledger::StoredEntry;
 /// otherwise spend a deadline on every entry).
 const MAX_FAILURES: usize = 10;
 
+/// The most a dry-run spends calling the candidate; later entries are not run.
+const TIME_BUDGET: std::time::Duration = std::time::Duration::from_secs(10);
+
 /// One entry, dry-run.
 #[derive(Debug, Clone, Serialize)]
 pub struct DryRunEntry {
@@ -41,11 +44,14 @@ pub struct DryRun {
     pub slot: Slot,
     /// Entries the candidate ran on.
     pub checked: usize,
-    /// Entries it failed on (or was not run on, after too many failures).
+    /// Entries it failed on.
     pub failed: usize,
+    /// Entries it was not run on: no owner's share recorded, or the dry-run's failure or time
+    /// budget spent.
+    pub skipped: usize,
     /// Entry by entry, oldest first.
     pub entries: Vec<DryRunEntry>,
-    /// Sums by payee of what was paid and what would have been.
+    /// Sums by payee of what was paid and what would have been, over the entries it ran on.
     pub totals: Totals,
 }
 
@@ -58,6 +64,15 @@ pub struct Totals {
     pub would_pay: BTreeMap<String, u128>,
 }
 
+/// Why an entry has no `would_pay`.
+enum NotRun {
+    /// The candidate failed on it.
+    Fail(String),
+    /// It was not run on it.
+    Skip(String),
+}
+use NotRun::{Fail, Skip};
+
 impl PolicyHost {
     /// Runs `bytes` (with `config`) as `slot`'s attributor on `entries` (those of its adapter).
     pub fn dry_run(&self, slot: &Slot, bytes: &[u8], config: &str, entries: &[StoredEntry]) -> Result<DryRun> {
@@ -69,8 +84,15 @@ impl PolicyHost {
             .into());
         }
         let plugin = self.registry.candidate(slot, bytes, config)?;
-        let mut report =
-            DryRun { slot: slot.clone(), checked: 0, failed: 0, entries: Vec::new(), totals: Totals::default() };
+        let mut report = DryRun {
+            slot: slot.clone(),
+            checked: 0,
+            failed: 0,
+            skipped: 0,
+            entries: Vec::new(),
+            totals: Totals::default(),
+        };
+        let started = std::time::Instant::now();
         for stored in entries {
             let mut row = DryRunEntry {
                 request_id: String::new(),
@@ -80,8 +102,8 @@ impl PolicyHost {
                 would_pay: None,
                 error: None,
             };
-            let outcome = (|| {
-                let body = stored.parse()?;
+            let ran = (|| {
+                let body = stored.parse().map_err(Skip)?;
                 row.request_id = body.request_id.clone();
                 // The share: recorded (format 3), or the owner's undivided split of an older entry.
                 let (amount, paid) = match (&body.owner_share, body.owner_splits()) {
@@ -95,7 +117,7 @@ impl PolicyHost {
                             .unwrap_or_default();
                         let undivided = !body.deciders.iter().any(|d| d.slot.starts_with("adapter:"));
                         let split = body.splits.iter().find(|s| undivided && s.payee == owner_account(owner));
-                        let split = split.ok_or("the entry records no owner's share")?;
+                        let split = split.ok_or_else(|| Skip("the entry records no owner's share".into()))?;
                         (split.amount, vec![split.clone()])
                     }
                 };
@@ -103,25 +125,32 @@ impl PolicyHost {
                 row.share = Some(share.clone());
                 row.paid = paid;
                 if report.failed >= MAX_FAILURES {
-                    return Err("not run: the candidate failed too often".to_string());
+                    return Err(Skip("not run: the candidate failed too often".into()));
                 }
-                let sub = plugin.attribute(&body.request, &body.usage, &share).map_err(|f| f.to_string())?.value;
-                validate_splits(&share, &sub)?;
+                if started.elapsed() > TIME_BUDGET {
+                    return Err(Skip("not run: the dry-run's time budget is spent".into()));
+                }
+                let sub = plugin.attribute(&body.request, &body.usage, &share).map_err(|f| Fail(f.to_string()))?.value;
+                validate_splits(&share, &sub).map_err(Fail)?;
                 Ok(sub)
             })();
-            for s in &row.paid {
-                *report.totals.paid.entry(s.payee.clone()).or_default() += u128::from(s.amount);
-            }
-            match outcome {
+            match ran {
                 Ok(sub) => {
                     report.checked += 1;
+                    for s in &row.paid {
+                        *report.totals.paid.entry(s.payee.clone()).or_default() += u128::from(s.amount);
+                    }
                     for s in &sub {
                         *report.totals.would_pay.entry(s.payee.clone()).or_default() += u128::from(s.amount);
                     }
                     row.would_pay = Some(sub);
                 }
-                Err(e) => {
+                Err(Fail(e)) => {
                     report.failed += 1;
+                    row.error = Some(e);
+                }
+                Err(Skip(e)) => {
+                    report.skipped += 1;
                     row.error = Some(e);
                 }
             }

@@ -370,13 +370,28 @@ impl PolicyHost {
     /// Installs a plugin (see [`Registry::install`]), counting the outcome; an adapter's slot
     /// only while the adapter is registered.
     pub fn install(&self, slot: &Slot, bytes: &[u8], config: &str, source: &str) -> Result<super::VersionInfo> {
-        if let (Slot::Adapter(adapter), Some(exists)) = (slot, self.adapters.get())
-            && !exists(adapter)
-        {
-            self.metrics.loads.with_label_values(&["refused"]).inc();
-            return Err(SubmitError::UnknownAdapter(adapter.clone()).into());
-        }
-        let result = self.registry.install(slot, bytes, config, source);
+        self.install_guarded(slot, bytes, config, source, &|| Ok(()))
+    }
+
+    /// Installs a plugin if `allowed` (asked under the registry's lock, just before anything
+    /// changes: e.g. that the adapter still belongs to the owner installing for it).
+    pub fn install_guarded(
+        &self,
+        slot: &Slot,
+        bytes: &[u8],
+        config: &str,
+        source: &str,
+        allowed: &dyn Fn() -> Result<()>,
+    ) -> Result<super::VersionInfo> {
+        let guard = || {
+            if let (Slot::Adapter(adapter), Some(exists)) = (slot, self.adapters.get())
+                && !exists(adapter)
+            {
+                return Err(SubmitError::UnknownAdapter(adapter.clone()).into());
+            }
+            allowed()
+        };
+        let result = self.registry.install(slot, bytes, config, source, &guard);
         let outcome = if result.is_ok() { "ok" } else { "refused" };
         self.metrics.loads.with_label_values(&[outcome]).inc();
         result

@@ -19,6 +19,9 @@ use crate::error::Result;
 use crate::ledger::Decider;
 use crate::ledger::verify::{BlobSource, Replay, Replayed};
 
+/// Compiled plugins a replayer keeps at most.
+const MAX_LOADED: usize = 64;
+
 /// Replays settlements, keeping each plugin compiled once per configuration.
 pub struct Replayer {
     runtime: Arc<WasmRuntime>,
@@ -46,6 +49,10 @@ impl Replayer {
             return Ok(p.clone());
         }
         let bytes = stored(blobs, sha, &d.slot, "plugin")?;
+        if self.loaded.len() >= MAX_LOADED {
+            // A long-lived replayer (the server's, for `explain`) keeps a bounded set.
+            self.loaded.clear();
+        }
         let p = self
             .runtime
             .load(&format!("sha256:{sha}"), &bytes, world, &config)
