@@ -6,6 +6,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 mod cli_accounts;
+mod cli_plugin;
 
 use anyhow::Context;
 use clap::{Args, Parser, Subcommand};
@@ -391,8 +392,11 @@ fn run_ledger(command: LedgerCommand) -> anyhow::Result<bool> {
 
 #[derive(Subcommand)]
 enum PluginCommand {
-    /// Validate a plugin as an upload would and dry-run it on sample requests.
+    /// Validate a plugin as an upload would and dry-run it on sample requests (or, with
+    /// --from-ledger, on an adapter's recorded traffic).
     Check(CheckArgs),
+    /// Create a plugin crate for one world: SDK dependency, typed config, native tests, README.
+    New(cli_plugin::NewArgs),
 }
 
 #[derive(Args)]
@@ -414,11 +418,30 @@ struct CheckArgs {
     /// Print the report as JSON.
     #[arg(long)]
     json: bool,
+    /// The server's TOML: its `[policy]` limits (default: the built-in ones), and with
+    /// `--from-ledger` its ledger.
+    #[arg(long)]
+    server_config: Option<PathBuf>,
+    /// Run the attributor on recorded traffic instead of samples: the latest entries of the
+    /// adapter `--slot adapter:NAME` names, each with its recorded request, usage and owner's
+    /// share, printing what it would have paid beside what was paid.
+    #[arg(long, requires = "slot", conflicts_with = "samples")]
+    from_ledger: bool,
+    /// The slot the plugin is meant for (with --from-ledger: `adapter:NAME`).
+    #[arg(long)]
+    slot: Option<String>,
+    /// The ledger to read with --from-ledger (default: the server config's).
+    #[arg(long)]
+    ledger: Option<String>,
+    /// How many of the adapter's latest entries --from-ledger reads (at most 1000).
+    #[arg(long, default_value_t = 100)]
+    limit: usize,
 }
 
 fn run_plugin_check(args: CheckArgs) -> anyhow::Result<bool> {
     use openlora::policy::check::{check, default_samples, read_samples};
     let bytes = std::fs::read(&args.file).with_context(|| format!("reading {}", args.file.display()))?;
+    let server = LedgerArgs { ledger: args.ledger.clone(), config: args.server_config.clone() };
     let world =
         args.world.as_deref().map(str::parse).transpose().map_err(|e: String| anyhow::anyhow!("--world: {e}"))?;
     let config = match (&args.config, &args.config_file) {
@@ -426,11 +449,15 @@ fn run_plugin_check(args: CheckArgs) -> anyhow::Result<bool> {
         (None, Some(path)) => std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?,
         (None, None) => String::new(),
     };
+    if args.from_ledger {
+        let slot = args.slot.as_deref().unwrap_or_default();
+        return cli_plugin::check_on_ledger(&server, &args.file, &bytes, &config, slot, args.limit, args.json);
+    }
     let samples = match &args.samples {
         Some(path) => read_samples(path)?,
         None => default_samples(),
     };
-    let limits = openlora::policy::PolicyConfig::default();
+    let limits = server.config()?.policy;
     let report = check(&args.file.display().to_string(), &bytes, world, &config, &samples, &limits)?;
     if args.json {
         println!("{}", serde_json::to_string_pretty(&report)?);
@@ -653,6 +680,7 @@ fn main() -> anyhow::Result<()> {
     match cli.command {
         Command::Generate(args) => run_generate(args),
         Command::Serve(args) => run_serve(args),
+        Command::Plugin(PluginCommand::New(args)) => cli_plugin::run_new(args),
         Command::Plugin(PluginCommand::Check(args)) => {
             if !run_plugin_check(args)? {
                 std::process::exit(1);

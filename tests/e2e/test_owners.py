@@ -2,6 +2,9 @@
 micro-unit, a dry-run predicts the install, quotas, the audit trail and secrets (the world is in
 owners_world.py; the rules in docs/THIRD-PARTIES.md)."""
 
+import subprocess
+
+from conftest import BINARY
 from owners_world import *  # noqa: F401,F403 (the shared world and its helpers)
 
 # ---------------------------------------------------------------------------------------------
@@ -288,6 +291,21 @@ def test_a_dry_run_predicts_what_the_install_pays(world):
             assert as_map(e["would_pay"]) == as_map(e["paid"]), e
         else:
             assert as_map(e["paid"]) == {"owner:alice": amount(e["share"])}, e
+
+    # `openlora plugin check --from-ledger` runs the same candidate on the same recorded traffic
+    # and finds what the server's dry-run found, entry by entry.
+    candidate = s.dir / "candidate.wasm"
+    candidate.write_bytes(world.wasm)
+    done = subprocess.run(
+        [str(BINARY), "plugin", "check", str(candidate), "--config", json.dumps(CONFIG), "--from-ledger",
+         "--slot", "adapter:a-dry", "--server-config", str(s.dir / "openlora.toml"), "--json"],
+        capture_output=True, text=True, timeout=120, env={**s.env, "OPENLORA_HOME": str(s.dir)},
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    cli = json.loads(done.stdout)
+    assert [(e["request_id"], e["would_pay"]) for e in cli["entries"]] == [
+        (e["request_id"], e["would_pay"]) for e in again["entries"]
+    ], (cli, again)
 
 
 # ---------------------------------------------------------------------------------------------

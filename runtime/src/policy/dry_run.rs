@@ -8,7 +8,10 @@ use openlora_sdk::money::validate_splits;
 use openlora_sdk::{Money, Split, owner_account};
 use serde::Serialize;
 
+use std::sync::Arc;
+
 use super::host::PolicyHost;
+use super::plugin::CompiledPlugin;
 use super::slot::Slot;
 use crate::error::{PolicyError, Result};
 use crate::ledger::StoredEntry;
@@ -84,78 +87,80 @@ impl PolicyHost {
             .into());
         }
         let plugin = self.registry.candidate(slot, bytes, config)?;
-        let mut report = DryRun {
-            slot: slot.clone(),
-            checked: 0,
-            failed: 0,
-            skipped: 0,
-            entries: Vec::new(),
-            totals: Totals::default(),
-        };
-        let started = std::time::Instant::now();
-        for stored in entries {
-            let mut row = DryRunEntry {
-                request_id: String::new(),
-                seq: stored.seq,
-                share: None,
-                paid: Vec::new(),
-                would_pay: None,
-                error: None,
-            };
-            let ran = (|| {
-                let body = stored.parse().map_err(Skip)?;
-                row.request_id = body.request_id.clone();
-                // The share: recorded (format 3), or the owner's undivided split of an older entry.
-                let (amount, paid) = match (&body.owner_share, body.owner_splits()) {
-                    (Some(o), Some(division)) => (o.amount, division.to_vec()),
-                    _ => {
-                        let owner = body
-                            .request
-                            .adapter_owner
-                            .as_deref()
-                            .or(body.request.adapter.as_deref())
-                            .unwrap_or_default();
-                        let undivided = !body.deciders.iter().any(|d| d.slot.starts_with("adapter:"));
-                        let split = body.splits.iter().find(|s| undivided && s.payee == owner_account(owner));
-                        let split = split.ok_or_else(|| Skip("the entry records no owner's share".into()))?;
-                        (split.amount, vec![split.clone()])
-                    }
-                };
-                let share = Money::new(amount, body.charge.currency.clone());
-                row.share = Some(share.clone());
-                row.paid = paid;
-                if report.failed >= MAX_FAILURES {
-                    return Err(Skip("not run: the candidate failed too often".into()));
-                }
-                if started.elapsed() > TIME_BUDGET {
-                    return Err(Skip("not run: the dry-run's time budget is spent".into()));
-                }
-                let sub = plugin.attribute(&body.request, &body.usage, &share).map_err(|f| Fail(f.to_string()))?.value;
-                validate_splits(&share, &sub).map_err(Fail)?;
-                Ok(sub)
-            })();
-            match ran {
-                Ok(sub) => {
-                    report.checked += 1;
-                    for s in &row.paid {
-                        *report.totals.paid.entry(s.payee.clone()).or_default() += u128::from(s.amount);
-                    }
-                    for s in &sub {
-                        *report.totals.would_pay.entry(s.payee.clone()).or_default() += u128::from(s.amount);
-                    }
-                    row.would_pay = Some(sub);
-                }
-                Err(Fail(e)) => {
-                    report.failed += 1;
-                    row.error = Some(e);
-                }
-                Err(Skip(e)) => {
-                    report.skipped += 1;
-                    row.error = Some(e);
-                }
-            }
-            report.entries.push(row);
-        }
-        Ok(report)
+        Ok(run(&plugin, slot, entries))
     }
+}
+
+/// Runs a compiled attributor as `slot`'s on `entries`, each with its recorded request, usage
+/// and owner's share (the server's dry-run, and `openlora plugin check --from-ledger`).
+pub fn run(plugin: &Arc<CompiledPlugin>, slot: &Slot, entries: &[StoredEntry]) -> DryRun {
+    let mut report = DryRun {
+        slot: slot.clone(),
+        checked: 0,
+        failed: 0,
+        skipped: 0,
+        entries: Vec::new(),
+        totals: Totals::default(),
+    };
+    let started = std::time::Instant::now();
+    for stored in entries {
+        let mut row = DryRunEntry {
+            request_id: String::new(),
+            seq: stored.seq,
+            share: None,
+            paid: Vec::new(),
+            would_pay: None,
+            error: None,
+        };
+        let ran = (|| {
+            let body = stored.parse().map_err(Skip)?;
+            row.request_id = body.request_id.clone();
+            // The share: recorded (format 3), or the owner's undivided split of an older entry.
+            let (amount, paid) = match (&body.owner_share, body.owner_splits()) {
+                (Some(o), Some(division)) => (o.amount, division.to_vec()),
+                _ => {
+                    let owner =
+                        body.request.adapter_owner.as_deref().or(body.request.adapter.as_deref()).unwrap_or_default();
+                    let undivided = !body.deciders.iter().any(|d| d.slot.starts_with("adapter:"));
+                    let split = body.splits.iter().find(|s| undivided && s.payee == owner_account(owner));
+                    let split = split.ok_or_else(|| Skip("the entry records no owner's share".into()))?;
+                    (split.amount, vec![split.clone()])
+                }
+            };
+            let share = Money::new(amount, body.charge.currency.clone());
+            row.share = Some(share.clone());
+            row.paid = paid;
+            if report.failed >= MAX_FAILURES {
+                return Err(Skip("not run: the candidate failed too often".into()));
+            }
+            if started.elapsed() > TIME_BUDGET {
+                return Err(Skip("not run: the dry-run's time budget is spent".into()));
+            }
+            let sub = plugin.attribute(&body.request, &body.usage, &share).map_err(|f| Fail(f.to_string()))?.value;
+            validate_splits(&share, &sub).map_err(Fail)?;
+            Ok(sub)
+        })();
+        match ran {
+            Ok(sub) => {
+                report.checked += 1;
+                for s in &row.paid {
+                    *report.totals.paid.entry(s.payee.clone()).or_default() += u128::from(s.amount);
+                }
+                for s in &sub {
+                    *report.totals.would_pay.entry(s.payee.clone()).or_default() += u128::from(s.amount);
+                }
+                row.would_pay = Some(sub);
+            }
+            Err(Fail(e)) => {
+                report.failed += 1;
+                row.error = Some(e);
+            }
+            Err(Skip(e)) => {
+                report.skipped += 1;
+                row.error = Some(e);
+            }
+        }
+        report.entries.push(row);
+    }
+    report
 }

@@ -13,6 +13,7 @@ mod registry;
 pub mod replay;
 mod sandbox;
 pub mod slot;
+pub mod template;
 mod warm;
 pub mod wasm;
 
