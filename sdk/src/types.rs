@@ -49,6 +49,14 @@ pub struct RequestInfo {
 }
 
 impl RequestInfo {
+    /// The ledger account of the request's adapter owner as the host names it — the account an
+    /// operator's attributor pays the owner's share to, and whose share an `adapter:<name>`
+    /// slot's attributor divides: `owner:<owner>`, the adapter's name standing in for an adapter
+    /// without a recorded owner. `None` for a request on the base model.
+    pub fn owner_account(&self) -> Option<String> {
+        self.adapter_owner.as_deref().or(self.adapter.as_deref()).map(owner_account)
+    }
+
     /// The first metadata value under `key`.
     pub fn metadata(&self, key: &str) -> Option<&str> {
         self.metadata.iter().find(|(k, _)| k == key).map(|(_, v)| v.as_str())

@@ -78,3 +78,12 @@ def test_the_owner_walkthrough_runs_from_a_key_to_explain(tmp_path: Path):
             if payee.startswith("contributor:") or payee == "owner:alice":
                 paid[payee] = paid.get(payee, 0) + amount
     assert {k: v for k, v in paid.items() if v} == predicted, (paid, predicted)
+
+
+THRESHOLD = ROOT / "examples" / "threshold-attributor"
+
+
+def test_the_threshold_walkthrough_predicts_from_the_ledger_what_the_plugin_pays(tmp_path: Path):
+    out = run_walkthrough(THRESHOLD / "README.md", tmp_path, min_blocks=5).stdout
+    assert "the prediction held for all 6 requests" in out, out[-3000:]
+    assert "6 entries of adapter:poems: 6 run, 0 failed, 0 skipped" in out, out[-3000:]

@@ -2,7 +2,7 @@
 //! was trained on a share of everything the adapter earns, and keeps the rest.
 
 use openlora_sdk::money::{PPM, split_by_weights};
-use openlora_sdk::{Attributor, Level, Money, RequestInfo, Split, Usage, log, owner_account};
+use openlora_sdk::{Attributor, Level, Money, RequestInfo, Split, Usage, log};
 use serde::Deserialize;
 
 /// What the owner configures when uploading the plugin.
@@ -32,13 +32,14 @@ impl Attributor for Royalty {
     }
 
     fn attribute(config: &Config, request: &RequestInfo, _usage: &Usage, charge: &Money) -> Result<Vec<Split>, String> {
-        let owner = request.adapter_owner.as_deref().unwrap_or("unknown");
+        // `owner:<owner>`, exactly as the host names the account it pays the owner's share to.
+        let owner = request.owner_account().ok_or("a request on the base model: no adapter owner to pay")?;
         // Largest-remainder split: the two parts always add up to the charge exactly.
         let parts = split_by_weights(charge.amount, &[config.royalty_ppm, PPM - config.royalty_ppm])?;
         log(Level::Debug, &format!("royalty {} of {}", parts[0], charge.amount));
         Ok(vec![
             Split::new(format!("dataset:{}", config.dataset), parts[0], "dataset royalty"),
-            Split::new(owner_account(owner), parts[1], "adapter owner"),
+            Split::new(owner, parts[1], "adapter owner"),
         ])
     }
 }

@@ -41,10 +41,10 @@ impl Attributor for ContributorAttributor {
     }
 
     fn attribute(config: &Config, request: &RequestInfo, _usage: &Usage, charge: &Money) -> Result<Vec<Split>, String> {
-        let owner = request.adapter_owner.as_deref().or(request.adapter.as_deref()).unwrap_or("unknown");
+        let owner = request.owner_account().unwrap_or_else(|| owner_account("unknown"));
         let kept = u128::from(config.owner_keeps_ppm) * u128::from(charge.amount) / u128::from(PPM);
         let kept = kept as u64; // at most charge.amount
-        let mut splits = vec![Split::new(owner_account(owner), kept, "adapter owner")];
+        let mut splits = vec![Split::new(owner, kept, "adapter owner")];
         let names: Vec<&String> = config.contributors.keys().collect();
         let weights: Vec<u64> = config.contributors.values().copied().collect();
         let parts = split_by_weights(charge.amount - kept, &weights)?;

@@ -98,8 +98,9 @@ async fn component(
         let body = Bytes::from_request(req, state).await.map_err(|r| upload_error(r.status(), r.body_text()))?;
         (body.to_vec(), query.config)
     };
-    let config = config.unwrap_or_default();
-    if !config.trim().is_empty() && serde_json::from_str::<Value>(&config).is_err() {
+    // Surrounding whitespace (a file's trailing newline) does not make another version.
+    let config = config.unwrap_or_default().trim().to_string();
+    if !config.is_empty() && serde_json::from_str::<Value>(&config).is_err() {
         return Err(ApiError::invalid(Some("config".into()), "the plugin config must be JSON"));
     }
     Ok((bytes, config))

@@ -14,8 +14,8 @@ use crate::ledger::{Appended, Artifact, EntryBody, Ledger, NewEntry, Outcome, St
 use crate::policy::PolicyHost;
 use crate::policy::wasm::config_sha256;
 
-/// The `billing` object of a response: the entry's charge, splits, deciders and place in the
-/// ledger. A decider's configuration is the operator's or the owner's business (the built-in
+/// The `billing` object of a response: the usage the policies saw, the entry's charge, splits,
+/// deciders and place in the ledger. A decider's configuration is the operator's or the owner's business (the built-in
 /// router's lists every tenant's allow-list): the tenant sees only its sha256.
 pub fn billing_json(body: &EntryBody, stored: &StoredEntry) -> Value {
     let deciders: Vec<Value> = body
@@ -30,6 +30,7 @@ pub fn billing_json(body: &EntryBody, stored: &StoredEntry) -> Value {
         .collect();
     json!({
         "request_id": body.request_id,
+        "usage": body.usage,
         "charge": body.charge,
         "splits": body.splits,
         "decided_by": deciders,
