@@ -66,6 +66,12 @@ pub trait Attributor {
         Ok(())
     }
     /// The splits of `charge` (see [`money::split_by_weights`] for exact proportional splits).
+    ///
+    /// In the operator's `attributor` slot `charge` is the request's charge. In an adapter's
+    /// `adapter:<name>` slot it is the adapter owner's share — the split the operator's
+    /// attributor paid to [`RequestInfo::owner_account`]; the plugin is called only when there
+    /// is one — and on failure the share stays one split to the owner, whatever the slot's
+    /// `on_failure`. The README's "Slots" and "Usage" sections state the whole contract.
     fn attribute(
         config: &Self::Config,
         request: &RequestInfo,

@@ -96,7 +96,9 @@ pub struct Usage {
 /// One payee's part of a charge.
 #[derive(Clone, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub struct Split {
-    /// Who is paid (an account name the ledger knows, e.g. "base:meta", "adapter:acme").
+    /// Who is paid (an account name the ledger knows, e.g. "base:meta", "owner:alice",
+    /// "contributor:bob"; an adapter owner's account is "owner:<owner>", see
+    /// [`RequestInfo::owner_account`]).
     pub payee: String,
     /// Micro-units, in the charge's currency.
     pub amount: u64,
