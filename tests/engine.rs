@@ -128,6 +128,23 @@ fn run_concurrently(engine: &EngineHandle, reqs: &[GenerationRequest]) -> Vec<Ou
     handles.into_iter().map(|h| h.join().expect("reader")).collect()
 }
 
+/// The usage fields as the SDK's README defines them ("Usage: every field"), for a request
+/// that runs alone.
+#[test]
+fn a_request_alone_reports_usage_as_the_sdk_defines_it() {
+    let model = model();
+    let engine = start(&model, EngineConfig::default());
+    let req = random_request(&mut Rng(0xA10E), &model, 0);
+    let out = &run_concurrently(&engine, std::slice::from_ref(&req))[0];
+    let u = &out.usage;
+    assert_eq!(u.prompt_tokens as usize, req.prompt_ids.len());
+    assert_eq!(u.completion_tokens as usize, out.tokens.len());
+    assert!(u.steps >= u.completion_tokens && u.completion_tokens > 0, "a step per generated token: {u:?}");
+    assert_eq!(u.batch_share_ppm, u64::from(u.steps) * 1_000_000, "alone, it had every step to itself: {u:?}");
+    assert!(u.adapter_contribution_ppm <= 1_000_000);
+    assert_eq!(u.adapter_contribution_ppm > 0, req.adapter.is_some(), "0 without an adapter: {u:?}");
+}
+
 #[test]
 fn batching_is_invisible_in_greedy_output() {
     let model = model();

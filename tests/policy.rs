@@ -129,6 +129,35 @@ fn an_adapter_owner_attributor_splits_the_owner_share_among_contributors() {
     assert_eq!(host.settle(&other, &usage()).unwrap().splits.len(), 3);
 }
 
+/// The slot rules the SDK's README states ("Slots"): an adapter slot's attributor is given the
+/// owner's share, is called only when the operator's attributor paid the owner's account, and on
+/// failure leaves the share undivided.
+#[test]
+fn the_slot_rules_the_sdk_states_hold() {
+    let slot = Slot::Adapter("startrek".into());
+    let plain = host(PolicyConfig::default()).settle(&request("r"), &usage()).unwrap();
+    let share = plain.splits.iter().find(|s| s.payee == "owner:trekkie").expect("the owner is paid").amount;
+    let divided = host(PolicyConfig::default());
+    let cfg = r#"{"owner_keeps_ppm": 0, "contributors": {"ann": 1}}"#;
+    divided.install(&slot, &wasm("openlora-plugin-contributor-attributor"), cfg, "test").unwrap();
+    let s = divided.settle(&request("r"), &usage()).unwrap();
+    let ann = s.splits.iter().find(|x| x.payee == "contributor:ann").expect("divided").amount;
+    assert_eq!(ann, share, "given the owner's share, not the charge {}", s.charge.amount);
+    assert_eq!(s.owner_share.as_ref().map(|o| (o.amount, o.count)), Some((share, 2)));
+    // A failing owner's attributor: the share stays one split to the owner.
+    let failing = host(PolicyConfig::default());
+    failing.install(&slot, &wasm("openlora-test-hostile"), r#"{"mode": "ok"}"#, "test").unwrap();
+    let f = failing.settle(&with_mode("boom", "panic"), &usage()).unwrap();
+    assert_eq!(f.splits, plain.splits);
+    let by = f.deciders.last().unwrap();
+    assert!(by.plugin.starts_with("builtin:owner-keeps-share@") && by.failure.is_some(), "{by:?}");
+    // An operator's attributor that pays the owner nothing: the owner's is not called.
+    divided.install(&Slot::Attributor, &wasm("openlora-test-hostile"), r#"{"mode": "ok"}"#, "test").unwrap();
+    let unpaid = divided.settle(&request("fine"), &usage()).unwrap();
+    assert!(unpaid.deciders.iter().all(|d| d.slot != "adapter:startrek"), "{:?}", unpaid.deciders);
+    assert!(unpaid.owner_share.is_none());
+}
+
 fn refused(host: &PolicyHost, slot: &Slot, bytes: &[u8], config: &str) -> String {
     match host.install(slot, bytes, config, "test") {
         Err(Error::Policy(PolicyError::PluginInvalid { message, .. })) => message,

@@ -37,3 +37,13 @@ fn policy_package_has_three_worlds_importing_only_host() {
         assert_eq!(names(&resolve, &exports), vec![export.to_string()], "{world}");
     }
 }
+
+/// The SDK carries its own copy of the package, so that a copy of `sdk/` builds anywhere; it
+/// must be the server's, byte for byte.
+#[test]
+fn the_sdks_wit_is_the_servers() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    let server = std::fs::read(root.join("wit/policy.wit")).expect("wit/policy.wit");
+    let sdk = std::fs::read(root.join("sdk/wit/policy.wit")).expect("sdk/wit/policy.wit");
+    assert!(server == sdk, "sdk/wit/policy.wit differs from wit/policy.wit: copy wit/policy.wit over it");
+}

@@ -7,6 +7,7 @@ use std::path::{Path, PathBuf};
 use anyhow::Context;
 use clap::Args;
 use openlora::ledger::explain::latest_of_adapter;
+use openlora::policy::check::Sample;
 use openlora::policy::dry_run::{DryRun, run};
 use openlora::policy::{Slot, WasmRuntime, World};
 
@@ -39,6 +40,24 @@ pub fn check_on_ledger(
         print!("{}", text(&report));
     }
     Ok(report.failed == 0)
+}
+
+/// Samples as `slot` sees them: in an `adapter:NAME` slot, only requests on an adapter, made on
+/// NAME (the operator's slots see every sample).
+pub fn as_slot_sees(samples: Vec<Sample>, slot: &str) -> anyhow::Result<Vec<Sample>> {
+    let slot: Slot = slot.parse().map_err(|e: String| anyhow::anyhow!("--slot: {e}"))?;
+    let Slot::Adapter(name) = slot else { return Ok(samples) };
+    let on_adapters: Vec<Sample> = samples
+        .into_iter()
+        .filter(|s| s.request.adapter.is_some())
+        .map(|mut s| {
+            s.request.adapter = Some(name.clone());
+            s.request.requested_model = name.clone();
+            s
+        })
+        .collect();
+    anyhow::ensure!(!on_adapters.is_empty(), "--slot adapter:{name}: no sample is a request on an adapter");
+    Ok(on_adapters)
 }
 
 /// A dry-run as text: entry by entry, then the totals.
@@ -92,7 +111,9 @@ pub fn run_new(args: NewArgs) -> anyhow::Result<()> {
     let world: World = args.world.parse().map_err(|e: String| anyhow::anyhow!("--world: {e}"))?;
     let sdk = args.sdk.unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../sdk"));
     let sdk = sdk.canonicalize().with_context(|| format!("the SDK folder {} (give --sdk)", sdk.display()))?;
-    let lockfile = sdk.parent().map(|root| root.join("Cargo.lock"));
+    // The lock file of the SDK's checkout, else of the checkout this binary was built from.
+    let built_from = Path::new(env!("CARGO_MANIFEST_DIR")).join("../Cargo.lock");
+    let lockfile = sdk.parent().map(|root| root.join("Cargo.lock")).filter(|l| l.is_file()).or(Some(built_from));
     let dir = args.dir.unwrap_or_else(|| PathBuf::from(&args.name));
     let plugin = NewPlugin { dir: &dir, name: &args.name, world, sdk: &sdk, lockfile: lockfile.as_deref() };
     let files = generate(&plugin)?;

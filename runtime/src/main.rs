@@ -427,7 +427,9 @@ struct CheckArgs {
     /// share, printing what it would have paid beside what was paid.
     #[arg(long, requires = "slot", conflicts_with = "samples")]
     from_ledger: bool,
-    /// The slot the plugin is meant for (with --from-ledger: `adapter:NAME`).
+    /// The slot the plugin is meant for: samples are given as it sees them (`adapter:NAME`: only
+    /// requests on that adapter, whose charge stands for the owner's share); with --from-ledger,
+    /// the adapter whose traffic to read.
     #[arg(long)]
     slot: Option<String>,
     /// The ledger to read with --from-ledger (default: the server config's).
@@ -453,10 +455,13 @@ fn run_plugin_check(args: CheckArgs) -> anyhow::Result<bool> {
         let slot = args.slot.as_deref().unwrap_or_default();
         return cli_plugin::check_on_ledger(&server, &args.file, &bytes, &config, slot, args.limit, args.json);
     }
-    let samples = match &args.samples {
+    let mut samples = match &args.samples {
         Some(path) => read_samples(path)?,
         None => default_samples(),
     };
+    if let Some(slot) = &args.slot {
+        samples = cli_plugin::as_slot_sees(samples, slot)?;
+    }
     let limits = server.config()?.policy;
     let report = check(&args.file.display().to_string(), &bytes, world, &config, &samples, &limits)?;
     if args.json {
@@ -473,6 +478,22 @@ fn run_plugin_check(args: CheckArgs) -> anyhow::Result<bool> {
     println!("imports: {}", report.imports.join(", "));
     println!("validated, compiled and configured in {:.1} ms", report.load_ms);
     for s in &report.samples {
+        let i = &s["inputs"];
+        let (r, u) = (&i["request"], &i["usage"]);
+        println!(
+            "sample {}: tenant {} adapter {} owner {}; {} prompt + {} completion tokens, contribution {} ppm{}",
+            s["sample"],
+            r["tenant"],
+            r["adapter"],
+            r["adapter_owner"],
+            u["prompt_tokens"],
+            u["completion_tokens"],
+            u["adapter_contribution_ppm"],
+            if i["charge"].is_null() { String::new() } else { format!("; charge {}", i["charge"]) }
+        );
+        for line in s["logs"].as_array().into_iter().flatten() {
+            println!("  log {} {}", line[0], line[1]);
+        }
         match s.get("failure") {
             Some(f) => println!("sample {}: FAILED: {}", s["sample"], f.as_str().unwrap_or_default()),
             None => println!(

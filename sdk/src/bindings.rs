@@ -84,7 +84,7 @@ macro_rules! conversions {
 pub mod router {
     wit_bindgen::generate!({
         world: "router",
-        path: "../wit",
+        path: "wit",
         pub_export_macro: true,
         default_bindings_module: "openlora_sdk::bindings::router",
     });
@@ -96,7 +96,7 @@ pub mod router {
 pub mod pricer {
     wit_bindgen::generate!({
         world: "pricer",
-        path: "../wit",
+        path: "wit",
         pub_export_macro: true,
         default_bindings_module: "openlora_sdk::bindings::pricer",
     });
@@ -108,7 +108,7 @@ pub mod pricer {
 pub mod attributor {
     wit_bindgen::generate!({
         world: "attributor",
-        path: "../wit",
+        path: "wit",
         pub_export_macro: true,
         default_bindings_module: "openlora_sdk::bindings::attributor",
     });

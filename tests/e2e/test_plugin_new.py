@@ -2,6 +2,7 @@
 passes its own tests, builds for wasm32-wasip2 and passes `openlora plugin check`, as generated."""
 
 import os
+import shutil
 import subprocess
 from pathlib import Path
 
@@ -16,12 +17,17 @@ CONFIGS = {
 }
 
 
-@pytest.mark.parametrize("world", ["router", "pricer", "attributor"])
-def test_a_new_plugin_builds_tests_and_checks_as_generated(world: str, tmp_path: Path):
-    # One target folder for the three, so the SDK and its dependencies build once.
+@pytest.mark.parametrize("world,sdk_copy", [("router", False), ("pricer", False), ("attributor", True)])
+def test_a_new_plugin_builds_tests_and_checks_as_generated(world: str, sdk_copy: bool, tmp_path: Path):
+    # One target folder for the three, so the SDK's dependencies build once.
     env = {**os.environ, "CARGO_TARGET_DIR": str(ROOT / "target" / "plugin-new")}
     name = f"my-{world}"
-    made = subprocess.run([str(BINARY), "plugin", "new", "--world", world, name], cwd=tmp_path,
+    sdk = []
+    if sdk_copy:
+        # A copy of the SDK folder, outside any checkout, builds too.
+        shutil.copytree(ROOT / "sdk", tmp_path / "vendored-sdk")
+        sdk = ["--sdk", str(tmp_path / "vendored-sdk")]
+    made = subprocess.run([str(BINARY), "plugin", "new", "--world", world, name, *sdk], cwd=tmp_path,
                           capture_output=True, text=True, timeout=60)
     assert made.returncode == 0, made.stderr
     crate = tmp_path / name

@@ -63,26 +63,30 @@ pub struct CheckReport {
     pub ok: bool,
 }
 
-fn decide(plugin: &std::sync::Arc<CompiledPlugin>, s: &Sample) -> std::result::Result<(Value, CallStats), CallFailure> {
+/// One call's decision, its cost, and the lines the plugin logged.
+type Decided = (Value, CallStats, Vec<Value>);
+
+fn decide(plugin: &std::sync::Arc<CompiledPlugin>, s: &Sample) -> std::result::Result<Decided, CallFailure> {
     let invalid = |m: String| CallFailure::new(super::plugin::FailureKind::Invalid, m);
+    let logs = |l: &[(openlora_sdk::Level, String)]| l.iter().map(|(level, line)| json!([level, line])).collect();
     match plugin.world {
         World::Router => {
             let c = plugin.route(&s.request)?;
             if let RouteDecision::Reject(r) = &c.value {
                 check_rejection(r).map_err(invalid)?;
             }
-            Ok((json!(c.value), c.stats))
+            Ok((json!(c.value), c.stats, logs(&c.logs)))
         }
         World::Pricer => {
             let c = plugin.price(&s.request, &s.usage)?;
             validate_currency(&c.value.currency).map_err(invalid)?;
-            Ok((json!(c.value), c.stats))
+            Ok((json!(c.value), c.stats, logs(&c.logs)))
         }
         World::Attributor => {
             let charge = s.charge.clone().unwrap_or_else(|| Money::new(1_000_000, "USD"));
             let c = plugin.attribute(&s.request, &s.usage, &charge)?;
             validate_splits(&charge, &c.value).map_err(invalid)?;
-            Ok((json!({"charge": charge, "splits": c.value}), c.stats))
+            Ok((json!({"charge": charge, "splits": c.value}), c.stats, logs(&c.logs)))
         }
     }
 }
@@ -110,15 +114,18 @@ pub fn check(
     for (i, s) in samples.iter().enumerate() {
         let first = decide(&plugin, s);
         let again = decide(&plugin, s);
+        // What the plugin was given, beside what it decided and logged.
+        let inputs = json!({"request": s.request, "usage": s.usage, "charge": s.charge});
         let entry = match (first, again) {
-            (Ok((v, stats)), Ok((w, _))) => {
+            (Ok((v, stats, logs)), Ok((w, _, _))) => {
                 let replays = v == w;
                 ok &= replays;
-                json!({"sample": i, "decision": v, "fuel": stats.fuel, "micros": stats.micros, "replays_exactly": replays})
+                json!({"sample": i, "inputs": inputs, "decision": v, "logs": logs, "fuel": stats.fuel,
+                       "micros": stats.micros, "replays_exactly": replays})
             }
             (Err(e), _) | (_, Err(e)) => {
                 ok = false;
-                json!({"sample": i, "failure": e.to_string()})
+                json!({"sample": i, "inputs": inputs, "failure": e.to_string()})
             }
         };
         out.push(entry);
@@ -140,4 +147,18 @@ pub fn read_samples(path: &std::path::Path) -> Result<Vec<Sample>> {
     let mut de = serde_json::Deserializer::from_str(&text);
     serde_path_to_error::deserialize(&mut de)
         .map_err(|e| Error::config(path, e.path().to_string(), e.inner().to_string()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_documented_samples_file_parses_as_samples() {
+        let text = include_str!("../../../examples/plugin-samples.json");
+        let samples: Vec<Sample> = serde_json::from_str(text).expect("examples/plugin-samples.json");
+        assert_eq!(samples.len(), 2);
+        assert_eq!(samples[0].request.metadata("project"), Some("demo"));
+        assert_eq!(samples[1].usage.queue_ms, 0, "absent usage fields are 0");
+    }
 }
