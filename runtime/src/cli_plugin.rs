@@ -14,14 +14,14 @@ use openlora::policy::{Slot, WasmRuntime, World};
 use crate::LedgerArgs;
 
 /// Runs the attributor in `bytes` (with `config`) as `slot`'s on the adapter's latest `limit`
-/// entries of the ledger `server` names; false when it failed on any.
+/// entries written in `range` of the ledger `server` names; false when it failed on any.
 pub fn check_on_ledger(
     server: &LedgerArgs,
     file: &Path,
     bytes: &[u8],
     config: &str,
     slot: &str,
-    limit: usize,
+    (range, limit): ((Option<u64>, Option<u64>), usize),
     json: bool,
 ) -> anyhow::Result<bool> {
     let slot: Slot = slot.parse().map_err(|e: String| anyhow::anyhow!("--slot: {e}"))?;
@@ -32,7 +32,7 @@ pub fn check_on_ledger(
     let runtime = WasmRuntime::new(&server_config.policy, None)?;
     let plugin = runtime.load(&file.display().to_string(), bytes, World::Attributor, config)?;
     let mut db = location.connect().with_context(|| format!("opening the ledger {location}"))?;
-    let entries = latest_of_adapter(&mut db, adapter, limit.clamp(1, 1000))?;
+    let entries = latest_of_adapter(&mut db, adapter, range, limit.clamp(1, 1000))?;
     let report = run(&plugin, &slot, &entries);
     if json {
         println!("{}", serde_json::to_string_pretty(&report)?);

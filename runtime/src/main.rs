@@ -438,6 +438,12 @@ struct CheckArgs {
     /// How many of the adapter's latest entries --from-ledger reads (at most 1000).
     #[arg(long, default_value_t = 100)]
     limit: usize,
+    /// With --from-ledger: entries written at or after this time (Unix seconds or dates).
+    #[arg(long, requires = "from_ledger")]
+    since: Option<String>,
+    /// With --from-ledger: entries written before this time.
+    #[arg(long, requires = "from_ledger")]
+    until: Option<String>,
 }
 
 fn run_plugin_check(args: CheckArgs) -> anyhow::Result<bool> {
@@ -453,7 +459,14 @@ fn run_plugin_check(args: CheckArgs) -> anyhow::Result<bool> {
     };
     if args.from_ledger {
         let slot = args.slot.as_deref().unwrap_or_default();
-        return cli_plugin::check_on_ledger(&server, &args.file, &bytes, &config, slot, args.limit, args.json);
+        let time = |flag: &str, v: &Option<String>| {
+            v.as_deref()
+                .map(openlora::ledger::report::parse_time)
+                .transpose()
+                .map_err(|m| anyhow::anyhow!("--{flag}: {m}"))
+        };
+        let range = (time("since", &args.since)?, time("until", &args.until)?);
+        return cli_plugin::check_on_ledger(&server, &args.file, &bytes, &config, slot, (range, args.limit), args.json);
     }
     let mut samples = match &args.samples {
         Some(path) => read_samples(path)?,

@@ -93,6 +93,14 @@ pub struct Usage {
     pub adapter_contribution_ppm: u32,
 }
 
+impl Usage {
+    /// Whether the adapter's measured share of the output (`adapter_contribution_ppm`, in
+    /// millionths) reached `ppm`: the test a contribution threshold makes.
+    pub fn contribution_at_least(&self, ppm: u32) -> bool {
+        self.adapter_contribution_ppm >= ppm
+    }
+}
+
 /// One payee's part of a charge.
 #[derive(Clone, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub struct Split {

@@ -16,6 +16,7 @@ use super::caller::owns;
 use super::{ApiError, ApiPath, ApiQuery, Shared, blocking, is_multipart, multipart_error, upload_error};
 use crate::accounts::Caller;
 use crate::error::{Error, PolicyError};
+use crate::ledger::report::parse_time;
 use crate::policy::Slot;
 
 /// Plugin admin routes.
@@ -138,15 +139,18 @@ async fn upload(
     Ok((StatusCode::CREATED, Json(json!({"slot": slot, "active": info}))))
 }
 
-/// `?limit=` of a dry-run.
+/// `?limit=&since=&until=` of a dry-run.
 #[derive(Debug, Deserialize)]
 struct DryRunQuery {
     config: Option<String>,
     limit: Option<usize>,
+    since: Option<String>,
+    until: Option<String>,
 }
 
-/// `POST /admin/plugins/{slot}/dry-run?limit=N`: runs a candidate attributor (sent as for an
-/// install) on the adapter's latest `N` entries (default 100, at most 1000) in the sandbox, and
+/// `POST /admin/plugins/{slot}/dry-run?limit=N&since=&until=`: runs a candidate attributor (sent
+/// as for an install) on the adapter's latest `N` entries (default 100, at most 1000; written in
+/// the range, when given) in the sandbox, and
 /// reports what it would have paid beside what was paid. Nothing is installed.
 async fn dry_run(
     State(state): State<Shared>,
@@ -161,11 +165,15 @@ async fn dry_run(
         return Err(ApiError::invalid(Some("slot".into()), "dry-runs are for adapters' `adapter:<name>` slots"));
     };
     let limit = query.limit.unwrap_or(100).clamp(1, 1000);
+    let time = |v: &Option<String>, name: &str| {
+        v.as_deref().map(parse_time).transpose().map_err(|m| ApiError::invalid(Some(name.to_string()), m))
+    };
+    let range = (time(&query.since, "since")?, time(&query.until, "until")?);
     let _permit = state.report_permit()?;
     let (bytes, config) = component(&state, &headers, UploadQuery { config: query.config }, req).await?;
     let st = state.clone();
     let report = blocking("dry-run", move || {
-        let entries = st.accounts.report(|db| crate::ledger::explain::latest_of_adapter(db, &adapter, limit))?;
+        let entries = st.accounts.report(|db| crate::ledger::explain::latest_of_adapter(db, &adapter, range, limit))?;
         // An owner's dry-run reads only the entries of its own time as the adapter's owner.
         let entries: Vec<_> = entries
             .into_iter()

@@ -235,11 +235,24 @@ pub fn blob(db: &mut Db, sha256: &str) -> Result<Option<Vec<u8>>> {
     }))
 }
 
-/// The latest `limit` entries of `adapter` (oldest first).
-pub fn latest_of_adapter(db: &mut Db, adapter: &str, limit: usize) -> Result<Vec<StoredEntry>> {
+/// The latest `limit` entries of `adapter` written in `since_ms..until_ms` (oldest first).
+pub fn latest_of_adapter(
+    db: &mut Db,
+    adapter: &str,
+    (since_ms, until_ms): (Option<u64>, Option<u64>),
+    limit: usize,
+) -> Result<Vec<StoredEntry>> {
     let rows = db.rows(
-        &format!("SELECT {COLUMNS} FROM ledger_entries WHERE adapter = $1 ORDER BY seq DESC LIMIT $2"),
-        &[adapter.into(), (limit as u64).into()],
+        &format!(
+            "SELECT {COLUMNS} FROM ledger_entries WHERE adapter = $1 AND recorded_at_ms >= $2 AND recorded_at_ms < $3 \
+             ORDER BY seq DESC LIMIT $4"
+        ),
+        &[
+            adapter.into(),
+            since_ms.unwrap_or(0).into(),
+            until_ms.unwrap_or(i64::MAX as u64).into(),
+            (limit as u64).into(),
+        ],
     )?;
     let mut v: Vec<StoredEntry> = rows.into_iter().map(stored_entry).collect();
     v.reverse();
