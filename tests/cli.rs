@@ -103,7 +103,7 @@ fn plugin_check_dry_runs_a_good_plugin_and_names_what_is_wrong_with_bad_ones() {
     let text = stdout(&o);
     assert!(text.contains("attributor plugin") && text.contains("sha256"), "{text}");
     assert!(text.contains("sample 3:") && text.contains("replays exactly") && text.contains("fuel"), "{text}");
-    let o = openlora(&["plugin", "check", good.to_str().unwrap(), "--config", r#"{"operator_ppm": 2000000}"#]);
+    let o = openlora(&["plugin", "check", good.to_str().unwrap(), "--plugin-config", r#"{"operator_ppm": 2000000}"#]);
     assert!(!o.status.success());
     assert!(stderr(&o).contains("attributor.wasm") && stderr(&o).contains("operator_ppm"), "{}", stderr(&o));
     let o = openlora(&["plugin", "check", good.to_str().unwrap(), "--world", "router"]);
@@ -118,7 +118,8 @@ fn plugin_check_dry_runs_a_good_plugin_and_names_what_is_wrong_with_bad_ones() {
 
     let hostile = dir.join("hostile.wasm");
     std::fs::write(&hostile, common::plugin_wasm("openlora-test-hostile")).unwrap();
-    let o = openlora(&["plugin", "check", hostile.to_str().unwrap(), "--config", r#"{"mode": "loop"}"#, "--json"]);
+    let o =
+        openlora(&["plugin", "check", hostile.to_str().unwrap(), "--plugin-config", r#"{"mode": "loop"}"#, "--json"]);
     assert!(!o.status.success());
     let report: serde_json::Value = serde_json::from_slice(&o.stdout).expect("--json prints JSON");
     assert_eq!(report["ok"], false);

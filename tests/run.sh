@@ -41,6 +41,8 @@ export OPENLORA_HOME="${OPENLORA_HOME:-$(mktemp -d)}"
 cargo fmt --all --check
 # Unit tests, end-to-end tests in tests/, and every criterion benchmark run once in test mode.
 cargo test --workspace --all-targets --locked
+# The SDK README's Rust examples (`--all-targets` leaves doctests out).
+cargo test --locked -p openlora-sdk --doc
 
 # The GPU backend, run on the CUDA stand-in (tests/cuda-standin): our own libcuda, NVRTC and
 # cuBLAS, built from source, first on the library path (and nothing else: cudarc must load

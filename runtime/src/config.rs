@@ -208,9 +208,35 @@ impl Default for LimitsConfig {
 
 impl ServerConfig {
     /// Reads a TOML file; errors name the file and the field.
+    /// Relative paths in it (`model`, `data_dir`, `adapters`, `[ledger] url` and `signing_key`,
+    /// `[policy] dir`) are taken from the file's folder, not the working directory.
     pub fn from_file(path: &Path) -> Result<Self> {
         let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
-        Self::from_toml(path, &text)
+        let mut cfg = Self::from_toml(path, &text)?;
+        if let Some(folder) = path.parent() {
+            cfg.resolve_paths(folder);
+        }
+        Ok(cfg)
+    }
+
+    /// Makes every relative path of the configuration relative to `folder`.
+    fn resolve_paths(&mut self, folder: &Path) {
+        let paths = (self.model.iter_mut())
+            .chain(self.data_dir.iter_mut())
+            .chain(self.adapters.values_mut())
+            .chain(self.ledger.signing_key.iter_mut())
+            .chain(self.policy.dir.iter_mut());
+        for p in paths {
+            if p.is_relative() {
+                *p = folder.join(&*p);
+            }
+        }
+        if let Some(url) = &mut self.ledger.url
+            && let Ok(crate::ledger::Location::Sqlite(file)) = crate::ledger::Location::parse(url)
+            && file.is_relative()
+        {
+            *url = format!("sqlite:{}", folder.join(file).display());
+        }
     }
 
     /// Parses TOML text (`path` only names the source in errors).
@@ -319,6 +345,29 @@ mod tests {
         let c = ServerConfig::from_toml(Path::new("c.toml"), "").expect("empty config");
         assert_eq!(c.listen.port(), 8080);
         assert!(c.api_keys.is_empty());
+    }
+
+    #[test]
+    fn relative_paths_are_taken_from_the_files_folder() {
+        let dir = std::env::temp_dir().join(format!("openlora-config-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let file = dir.join("openlora.toml");
+        let text = "model = \"m\"\ndata_dir = \"data\"\n[adapters]\na = \"ad/a\"\nabs = \"/x/abs\"\n\
+                    [ledger]\nurl = \"sqlite:books.db\"\nsigning_key = \"keys/k\"\n[policy]\ndir = \"drop\"\n";
+        std::fs::write(&file, text).unwrap();
+        let c = ServerConfig::from_file(&file).unwrap();
+        assert_eq!(c.model.as_deref(), Some(dir.join("m").as_path()));
+        assert_eq!(c.data_dir.as_deref(), Some(dir.join("data").as_path()));
+        assert_eq!(c.adapters["a"], dir.join("ad/a"));
+        assert_eq!(c.adapters["abs"], Path::new("/x/abs"), "absolute paths stay");
+        assert_eq!(c.ledger.url.as_deref(), Some(format!("sqlite:{}", dir.join("books.db").display()).as_str()));
+        assert_eq!(c.ledger.signing_key.as_deref(), Some(dir.join("keys/k").as_path()));
+        assert_eq!(c.policy.dir.as_deref(), Some(dir.join("drop").as_path()));
+        let pg = "[ledger]\nurl = \"postgres://u@h/db\"\n";
+        std::fs::write(&file, pg).unwrap();
+        let c = ServerConfig::from_file(&file).unwrap();
+        assert_eq!(c.ledger.url.as_deref(), Some("postgres://u@h/db"), "URLs are not paths");
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]

@@ -194,6 +194,12 @@ struct RangeArgs {
     /// Only this tenant's entries.
     #[arg(long)]
     tenant: Option<String>,
+    /// Only entries served by this adapter.
+    #[arg(long)]
+    adapter: Option<String>,
+    /// Only entries on this owner's adapters (as recorded when each was written).
+    #[arg(long)]
+    owner: Option<String>,
 }
 
 #[derive(Args)]
@@ -292,6 +298,8 @@ impl RangeArgs {
             since_ms: time("since", &self.since)?,
             until_ms: time("until", &self.until)?,
             tenant: self.tenant.clone(),
+            adapter: self.adapter.clone(),
+            owner: self.owner.clone(),
         })
     }
 }
@@ -406,22 +414,22 @@ struct CheckArgs {
     /// The world it must export (router, pricer, attributor); default: whichever it exports.
     #[arg(long)]
     world: Option<String>,
-    /// Its configuration, as JSON text.
-    #[arg(long, conflicts_with = "config_file")]
-    config: Option<String>,
-    /// Its configuration, as a JSON file.
+    /// The plugin's configuration, as JSON text.
+    #[arg(long, conflicts_with = "plugin_config_file")]
+    plugin_config: Option<String>,
+    /// The plugin's configuration, as a JSON file.
     #[arg(long)]
-    config_file: Option<PathBuf>,
+    plugin_config_file: Option<PathBuf>,
     /// Samples to dry-run: a JSON file with a list of {"request", "usage", "charge"}; default: built-in samples.
     #[arg(long)]
     samples: Option<PathBuf>,
     /// Print the report as JSON.
     #[arg(long)]
     json: bool,
-    /// The server's TOML: its `[policy]` limits (default: the built-in ones), and with
-    /// `--from-ledger` its ledger.
-    #[arg(long)]
-    server_config: Option<PathBuf>,
+    /// The server's TOML configuration, as everywhere else: its `[policy]` limits (default: the
+    /// built-in ones), and with `--from-ledger` its ledger.
+    #[arg(long, alias = "server-config")]
+    config: Option<PathBuf>,
     /// Run the attributor on recorded traffic instead of samples: the latest entries of the
     /// adapter `--slot adapter:NAME` names, each with its recorded request, usage and owner's
     /// share, printing what it would have paid beside what was paid.
@@ -449,10 +457,15 @@ struct CheckArgs {
 fn run_plugin_check(args: CheckArgs) -> anyhow::Result<bool> {
     use openlora::policy::check::{check, default_samples, read_samples};
     let bytes = std::fs::read(&args.file).with_context(|| format!("reading {}", args.file.display()))?;
-    let server = LedgerArgs { ledger: args.ledger.clone(), config: args.server_config.clone() };
+    if let Some(path) = &args.config
+        && path.to_string_lossy().trim_start().starts_with('{')
+    {
+        anyhow::bail!("--config is the server's TOML file; give the plugin's JSON with --plugin-config");
+    }
+    let server = LedgerArgs { ledger: args.ledger.clone(), config: args.config.clone() };
     let world =
         args.world.as_deref().map(str::parse).transpose().map_err(|e: String| anyhow::anyhow!("--world: {e}"))?;
-    let config = match (&args.config, &args.config_file) {
+    let config = match (&args.plugin_config, &args.plugin_config_file) {
         (Some(c), _) => c.clone(),
         (None, Some(path)) => std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?,
         (None, None) => String::new(),
@@ -708,32 +721,30 @@ fn run_generate(args: GenerateArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn main() -> anyhow::Result<()> {
+fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
-    init_logging(cli.log_format)?;
-    match cli.command {
-        Command::Generate(args) => run_generate(args),
-        Command::Serve(args) => run_serve(args),
-        Command::Plugin(PluginCommand::New(args)) => cli_plugin::run_new(args),
-        Command::Plugin(PluginCommand::Check(args)) => {
-            if !run_plugin_check(args)? {
-                std::process::exit(1);
-            }
-            Ok(())
+    let result = init_logging(cli.log_format).and_then(|()| run(cli.command));
+    match result {
+        Ok(true) => std::process::ExitCode::SUCCESS,
+        Ok(false) => std::process::ExitCode::from(1),
+        Err(e) => {
+            // The error and its causes, one line; never a backtrace (RUST_BACKTRACE is for panics).
+            let _ = writeln!(std::io::stderr().lock(), "error: {e:#}");
+            std::process::ExitCode::from(2)
         }
-        Command::Bench(args) => run_bench(args),
-        Command::Keys(command) => cli_accounts::run_keys(command),
-        Command::Explain(args) => {
-            if !cli_accounts::run_explain(args)? {
-                std::process::exit(1);
-            }
-            Ok(())
-        }
-        Command::Ledger(command) => {
-            if !run_ledger(command)? {
-                std::process::exit(1);
-            }
-            Ok(())
-        }
+    }
+}
+
+/// Runs one command: `Ok(false)` when what it checked failed (exit 1), `Err` when it could not run.
+fn run(command: Command) -> anyhow::Result<bool> {
+    match command {
+        Command::Generate(args) => run_generate(args).map(|()| true),
+        Command::Serve(args) => run_serve(args).map(|()| true),
+        Command::Plugin(PluginCommand::New(args)) => cli_plugin::run_new(args).map(|()| true),
+        Command::Plugin(PluginCommand::Check(args)) => run_plugin_check(args),
+        Command::Bench(args) => run_bench(args).map(|()| true),
+        Command::Keys(command) => cli_accounts::run_keys(command).map(|()| true),
+        Command::Explain(args) => cli_accounts::run_explain(args),
+        Command::Ledger(command) => run_ledger(command),
     }
 }

@@ -16,6 +16,12 @@ pub mod bindings;
 
 pub use types::{Level, Money, RequestInfo, Route, RouteDecision, Split, Usage, owner_account};
 
+/// The README's Rust examples, compiled and run as doctests (`cargo test -p openlora-sdk --doc`),
+/// so the contract it states is the one the code holds.
+#[cfg(doctest)]
+#[doc = include_str!("../README.md")]
+pub struct ReadmeExamples;
+
 /// An operator-supplied plugin configuration, given as JSON when the plugin is loaded.
 ///
 /// Implemented for every `serde` type with a `Default` (used when no configuration is given).

@@ -88,7 +88,10 @@ pub struct Usage {
     /// Its share of each step (its tokens over the step's), summed, in millionths.
     #[serde(default)]
     pub batch_share_ppm: u64,
-    /// The adapter's measured share of the output, in millionths (0 without an adapter).
+    /// The adapter's measured share of the output, in millionths (0..=1,000,000; 0 without an
+    /// adapter): Σ|Δy| / (Σ|W·x| + Σ|Δy|), Δy the LoRA delta added to a projection's output W·x,
+    /// over every element of every projection the adapter touches, in every layer, for every
+    /// token of the request. The README gives typical values.
     #[serde(default)]
     pub adapter_contribution_ppm: u32,
 }

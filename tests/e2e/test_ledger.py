@@ -1,6 +1,8 @@
 """The ledger through the real server: SIGKILL under load, idempotency keys with the OpenAI
 client, usage and admin reports, cancelled streams, and a ledger that stops accepting writes."""
 
+import csv as csvlib
+import io
 import json
 import os
 import random
@@ -15,7 +17,7 @@ import httpx
 import openai
 import pytest
 
-from conftest import ADMIN_TOKEN, API_KEY, ROOT, Server, free_port
+from conftest import ADMIN_TOKEN, API_KEY, BINARY, ROOT, Server, free_port
 
 ADMIN = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
 AUTH = {"Authorization": f"Bearer {API_KEY}"}
@@ -160,12 +162,13 @@ def test_an_idempotency_key_is_charged_once_with_the_openai_client():
 def test_usage_and_admin_reports_add_up_and_bad_queries_are_400s():
     s = Server()
     try:
-        charged = 0
+        charged, by_model = 0, {}
         for i in range(6):
             r = httpx.post(f"{s.url}/v1/completions", headers=AUTH,
                            json={"model": MODELS[i % 4], "prompt": f"p{i}", "max_tokens": 3}, timeout=30)
             assert r.status_code == 200, r.text
             charged += r.json()["billing"]["charge"]["amount"]
+            by_model[MODELS[i % 4]] = by_model.get(MODELS[i % 4], 0) + r.json()["billing"]["charge"]["amount"]
         payees = httpx.get(f"{s.url}/admin/ledger/summary?by=payee", headers=ADMIN).json()["data"]
         assert sum(r["amount"] for r in payees) == charged, "payees receive exactly what tenants were charged"
         tenants = httpx.get(f"{s.url}/admin/ledger/summary?by=tenant", headers=ADMIN).json()["data"]
@@ -174,7 +177,19 @@ def test_usage_and_admin_reports_add_up_and_bad_queries_are_400s():
         assert sorted(r["key"] for r in by_adapter) == ["(base)", "r16-all-rslora", "r4-qv", "r8-mlp"]
         csv = httpx.get(f"{s.url}/admin/ledger/export?format=csv", headers=ADMIN)
         assert csv.headers["content-type"].startswith("text/csv") and csv.text.startswith("seq,")
-        assert sum(int(line.split(",")[13]) for line in csv.text.splitlines()[1:]) == charged
+        rows = list(csvlib.DictReader(io.StringIO(csv.text)))
+        assert sum(int(row["amount"]) for row in rows) == charged
+        for row in rows:  # every row carries its entry's usage and deciders
+            assert row["deciders"].startswith("router=builtin:router@") and ";attributor=" in row["deciders"], row
+            assert int(row["steps"]) > 0 and int(row["batch_share_ppm"]) > 0, row
+            assert (int(row["adapter_contribution_ppm"]) > 0) == (row["adapter"] != ""), row
+        one = httpx.get(f"{s.url}/admin/ledger/summary?by=payee&adapter=r4-qv", headers=ADMIN).json()["data"]
+        assert sum(r["amount"] for r in one) == by_model["r4-qv"]
+        cli_one = s.cli("ledger", "summary", "--by", "adapter", "--adapter", "r8-mlp", "--json")
+        assert [(r["key"], r["amount"]) for r in json.loads(cli_one.stdout)] == [("r8-mlp", by_model["r8-mlp"])]
+        exported = s.cli("ledger", "export", "--format", "csv", "--adapter", "r16-all-rslora")
+        assert {row["adapter"] for row in csvlib.DictReader(io.StringIO(exported.stdout))} == {"r16-all-rslora"}
+        assert json.loads(s.cli("ledger", "summary", "--owner", "nobody", "--json").stdout) == []
         report = httpx.get(f"{s.url}/admin/ledger/verify", headers=ADMIN, timeout=60).json()
         assert report["ok"] and report["report"]["replayed"] == 6, report
         for url, param in [("/v1/usage?by=tenant", "by"), ("/v1/usage?since=yesterday", "since"),
@@ -187,6 +202,12 @@ def test_usage_and_admin_reports_add_up_and_bad_queries_are_400s():
         assert sum(r["amount"] for r in json.loads(summary.stdout)) == charged
         bad = s.cli("ledger", "summary", "--by", "color")
         assert bad.returncode != 0 and "--by" in bad.stderr
+        # A user's error is one line and an exit status, never a backtrace, whatever the environment.
+        missing = subprocess.run([str(BINARY), "ledger", "verify", "--ledger",
+                                  str(s.dir / "no-such.sqlite3")], capture_output=True, text=True, timeout=60,
+                                 env={**s.env, "RUST_BACKTRACE": "full", "RUST_LIB_BACKTRACE": "1"})
+        assert missing.returncode == 2 and missing.stderr.startswith("error: "), missing.stderr
+        assert "backtrace" not in missing.stderr.lower() and len(missing.stderr.splitlines()) == 1, missing.stderr
     finally:
         s.stop()
 

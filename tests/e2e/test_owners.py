@@ -297,8 +297,8 @@ def test_a_dry_run_predicts_what_the_install_pays(world):
     candidate = s.dir / "candidate.wasm"
     candidate.write_bytes(world.wasm)
     done = subprocess.run(
-        [str(BINARY), "plugin", "check", str(candidate), "--config", json.dumps(CONFIG), "--from-ledger",
-         "--slot", "adapter:a-dry", "--server-config", str(s.dir / "openlora.toml"), "--json"],
+        [str(BINARY), "plugin", "check", str(candidate), "--plugin-config", json.dumps(CONFIG), "--from-ledger",
+         "--slot", "adapter:a-dry", "--config", str(s.dir / "openlora.toml"), "--json"],
         capture_output=True, text=True, timeout=120, env={**s.env, "OPENLORA_HOME": str(s.dir)},
     )
     assert done.returncode == 0, done.stdout + done.stderr

@@ -36,7 +36,7 @@ def test_a_new_plugin_builds_tests_and_checks_as_generated(world: str, sdk_copy:
         done = subprocess.run(cmd, cwd=crate, env=env, capture_output=True, text=True, timeout=1200)
         assert done.returncode == 0, f"{cmd}: {done.stdout[-3000:]}\n{done.stderr[-3000:]}"
     wasm = ROOT / "target" / "plugin-new" / "wasm32-wasip2" / "release" / f"{name.replace('-', '_')}.wasm"
-    checked = subprocess.run([str(BINARY), "plugin", "check", str(wasm), "--world", world, "--config", CONFIGS[world]],
+    checked = subprocess.run([str(BINARY), "plugin", "check", str(wasm), "--world", world, "--plugin-config", CONFIGS[world]],
                              capture_output=True, text=True, timeout=120)
     assert checked.returncode == 0, checked.stdout + checked.stderr
     assert "ok: every sample gave a valid, replayable decision" in checked.stdout, checked.stdout

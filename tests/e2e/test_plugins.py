@@ -66,7 +66,10 @@ def test_upload_refusals_change_nothing_and_a_good_plugin_decides(policy_server)
     wrong = upload(s, "pricer", "openlora-plugin-router")
     assert wrong.status_code == 400 and "does not export" in wrong.json()["error"]["message"]
     assert upload(s, "nonsense", "openlora-plugin-router").status_code == 400
-    assert httpx.get(f"{s.url}/admin/plugins", headers=ADMIN).json()["data"] == []
+    # Every operator slot is listed, those without a plugin too (the built-in answers there).
+    empty = [(v["slot"], v["active"], v["versions"]) for v in httpx.get(f"{s.url}/admin/plugins", headers=ADMIN).json()["data"]]
+    assert empty == [("router", None, []), ("pricer", None, []), ("attributor", None, [])], empty
+    assert httpx.get(f"{s.url}/admin/plugins/pricer", headers=ADMIN).json()["active"] is None
     assert httpx.get(f"{s.url}/admin/plugins").status_code == 401
 
     ok = upload(s, "pricer", "openlora-plugin-token-pricer", '{"currency": "EUR"}')
@@ -75,6 +78,27 @@ def test_upload_refusals_change_nothing_and_a_good_plugin_decides(policy_server)
     billing = check_billing(complete(s).json()["billing"])
     assert billing["charge"]["currency"] == "EUR"
     assert billing["decided_by"][1]["plugin"] == f"sha256:{sha}"
+
+    # A configuration change without re-uploading the wasm: a new version of the same component.
+    def configure(text):
+        return httpx.put(f"{s.url}/admin/plugins/pricer/config", content=text, headers=ADMIN, timeout=60)
+
+    first = ok.json()["active"]["version"]
+    gbp = configure('{"currency": "GBP"}\n')
+    assert gbp.status_code == 201, gbp.text
+    assert gbp.json()["active"]["sha256"] == sha and gbp.json()["from_version"] == first, gbp.text
+    assert gbp.json()["active"]["version"] != first
+    assert complete(s).json()["billing"]["charge"]["currency"] == "GBP"
+    same = configure('  {"currency": "GBP"}')
+    assert same.json()["active"]["version"] == gbp.json()["active"]["version"], "whitespace makes no new version"
+    for bad in ['{"currency": ', '{"currency": "not a currency"}', '{"unknown_field": 1}']:
+        refused = configure(bad)
+        assert refused.status_code == 400, (bad, refused.text)
+        assert refused.json()["error"]["message"], refused.text
+    view = httpx.get(f"{s.url}/admin/plugins/pricer", headers=ADMIN).json()
+    assert view["active"] == gbp.json()["active"]["version"], "a refused configuration changes nothing"
+    nothing = httpx.put(f"{s.url}/admin/plugins/router/config", content="{}", headers=ADMIN)
+    assert nothing.status_code == 409 and nothing.json()["error"]["code"] == "no_active_plugin", nothing.text
     assert httpx.delete(f"{s.url}/admin/plugins/pricer", headers=ADMIN).status_code == 200
     assert complete(s).json()["billing"]["charge"]["currency"] == "USD"
 

@@ -7,7 +7,7 @@ use axum::Router;
 use axum::body::Bytes;
 use axum::extract::{FromRequest, Multipart, Request, State};
 use axum::http::{HeaderMap, StatusCode};
-use axum::routing::{delete, get, post};
+use axum::routing::{delete, get, post, put};
 use axum::{Extension, Json};
 use serde::Deserialize;
 use serde_json::{Value, json};
@@ -17,13 +17,14 @@ use super::{ApiError, ApiPath, ApiQuery, Shared, blocking, is_multipart, multipa
 use crate::accounts::Caller;
 use crate::error::{Error, PolicyError};
 use crate::ledger::report::parse_time;
-use crate::policy::Slot;
+use crate::policy::{Slot, SlotView};
 
 /// Plugin admin routes.
 pub fn router() -> Router<Shared> {
     Router::new()
         .route("/admin/plugins", get(list))
         .route("/admin/plugins/{slot}", get(show).post(upload).put(upload).delete(deactivate))
+        .route("/admin/plugins/{slot}/config", put(configure))
         .route("/admin/plugins/{slot}/rollback", post(rollback))
         .route("/admin/plugins/{slot}/activate/{version}", post(activate))
         .route("/admin/plugins/{slot}/versions/{version}", delete(remove_version))
@@ -48,9 +49,36 @@ fn visible(state: &Shared, caller: &Caller, slot: &Slot) -> bool {
     }
 }
 
+/// Every slot `caller` may see, those without a plugin too (their built-in answers): the
+/// operator's three slots and every installed one for the operator, an owner's adapters' slots
+/// for an owner.
+fn views(state: &Shared, caller: &Caller) -> Vec<SlotView> {
+    let mut views: std::collections::BTreeMap<Slot, SlotView> = state
+        .policy
+        .list()
+        .into_iter()
+        .filter(|v| visible(state, caller, &v.slot))
+        .map(|v| (v.slot.clone(), v))
+        .collect();
+    let empty: Vec<Slot> = match caller {
+        Caller::Owner { name, .. } => state
+            .engine
+            .pager()
+            .names()
+            .into_iter()
+            .filter(|a| owns(state, name, a) == Some(true))
+            .map(Slot::Adapter)
+            .collect(),
+        _ => vec![Slot::Router, Slot::Pricer, Slot::Attributor],
+    };
+    for slot in empty {
+        views.entry(slot.clone()).or_insert_with(|| SlotView::empty(slot));
+    }
+    views.into_values().collect()
+}
+
 async fn list(State(state): State<Shared>, Extension(caller): Extension<Caller>) -> Result<Json<Value>, ApiError> {
-    let data: Vec<_> = state.policy.list().into_iter().filter(|v| visible(&state, &caller, &v.slot)).collect();
-    Ok(Json(json!({"object": "list", "data": data})))
+    Ok(Json(json!({"object": "list", "data": views(&state, &caller)})))
 }
 
 async fn show(
@@ -59,7 +87,12 @@ async fn show(
     ApiPath(name): ApiPath<String>,
 ) -> Result<Json<Value>, ApiError> {
     let slot = slot(&name)?;
-    let view = state.policy.list().into_iter().find(|v| v.slot == slot && visible(&state, &caller, &v.slot));
+    let known = match &slot {
+        Slot::Adapter(a) => state.engine.pager().manifest(a).is_some(),
+        _ => true,
+    };
+    let view = views(&state, &caller).into_iter().find(|v| v.slot == slot);
+    let view = view.or_else(|| known.then(|| SlotView::empty(slot.clone())));
     let view = view.ok_or_else(|| ApiError::from(Error::from(PolicyError::UnknownPlugin(format!("slot {slot}")))))?;
     Ok(Json(json!(view)))
 }
@@ -99,12 +132,17 @@ async fn component(
         let body = Bytes::from_request(req, state).await.map_err(|r| upload_error(r.status(), r.body_text()))?;
         (body.to_vec(), query.config)
     };
-    // Surrounding whitespace (a file's trailing newline) does not make another version.
-    let config = config.unwrap_or_default().trim().to_string();
-    if !config.is_empty() && serde_json::from_str::<Value>(&config).is_err() {
+    Ok((bytes, plugin_config(&config.unwrap_or_default())?))
+}
+
+/// A plugin configuration as given, checked to be JSON (or empty: none). Surrounding whitespace
+/// (a file's trailing newline) does not make another version.
+fn plugin_config(text: &str) -> Result<String, ApiError> {
+    let config = text.trim();
+    if !config.is_empty() && serde_json::from_str::<Value>(config).is_err() {
         return Err(ApiError::invalid(Some("config".into()), "the plugin config must be JSON"));
     }
-    Ok((bytes, config))
+    Ok(config.to_string())
 }
 
 /// `POST|PUT /admin/plugins/{slot}`: installs a component (see [`component`]) and makes it active.
@@ -117,14 +155,63 @@ async fn upload(
     req: Request,
 ) -> Result<(StatusCode, Json<Value>), ApiError> {
     let slot = slot(&name)?;
-    // An owner's installs run one at a time, so its hourly quota counts each of them.
-    let _one = state.owner_lock(&caller).await;
+    let _one = begin_install(&state, &caller).await?;
+    let (bytes, config) = component(&state, &headers, query, req).await?;
+    let info = install(&state, &caller, &slot, (bytes, config), "plugin.install").await?;
+    Ok((StatusCode::CREATED, Json(json!({"slot": slot, "active": info}))))
+}
+
+/// `PUT /admin/plugins/{slot}/config`: the slot's active component again with the configuration
+/// in the body (JSON; empty for none), as a new version made active — a configuration change
+/// without re-uploading the wasm. Validated as an upload is; nothing changes if it fails.
+async fn configure(
+    State(state): State<Shared>,
+    Extension(caller): Extension<Caller>,
+    ApiPath(name): ApiPath<String>,
+    body: Bytes,
+) -> Result<(StatusCode, Json<Value>), ApiError> {
+    let slot = slot(&name)?;
+    let _one = begin_install(&state, &caller).await?;
+    let text = std::str::from_utf8(&body).map_err(|_| bad_upload("config is not UTF-8".into()))?;
+    let config = plugin_config(text)?;
+    let active = state.policy.list().into_iter().find(|v| v.slot == slot).and_then(|v| {
+        let version = v.active?;
+        v.versions.into_iter().find(|i| i.version == version)
+    });
+    let no_plugin = || {
+        ApiError::new(
+            StatusCode::CONFLICT,
+            "invalid_request_error",
+            "no_active_plugin",
+            format!("slot {slot} has no active plugin to configure; upload one"),
+        )
+    };
+    let active = active.ok_or_else(no_plugin)?;
+    let bytes = state.policy.blob(&active.sha256).ok_or_else(no_plugin)?;
+    let info = install(&state, &caller, &slot, (bytes, config), "plugin.configure").await?;
+    Ok((StatusCode::CREATED, Json(json!({"slot": slot, "active": info, "from_version": active.version}))))
+}
+
+/// Starts an install by `caller`: an owner's installs run one at a time (the guard returned), so
+/// its hourly quota, checked here, counts each of them.
+async fn begin_install(state: &Shared, caller: &Caller) -> Result<Option<tokio::sync::OwnedMutexGuard<()>>, ApiError> {
+    let one = state.owner_lock(caller).await;
     let (accounts, by) = (state.accounts.clone(), caller.clone());
     blocking("install quota", move || Ok(accounts.check_install_quota(&by)?)).await?;
-    let (bytes, config) = component(&state, &headers, query, req).await?;
+    Ok(one)
+}
+
+/// Installs `bytes` with `config` in `slot` for `caller` (an owner's adapter must still be its
+/// own when the version goes in) and records it in the audit trail as `action`.
+async fn install(
+    state: &Shared,
+    caller: &Caller,
+    slot: &Slot,
+    (bytes, config): (Vec<u8>, String),
+    action: &'static str,
+) -> Result<crate::policy::VersionInfo, ApiError> {
     let (st, slot2, by) = (state.clone(), slot.clone(), caller.clone());
     let info = blocking("upload", move || {
-        // The adapter must still be the owner's when the version goes in.
         let still_owned = || match (&by, &slot2) {
             (Caller::Owner { name, .. }, Slot::Adapter(a)) if owns(&st, name, a) != Some(true) => {
                 Err(crate::Error::from(crate::error::AccountError::NotFound(format!("no adapter `{a}` of yours"))))
@@ -135,8 +222,8 @@ async fn upload(
     })
     .await?;
     let detail = format!("version={}", info.version);
-    state.audit(&caller, "plugin.install", &slot.to_string(), Some(&info.sha256), detail).await?;
-    Ok((StatusCode::CREATED, Json(json!({"slot": slot, "active": info}))))
+    state.audit(caller, action, &slot.to_string(), Some(&info.sha256), detail).await?;
+    Ok(info)
 }
 
 /// `?limit=&since=&until=` of a dry-run.

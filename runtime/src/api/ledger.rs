@@ -39,7 +39,8 @@ fn params(q: Params) -> Result<BTreeMap<String, String>, ApiError> {
     q.map(|Query(m)| m).map_err(|e| ApiError::invalid(None, e.body_text()))
 }
 
-/// `since` / `until` (Unix seconds or dates) and, unless fixed by the caller, `tenant`.
+/// `since` / `until` (Unix seconds or dates), `adapter`, `owner` and, unless fixed by the caller,
+/// `tenant`.
 fn filter(p: &BTreeMap<String, String>, tenant: Option<String>) -> Result<Filter, ApiError> {
     let time = |name: &str| {
         p.get(name).map(|v| parse_time(v)).transpose().map_err(|m| ApiError::invalid(Some(name.to_string()), m))
@@ -48,6 +49,8 @@ fn filter(p: &BTreeMap<String, String>, tenant: Option<String>) -> Result<Filter
         since_ms: time("since")?,
         until_ms: time("until")?,
         tenant: tenant.or_else(|| p.get("tenant").cloned()),
+        adapter: p.get("adapter").cloned(),
+        owner: p.get("owner").cloned(),
     })
 }
 

@@ -16,7 +16,7 @@ use crate::error::{Error, LedgerError, Result};
 /// Entries read per query.
 const PAGE: usize = 1000;
 
-/// Calls `f` on every entry matching the filter, in order.
+/// Calls `f` on every entry matching the filter (all of its conditions), in order.
 pub fn for_each(
     store: &mut dyn LedgerStore,
     filter: &Filter,
@@ -27,7 +27,10 @@ pub fn for_each(
         let page = store.page(filter, last, PAGE)?;
         let Some(end) = page.last().map(|e| e.seq) else { return Ok(()) };
         for e in &page {
-            f(e, e.parse().map_err(LedgerError::Invalid)?)?;
+            let body = e.parse().map_err(LedgerError::Invalid)?;
+            if filter.admits(&body) {
+                f(e, body)?;
+            }
         }
         last = end;
     }
@@ -71,7 +74,8 @@ pub fn parse_time(text: &str) -> std::result::Result<u64, String> {
 /// Export formats.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Format {
-    /// One row per split (an entry without splits: one row with an empty payee).
+    /// One row per split (an entry without splits: one row with an empty payee), with the
+    /// entry's usage and deciders on every row.
     Csv,
     /// One JSON object per entry: its place in the chain and its whole body.
     Jsonl,
@@ -89,7 +93,19 @@ impl FromStr for Format {
 }
 
 const CSV_HEADER: &str = "seq,recorded_at_ms,request_id,tenant,base_model,adapter,outcome,finish,prompt_tokens,\
-completion_tokens,currency,charge,payee,amount,reason,hash";
+completion_tokens,currency,charge,payee,amount,reason,hash,adapter_owner,queue_ms,compute_ms,adapter_load_ms,steps,\
+batch_share_ppm,adapter_contribution_ppm,deciders";
+
+/// The deciders of an entry in one field: `slot=plugin@vN` (the version only for installed
+/// plugins; `!` after a decider whose plugin failed and whose built-in answered), `;`-separated.
+fn deciders_field(b: &EntryBody) -> String {
+    let one = |d: &super::entry::Decider| {
+        let version = d.version.map(|v| format!("@v{v}")).unwrap_or_default();
+        let failed = if d.failure.is_some() { "!" } else { "" };
+        format!("{}={}{version}{failed}", d.slot, d.plugin)
+    };
+    b.deciders.iter().map(one).collect::<Vec<_>>().join(";")
+}
 
 /// A CSV field, quoted when it needs to be; a field a spreadsheet would read as a formula
 /// (starting with `=`, `+`, `-`, `@`, a tab or a carriage return) is prefixed with `'` so it
@@ -135,12 +151,24 @@ pub fn export(store: &mut dyn LedgerStore, filter: &Filter, format: Format, out:
                     b.charge.amount.to_string(),
                 ]
                 .join(",");
+                let u = &b.usage;
+                let after = [
+                    e.hash.clone(),
+                    csv(b.request.adapter_owner.as_deref().unwrap_or("")),
+                    u.queue_ms.to_string(),
+                    u.compute_ms.to_string(),
+                    u.adapter_load_ms.to_string(),
+                    u.steps.to_string(),
+                    u.batch_share_ppm.to_string(),
+                    u.adapter_contribution_ppm.to_string(),
+                    csv(&deciders_field(&b)),
+                ]
+                .join(",");
                 if b.splits.is_empty() {
-                    writeln!(out, "{fixed},,,,{}", e.hash).map_err(io)?;
+                    writeln!(out, "{fixed},,,,{after}").map_err(io)?;
                 }
                 for s in &b.splits {
-                    writeln!(out, "{fixed},{},{},{},{}", csv(&s.payee), s.amount, csv(&s.reason), e.hash)
-                        .map_err(io)?;
+                    writeln!(out, "{fixed},{},{},{},{after}", csv(&s.payee), s.amount, csv(&s.reason)).map_err(io)?;
                 }
                 Ok(())
             }
@@ -173,10 +201,10 @@ impl FromStr for GroupBy {
 }
 
 /// Totals per group (and currency), sorted by key: from the running totals when the time bounds
-/// fall on whole (UTC) days, else by reading the entries.
+/// fall on whole (UTC) days and no adapter or owner is asked for, else by reading the entries.
 pub fn summary(store: &mut dyn LedgerStore, filter: &Filter, by: GroupBy) -> Result<Vec<SummaryRow>> {
     let whole_day = |t: Option<u64>| t.is_none_or(|t| t.is_multiple_of(DAY_MS));
-    if whole_day(filter.since_ms) && whole_day(filter.until_ms) {
+    if whole_day(filter.since_ms) && whole_day(filter.until_ms) && filter.by_time_and_tenant_only() {
         let query = TotalsQuery {
             grouping: if by == GroupBy::Payee { "payee" } else { "adapter" },
             by_tenant: by == GroupBy::Tenant,

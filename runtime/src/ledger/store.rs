@@ -35,6 +35,26 @@ pub struct Filter {
     pub until_ms: Option<u64>,
     /// Only this tenant's entries.
     pub tenant: Option<String>,
+    /// Only entries served by this adapter (checked by [`Filter::admits`] as entries are read).
+    pub adapter: Option<String>,
+    /// Only entries on adapters of this owner, as recorded at the time (checked by
+    /// [`Filter::admits`]).
+    pub owner: Option<String>,
+}
+
+impl Filter {
+    /// Whether an entry passes the adapter and owner conditions (a store's `page` applies the
+    /// time and tenant ones; [`super::report::for_each`] applies both).
+    pub fn admits(&self, body: &super::entry::EntryBody) -> bool {
+        let adapter = body.adapter.as_ref().map(|a| a.name.as_str());
+        self.adapter.as_deref().is_none_or(|want| adapter == Some(want))
+            && self.owner.as_deref().is_none_or(|want| body.request.adapter_owner.as_deref() == Some(want))
+    }
+
+    /// Whether only the time and tenant conditions are set (the ones running totals can answer).
+    pub fn by_time_and_tenant_only(&self) -> bool {
+        self.adapter.is_none() && self.owner.is_none()
+    }
 }
 
 /// A ledger backend: an append-only, hash-chained table of entries plus the plugin bytes the

@@ -57,7 +57,8 @@ pub fn scan(policy: &PolicyHost, dir: &Path, seen: &mut HashMap<PathBuf, Seen>) 
             }
         };
         let config = match std::fs::read_to_string(&json) {
-            Ok(c) => c,
+            // Surrounding whitespace (an editor's trailing newline) is no part of it, as for uploads.
+            Ok(c) => c.trim().to_string(),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => String::new(),
             Err(e) => {
                 report.push(format!("{}: not loaded: {e}", json.display()));

@@ -176,6 +176,13 @@ pub struct SlotView {
     pub versions: Vec<VersionInfo>,
 }
 
+impl SlotView {
+    /// A slot without a plugin: its built-in answers.
+    pub fn empty(slot: Slot) -> Self {
+        SlotView { slot, active: None, quarantined: false, consecutive_failures: 0, versions: Vec::new() }
+    }
+}
+
 /// Refuses a configuration over [`MAX_CONFIG_BYTES`].
 fn check_config_size(slot: &Slot, config: &str) -> Result<()> {
     if config.len() > MAX_CONFIG_BYTES {
