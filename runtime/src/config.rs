@@ -26,6 +26,9 @@ pub struct ServerConfig {
     pub data_dir: Option<PathBuf>,
     /// Adapters to register at start: name → PEFT folder.
     pub adapters: BTreeMap<String, PathBuf>,
+    /// Folders under which `POST /v1/load_lora_adapter` (vLLM's protocol) may read a
+    /// `lora_path`; empty: that endpoint refuses every path.
+    pub lora_path_roots: Vec<PathBuf>,
     /// Memory budgets, in bytes.
     pub memory: MemoryConfig,
     /// Request limits.
@@ -163,6 +166,7 @@ impl Default for ServerConfig {
             model_name: None,
             data_dir: None,
             adapters: BTreeMap::new(),
+            lora_path_roots: Vec::new(),
             memory: MemoryConfig::default(),
             limits: LimitsConfig::default(),
             api_keys: BTreeMap::new(),
@@ -208,7 +212,7 @@ impl Default for LimitsConfig {
 
 impl ServerConfig {
     /// Reads a TOML file; errors name the file and the field.
-    /// Relative paths in it (`model`, `data_dir`, `adapters`, `[ledger] url` and `signing_key`,
+    /// Relative paths in it (`model`, `data_dir`, `adapters`, `lora_path_roots`, `[ledger] url` and `signing_key`,
     /// `[policy] dir`) are taken from the file's folder, not the working directory.
     pub fn from_file(path: &Path) -> Result<Self> {
         let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
@@ -224,6 +228,7 @@ impl ServerConfig {
         let paths = (self.model.iter_mut())
             .chain(self.data_dir.iter_mut())
             .chain(self.adapters.values_mut())
+            .chain(self.lora_path_roots.iter_mut())
             .chain(self.ledger.signing_key.iter_mut())
             .chain(self.policy.dir.iter_mut());
         for p in paths {
@@ -234,6 +239,9 @@ impl ServerConfig {
         if let Some(url) = &mut self.ledger.url
             && let Ok(crate::ledger::Location::Sqlite(file)) = crate::ledger::Location::parse(url)
             && file.is_relative()
+            && !file.as_os_str().is_empty()
+            && file.as_os_str() != ":memory:"
+            && !file.to_string_lossy().contains('=')
         {
             *url = format!("sqlite:{}", folder.join(file).display());
         }

@@ -254,6 +254,10 @@ pub enum AccountError {
     #[error("{0}")]
     Conflict(String),
 
+    /// What the change was made against changed meanwhile; nothing was done.
+    #[error("{0}")]
+    Changed(String),
+
     /// An owner's quota would be exceeded.
     #[error("{message}")]
     Quota {

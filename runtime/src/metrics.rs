@@ -1,7 +1,8 @@
 //! The runtime's Prometheus registry and the metric families each part reports into.
 
 use prometheus::{
-    Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry,
+    Gauge, GaugeVec, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts,
+    Registry,
 };
 
 /// Adapter pager figures: hits, misses, load times, evictions and bytes per tier.
@@ -20,6 +21,85 @@ pub struct PagerMetrics {
     pub resident_bytes: IntGaugeVec,
     /// Adapter loads that failed (corrupt or vanished files).
     pub load_failures: IntCounterVec,
+    /// Seconds to bring an adapter into the active pool, under vLLM's name
+    /// (`vllm:lora_adapter_load_seconds`, in [`VllmMetrics`]).
+    pub vllm_load_seconds: Histogram,
+}
+
+/// vLLM's metric names, which the Kubernetes inference gateways scrape to pick a replica (queue
+/// depth, KV use, which adapters each holds): a registry of their own, without our prefix. The
+/// gauges are set from the engine and the pager at each scrape; the active pool is the `gpu`
+/// level (on the CPU backend too: it is what a step computes with), the host cache the `cpu` one.
+#[derive(Clone)]
+pub struct VllmMetrics {
+    /// The registry `/metrics` renders after ours.
+    pub registry: Registry,
+    /// `vllm:num_requests_waiting`.
+    pub waiting: IntGauge,
+    /// `vllm:num_requests_running`.
+    pub running: IntGauge,
+    /// `vllm:kv_cache_usage_perc` (0–1).
+    pub kv_usage: Gauge,
+    /// `vllm:gpu_cache_usage_perc`, its older name, still read by older pickers.
+    pub gpu_cache_usage: Gauge,
+    /// `vllm:cache_config_info{block_size,num_gpu_blocks}` = 1.
+    pub cache_config: GaugeVec,
+    /// `vllm:lora_requests_info{max_lora,running_lora_adapters,waiting_lora_adapters}` = the Unix
+    /// time of its last update; the lists comma-separated without spaces.
+    pub lora_requests_info: GaugeVec,
+    /// `vllm:lora_adapter_loaded{adapter_name,level,pinned}` = 1 per adapter and level.
+    pub lora_loaded: GaugeVec,
+    /// `vllm:num_gpu_loaded_lora_adapters`.
+    pub gpu_loaded: IntGauge,
+    /// `vllm:num_cpu_loaded_lora_adapters`.
+    pub cpu_loaded: IntGauge,
+    /// `vllm:max_gpu_lora_adapters`.
+    pub max_gpu: IntGauge,
+    /// `vllm:lora_adapter_load_seconds`.
+    pub load_seconds: Histogram,
+}
+
+impl VllmMetrics {
+    fn new() -> Self {
+        let r = Registry::new();
+        let gauge_vec =
+            |name: &str, help: &str, labels: &[&str]| register(&r, GaugeVec::new(Opts::new(name, help), labels));
+        VllmMetrics {
+            waiting: register(&r, IntGauge::new("vllm:num_requests_waiting", "Requests waiting to run")),
+            running: register(&r, IntGauge::new("vllm:num_requests_running", "Requests running")),
+            kv_usage: register(&r, Gauge::new("vllm:kv_cache_usage_perc", "KV cache use, 0 to 1")),
+            gpu_cache_usage: register(&r, Gauge::new("vllm:gpu_cache_usage_perc", "KV cache use, 0 to 1 (old name)")),
+            cache_config: gauge_vec(
+                "vllm:cache_config_info",
+                "KV cache configuration",
+                &["block_size", "num_gpu_blocks"],
+            ),
+            lora_requests_info: gauge_vec(
+                "vllm:lora_requests_info",
+                "Running and waiting adapters; the value is the Unix time of the update",
+                &["max_lora", "running_lora_adapters", "waiting_lora_adapters"],
+            ),
+            lora_loaded: gauge_vec(
+                "vllm:lora_adapter_loaded",
+                "Adapters loaded, per level",
+                &["adapter_name", "level", "pinned"],
+            ),
+            gpu_loaded: register(&r, IntGauge::new("vllm:num_gpu_loaded_lora_adapters", "Adapters in the active pool")),
+            cpu_loaded: register(&r, IntGauge::new("vllm:num_cpu_loaded_lora_adapters", "Adapters in the host cache")),
+            max_gpu: register(&r, IntGauge::new("vllm:max_gpu_lora_adapters", "Adapters the active pool can hold")),
+            load_seconds: register(
+                &r,
+                Histogram::with_opts(
+                    HistogramOpts::new(
+                        "vllm:lora_adapter_load_seconds",
+                        "Seconds to load an adapter into the active pool",
+                    )
+                    .buckets(vec![0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5]),
+                ),
+            ),
+            registry: r,
+        }
+    }
 }
 
 /// Engine figures: queue depth, running sequences, batch sizes, KV use, preemptions.
@@ -106,6 +186,8 @@ pub struct Metrics {
     pub policy: PolicyMetrics,
     /// Ledger metrics.
     pub ledger: LedgerMetrics,
+    /// vLLM's names for the gateways.
+    pub vllm: VllmMetrics,
 }
 
 fn counter(reg: &Registry, name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
@@ -125,6 +207,7 @@ impl Metrics {
     pub fn new() -> Self {
         let registry = Registry::new_custom(Some("openlora".into()), None).expect("valid registry prefix");
         let r = &registry;
+        let vllm = VllmMetrics::new();
         let load_seconds = HistogramVec::new(
             HistogramOpts::new("adapter_load_seconds", "Seconds to bring an adapter into a tier")
                 .buckets(vec![0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5]),
@@ -143,6 +226,7 @@ impl Metrics {
             evictions: counter(r, "adapter_evictions_total", "Adapters evicted from a tier", &["tier"]),
             resident_bytes,
             load_failures: counter(r, "adapter_load_failures_total", "Adapter loads that failed", &["reason"]),
+            vllm_load_seconds: vllm.load_seconds.clone(),
         };
         let engine = EngineMetrics {
             queue_depth: register(r, IntGauge::new("queue_depth", "Requests waiting to run")),
@@ -238,7 +322,7 @@ impl Metrics {
                 ),
             ),
         };
-        Metrics { registry, pager, engine, http, policy, ledger }
+        Metrics { registry, pager, engine, http, policy, ledger, vllm }
     }
 
     /// The registry in Prometheus' text exposition format.
@@ -247,6 +331,7 @@ impl Metrics {
         let enc = prometheus::TextEncoder::new();
         // Encoding our own well-formed families into a String cannot fail.
         let _ = enc.encode_utf8(&self.registry.gather(), &mut out);
+        let _ = enc.encode_utf8(&self.vllm.registry.gather(), &mut out);
         out
     }
 }

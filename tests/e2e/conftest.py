@@ -33,7 +33,7 @@ class Server:
     """One `openlora serve` process with its own config and data directory."""
 
     def __init__(self, extra: str = "", config: str | None = None, device: str | None = None,
-                 env: dict | None = None, **limits):
+                 env: dict | None = None, top: str = "", **limits):
         self.device = device
         self.env = {**os.environ, **(env or {})}
         self.dir = Path(tempfile.mkdtemp(prefix="openlora-e2e-"))
@@ -58,7 +58,7 @@ admin_token = "{ADMIN_TOKEN}"
 
 {extra}
 """
-        config = f'listen = "127.0.0.1:{self.port}"\ndata_dir = "{self.dir / "data"}"\n' + config
+        config = f'listen = "127.0.0.1:{self.port}"\ndata_dir = "{self.dir / "data"}"\n{top}\n' + config
         (self.dir / "openlora.toml").write_text(config)
         self.log = open(self.dir / "server.log", "w+")
         self.start()

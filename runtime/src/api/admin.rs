@@ -29,7 +29,8 @@ pub fn router() -> Router<Shared> {
     )
 }
 
-fn valid_name(state: &Shared, name: &str) -> Result<(), ApiError> {
+/// Refuses a name an adapter may not have (400).
+pub(super) fn valid_name(state: &Shared, name: &str) -> Result<(), ApiError> {
     let ok = !name.is_empty()
         && name.len() <= 64
         && name.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
@@ -112,11 +113,20 @@ async fn delete_adapter(
     Extension(caller): Extension<Caller>,
     ApiPath(name): ApiPath<String>,
 ) -> Result<Json<Value>, ApiError> {
-    // Requests already using it hold its manifest and finish first (its files stay until
-    // then); new ones get 404. An adapter the config file names is the operator's file to edit:
-    // deleting an upload that shadowed one brings the configured one back.
+    if !remove_adapter(&state, &caller, &name).await? {
+        return Err(ApiError::model_not_found(&name));
+    }
+    Ok(Json(json!({"id": name, "object": "adapter", "deleted": true})))
+}
+
+/// Removes an uploaded adapter and its owner's slot, recording it in the audit trail; `false`
+/// when there was no such upload. Requests already using it hold its manifest and finish first
+/// (its files stay until then); new ones get 404. An adapter the config file names is the
+/// operator's file to edit (409); deleting an upload that shadowed one brings the configured one
+/// back.
+pub(super) async fn remove_adapter(state: &Shared, caller: &Caller, name: &str) -> Result<bool, ApiError> {
     let st = state.clone();
-    let gone = name.clone();
+    let gone = name.to_string();
     let removed = blocking("delete adapter", move || {
         let pager = st.engine.pager();
         st.adapter_store
@@ -139,7 +149,7 @@ async fn delete_adapter(
     })
     .await?;
     if !removed {
-        if state.engine.pager().manifest(&name).is_some() {
+        if state.engine.pager().manifest(name).is_some() {
             return Err(ApiError::new(
                 StatusCode::CONFLICT,
                 "invalid_request_error",
@@ -147,17 +157,17 @@ async fn delete_adapter(
                 format!("adapter `{name}` is named in the server's config file; remove it there"),
             ));
         }
-        return Err(ApiError::model_not_found(&name));
+        return Ok(false);
     }
     // Its owner's attributor goes with it: a later adapter of this name starts with none.
-    let (policy, forgotten) = (state.policy.clone(), name.clone());
+    let (policy, forgotten) = (state.policy.clone(), name.to_string());
     blocking("forget adapter", move || {
         policy.forget_adapter(&forgotten);
         Ok(())
     })
     .await?;
-    state.audit(&caller, "adapter.delete", &name, None, String::new()).await?;
-    Ok(Json(json!({"id": name, "object": "adapter", "deleted": true})))
+    state.audit(caller, "adapter.delete", name, None, String::new()).await?;
+    Ok(true)
 }
 
 /// `?owner=` of an adapter upload.
@@ -178,34 +188,8 @@ async fn upload_adapter(
     req: Request,
 ) -> Result<(StatusCode, Json<Value>), ApiError> {
     valid_name(&state, &name)?;
-    if let Some(owner) = &query.owner
-        && !valid_owner(owner)
-    {
-        return Err(ApiError::invalid(Some("owner".into()), "owners are 1-64 characters of A-Z a-z 0-9 - _ . @"));
-    }
-    // An owner uploads as itself, within its quotas, one upload at a time.
     let _one = state.owner_lock(&caller).await;
-    let quotas = match uploader(&caller) {
-        Some(me) => {
-            if query.owner.as_deref().is_some_and(|o| o != me) {
-                return Err(ApiError::forbidden("an owner uploads adapters as itself"));
-            }
-            query.owner = Some(me.to_string());
-            let (st, who, named) = (state.clone(), me.to_string(), name.clone());
-            let (quotas, have) =
-                blocking("quotas", move || Ok((st.accounts.quotas(&who)?, owned_by(&st, &who, &named).len() as u64)))
-                    .await?;
-            if have >= quotas.max_adapters {
-                return Err(ApiError::from(crate::Error::from(AccountError::Quota {
-                    message: format!("owner `{me}` may have {} adapters; delete one first", quotas.max_adapters),
-                    size: false,
-                    retry_after: None,
-                })));
-            }
-            Some(quotas)
-        }
-        None => None,
-    };
+    let quotas = begin_upload(&state, &caller, &name, &mut query.owner).await?;
     let stage = state.adapter_store.stage().map_err(|e| ApiError::internal(e.to_string()))?;
     let read = BodyRead {
         limit: state.config.limits.max_upload_bytes,
@@ -225,15 +209,65 @@ async fn upload_adapter(
         let _ = std::fs::remove_dir_all(&stage);
         return Err(e);
     }
-    if let Some(owner) = query.owner {
+    let (replaced, manifest) =
+        finish_upload(&state, &caller, &name, (&stage, query.owner), quotas, "adapter.upload").await?;
+    let status = if replaced { StatusCode::OK } else { StatusCode::CREATED };
+    Ok((status, Json(describe(&name, &manifest))))
+}
+
+/// Checks an upload of `name` by `caller` before anything is read: an owner uploads as itself
+/// (`owner` is set to it) within its adapter count; returns its quotas (none for the operator).
+/// The caller holds the owner's lock ([`super::AppState::owner_lock`]) until the upload ends.
+pub(super) async fn begin_upload(
+    state: &Shared,
+    caller: &Caller,
+    name: &str,
+    owner: &mut Option<String>,
+) -> Result<Option<crate::accounts::Quotas>, ApiError> {
+    if let Some(o) = owner.as_deref()
+        && !valid_owner(o)
+    {
+        return Err(ApiError::invalid(Some("owner".into()), "owners are 1-64 characters of A-Z a-z 0-9 - _ . @"));
+    }
+    let Some(me) = uploader(caller) else { return Ok(None) };
+    if owner.as_deref().is_some_and(|o| o != me) {
+        return Err(ApiError::forbidden("an owner uploads adapters as itself"));
+    }
+    *owner = Some(me.to_string());
+    let (st, who, named) = (state.clone(), me.to_string(), name.to_string());
+    let (quotas, have) =
+        blocking("quotas", move || Ok((st.accounts.quotas(&who)?, owned_by(&st, &who, &named).len() as u64))).await?;
+    if have >= quotas.max_adapters {
+        return Err(ApiError::from(crate::Error::from(AccountError::Quota {
+            message: format!("owner `{me}` may have {} adapters; delete one first", quotas.max_adapters),
+            size: false,
+            retry_after: None,
+        })));
+    }
+    Ok(Some(quotas))
+}
+
+/// Ends an upload whose files are in `stage`: records `owner`, holds an owner to its byte
+/// quota, validates and commits it (see [`store`]) and writes `action` in the audit trail. The
+/// stage is gone afterwards, whatever happened. Returns whether a version was replaced.
+pub(super) async fn finish_upload(
+    state: &Shared,
+    caller: &Caller,
+    name: &str,
+    (stage, owner): (&Path, Option<String>),
+    quotas: Option<crate::accounts::Quotas>,
+    action: &'static str,
+) -> Result<(bool, std::sync::Arc<AdapterManifest>), ApiError> {
+    let stage = stage.to_path_buf();
+    if let Some(owner) = owner {
         let written = write_synced(&stage.join(OWNER_FILE), json!({ "owner": owner }).to_string().as_bytes());
         if let Err(e) = written {
             let _ = std::fs::remove_dir_all(&stage);
             return Err(ApiError::internal(e.to_string()));
         }
     }
-    if let (Some(q), Some(me)) = (quotas, uploader(&caller)) {
-        let (st, who, named, staging) = (state.clone(), me.to_string(), name.clone(), stage.clone());
+    if let (Some(q), Some(me)) = (quotas, uploader(caller)) {
+        let (st, who, named, staging) = (state.clone(), me.to_string(), name.to_string(), stage.clone());
         let (used, staged) = blocking("quota", move || {
             let used: u64 = owned_by(&st, &who, &named).iter().map(|(_, dir)| folder_bytes(dir)).sum();
             Ok((used, folder_bytes(&staging)))
@@ -251,15 +285,13 @@ async fn upload_adapter(
             })));
         }
     }
-    let state2 = state.clone();
-    let name2 = name.clone();
-    let me = uploader(&caller).map(str::to_string);
+    let (state2, name2) = (state.clone(), name.to_string());
+    let me = uploader(caller).map(str::to_string);
     let (replaced, manifest) = blocking("upload", move || store(&state2, &name2, &stage, me.as_deref())).await?;
     let detail =
         format!("{} owner={}", if replaced { "replaced" } else { "created" }, manifest.owner.as_deref().unwrap_or("-"));
-    state.audit(&caller, "adapter.upload", &name, Some(&manifest.sha256), detail).await?;
-    let status = if replaced { StatusCode::OK } else { StatusCode::CREATED };
-    Ok((status, Json(describe(&name, &manifest))))
+    state.audit(caller, action, name, Some(&manifest.sha256), detail).await?;
+    Ok((replaced, manifest))
 }
 
 /// Validates the upload as the engine would load it, then commits it as the name's current

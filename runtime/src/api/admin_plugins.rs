@@ -157,7 +157,7 @@ async fn upload(
     let slot = slot(&name)?;
     let _one = begin_install(&state, &caller).await?;
     let (bytes, config) = component(&state, &headers, query, req).await?;
-    let info = install(&state, &caller, &slot, (bytes, config), "plugin.install").await?;
+    let info = install(&state, &caller, &slot, (bytes, config), None).await?;
     Ok((StatusCode::CREATED, Json(json!({"slot": slot, "active": info}))))
 }
 
@@ -188,7 +188,7 @@ async fn configure(
     };
     let active = active.ok_or_else(no_plugin)?;
     let bytes = state.policy.blob(&active.sha256).ok_or_else(no_plugin)?;
-    let info = install(&state, &caller, &slot, (bytes, config), "plugin.configure").await?;
+    let info = install(&state, &caller, &slot, (bytes, config), Some(active.version)).await?;
     Ok((StatusCode::CREATED, Json(json!({"slot": slot, "active": info, "from_version": active.version}))))
 }
 
@@ -202,27 +202,35 @@ async fn begin_install(state: &Shared, caller: &Caller) -> Result<Option<tokio::
 }
 
 /// Installs `bytes` with `config` in `slot` for `caller` (an owner's adapter must still be its
-/// own when the version goes in) and records it in the audit trail as `action`.
+/// own when the version goes in) and records it in the audit trail as `plugin.install` (which
+/// the hourly quota counts). A configuration change names the version it started `from`: should
+/// another change have made a different version active meanwhile, nothing is installed (409).
 async fn install(
     state: &Shared,
     caller: &Caller,
     slot: &Slot,
     (bytes, config): (Vec<u8>, String),
-    action: &'static str,
+    from: Option<u32>,
 ) -> Result<crate::policy::VersionInfo, ApiError> {
     let (st, slot2, by) = (state.clone(), slot.clone(), caller.clone());
     let info = blocking("upload", move || {
-        let still_owned = || match (&by, &slot2) {
+        let allowed = |active: Option<u32>| match (&by, &slot2) {
             (Caller::Owner { name, .. }, Slot::Adapter(a)) if owns(&st, name, a) != Some(true) => {
                 Err(crate::Error::from(crate::error::AccountError::NotFound(format!("no adapter `{a}` of yours"))))
             }
+            _ if from.is_some() && active != from => Err(crate::Error::from(crate::error::AccountError::Changed(
+                format!("slot {slot2}'s active version changed while its configuration was being changed; try again"),
+            ))),
             _ => Ok(()),
         };
-        Ok(st.policy.install_guarded(&slot2, &bytes, &config, &by.actor(), &still_owned)?)
+        Ok(st.policy.install_guarded(&slot2, &bytes, &config, &by.actor(), &allowed)?)
     })
     .await?;
-    let detail = format!("version={}", info.version);
-    state.audit(caller, action, &slot.to_string(), Some(&info.sha256), detail).await?;
+    let detail = match from {
+        Some(v) => format!("version={} configured from={v}", info.version),
+        None => format!("version={}", info.version),
+    };
+    state.audit(caller, "plugin.install", &slot.to_string(), Some(&info.sha256), detail).await?;
     Ok(info)
 }
 

@@ -122,6 +122,8 @@ fn owner_may(
     let owned = |adapter: &str| owns(state, owner, adapter).ok_or(());
     match route {
         "/admin/adapters" | "/admin/plugins" | "/admin/keys" | "/admin/keys/{id}" | "/admin/audit" => Ok(()),
+        // The adapter is named in the body: its handler checks it is the owner's (or new).
+        "/v1/load_lora_adapter" | "/v1/unload_lora_adapter" => Ok(()),
         "/admin/adapters/{name}" => {
             let name = param("name").unwrap_or_default();
             match owned(name) {

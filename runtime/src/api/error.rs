@@ -182,6 +182,7 @@ fn account_error(e: AccountError, msg: String) -> ApiError {
         AccountError::NotFound(_) => ApiError::new(StatusCode::NOT_FOUND, "invalid_request_error", "not_found", msg),
         AccountError::Forbidden(_) => ApiError::forbidden(msg),
         AccountError::Conflict(_) => ApiError::new(StatusCode::CONFLICT, "invalid_request_error", "name_taken", msg),
+        AccountError::Changed(_) => ApiError::new(StatusCode::CONFLICT, "invalid_request_error", "conflict", msg),
         AccountError::Quota { size: true, .. } => {
             ApiError::new(StatusCode::PAYLOAD_TOO_LARGE, "invalid_request_error", "quota_exceeded", msg)
         }

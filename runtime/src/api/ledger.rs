@@ -49,8 +49,8 @@ fn filter(p: &BTreeMap<String, String>, tenant: Option<String>) -> Result<Filter
         since_ms: time("since")?,
         until_ms: time("until")?,
         tenant: tenant.or_else(|| p.get("tenant").cloned()),
-        adapter: p.get("adapter").cloned(),
-        owner: p.get("owner").cloned(),
+        adapter: p.get("adapter").filter(|a| !a.is_empty()).cloned(),
+        owner: p.get("owner").filter(|o| !o.is_empty()).cloned(),
     })
 }
 

@@ -11,6 +11,7 @@ pub mod listen;
 pub mod openai;
 mod stream;
 mod upload;
+pub mod vllm;
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -223,6 +224,7 @@ async fn metrics(State(state): State<Shared>, headers: HeaderMap) -> Response {
     }
     let stats = state.engine.stats();
     state.metrics.engine.kv_blocks_used.set((stats.kv_total_blocks - stats.kv_free_blocks) as i64);
+    vllm::publish_metrics(&state);
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], state.metrics.render()).into_response()
 }
 
@@ -311,6 +313,7 @@ pub fn router(state: Shared) -> Router {
     // Plugin uploads and the rest are read whole (within the deadlines); adapter uploads stream
     // to disk in their handler.
     let buffered = admin_plugins::router()
+        .merge(vllm::router())
         .merge(ledger::admin_router())
         .merge(keys::router())
         // Unknown admin paths too: the token is checked before anything says what exists.

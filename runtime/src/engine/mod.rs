@@ -179,6 +179,10 @@ pub struct EngineStats {
     pub max_batch_seqs: usize,
     /// Why the device can run no more steps, once that happened (the server is then not ready).
     pub device_fault: Option<String>,
+    /// The adapters of running sequences, sorted, each once.
+    pub running_adapters: Vec<String>,
+    /// The adapters of waiting requests, sorted, each once.
+    pub waiting_adapters: Vec<String>,
 }
 
 pub(crate) struct Submission {

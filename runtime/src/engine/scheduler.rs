@@ -337,7 +337,17 @@ impl Scheduler {
                 preemptions: self.preemptions,
                 max_batch_seqs: self.max_batch_seqs,
                 device_fault: self.backend.fault(),
+                running_adapters: adapter_names(&self.running),
+                waiting_adapters: adapter_names(&self.waiting),
             };
         }
     }
+}
+
+/// The adapters of `seqs`, sorted, each once.
+fn adapter_names(seqs: &[Sequence]) -> Vec<String> {
+    let mut names: Vec<String> = seqs.iter().filter_map(|s| s.adapter.as_ref().map(|a| a.name.clone())).collect();
+    names.sort_unstable();
+    names.dedup();
+    names
 }

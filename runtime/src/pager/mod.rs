@@ -498,7 +498,9 @@ impl AdapterPager {
         let resident = Arc::new(resident);
         st.active
             .insert(name.to_string(), ActiveEntry { resident: resident.clone(), manifest, pins: 1, last_used: now });
-        inner.metrics.load_seconds.with_label_values(&["active"]).observe(t0.elapsed().as_secs_f64());
+        let took = t0.elapsed().as_secs_f64();
+        inner.metrics.load_seconds.with_label_values(&["active"]).observe(took);
+        inner.metrics.vllm_load_seconds.observe(took);
         inner.update_gauges(&st);
         Ok(Acquire::Ready(AdapterLease { inner: inner.clone(), name: name.to_string(), resident }))
     }
@@ -562,6 +564,14 @@ impl AdapterPager {
         let mut v: Vec<(String, usize)> = st.active.iter().map(|(n, a)| (n.clone(), a.pins)).collect();
         v.sort();
         (v, st.alloc.free_pages())
+    }
+
+    /// How many adapters the active pool can hold at once: its pages over those the largest
+    /// registered adapter needs (the pool's pages when none is registered).
+    pub fn active_capacity(&self) -> usize {
+        let (pages, page_bytes) = (self.pool_pages(), self.page_elems().max(1) * 4);
+        let largest = self.inner.lock().registry.values().map(|m| m.f32_bytes).max();
+        largest.map_or(pages, |bytes| pages / bytes.div_ceil(page_bytes).max(1))
     }
 
     /// Names in the host tier.

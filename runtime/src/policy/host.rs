@@ -370,26 +370,28 @@ impl PolicyHost {
     /// Installs a plugin (see [`Registry::install`]), counting the outcome; an adapter's slot
     /// only while the adapter is registered.
     pub fn install(&self, slot: &Slot, bytes: &[u8], config: &str, source: &str) -> Result<super::VersionInfo> {
-        self.install_guarded(slot, bytes, config, source, &|| Ok(()))
+        self.install_guarded(slot, bytes, config, source, &|_| Ok(()))
     }
 
     /// Installs a plugin if `allowed` (asked under the registry's lock, just before anything
-    /// changes: e.g. that the adapter still belongs to the owner installing for it).
+    /// changes, with the slot's active version then: e.g. that the adapter still belongs to the
+    /// owner installing for it, or that the version a configuration change started from is
+    /// still the active one).
     pub fn install_guarded(
         &self,
         slot: &Slot,
         bytes: &[u8],
         config: &str,
         source: &str,
-        allowed: &dyn Fn() -> Result<()>,
+        allowed: &dyn Fn(Option<u32>) -> Result<()>,
     ) -> Result<super::VersionInfo> {
-        let guard = || {
+        let guard = |active: Option<u32>| {
             if let (Slot::Adapter(adapter), Some(exists)) = (slot, self.adapters.get())
                 && !exists(adapter)
             {
                 return Err(SubmitError::UnknownAdapter(adapter.clone()).into());
             }
-            allowed()
+            allowed(active)
         };
         let result = self.registry.install(slot, bytes, config, source, &guard);
         let outcome = if result.is_ok() { "ok" } else { "refused" };

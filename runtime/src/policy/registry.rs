@@ -367,15 +367,15 @@ impl Registry {
     /// Validates `bytes` (with `config`) as a plugin for `slot`, stores it and makes it active.
     /// Nothing changes if validation fails. Installing the same bytes and config again re-activates
     /// that version instead of adding one.
-    /// `guard` runs under the registry's lock, just before anything changes: an error from it
-    /// refuses the install.
+    /// `guard` runs under the registry's lock, just before anything changes, given the slot's
+    /// active version then: an error from it refuses the install.
     pub fn install(
         &self,
         slot: &Slot,
         bytes: &[u8],
         config: &str,
         source: &str,
-        guard: &dyn Fn() -> Result<()>,
+        guard: &dyn Fn(Option<u32>) -> Result<()>,
     ) -> Result<VersionInfo> {
         check_config_size(slot, config)?;
         let plugin = self.load(&format!("for slot {slot}"), bytes, slot.world(), config)?;
@@ -393,7 +393,7 @@ impl Registry {
             }
         }
         let mut records = self.lock();
-        guard()?;
+        guard(records.get(slot).and_then(|r| r.active))?;
         let rec = records.entry(slot.clone()).or_default();
         let info = match rec.versions.iter().find(|v| v.sha256 == sha256 && v.config == config) {
             Some(existing) => existing.clone(),
