@@ -92,6 +92,10 @@ impl Server {
             path: crate::ledger::checkpoint::audit_latest_path(&signer.key_path),
         };
         let accounts = crate::accounts::Accounts::open(&location, config.owners, Some(audit_signer))?;
+        let replication = match &location {
+            crate::ledger::Location::Postgres(url) => Some(Arc::new(crate::api::replicas::Replication::open(url)?)),
+            crate::ledger::Location::Sqlite(_) => None,
+        };
         let ledger = crate::ledger::Ledger::open_signed(location, metrics.ledger.clone(), Some(signer))?;
         let engine = match device {
             DeviceSpec::Cpu => EngineHandle::start(model, pager, config.engine(), metrics.clone())?,
@@ -127,10 +131,17 @@ impl Server {
             replayer: std::sync::Mutex::new(None),
             reports: Arc::new(Semaphore::new(crate::api::MAX_REPORTS)),
             owner_locks: Default::default(),
+            replication,
             config: config.clone(),
         });
         let pager = state.engine.pager().clone();
         state.policy.bind_adapters(move |name| pager.manifest(name).is_some());
+        if let Some(replication) = &state.replication {
+            // The other replicas' adapters and plugins first: a replica is ready with all of them.
+            let applied = replication.catch_up(&state)?;
+            tracing::info!(changes = applied, "caught up with the other replicas");
+            replication.follow_in_background(Arc::downgrade(&state));
+        }
         let accounts = state.accounts.clone();
         let audit: crate::policy::dropdir::Installed = Box::new(move |slot, v| {
             let (slot, detail) = (slot.to_string(), format!("version={} source={}", v.version, v.source));

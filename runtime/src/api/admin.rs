@@ -125,29 +125,8 @@ async fn delete_adapter(
 /// operator's file to edit (409); deleting an upload that shadowed one brings the configured one
 /// back.
 pub(super) async fn remove_adapter(state: &Shared, caller: &Caller, name: &str) -> Result<bool, ApiError> {
-    let st = state.clone();
-    let gone = name.to_string();
-    let removed = blocking("delete adapter", move || {
-        let pager = st.engine.pager();
-        st.adapter_store
-            .remove(&gone, || {
-                let held = pager.manifest(&gone).map(|m| m as Held);
-                match st.config.adapters.get(&gone) {
-                    Some(dir) => {
-                        if let Err(e) = pager.register(&gone, dir) {
-                            tracing::warn!(adapter = %gone, error = %e, "the configured adapter did not come back");
-                            pager.unregister(&gone);
-                        }
-                    }
-                    None => {
-                        pager.unregister(&gone);
-                    }
-                }
-                held
-            })
-            .map_err(|e| ApiError::internal(e.to_string()))
-    })
-    .await?;
+    let (st, gone) = (state.clone(), name.to_string());
+    let removed = blocking("delete adapter", move || remove_upload(&st, &gone)).await?;
     if !removed {
         if state.engine.pager().manifest(name).is_some() {
             return Err(ApiError::new(
@@ -159,15 +138,37 @@ pub(super) async fn remove_adapter(state: &Shared, caller: &Caller, name: &str) 
         }
         return Ok(false);
     }
-    // Its owner's attributor goes with it: a later adapter of this name starts with none.
-    let (policy, forgotten) = (state.policy.clone(), name.to_string());
-    blocking("forget adapter", move || {
-        policy.forget_adapter(&forgotten);
-        Ok(())
-    })
-    .await?;
     state.audit(caller, "adapter.delete", name, None, String::new()).await?;
     Ok(true)
+}
+
+/// Removes the uploaded adapter `name` (blocking): unregistered (the configured one of that name,
+/// if any, back in its place), its owner's slot forgotten; `false` when no upload has the name.
+pub(super) fn remove_upload(state: &crate::api::AppState, name: &str) -> Result<bool, ApiError> {
+    let pager = state.engine.pager();
+    let removed = state
+        .adapter_store
+        .remove(name, || {
+            let held = pager.manifest(name).map(|m| m as Held);
+            match state.config.adapters.get(name) {
+                Some(dir) => {
+                    if let Err(e) = pager.register(name, dir) {
+                        tracing::warn!(adapter = %name, error = %e, "the configured adapter did not come back");
+                        pager.unregister(name);
+                    }
+                }
+                None => {
+                    pager.unregister(name);
+                }
+            }
+            held
+        })
+        .map_err(|e| ApiError::internal(e.to_string()))?;
+    if removed {
+        // Its owner's attributor goes with it: a later adapter of this name starts with none.
+        state.policy.forget_adapter(name);
+    }
+    Ok(removed)
 }
 
 /// `?owner=` of an adapter upload.
@@ -297,8 +298,8 @@ pub(super) async fn finish_upload(
 /// Validates the upload as the engine would load it, then commits it as the name's current
 /// version (serialised with every other write to the store): a refused upload changes nothing.
 /// An owner's upload (`uploader`) may replace only its own adapter, checked in the same commit.
-fn store(
-    state: &Shared,
+pub(super) fn store(
+    state: &crate::api::AppState,
     name: &str,
     tmp: &Path,
     uploader: Option<&str>,

@@ -9,6 +9,7 @@ pub mod keys;
 pub mod ledger;
 pub mod listen;
 pub mod openai;
+pub mod replicas;
 mod stream;
 mod upload;
 pub mod vllm;
@@ -69,6 +70,8 @@ pub struct AppState {
     /// One lock per owner, held while it uploads or installs, so that its quotas are checked
     /// and its acts counted one at a time.
     pub owner_locks: dashmap::DashMap<String, Arc<tokio::sync::Mutex<()>>>,
+    /// Sharing adapters and plugins with the other replicas (when the ledger is PostgreSQL).
+    pub replication: Option<Arc<replicas::Replication>>,
 }
 
 /// Third parties' reports that may run at once.
@@ -78,16 +81,31 @@ impl AppState {
     /// Appends an act to the audit trail (off the async threads); an act that cannot be
     /// recorded is reported as failed.
     pub async fn audit(
-        &self,
+        self: &Arc<Self>,
         by: &crate::accounts::Caller,
         action: &'static str,
         target: &str,
         sha256: Option<&str>,
         detail: String,
     ) -> Result<(), ApiError> {
-        let (accounts, by, target, sha) =
-            (self.accounts.clone(), by.clone(), target.to_string(), sha256.map(str::to_string));
-        blocking("audit", move || Ok(accounts.record(&by, action, &target, sha.as_deref(), &detail)?)).await
+        let (state, by, target, sha) = (self.clone(), by.clone(), target.to_string(), sha256.map(str::to_string));
+        blocking("audit", move || {
+            state.accounts.record(&by, action, &target, sha.as_deref(), &detail)?;
+            // The other replicas are told of the change; one they cannot be told of is
+            // reported as failed (done here, so a retry tells them).
+            if let Some(replication) = &state.replication {
+                replication.publish(&state, action, &target).map_err(|e| {
+                    ApiError::hidden(
+                        StatusCode::SERVICE_UNAVAILABLE,
+                        "replicas_not_told",
+                        "the change was made here but could not be shared with the other replicas; retry it",
+                        e.to_string(),
+                    )
+                })?;
+            }
+            Ok(())
+        })
+        .await
     }
 
     /// A report's permit (429 when [`MAX_REPORTS`] are running).

@@ -157,7 +157,10 @@ pub fn audit_latest_path(key_path: &Path) -> PathBuf {
 
 /// Writes `c` as the latest checkpoint at `path` (atomically).
 pub fn write_latest(path: &Path, c: &Checkpoint) -> Result<()> {
-    let tmp = path.with_extension("tmp");
+    // A name of this process's own: replicas sharing the key may write at the same moment.
+    static WRITES: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let n = WRITES.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let tmp = path.with_extension(format!("tmp.{}.{n}", std::process::id()));
     let text = serde_json::to_string_pretty(c).map_err(|e| LedgerError::Invalid(e.to_string()))?;
     std::fs::write(&tmp, text).and_then(|_| std::fs::rename(&tmp, path)).map_err(|e| Error::io(path, e))
 }

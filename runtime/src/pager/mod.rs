@@ -566,12 +566,18 @@ impl AdapterPager {
         (v, st.alloc.free_pages())
     }
 
-    /// How many adapters the active pool can hold at once: its pages over those the largest
-    /// registered adapter needs (the pool's pages when none is registered).
+    /// About how many adapters the active pool can hold at once: its pages over those a
+    /// registered adapter needs on average (the pool's pages when none is registered).
     pub fn active_capacity(&self) -> usize {
         let (pages, page_bytes) = (self.pool_pages(), self.page_elems().max(1) * 4);
-        let largest = self.inner.lock().registry.values().map(|m| m.f32_bytes).max();
-        largest.map_or(pages, |bytes| pages / bytes.div_ceil(page_bytes).max(1))
+        let (total, count) = {
+            let st = self.inner.lock();
+            (st.registry.values().map(|m| m.f32_bytes).sum::<usize>(), st.registry.len())
+        };
+        if count == 0 {
+            return pages;
+        }
+        (pages / (total / count).div_ceil(page_bytes).max(1)).max(1)
     }
 
     /// Names in the host tier.
