@@ -10,7 +10,7 @@ rustup target add wasm32-wasip2 >/dev/null 2>&1 || rustup target add wasm32-wasi
 
 # The end-to-end HTTP tests use the official `openai` Python client, in a private venv.
 venv="$PWD/target/e2e-venv"
-if ! "$venv/bin/python" -c "import openai, httpx, pytest" 2>/dev/null; then
+if ! "$venv/bin/python" -c "import openai, httpx, pytest, kubernetes_validate, yaml, jsonschema" 2>/dev/null; then
     python3 -m venv "$venv"
     "$venv/bin/pip" install --quiet --disable-pip-version-check -r tests/e2e/requirements.txt
 fi

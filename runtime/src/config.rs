@@ -211,6 +211,34 @@ impl Default for LimitsConfig {
 }
 
 impl ServerConfig {
+    /// The configuration `openlora` runs with: the file (else the defaults), then the secrets
+    /// the environment gives over the file's — `OPENLORA_ADMIN_TOKEN`, `OPENLORA_METRICS_TOKEN`,
+    /// `OPENLORA_LEDGER_URL` — so that a Kubernetes Secret need not be written into a ConfigMap.
+    pub fn load(path: Option<&Path>) -> Result<Self> {
+        let mut cfg = match path {
+            Some(p) => Self::from_file(p)?,
+            None => Self::default(),
+        };
+        let var = |name: &str| std::env::var(name).ok().filter(|v| !v.trim().is_empty());
+        let mut changed = false;
+        if let Some(v) = var("OPENLORA_ADMIN_TOKEN") {
+            cfg.admin_token = Some(v);
+            changed = true;
+        }
+        if let Some(v) = var("OPENLORA_METRICS_TOKEN") {
+            cfg.metrics_token = Some(v);
+            changed = true;
+        }
+        if let Some(v) = var("OPENLORA_LEDGER_URL") {
+            cfg.ledger.url = Some(v);
+            changed = true;
+        }
+        if changed {
+            cfg.validate(path.unwrap_or(Path::new("the environment")))?;
+        }
+        Ok(cfg)
+    }
+
     /// Reads a TOML file; errors name the file and the field.
     /// Relative paths in it (`model`, `data_dir`, `adapters`, `lora_path_roots`, `[ledger] url` and `signing_key`,
     /// `[policy] dir`) are taken from the file's folder, not the working directory.

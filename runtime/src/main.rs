@@ -248,10 +248,7 @@ struct SummaryArgs {
 impl LedgerArgs {
     /// The server configuration given (or the default one).
     fn config(&self) -> anyhow::Result<ServerConfig> {
-        Ok(match &self.config {
-            Some(path) => ServerConfig::from_file(path)?,
-            None => ServerConfig::default(),
-        })
+        Ok(ServerConfig::load(self.config.as_deref())?)
     }
 
     /// The configuration and where its ledger is (which must exist, unless `create`).
@@ -549,9 +546,18 @@ struct ServeArgs {
     /// The device to serve on: cpu, or cuda:N (a CUDA GPU; the driver is probed at start).
     #[arg(long, default_value = "cpu")]
     device: openlora::device::DeviceSpec,
+    /// Only check the configuration (the file, then the environment's secrets) and exit: 0 when
+    /// it is valid, 2 naming the field when not. Nothing is loaded or listened on.
+    #[arg(long)]
+    check: bool,
 }
 
 fn run_serve(args: ServeArgs) -> anyhow::Result<()> {
+    if args.check {
+        ServerConfig::load(args.config.as_deref())?;
+        println!("configuration OK");
+        return Ok(());
+    }
     if let openlora::device::DeviceSpec::Cuda(n) = args.device {
         // Before loading anything: a missing GPU is said at once.
         let info = openlora::device::probe_cuda(n)?;
@@ -566,10 +572,7 @@ fn run_serve(args: ServeArgs) -> anyhow::Result<()> {
             info.capability.1
         );
     }
-    let mut config = match &args.config {
-        Some(path) => ServerConfig::from_file(path)?,
-        None => ServerConfig::default(),
-    };
+    let mut config = ServerConfig::load(args.config.as_deref())?;
     if let Some(listen) = args.listen {
         config.listen = listen;
     }
