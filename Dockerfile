@@ -1,7 +1,9 @@
 # syntax=docker/dockerfile:1
 # openlora: one image for CPU and GPU nodes. The CUDA driver, NVRTC and cuBLAS are loaded at run
 # time (cudarc), so the same binary serves on a CPU node, or on a GPU node whose container
-# runtime (the NVIDIA container toolkit) mounts the driver. Build: docker build -t openlora .
+# runtime (the NVIDIA container toolkit) mounts the driver; NVRTC and cuBLAS come with the base
+# image. The build stage's glibc (Debian 12) is older than the run stage's (Ubuntu 24.04).
+# Build: docker build -t openlora .
 
 # --- build: the release binary, with the toolchain rust-toolchain.toml pins -------------------
 FROM rust:1.95.0-slim-bookworm AS build
@@ -12,8 +14,9 @@ RUN --mount=type=cache,target=/usr/local/cargo/registry \
     cargo build --release --locked -p openlora \
     && install -m 0755 target/release/openlora /usr/local/bin/openlora
 
-# --- run: the binary alone, as a user without privileges --------------------------------------
-FROM debian:bookworm-slim
+# --- run: the binary, with the CUDA runtime libraries it loads on a GPU (NVRTC, cuBLAS; the
+# driver comes from the node), as a user without privileges. On a CPU node they stay unused.
+FROM nvidia/cuda:12.8.1-runtime-ubuntu24.04
 RUN apt-get update \
     && apt-get install -y --no-install-recommends ca-certificates tini \
     && rm -rf /var/lib/apt/lists/* \

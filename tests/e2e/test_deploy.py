@@ -106,8 +106,9 @@ def test_the_replicas_run_as_the_server_needs():
                           (ROOT / "runtime" / "src" / "api" / "listen.rs").read_text()).group(1))
     pre_stop = int(c["lifecycle"]["preStop"]["exec"]["command"][-1])
     assert spec["terminationGracePeriodSeconds"] > pre_stop + drain, "the grace period covers the drain"
-    assert server["spec"]["strategy"]["rollingUpdate"]["maxUnavailable"] == 0
     pdb = one(docs, "PodDisruptionBudget")
+    rolling = server["spec"]["strategy"]["rollingUpdate"]
+    assert rolling["maxSurge"] == 0 and rolling["maxUnavailable"] == pdb["spec"]["maxUnavailable"] == 1
     assert pdb["spec"]["selector"]["matchLabels"].items() <= server["spec"]["template"]["metadata"]["labels"].items()
     service = one(docs, "Service", "openlora")
     assert service["spec"]["ports"][0]["port"] == 8000
@@ -139,6 +140,7 @@ def test_the_replicas_run_as_the_server_needs():
 def test_the_dockerfile_builds_one_non_root_image_for_cpu_and_gpu():
     text = (ROOT / "Dockerfile").read_text()
     stages = re.findall(r"^FROM\s+(\S+)", text, re.M)
+    assert stages[-1].startswith("nvidia/cuda:") and "-runtime-" in stages[-1], "NVRTC and cuBLAS in the image"
     assert len(stages) >= 2, "multi-stage: the toolchain stays out of the image"
     toolchain = re.search(r'channel = "([^"]+)"', (ROOT / "rust-toolchain.toml").read_text()).group(1)
     assert stages[0].startswith(f"rust:{toolchain}"), (stages[0], toolchain)

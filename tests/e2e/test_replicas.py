@@ -34,6 +34,8 @@ def cluster():
     loras = base / "loras"
     for name in TENANT_ADAPTERS:
         shutil.copytree(ADAPTERS / "r8-mlp", loras / name)
+    for owner in ["alice", "bob"]:
+        shutil.copytree(ADAPTERS / "r4-qv", loras / owner / "poems")
     # One signing key for all, as a Kubernetes Secret gives every replica (the first creates it).
     extra = (f'[ledger]\nurl = "{url}"\nsigning_key = "{base / "ledger-signing.key"}"\ncheckpoint_every = 25\n'
              "[memory]\nadapter_pool_bytes = 180000\n")
@@ -94,6 +96,31 @@ def test_a_change_on_one_replica_reaches_every_replica(cluster):
     for r in replicas:
         until(f"t0 gone from {r.url}", lambda r=r: "t0" not in models(r))
     assert complete(r0, "t0").status_code == 404
+
+
+def test_an_owners_name_holds_on_every_replica(cluster):
+    replicas, loras = cluster
+    r0, r1, r2 = replicas
+    keys = {}
+    for owner in ["alice", "bob"]:
+        made = r0.cli("keys", "create", "--owner", owner)
+        assert made.returncode == 0, made.stderr
+        keys[owner] = {"Authorization": f"Bearer {re.findall(r'olk_[0-9a-f]{16}_[0-9a-f]{64}', made.stdout)[-1]}"}
+    body = {"lora_name": "poems", "load_inplace": True}
+    mine = httpx.post(f"{r0.url}/v1/load_lora_adapter", headers=keys["alice"],
+                      json={**body, "lora_path": str(loras / "alice" / "poems")})
+    assert mine.status_code == 200, mine.text
+    for r in (r1, r2):
+        theirs = httpx.post(f"{r.url}/v1/load_lora_adapter", headers=keys["bob"],
+                            json={**body, "lora_path": str(loras / "bob" / "poems")})
+        assert theirs.status_code == 409, theirs.text
+    for r in replicas:
+        until(f"alice's poems on {r.url}", lambda r=r: httpx.get(f"{r.url}/admin/adapters/poems",
+                                                                  headers=ADMIN).json().get("owner") == "alice")
+    assert httpx.post(f"{r2.url}/v1/unload_lora_adapter", headers=keys["alice"],
+                      json={"lora_name": "poems"}).status_code == 200
+    for r in replicas:
+        until(f"poems gone from {r.url}", lambda r=r: "poems" not in models(r))
 
 
 def scrape(r: Server) -> dict:

@@ -27,6 +27,9 @@ def roots():
     shutil.copytree(ADAPTERS / "r8-mlp", base / "loras" / "other")
     shutil.copytree(ADAPTERS / "r8-mlp", base / "outside")
     os.symlink(base / "outside", base / "loras" / "escape")
+    shutil.copytree(ADAPTERS / "r4-qv", base / "loras" / "alice" / "mine")  # an owner's own folder
+    (base / "loras" / "alice" / "mine" / "openlora.json").write_text('{"owner": "mallory"}')
+    shutil.copytree(ADAPTERS / "r8-mlp", base / "loras" / "bob" / "his")
     linked = base / "loras" / "linked-file"
     linked.mkdir()
     shutil.copy(ADAPTERS / "r4-qv" / "adapter_config.json", linked / "adapter_config.json")
@@ -116,10 +119,15 @@ def test_only_the_operator_and_owners_may_load(server, roots):
         made = s.cli("keys", "create", "--owner", owner)
         assert made.returncode == 0, made.stderr
         keys[owner] = {"Authorization": f"Bearer {KEY_RE.findall(made.stdout)[-1]}"}
-    mine = load(s, {"lora_name": "alices", "lora_path": str(roots / "loras" / "fresh")}, keys["alice"])
+    others = load(s, {"lora_name": "alices", "lora_path": str(roots / "loras" / "fresh")}, keys["alice"])
+    assert others.status_code == 400, "an owner loads only from its own folder under the roots"
+    mine = load(s, {"lora_name": "alices", "lora_path": str(roots / "loras" / "alice" / "mine")}, keys["alice"])
     assert mine.status_code == 200, mine.text
-    assert httpx.get(f"{s.url}/admin/adapters/alices", headers=ADMIN).json()["owner"] == "alice"
-    taken = load(s, {"lora_name": "alices", "lora_path": str(roots / "loras" / "other"), "load_inplace": True},
+    assert httpx.get(f"{s.url}/admin/adapters/alices", headers=ADMIN).json()["owner"] == "alice", \
+        "the owner is the caller, never the folder's owner file"
+    assert load(s, {"lora_name": "bobs", "lora_path": str(roots / "loras" / "alice" / "mine")},
+                keys["bob"]).status_code == 400
+    taken = load(s, {"lora_name": "alices", "lora_path": str(roots / "loras" / "bob" / "his"), "load_inplace": True},
                  keys["bob"])
     assert taken.status_code == 409, taken.text
     assert unload(s, "alices", keys["bob"]).status_code == 404, "another owner's adapter looks like none"

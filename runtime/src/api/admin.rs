@@ -125,9 +125,18 @@ async fn delete_adapter(
 /// operator's file to edit (409); deleting an upload that shadowed one brings the configured one
 /// back.
 pub(super) async fn remove_adapter(state: &Shared, caller: &Caller, name: &str) -> Result<bool, ApiError> {
+    let _serial = state.serial_change().await;
     let (st, gone) = (state.clone(), name.to_string());
     let removed = blocking("delete adapter", move || remove_upload(&st, &gone)).await?;
-    if !removed {
+    // Gone here but not yet from the other replicas (its publication failed): publish it now.
+    let (st, gone) = (state.clone(), name.to_string());
+    let unpublished = !removed
+        && state.engine.pager().manifest(name).is_none()
+        && blocking("replicas", move || {
+            Ok(st.replication.as_ref().map(|r| r.has_adapter(&gone)).transpose()?.unwrap_or(false))
+        })
+        .await?;
+    if !removed && !unpublished {
         if state.engine.pager().manifest(name).is_some() {
             return Err(ApiError::new(
                 StatusCode::CONFLICT,
@@ -288,6 +297,7 @@ pub(super) async fn finish_upload(
     }
     let (state2, name2) = (state.clone(), name.to_string());
     let me = uploader(caller).map(str::to_string);
+    let _serial = state.serial_change().await;
     let (replaced, manifest) = blocking("upload", move || store(&state2, &name2, &stage, me.as_deref())).await?;
     let detail =
         format!("{} owner={}", if replaced { "replaced" } else { "created" }, manifest.owner.as_deref().unwrap_or("-"));

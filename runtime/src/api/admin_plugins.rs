@@ -212,6 +212,7 @@ async fn install(
     (bytes, config): (Vec<u8>, String),
     from: Option<u32>,
 ) -> Result<crate::policy::VersionInfo, ApiError> {
+    let _serial = state.serial_change().await;
     let (st, slot2, by) = (state.clone(), slot.clone(), caller.clone());
     let info = blocking("upload", move || {
         let allowed = |active: Option<u32>| match (&by, &slot2) {
@@ -291,6 +292,7 @@ async fn rollback(
     ApiPath(name): ApiPath<String>,
 ) -> Result<Json<Value>, ApiError> {
     let slot = slot(&name)?;
+    let _serial = state.serial_change().await;
     let (st, slot2) = (state.clone(), slot.clone());
     let active = blocking("rollback", move || Ok(st.policy.rollback(&slot2)?)).await?;
     let (sha, detail) = active
@@ -306,6 +308,7 @@ async fn activate(
     ApiPath((name, version)): ApiPath<(String, u32)>,
 ) -> Result<Json<Value>, ApiError> {
     let slot = slot(&name)?;
+    let _serial = state.serial_change().await;
     let (st, slot2) = (state.clone(), slot.clone());
     let active = blocking("activate", move || Ok(st.policy.activate(&slot2, version)?)).await?;
     let detail = format!("version={version}");
@@ -319,6 +322,7 @@ async fn remove_version(
     ApiPath((name, version)): ApiPath<(String, u32)>,
 ) -> Result<Json<Value>, ApiError> {
     let slot = slot(&name)?;
+    let _serial = state.serial_change().await;
     let (st, slot2) = (state.clone(), slot.clone());
     blocking("remove version", move || Ok(st.policy.remove_version(&slot2, version)?)).await?;
     state.audit(&caller, "plugin.remove_version", &slot.to_string(), None, format!("version={version}")).await?;
@@ -331,6 +335,7 @@ async fn deactivate(
     ApiPath(name): ApiPath<String>,
 ) -> Result<Json<Value>, ApiError> {
     let slot = slot(&name)?;
+    let _serial = state.serial_change().await;
     state.policy.deactivate(&slot)?;
     state.audit(&caller, "plugin.deactivate", &slot.to_string(), None, String::new()).await?;
     Ok(Json(json!({"slot": slot, "active": null})))

@@ -90,22 +90,32 @@ impl AppState {
     ) -> Result<(), ApiError> {
         let (state, by, target, sha) = (self.clone(), by.clone(), target.to_string(), sha256.map(str::to_string));
         blocking("audit", move || {
-            state.accounts.record(&by, action, &target, sha.as_deref(), &detail)?;
-            // The other replicas are told of the change; one they cannot be told of is
-            // reported as failed (done here, so a retry tells them).
+            // The other replicas are told of the change first: one the shared rules refuse is
+            // undone here and refused (nothing is recorded); one they cannot be told of is
+            // reported as failed, so that a retry tells them.
             if let Some(replication) = &state.replication {
-                replication.publish(&state, action, &target).map_err(|e| {
-                    ApiError::hidden(
+                replication.publish(&state, &by, action, &target).map_err(|e| match e {
+                    e @ crate::Error::Account(_) => ApiError::from(e),
+                    e => ApiError::hidden(
                         StatusCode::SERVICE_UNAVAILABLE,
                         "replicas_not_told",
                         "the change was made here but could not be shared with the other replicas; retry it",
                         e.to_string(),
-                    )
+                    ),
                 })?;
             }
-            Ok(())
+            Ok(state.accounts.record(&by, action, &target, sha.as_deref(), &detail)?)
         })
         .await
+    }
+
+    /// Held by an administrative act from its change to its publication to the other replicas
+    /// (none without replicas), so that no change read from them lands in between.
+    pub async fn serial_change(&self) -> Option<tokio::sync::OwnedMutexGuard<()>> {
+        match &self.replication {
+            Some(r) => Some(r.serial().await),
+            None => None,
+        }
     }
 
     /// A report's permit (429 when [`MAX_REPORTS`] are running).
@@ -242,8 +252,7 @@ async fn metrics(State(state): State<Shared>, headers: HeaderMap) -> Response {
     }
     let stats = state.engine.stats();
     state.metrics.engine.kv_blocks_used.set((stats.kv_total_blocks - stats.kv_free_blocks) as i64);
-    vllm::publish_metrics(&state);
-    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], state.metrics.render()).into_response()
+    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], vllm::render_metrics(&state)).into_response()
 }
 
 async fn not_found() -> ApiError {

@@ -9,7 +9,7 @@
 //! connection only delays a change. Keys, accounts, the audit trail and the ledger are already
 //! in that database. Plugins dropped into a replica's folder stay that replica's.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
 use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::{Arc, Mutex, Weak};
@@ -19,7 +19,8 @@ use postgres::fallible_iterator::FallibleIterator;
 use serde::{Deserialize, Serialize};
 
 use super::{ApiError, AppState};
-use crate::error::{Error, Result};
+use crate::accounts::Caller;
+use crate::error::{AccountError, Error, Result};
 use crate::policy::Slot;
 use crate::policy::wasm::sha256_hex;
 use crate::sql::{Db, Val};
@@ -37,8 +38,10 @@ CREATE TABLE IF NOT EXISTS shared_changes (
     target TEXT NOT NULL,
     state TEXT NOT NULL,
     origin TEXT NOT NULL,
-    at_ms BIGINT NOT NULL
+    at_ms BIGINT NOT NULL,
+    blobs TEXT NOT NULL DEFAULT ''
 );
+ALTER TABLE shared_changes ADD COLUMN IF NOT EXISTS blobs TEXT NOT NULL DEFAULT '';
 CREATE INDEX IF NOT EXISTS shared_changes_by_target ON shared_changes (target, seq);
 ";
 
@@ -86,27 +89,53 @@ pub struct Replication {
     origin: String,
     /// The connection changes are published on (one publisher at a time).
     publisher: Mutex<Option<Db>>,
-    /// The last change applied.
+    /// The last change read from the log.
     applied: AtomicI64,
+    /// Targets whose latest change could not be applied here yet: tried again at each read.
+    failed: Mutex<BTreeSet<String>>,
+    /// Held by a local act from its change to its publication, and by the follower while it
+    /// applies a change: a change read from the log never lands between an act and its
+    /// publication (which would publish the older state in place of the act's).
+    serial: Arc<tokio::sync::Mutex<()>>,
 }
 
 fn now_ms() -> i64 {
     crate::ledger::now_ms().min(i64::MAX as u64) as i64
 }
 
+/// What refused a publication (the local change is undone).
+fn refused(e: AccountError) -> Error {
+    Error::from(e)
+}
+
 impl Replication {
     /// Connects to the database at `url` and makes the log's tables.
     pub fn open(url: &str) -> Result<Self> {
-        let mut db = Db::postgres(url)?;
+        let mut db = connect(url)?;
         db.batch(SCHEMA)?;
         let origin = format!("{:016x}", rand::random::<u64>());
-        Ok(Replication { url: url.to_string(), origin, publisher: Mutex::new(Some(db)), applied: AtomicI64::new(0) })
+        Ok(Replication {
+            url: url.to_string(),
+            origin,
+            publisher: Mutex::new(Some(db)),
+            applied: AtomicI64::new(0),
+            failed: Mutex::default(),
+            serial: Arc::default(),
+        })
     }
 
-    /// Publishes the current state of what an administrative act (`action` on `target`, as the
-    /// audit trail names them) changed; acts on other things publish nothing.
-    pub fn publish(&self, state: &AppState, action: &str, target: &str) -> Result<()> {
-        let now = if action.starts_with("adapter.") {
+    /// Holds back the follower while a local act changes something and publishes it.
+    pub async fn serial(&self) -> tokio::sync::OwnedMutexGuard<()> {
+        self.serial.clone().lock_owned().await
+    }
+
+    /// Publishes the current state of what an administrative act by `by` (`action` on `target`,
+    /// as the audit trail names them) changed; acts on other things publish nothing. An owner's
+    /// adapter is held to the rules every replica shares, checked here under the log's lock: a
+    /// name another owner holds is refused (409), and so is an owner's adapter beyond its quota
+    /// counted over all replicas (429); either way the local change is undone.
+    pub fn publish(&self, state: &AppState, by: &Caller, action: &str, target: &str) -> Result<()> {
+        let TargetStateWithBlobs(now, blobs) = if action.starts_with("adapter.") {
             adapter_state(state, target)?
         } else if action.starts_with("plugin.") {
             let Ok(slot) = target.parse::<Slot>() else { return Ok(()) };
@@ -114,87 +143,170 @@ impl Replication {
         } else {
             return Ok(());
         };
-        let TargetStateWithBlobs(target_state, blobs) = now;
-        let text = serde_json::to_string(&target_state).map_err(|e| Error::io("a change", std::io::Error::other(e)))?;
+        let key = now.key();
+        let text = serde_json::to_string(&now).map_err(|e| Error::io("a change", std::io::Error::other(e)))?;
+        let refs: Vec<&str> = blobs.iter().map(|(sha, _)| sha.as_str()).collect();
+        let refs = refs.join(" ");
+        let owner_quota = match (by, &now) {
+            (Caller::Owner { name, .. }, TargetState::Adapter { version: Some(_), .. }) => {
+                Some((name.clone(), state.accounts.quotas(name)?.max_adapters))
+            }
+            _ => None,
+        };
         let mut guard = self.publisher.lock().unwrap_or_else(|p| p.into_inner());
         if guard.is_none() {
-            *guard = Some(Db::postgres(&self.url)?);
+            *guard = Some(connect(&self.url)?);
         }
         let db = guard.as_mut().expect("connected just above");
         let written = db.atomically(|db| {
-            for (sha, bytes) in &blobs {
-                db.exec(
-                    "INSERT INTO shared_blobs (sha256, bytes) VALUES ($1, $2) ON CONFLICT (sha256) DO NOTHING",
-                    &[Val::from(sha.as_str()), Val::Bytes(bytes.clone())],
-                )?;
+            for (sha, bytes) in blobs {
+                if db.rows("SELECT 1 FROM shared_blobs WHERE sha256 = $1", &[sha.as_str().into()])?.is_empty() {
+                    db.exec(
+                        "INSERT INTO shared_blobs (sha256, bytes) VALUES ($1, $2)",
+                        &[sha.into(), Val::Bytes(bytes)],
+                    )?;
+                }
             }
             // One publisher at a time: sequence numbers commit in order, so a reader that has
-            // seen change N has seen every change before it.
+            // seen change N has seen every change before it; and the checks below see every
+            // replica's changes.
             db.batch("LOCK TABLE shared_changes IN EXCLUSIVE MODE")?;
+            if let Some((me, max)) = &owner_quota {
+                check_owner(db, &key, me, *max)?;
+            }
             let seq = db.rows(
-                "INSERT INTO shared_changes (target, state, origin, at_ms) VALUES ($1, $2, $3, $4) RETURNING seq",
-                &[target_state.key().into(), text.as_str().into(), self.origin.as_str().into(), Val::Int(now_ms())],
+                "INSERT INTO shared_changes (target, state, origin, at_ms, blobs) VALUES ($1, $2, $3, $4, $5) \
+                 RETURNING seq",
+                &[
+                    key.as_str().into(),
+                    text.as_str().into(),
+                    self.origin.as_str().into(),
+                    Val::Int(now_ms()),
+                    refs.into(),
+                ],
             )?;
             let seq = seq.first().and_then(|r| r.first()).and_then(Val::int).unwrap_or_default();
+            compact(db, &key, seq)?;
             db.exec("SELECT pg_notify($1, $2)", &[CHANNEL.into(), seq.to_string().into()])?;
             Ok(seq)
         });
-        if written.is_err() {
-            // A broken connection is made again on the next publish.
-            *guard = None;
+        match written {
+            Ok(seq) => {
+                tracing::info!(seq, target = %key, "change published to the other replicas");
+                Ok(())
+            }
+            Err(e @ Error::Account(_)) => {
+                // Refused by the shared rules: this replica goes back to what the log says.
+                drop(guard);
+                if let Err(undo) = self.restore(state, &key) {
+                    tracing::error!(target = %key, error = %undo.message, "undoing a refused change failed");
+                }
+                Err(e)
+            }
+            Err(e) => {
+                // A broken connection is made again on the next publish.
+                *guard = None;
+                Err(e)
+            }
         }
-        let seq = written?;
-        tracing::info!(seq, target = %target_state.key(), "change published to the other replicas");
-        Ok(())
     }
 
-    /// Applies the latest change of every target (at start, before the replica serves).
+    /// Whether the log's latest state of adapter `name` has it (a delete that could not be
+    /// published must still be publishable once the adapter is gone here).
+    pub fn has_adapter(&self, name: &str) -> Result<bool> {
+        let mut db = connect(&self.url)?;
+        let latest = latest(&mut db, &format!("adapter:{name}"))?;
+        Ok(matches!(latest, Some((_, TargetState::Adapter { version: Some(_), .. }))))
+    }
+
+    /// Brings target `key` on this replica to the log's latest state of it (none: as if deleted).
+    fn restore(&self, state: &AppState, key: &str) -> std::result::Result<(), ApiError> {
+        let mut db = connect(&self.url)?;
+        match latest(&mut db, key)? {
+            Some((_, change)) => apply(state, &mut db, &change),
+            None => match key.split_once(':') {
+                Some(("adapter", name)) => {
+                    apply(state, &mut db, &TargetState::Adapter { name: name.into(), version: None })
+                }
+                Some(("slot", slot)) => apply(state, &mut db, &TargetState::Slot { slot: slot.into(), active: None }),
+                _ => Ok(()),
+            },
+        }
+    }
+
+    /// Applies the latest change of every target (at start, before the replica serves and
+    /// before any act can run): adapters first, then the slots that may name them.
     pub fn catch_up(&self, state: &AppState) -> Result<usize> {
-        let mut db = Db::postgres(&self.url)?;
+        let mut db = connect(&self.url)?;
         let rows = db.rows(
-            "SELECT seq, state FROM (SELECT DISTINCT ON (target) seq, state FROM shared_changes \
-             ORDER BY target, seq DESC) latest ORDER BY seq",
+            "SELECT seq, state, target FROM (SELECT DISTINCT ON (target) seq, state, target FROM shared_changes \
+             ORDER BY target, seq DESC) latest ORDER BY (target LIKE 'adapter:%') DESC, seq",
             &[],
         )?;
-        let max = db.rows("SELECT COALESCE(MAX(seq), 0) FROM shared_changes", &[])?;
-        let n = rows.len();
+        let last = rows.iter().filter_map(|r| r.first().and_then(Val::int)).max().unwrap_or_default();
         for row in &rows {
             self.apply_row(state, &mut db, row);
         }
-        let max = max.first().and_then(|r| r.first()).and_then(Val::int).unwrap_or_default();
-        self.applied.fetch_max(max, Ordering::SeqCst);
-        Ok(n)
+        self.applied.fetch_max(last, Ordering::SeqCst);
+        Ok(rows.len())
     }
 
-    /// Applies every change after the last one applied; returns how many.
+    /// Applies every change after the last one read, then retries the targets that failed;
+    /// returns how many changes it read.
     fn follow(&self, state: &AppState, db: &mut Db) -> Result<usize> {
         let mut n = 0;
         loop {
             let after = self.applied.load(Ordering::SeqCst);
             let rows = db.rows(
-                "SELECT seq, state FROM shared_changes WHERE seq > $1 ORDER BY seq LIMIT 100",
+                "SELECT seq, state, target FROM shared_changes WHERE seq > $1 ORDER BY seq LIMIT 100",
                 &[Val::Int(after)],
             )?;
             if rows.is_empty() {
-                return Ok(n);
+                break;
             }
             for row in &rows {
+                let _serial = self.serial.blocking_lock();
                 self.apply_row(state, db, row);
                 n += 1;
             }
         }
+        let retry: Vec<String> = self.failed.lock().unwrap_or_else(|p| p.into_inner()).iter().cloned().collect();
+        for key in retry {
+            if let Some((seq, change)) = latest(db, &key)? {
+                let _serial = self.serial.blocking_lock();
+                let row = [Val::Int(seq), Val::Text(serde_json::to_string(&change).unwrap_or_default()), key.into()];
+                self.apply_row(state, db, &row);
+            }
+        }
+        Ok(n)
     }
 
+    /// Applies one row `(seq, state, target)`; a failure is logged and its target tried again.
     fn apply_row(&self, state: &AppState, db: &mut Db, row: &[Val]) {
         let seq = row.first().and_then(Val::int).unwrap_or_default();
         let text = row.get(1).map(Val::string).unwrap_or_default();
-        match serde_json::from_str::<TargetState>(&text) {
+        let key = row.get(2).map(Val::string).unwrap_or_default();
+        let outcome = match serde_json::from_str::<TargetState>(&text) {
             Ok(change) => {
-                if let Err(e) = apply(state, db, &change) {
-                    tracing::error!(seq, target = %change.key(), error = %e.message, "applying a replica's change failed");
+                let applied = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| apply(state, db, &change)));
+                match applied {
+                    Ok(Ok(())) => Ok(()),
+                    Ok(Err(e)) => Err(e.message),
+                    Err(_) => Err("applying it panicked".to_string()),
                 }
             }
-            Err(e) => tracing::error!(seq, error = %e, "an unreadable change in the shared log"),
+            Err(e) => Err(format!("unreadable: {e}")),
+        };
+        let mut failed = self.failed.lock().unwrap_or_else(|p| p.into_inner());
+        match outcome {
+            Ok(()) => {
+                failed.remove(&key);
+            }
+            Err(message) => {
+                if failed.insert(key.clone()) {
+                    tracing::error!(seq, target = %key, error = %message, "applying a replica's change failed; retrying");
+                }
+            }
         }
         self.applied.fetch_max(seq, Ordering::SeqCst);
     }
@@ -226,7 +338,7 @@ impl Replication {
         let store = |what: &str, e: postgres::Error| Error::io(what.to_string(), std::io::Error::other(e));
         let mut listener = postgres::Client::connect(&self.url, postgres::NoTls).map_err(|e| store("listen", e))?;
         listener.batch_execute(&format!("LISTEN {CHANNEL}")).map_err(|e| store("listen", e))?;
-        let mut db = Db::postgres(&self.url)?;
+        let mut db = connect(&self.url)?;
         loop {
             let Some(strong) = state.upgrade() else { return Ok(()) };
             self.follow(&strong, &mut db)?;
@@ -237,6 +349,73 @@ impl Replication {
             notes.iter().count().map_err(|e| store("listen", e))?;
         }
     }
+}
+
+/// A connection to the shared database that gives up on a statement or a lock rather than
+/// hanging every administrative act behind it.
+fn connect(url: &str) -> Result<Db> {
+    let mut db = Db::postgres(url)?;
+    db.batch("SET statement_timeout = '60s'; SET lock_timeout = '15s'")?;
+    Ok(db)
+}
+
+/// The latest change of target `key` in the log.
+fn latest(db: &mut Db, key: &str) -> Result<Option<(i64, TargetState)>> {
+    let rows =
+        db.rows("SELECT seq, state FROM shared_changes WHERE target = $1 ORDER BY seq DESC LIMIT 1", &[key.into()])?;
+    Ok(rows.first().and_then(|r| {
+        let seq = r.first().and_then(Val::int)?;
+        serde_json::from_str(&r.get(1).map(Val::string).unwrap_or_default()).ok().map(|c| (seq, c))
+    }))
+}
+
+/// Refuses an owner's adapter `key` that another owner holds in the log, or one more adapter
+/// than its quota counted over every replica.
+fn check_owner(db: &mut Db, key: &str, me: &str, max_adapters: u64) -> Result<()> {
+    if let Some((_, TargetState::Adapter { version: Some(v), name })) = latest(db, key)?
+        && v.owner.as_deref() != Some(me)
+    {
+        return Err(refused(AccountError::Conflict(format!("the adapter name `{name}` is taken; choose another"))));
+    }
+    // The owner as the state's JSON writes it, LIKE's wildcards escaped.
+    let quoted = serde_json::to_string(me).unwrap_or_default();
+    let escaped = quoted.replace('\\', r"\\").replace('%', r"\%").replace('_', r"\_");
+    let pattern = format!(r#"%"owner":{escaped}%"#);
+    let rows = db.rows(
+        "SELECT COUNT(*) FROM (SELECT DISTINCT ON (target) target, state FROM shared_changes \
+         WHERE target LIKE 'adapter:%' ORDER BY target, seq DESC) latest WHERE target <> $1 AND state LIKE $2",
+        &[key.into(), pattern.into()],
+    )?;
+    let have = rows.first().and_then(|r| r.first()).and_then(Val::int).unwrap_or_default();
+    if have as u64 >= max_adapters {
+        return Err(refused(AccountError::Quota {
+            message: format!("owner `{me}` may have {max_adapters} adapters over all replicas; delete one first"),
+            size: false,
+            retry_after: None,
+        }));
+    }
+    Ok(())
+}
+
+/// Drops the changes of target `key` before `seq` (every replica that has not read them will
+/// read `seq`) and the blobs no remaining change names.
+fn compact(db: &mut Db, key: &str, seq: i64) -> Result<()> {
+    let dropped = db.rows(
+        "DELETE FROM shared_changes WHERE target = $1 AND seq < $2 RETURNING blobs",
+        &[key.into(), Val::Int(seq)],
+    )?;
+    let mut shas: BTreeSet<String> = BTreeSet::new();
+    for row in dropped {
+        shas.extend(row.first().map(Val::string).unwrap_or_default().split_whitespace().map(str::to_string));
+    }
+    for sha in shas {
+        let used =
+            db.rows("SELECT 1 FROM shared_changes WHERE strpos(blobs, $1) > 0 LIMIT 1", &[sha.as_str().into()])?;
+        if used.is_empty() {
+            db.exec("DELETE FROM shared_blobs WHERE sha256 = $1", &[sha.into()])?;
+        }
+    }
+    Ok(())
 }
 
 /// A target's state and the blobs it names.

@@ -2,8 +2,9 @@
 //! drive replicas as if they were vLLM (llm-d's endpoint picker, AIBrix, KServe, the production
 //! stack): `POST /v1/load_lora_adapter` and `POST /v1/unload_lora_adapter`, with vLLM's exact
 //! answers, behind the admin gate (the operator; an owner for its own adapters). A `lora_path`
-//! must lie under one of the config's `lora_path_roots`; the folder is copied into the adapter
-//! store and goes through the same validation, quotas and audit trail as an upload.
+//! must lie under one of the config's `lora_path_roots` (an owner's: under `<root>/<owner>/`);
+//! the adapter's configuration and weights are copied into the adapter store and go through the
+//! same validation, quotas, audit trail and publication to the other replicas as an upload.
 
 use std::path::{Path, PathBuf};
 
@@ -18,7 +19,6 @@ use serde_json::json;
 
 use super::admin::{begin_upload, finish_upload, remove_adapter, valid_name};
 use super::caller::owns;
-use super::upload::wanted;
 use super::{ApiError, JsonBody, Shared, blocking};
 use crate::accounts::Caller;
 
@@ -27,11 +27,17 @@ pub fn router() -> Router<Shared> {
     Router::new().route("/v1/load_lora_adapter", post(load)).route("/v1/unload_lora_adapter", post(unload))
 }
 
-/// Sets vLLM's gauges from the engine's and the pager's latest state (at each scrape; one
-/// scrape at a time, so the label sets it resets and sets are never seen half done).
-pub fn publish_metrics(state: &super::AppState) {
+/// Every metric as `/metrics` answers it: vLLM's gauges set from the engine's and the pager's
+/// latest state, then both registries rendered — one scrape at a time, so a label set one
+/// scrape resets is never seen half built by another.
+pub fn render_metrics(state: &super::AppState) -> String {
     static ONE: std::sync::Mutex<()> = std::sync::Mutex::new(());
     let _one = ONE.lock().unwrap_or_else(|p| p.into_inner());
+    set_gauges(state);
+    state.metrics.render()
+}
+
+fn set_gauges(state: &super::AppState) {
     let (m, stats, pager) = (&state.metrics.vllm, state.engine.stats(), state.engine.pager());
     m.waiting.set(stats.waiting as i64);
     m.running.set(stats.running as i64);
@@ -116,7 +122,13 @@ async fn load(
         );
         return Ok(vllm_error(StatusCode::BAD_REQUEST, "InvalidUserInput", message));
     }
-    let folder = allowed_folder(&state.config.lora_path_roots, &req.lora_path)?;
+    // An owner reads only its own folder under each root (`<root>/<owner>/...`), so one owner
+    // cannot load another's files.
+    let roots: Vec<PathBuf> = match &caller {
+        Caller::Owner { name: me, .. } => state.config.lora_path_roots.iter().map(|r| r.join(me)).collect(),
+        _ => state.config.lora_path_roots.clone(),
+    };
+    let folder = allowed_folder(&roots, &req.lora_path)?;
     let _one = state.owner_lock(&caller).await;
     let mut owner = None;
     let quotas = begin_upload(&state, &caller, &name, &mut owner).await?;
@@ -172,29 +184,38 @@ fn allowed_folder(roots: &[PathBuf], lora_path: &str) -> Result<PathBuf, ApiErro
     Ok(folder)
 }
 
-/// Copies the adapter files of `folder` (regular files only, not links) into `stage`, at most
-/// `limit` bytes in all.
+/// Copies the adapter's configuration and weights from `folder` into `stage`, at most `limit`
+/// bytes in all. Each file is opened without following a link and without blocking (a FIFO
+/// fails), checked to be a regular file on the open handle, and read through a cap, so nothing
+/// swapped in after the checks is copied. An owner file there is not copied: who owns the
+/// adapter is the caller's to say, never the folder's.
 fn copy_folder(folder: &Path, stage: &Path, limit: u64) -> Result<(), ApiError> {
-    let unreadable = |_| ApiError::invalid(Some("lora_path".into()), "the folder at lora_path cannot be read");
+    use std::io::Read;
+    use std::os::unix::fs::OpenOptionsExt;
+    let refused = |m: String| ApiError::invalid(Some("lora_path".into()), m);
+    let unreadable = |_| refused("the folder at lora_path cannot be read".into());
     let mut total = 0u64;
-    for entry in std::fs::read_dir(folder).map_err(unreadable)? {
-        let entry = entry.map_err(unreadable)?;
-        let name = entry.file_name();
-        let Some(file) = name.to_str().filter(|f| wanted(f)) else { continue };
-        let meta = entry.path().symlink_metadata().map_err(unreadable)?;
-        if !meta.is_file() {
-            let message = format!("`{file}` in lora_path is not a regular file");
-            return Err(ApiError::invalid(Some("lora_path".into()), message));
+    for file in [crate::adapters::CONFIG_FILE, crate::adapters::WEIGHTS_FILE] {
+        let opened = std::fs::OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK)
+            .open(folder.join(file));
+        let mut from = match opened {
+            Ok(f) => f,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
+            Err(_) => return Err(refused(format!("`{file}` in lora_path is not a regular file that can be read"))),
+        };
+        if !from.metadata().map_err(unreadable)?.is_file() {
+            return Err(refused(format!("`{file}` in lora_path is not a regular file")));
         }
-        total = total.saturating_add(meta.len());
-        if total > limit {
+        let mut to = std::fs::File::create(stage.join(file)).map_err(|e| ApiError::internal(e.to_string()))?;
+        let left = limit - total;
+        let copied = std::io::copy(&mut (&mut from).take(left + 1), &mut to).map_err(unreadable)?;
+        if copied > left {
             let message = format!("the adapter's files are over the upload limit of {limit} bytes");
-            return Err(ApiError {
-                status: StatusCode::PAYLOAD_TOO_LARGE,
-                ..ApiError::invalid(Some("lora_path".into()), message)
-            });
+            return Err(ApiError { status: StatusCode::PAYLOAD_TOO_LARGE, ..refused(message) });
         }
-        std::fs::copy(entry.path(), stage.join(file)).map_err(unreadable)?;
+        total += copied;
     }
     Ok(())
 }
