@@ -125,6 +125,13 @@ async fn delete_adapter(
 /// operator's file to edit (409); deleting an upload that shadowed one brings the configured one
 /// back.
 pub(super) async fn remove_adapter(state: &Shared, caller: &Caller, name: &str) -> Result<bool, ApiError> {
+    // It ends (removed, audited, published) even if its client goes away.
+    let (state, caller, name) = (state.clone(), caller.clone(), name.to_string());
+    super::detached(async move { remove_now(&state, &caller, &name).await }).await
+}
+
+/// [`remove_adapter`]'s work.
+async fn remove_now(state: &Shared, caller: &Caller, name: &str) -> Result<bool, ApiError> {
     let _serial = state.serial_change().await;
     let (st, gone) = (state.clone(), name.to_string());
     let removed = blocking("delete adapter", move || remove_upload(&st, &gone)).await?;
@@ -268,7 +275,21 @@ pub(super) async fn finish_upload(
     quotas: Option<crate::accounts::Quotas>,
     action: &'static str,
 ) -> Result<(bool, std::sync::Arc<AdapterManifest>), ApiError> {
-    let stage = stage.to_path_buf();
+    // Once the body is read, the upload ends (committed, audited, published) even if its
+    // client goes away: the rest runs as a task of its own.
+    let (state, caller, name, stage) = (state.clone(), caller.clone(), name.to_string(), stage.to_path_buf());
+    super::detached(async move { commit_upload(&state, &caller, &name, (stage, owner), quotas, action).await }).await
+}
+
+/// [`finish_upload`]'s work.
+async fn commit_upload(
+    state: &Shared,
+    caller: &Caller,
+    name: &str,
+    (stage, owner): (std::path::PathBuf, Option<String>),
+    quotas: Option<crate::accounts::Quotas>,
+    action: &'static str,
+) -> Result<(bool, std::sync::Arc<AdapterManifest>), ApiError> {
     if let Some(owner) = owner {
         let written = write_synced(&stage.join(OWNER_FILE), json!({ "owner": owner }).to_string().as_bytes());
         if let Err(e) = written {

@@ -209,6 +209,19 @@ async fn install(
     state: &Shared,
     caller: &Caller,
     slot: &Slot,
+    component: (Vec<u8>, String),
+    from: Option<u32>,
+) -> Result<crate::policy::VersionInfo, ApiError> {
+    // Once begun, it ends (installed, published, audited) even if its client goes away.
+    let (state, caller, slot) = (state.clone(), caller.clone(), slot.clone());
+    super::detached(async move { install_now(&state, &caller, &slot, component, from).await }).await
+}
+
+/// [`install`]'s work.
+async fn install_now(
+    state: &Shared,
+    caller: &Caller,
+    slot: &Slot,
     (bytes, config): (Vec<u8>, String),
     from: Option<u32>,
 ) -> Result<crate::policy::VersionInfo, ApiError> {

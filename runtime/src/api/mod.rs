@@ -134,6 +134,14 @@ impl AppState {
     }
 }
 
+/// Runs `work` as a task of its own and waits for it: dropping the wait (a client that went
+/// away) does not stop the work, so an administrative act is never left half done.
+pub async fn detached<T: Send + 'static>(
+    work: impl std::future::Future<Output = Result<T, ApiError>> + Send + 'static,
+) -> Result<T, ApiError> {
+    tokio::spawn(work).await.map_err(|e| ApiError::internal(format!("an administrative act stopped: {e}")))?
+}
+
 /// The shared state handlers receive.
 pub type Shared = Arc<AppState>;
 
