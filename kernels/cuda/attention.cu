@@ -21,13 +21,14 @@ extern "C" __global__ void write_kv_bf16(const bf16* __restrict__ k, const bf16*
 // Output dimensions one thread accumulates: head_dim <= ATTN_DIMS * blockDim.x.
 #define ATTN_DIMS 4
 
-// One query row of one head against `len` cached tokens, a tile of keys at a time with an
+// One query row of one head against cached tokens `first..len` (`first` > 0 under a sliding
+// window), a tile of keys at a time with an
 // online softmax (running max and sum, earlier tiles' weighted values rescaled when the max
 // grows): no shared memory grows with the context. Every thread of the block takes part
 // (blockDim.x a multiple of 32). Each score is one warp's: its lanes read the key's values side
 // by side (coalesced) and the dot product is summed across the warp.
 __device__ void attend(const bf16* __restrict__ q, const bf16* __restrict__ k_cache, const bf16* __restrict__ v_cache,
-                       const u32* __restrict__ table, int len, int kv_head, int kv_heads, int head_dim,
+                       const u32* __restrict__ table, int first, int len, int kv_head, int kv_heads, int head_dim,
                        int block_size, float scale, bf16* __restrict__ out) {
     __shared__ float scores[ATTN_TILE];
     int token_elems = kv_heads * head_dim;
@@ -36,7 +37,7 @@ __device__ void attend(const bf16* __restrict__ q, const bf16* __restrict__ k_ca
     float acc[ATTN_DIMS];
     for (int i = 0; i < ATTN_DIMS; i++) acc[i] = 0.0f;
     float running_max = NEG_INF, running_sum = 0.0f;
-    for (int t0 = 0; t0 < len; t0 += ATTN_TILE) {
+    for (int t0 = first; t0 < len; t0 += ATTN_TILE) {
         int tn = min(ATTN_TILE, len - t0);
         for (int j = warp; j < tn; j += warps) {
             int t = t0 + j;
@@ -82,17 +83,23 @@ __device__ void attend(const bf16* __restrict__ q, const bf16* __restrict__ k_ca
     }
 }
 
+// The first token a query at position len - 1 sees: under a sliding window of `window` tokens
+// (itself included) the last `window`; 0 (no window): every one.
+__device__ int window_start(int len, int window) { return window > 0 && len > window ? len - window : 0; }
+
 // Decode: one new token per sequence. q, out: [seqs, heads, head_dim]; block_tables:
-// [seqs, max_blocks]; context_lens[seq] counts the cached tokens including the new one.
+// [seqs, max_blocks]; context_lens[seq] counts the cached tokens including the new one; window:
+// the sliding window in tokens (0: none).
 // grid: (seqs, heads), block: a multiple of 32 with head_dim <= 4 × block.
 extern "C" __global__ void paged_attention_decode_bf16(bf16* __restrict__ out, const bf16* __restrict__ q,
                                                        const bf16* __restrict__ k_cache, const bf16* __restrict__ v_cache,
                                                        const u32* __restrict__ block_tables, const u32* __restrict__ context_lens,
                                                        int max_blocks, int heads, int kv_heads, int head_dim,
-                                                       int block_size, float scale) {
+                                                       int block_size, float scale, int window) {
     int seq = blockIdx.x, h = blockIdx.y;
     size_t at = ((size_t)seq * heads + h) * head_dim;
-    attend(q + at, k_cache, v_cache, block_tables + (size_t)seq * max_blocks, (int)context_lens[seq],
+    int len = (int)context_lens[seq];
+    attend(q + at, k_cache, v_cache, block_tables + (size_t)seq * max_blocks, window_start(len, window), len,
            h / (heads / kv_heads), kv_heads, head_dim, block_size, scale, out + at);
 }
 
@@ -105,9 +112,11 @@ extern "C" __global__ void paged_attention_prefill_bf16(bf16* __restrict__ out, 
                                                         const bf16* __restrict__ k_cache, const bf16* __restrict__ v_cache,
                                                         const u32* __restrict__ block_tables, const u32* __restrict__ row_seq,
                                                         const u32* __restrict__ row_pos, int max_blocks, int heads,
-                                                        int kv_heads, int head_dim, int block_size, float scale) {
+                                                        int kv_heads, int head_dim, int block_size, float scale,
+                                                        int window) {
     int row = blockIdx.x, h = blockIdx.y;
     size_t at = ((size_t)row * heads + h) * head_dim;
-    attend(q + at, k_cache, v_cache, block_tables + (size_t)row_seq[row] * max_blocks, (int)row_pos[row] + 1,
+    int len = (int)row_pos[row] + 1;
+    attend(q + at, k_cache, v_cache, block_tables + (size_t)row_seq[row] * max_blocks, window_start(len, window), len,
            h / (heads / kv_heads), kv_heads, head_dim, block_size, scale, out + at);
 }

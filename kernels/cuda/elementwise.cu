@@ -25,6 +25,28 @@ extern "C" __global__ void rms_norm_bf16(const bf16* __restrict__ x, const bf16*
     }
 }
 
+// RMSNorm of every row in place: x [rows, width] (Qwen3's per-head norm of q and k: one row per
+// head).  grid: (rows), block: any multiple of 32.
+extern "C" __global__ void rms_norm_inplace_bf16(bf16* __restrict__ x, const bf16* __restrict__ w, int width,
+                                                 float eps) {
+    bf16* xr = x + (size_t)blockIdx.x * width;
+    float ss = 0.0f;
+    for (int i = threadIdx.x; i < width; i += blockDim.x) {
+        float v = bf16_to_f32(xr[i]);
+        ss += v * v;
+    }
+    float inv = rsqrtf(block_sum(ss) / (float)width + eps);
+    for (int i = threadIdx.x; i < width; i += blockDim.x) {
+        xr[i] = f32_to_bf16(bf16_to_f32(xr[i]) * inv * bf16_to_f32(w[i]));
+    }
+}
+
+// y[r, c] += bias[c] for y [rows, cols] (a projection's bias).  grid: ceil(rows * cols / block).
+extern "C" __global__ void add_bias_bf16(bf16* __restrict__ y, const bf16* __restrict__ bias, int rows, int cols) {
+    size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
+    if (i < (size_t)rows * cols) y[i] = f32_to_bf16(bf16_to_f32(y[i]) + bf16_to_f32(bias[i % cols]));
+}
+
 // Rotary embedding, Llama's "rotate half" layout, in place on x: [rows, heads, head_dim].
 // cos/sin: [max_position, head_dim / 2] (f32, with any rope scaling already applied);
 // positions: [rows].  grid: (rows, heads), block: head_dim / 2 threads (or fewer, striding).

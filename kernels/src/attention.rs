@@ -83,7 +83,8 @@ pub fn write_kv(
 }
 
 /// Causal attention for every sequence: `q: [rows, heads, head_dim]` → `out: [rows, heads *
-/// head_dim]`, softmax in f32, scores scaled by `scale`.
+/// head_dim]`, softmax in f32, scores scaled by `scale`; under a sliding `window` (in tokens,
+/// itself included) a query sees only the last `window` tokens up to its own.
 pub fn paged_attention(
     shape: KvShape,
     cache: KvLayer<'_>,
@@ -91,6 +92,7 @@ pub fn paged_attention(
     out: &mut [f32],
     seqs: &[SeqAttention<'_>],
     scale: f32,
+    window: Option<usize>,
 ) {
     let hd = shape.head_dim;
     let group = shape.heads / shape.kv_heads;
@@ -105,13 +107,14 @@ pub fn paged_attention(
     out.par_chunks_mut(row_elems).zip(owner.par_iter()).enumerate().for_each(|(row, (o, who))| {
         let Some((s, t)) = *who else { return };
         let pos = s.context - s.new_tokens + t;
-        let mut scores = vec![0f32; pos + 1];
+        let first = window.map_or(0, |w| (pos + 1).saturating_sub(w.max(1)));
+        let mut scores = vec![0f32; pos + 1 - first];
         for h in 0..shape.heads {
             let kvh = h / group;
             let qh = &q[row * row_elems + h * hd..row * row_elems + (h + 1) * hd];
             let mut max = f32::NEG_INFINITY;
             for (j, sc) in scores.iter_mut().enumerate() {
-                let at = shape.offset(s.blocks, j) + kvh * hd;
+                let at = shape.offset(s.blocks, first + j) + kvh * hd;
                 *sc = dot(qh, &cache.k[at..at + hd]) * scale;
                 max = max.max(*sc);
             }
@@ -123,7 +126,7 @@ pub fn paged_attention(
             let oh = &mut o[h * hd..(h + 1) * hd];
             oh.fill(0.0);
             for (j, sc) in scores.iter().enumerate() {
-                let at = shape.offset(s.blocks, j) + kvh * hd;
+                let at = shape.offset(s.blocks, first + j) + kvh * hd;
                 axpy(oh, sc / sum, &cache.v[at..at + hd]);
             }
         }
@@ -188,7 +191,7 @@ mod tests {
         let s1 = [SeqAttention { row: 0, new_tokens: 7, context: 7, blocks: &table_a }];
         write_kv(shape, &mut kc, &mut vc, &ka[..7 * te], &va[..7 * te], &s1);
         let mut out1 = vec![0f32; 7 * qe];
-        paged_attention(shape, KvLayer { k: &kc, v: &vc }, &qa[..7 * qe], &mut out1, &s1, 0.35);
+        paged_attention(shape, KvLayer { k: &kc, v: &vc }, &qa[..7 * qe], &mut out1, &s1, 0.35, None);
         // Step 2: A's last 4 tokens and all of B, in one call.
         let s2 = [
             SeqAttention { row: 0, new_tokens: 4, context: 11, blocks: &table_a },
@@ -199,12 +202,26 @@ mod tests {
         let q2 = [&qa[7 * qe..], &qb[..]].concat();
         write_kv(shape, &mut kc, &mut vc, &k2, &v2, &s2);
         let mut out2 = vec![0f32; 10 * qe];
-        paged_attention(shape, KvLayer { k: &kc, v: &vc }, &q2, &mut out2, &s2, 0.35);
+        paged_attention(shape, KvLayer { k: &kc, v: &vc }, &q2, &mut out2, &s2, 0.35, None);
         let want_a = dense(&qa, &ka, &va, na, shape, 0.35);
         let want_b = dense(&qb, &kb, &vb, nb, shape, 0.35);
         let got_a = [&out1[..], &out2[..4 * qe]].concat();
         let diff = |a: &[f32], b: &[f32]| a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0f32, f32::max);
         assert!(diff(&got_a, &want_a) < 1e-5);
         assert!(diff(&out2[4 * qe..], &want_b) < 1e-5);
+
+        // A sliding window as wide as the context changes nothing; a window of one token gives
+        // each query its own value (every head of a KV group the same).
+        let mut wide = vec![0f32; 10 * qe];
+        paged_attention(shape, KvLayer { k: &kc, v: &vc }, &q2, &mut wide, &s2, 0.35, Some(11));
+        assert!(diff(&wide, &out2) < 1e-6);
+        let mut own = vec![0f32; 10 * qe];
+        paged_attention(shape, KvLayer { k: &kc, v: &vc }, &q2, &mut own, &s2, 0.35, Some(1));
+        let token = 10; // A's last token
+        for h in 0..shape.heads {
+            let kvh = h / (shape.heads / shape.kv_heads);
+            let want = &va[(token * shape.kv_heads + kvh) * 8..][..8];
+            assert!(diff(&own[3 * qe + h * 8..][..8], want) < 1e-6, "head {h}");
+        }
     }
 }

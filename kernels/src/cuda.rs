@@ -31,6 +31,8 @@ pub const SOURCES: &[KernelSource] = &[
         kernels: &[
             "embedding_bf16",
             "rms_norm_bf16",
+            "rms_norm_inplace_bf16",
+            "add_bias_bf16",
             "rope_bf16",
             "silu_mul_bf16",
             "add_bf16",

@@ -209,6 +209,8 @@ mod tests {
     fn cfg() -> ModelConfig {
         ModelConfig {
             model_type: "llama".into(),
+            family: crate::shape::Family::Llama,
+            layer_windows: vec![None],
             vocab_size: 8,
             hidden_size: 8,
             intermediate_size: 8,

@@ -22,6 +22,10 @@ struct Layer {
     proj: [Tensor; 7],
     input_norm: Tensor,
     post_attention_norm: Tensor,
+    /// The q, k and v biases, in families that have them (Qwen2).
+    qkv_bias: Option<[Tensor; 3]>,
+    /// The per-head RMSNorm weights of q and k `[head_dim]`, in families that have them (Qwen3).
+    qk_norm: Option<(Tensor, Tensor)>,
 }
 
 /// One sequence's slice of a flat batch.
@@ -99,6 +103,18 @@ impl Llama {
                 load_proj(Proj::Up)?,
                 load_proj(Proj::Down)?,
             ];
+            let attn = |name: &str, len: usize| {
+                weights.load(&format!("model.layers.{l}.self_attn.{name}"), &[len], dt, device)
+            };
+            let (q_len, kv_len) = (cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim);
+            let qkv_bias = match cfg.family.qkv_bias() {
+                true => Some([attn("q_proj.bias", q_len)?, attn("k_proj.bias", kv_len)?, attn("v_proj.bias", kv_len)?]),
+                false => None,
+            };
+            let qk_norm = match cfg.family.qk_norm() {
+                true => Some((attn("q_norm.weight", cfg.head_dim)?, attn("k_norm.weight", cfg.head_dim)?)),
+                false => None,
+            };
             layers.push(Layer {
                 proj,
                 input_norm: weights.load(&format!("model.layers.{l}.input_layernorm.weight"), &[h], dt, device)?,
@@ -108,6 +124,8 @@ impl Llama {
                     dt,
                     device,
                 )?,
+                qkv_bias,
+                qk_norm,
             });
         }
         let norm = weights.load("model.norm.weight", &[h], dt, device)?;
@@ -127,7 +145,8 @@ impl Llama {
         })
     }
 
-    /// A model of `cfg`'s shape from f32 weights already on `device`: the embedding
+    /// A model of `cfg`'s shape (a family with no weights beyond Llama's: Llama, Mistral) from
+    /// f32 weights already on `device`: the embedding
     /// `[vocab, hidden]`; per layer its seven projections `[out, in]` in [`Proj::ALL`] order, its
     /// input norm and its post-attention norm `[hidden]`; the final norm; and the head
     /// `[vocab, hidden]` (the embedding again when tied). Every shape is checked against `cfg`.
@@ -140,6 +159,9 @@ impl Llama {
         device: &Device,
     ) -> Result<Self> {
         let h = cfg.hidden_size;
+        if cfg.family.qkv_bias() || cfg.family.qk_norm() {
+            return Err(Error::config("(in memory)", "model_type", "built from parts: Llama or Mistral shapes only"));
+        }
         let check = |name: String, t: &Tensor, expected: &[usize]| {
             if t.dims() == expected {
                 Ok(())
@@ -174,7 +196,7 @@ impl Llama {
             }
             check(format!("model.layers.{l}.input_layernorm.weight"), &input_norm, &[h])?;
             check(format!("model.layers.{l}.post_attention_layernorm.weight"), &post_attention_norm, &[h])?;
-            built.push(Layer { proj, input_norm, post_attention_norm });
+            built.push(Layer { proj, input_norm, post_attention_norm, qkv_bias: None, qk_norm: None });
         }
         Ok(Llama {
             cfg: cfg.clone(),
@@ -198,7 +220,12 @@ impl Llama {
     }
 
     fn project(&self, l: usize, p: Proj, x: &Tensor, lora: &LoraPlan<'_>) -> Result<Tensor> {
-        let y = ops::linear(x, &self.layers[l].proj[p as usize])?;
+        let mut y = ops::linear(x, &self.layers[l].proj[p as usize])?;
+        if let Some(bias) = &self.layers[l].qkv_bias
+            && let Some(b) = [Proj::Q, Proj::K, Proj::V].iter().position(|&q| q == p)
+        {
+            y = y.broadcast_add(&bias[b])?;
+        }
         lora.apply(l, p, x, y)
     }
 
@@ -262,9 +289,13 @@ impl Llama {
         let (nh, nkv, hd) = (cfg.num_heads, cfg.num_kv_heads, cfg.head_dim);
         for (l, layer) in self.layers.iter().enumerate() {
             let h = ops::rms_norm(&x, &layer.input_norm, cfg.rms_norm_eps)?;
-            let q = self.project(l, Proj::Q, &h, &lora)?.reshape((n, nh, hd))?;
-            let k = self.project(l, Proj::K, &h, &lora)?.reshape((n, nkv, hd))?;
+            let mut q = self.project(l, Proj::Q, &h, &lora)?.reshape((n, nh, hd))?;
+            let mut k = self.project(l, Proj::K, &h, &lora)?.reshape((n, nkv, hd))?;
             let v = self.project(l, Proj::V, &h, &lora)?.reshape((n, nkv, hd))?;
+            if let Some((qn, kn)) = &layer.qk_norm {
+                q = ops::rms_norm(&q, qn, cfg.rms_norm_eps)?;
+                k = ops::rms_norm(&k, kn, cfg.rms_norm_eps)?;
+            }
             let q = self.rope.apply(&q, &positions)?;
             let k = self.rope.apply(&k, &positions)?;
             let shape = kv.shape();
@@ -273,7 +304,8 @@ impl Llama {
                 write_kv(shape, kc, vc, &ops::to_f32_vec(&k)?, &ops::to_f32_vec(&v)?, &attn_seqs);
             }
             let mut attn = vec![0f32; n * nh * hd];
-            paged_attention(shape, kv.layer(l), &ops::to_f32_vec(&q)?, &mut attn, &attn_seqs, scale);
+            let window = cfg.layer_windows.get(l).copied().flatten();
+            paged_attention(shape, kv.layer(l), &ops::to_f32_vec(&q)?, &mut attn, &attn_seqs, scale, window);
             let attn = Tensor::from_vec(attn, (n, nh * hd), &self.device)?;
             x = (x + self.project(l, Proj::O, &attn, &lora)?)?;
             let h = ops::rms_norm(&x, &layer.post_attention_norm, cfg.rms_norm_eps)?;

@@ -47,8 +47,12 @@ pub enum WeightDType {
 /// The parts of `config.json` the decoder needs, validated.
 #[derive(Debug, Clone)]
 pub struct ModelConfig {
-    /// `model_type` as written (`llama` or `mistral`).
+    /// `model_type` as written (`llama`, `mistral`, `qwen2`, `qwen3`).
     pub model_type: String,
+    /// The family: what of the decoder differs from Llama.
+    pub family: super::Family,
+    /// Each layer's sliding attention window in tokens (`None`: the whole context).
+    pub layer_windows: Vec<Option<usize>>,
     /// Vocabulary size (rows of the embedding).
     pub vocab_size: usize,
     /// Width of the residual stream.
@@ -104,6 +108,10 @@ struct RawConfig {
     attention_bias: Option<bool>,
     mlp_bias: Option<bool>,
     hidden_act: Option<String>,
+    sliding_window: Option<Value>,
+    use_sliding_window: Option<bool>,
+    max_window_layers: Option<usize>,
+    layer_types: Option<Vec<String>>,
 }
 
 /// Reads a JSON file into `T`, naming the file on any error.
@@ -187,13 +195,9 @@ impl ModelConfig {
         let raw: RawConfig = read_json(path)?;
         let f = path;
         let model_type = raw.model_type.clone().unwrap_or_else(|| "llama".to_string());
-        if !matches!(model_type.as_str(), "llama" | "mistral") {
-            return Err(Error::config(
-                f,
-                "model_type",
-                format!("`{model_type}` is not a Llama-family model (llama, mistral)"),
-            ));
-        }
+        let family = super::Family::from_model_type(f, &model_type)?;
+        // Qwen2's q/k/v biases are the family's own; a bias on every attention projection
+        // (`attention_bias`, o included) is not supported in any family.
         if raw.attention_bias == Some(true) {
             return Err(Error::config(f, "attention_bias", "attention biases are not supported"));
         }
@@ -247,12 +251,22 @@ impl ModelConfig {
             (None, None) => None,
         };
         let bos = token_ids(f, "bos_token_id", raw.bos_token_id.as_ref())?;
+        let num_layers = required(f, "num_hidden_layers", raw.num_hidden_layers)?;
+        let windows = super::family::WindowFields {
+            sliding_window: raw.sliding_window.as_ref(),
+            use_sliding_window: raw.use_sliding_window,
+            max_window_layers: raw.max_window_layers,
+            layer_types: raw.layer_types.as_deref(),
+        };
+        let layer_windows = family.layer_windows(f, num_layers, &windows)?;
         Ok(ModelConfig {
             model_type,
+            family,
+            layer_windows,
             vocab_size: required(f, "vocab_size", raw.vocab_size)?,
             hidden_size,
             intermediate_size: required(f, "intermediate_size", raw.intermediate_size)?,
-            num_layers: required(f, "num_hidden_layers", raw.num_hidden_layers)?,
+            num_layers,
             num_heads,
             num_kv_heads,
             head_dim,

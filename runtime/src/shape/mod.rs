@@ -4,8 +4,10 @@
 //! depending on how it runs.
 
 pub mod config;
+pub mod family;
 mod proj;
 
 pub(crate) use config::read_json;
 pub use config::{GenerationDefaults, ModelConfig, RopeScaling, WeightDType};
+pub use family::Family;
 pub use proj::Proj;

@@ -1,0 +1,142 @@
+//! The decoder families openlora runs, each described once by what differs from Llama: the CPU
+//! decoder and the GPU decoder read the same description (through [`super::ModelConfig`]).
+
+use std::path::Path;
+
+use serde_json::Value;
+
+use crate::error::{Error, Result};
+
+/// A family of decoder-only transformers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Family {
+    /// Llama 1-3 (`LlamaForCausalLM`).
+    Llama,
+    /// Mistral (`MistralForCausalLM`): Llama with a sliding attention window.
+    Mistral,
+    /// Qwen2 / Qwen2.5 (`Qwen2ForCausalLM`): biases on q, k and v.
+    Qwen2,
+    /// Qwen3 (`Qwen3ForCausalLM`): RMSNorm per head on q and k, before RoPE.
+    Qwen3,
+}
+
+/// Families known but not served yet, with what to say.
+const REFUSED: &[(&str, &str)] = &[
+    ("gemma3", "Gemma 3 is not supported yet"),
+    ("gemma3_text", "Gemma 3 is not supported yet"),
+    ("gemma2", "Gemma 2 is not supported"),
+    ("gemma", "Gemma is not supported"),
+    ("qwen2_moe", "mixture-of-experts models are not supported"),
+    ("qwen3_moe", "mixture-of-experts models are not supported"),
+    ("mixtral", "mixture-of-experts models are not supported"),
+];
+
+impl Family {
+    /// The family of a `config.json`'s `model_type` (absent: Llama).
+    pub fn from_model_type(file: &Path, model_type: &str) -> Result<Self> {
+        match model_type {
+            "llama" => Ok(Family::Llama),
+            "mistral" => Ok(Family::Mistral),
+            "qwen2" => Ok(Family::Qwen2),
+            "qwen3" => Ok(Family::Qwen3),
+            other => {
+                let why = REFUSED.iter().find(|(t, _)| *t == other).map_or("it is not a family openlora runs", |r| r.1);
+                Err(Error::config(file, "model_type", format!("`{other}`: {why} (llama, mistral, qwen2, qwen3)")))
+            }
+        }
+    }
+
+    /// Whether the q, k and v projections carry biases.
+    pub fn qkv_bias(self) -> bool {
+        self == Family::Qwen2
+    }
+
+    /// Whether q and k are RMS-normed per head before RoPE.
+    pub fn qk_norm(self) -> bool {
+        self == Family::Qwen3
+    }
+}
+
+/// The sliding-window fields of a `config.json`, as the families write them.
+pub struct WindowFields<'a> {
+    /// `sliding_window` (a number, or null).
+    pub sliding_window: Option<&'a Value>,
+    /// Qwen's `use_sliding_window`.
+    pub use_sliding_window: Option<bool>,
+    /// Qwen's `max_window_layers`: layers below it attend to everything.
+    pub max_window_layers: Option<usize>,
+    /// transformers 5.x's `layer_types` (`full_attention` / `sliding_attention` per layer).
+    pub layer_types: Option<&'a [String]>,
+}
+
+impl Family {
+    /// Each layer's attention window in tokens (`None`: the whole context).
+    pub fn layer_windows(self, file: &Path, layers: usize, f: &WindowFields<'_>) -> Result<Vec<Option<usize>>> {
+        let window = match f.sliding_window {
+            None | Some(Value::Null) => None,
+            Some(v) => match v.as_u64().and_then(|w| usize::try_from(w).ok()) {
+                Some(w) if w > 0 => Some(w),
+                _ => return Err(Error::config(file, "sliding_window", format!("not a window size: {v}"))),
+            },
+        };
+        if let Some(types) = f.layer_types {
+            if types.len() != layers {
+                return Err(Error::config(file, "layer_types", format!("{} entries for {layers} layers", types.len())));
+            }
+            return types
+                .iter()
+                .map(|t| match t.as_str() {
+                    "full_attention" => Ok(None),
+                    "sliding_attention" => window
+                        .map(Some)
+                        .ok_or_else(|| Error::config(file, "sliding_window", "missing for sliding_attention layers")),
+                    other => Err(Error::config(file, "layer_types", format!("`{other}` is not supported"))),
+                })
+                .collect();
+        }
+        Ok(match self {
+            Family::Llama => vec![None; layers],
+            Family::Mistral => vec![window; layers],
+            Family::Qwen2 | Family::Qwen3 => {
+                let from = if f.use_sliding_window == Some(true) { f.max_window_layers.unwrap_or(0) } else { layers };
+                (0..layers).map(|l| window.filter(|_| l >= from)).collect()
+            }
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn fields<'a>(w: Option<&'a Value>, types: Option<&'a [String]>) -> WindowFields<'a> {
+        WindowFields { sliding_window: w, use_sliding_window: None, max_window_layers: None, layer_types: types }
+    }
+
+    #[test]
+    fn families_are_named_and_the_rest_refused_by_name() {
+        let f = Path::new("config.json");
+        assert_eq!(Family::from_model_type(f, "qwen3").unwrap(), Family::Qwen3);
+        let e = Family::from_model_type(f, "gemma3_text").unwrap_err().to_string();
+        assert!(e.contains("model_type") && e.contains("Gemma 3"), "{e}");
+        assert!(Family::from_model_type(f, "qwen3_moe").unwrap_err().to_string().contains("mixture-of-experts"));
+        assert!(Family::Qwen2.qkv_bias() && !Family::Qwen3.qkv_bias() && Family::Qwen3.qk_norm());
+    }
+
+    #[test]
+    fn windows_follow_each_familys_fields() {
+        let f = Path::new("config.json");
+        let eight = Value::from(8);
+        assert_eq!(Family::Mistral.layer_windows(f, 2, &fields(Some(&eight), None)).unwrap(), [Some(8), Some(8)]);
+        assert_eq!(Family::Mistral.layer_windows(f, 2, &fields(Some(&Value::Null), None)).unwrap(), [None, None]);
+        // Qwen: off unless use_sliding_window, and then only from max_window_layers on.
+        assert_eq!(Family::Qwen2.layer_windows(f, 2, &fields(Some(&eight), None)).unwrap(), [None, None]);
+        let on =
+            WindowFields { use_sliding_window: Some(true), max_window_layers: Some(1), ..fields(Some(&eight), None) };
+        assert_eq!(Family::Qwen2.layer_windows(f, 2, &on).unwrap(), [None, Some(8)]);
+        let types = ["sliding_attention".to_string(), "full_attention".to_string()];
+        assert_eq!(Family::Qwen3.layer_windows(f, 2, &fields(Some(&eight), Some(&types))).unwrap(), [Some(8), None]);
+        assert!(Family::Mistral.layer_windows(f, 2, &fields(None, Some(&types))).is_err());
+        assert!(Family::Mistral.layer_windows(f, 2, &fields(Some(&Value::from(0)), None)).is_err());
+    }
+}
