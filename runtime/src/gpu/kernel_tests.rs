@@ -32,6 +32,9 @@ fn to_bf16(v: &[f32]) -> Vec<bf16> {
     v.iter().map(|&x| bf16::from_f32(x)).collect()
 }
 
+/// The attention kernels' `window` argument for full attention.
+const NO_WINDOW: i32 = 0;
+
 #[test]
 fn attention_matches_the_cpu_reference_over_contexts_of_many_tiles() {
     let Some(gpu) = gpu() else { return };
@@ -94,26 +97,29 @@ fn attention_case(gpu: &Gpu, shape: KvShape) {
         .map(|(i, (&context, t))| SeqAttention { row: i, new_tokens: 1, context, blocks: t })
         .collect();
     let mut want = vec![0f32; q.len()];
-    paged_attention(shape, KvLayer { k: &k, v: &v }, &q, &mut want, &seqs, scale);
+    paged_attention(shape, KvLayer { k: &k, v: &v }, &q, &mut want, &seqs, scale, None);
     let (q_dev, lens) =
         (gpu.upload(&to_bf16(&q)).expect("device call"), gpu.upload(&contexts.map(|c| c as u32)).expect("device call"));
     let mut out = gpu.zeros::<bf16>(q.len()).expect("device call");
     let mut b = gpu.stream.launch_builder(gpu.kernel("paged_attention_decode_bf16").expect("device call"));
     b.arg(&mut out).arg(&q_dev).arg(&k_dev).arg(&v_dev).arg(&tables_dev).arg(&lens);
-    b.arg(&mb).arg(&nh).arg(&nkv).arg(&hd).arg(&bs).arg(&scale);
+    b.arg(&mb).arg(&nh).arg(&nkv).arg(&hd).arg(&bs).arg(&scale).arg(&NO_WINDOW);
     // SAFETY: out and q hold 2 rows of heads × head_dim; the tables name blocks below total_blocks.
     unsafe { b.launch(super::model::attention_grid(shape.heads, 2)) }.expect("device call");
     let d = worst(&gpu.download(&out).expect("device call"), &want);
     assert!(d < 1e-2, "decode: max |Δ| {d} against the CPU reference");
 
-    // Prefill: three rows of the long sequence, at 255, 256 and 699 (tile edges), and one of the other.
+    // Prefill under a sliding window of 300 tokens: three rows of the long sequence, at 255, 256
+    // (the window wider than the context) and 699 (the window starting mid-tile), and one of the other.
+    let (window, window_i) = (300usize, 300i32);
     let rows = [(0usize, 255usize), (0, 256), (0, 699), (1, 42)];
     let q = values(&mut rng, rows.len() * row_elems);
     let mut want = vec![0f32; q.len()];
     for (r, &(s, pos)) in rows.iter().enumerate() {
         let one = SeqAttention { row: 0, new_tokens: 1, context: pos + 1, blocks: &tables[s] };
         let mut o = vec![0f32; row_elems];
-        paged_attention(shape, KvLayer { k: &k, v: &v }, &q[r * row_elems..][..row_elems], &mut o, &[one], scale);
+        let q_row = &q[r * row_elems..][..row_elems];
+        paged_attention(shape, KvLayer { k: &k, v: &v }, q_row, &mut o, &[one], scale, Some(window));
         want[r * row_elems..][..row_elems].copy_from_slice(&o);
     }
     let row_seq: Vec<u32> = rows.iter().map(|r| r.0 as u32).collect();
@@ -126,7 +132,7 @@ fn attention_case(gpu: &Gpu, shape: KvShape) {
     let mut out = gpu.zeros::<bf16>(q.len()).expect("device call");
     let mut b = gpu.stream.launch_builder(gpu.kernel("paged_attention_prefill_bf16").expect("device call"));
     b.arg(&mut out).arg(&q_dev).arg(&k_dev).arg(&v_dev).arg(&tables_dev).arg(&seq_dev).arg(&pos_dev);
-    b.arg(&mb).arg(&nh).arg(&nkv).arg(&hd).arg(&bs).arg(&scale);
+    b.arg(&mb).arg(&nh).arg(&nkv).arg(&hd).arg(&bs).arg(&scale).arg(&window_i);
     // SAFETY: out and q hold 4 rows of heads × head_dim; each row's position is inside its table.
     unsafe { b.launch(super::model::attention_grid(shape.heads, rows.len())) }.expect("device call");
     let d = worst(&gpu.download(&out).expect("device call"), &want);
@@ -156,7 +162,7 @@ fn prefill_attention_takes_more_rows_than_a_grid_dimension_holds() {
     let (mb, one, hd_i, bs_i, scale) = (1i32, 1i32, hd as i32, bs as i32, 1.0f32);
     let mut b = gpu.stream.launch_builder(gpu.kernel("paged_attention_prefill_bf16").expect("kernel"));
     b.arg(&mut out).arg(&q_dev).arg(&k_dev).arg(&v_dev).arg(&table).arg(&row_seq).arg(&row_pos);
-    b.arg(&mb).arg(&one).arg(&one).arg(&hd_i).arg(&bs_i).arg(&scale);
+    b.arg(&mb).arg(&one).arg(&one).arg(&hd_i).arg(&bs_i).arg(&scale).arg(&NO_WINDOW);
     // SAFETY: out and q hold rows × head_dim; every row reads block 0's first token.
     unsafe { b.launch(super::model::attention_grid(1, rows)) }.expect("a launch of this many rows");
     let got = gpu.download(&out).expect("device call");

@@ -50,6 +50,10 @@ pub struct GpuLayer {
     pub input_norm: CudaSlice<bf16>,
     /// The post-attention norm, `[hidden]`.
     pub post_norm: CudaSlice<bf16>,
+    /// The q, k and v biases, in families that have them (Qwen2).
+    pub qkv_bias: Option<[CudaSlice<bf16>; 3]>,
+    /// The per-head RMSNorm weights of q and k `[head_dim]`, in families that have them (Qwen3).
+    pub qk_norm: Option<[CudaSlice<bf16>; 2]>,
 }
 
 /// A Llama-family decoder resident on one GPU.
@@ -287,10 +291,22 @@ impl GpuLlama {
                     up(&p.tensor_name(l), &[o, i])
                 })
                 .collect::<Result<Vec<_>>>()?;
+            let attn = |name: &str, len: usize| up(&format!("model.layers.{l}.self_attn.{name}"), &[len]);
+            let (q_len, kv_len) = (cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim);
+            let qkv_bias = match cfg.family.qkv_bias() {
+                true => Some([attn("q_proj.bias", q_len)?, attn("k_proj.bias", kv_len)?, attn("v_proj.bias", kv_len)?]),
+                false => None,
+            };
+            let qk_norm = match cfg.family.qk_norm() {
+                true => Some([attn("q_norm.weight", cfg.head_dim)?, attn("k_norm.weight", cfg.head_dim)?]),
+                false => None,
+            };
             layers.push(GpuLayer {
                 proj,
                 input_norm: up(&format!("model.layers.{l}.input_layernorm.weight"), &[h])?,
                 post_norm: up(&format!("model.layers.{l}.post_attention_layernorm.weight"), &[h])?,
+                qkv_bias,
+                qk_norm,
             });
         }
         let lm_head = if cfg.tie_word_embeddings && !w.contains("lm_head.weight") {
@@ -341,6 +357,24 @@ impl GpuLlama {
             }
             check(&format!("model.layers.{l}.input_layernorm.weight"), layer.input_norm.len(), h)?;
             check(&format!("model.layers.{l}.post_attention_layernorm.weight"), layer.post_norm.len(), h)?;
+            let (q_len, kv_len) = (cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim);
+            match (&layer.qkv_bias, cfg.family.qkv_bias()) {
+                (Some([q, k, v]), true) => {
+                    check(&format!("model.layers.{l}.self_attn.q_proj.bias"), q.len(), q_len)?;
+                    check(&format!("model.layers.{l}.self_attn.k_proj.bias"), k.len(), kv_len)?;
+                    check(&format!("model.layers.{l}.self_attn.v_proj.bias"), v.len(), kv_len)?;
+                }
+                (None, false) => {}
+                _ => return Err(Error::device(format!("layer {l}: q/k/v biases do not match the model's family"))),
+            }
+            match (&layer.qk_norm, cfg.family.qk_norm()) {
+                (Some([q, k]), true) => {
+                    check(&format!("model.layers.{l}.self_attn.q_norm.weight"), q.len(), cfg.head_dim)?;
+                    check(&format!("model.layers.{l}.self_attn.k_norm.weight"), k.len(), cfg.head_dim)?;
+                }
+                (None, false) => {}
+                _ => return Err(Error::device(format!("layer {l}: q/k norms do not match the model's family"))),
+            }
         }
         let (cos, sin) = rope::cos_sin(cfg);
         Ok(GpuLlama {
@@ -432,6 +466,21 @@ impl GpuLlama {
         let (positions, banks, tables) = (plan.part(Part::Positions), plan.part(Part::Banks), plan.part(Part::Tables));
         let (context_lens, row_seq) = (plan.part(Part::ContextLens), plan.part(Part::RowSeq));
         let lora_rows = plan_lora(&plan, step_rank);
+        let bias = |y: &mut CudaSlice<bf16>, b: &CudaSlice<bf16>, cols: usize| -> Result<()> {
+            let (rows_i, cols_i) = (n as i32, cols as i32);
+            let mut k = s.launch_builder(gpu.kernel("add_bias_bf16")?);
+            k.arg(y).arg(b).arg(&rows_i).arg(&cols_i);
+            // SAFETY: y holds n × cols values and b cols, as the kernel is told.
+            unsafe { k.launch(grid(((n * cols).div_ceil(BLOCK as usize) as u32, 1), BLOCK, 0)) }
+                .map(drop)
+                .map_err(cuda_err)
+        };
+        let head_norm = |t: &mut CudaSlice<bf16>, w: &CudaSlice<bf16>, heads: usize| -> Result<()> {
+            let mut k = s.launch_builder(gpu.kernel("rms_norm_inplace_bf16")?);
+            k.arg(t).arg(w).arg(&hd_i).arg(&eps);
+            // SAFETY: t holds n × heads rows of head_dim values, w head_dim, as the kernel is told.
+            unsafe { k.launch(grid(((n * heads) as u32, 1), BLOCK, 0)) }.map(drop).map_err(cuda_err)
+        };
         let rope = |t: &mut CudaSlice<bf16>, heads: i32| -> Result<()> {
             let mut b = s.launch_builder(gpu.kernel("rope_bf16")?);
             b.arg(t).arg(&self.cos).arg(&self.sin).arg(&positions).arg(&heads).arg(&hd_i);
@@ -453,6 +502,11 @@ impl GpuLlama {
             linear(gpu, &hn, &layer.proj[Proj::Q as usize], &mut q, n, Proj::Q.shape(cfg))?;
             linear(gpu, &hn, &layer.proj[Proj::K as usize], &mut k, n, Proj::K.shape(cfg))?;
             linear(gpu, &hn, &layer.proj[Proj::V as usize], &mut v, n, Proj::V.shape(cfg))?;
+            if let Some([bq, bk, bv]) = &layer.qkv_bias {
+                bias(&mut q, bq, nh * hd)?;
+                bias(&mut k, bk, nkv * hd)?;
+                bias(&mut v, bv, nkv * hd)?;
+            }
             if l == 0
                 && let Some(a) = adapters
             {
@@ -463,6 +517,10 @@ impl GpuLlama {
             lora(Proj::Q, &hn, &mut q, &mut lora_tmp, &mut sums)?;
             lora(Proj::K, &hn, &mut k, &mut lora_tmp, &mut sums)?;
             lora(Proj::V, &hn, &mut v, &mut lora_tmp, &mut sums)?;
+            if let Some([nq, nk]) = &layer.qk_norm {
+                head_norm(&mut q, nq, nh)?;
+                head_norm(&mut k, nk, nkv)?;
+            }
             rope(&mut q, nh_i)?;
             rope(&mut k, nkv_i)?;
             {
@@ -474,16 +532,17 @@ impl GpuLlama {
             }
             {
                 let mb = plan.max_blocks as i32;
+                let window = cfg.layer_windows.get(l).copied().flatten().unwrap_or(0).min(i32::MAX as usize) as i32;
                 if plan.decode {
                     let mut b = s.launch_builder(gpu.kernel("paged_attention_decode_bf16")?);
                     b.arg(&mut attn).arg(&q).arg(&kv.k[l]).arg(&kv.v[l]).arg(&tables).arg(&context_lens);
-                    b.arg(&mb).arg(&nh_i).arg(&nkv_i).arg(&hd_i).arg(&bs_i).arg(&scale);
+                    b.arg(&mb).arg(&nh_i).arg(&nkv_i).arg(&hd_i).arg(&bs_i).arg(&scale).arg(&window);
                     // SAFETY: the buffers passed were sized above for the rows and widths given.
                     unsafe { b.launch(attention_grid(nh, plan.seqs)) }.map_err(cuda_err)?;
                 } else {
                     let mut b = s.launch_builder(gpu.kernel("paged_attention_prefill_bf16")?);
                     b.arg(&mut attn).arg(&q).arg(&kv.k[l]).arg(&kv.v[l]).arg(&tables).arg(&row_seq);
-                    b.arg(&positions).arg(&mb).arg(&nh_i).arg(&nkv_i).arg(&hd_i).arg(&bs_i).arg(&scale);
+                    b.arg(&positions).arg(&mb).arg(&nh_i).arg(&nkv_i).arg(&hd_i).arg(&bs_i).arg(&scale).arg(&window);
                     // SAFETY: the buffers passed were sized above for the rows and widths given.
                     unsafe { b.launch(attention_grid(nh, n)) }.map_err(cuda_err)?;
                 }

@@ -104,7 +104,7 @@ fn prefill_all(
 /// Parity on the committed fixtures; each check reports max |Δ| and argmax agreement.
 pub fn fixtures(gpu: &Gpu, fixtures: &Path) -> Result<Value> {
     let mut out = serde_json::Map::new();
-    for name in ["gqa-llama3-f32", "tied-f16", "mqa-bf16-sharded"] {
+    for name in ["gqa-llama3-f32", "tied-f16", "mqa-bf16-sharded", "qwen2-f32", "qwen3-bf16", "mistral-window8-f32"] {
         let dir = fixtures.join("models").join(name);
         let model = GpuLlama::load(gpu, &dir)?;
         let r = tensors(&dir.join("reference.safetensors"))?;
