@@ -25,9 +25,22 @@ struct Mixed {
     tensors: std::collections::HashMap<String, candle_core::Tensor>,
 }
 
+/// Every base model with fixture adapters (one per model family), by its folder name.
+fn bases() -> Vec<String> {
+    let dir = repo_root().join("tests/fixtures/adapters");
+    let mut out: Vec<String> = std::fs::read_dir(&dir)
+        .expect("adapter fixtures")
+        .map(|e| e.expect("entry").file_name().to_string_lossy().into_owned())
+        .filter(|n| dir.join(n).join("mixed_reference.json").exists())
+        .collect();
+    out.sort();
+    assert!(out.len() >= 4, "adapter fixtures for every family: {out:?}");
+    out
+}
+
 impl Mixed {
-    fn load() -> Self {
-        let dir = adapters_dir();
+    fn load(base: &str) -> Self {
+        let dir = repo_root().join("tests/fixtures/adapters").join(base);
         let meta: serde_json::Value =
             serde_json::from_str(&std::fs::read_to_string(dir.join("mixed_reference.json")).expect("json"))
                 .expect("parses");
@@ -47,12 +60,16 @@ impl Mixed {
     }
 }
 
-fn setup() -> (LoadedModel, AdapterPager, Mixed) {
-    let model = LoadedModel::load(&repo_root().join("tests/fixtures/models/gqa-llama3-f32")).expect("base model");
+fn setup(base: &str) -> (LoadedModel, AdapterPager, Mixed) {
+    let model = LoadedModel::load(&repo_root().join("tests/fixtures/models").join(base)).expect("base model");
     let pager = AdapterPager::new(model.config(), PagerConfig::default(), Metrics::new().pager);
-    let mixed = Mixed::load();
-    for name in ["r4-qv", "r8-mlp", "r16-all-rslora", "r64-ko-layer1"] {
-        pager.register(name, &adapters_dir().join(name)).expect("fixture adapter registers");
+    let mixed = Mixed::load(base);
+    let mut names: Vec<&String> = mixed.rows.iter().filter(|r| *r != "__base__").collect();
+    names.sort();
+    names.dedup();
+    for name in names {
+        let dir = repo_root().join("tests/fixtures/adapters").join(base).join(name);
+        pager.register(name, &dir).expect("fixture adapter registers");
     }
     (model, pager, mixed)
 }
@@ -64,7 +81,13 @@ fn leases(pager: &AdapterPager, rows: &[String]) -> Vec<Option<AdapterLease>> {
 /// Prefill of every row in one flat batch (the segmented, SGMV path) matches PEFT.
 #[test]
 fn mixed_adapter_prefill_matches_peft() {
-    let (model, pager, mixed) = setup();
+    for base in bases() {
+        mixed_prefill(&base);
+    }
+}
+
+fn mixed_prefill(base: &str) {
+    let (model, pager, mixed) = setup(base);
     let leases = leases(&pager, &mixed.rows);
     let prompts = mixed.prompts();
     let mut cache = model.llama().expect("CPU weights").kv_cache_for(prompts.len());
@@ -85,8 +108,8 @@ fn mixed_adapter_prefill_matches_peft() {
     for (i, ids) in prompts.iter().enumerate() {
         let want = &mixed.tensors[&format!("logits.{i}")];
         let d = max_abs_diff(&got.narrow(0, row, ids.len()).expect("rows"), want);
-        println!("row {i} ({}): max |Δ| vs PEFT = {d:.3e}", mixed.rows[i]);
-        assert!(d <= TOL, "row {i} ({}): max |Δ| {d}", mixed.rows[i]);
+        println!("{base} row {i} ({}): max |Δ| vs PEFT = {d:.3e}", mixed.rows[i]);
+        assert!(d <= TOL, "{base} row {i} ({}): max |Δ| {d}", mixed.rows[i]);
         row += ids.len();
     }
 }
@@ -94,7 +117,13 @@ fn mixed_adapter_prefill_matches_peft() {
 /// One decode step of every row together (the gathered, BGMV path) matches PEFT.
 #[test]
 fn mixed_adapter_decode_step_matches_peft() {
-    let (model, pager, mixed) = setup();
+    for base in bases() {
+        mixed_decode(&base);
+    }
+}
+
+fn mixed_decode(base: &str) {
+    let (model, pager, mixed) = setup(base);
     let leases = leases(&pager, &mixed.rows);
     let prompts = mixed.prompts();
     let mut cache = model.llama().expect("CPU weights").kv_cache_for(prompts.len());
@@ -122,20 +151,26 @@ fn mixed_adapter_decode_step_matches_peft() {
     for (i, ids) in prompts.iter().enumerate() {
         let want = mixed.tensors[&format!("logits.{i}")].narrow(0, ids.len() - 1, 1).expect("last row");
         let d = max_abs_diff(&got.narrow(0, i, 1).expect("row"), &want);
-        assert!(d <= TOL, "row {i} ({}): max |Δ| {d}", mixed.rows[i]);
+        assert!(d <= TOL, "{base} row {i} ({}): max |Δ| {d}", mixed.rows[i]);
     }
 }
 
 #[test]
 fn greedy_tokens_with_adapters_match_peft() {
-    let (model, pager, mixed) = setup();
+    for base in bases() {
+        greedy_with_adapters(&base);
+    }
+}
+
+fn greedy_with_adapters(base: &str) {
+    let (model, pager, mixed) = setup(base);
     let leases = leases(&pager, &mixed.rows);
     for (i, lease) in leases.iter().enumerate() {
         let want = mixed.ids("greedy", i);
         let params = SamplingParams { max_tokens: want.len(), ignore_eos: true, ..Default::default() };
         let adapter = lease.as_ref().map(|lease| WithAdapter { pager: &pager, lease });
         let got = generate(&model, &mixed.ids("input_ids", i), params, adapter, &mut |_| {}).expect("generate");
-        assert_eq!(got.token_ids, want, "row {i} ({})", mixed.rows[i]);
+        assert_eq!(got.token_ids, want, "{base} row {i} ({})", mixed.rows[i]);
     }
 }
 
@@ -166,7 +201,7 @@ fn register_err(pager: &AdapterPager, dir: &Path) -> String {
 
 #[test]
 fn unsupported_adapters_are_refused_naming_the_field() {
-    let (_model, pager, _) = setup();
+    let (_model, pager, _) = setup("gqa-llama3-f32");
     for (key, value) in [
         ("use_dora", serde_json::json!(true)),
         ("bias", serde_json::json!("lora_only")),
@@ -183,7 +218,7 @@ fn unsupported_adapters_are_refused_naming_the_field() {
 
 #[test]
 fn target_modules_must_cover_the_tensors() {
-    let (_model, pager, _) = setup();
+    let (_model, pager, _) = setup("gqa-llama3-f32");
     let dir = copy_adapter("r8-mlp", "targets");
     edit_config(&dir, "target_modules", serde_json::json!(["gate_proj", "up_proj"]));
     let msg = register_err(&pager, &dir);
@@ -201,7 +236,7 @@ fn shapes_are_checked_against_the_base_model() {
 
 #[test]
 fn pickled_adapters_are_refused_with_how_to_convert() {
-    let (_model, pager, _) = setup();
+    let (_model, pager, _) = setup("gqa-llama3-f32");
     let dir = copy_adapter("r4-qv", "pickle");
     std::fs::rename(dir.join("adapter_model.safetensors"), dir.join("adapter_model.bin")).expect("rename");
     let msg = register_err(&pager, &dir);
@@ -210,7 +245,7 @@ fn pickled_adapters_are_refused_with_how_to_convert() {
 
 #[test]
 fn a_broken_adapter_fails_only_its_own_requests() {
-    let (model, pager, mixed) = setup();
+    let (model, pager, mixed) = setup("gqa-llama3-f32");
     let corrupt = copy_adapter("r4-qv", "corrupt");
     let vanished = copy_adapter("r8-mlp", "vanished");
     pager.register("corrupt", &corrupt).expect("valid at registration");
