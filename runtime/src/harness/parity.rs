@@ -121,10 +121,23 @@ pub fn fixtures(gpu: &Gpu, fixtures: &Path) -> Result<Value> {
                    "pass": within(worst, agree / n.max(1) as f64)}),
         );
     }
-    // Mixed adapters against PEFT: every row in one batch, prefill (SGMV) and then the last
-    // token of every row as one decode step (BGMV).
-    let base = fixtures.join("models/gqa-llama3-f32");
-    let adir = fixtures.join("adapters/gqa-llama3-f32");
+    // Mixed adapters against PEFT on every family's base: every row in one batch, prefill (SGMV)
+    // and then the last token of every row as one decode step (BGMV).
+    for (key, base) in [
+        ("mixed_adapters_vs_peft", "gqa-llama3-f32"),
+        ("mixed_adapters_vs_peft_qwen2", "qwen2-f32"),
+        ("mixed_adapters_vs_peft_qwen3", "qwen3-bf16"),
+        ("mixed_adapters_vs_peft_mistral", "mistral-window8-f32"),
+    ] {
+        out.insert(key.into(), mixed_adapters(gpu, fixtures, base)?);
+    }
+    Ok(Value::Object(out))
+}
+
+/// The mixed-adapter check on the adapters of base model `base`.
+fn mixed_adapters(gpu: &Gpu, fixtures: &Path, base: &str) -> Result<Value> {
+    let adir = fixtures.join("adapters").join(base);
+    let base = fixtures.join("models").join(base);
     let model = GpuLlama::load(gpu, &base)?;
     let cfg = model.config().clone();
     let meta: Value = serde_json::from_str(
@@ -186,12 +199,8 @@ pub fn fixtures(gpu: &Gpu, fixtures: &Path) -> Result<Value> {
         .collect::<Result<Vec<_>>>()?
         .concat();
     let (md, ad) = compare(&got_last, &want_last, v);
-    out.insert(
-        "mixed_adapters_vs_peft".into(),
-        json!({"rows": rows, "prefill_max_abs_diff": m, "prefill_argmax_agreement": a,
-               "decode_max_abs_diff": md, "decode_argmax_agreement": ad, "pass": within(m, a) && within(md, ad)}),
-    );
-    Ok(Value::Object(out))
+    Ok(json!({"rows": rows, "prefill_max_abs_diff": m, "prefill_argmax_agreement": a,
+              "decode_max_abs_diff": md, "decode_argmax_agreement": ad, "pass": within(m, a) && within(md, ad)}))
 }
 
 /// Per request, its tokens and its measured adapter contribution (ppm); and the device.
