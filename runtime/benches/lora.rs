@@ -21,6 +21,8 @@ fn config() -> ModelConfig {
     let (hidden, inter, layers) = if benching { (2048, 5632, 2) } else { (256, 512, 1) };
     ModelConfig {
         model_type: "llama".into(),
+        family: openlora::shape::Family::Llama,
+        layer_windows: vec![None; layers],
         vocab_size: 1024,
         hidden_size: hidden,
         intermediate_size: inter,

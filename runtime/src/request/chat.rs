@@ -157,4 +157,25 @@ mod tests {
         let t = ChatTemplate::new(None, Some("<s>"), None).expect("compiles");
         assert_eq!(t.render(&msgs(&[("user", "hi")])).expect("renders"), "<s>user: hi\nassistant:");
     }
+
+    /// The templates the families ship (tests/fixtures/chat_templates, as published) render a
+    /// system message and a multi-turn conversation, ending with the assistant's turn opened.
+    #[test]
+    fn the_families_own_templates_render() {
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/chat_templates");
+        let turns = [("system", "Be brief."), ("user", "Hi"), ("assistant", "Hello"), ("user", "Again")];
+        let cases = [
+            ("qwen2.5-instruct.jinja", "<|im_start|>assistant\n", "<|im_start|>system\nBe brief."),
+            ("qwen3.jinja", "<|im_start|>assistant\n", "<|im_start|>user\nAgain<|im_end|>"),
+            ("mistral-instruct-v0.3.jinja", "[/INST]", "[INST] Be brief.\n\nAgain[/INST]"),
+            ("gemma3-it.jinja", "<start_of_turn>model\n", "<start_of_turn>user\nBe brief.\n\nHi<end_of_turn>"),
+        ];
+        for (file, ends, holds) in cases {
+            let text = std::fs::read_to_string(dir.join(file)).expect("template");
+            let t = ChatTemplate::new(Some(&text), Some("<bos>"), Some("<eos>")).expect("compiles");
+            let out = t.render(&msgs(&turns)).unwrap_or_else(|e| panic!("{file}: {e}"));
+            assert!(out.ends_with(ends), "{file}: {out:?}");
+            assert!(out.contains(holds), "{file}: {out:?}");
+        }
+    }
 }
