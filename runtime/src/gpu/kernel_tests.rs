@@ -109,9 +109,10 @@ fn attention_case(gpu: &Gpu, shape: KvShape) {
     let d = worst(&gpu.download(&out).expect("device call"), &want);
     assert!(d < 1e-2, "decode: max |Δ| {d} against the CPU reference");
 
-    // Prefill under a sliding window of 300 tokens: three rows of the long sequence, at 255, 256
-    // (the window wider than the context) and 699 (the window starting mid-tile), and one of the other.
-    let (window, window_i) = (300usize, 300i32);
+    // Prefill under a sliding window of 301 tokens: three rows of the long sequence, at 255, 256
+    // (the window wider than the context) and 699 (the window starting mid-block, at 399), and one
+    // of the other.
+    let (window, window_i) = (301usize, 301i32);
     let rows = [(0usize, 255usize), (0, 256), (0, 699), (1, 42)];
     let q = values(&mut rng, rows.len() * row_elems);
     let mut want = vec![0f32; q.len()];

@@ -221,6 +221,8 @@ impl ModelConfig {
         }
         let head_dim = match raw.head_dim {
             Some(d) => required(f, "head_dim", Some(d))?,
+            // Qwen3's own default, independent of hidden / heads (transformers' Qwen3Config).
+            None if family == super::Family::Qwen3 => 128,
             None if hidden_size % num_heads == 0 => hidden_size / num_heads,
             None => return Err(Error::config(f, "hidden_size", "not a multiple of num_attention_heads")),
         };

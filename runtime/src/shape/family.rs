@@ -63,7 +63,7 @@ pub struct WindowFields<'a> {
     pub sliding_window: Option<&'a Value>,
     /// Qwen's `use_sliding_window`.
     pub use_sliding_window: Option<bool>,
-    /// Qwen's `max_window_layers`: layers below it attend to everything.
+    /// Qwen's `max_window_layers`: layers below it attend to everything (default 28).
     pub max_window_layers: Option<usize>,
     /// transformers 5.x's `layer_types` (`full_attention` / `sliding_attention` per layer).
     pub layer_types: Option<&'a [String]>,
@@ -79,6 +79,15 @@ impl Family {
                 _ => return Err(Error::config(file, "sliding_window", format!("not a window size: {v}"))),
             },
         };
+        // Qwen: no window at all unless use_sliding_window (transformers drops it otherwise).
+        let window = match self {
+            Family::Qwen2 | Family::Qwen3 if f.use_sliding_window != Some(true) => None,
+            _ => window,
+        };
+        // Mistral windows every layer whatever `layer_types` says (as transformers does).
+        if self == Family::Mistral || self == Family::Llama {
+            return Ok(vec![if self == Family::Mistral { window } else { None }; layers]);
+        }
         if let Some(types) = f.layer_types {
             if types.len() != layers {
                 return Err(Error::config(file, "layer_types", format!("{} entries for {layers} layers", types.len())));
@@ -87,21 +96,15 @@ impl Family {
                 .iter()
                 .map(|t| match t.as_str() {
                     "full_attention" => Ok(None),
-                    "sliding_attention" => window
-                        .map(Some)
-                        .ok_or_else(|| Error::config(file, "sliding_window", "missing for sliding_attention layers")),
+                    // A sliding layer without a window attends to everything, as in transformers.
+                    "sliding_attention" => Ok(window),
                     other => Err(Error::config(file, "layer_types", format!("`{other}` is not supported"))),
                 })
                 .collect();
         }
-        Ok(match self {
-            Family::Llama => vec![None; layers],
-            Family::Mistral => vec![window; layers],
-            Family::Qwen2 | Family::Qwen3 => {
-                let from = if f.use_sliding_window == Some(true) { f.max_window_layers.unwrap_or(0) } else { layers };
-                (0..layers).map(|l| window.filter(|_| l >= from)).collect()
-            }
-        })
+        // Qwen's older form: the layers from `max_window_layers` on (transformers' default 28).
+        let from = f.max_window_layers.unwrap_or(28);
+        Ok((0..layers).map(|l| window.filter(|_| l >= from)).collect())
     }
 }
 
@@ -134,9 +137,16 @@ mod tests {
         let on =
             WindowFields { use_sliding_window: Some(true), max_window_layers: Some(1), ..fields(Some(&eight), None) };
         assert_eq!(Family::Qwen2.layer_windows(f, 2, &on).unwrap(), [None, Some(8)]);
+        let on_by_default = WindowFields { use_sliding_window: Some(true), ..fields(Some(&eight), None) };
+        assert_eq!(Family::Qwen2.layer_windows(f, 30, &on_by_default).unwrap()[27..], [None, Some(8), Some(8)]);
         let types = ["sliding_attention".to_string(), "full_attention".to_string()];
-        assert_eq!(Family::Qwen3.layer_windows(f, 2, &fields(Some(&eight), Some(&types))).unwrap(), [Some(8), None]);
-        assert!(Family::Mistral.layer_windows(f, 2, &fields(None, Some(&types))).is_err());
+        let typed = WindowFields { use_sliding_window: Some(true), ..fields(Some(&eight), Some(&types)) };
+        assert_eq!(Family::Qwen3.layer_windows(f, 2, &typed).unwrap(), [Some(8), None]);
+        // use_sliding_window false drops the window even where layer_types says sliding.
+        assert_eq!(Family::Qwen3.layer_windows(f, 2, &fields(Some(&eight), Some(&types))).unwrap(), [None, None]);
+        // Mistral windows every layer, whatever layer_types says; no window: full attention.
+        assert_eq!(Family::Mistral.layer_windows(f, 2, &fields(Some(&eight), Some(&types))).unwrap(), [Some(8); 2]);
+        assert_eq!(Family::Mistral.layer_windows(f, 2, &fields(None, Some(&types))).unwrap(), [None, None]);
         assert!(Family::Mistral.layer_windows(f, 2, &fields(Some(&Value::from(0)), None)).is_err());
     }
 }
