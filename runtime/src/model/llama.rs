@@ -24,8 +24,12 @@ struct Layer {
     post_attention_norm: Tensor,
     /// The q, k and v biases, in families that have them (Qwen2).
     qkv_bias: Option<[Tensor; 3]>,
-    /// The per-head RMSNorm weights of q and k `[head_dim]`, in families that have them (Qwen3).
+    /// The per-head RMSNorm weights of q and k `[head_dim]`, in families that have them (Qwen3,
+    /// Gemma 3).
     qk_norm: Option<(Tensor, Tensor)>,
+    /// The norms before and after the MLP, in families with norms on both sides (Gemma 3; the
+    /// post-attention norm is then the attention output's).
+    ffn_norms: Option<(Tensor, Tensor)>,
 }
 
 /// One sequence's slice of a flat batch.
@@ -79,6 +83,8 @@ pub struct Llama {
     norm: Tensor,
     lm_head: Tensor,
     rope: RopeTables,
+    /// The sliding layers' RoPE tables, where their base differs (Gemma 3).
+    rope_local: Option<RopeTables>,
     device: Device,
 }
 
@@ -87,6 +93,11 @@ impl Llama {
     pub fn load(cfg: &ModelConfig, weights: &WeightFiles, device: &Device) -> Result<Self> {
         let dt = DType::F32;
         let h = cfg.hidden_size;
+        // A norm's weight as the family applies it: w, or (1 + w) for Gemma.
+        let norm = |name: &str, len: usize| -> Result<Tensor> {
+            let w = weights.load(name, &[len], dt, device)?;
+            Ok(if cfg.family.norm_plus_one() { (w + 1.0)? } else { w })
+        };
         let embed = weights.load("model.embed_tokens.weight", &[cfg.vocab_size, h], dt, device)?;
         let mut layers = Vec::with_capacity(cfg.num_layers);
         for l in 0..cfg.num_layers {
@@ -111,24 +122,31 @@ impl Llama {
                 true => Some([attn("q_proj.bias", q_len)?, attn("k_proj.bias", kv_len)?, attn("v_proj.bias", kv_len)?]),
                 false => None,
             };
+            let at = |name: &str| format!("model.layers.{l}.{name}");
             let qk_norm = match cfg.family.qk_norm() {
-                true => Some((attn("q_norm.weight", cfg.head_dim)?, attn("k_norm.weight", cfg.head_dim)?)),
+                true => Some((
+                    norm(&at("self_attn.q_norm.weight"), cfg.head_dim)?,
+                    norm(&at("self_attn.k_norm.weight"), cfg.head_dim)?,
+                )),
+                false => None,
+            };
+            let ffn_norms = match cfg.family.sandwich_norms() {
+                true => Some((
+                    norm(&at("pre_feedforward_layernorm.weight"), h)?,
+                    norm(&at("post_feedforward_layernorm.weight"), h)?,
+                )),
                 false => None,
             };
             layers.push(Layer {
                 proj,
-                input_norm: weights.load(&format!("model.layers.{l}.input_layernorm.weight"), &[h], dt, device)?,
-                post_attention_norm: weights.load(
-                    &format!("model.layers.{l}.post_attention_layernorm.weight"),
-                    &[h],
-                    dt,
-                    device,
-                )?,
+                input_norm: norm(&at("input_layernorm.weight"), h)?,
+                post_attention_norm: norm(&at("post_attention_layernorm.weight"), h)?,
                 qkv_bias,
                 qk_norm,
+                ffn_norms,
             });
         }
-        let norm = weights.load("model.norm.weight", &[h], dt, device)?;
+        let norm = norm("model.norm.weight", h)?;
         let lm_head = if cfg.tie_word_embeddings && !weights.contains("lm_head.weight") {
             embed.clone()
         } else {
@@ -141,6 +159,7 @@ impl Llama {
             norm,
             lm_head,
             rope: RopeTables::new(cfg, device)?,
+            rope_local: local_rope(cfg, device)?,
             device: device.clone(),
         })
     }
@@ -159,7 +178,7 @@ impl Llama {
         device: &Device,
     ) -> Result<Self> {
         let h = cfg.hidden_size;
-        if cfg.family.qkv_bias() || cfg.family.qk_norm() {
+        if cfg.family.qkv_bias() || cfg.family.qk_norm() || cfg.family.sandwich_norms() {
             return Err(Error::config("(in memory)", "model_type", "built from parts: Llama or Mistral shapes only"));
         }
         let check = |name: String, t: &Tensor, expected: &[usize]| {
@@ -196,7 +215,7 @@ impl Llama {
             }
             check(format!("model.layers.{l}.input_layernorm.weight"), &input_norm, &[h])?;
             check(format!("model.layers.{l}.post_attention_layernorm.weight"), &post_attention_norm, &[h])?;
-            built.push(Layer { proj, input_norm, post_attention_norm, qkv_bias: None, qk_norm: None });
+            built.push(Layer { proj, input_norm, post_attention_norm, qkv_bias: None, qk_norm: None, ffn_norms: None });
         }
         Ok(Llama {
             cfg: cfg.clone(),
@@ -205,6 +224,7 @@ impl Llama {
             norm,
             lm_head,
             rope: RopeTables::new(cfg, device)?,
+            rope_local: local_rope(cfg, device)?,
             device: device.clone(),
         })
     }
@@ -281,11 +301,14 @@ impl Llama {
                 blocks: s.kv.blocks(),
             })
             .collect();
-        let scale = 1.0 / (cfg.head_dim as f32).sqrt();
+        let scale = cfg.attention_scale();
         let n = ids.len();
         let ids = Tensor::from_vec(ids, n, &self.device)?;
         let positions = Tensor::from_vec(positions, n, &self.device)?;
         let mut x = self.embed.index_select(&ids, 0)?;
+        if cfg.family.scaled_embeddings() {
+            x = (x * (cfg.hidden_size as f64).sqrt())?;
+        }
         let (nh, nkv, hd) = (cfg.num_heads, cfg.num_kv_heads, cfg.head_dim);
         for (l, layer) in self.layers.iter().enumerate() {
             let h = ops::rms_norm(&x, &layer.input_norm, cfg.rms_norm_eps)?;
@@ -296,8 +319,12 @@ impl Llama {
                 q = ops::rms_norm(&q, qn, cfg.rms_norm_eps)?;
                 k = ops::rms_norm(&k, kn, cfg.rms_norm_eps)?;
             }
-            let q = self.rope.apply(&q, &positions)?;
-            let k = self.rope.apply(&k, &positions)?;
+            let rope = match &self.rope_local {
+                Some(local) if cfg.local_rope(l) => local,
+                _ => &self.rope,
+            };
+            let q = rope.apply(&q, &positions)?;
+            let k = rope.apply(&k, &positions)?;
             let shape = kv.shape();
             {
                 let (kc, vc) = kv.layer_mut(l);
@@ -307,11 +334,30 @@ impl Llama {
             let window = cfg.layer_windows.get(l).copied().flatten();
             paged_attention(shape, kv.layer(l), &ops::to_f32_vec(&q)?, &mut attn, &attn_seqs, scale, window);
             let attn = Tensor::from_vec(attn, (n, nh * hd), &self.device)?;
-            x = (x + self.project(l, Proj::O, &attn, &lora)?)?;
-            let h = ops::rms_norm(&x, &layer.post_attention_norm, cfg.rms_norm_eps)?;
+            let out = self.project(l, Proj::O, &attn, &lora)?;
+            let eps = cfg.rms_norm_eps;
+            let h = match &layer.ffn_norms {
+                // Gemma: the attention output normed, added, then the pre-MLP norm.
+                Some((pre, _)) => {
+                    x = (x + ops::rms_norm(&out, &layer.post_attention_norm, eps)?)?;
+                    ops::rms_norm(&x, pre, eps)?
+                }
+                None => {
+                    x = (x + out)?;
+                    ops::rms_norm(&x, &layer.post_attention_norm, eps)?
+                }
+            };
             let gate = self.project(l, Proj::Gate, &h, &lora)?;
             let up = self.project(l, Proj::Up, &h, &lora)?;
-            x = (x + self.project(l, Proj::Down, &ops::silu_mul(&gate, &up)?, &lora)?)?;
+            let act = match cfg.family.activation().1 {
+                crate::shape::family::Activation::Silu => ops::silu_mul(&gate, &up)?,
+                crate::shape::family::Activation::GeluTanh => ops::gelu_tanh_mul(&gate, &up)?,
+            };
+            let down = self.project(l, Proj::Down, &act, &lora)?;
+            x = match &layer.ffn_norms {
+                Some((_, post)) => (x + ops::rms_norm(&down, post, eps)?)?,
+                None => (x + down)?,
+            };
         }
         drop(attn_seqs);
         for seq in batch.iter_mut() {
@@ -326,8 +372,19 @@ impl Llama {
             }
         };
         let x = ops::rms_norm(&x, &self.norm, cfg.rms_norm_eps)?;
-        let logits = ops::linear(&x, &self.lm_head)?;
+        let mut logits = ops::linear(&x, &self.lm_head)?;
+        if let Some(cap) = cfg.final_logit_softcapping {
+            logits = ((logits / cap as f64)?.tanh()? * cap as f64)?;
+        }
         debug_assert_eq!(logits.dim(D::Minus1)?, cfg.vocab_size);
         Ok((logits, lora.shares()))
+    }
+}
+
+/// The sliding layers' own RoPE tables, where the family gives them another base (Gemma 3).
+fn local_rope(cfg: &ModelConfig, device: &Device) -> Result<Option<RopeTables>> {
+    match (0..cfg.num_layers).find(|&l| cfg.local_rope(l)) {
+        Some(l) => Ok(Some(RopeTables::new(&cfg.rope_for_layer(l), device)?)),
+        None => Ok(None),
     }
 }

@@ -21,6 +21,11 @@ pub fn silu_mul(gate: &Tensor, up: &Tensor) -> Result<Tensor> {
     Ok((gate.silu()? * up)?)
 }
 
+/// `gelu(gate) * up` with GELU's tanh approximation (Gemma's GeGLU, `gelu_pytorch_tanh`).
+pub fn gelu_tanh_mul(gate: &Tensor, up: &Tensor) -> Result<Tensor> {
+    Ok((gate.gelu()? * up)?)
+}
+
 /// The elements of a tensor, row-major, as f32.
 pub fn to_f32_vec(t: &Tensor) -> Result<Vec<f32>> {
     Ok(t.flatten_all()?.to_dtype(DType::F32)?.to_vec1()?)

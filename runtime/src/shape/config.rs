@@ -53,6 +53,12 @@ pub struct ModelConfig {
     pub family: super::Family,
     /// Each layer's sliding attention window in tokens (`None`: the whole context).
     pub layer_windows: Vec<Option<usize>>,
+    /// The RoPE base of sliding layers, where it differs from the global one (Gemma 3).
+    pub rope_local_theta: Option<f32>,
+    /// Attention scores are scaled by 1/√this (Gemma's `query_pre_attn_scalar`; else head_dim).
+    pub query_pre_attn_scalar: Option<f32>,
+    /// Logits become `tanh(logits / cap) · cap` (Gemma's `final_logit_softcapping`).
+    pub final_logit_softcapping: Option<f32>,
     /// Vocabulary size (rows of the embedding).
     pub vocab_size: usize,
     /// Width of the residual stream.
@@ -108,6 +114,15 @@ struct RawConfig {
     attention_bias: Option<bool>,
     mlp_bias: Option<bool>,
     hidden_act: Option<String>,
+    hidden_activation: Option<String>,
+    rope_local_base_freq: Option<f32>,
+    query_pre_attn_scalar: Option<f64>,
+    final_logit_softcapping: Option<f64>,
+    attn_logit_softcapping: Option<f64>,
+    use_bidirectional_attention: Option<bool>,
+    sliding_window_pattern: Option<usize>,
+    #[serde(rename = "_sliding_window_pattern")]
+    sliding_window_pattern_private: Option<usize>,
     sliding_window: Option<Value>,
     use_sliding_window: Option<bool>,
     max_window_layers: Option<usize>,
@@ -190,6 +205,29 @@ fn parse_rope(file: &Path, field: &str, obj: &Value) -> Result<RopeScaling> {
 }
 
 impl ModelConfig {
+    /// The configuration RoPE tables are made from for layer `l`: the sliding layers' own base
+    /// (unscaled) where the family gives them one, else this one.
+    pub fn rope_for_layer(&self, l: usize) -> std::borrow::Cow<'_, ModelConfig> {
+        match (self.rope_local_theta, self.layer_windows.get(l).copied().flatten()) {
+            (Some(theta), Some(_)) => std::borrow::Cow::Owned(ModelConfig {
+                rope_theta: theta,
+                rope_scaling: RopeScaling::Default,
+                ..self.clone()
+            }),
+            _ => std::borrow::Cow::Borrowed(self),
+        }
+    }
+
+    /// Whether layer `l` reads the sliding layers' RoPE tables rather than the global ones.
+    pub fn local_rope(&self, l: usize) -> bool {
+        self.rope_local_theta.is_some() && self.layer_windows.get(l).copied().flatten().is_some()
+    }
+
+    /// The scale of attention scores: 1/√`query_pre_attn_scalar` where given, else 1/√head_dim.
+    pub fn attention_scale(&self) -> f32 {
+        1.0 / self.query_pre_attn_scalar.unwrap_or(self.head_dim as f32).sqrt()
+    }
+
     /// Reads and validates `config.json`.
     pub fn from_file(path: &Path) -> Result<Self> {
         let raw: RawConfig = read_json(path)?;
@@ -204,11 +242,31 @@ impl ModelConfig {
         if raw.mlp_bias == Some(true) {
             return Err(Error::config(f, "mlp_bias", "MLP biases are not supported"));
         }
-        if let Some(act) = &raw.hidden_act
-            && act != "silu"
+        let (act_field, _) = family.activation();
+        let (given, name) = match act_field {
+            "hidden_activation" => {
+                (raw.hidden_activation.as_deref().or(raw.hidden_act.as_deref()), "gelu_pytorch_tanh")
+            }
+            _ => (raw.hidden_act.as_deref(), "silu"),
+        };
+        if let Some(given) = given
+            && given != name
+            && !(name == "gelu_pytorch_tanh" && given == "gelu_tanh")
         {
-            return Err(Error::config(f, "hidden_act", format!("`{act}` is not supported (silu)")));
+            return Err(Error::config(f, act_field, format!("`{given}` is not supported ({name})")));
         }
+        if raw.attn_logit_softcapping.is_some() {
+            return Err(Error::config(f, "attn_logit_softcapping", "attention logit soft-capping is not supported"));
+        }
+        if raw.use_bidirectional_attention == Some(true) {
+            return Err(Error::config(f, "use_bidirectional_attention", "only causal attention is supported"));
+        }
+        let positive = |field: &str, v: Option<f64>| match v {
+            Some(x) if !(x.is_finite() && x > 0.0) => Err(Error::config(f, field, "must be a positive number")),
+            v => Ok(v.map(|x| x as f32)),
+        };
+        let query_pre_attn_scalar = positive("query_pre_attn_scalar", raw.query_pre_attn_scalar)?;
+        let final_logit_softcapping = positive("final_logit_softcapping", raw.final_logit_softcapping)?;
         let hidden_size = required(f, "hidden_size", raw.hidden_size)?;
         let num_heads = required(f, "num_attention_heads", raw.num_attention_heads)?;
         let num_kv_heads = required(f, "num_key_value_heads", raw.num_key_value_heads.or(Some(num_heads)))?;
@@ -229,8 +287,18 @@ impl ModelConfig {
         if head_dim % 2 != 0 {
             return Err(Error::config(f, "head_dim", "must be even for RoPE"));
         }
+        // Gemma 3 (transformers 5.x): one rope_parameters per layer type; the global layers'
+        // first, the sliding layers' base kept apart.
+        let per_type = raw.rope_parameters.as_ref().and_then(|p| p.get("full_attention").map(|g| (g, p)));
+        let rope_local_theta = match per_type {
+            Some((_, p)) => {
+                p.get("sliding_attention").and_then(|l| l.get("rope_theta")).and_then(Value::as_f64).map(|t| t as f32)
+            }
+            None => raw.rope_local_base_freq,
+        };
+        let global = per_type.map(|(g, _)| g.clone()).or_else(|| raw.rope_parameters.clone());
         // transformers 5.x: rope_parameters holds theta and scaling; 4.x: top-level fields.
-        let (rope_theta, rope_scaling) = match &raw.rope_parameters {
+        let (rope_theta, rope_scaling) = match &global {
             Some(p) if !p.is_null() => {
                 let theta = p.get("rope_theta").and_then(Value::as_f64).map(|t| t as f32);
                 (theta.or(raw.rope_theta), parse_rope(f, "rope_parameters", p)?)
@@ -259,12 +327,16 @@ impl ModelConfig {
             use_sliding_window: raw.use_sliding_window,
             max_window_layers: raw.max_window_layers,
             layer_types: raw.layer_types.as_deref(),
+            sliding_window_pattern: raw.sliding_window_pattern.or(raw.sliding_window_pattern_private),
         };
         let layer_windows = family.layer_windows(f, num_layers, &windows)?;
         Ok(ModelConfig {
             model_type,
             family,
             layer_windows,
+            rope_local_theta,
+            query_pre_attn_scalar,
+            final_logit_softcapping,
             vocab_size: required(f, "vocab_size", raw.vocab_size)?,
             hidden_size,
             intermediate_size: required(f, "intermediate_size", raw.intermediate_size)?,

@@ -18,12 +18,25 @@ pub enum Family {
     Qwen2,
     /// Qwen3 (`Qwen3ForCausalLM`): RMSNorm per head on q and k, before RoPE.
     Qwen3,
+    /// Gemma 3's text decoder (`Gemma3ForCausalLM`, `gemma3_text`): embeddings scaled by
+    /// √hidden, RMSNorms scaling by (1 + w), GeGLU (tanh GELU), norms before and after attention
+    /// and MLP, q/k norms, sliding and global layers with their own RoPE bases,
+    /// `query_pre_attn_scalar`, optional final logit soft-capping.
+    Gemma3,
+}
+
+/// The MLP's gate activation.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Activation {
+    /// SiLU (`silu`).
+    Silu,
+    /// GELU, tanh approximation (`gelu_pytorch_tanh`).
+    GeluTanh,
 }
 
 /// Families known but not served yet, with what to say.
 const REFUSED: &[(&str, &str)] = &[
-    ("gemma3", "Gemma 3 is not supported yet"),
-    ("gemma3_text", "Gemma 3 is not supported yet"),
+    ("gemma3", "the multimodal Gemma 3 folder; serve its text model (`gemma3_text`)"),
     ("gemma2", "Gemma 2 is not supported"),
     ("gemma", "Gemma is not supported"),
     ("qwen2_moe", "mixture-of-experts models are not supported"),
@@ -39,6 +52,7 @@ impl Family {
             "mistral" => Ok(Family::Mistral),
             "qwen2" => Ok(Family::Qwen2),
             "qwen3" => Ok(Family::Qwen3),
+            "gemma3_text" => Ok(Family::Gemma3),
             other => {
                 let why = REFUSED.iter().find(|(t, _)| *t == other).map_or("it is not a family openlora runs", |r| r.1);
                 Err(Error::config(file, "model_type", format!("`{other}`: {why} (llama, mistral, qwen2, qwen3)")))
@@ -53,11 +67,36 @@ impl Family {
 
     /// Whether q and k are RMS-normed per head before RoPE.
     pub fn qk_norm(self) -> bool {
-        self == Family::Qwen3
+        matches!(self, Family::Qwen3 | Family::Gemma3)
+    }
+
+    /// Whether every RMSNorm scales by (1 + w) rather than w (the stored weight is w).
+    pub fn norm_plus_one(self) -> bool {
+        self == Family::Gemma3
+    }
+
+    /// Whether the embeddings are scaled by √hidden.
+    pub fn scaled_embeddings(self) -> bool {
+        self == Family::Gemma3
+    }
+
+    /// Whether each block has norms on both sides of attention and of the MLP (the attention
+    /// output normed before the residual add, then a pre-MLP and a post-MLP norm).
+    pub fn sandwich_norms(self) -> bool {
+        self == Family::Gemma3
+    }
+
+    /// The config field naming the MLP activation, and the one the family's decoder computes.
+    pub fn activation(self) -> (&'static str, Activation) {
+        match self {
+            Family::Gemma3 => ("hidden_activation", Activation::GeluTanh),
+            _ => ("hidden_act", Activation::Silu),
+        }
     }
 }
 
 /// The sliding-window fields of a `config.json`, as the families write them.
+#[derive(Clone, Copy)]
 pub struct WindowFields<'a> {
     /// `sliding_window` (a number, or null).
     pub sliding_window: Option<&'a Value>,
@@ -67,6 +106,8 @@ pub struct WindowFields<'a> {
     pub max_window_layers: Option<usize>,
     /// transformers 5.x's `layer_types` (`full_attention` / `sliding_attention` per layer).
     pub layer_types: Option<&'a [String]>,
+    /// Gemma's older form: every n-th layer global (`sliding_window_pattern`, default 6).
+    pub sliding_window_pattern: Option<usize>,
 }
 
 impl Family {
@@ -84,6 +125,21 @@ impl Family {
             Family::Qwen2 | Family::Qwen3 if f.use_sliding_window != Some(true) => None,
             _ => window,
         };
+        if self == Family::Gemma3 {
+            // Every `pattern`-th layer is global, the rest slide (transformers' older form).
+            let pattern = f.sliding_window_pattern.unwrap_or(6).max(1);
+            let types: Vec<String> = match f.layer_types {
+                Some(t) => t.to_vec(),
+                None => (0..layers)
+                    .map(|l| if (l + 1) % pattern == 0 { "full_attention" } else { "sliding_attention" }.to_string())
+                    .collect(),
+            };
+            return Family::Qwen3.layer_windows(
+                file,
+                layers,
+                &WindowFields { use_sliding_window: Some(true), layer_types: Some(&types), ..*f },
+            );
+        }
         // Mistral windows every layer whatever `layer_types` says (as transformers does).
         if self == Family::Mistral || self == Family::Llama {
             return Ok(vec![if self == Family::Mistral { window } else { None }; layers]);
@@ -113,15 +169,22 @@ mod tests {
     use super::*;
 
     fn fields<'a>(w: Option<&'a Value>, types: Option<&'a [String]>) -> WindowFields<'a> {
-        WindowFields { sliding_window: w, use_sliding_window: None, max_window_layers: None, layer_types: types }
+        WindowFields {
+            sliding_window: w,
+            use_sliding_window: None,
+            max_window_layers: None,
+            layer_types: types,
+            sliding_window_pattern: None,
+        }
     }
 
     #[test]
     fn families_are_named_and_the_rest_refused_by_name() {
         let f = Path::new("config.json");
         assert_eq!(Family::from_model_type(f, "qwen3").unwrap(), Family::Qwen3);
-        let e = Family::from_model_type(f, "gemma3_text").unwrap_err().to_string();
-        assert!(e.contains("model_type") && e.contains("Gemma 3"), "{e}");
+        assert_eq!(Family::from_model_type(f, "gemma3_text").unwrap(), Family::Gemma3);
+        let e = Family::from_model_type(f, "gemma3").unwrap_err().to_string();
+        assert!(e.contains("model_type") && e.contains("gemma3_text"), "{e}");
         assert!(Family::from_model_type(f, "qwen3_moe").unwrap_err().to_string().contains("mixture-of-experts"));
         assert!(Family::Qwen2.qkv_bias() && !Family::Qwen3.qkv_bias() && Family::Qwen3.qk_norm());
     }
@@ -148,5 +211,8 @@ mod tests {
         assert_eq!(Family::Mistral.layer_windows(f, 2, &fields(Some(&eight), Some(&types))).unwrap(), [Some(8); 2]);
         assert_eq!(Family::Mistral.layer_windows(f, 2, &fields(None, Some(&types))).unwrap(), [None, None]);
         assert!(Family::Mistral.layer_windows(f, 2, &fields(Some(&Value::from(0)), None)).is_err());
+        // Gemma 3: every sixth layer global unless layer_types says otherwise.
+        let gemma = Family::Gemma3.layer_windows(f, 7, &fields(Some(&eight), None)).unwrap();
+        assert_eq!(gemma, [Some(8), Some(8), Some(8), Some(8), Some(8), None, Some(8)]);
     }
 }
