@@ -70,6 +70,28 @@ extern "C" __global__ void silu_mul_bf16(const bf16* __restrict__ gate, const bf
     out[i] = f32_to_bf16(g / (1.0f + __expf(-g)) * bf16_to_f32(up[i]));
 }
 
+// out = gelu(gate) * up with GELU's tanh approximation (Gemma's GeGLU), elementwise over n.
+extern "C" __global__ void gelu_tanh_mul_bf16(const bf16* __restrict__ gate, const bf16* __restrict__ up,
+                                              bf16* __restrict__ out, int n) {
+    int i = blockIdx.x * blockDim.x + threadIdx.x;
+    if (i >= n) return;
+    float g = bf16_to_f32(gate[i]);
+    float inner = 0.7978845608028654f * (g + 0.044715f * g * g * g);
+    out[i] = f32_to_bf16(0.5f * g * (1.0f + tanhf(inner)) * bf16_to_f32(up[i]));
+}
+
+// x *= s, elementwise over n values (Gemma's embeddings scaled by √hidden).  grid: ceil(n / block).
+extern "C" __global__ void scale_bf16(bf16* __restrict__ x, float s, int n) {
+    int i = blockIdx.x * blockDim.x + threadIdx.x;
+    if (i < n) x[i] = f32_to_bf16(bf16_to_f32(x[i]) * s);
+}
+
+// x = tanh(x / cap) * cap, elementwise over n f32 logits (final logit soft-capping).
+extern "C" __global__ void softcap_f32(float* __restrict__ x, float cap, int n) {
+    int i = blockIdx.x * blockDim.x + threadIdx.x;
+    if (i < n) x[i] = tanhf(x[i] / cap) * cap;
+}
+
 // x += y, elementwise over n values.  grid: ceil(n / block).
 extern "C" __global__ void add_bf16(bf16* __restrict__ x, const bf16* __restrict__ y, int n) {
     int i = blockIdx.x * blockDim.x + threadIdx.x;

@@ -1,5 +1,5 @@
 """Every model family openlora runs, served: `openlora serve` on each family's fixture (Qwen2,
-Qwen3, windowed Mistral, next to the Llama fixtures the other tests use) answers the `openai`
+Qwen3, windowed Mistral, Gemma 3, next to the Llama fixtures the other tests use) answers the `openai`
 client — completions on the base and on each of the family's PEFT adapters, in one concurrent
 mix, greedy tokens as transformers chose them, and chat through the family's own template."""
 
@@ -10,7 +10,7 @@ import openai
 import pytest
 from conftest import ADMIN_TOKEN, API_KEY, FIXTURES, Server
 
-FAMILIES = ["qwen2-f32", "qwen3-bf16", "mistral-window8-f32"]
+FAMILIES = ["qwen2-f32", "qwen3-bf16", "mistral-window8-f32", "gemma3-bf16"]
 
 
 @pytest.fixture(scope="module", params=FAMILIES)

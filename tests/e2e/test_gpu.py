@@ -137,8 +137,8 @@ def test_bench_parity_on_the_fixtures():
     assert out.returncode == 0, out.stderr[-3000:]
     report = json.loads(out.stdout)
     for name in ["gqa-llama3-f32", "tied-f16", "mqa-bf16-sharded", "qwen2-f32", "qwen3-bf16", "mistral-window8-f32",
-                 "mixed_adapters_vs_peft", "mixed_adapters_vs_peft_qwen2", "mixed_adapters_vs_peft_qwen3",
-                 "mixed_adapters_vs_peft_mistral"]:
+                 "gemma3-bf16", "mixed_adapters_vs_peft", "mixed_adapters_vs_peft_qwen2", "mixed_adapters_vs_peft_qwen3",
+                 "mixed_adapters_vs_peft_mistral", "mixed_adapters_vs_peft_gemma3"]:
         assert report["parity"][name]["pass"], report["parity"][name]
     assert report["serving_parity"]["pass"] and report["serving_parity"]["requests"] == 12, report["serving_parity"]
     assert "throughput" not in report

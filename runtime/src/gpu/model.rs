@@ -52,8 +52,12 @@ pub struct GpuLayer {
     pub post_norm: CudaSlice<bf16>,
     /// The q, k and v biases, in families that have them (Qwen2).
     pub qkv_bias: Option<[CudaSlice<bf16>; 3]>,
-    /// The per-head RMSNorm weights of q and k `[head_dim]`, in families that have them (Qwen3).
+    /// The per-head RMSNorm weights of q and k `[head_dim]`, in families that have them (Qwen3,
+    /// Gemma 3).
     pub qk_norm: Option<[CudaSlice<bf16>; 2]>,
+    /// The norms before and after the MLP `[hidden]`, in families with norms on both sides
+    /// (Gemma 3; `post_norm` is then the attention output's).
+    pub ffn_norms: Option<[CudaSlice<bf16>; 2]>,
 }
 
 /// A Llama-family decoder resident on one GPU.
@@ -66,6 +70,8 @@ pub struct GpuLlama {
     lm_head: Option<CudaSlice<bf16>>,
     cos: CudaSlice<f32>,
     sin: CudaSlice<f32>,
+    /// The sliding layers' RoPE tables, where their base differs (Gemma 3).
+    local_rope: Option<(CudaSlice<f32>, CudaSlice<f32>)>,
     /// Every step's device buffers, kept from one step to the next.
     step: std::sync::Mutex<StepBuffers>,
 }
@@ -281,6 +287,14 @@ impl GpuLlama {
             let t = w.load(name, shape, DType::BF16, &Device::Cpu)?;
             gpu.upload(&t.flatten_all()?.to_vec1::<bf16>()?)
         };
+        // A norm's weight as the family applies it: w, or (1 + w) for Gemma (added in f32).
+        let up_norm = |name: &str, len: usize| -> Result<CudaSlice<bf16>> {
+            if !cfg.family.norm_plus_one() {
+                return up(name, &[len]);
+            }
+            let t = (w.load(name, &[len], DType::F32, &Device::Cpu)? + 1.0)?;
+            gpu.upload(&t.to_dtype(DType::BF16)?.to_vec1::<bf16>()?)
+        };
         let h = cfg.hidden_size;
         let mut layers = Vec::with_capacity(cfg.num_layers);
         for l in 0..cfg.num_layers {
@@ -297,16 +311,28 @@ impl GpuLlama {
                 true => Some([attn("q_proj.bias", q_len)?, attn("k_proj.bias", kv_len)?, attn("v_proj.bias", kv_len)?]),
                 false => None,
             };
+            let at = |name: &str| format!("model.layers.{l}.{name}");
             let qk_norm = match cfg.family.qk_norm() {
-                true => Some([attn("q_norm.weight", cfg.head_dim)?, attn("k_norm.weight", cfg.head_dim)?]),
+                true => Some([
+                    up_norm(&at("self_attn.q_norm.weight"), cfg.head_dim)?,
+                    up_norm(&at("self_attn.k_norm.weight"), cfg.head_dim)?,
+                ]),
+                false => None,
+            };
+            let ffn_norms = match cfg.family.sandwich_norms() {
+                true => Some([
+                    up_norm(&at("pre_feedforward_layernorm.weight"), h)?,
+                    up_norm(&at("post_feedforward_layernorm.weight"), h)?,
+                ]),
                 false => None,
             };
             layers.push(GpuLayer {
                 proj,
-                input_norm: up(&format!("model.layers.{l}.input_layernorm.weight"), &[h])?,
-                post_norm: up(&format!("model.layers.{l}.post_attention_layernorm.weight"), &[h])?,
+                input_norm: up_norm(&at("input_layernorm.weight"), h)?,
+                post_norm: up_norm(&at("post_attention_layernorm.weight"), h)?,
                 qkv_bias,
                 qk_norm,
+                ffn_norms,
             });
         }
         let lm_head = if cfg.tie_word_embeddings && !w.contains("lm_head.weight") {
@@ -315,7 +341,7 @@ impl GpuLlama {
             Some(up("lm_head.weight", &[cfg.vocab_size, h])?)
         };
         let embed = up("model.embed_tokens.weight", &[cfg.vocab_size, h])?;
-        let norm = up("model.norm.weight", &[h])?;
+        let norm = up_norm("model.norm.weight", h)?;
         Self::from_weights(gpu, &cfg, embed, layers, norm, lm_head)
     }
 
@@ -375,8 +401,23 @@ impl GpuLlama {
                 (None, false) => {}
                 _ => return Err(Error::device(format!("layer {l}: q/k norms do not match the model's family"))),
             }
+            match (&layer.ffn_norms, cfg.family.sandwich_norms()) {
+                (Some([pre, post]), true) => {
+                    check(&format!("model.layers.{l}.pre_feedforward_layernorm.weight"), pre.len(), h)?;
+                    check(&format!("model.layers.{l}.post_feedforward_layernorm.weight"), post.len(), h)?;
+                }
+                (None, false) => {}
+                _ => return Err(Error::device(format!("layer {l}: MLP norms do not match the model's family"))),
+            }
         }
         let (cos, sin) = rope::cos_sin(cfg);
+        let local_rope = match (0..cfg.num_layers).find(|&l| cfg.local_rope(l)) {
+            Some(l) => {
+                let (c, s) = rope::cos_sin(&cfg.rope_for_layer(l));
+                Some((gpu.upload(&c)?, gpu.upload(&s)?))
+            }
+            None => None,
+        };
         Ok(GpuLlama {
             embed,
             norm,
@@ -384,6 +425,7 @@ impl GpuLlama {
             lm_head,
             cos: gpu.upload(&cos)?,
             sin: gpu.upload(&sin)?,
+            local_rope,
             step: Default::default(),
             cfg: cfg.clone(),
         })
@@ -424,7 +466,7 @@ impl GpuLlama {
         let n = plan.rows;
         let (h, nh, nkv, hd, inter) =
             (cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.intermediate_size);
-        let (eps, scale) = (cfg.rms_norm_eps as f32, 1.0 / (hd as f32).sqrt());
+        let (eps, scale) = (cfg.rms_norm_eps as f32, cfg.attention_scale());
         let (h_i, hd_i, nh_i, nkv_i, bs_i) = (h as i32, hd as i32, nh as i32, nkv as i32, BLOCK_SIZE as i32);
         let grown = &mut bufs.grown;
         let mut x = bufs.x.take(gpu, n * h, grown)?;
@@ -449,6 +491,14 @@ impl GpuLlama {
             b.arg(&self.embed).arg(&ids).arg(&mut x).arg(&h_i);
             // SAFETY: the buffers passed were sized above for the rows and widths given.
             unsafe { b.launch(grid((n as u32, 1), BLOCK, 0)) }.map_err(cuda_err)?;
+        }
+        if cfg.family.scaled_embeddings() {
+            // √hidden in bf16, as transformers scales bf16 embeddings.
+            let (factor, len) = (bf16::from_f32((h as f32).sqrt()).to_f32(), (n * h) as i32);
+            let mut b = s.launch_builder(gpu.kernel("scale_bf16")?);
+            b.arg(&mut x).arg(&factor).arg(&len);
+            // SAFETY: x holds n × hidden values, as the kernel is told.
+            unsafe { b.launch(grid(((n * h).div_ceil(BLOCK as usize) as u32, 1), BLOCK, 0)) }.map_err(cuda_err)?;
         }
         let rms = |x: &CudaSlice<bf16>, w: &CudaSlice<bf16>, o: &mut CudaSlice<bf16>, rows: usize| -> Result<()> {
             let mut b = s.launch_builder(gpu.kernel("rms_norm_bf16")?);
@@ -481,9 +531,13 @@ impl GpuLlama {
             // SAFETY: t holds n × heads rows of head_dim values, w head_dim, as the kernel is told.
             unsafe { k.launch(grid(((n * heads) as u32, 1), BLOCK, 0)) }.map(drop).map_err(cuda_err)
         };
-        let rope = |t: &mut CudaSlice<bf16>, heads: i32| -> Result<()> {
+        let rope = |t: &mut CudaSlice<bf16>, heads: i32, l: usize| -> Result<()> {
+            let (cos, sin) = match &self.local_rope {
+                Some((c, s)) if cfg.local_rope(l) => (c, s),
+                _ => (&self.cos, &self.sin),
+            };
             let mut b = s.launch_builder(gpu.kernel("rope_bf16")?);
-            b.arg(t).arg(&self.cos).arg(&self.sin).arg(&positions).arg(&heads).arg(&hd_i);
+            b.arg(t).arg(cos).arg(sin).arg(&positions).arg(&heads).arg(&hd_i);
             // SAFETY: the buffers passed were sized above for the rows and widths given.
             unsafe { b.launch(grid((n as u32, heads as u32), (hd as u32 / 2).clamp(32, 1024), 0)) }
                 .map(drop)
@@ -521,8 +575,8 @@ impl GpuLlama {
                 head_norm(&mut q, nq, nh)?;
                 head_norm(&mut k, nk, nkv)?;
             }
-            rope(&mut q, nh_i)?;
-            rope(&mut k, nkv_i)?;
+            rope(&mut q, nh_i, l)?;
+            rope(&mut k, nkv_i, l)?;
             {
                 let te = (nkv * hd) as i32;
                 let mut b = s.launch_builder(gpu.kernel("write_kv_bf16")?);
@@ -549,15 +603,29 @@ impl GpuLlama {
             }
             linear(gpu, &attn, &layer.proj[Proj::O as usize], &mut out, n, Proj::O.shape(cfg))?;
             lora(Proj::O, &attn, &mut out, &mut lora_tmp, &mut sums)?;
-            add(&mut x, &out, n * h)?;
-            rms(&x, &layer.post_norm, &mut hn, n)?;
+            match &layer.ffn_norms {
+                // Gemma: the attention output normed, added, then the pre-MLP norm.
+                Some([pre, _]) => {
+                    rms(&out, &layer.post_norm, &mut hn, n)?;
+                    add(&mut x, &hn, n * h)?;
+                    rms(&x, pre, &mut hn, n)?;
+                }
+                None => {
+                    add(&mut x, &out, n * h)?;
+                    rms(&x, &layer.post_norm, &mut hn, n)?;
+                }
+            }
             linear(gpu, &hn, &layer.proj[Proj::Gate as usize], &mut gate, n, Proj::Gate.shape(cfg))?;
             linear(gpu, &hn, &layer.proj[Proj::Up as usize], &mut up, n, Proj::Up.shape(cfg))?;
             lora(Proj::Gate, &hn, &mut gate, &mut lora_tmp, &mut sums)?;
             lora(Proj::Up, &hn, &mut up, &mut lora_tmp, &mut sums)?;
             {
                 let len = (n * inter) as i32;
-                let mut b = s.launch_builder(gpu.kernel("silu_mul_bf16")?);
+                let activation = match cfg.family.activation().1 {
+                    crate::shape::family::Activation::Silu => "silu_mul_bf16",
+                    crate::shape::family::Activation::GeluTanh => "gelu_tanh_mul_bf16",
+                };
+                let mut b = s.launch_builder(gpu.kernel(activation)?);
                 b.arg(&gate).arg(&up).arg(&mut act).arg(&len);
                 // SAFETY: the buffers passed were sized above for the rows and widths given.
                 unsafe { b.launch(grid(((n * inter).div_ceil(BLOCK as usize) as u32, 1), BLOCK, 0)) }
@@ -565,7 +633,13 @@ impl GpuLlama {
             }
             linear(gpu, &act, &layer.proj[Proj::Down as usize], &mut out, n, Proj::Down.shape(cfg))?;
             lora(Proj::Down, &act, &mut out, &mut lora_tmp, &mut sums)?;
-            add(&mut x, &out, n * h)?;
+            match &layer.ffn_norms {
+                Some([_, post]) => {
+                    rms(&out, post, &mut hn, n)?;
+                    add(&mut x, &hn, n * h)?;
+                }
+                None => add(&mut x, &out, n * h)?,
+            }
         }
         // The rows whose logits are wanted, normed, through the head.
         let m = plan.n_out;
@@ -589,6 +663,13 @@ impl GpuLlama {
             b.arg(&logits).arg(&mut out32).arg(&len);
             // SAFETY: the buffers passed were sized above for the rows and widths given.
             unsafe { b.launch(grid(((m * vocab).div_ceil(BLOCK as usize) as u32, 1), BLOCK, 0)) }.map_err(cuda_err)?;
+            if let Some(cap) = cfg.final_logit_softcapping {
+                let mut b = s.launch_builder(gpu.kernel("softcap_f32")?);
+                b.arg(&mut out32).arg(&cap).arg(&len);
+                // SAFETY: out32 holds the m × vocab logits, as the kernel is told.
+                unsafe { b.launch(grid(((m * vocab).div_ceil(BLOCK as usize) as u32, 1), BLOCK, 0)) }
+                    .map_err(cuda_err)?;
+            }
         }
         let shares = match adapters {
             Some(_) => sums.download(gpu)?,

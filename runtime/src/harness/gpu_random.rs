@@ -43,7 +43,14 @@ pub fn llama(gpu: &Gpu, cfg: &ModelConfig, seed: u64) -> Result<GpuLlama> {
                 rand(o, i)
             })
             .collect::<Result<Vec<_>>>()?;
-        layers.push(GpuLayer { proj, input_norm: ones()?, post_norm: ones()?, qkv_bias: None, qk_norm: None });
+        layers.push(GpuLayer {
+            proj,
+            input_norm: ones()?,
+            post_norm: ones()?,
+            qkv_bias: None,
+            qk_norm: None,
+            ffn_norms: None,
+        });
     }
     // The embedding, then the head: the seeds they had when the decoder made them itself.
     let embed = rand(cfg.vocab_size, h)?;
