@@ -9,9 +9,10 @@ extern "C" __global__ void embedding_bf16(const bf16* __restrict__ table, const 
     for (int i = threadIdx.x; i < hidden; i += blockDim.x) dst[i] = src[i];
 }
 
-// One row's RMSNorm: o = x / rms(x) * w over `width` values (o may be x: each thread writes only
-// what it read, after the sum). Every thread of the block takes part.
-__device__ void rms_row(const bf16* x, const bf16* w, bf16* o, int width, float eps) {
+// One row's RMSNorm: o = x / rms(x) * (offset + w) over `width` values, in f32 (offset 1: Gemma's
+// (1 + w); o may be x: each thread writes only what it read, after the sum). Every thread of the
+// block takes part.
+__device__ void rms_row(const bf16* x, const bf16* w, bf16* o, int width, float eps, float offset) {
     float ss = 0.0f;
     for (int i = threadIdx.x; i < width; i += blockDim.x) {
         float v = bf16_to_f32(x[i]);
@@ -19,22 +20,22 @@ __device__ void rms_row(const bf16* x, const bf16* w, bf16* o, int width, float 
     }
     float inv = rsqrtf(block_sum(ss) / (float)width + eps);
     for (int i = threadIdx.x; i < width; i += blockDim.x) {
-        o[i] = f32_to_bf16(bf16_to_f32(x[i]) * inv * bf16_to_f32(w[i]));
+        o[i] = f32_to_bf16(bf16_to_f32(x[i]) * inv * (offset + bf16_to_f32(w[i])));
     }
 }
 
-// out = x / sqrt(mean(x²) + eps) * w, per row.  grid: rows, block: a multiple of 32 (≤ 1024).
+// out = x / sqrt(mean(x²) + eps) * (offset + w), per row.  grid: rows, block: a multiple of 32 (≤ 1024).
 extern "C" __global__ void rms_norm_bf16(const bf16* __restrict__ x, const bf16* __restrict__ w,
-                                         bf16* __restrict__ out, int hidden, float eps) {
-    rms_row(x + (size_t)blockIdx.x * hidden, w, out + (size_t)blockIdx.x * hidden, hidden, eps);
+                                         bf16* __restrict__ out, int hidden, float eps, float offset) {
+    rms_row(x + (size_t)blockIdx.x * hidden, w, out + (size_t)blockIdx.x * hidden, hidden, eps, offset);
 }
 
 // RMSNorm of every row in place: x [rows, width] (Qwen3's per-head norm of q and k: one row per
 // head).  grid: (rows), block: any multiple of 32.
 extern "C" __global__ void rms_norm_inplace_bf16(bf16* __restrict__ x, const bf16* __restrict__ w, int width,
-                                                 float eps) {
+                                                 float eps, float offset) {
     bf16* row = x + (size_t)blockIdx.x * width;
-    rms_row(row, w, row, width, eps);
+    rms_row(row, w, row, width, eps, offset);
 }
 
 // y[r, c] += bias[c] for y [rows, cols] (a projection's bias).  grid: ceil(rows * cols / block).

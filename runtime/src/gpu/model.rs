@@ -287,14 +287,8 @@ impl GpuLlama {
             let t = w.load(name, shape, DType::BF16, &Device::Cpu)?;
             gpu.upload(&t.flatten_all()?.to_vec1::<bf16>()?)
         };
-        // A norm's weight as the family applies it: w, or (1 + w) for Gemma (added in f32).
-        let up_norm = |name: &str, len: usize| -> Result<CudaSlice<bf16>> {
-            if !cfg.family.norm_plus_one() {
-                return up(name, &[len]);
-            }
-            let t = (w.load(name, &[len], DType::F32, &Device::Cpu)? + 1.0)?;
-            gpu.upload(&t.to_dtype(DType::BF16)?.to_vec1::<bf16>()?)
-        };
+        // Norm weights as stored (w); the kernels add Gemma's 1 in f32, as transformers does.
+        let up_norm = |name: &str, len: usize| up(name, &[len]);
         let h = cfg.hidden_size;
         let mut layers = Vec::with_capacity(cfg.num_layers);
         for l in 0..cfg.num_layers {
@@ -467,6 +461,8 @@ impl GpuLlama {
         let (h, nh, nkv, hd, inter) =
             (cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.intermediate_size);
         let (eps, scale) = (cfg.rms_norm_eps as f32, cfg.attention_scale());
+        // What every norm adds to its weight: Gemma's (1 + w), else w.
+        let norm_offset: f32 = if cfg.family.norm_plus_one() { 1.0 } else { 0.0 };
         let (h_i, hd_i, nh_i, nkv_i, bs_i) = (h as i32, hd as i32, nh as i32, nkv as i32, BLOCK_SIZE as i32);
         let grown = &mut bufs.grown;
         let mut x = bufs.x.take(gpu, n * h, grown)?;
@@ -502,7 +498,7 @@ impl GpuLlama {
         }
         let rms = |x: &CudaSlice<bf16>, w: &CudaSlice<bf16>, o: &mut CudaSlice<bf16>, rows: usize| -> Result<()> {
             let mut b = s.launch_builder(gpu.kernel("rms_norm_bf16")?);
-            b.arg(x).arg(w).arg(o).arg(&h_i).arg(&eps);
+            b.arg(x).arg(w).arg(o).arg(&h_i).arg(&eps).arg(&norm_offset);
             // SAFETY: the buffers passed were sized above for the rows and widths given.
             unsafe { b.launch(grid((rows as u32, 1), BLOCK, 0)) }.map(drop).map_err(cuda_err)
         };
@@ -527,7 +523,7 @@ impl GpuLlama {
         };
         let head_norm = |t: &mut CudaSlice<bf16>, w: &CudaSlice<bf16>, heads: usize| -> Result<()> {
             let mut k = s.launch_builder(gpu.kernel("rms_norm_inplace_bf16")?);
-            k.arg(t).arg(w).arg(&hd_i).arg(&eps);
+            k.arg(t).arg(w).arg(&hd_i).arg(&eps).arg(&norm_offset);
             // SAFETY: t holds n × heads rows of head_dim values, w head_dim, as the kernel is told.
             unsafe { k.launch(grid(((n * heads) as u32, 1), BLOCK, 0)) }.map(drop).map_err(cuda_err)
         };

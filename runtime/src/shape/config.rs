@@ -265,7 +265,10 @@ impl ModelConfig {
             Some(x) if !(x.is_finite() && x > 0.0) => Err(Error::config(f, field, "must be a positive number")),
             v => Ok(v.map(|x| x as f32)),
         };
-        let query_pre_attn_scalar = positive("query_pre_attn_scalar", raw.query_pre_attn_scalar)?;
+        let gemma = family == super::Family::Gemma3;
+        // Gemma3TextConfig's default, where a config leaves it out.
+        let query_pre_attn_scalar =
+            positive("query_pre_attn_scalar", raw.query_pre_attn_scalar)?.or(gemma.then_some(256.0));
         let final_logit_softcapping = positive("final_logit_softcapping", raw.final_logit_softcapping)?;
         let hidden_size = required(f, "hidden_size", raw.hidden_size)?;
         let num_heads = required(f, "num_attention_heads", raw.num_attention_heads)?;
@@ -292,10 +295,18 @@ impl ModelConfig {
         let per_type = raw.rope_parameters.as_ref().and_then(|p| p.get("full_attention").map(|g| (g, p)));
         let rope_local_theta = match per_type {
             Some((_, p)) => {
-                p.get("sliding_attention").and_then(|l| l.get("rope_theta")).and_then(Value::as_f64).map(|t| t as f32)
+                let local = p.get("sliding_attention");
+                let kind = local.and_then(|l| l.get("rope_type")).and_then(Value::as_str).unwrap_or("default");
+                if kind != "default" {
+                    let message = format!("`{kind}` is not supported for sliding layers (default)");
+                    return Err(Error::config(f, "rope_parameters.sliding_attention.rope_type", message));
+                }
+                local.and_then(|l| l.get("rope_theta")).and_then(Value::as_f64).map(|t| t as f32)
             }
             None => raw.rope_local_base_freq,
-        };
+        }
+        // Gemma 3's sliding layers: base 10,000 unless the config says otherwise.
+        .or(gemma.then_some(10_000.0));
         let global = per_type.map(|(g, _)| g.clone()).or_else(|| raw.rope_parameters.clone());
         // transformers 5.x: rope_parameters holds theta and scaling; 4.x: top-level fields.
         let (rope_theta, rope_scaling) = match &global {
@@ -352,7 +363,8 @@ impl ModelConfig {
                 "max_position_embeddings",
                 raw.max_position_embeddings.or(Some(2048)),
             )?,
-            tie_word_embeddings: raw.tie_word_embeddings.unwrap_or(false),
+            // transformers' defaults: tied for Gemma 3 (its hub configs leave the field out).
+            tie_word_embeddings: raw.tie_word_embeddings.unwrap_or(family == super::Family::Gemma3),
             dtype,
             bos_token_id: bos.first().copied(),
             eos_token_ids: token_ids(f, "eos_token_id", raw.eos_token_id.as_ref())?,
@@ -419,6 +431,38 @@ mod tests {
         let d = std::env::temp_dir().join(format!("openlora-config-{name}-{}", std::process::id()));
         std::fs::create_dir_all(&d).expect("temp dir");
         d
+    }
+
+    /// A Gemma 3 text config as the hub's 1B carries it (4.x form, fields at their defaults left
+    /// out) takes transformers' defaults; the 5.x form's per-layer-type RoPE is read per layer.
+    #[test]
+    fn gemma3_configs_take_transformers_defaults() {
+        let d = tmp("gemma3");
+        let legacy = r#"{"model_type": "gemma3_text", "vocab_size": 10, "hidden_size": 8, "intermediate_size": 16,
+            "num_hidden_layers": 7, "num_attention_heads": 2, "num_key_value_heads": 1, "head_dim": 4,
+            "rope_theta": 1000000.0, "rope_local_base_freq": 10000.0, "sliding_window": 512,
+            "sliding_window_pattern": 6, "hidden_activation": "gelu_pytorch_tanh", "max_position_embeddings": 32}"#;
+        let c = ModelConfig::from_file(&write(&d, legacy)).expect("parses");
+        assert!(c.tie_word_embeddings, "tied unless said otherwise");
+        assert_eq!(c.query_pre_attn_scalar, Some(256.0));
+        assert_eq!(c.layer_windows[5], None, "every sixth layer is global");
+        assert_eq!(c.layer_windows[0], Some(512));
+        assert!(c.local_rope(0) && !c.local_rope(5));
+        assert_eq!((c.rope_for_layer(0).rope_theta, c.rope_for_layer(5).rope_theta), (10_000.0, 1_000_000.0));
+        let v5 = r#"{"model_type": "gemma3_text", "vocab_size": 10, "hidden_size": 8, "intermediate_size": 16,
+            "num_hidden_layers": 2, "num_attention_heads": 2, "head_dim": 4, "max_position_embeddings": 32,
+            "layer_types": ["sliding_attention", "full_attention"], "query_pre_attn_scalar": 16,
+            "rope_parameters": {"full_attention": {"rope_type": "linear", "factor": 8.0, "rope_theta": 1000000.0},
+                                "sliding_attention": {"rope_type": "default", "rope_theta": 10000.0}}}"#;
+        let c = ModelConfig::from_file(&write(&d, v5)).expect("parses");
+        assert_eq!(c.layer_windows, [Some(4096), None], "the default window");
+        assert_eq!(c.rope_scaling, RopeScaling::Linear { factor: 8.0 }, "scaling on the global layers");
+        assert_eq!(c.rope_for_layer(0).rope_scaling, RopeScaling::Default, "none on the sliding ones");
+        assert!((c.attention_scale() - 0.25).abs() < 1e-6);
+        let capped = v5.replace(r#""query_pre_attn_scalar": 16"#, r#""attn_logit_softcapping": 50.0"#);
+        let e = ModelConfig::from_file(&write(&d, &capped)).unwrap_err().to_string();
+        assert!(e.contains("attn_logit_softcapping"), "{e}");
+        std::fs::remove_dir_all(&d).ok();
     }
 
     const BASE: &str = r#""vocab_size": 10, "hidden_size": 8, "intermediate_size": 16,

@@ -126,6 +126,8 @@ impl Family {
             _ => window,
         };
         if self == Family::Gemma3 {
+            // Gemma3TextConfig's default window where the config leaves it out.
+            let window = window.or(Some(4096)).map(Value::from);
             // Every `pattern`-th layer is global, the rest slide (transformers' older form).
             let pattern = f.sliding_window_pattern.unwrap_or(6).max(1);
             let types: Vec<String> = match f.layer_types {
@@ -134,11 +136,13 @@ impl Family {
                     .map(|l| if (l + 1) % pattern == 0 { "full_attention" } else { "sliding_attention" }.to_string())
                     .collect(),
             };
-            return Family::Qwen3.layer_windows(
-                file,
-                layers,
-                &WindowFields { use_sliding_window: Some(true), layer_types: Some(&types), ..*f },
-            );
+            let fields = WindowFields {
+                sliding_window: window.as_ref(),
+                use_sliding_window: Some(true),
+                layer_types: Some(&types),
+                ..*f
+            };
+            return Family::Qwen3.layer_windows(file, layers, &fields);
         }
         // Mistral windows every layer whatever `layer_types` says (as transformers does).
         if self == Family::Mistral || self == Family::Llama {
