@@ -159,18 +159,19 @@ impl Replication {
         }
         let db = guard.as_mut().expect("connected just above");
         let written = db.atomically(|db| {
+            // One publisher at a time: sequence numbers commit in order, so a reader that has
+            // seen change N has seen every change before it; the checks below see every
+            // replica's changes; and no other publisher's compaction removes a blob between
+            // this one finding it there and naming it.
+            db.batch("LOCK TABLE shared_changes IN EXCLUSIVE MODE")?;
             for (sha, bytes) in blobs {
                 if db.rows("SELECT 1 FROM shared_blobs WHERE sha256 = $1", &[sha.as_str().into()])?.is_empty() {
                     db.exec(
-                        "INSERT INTO shared_blobs (sha256, bytes) VALUES ($1, $2)",
+                        "INSERT INTO shared_blobs (sha256, bytes) VALUES ($1, $2) ON CONFLICT (sha256) DO NOTHING",
                         &[sha.into(), Val::Bytes(bytes)],
                     )?;
                 }
             }
-            // One publisher at a time: sequence numbers commit in order, so a reader that has
-            // seen change N has seen every change before it; and the checks below see every
-            // replica's changes.
-            db.batch("LOCK TABLE shared_changes IN EXCLUSIVE MODE")?;
             if let Some((me, max)) = &owner_quota {
                 check_owner(db, &key, me, *max)?;
             }
