@@ -103,11 +103,6 @@ fn now_ms() -> i64 {
     crate::ledger::now_ms().min(i64::MAX as u64) as i64
 }
 
-/// What refused a publication (the local change is undone).
-fn refused(e: AccountError) -> Error {
-    Error::from(e)
-}
-
 impl Replication {
     /// Connects to the database at `url` and makes the log's tables.
     pub fn open(url: &str) -> Result<Self> {
@@ -376,7 +371,7 @@ fn check_owner(db: &mut Db, key: &str, me: &str, max_adapters: u64) -> Result<()
     if let Some((_, TargetState::Adapter { version: Some(v), name })) = latest(db, key)?
         && v.owner.as_deref() != Some(me)
     {
-        return Err(refused(AccountError::Conflict(format!("the adapter name `{name}` is taken; choose another"))));
+        return Err(AccountError::Conflict(format!("the adapter name `{name}` is taken; choose another")).into());
     }
     // The owner as the state's JSON writes it, LIKE's wildcards escaped.
     let quoted = serde_json::to_string(me).unwrap_or_default();
@@ -389,7 +384,7 @@ fn check_owner(db: &mut Db, key: &str, me: &str, max_adapters: u64) -> Result<()
     )?;
     let have = rows.first().and_then(|r| r.first()).and_then(Val::int).unwrap_or_default();
     if have as u64 >= max_adapters {
-        return Err(refused(AccountError::Quota {
+        return Err(Error::from(AccountError::Quota {
             message: format!("owner `{me}` may have {max_adapters} adapters over all replicas; delete one first"),
             size: false,
             retry_after: None,

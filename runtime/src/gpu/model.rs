@@ -14,6 +14,7 @@ use super::{Gpu, cuda_err, grid};
 use crate::error::{Error, Result};
 use crate::model::lora::AdapterShare;
 use crate::model::{BLOCK_SIZE, BlockPool, ModelConfig, Proj, rope};
+use crate::shape::LayerExtras;
 
 /// Threads per block of the row kernels.
 const BLOCK: u32 = 256;
@@ -275,6 +276,31 @@ impl StepPlan {
     }
 }
 
+/// Checks a layer's group of weights beyond Llama's against what its family names (`want`):
+/// present exactly when named, each of the length named.
+fn check_group<const N: usize>(
+    l: usize,
+    what: &str,
+    got: &Option<[CudaSlice<bf16>; N]>,
+    want: &Option<[crate::shape::config::Named; N]>,
+) -> Result<()> {
+    match (got, want) {
+        (Some(got), Some(want)) => {
+            for (w, (name, len)) in got.iter().zip(want) {
+                if w.len() != *len {
+                    return Err(Error::device(format!(
+                        "{name} holds {} values; the model's shape needs {len}",
+                        w.len()
+                    )));
+                }
+            }
+            Ok(())
+        }
+        (None, None) => Ok(()),
+        _ => Err(Error::device(format!("layer {l}: {what} do not match the model's family"))),
+    }
+}
+
 impl GpuLlama {
     /// Uploads a model folder's weights as bf16.
     pub fn load(gpu: &Gpu, folder: &std::path::Path) -> Result<Self> {
@@ -299,27 +325,11 @@ impl GpuLlama {
                     up(&p.tensor_name(l), &[o, i])
                 })
                 .collect::<Result<Vec<_>>>()?;
-            let attn = |name: &str, len: usize| up(&format!("model.layers.{l}.self_attn.{name}"), &[len]);
-            let (q_len, kv_len) = (cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim);
-            let qkv_bias = match cfg.family.qkv_bias() {
-                true => Some([attn("q_proj.bias", q_len)?, attn("k_proj.bias", kv_len)?, attn("v_proj.bias", kv_len)?]),
-                false => None,
-            };
+            let extras = cfg.layer_extras(l);
+            let qkv_bias = LayerExtras::load(&extras.qkv_bias, |name, len| up(name, &[len]))?;
+            let qk_norm = LayerExtras::load(&extras.qk_norm, up_norm)?;
+            let ffn_norms = LayerExtras::load(&extras.ffn_norms, up_norm)?;
             let at = |name: &str| format!("model.layers.{l}.{name}");
-            let qk_norm = match cfg.family.qk_norm() {
-                true => Some([
-                    up_norm(&at("self_attn.q_norm.weight"), cfg.head_dim)?,
-                    up_norm(&at("self_attn.k_norm.weight"), cfg.head_dim)?,
-                ]),
-                false => None,
-            };
-            let ffn_norms = match cfg.family.sandwich_norms() {
-                true => Some([
-                    up_norm(&at("pre_feedforward_layernorm.weight"), h)?,
-                    up_norm(&at("post_feedforward_layernorm.weight"), h)?,
-                ]),
-                false => None,
-            };
             layers.push(GpuLayer {
                 proj,
                 input_norm: up_norm(&at("input_layernorm.weight"), h)?,
@@ -377,32 +387,10 @@ impl GpuLlama {
             }
             check(&format!("model.layers.{l}.input_layernorm.weight"), layer.input_norm.len(), h)?;
             check(&format!("model.layers.{l}.post_attention_layernorm.weight"), layer.post_norm.len(), h)?;
-            let (q_len, kv_len) = (cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim);
-            match (&layer.qkv_bias, cfg.family.qkv_bias()) {
-                (Some([q, k, v]), true) => {
-                    check(&format!("model.layers.{l}.self_attn.q_proj.bias"), q.len(), q_len)?;
-                    check(&format!("model.layers.{l}.self_attn.k_proj.bias"), k.len(), kv_len)?;
-                    check(&format!("model.layers.{l}.self_attn.v_proj.bias"), v.len(), kv_len)?;
-                }
-                (None, false) => {}
-                _ => return Err(Error::device(format!("layer {l}: q/k/v biases do not match the model's family"))),
-            }
-            match (&layer.qk_norm, cfg.family.qk_norm()) {
-                (Some([q, k]), true) => {
-                    check(&format!("model.layers.{l}.self_attn.q_norm.weight"), q.len(), cfg.head_dim)?;
-                    check(&format!("model.layers.{l}.self_attn.k_norm.weight"), k.len(), cfg.head_dim)?;
-                }
-                (None, false) => {}
-                _ => return Err(Error::device(format!("layer {l}: q/k norms do not match the model's family"))),
-            }
-            match (&layer.ffn_norms, cfg.family.sandwich_norms()) {
-                (Some([pre, post]), true) => {
-                    check(&format!("model.layers.{l}.pre_feedforward_layernorm.weight"), pre.len(), h)?;
-                    check(&format!("model.layers.{l}.post_feedforward_layernorm.weight"), post.len(), h)?;
-                }
-                (None, false) => {}
-                _ => return Err(Error::device(format!("layer {l}: MLP norms do not match the model's family"))),
-            }
+            let extras = cfg.layer_extras(l);
+            check_group(l, "q/k/v biases", &layer.qkv_bias, &extras.qkv_bias)?;
+            check_group(l, "q/k norms", &layer.qk_norm, &extras.qk_norm)?;
+            check_group(l, "MLP norms", &layer.ffn_norms, &extras.ffn_norms)?;
         }
         let (cos, sin) = rope::cos_sin(cfg);
         let local_rope = match (0..cfg.num_layers).find(|&l| cfg.local_rope(l)) {

@@ -15,7 +15,7 @@ use super::ops;
 use super::rope::RopeTables;
 use super::weights::WeightFiles;
 use crate::error::{Error, LoadError, Result, SubmitError};
-use crate::shape::{ModelConfig, Proj};
+use crate::shape::{LayerExtras, ModelConfig, Proj};
 
 struct Layer {
     /// Projection weights `[out, in]`, indexed by `Proj as usize`.
@@ -26,10 +26,10 @@ struct Layer {
     qkv_bias: Option<[Tensor; 3]>,
     /// The per-head RMSNorm weights of q and k `[head_dim]`, in families that have them (Qwen3,
     /// Gemma 3).
-    qk_norm: Option<(Tensor, Tensor)>,
+    qk_norm: Option<[Tensor; 2]>,
     /// The norms before and after the MLP, in families with norms on both sides (Gemma 3; the
     /// post-attention norm is then the attention output's).
-    ffn_norms: Option<(Tensor, Tensor)>,
+    ffn_norms: Option<[Tensor; 2]>,
 }
 
 /// One sequence's slice of a flat batch.
@@ -114,29 +114,12 @@ impl Llama {
                 load_proj(Proj::Up)?,
                 load_proj(Proj::Down)?,
             ];
-            let attn = |name: &str, len: usize| {
-                weights.load(&format!("model.layers.{l}.self_attn.{name}"), &[len], dt, device)
-            };
-            let (q_len, kv_len) = (cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim);
-            let qkv_bias = match cfg.family.qkv_bias() {
-                true => Some([attn("q_proj.bias", q_len)?, attn("k_proj.bias", kv_len)?, attn("v_proj.bias", kv_len)?]),
-                false => None,
-            };
+            let extras = cfg.layer_extras(l);
+            let bias = |name: &str, len: usize| weights.load(name, &[len], dt, device);
+            let qkv_bias = LayerExtras::load(&extras.qkv_bias, bias)?;
+            let qk_norm = LayerExtras::load(&extras.qk_norm, |name, len| norm(name, len))?;
+            let ffn_norms = LayerExtras::load(&extras.ffn_norms, |name, len| norm(name, len))?;
             let at = |name: &str| format!("model.layers.{l}.{name}");
-            let qk_norm = match cfg.family.qk_norm() {
-                true => Some((
-                    norm(&at("self_attn.q_norm.weight"), cfg.head_dim)?,
-                    norm(&at("self_attn.k_norm.weight"), cfg.head_dim)?,
-                )),
-                false => None,
-            };
-            let ffn_norms = match cfg.family.sandwich_norms() {
-                true => Some((
-                    norm(&at("pre_feedforward_layernorm.weight"), h)?,
-                    norm(&at("post_feedforward_layernorm.weight"), h)?,
-                )),
-                false => None,
-            };
             layers.push(Layer {
                 proj,
                 input_norm: norm(&at("input_layernorm.weight"), h)?,
@@ -315,7 +298,7 @@ impl Llama {
             let mut q = self.project(l, Proj::Q, &h, &lora)?.reshape((n, nh, hd))?;
             let mut k = self.project(l, Proj::K, &h, &lora)?.reshape((n, nkv, hd))?;
             let v = self.project(l, Proj::V, &h, &lora)?.reshape((n, nkv, hd))?;
-            if let Some((qn, kn)) = &layer.qk_norm {
+            if let Some([qn, kn]) = &layer.qk_norm {
                 q = ops::rms_norm(&q, qn, cfg.rms_norm_eps)?;
                 k = ops::rms_norm(&k, kn, cfg.rms_norm_eps)?;
             }
@@ -338,7 +321,7 @@ impl Llama {
             let eps = cfg.rms_norm_eps;
             let h = match &layer.ffn_norms {
                 // Gemma: the attention output normed, added, then the pre-MLP norm.
-                Some((pre, _)) => {
+                Some([pre, _]) => {
                     x = (x + ops::rms_norm(&out, &layer.post_attention_norm, eps)?)?;
                     ops::rms_norm(&x, pre, eps)?
                 }
@@ -355,7 +338,7 @@ impl Llama {
             };
             let down = self.project(l, Proj::Down, &act, &lora)?;
             x = match &layer.ffn_norms {
-                Some((_, post)) => (x + ops::rms_norm(&down, post, eps)?)?,
+                Some([_, post]) => (x + ops::rms_norm(&down, post, eps)?)?,
                 None => (x + down)?,
             };
         }

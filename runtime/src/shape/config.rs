@@ -204,7 +204,53 @@ fn parse_rope(file: &Path, field: &str, obj: &Value) -> Result<RopeScaling> {
     }
 }
 
+/// One named weight of a layer, and its length.
+pub type Named = (String, usize);
+
+/// The weights a layer has beyond Llama's, as the family names them (`None`: the family has no
+/// such group); the CPU and the GPU loaders both read them from here.
+pub struct LayerExtras {
+    /// q, k and v biases (Qwen2).
+    pub qkv_bias: Option<[Named; 3]>,
+    /// q and k per-head norms (Qwen3, Gemma 3).
+    pub qk_norm: Option<[Named; 2]>,
+    /// The pre- and post-MLP norms (Gemma 3).
+    pub ffn_norms: Option<[Named; 2]>,
+}
+
+impl LayerExtras {
+    /// One group loaded with `load(name, length)`.
+    pub fn load<T, const N: usize>(
+        group: &Option<[Named; N]>,
+        mut load: impl FnMut(&str, usize) -> Result<T>,
+    ) -> Result<Option<[T; N]>> {
+        let Some(group) = group else { return Ok(None) };
+        let loaded = group.iter().map(|(name, len)| load(name, *len)).collect::<Result<Vec<T>>>()?;
+        Ok(loaded.try_into().ok())
+    }
+}
+
 impl ModelConfig {
+    /// Layer `l`'s weights beyond Llama's (see [`LayerExtras`]).
+    pub fn layer_extras(&self, l: usize) -> LayerExtras {
+        let at = |name: &str, len: usize| (format!("model.layers.{l}.{name}"), len);
+        let (q, kv, hd, h) =
+            (self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim, self.head_dim, self.hidden_size);
+        LayerExtras {
+            qkv_bias: self.family.qkv_bias().then(|| {
+                [at("self_attn.q_proj.bias", q), at("self_attn.k_proj.bias", kv), at("self_attn.v_proj.bias", kv)]
+            }),
+            qk_norm: self
+                .family
+                .qk_norm()
+                .then(|| [at("self_attn.q_norm.weight", hd), at("self_attn.k_norm.weight", hd)]),
+            ffn_norms: self
+                .family
+                .sandwich_norms()
+                .then(|| [at("pre_feedforward_layernorm.weight", h), at("post_feedforward_layernorm.weight", h)]),
+        }
+    }
+
     /// The configuration RoPE tables are made from for layer `l`: the sliding layers' own base
     /// (unscaled) where the family gives them one, else this one.
     pub fn rope_for_layer(&self, l: usize) -> std::borrow::Cow<'_, ModelConfig> {

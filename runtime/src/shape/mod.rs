@@ -8,6 +8,6 @@ pub mod family;
 mod proj;
 
 pub(crate) use config::read_json;
-pub use config::{GenerationDefaults, ModelConfig, RopeScaling, WeightDType};
+pub use config::{GenerationDefaults, LayerExtras, ModelConfig, RopeScaling, WeightDType};
 pub use family::Family;
 pub use proj::Proj;
