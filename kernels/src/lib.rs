@@ -3,11 +3,14 @@
 //!
 //! [`attention`] is causal grouped-query attention over a paged KV cache (block tables);
 //! [`lora`] is the batched heterogeneous LoRA op (shrink/expand; SGMV for prefill, BGMV for
-//! decode) over adapter weights held in a unified page pool. The base model's CPU ops live in
-//! the runtime on candle-core. [`cuda`] holds the CUDA C sources of the device kernels and
+//! decode) over adapter weights held in a unified page pool. [`gemm`] is the base model's dense
+//! CPU projection over weights kept in their stored dtype, on the vector instructions [`simd`]
+//! finds at run time; its other CPU ops live in the runtime on candle-core. [`cuda`] holds the CUDA C sources of the device kernels and
 //! (feature `nvrtc`) their compilation to PTX.
 
 pub mod attention;
 pub mod cuda;
+pub mod gemm;
 pub mod lora;
+pub mod simd;
 pub mod vec;

@@ -22,6 +22,9 @@ pub struct ServerConfig {
     pub model: Option<PathBuf>,
     /// Name the base model is served under (`model` in requests); default: the folder's name.
     pub model_name: Option<String>,
+    /// The dtype the CPU backend keeps and multiplies the dense weights in (`auto`: as
+    /// stored; `bf16`, `f16`, `f32`), as vLLM's `--dtype`. The CUDA backend computes in bf16.
+    pub dtype: crate::model::dense::ServeDType,
     /// Where uploaded adapters (and later the ledger) are kept; default: `$OPENLORA_HOME`.
     pub data_dir: Option<PathBuf>,
     /// Adapters to register at start: name → PEFT folder.
@@ -164,6 +167,7 @@ impl Default for ServerConfig {
             listen: SocketAddr::from(([127, 0, 0, 1], 8080)),
             model: None,
             model_name: None,
+            dtype: crate::model::dense::ServeDType::Auto,
             data_dir: None,
             adapters: BTreeMap::new(),
             lora_path_roots: Vec::new(),

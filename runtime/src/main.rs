@@ -546,6 +546,10 @@ struct ServeArgs {
     /// The device to serve on: cpu, or cuda:N (a CUDA GPU; the driver is probed at start).
     #[arg(long, default_value = "cpu")]
     device: openlora::device::DeviceSpec,
+    /// The dtype to keep and multiply the dense weights in, overriding the config file's
+    /// `dtype`: auto (as stored), bf16, f16 or f32.
+    #[arg(long)]
+    dtype: Option<openlora::model::ServeDType>,
     /// Only check the configuration (the file, then the environment's secrets) and exit: 0 when
     /// it is valid, 2 naming the field when not. Nothing is loaded or listened on.
     #[arg(long)]
@@ -575,6 +579,9 @@ fn run_serve(args: ServeArgs) -> anyhow::Result<()> {
     let mut config = ServerConfig::load(args.config.as_deref())?;
     if let Some(listen) = args.listen {
         config.listen = listen;
+    }
+    if let Some(dtype) = args.dtype {
+        config.dtype = dtype;
     }
     let server = Server::load(config, args.device)?;
     let runtime =
@@ -639,6 +646,9 @@ struct GenerateArgs {
     /// Keep generating past end-of-sequence tokens.
     #[arg(long)]
     ignore_eos: bool,
+    /// The dtype to keep and multiply the dense weights in: auto (as stored), bf16, f16 or f32.
+    #[arg(long, default_value = "auto")]
+    dtype: openlora::model::ServeDType,
 }
 
 fn run_generate(args: GenerateArgs) -> anyhow::Result<()> {
@@ -647,7 +657,7 @@ fn run_generate(args: GenerateArgs) -> anyhow::Result<()> {
         None => embedded::default_model_dir().context("unpacking the embedded default model")?,
     };
     let t0 = Instant::now();
-    let model = Arc::new(LoadedModel::load(&folder)?);
+    let model = Arc::new(LoadedModel::load_as(&folder, args.dtype)?);
     let metrics = Metrics::new();
     let pager = AdapterPager::new(model.config(), PagerConfig::default(), metrics.pager.clone());
     let adapter = match &args.adapter {

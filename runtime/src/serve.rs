@@ -49,9 +49,12 @@ impl Server {
             None => (embedded::default_model_dir()?, true),
         };
         let model = Arc::new(match device {
-            DeviceSpec::Cpu => LoadedModel::load(&folder)?,
-            // The GPU backend uploads the weights itself; no f32 copy is kept on the host.
-            DeviceSpec::Cuda(_) => LoadedModel::load_without_weights(&folder)?,
+            DeviceSpec::Cpu => LoadedModel::load_as(&folder, config.dtype)?,
+            // The GPU backend uploads the weights itself (in bf16); no copy is kept on the host.
+            DeviceSpec::Cuda(_) => {
+                crate::model::dense::check_gpu_dtype(config.dtype)?;
+                LoadedModel::load_without_weights(&folder)?
+            }
         });
         let model_name = config.model_name.clone().unwrap_or_else(|| {
             if demo {

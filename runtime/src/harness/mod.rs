@@ -24,6 +24,7 @@ pub mod reference;
 pub mod serving;
 #[cfg(feature = "cuda")]
 pub mod serving_bench;
+pub mod workload;
 
 #[cfg(feature = "cuda")]
 use std::path::PathBuf;

@@ -4,11 +4,15 @@
 //! prefill and decode rows of different sequences share each projection's matmul; only
 //! attention runs per sequence, over that sequence's own key/value cache.
 
+use std::sync::Arc;
+
 use candle_core::{D, DType, Device, Tensor};
 
 use openlora_kernels::attention::{SeqAttention, paged_attention, write_kv};
+use openlora_kernels::gemm::Weight;
 use openlora_kernels::lora::PagePool;
 
+use super::dense::{self, ServeDType};
 use super::kv::{AllocStatus, BlockPool, PagedKvCache, SeqKv};
 use super::lora::{AdapterShare, LoraPlan, PlacedAdapter};
 use super::ops;
@@ -18,12 +22,12 @@ use crate::error::{Error, LoadError, Result, SubmitError};
 use crate::shape::{LayerExtras, ModelConfig, Proj};
 
 struct Layer {
-    /// Projection weights `[out, in]`, indexed by `Proj as usize`.
-    proj: [Tensor; 7],
+    /// Projection weights `[out, in]` in their kept dtype, indexed by `Proj as usize`.
+    proj: [Weight; 7],
     input_norm: Tensor,
     post_attention_norm: Tensor,
     /// The q, k and v biases, in families that have them (Qwen2).
-    qkv_bias: Option<[Tensor; 3]>,
+    qkv_bias: Option<[Vec<f32>; 3]>,
     /// The per-head RMSNorm weights of q and k `[head_dim]`, in families that have them (Qwen3,
     /// Gemma 3).
     qk_norm: Option<[Tensor; 2]>,
@@ -75,13 +79,17 @@ pub enum LogitRows {
     Last,
 }
 
-/// A loaded Llama-family decoder, computing in f32.
+/// A loaded Llama-family decoder: dense weights kept in the dtype served in (see
+/// [`ServeDType`]), everything else computing in f32.
 pub struct Llama {
     cfg: ModelConfig,
-    embed: Tensor,
+    /// The embedding table `[vocab, hidden]`; the same weight as `lm_head` when tied.
+    embed: Arc<Weight>,
     layers: Vec<Layer>,
     norm: Tensor,
-    lm_head: Tensor,
+    lm_head: Arc<Weight>,
+    /// The dtype the dense weights were loaded for.
+    dtype: ServeDType,
     rope: RopeTables,
     /// The sliding layers' RoPE tables, where their base differs (Gemma 3).
     rope_local: Option<RopeTables>,
@@ -89,8 +97,14 @@ pub struct Llama {
 }
 
 impl Llama {
-    /// Loads every weight the config implies, checking names and shapes.
+    /// Loads every weight the config implies, checking names and shapes, each dense weight
+    /// kept as stored.
     pub fn load(cfg: &ModelConfig, weights: &WeightFiles, device: &Device) -> Result<Self> {
+        Self::load_as(cfg, weights, device, ServeDType::Auto)
+    }
+
+    /// [`Llama::load`], the dense weights kept in the dtype `dtype` chooses.
+    pub fn load_as(cfg: &ModelConfig, weights: &WeightFiles, device: &Device, dtype: ServeDType) -> Result<Self> {
         let dt = DType::F32;
         let h = cfg.hidden_size;
         // A norm's weight as the family applies it: w, or (1 + w) for Gemma.
@@ -98,12 +112,12 @@ impl Llama {
             let w = weights.load(name, &[len], dt, device)?;
             Ok(if cfg.family.norm_plus_one() { (w + 1.0)? } else { w })
         };
-        let embed = weights.load("model.embed_tokens.weight", &[cfg.vocab_size, h], dt, device)?;
+        let embed = Arc::new(dense::load_weight(weights, "model.embed_tokens.weight", cfg.vocab_size, h, dtype)?);
         let mut layers = Vec::with_capacity(cfg.num_layers);
         for l in 0..cfg.num_layers {
             let load_proj = |p: Proj| {
                 let (o, i) = p.shape(cfg);
-                weights.load(&p.tensor_name(l), &[o, i], dt, device)
+                dense::load_weight(weights, &p.tensor_name(l), o, i, dtype)
             };
             let proj = [
                 load_proj(Proj::Q)?,
@@ -115,7 +129,9 @@ impl Llama {
                 load_proj(Proj::Down)?,
             ];
             let extras = cfg.layer_extras(l);
-            let bias = |name: &str, len: usize| weights.load(name, &[len], dt, device);
+            let bias = |name: &str, len: usize| -> Result<Vec<f32>> {
+                Ok(weights.load(name, &[len], dt, device)?.to_vec1::<f32>()?)
+            };
             let qkv_bias = LayerExtras::load(&extras.qkv_bias, bias)?;
             let qk_norm = LayerExtras::load(&extras.qk_norm, |name, len| norm(name, len))?;
             let ffn_norms = LayerExtras::load(&extras.ffn_norms, |name, len| norm(name, len))?;
@@ -133,7 +149,7 @@ impl Llama {
         let lm_head = if cfg.tie_word_embeddings && !weights.contains("lm_head.weight") {
             embed.clone()
         } else {
-            weights.load("lm_head.weight", &[cfg.vocab_size, h], dt, device)?
+            Arc::new(dense::load_weight(weights, "lm_head.weight", cfg.vocab_size, h, dtype)?)
         };
         Ok(Llama {
             cfg: cfg.clone(),
@@ -141,6 +157,7 @@ impl Llama {
             layers,
             norm,
             lm_head,
+            dtype,
             rope: RopeTables::new(cfg, device)?,
             rope_local: local_rope(cfg, device)?,
             device: device.clone(),
@@ -191,6 +208,7 @@ impl Llama {
         check("model.norm.weight".into(), &norm, &[h])?;
         check("lm_head.weight".into(), &lm_head, &[cfg.vocab_size, h])?;
         let mut built = Vec::with_capacity(layers.len());
+        let dtype = ServeDType::Auto;
         for (l, (proj, input_norm, post_attention_norm)) in layers.into_iter().enumerate() {
             for (&p, w) in Proj::ALL.iter().zip(&proj) {
                 let (o, i) = p.shape(cfg);
@@ -198,14 +216,28 @@ impl Llama {
             }
             check(format!("model.layers.{l}.input_layernorm.weight"), &input_norm, &[h])?;
             check(format!("model.layers.{l}.post_attention_layernorm.weight"), &post_attention_norm, &[h])?;
+            let [q, k, v, o, gate, up, down] = proj;
+            let proj = [
+                dense::weight_from_tensor(&q, dtype)?,
+                dense::weight_from_tensor(&k, dtype)?,
+                dense::weight_from_tensor(&v, dtype)?,
+                dense::weight_from_tensor(&o, dtype)?,
+                dense::weight_from_tensor(&gate, dtype)?,
+                dense::weight_from_tensor(&up, dtype)?,
+                dense::weight_from_tensor(&down, dtype)?,
+            ];
             built.push(Layer { proj, input_norm, post_attention_norm, qkv_bias: None, qk_norm: None, ffn_norms: None });
         }
+        let tied = embed.id() == lm_head.id();
+        let embed = Arc::new(dense::weight_from_tensor(&embed, dtype)?);
+        let lm_head = if tied { embed.clone() } else { Arc::new(dense::weight_from_tensor(&lm_head, dtype)?) };
         Ok(Llama {
             cfg: cfg.clone(),
             embed,
             layers: built,
             norm,
             lm_head,
+            dtype,
             rope: RopeTables::new(cfg, device)?,
             rope_local: local_rope(cfg, device)?,
             device: device.clone(),
@@ -222,14 +254,29 @@ impl Llama {
         PagedKvCache::for_sequences(&self.cfg, seqs, self.cfg.max_position_embeddings)
     }
 
+    /// The dtype the dense weights are kept in.
+    pub fn dtype(&self) -> ServeDType {
+        self.dtype
+    }
+
+    /// Projection `p` of layer `l` for the rows of `x`: the base weight, the bias where the
+    /// family has one, then each sequence's adapter delta, all on the one output buffer.
     fn project(&self, l: usize, p: Proj, x: &Tensor, lora: &LoraPlan<'_>) -> Result<Tensor> {
-        let mut y = ops::linear(x, &self.layers[l].proj[p as usize])?;
-        if let Some(bias) = &self.layers[l].qkv_bias
-            && let Some(b) = [Proj::Q, Proj::K, Proj::V].iter().position(|&q| q == p)
-        {
-            y = y.broadcast_add(&bias[b])?;
-        }
-        lora.apply(l, p, x, y)
+        let layer = &self.layers[l];
+        let w = &layer.proj[p as usize];
+        let bias = layer
+            .qkv_bias
+            .as_ref()
+            .and_then(|b| [Proj::Q, Proj::K, Proj::V].iter().position(|&q| q == p).map(|i| &b[i]));
+        dense::project(x, w, |xs, ys| {
+            if let Some(bias) = bias {
+                for row in ys.chunks_exact_mut(bias.len()) {
+                    row.iter_mut().zip(bias).for_each(|(y, b)| *y += b);
+                }
+            }
+            lora.apply(l, p, xs, ys, w.cols(), w.rows());
+            Ok(())
+        })
     }
 
     /// Runs one step for a batch of sequences, writing their new keys and values into `kv`
@@ -286,9 +333,8 @@ impl Llama {
             .collect();
         let scale = cfg.attention_scale();
         let n = ids.len();
-        let ids = Tensor::from_vec(ids, n, &self.device)?;
         let positions = Tensor::from_vec(positions, n, &self.device)?;
-        let mut x = self.embed.index_select(&ids, 0)?;
+        let mut x = dense::gather_rows(&self.embed, &ids, &self.device)?;
         if cfg.family.scaled_embeddings() {
             x = (x * (cfg.hidden_size as f64).sqrt())?;
         }
@@ -355,7 +401,7 @@ impl Llama {
             }
         };
         let x = ops::rms_norm(&x, &self.norm, cfg.rms_norm_eps)?;
-        let mut logits = ops::linear(&x, &self.lm_head)?;
+        let mut logits = dense::project(&x, &self.lm_head, |_, _| Ok(()))?;
         if let Some(cap) = cfg.final_logit_softcapping {
             logits = ((logits / cap as f64)?.tanh()? * cap as f64)?;
         }

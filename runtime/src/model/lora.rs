@@ -1,9 +1,9 @@
 //! Applying each sequence's LoRA adapter inside the batched forward pass.
 
-use candle_core::Tensor;
+use std::cell::RefCell;
+
 use openlora_kernels::lora::{Dims, LoraModuleView, PagePool, Segment, bgmv, sgmv};
 
-use crate::error::Result;
 use crate::shape::Proj;
 
 /// An adapter placed in the page pool, as the LoRA op reads it (the pager places adapters;
@@ -24,7 +24,18 @@ pub struct LoraPlan<'a> {
     /// Every sequence contributes one row: use the gathered (BGMV) schedule.
     decode_only: bool,
     /// Per sequence: Σ|adapter delta| and Σ|base output| over its adapted projections.
-    shares: std::cell::RefCell<Vec<AdapterShare>>,
+    shares: RefCell<Vec<AdapterShare>>,
+    /// Buffers reused by every projection of the step: the views of the projection's modules
+    /// per sequence, the SGMV segments, and the base outputs of the adapted rows (to measure).
+    scratch: RefCell<Scratch<'a>>,
+}
+
+/// [`LoraPlan`]'s per-step buffers.
+#[derive(Default)]
+struct Scratch<'a> {
+    views: Vec<Option<LoraModuleView<'a>>>,
+    segments: Vec<Segment<'a>>,
+    base: Vec<f32>,
 }
 
 /// How much of one sequence's adapted projection outputs its adapter produced in one step:
@@ -55,8 +66,8 @@ impl<'a> LoraPlan<'a> {
     /// A plan for sequences laid out as `spans`; `pool` may be `None` when no sequence has an adapter.
     pub fn new(pool: Option<PagePool<'a>>, spans: Vec<(usize, usize, Option<&'a dyn PlacedAdapter>)>) -> Self {
         let decode_only = spans.iter().all(|s| s.1 == 1);
-        let shares = std::cell::RefCell::new(vec![AdapterShare::default(); spans.len()]);
-        LoraPlan { pool, spans, decode_only, shares }
+        let shares = RefCell::new(vec![AdapterShare::default(); spans.len()]);
+        LoraPlan { pool, spans, decode_only, shares, scratch: RefCell::default() }
     }
 
     /// Whether any sequence carries an adapter.
@@ -64,45 +75,51 @@ impl<'a> LoraPlan<'a> {
         self.pool.is_some() && self.spans.iter().any(|s| s.2.is_some())
     }
 
-    /// Adds every row's adapter delta for projection `proj` of layer `layer` to `y = x · Wᵀ`.
-    pub fn apply(&self, layer: usize, proj: Proj, x: &Tensor, y: Tensor) -> Result<Tensor> {
-        let Some(pool) = self.pool else { return Ok(y) };
-        let views: Vec<_> = self.spans.iter().map(|s| s.2.and_then(|a| a.view(layer, proj))).collect();
+    /// Adds every row's adapter delta for projection `proj` of layer `layer` to `y = x · Wᵀ`
+    /// (`x: [rows, in_dim]`, `y: [rows, out_dim]`, row-major), in place.
+    pub fn apply(&self, layer: usize, proj: Proj, x: &[f32], y: &mut [f32], in_dim: usize, out_dim: usize) {
+        let Some(pool) = self.pool else { return };
+        let mut scratch = self.scratch.borrow_mut();
+        let Scratch { views, segments, base } = &mut *scratch;
+        views.clear();
+        views.extend(self.spans.iter().map(|s| s.2.and_then(|a| a.view(layer, proj))));
         if views.iter().all(Option::is_none) {
-            return Ok(y);
+            return;
         }
-        let (rows, in_dim) = x.dims2()?;
-        let (_, out_dim) = y.dims2()?;
-        let xs: Vec<f32> = x.flatten_all()?.to_vec1()?;
-        let mut ys: Vec<f32> = y.flatten_all()?.to_vec1()?;
-        let base = ys.clone();
+        // Only the adapted sequences' rows are kept to measure, in batch order.
+        base.clear();
+        for (&(start, len, _), view) in self.spans.iter().zip(views.iter()) {
+            if view.is_some() {
+                base.extend_from_slice(&y[start * out_dim..(start + len) * out_dim]);
+            }
+        }
         let d = Dims { in_dim, out_dim };
         if self.decode_only {
-            bgmv(pool, &xs, &mut ys, d, &views);
+            bgmv(pool, x, y, d, views);
         } else {
-            let segs: Vec<Segment<'_>> =
-                self.spans.iter().zip(&views).map(|(&(start, len, _), m)| Segment { start, len, module: *m }).collect();
-            sgmv(pool, &xs, &mut ys, d, &segs);
+            segments.clear();
+            segments.extend(self.spans.iter().zip(views.iter()).map(|(&(start, len, _), m)| Segment {
+                start,
+                len,
+                module: *m,
+            }));
+            sgmv(pool, x, y, d, segments);
         }
-        self.measure(&views, &base, &ys, out_dim);
-        Ok(Tensor::from_vec(ys, (rows, out_dim), y.device())?)
+        self.measure(views, base, y, out_dim);
     }
 
-    /// Accumulates each adapted sequence's delta and base L1 norms for this projection.
-    fn measure(
-        &self,
-        views: &[Option<openlora_kernels::lora::LoraModuleView<'_>>],
-        base: &[f32],
-        ys: &[f32],
-        out_dim: usize,
-    ) {
+    /// Accumulates each adapted sequence's delta and base L1 norms for this projection, from
+    /// the adapted rows' base outputs (`base`, in batch order) and the outputs now in `ys`.
+    fn measure(&self, views: &[Option<LoraModuleView<'_>>], base: &[f32], ys: &[f32], out_dim: usize) {
         let mut shares = self.shares.borrow_mut();
+        let mut at = 0;
         for ((&(start, len, _), view), share) in self.spans.iter().zip(views).zip(shares.iter_mut()) {
             if view.is_none() {
                 continue;
             }
-            let (b, a) =
-                (&base[start * out_dim..(start + len) * out_dim], &ys[start * out_dim..(start + len) * out_dim]);
+            let b = &base[at..at + len * out_dim];
+            at += len * out_dim;
+            let a = &ys[start * out_dim..(start + len) * out_dim];
             share.base_l1 += b.iter().map(|v| f64::from(v.abs())).sum::<f64>();
             share.delta_l1 += a.iter().zip(b).map(|(x, y)| f64::from((x - y).abs())).sum::<f64>();
         }

@@ -1,5 +1,6 @@
 //! Llama-family models loaded from a Hugging Face folder.
 
+pub mod dense;
 pub mod kv;
 pub mod llama;
 pub mod lora;
@@ -13,6 +14,7 @@ use std::path::{Path, PathBuf};
 use candle_core::Device;
 
 pub use crate::shape::{GenerationDefaults, ModelConfig, Proj, RopeScaling, WeightDType};
+pub use dense::ServeDType;
 pub use kv::{AllocStatus, BLOCK_SIZE, BlockPool, PagedKvCache, SeqKv};
 pub use llama::{Llama, LogitRows, SeqBatch};
 pub use tokenizer::{StreamDecoder, TextTokenizer};
@@ -69,13 +71,18 @@ impl LoadedModel {
     /// Loads a model folder on the CPU: `config.json`, `*.safetensors` (memory-mapped),
     /// `tokenizer.json`, and `tokenizer_config.json` / `generation_config.json` when present.
     pub fn load(folder: &Path) -> Result<Self> {
-        Self::open(folder, true)
+        Self::open(folder, Some(dense::ServeDType::Auto))
+    }
+
+    /// [`LoadedModel::load`], the dense weights kept in the dtype `dtype` chooses.
+    pub fn load_as(folder: &Path, dtype: dense::ServeDType) -> Result<Self> {
+        Self::open(folder, Some(dtype))
     }
 
     /// Loads and checks everything of a model folder but keeps no CPU weights: for a GPU
     /// backend, which uploads the weights itself.
     pub fn load_without_weights(folder: &Path) -> Result<Self> {
-        Self::open(folder, false)
+        Self::open(folder, None)
     }
 
     /// The model's configuration.
@@ -88,7 +95,8 @@ impl LoadedModel {
         self.llama.as_ref().ok_or_else(|| Error::device("the model's weights are on the GPU, not the CPU"))
     }
 
-    fn open(folder: &Path, cpu_weights: bool) -> Result<Self> {
+    /// Opens a model folder; with `cpu_dtype`, its weights are loaded for the CPU in that dtype.
+    fn open(folder: &Path, cpu_dtype: Option<dense::ServeDType>) -> Result<Self> {
         if !folder.is_dir() {
             return Err(Error::from(LoadError::MissingFile { path: folder.to_path_buf(), what: "model folder" }));
         }
@@ -111,7 +119,10 @@ impl LoadedModel {
         let generation = GenerationDefaults::from_file(&folder.join("generation_config.json"))?;
         let files = WeightFiles::discover(folder)?;
         let weights = WeightFiles::open(folder, &files)?;
-        let llama = if cpu_weights { Some(Llama::load(&cfg, &weights, &Device::Cpu)?) } else { None };
+        let llama = match cpu_dtype {
+            Some(dtype) => Some(Llama::load_as(&cfg, &weights, &Device::Cpu, dtype)?),
+            None => None,
+        };
         let mut eos_token_ids = cfg.eos_token_ids.clone();
         for id in generation.eos_token_ids.iter().chain(&tokenizer.eos_token_ids) {
             if !eos_token_ids.contains(id) {

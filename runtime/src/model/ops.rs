@@ -4,11 +4,6 @@ use candle_core::{D, DType, Tensor};
 
 use crate::error::Result;
 
-/// `x · wᵀ` for `x: [rows, in]` and a weight `w: [out, in]` as stored by Hugging Face.
-pub fn linear(x: &Tensor, w: &Tensor) -> Result<Tensor> {
-    Ok(x.matmul(&w.t()?)?)
-}
-
 /// Root-mean-square layer norm over the last dimension, then scaled by `weight`.
 pub fn rms_norm(x: &Tensor, weight: &Tensor, eps: f64) -> Result<Tensor> {
     let var = x.sqr()?.mean_keepdim(D::Minus1)?;

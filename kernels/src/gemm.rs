@@ -1,0 +1,374 @@
+//! Dense `y = x · Wᵀ` on the CPU for a weight held in its stored dtype (f32, bf16 or f16),
+//! accumulating in f32, with the instruction set chosen once at run time.
+//!
+//! The weight is `[out, in]` as Hugging Face stores it, so every output is a dot product of an
+//! `x` row and a weight row, both contiguous in `in`. A tile of `MR` rows of `x` and `NR` weight
+//! rows keeps `MR × NR` vector accumulators in registers; the weight rows are streamed from
+//! memory once per call and the (small) `x` stays in cache. Output columns are split between
+//! rayon's threads. With AVX-512-BF16 a bf16 weight is multiplied by `x` rounded to bf16 with
+//! `vdpbf16ps` (32 products per instruction, f32 sums), as transformers' own bf16 matmul rounds
+//! its input; every other path converts the weight to f32 in registers and uses f32 FMAs.
+
+use std::sync::OnceLock;
+
+use rayon::prelude::*;
+
+use crate::simd::{self, Isa};
+
+/// A weight's elements in the dtype they are kept in.
+#[derive(Debug, Clone)]
+pub enum WeightData {
+    /// 32-bit floats.
+    F32(Vec<f32>),
+    /// bfloat16, as raw bits.
+    Bf16(Vec<u16>),
+    /// IEEE half precision, as raw bits.
+    F16(Vec<u16>),
+}
+
+/// A row-major `[rows, cols]` weight matrix (`[out, in]` for a projection) in its kept dtype.
+#[derive(Debug, Clone)]
+pub struct Weight {
+    rows: usize,
+    cols: usize,
+    data: WeightData,
+    /// A bf16 weight may meet its input rounded to bf16 (the model computes in bf16).
+    bf16_inputs: bool,
+}
+
+/// Why a [`Weight`] could not be built.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ShapeMismatch {
+    /// Elements that `rows × cols` needs.
+    pub expected: usize,
+    /// Elements given.
+    pub got: usize,
+}
+
+impl Weight {
+    /// A `[rows, cols]` weight over `data`, refused when the element count differs.
+    pub fn new(rows: usize, cols: usize, data: WeightData) -> Result<Self, ShapeMismatch> {
+        let got = match &data {
+            WeightData::F32(v) => v.len(),
+            WeightData::Bf16(v) | WeightData::F16(v) => v.len(),
+        };
+        let expected = rows * cols;
+        if got != expected {
+            return Err(ShapeMismatch { expected, got });
+        }
+        Ok(Weight { rows, cols, data, bf16_inputs: false })
+    }
+
+    /// Lets a bf16 weight be multiplied by its input rounded to bf16, as a model computing in
+    /// bf16 does: with AVX-512-BF16 that doubles the multiply throughput.
+    pub fn with_bf16_inputs(mut self, allowed: bool) -> Self {
+        self.bf16_inputs = allowed;
+        self
+    }
+
+    /// Output features (the weight's rows).
+    pub fn rows(&self) -> usize {
+        self.rows
+    }
+
+    /// Input features (the weight's columns).
+    pub fn cols(&self) -> usize {
+        self.cols
+    }
+
+    /// The elements as kept.
+    pub fn data(&self) -> &WeightData {
+        &self.data
+    }
+
+    /// Bytes the elements take.
+    pub fn bytes(&self) -> usize {
+        match &self.data {
+            WeightData::F32(v) => v.len() * 4,
+            WeightData::Bf16(v) | WeightData::F16(v) => v.len() * 2,
+        }
+    }
+
+    /// Row `r` widened to f32 into `out` (`cols` long): an embedding lookup.
+    pub fn row_into(&self, r: usize, out: &mut [f32]) {
+        let range = r * self.cols..(r + 1) * self.cols;
+        match &self.data {
+            WeightData::F32(v) => out.copy_from_slice(&v[range]),
+            WeightData::Bf16(v) => out.iter_mut().zip(&v[range]).for_each(|(o, &b)| *o = bf16_to_f32(b)),
+            WeightData::F16(v) => out.iter_mut().zip(&v[range]).for_each(|(o, &b)| *o = f16_to_f32(b)),
+        }
+    }
+}
+
+/// bfloat16 bits to f32 (exact).
+pub fn bf16_to_f32(b: u16) -> f32 {
+    f32::from_bits(u32::from(b) << 16)
+}
+
+/// f32 to bfloat16 bits, rounding to nearest even (NaN stays NaN).
+pub fn f32_to_bf16(f: f32) -> u16 {
+    let b = f.to_bits();
+    if f.is_nan() {
+        return ((b >> 16) | 0x40) as u16;
+    }
+    let round = ((b >> 16) & 1) + 0x7FFF;
+    (b.wrapping_add(round) >> 16) as u16
+}
+
+/// IEEE half-precision bits to f32 (exact, subnormals included).
+pub fn f16_to_f32(h: u16) -> f32 {
+    let sign = u32::from(h & 0x8000) << 16;
+    let exp = u32::from((h >> 10) & 0x1F);
+    let man = u32::from(h & 0x3FF);
+    let bits = match (exp, man) {
+        (0, 0) => sign,
+        (0, m) => {
+            // Subnormal: value = m · 2^-24.
+            let v = m as f32 * f32::from_bits(0x3380_0000);
+            return if sign != 0 { -v } else { v };
+        }
+        (31, 0) => sign | 0x7F80_0000,
+        (31, m) => sign | 0x7FC0_0000 | (m << 13),
+        (e, m) => sign | ((e + 112) << 23) | (m << 13),
+    };
+    f32::from_bits(bits)
+}
+
+/// `y[m, rows] = x[m, cols] · Wᵀ` on the instruction set chosen for this machine.
+pub fn matmul_t(x: &[f32], m: usize, w: &Weight, y: &mut [f32]) {
+    matmul_t_on(simd::isa(), x, m, w, y);
+}
+
+/// Work (multiply-adds) below which a call runs on the calling thread alone.
+const PARALLEL_MIN_MACS: usize = 1 << 16;
+
+/// [`matmul_t`] on a given instruction set (which must be available: see [`simd::available`]).
+pub fn matmul_t_on(isa: Isa, x: &[f32], m: usize, w: &Weight, y: &mut [f32]) {
+    let (n, k) = (w.rows, w.cols);
+    assert_eq!(x.len(), m * k, "x is not [m, in]");
+    assert_eq!(y.len(), m * n, "y is not [m, out]");
+    assert!(simd::available(isa), "instruction set {isa:?} is not available on this CPU");
+    if m == 0 || n == 0 {
+        return;
+    }
+    // With AVX-512-BF16 a bf16 weight that allows it meets x rounded to bf16 (the rounded
+    // copy kept per thread, reused).
+    let use_dpbf16 = isa == Isa::Avx512Bf16 && w.bf16_inputs && matches!(w.data, WeightData::Bf16(_));
+    let mut x16 = Vec::new();
+    if use_dpbf16 {
+        x16 = X16.with(|buf| std::mem::take(&mut *buf.borrow_mut()));
+        x16.clear();
+        x16.extend(x.iter().map(|&v| f32_to_bf16(v)));
+    }
+    let out = OutPtr(y.as_mut_ptr());
+    let run = |c0: usize, c1: usize| {
+        // SAFETY: every column range [c0, c1) is handed to exactly one task, so the writes of
+        // different tasks (columns c0..c1 of each of the m rows of y) never overlap, and y
+        // outlives the parallel loop below.
+        unsafe { columns(isa, use_dpbf16, x, &x16, m, w, c0, c1, out.get(), n) }
+    };
+    let threads = rayon::current_num_threads();
+    if m * n * k < PARALLEL_MIN_MACS || threads == 1 {
+        run(0, n);
+    } else {
+        // Several chunks per thread, each a multiple of the tile width, for balance.
+        let chunk = n.div_ceil(threads * 8).next_multiple_of(NR).max(NR);
+        (0..n.div_ceil(chunk)).into_par_iter().for_each(|t| run(t * chunk, ((t + 1) * chunk).min(n)));
+    }
+    if use_dpbf16 {
+        X16.with(|buf| *buf.borrow_mut() = x16);
+    }
+}
+
+thread_local! {
+    /// The bf16 copy of `x` a dpbf16 matmul reads, kept to avoid an allocation per call.
+    static X16: std::cell::RefCell<Vec<u16>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+/// The output pointer shared by the tasks of one call.
+#[derive(Clone, Copy)]
+struct OutPtr(*mut f32);
+
+impl OutPtr {
+    fn get(self) -> *mut f32 {
+        self.0
+    }
+}
+
+// SAFETY: the tasks of one `matmul_t_on` call write disjoint columns of y (see `run`).
+unsafe impl Send for OutPtr {}
+// SAFETY: as above; the pointer is only written through, at disjoint elements.
+unsafe impl Sync for OutPtr {}
+
+/// Weight rows (output columns) per tile.
+const NR: usize = 4;
+/// `x` rows per tile.
+const MR: usize = 4;
+
+/// Computes columns `[c0, c1)` of every row of `y` (row stride `ldy`).
+///
+/// # Safety
+/// `y` must be valid for writes of `m × ldy` floats, no other thread may touch those columns
+/// meanwhile, and `isa` must be available.
+#[allow(clippy::too_many_arguments)]
+unsafe fn columns(
+    isa: Isa,
+    use_dpbf16: bool,
+    x: &[f32],
+    x16: &[u16],
+    m: usize,
+    w: &Weight,
+    c0: usize,
+    c1: usize,
+    y: *mut f32,
+    ldy: usize,
+) {
+    let k = w.cols;
+    let mut j = c0;
+    while j < c1 {
+        let nr = if c1 - j >= NR { NR } else { 1 };
+        let mut i = 0;
+        while i < m {
+            let mr = (m - i).min(MR);
+            // SAFETY: rows i..i+mr of x and weight rows j..j+nr exist (checked shapes), and
+            // the caller owns columns j..j+nr of y.
+            unsafe {
+                let yp = y.add(i * ldy + j);
+                if use_dpbf16 {
+                    let WeightData::Bf16(wd) = &w.data else { unreachable!("dpbf16 needs a bf16 weight") };
+                    simd::tile_dpbf16(mr, nr, x16.as_ptr().add(i * k), wd.as_ptr().add(j * k), k, yp, ldy);
+                } else {
+                    let xp = x.as_ptr().add(i * k);
+                    match &w.data {
+                        WeightData::F32(wd) => simd::tile_f32(isa, mr, nr, xp, wd.as_ptr().add(j * k), k, yp, ldy),
+                        WeightData::Bf16(wd) => simd::tile_bf16(isa, mr, nr, xp, wd.as_ptr().add(j * k), k, yp, ldy),
+                        WeightData::F16(wd) => simd::tile_f16(isa, mr, nr, xp, wd.as_ptr().add(j * k), k, yp, ldy),
+                    }
+                }
+            }
+            i += mr;
+        }
+        j += nr;
+    }
+}
+
+/// The name of the instruction set `matmul_t` uses on this machine (for logs and benchmarks).
+pub fn isa_name() -> &'static str {
+    static NAME: OnceLock<&'static str> = OnceLock::new();
+    NAME.get_or_init(|| simd::isa().name())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn naive(x: &[f32], m: usize, w: &[f32], n: usize, k: usize) -> Vec<f32> {
+        let mut y = vec![0f32; m * n];
+        for i in 0..m {
+            for j in 0..n {
+                y[i * n + j] = (0..k).map(|t| f64::from(x[i * k + t]) * f64::from(w[j * k + t])).sum::<f64>() as f32;
+            }
+        }
+        y
+    }
+
+    fn data(len: usize, seed: u32) -> Vec<f32> {
+        let mut s = seed.wrapping_mul(2_654_435_761).max(1);
+        (0..len)
+            .map(|_| {
+                s ^= s << 13;
+                s ^= s >> 17;
+                s ^= s << 5;
+                (s % 2001) as f32 / 1000.0 - 1.0
+            })
+            .collect()
+    }
+
+    /// Every available instruction set, every dtype, shapes with every kind of tail.
+    #[test]
+    fn matches_naive_on_every_isa_and_dtype() {
+        for &isa in Isa::ALL.iter().filter(|&&i| simd::available(i)) {
+            for &(m, n, k) in
+                &[(1, 1, 1), (1, 7, 33), (3, 9, 17), (4, 8, 64), (5, 13, 100), (16, 70, 1024), (9, 300, 40)]
+            {
+                let x = data(m * k, (m * 31 + n * 7 + k) as u32);
+                let wf = data(n * k, (n + k) as u32);
+                // Round the weight to each half dtype first, so the reference sees what is kept.
+                let wb: Vec<u16> = wf.iter().map(|&v| f32_to_bf16(v)).collect();
+                let wh: Vec<u16> = wf.iter().map(|&v| half_bits(v)).collect();
+                let cases = [
+                    (Weight::new(n, k, WeightData::F32(wf.clone())).expect("shape"), wf.clone(), 1e-5f32),
+                    (
+                        Weight::new(n, k, WeightData::Bf16(wb.clone())).expect("shape"),
+                        wb.iter().map(|&b| bf16_to_f32(b)).collect(),
+                        1e-5,
+                    ),
+                    (
+                        Weight::new(n, k, WeightData::Bf16(wb.clone())).expect("shape").with_bf16_inputs(true),
+                        wb.iter().map(|&b| bf16_to_f32(b)).collect(),
+                        // dpbf16 also rounds x to bf16: relative 2^-8 per product.
+                        if isa == Isa::Avx512Bf16 { 1e-2 } else { 1e-5 },
+                    ),
+                    (
+                        Weight::new(n, k, WeightData::F16(wh.clone())).expect("shape"),
+                        wh.iter().map(|&b| f16_to_f32(b)).collect(),
+                        1e-5,
+                    ),
+                ];
+                for (w, reference, tol) in cases {
+                    let want = naive(&x, m, &reference, n, k);
+                    let mut got = vec![f32::NAN; m * n];
+                    matmul_t_on(isa, &x, m, &w, &mut got);
+                    let scale = (k as f32).sqrt();
+                    for (idx, (a, b)) in got.iter().zip(&want).enumerate() {
+                        assert!(
+                            (a - b).abs() <= tol * scale.max(b.abs()),
+                            "{isa:?} {:?} m{m} n{n} k{k} at {idx}: {a} vs {b}",
+                            std::mem::discriminant(w.data())
+                        );
+                    }
+                }
+            }
+        }
+    }
+
+    fn half_bits(v: f32) -> u16 {
+        // Exact for the test's values' range is not needed: any f16 the kernel reads is fine,
+        // as long as the reference widens the same bits. Truncate the mantissa.
+        let b = v.to_bits();
+        let sign = ((b >> 16) & 0x8000) as u16;
+        let exp = ((b >> 23) & 0xFF) as i32 - 127 + 15;
+        if exp <= 0 {
+            return sign;
+        }
+        sign | ((exp as u16) << 10) | ((b >> 13) & 0x3FF) as u16
+    }
+
+    #[test]
+    fn conversions_round_trip() {
+        for v in [0.0f32, -0.0, 1.0, -2.5, 3.140625, 1e-3, 65504.0] {
+            let back = bf16_to_f32(f32_to_bf16(v));
+            assert!((back - v).abs() <= v.abs() / 256.0, "{v} came back as {back}");
+        }
+        assert_eq!(f32_to_bf16(1.0), 0x3F80);
+        assert_eq!(bf16_to_f32(0x4049), 3.140625);
+        // Round to nearest even: 1 + 2^-8 lies halfway between two bf16 values.
+        assert_eq!(f32_to_bf16(1.0 + 1.0 / 256.0), 0x3F80);
+        assert!(bf16_to_f32(f32_to_bf16(f32::NAN)).is_nan());
+        assert_eq!(f16_to_f32(0x3C00), 1.0);
+        assert_eq!(f16_to_f32(0xC000), -2.0);
+        assert_eq!(f16_to_f32(0x7BFF), 65504.0);
+        assert_eq!(f16_to_f32(0x0001), 2f32.powi(-24));
+        assert!(f16_to_f32(0x7E00).is_nan());
+        assert_eq!(f16_to_f32(0xFC00), f32::NEG_INFINITY);
+    }
+
+    #[test]
+    fn embedding_rows_widen() {
+        let w = Weight::new(2, 2, WeightData::Bf16(vec![0x3F80, 0x4000, 0xBF80, 0])).expect("shape");
+        let mut row = [0f32; 2];
+        w.row_into(1, &mut row);
+        assert_eq!(row, [-1.0, 0.0]);
+        assert!(Weight::new(2, 3, WeightData::F32(vec![0.0; 5])).is_err());
+    }
+}

@@ -1,0 +1,457 @@
+//! The CPU's vector instruction sets, detected once at run time, and the register tiles of
+//! [`crate::gemm`] written for each (AVX-512 with and without BF16 dot products, AVX2 with FMA
+//! and F16C, and portable scalar code).
+//!
+//! A tile computes `y[i, j] = Σₜ x[i, t] · w[j, t]` for `MR` rows of `x` and `NR` weight rows,
+//! both with row stride `k`; `y` has row stride `ldy`.
+
+use std::sync::OnceLock;
+
+/// A vector instruction set the GEMM tiles are written for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Isa {
+    /// Portable code, no vector intrinsics.
+    Scalar,
+    /// AVX2 with FMA and F16C (256-bit).
+    Avx2,
+    /// AVX-512 F/BW/VL (512-bit).
+    Avx512,
+    /// AVX-512 with BF16 dot products (`vdpbf16ps`).
+    Avx512Bf16,
+}
+
+impl Isa {
+    /// Every instruction set, most portable first.
+    pub const ALL: [Isa; 4] = [Isa::Scalar, Isa::Avx2, Isa::Avx512, Isa::Avx512Bf16];
+
+    /// The name used in logs, benchmarks and `OPENLORA_CPU_ISA`.
+    pub fn name(self) -> &'static str {
+        match self {
+            Isa::Scalar => "scalar",
+            Isa::Avx2 => "avx2",
+            Isa::Avx512 => "avx512",
+            Isa::Avx512Bf16 => "avx512bf16",
+        }
+    }
+}
+
+/// Whether this CPU runs `isa`'s tiles.
+pub fn available(isa: Isa) -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        let avx512 = || {
+            std::is_x86_feature_detected!("avx512f")
+                && std::is_x86_feature_detected!("avx512bw")
+                && std::is_x86_feature_detected!("avx512vl")
+        };
+        match isa {
+            Isa::Scalar => true,
+            Isa::Avx2 => {
+                std::is_x86_feature_detected!("avx2")
+                    && std::is_x86_feature_detected!("fma")
+                    && std::is_x86_feature_detected!("f16c")
+            }
+            Isa::Avx512 => avx512(),
+            Isa::Avx512Bf16 => avx512() && std::is_x86_feature_detected!("avx512bf16"),
+        }
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        isa == Isa::Scalar
+    }
+}
+
+/// The best instruction set this CPU has, capped by `OPENLORA_CPU_ISA` (one of the
+/// [`Isa::name`]s) when set — to test or measure a lesser machine's path.
+pub fn isa() -> Isa {
+    static ISA: OnceLock<Isa> = OnceLock::new();
+    *ISA.get_or_init(|| {
+        let best = Isa::ALL.iter().rev().copied().find(|&i| available(i)).unwrap_or(Isa::Scalar);
+        let cap = std::env::var("OPENLORA_CPU_ISA").ok().and_then(|v| Isa::ALL.iter().copied().find(|i| i.name() == v));
+        cap.map_or(best, |c| c.min(best))
+    })
+}
+
+/// Calls the `$f::<MR, NR>` instantiation for the run-time tile size.
+macro_rules! by_size {
+    ($($f:ident)::+, $mr:expr, $nr:expr, $($arg:expr),*) => {
+        match ($mr, $nr) {
+            (4, 4) => $($f)::+::<4, 4>($($arg),*),
+            (3, 4) => $($f)::+::<3, 4>($($arg),*),
+            (2, 4) => $($f)::+::<2, 4>($($arg),*),
+            (1, 4) => $($f)::+::<1, 4>($($arg),*),
+            (4, 1) => $($f)::+::<4, 1>($($arg),*),
+            (3, 1) => $($f)::+::<3, 1>($($arg),*),
+            (2, 1) => $($f)::+::<2, 1>($($arg),*),
+            (1, 1) => $($f)::+::<1, 1>($($arg),*),
+            other => unreachable!("no {other:?} tile"),
+        }
+    };
+}
+
+/// One tile with an f32 weight.
+///
+/// # Safety
+/// `x` holds `mr` rows and `w` `nr` rows of `k` elements; `y` is writable at `mr` rows of
+/// `nr` elements (stride `ldy`); `isa` is available; `mr ≤ 4`, `nr ∈ {1, 4}`.
+#[allow(clippy::too_many_arguments)]
+pub(crate) unsafe fn tile_f32(
+    isa: Isa,
+    mr: usize,
+    nr: usize,
+    x: *const f32,
+    w: *const f32,
+    k: usize,
+    y: *mut f32,
+    ldy: usize,
+) {
+    // SAFETY: the caller's contract is the tiles' contract.
+    unsafe {
+        match isa {
+            #[cfg(target_arch = "x86_64")]
+            Isa::Avx512 | Isa::Avx512Bf16 => by_size!(x86::avx512_f32, mr, nr, x, w, k, y, ldy),
+            #[cfg(target_arch = "x86_64")]
+            Isa::Avx2 => by_size!(x86::avx2_f32, mr, nr, x, w, k, y, ldy),
+            _ => scalar(mr, nr, x, w, k, y, ldy, |v: f32| v),
+        }
+    }
+}
+
+/// One tile with a bf16 weight widened to f32 (see [`tile_f32`] for the contract).
+///
+/// # Safety
+/// As [`tile_f32`].
+#[allow(clippy::too_many_arguments)]
+pub(crate) unsafe fn tile_bf16(
+    isa: Isa,
+    mr: usize,
+    nr: usize,
+    x: *const f32,
+    w: *const u16,
+    k: usize,
+    y: *mut f32,
+    ldy: usize,
+) {
+    // SAFETY: the caller's contract is the tiles' contract.
+    unsafe {
+        match isa {
+            #[cfg(target_arch = "x86_64")]
+            Isa::Avx512 | Isa::Avx512Bf16 => by_size!(x86::avx512_bf16w, mr, nr, x, w, k, y, ldy),
+            #[cfg(target_arch = "x86_64")]
+            Isa::Avx2 => by_size!(x86::avx2_bf16w, mr, nr, x, w, k, y, ldy),
+            _ => scalar(mr, nr, x, w, k, y, ldy, crate::gemm::bf16_to_f32),
+        }
+    }
+}
+
+/// One tile with an f16 weight widened to f32 (see [`tile_f32`] for the contract).
+///
+/// # Safety
+/// As [`tile_f32`].
+#[allow(clippy::too_many_arguments)]
+pub(crate) unsafe fn tile_f16(
+    isa: Isa,
+    mr: usize,
+    nr: usize,
+    x: *const f32,
+    w: *const u16,
+    k: usize,
+    y: *mut f32,
+    ldy: usize,
+) {
+    // SAFETY: the caller's contract is the tiles' contract.
+    unsafe {
+        match isa {
+            #[cfg(target_arch = "x86_64")]
+            Isa::Avx512 | Isa::Avx512Bf16 => by_size!(x86::avx512_f16w, mr, nr, x, w, k, y, ldy),
+            #[cfg(target_arch = "x86_64")]
+            Isa::Avx2 => by_size!(x86::avx2_f16w, mr, nr, x, w, k, y, ldy),
+            _ => scalar(mr, nr, x, w, k, y, ldy, crate::gemm::f16_to_f32),
+        }
+    }
+}
+
+/// One tile of bf16 `x` and bf16 weight with `vdpbf16ps` (f32 sums).
+///
+/// # Safety
+/// As [`tile_f32`], with `x` in bf16 and AVX-512-BF16 available.
+pub(crate) unsafe fn tile_dpbf16(
+    mr: usize,
+    nr: usize,
+    x: *const u16,
+    w: *const u16,
+    k: usize,
+    y: *mut f32,
+    ldy: usize,
+) {
+    // SAFETY: the caller's contract is the tile's contract.
+    #[cfg(target_arch = "x86_64")]
+    unsafe {
+        by_size!(x86::avx512_dpbf16, mr, nr, x, w, k, y, ldy)
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    unreachable!("AVX-512-BF16 on a CPU that is not x86-64: {mr} {nr} {x:?} {w:?} {k} {y:?} {ldy}")
+}
+
+/// The portable tile: f64-free f32 sums in `k` order, the weight widened by `widen`.
+///
+/// # Safety
+/// As [`tile_f32`].
+#[allow(clippy::too_many_arguments)]
+unsafe fn scalar<W: Copy>(
+    mr: usize,
+    nr: usize,
+    x: *const f32,
+    w: *const W,
+    k: usize,
+    y: *mut f32,
+    ldy: usize,
+    widen: impl Fn(W) -> f32,
+) {
+    for i in 0..mr {
+        for j in 0..nr {
+            // SAFETY: in bounds by the caller's contract.
+            let (xr, wr) =
+                unsafe { (std::slice::from_raw_parts(x.add(i * k), k), std::slice::from_raw_parts(w.add(j * k), k)) };
+            let sum = xr.iter().zip(wr).fold(0f32, |acc, (&a, &b)| a.mul_add(widen(b), acc));
+            // SAFETY: in bounds by the caller's contract.
+            unsafe { *y.add(i * ldy + j) = sum };
+        }
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+mod x86 {
+    use std::arch::x86_64::*;
+
+    /// Generates an AVX-512 tile over a weight type, given the function that loads 16 of its
+    /// elements (under a mask) as f32.
+    macro_rules! avx512_tile {
+        ($name:ident, $wty:ty, $load:ident) => {
+            /// An AVX-512 tile (see the module's contract).
+            #[target_feature(enable = "avx512f,avx512bw,avx512vl")]
+            pub(super) unsafe fn $name<const MR: usize, const NR: usize>(
+                x: *const f32,
+                w: *const $wty,
+                k: usize,
+                y: *mut f32,
+                ldy: usize,
+            ) {
+                // SAFETY: every load stays within the k elements of a row the caller vouches
+                // for (the last, partial step is masked); the stores are the caller's tile.
+                unsafe {
+                    let mut acc = [[_mm512_setzero_ps(); NR]; MR];
+                    let mut step = |kk: usize, mask: __mmask16| {
+                        let mut xv = [_mm512_setzero_ps(); MR];
+                        for (i, v) in xv.iter_mut().enumerate() {
+                            *v = _mm512_maskz_loadu_ps(mask, x.add(i * k + kk));
+                        }
+                        for j in 0..NR {
+                            let wv = $load(mask, w.add(j * k + kk));
+                            for i in 0..MR {
+                                acc[i][j] = _mm512_fmadd_ps(xv[i], wv, acc[i][j]);
+                            }
+                        }
+                    };
+                    let full = k / 16 * 16;
+                    let mut kk = 0;
+                    while kk < full {
+                        step(kk, 0xFFFF);
+                        kk += 16;
+                    }
+                    if kk < k {
+                        step(kk, ((1u32 << (k - kk)) - 1) as __mmask16);
+                    }
+                    for (i, row) in acc.iter().enumerate() {
+                        for (j, a) in row.iter().enumerate() {
+                            *y.add(i * ldy + j) = _mm512_reduce_add_ps(*a);
+                        }
+                    }
+                }
+            }
+        };
+    }
+
+    /// 16 f32 weights.
+    #[inline]
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl")]
+    unsafe fn load_f32_512(mask: __mmask16, p: *const f32) -> __m512 {
+        // SAFETY: the masked-in elements are in bounds (caller).
+        unsafe { _mm512_maskz_loadu_ps(mask, p) }
+    }
+
+    /// 16 bf16 weights widened to f32 (a bf16 is the top half of an f32).
+    #[inline]
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl")]
+    unsafe fn load_bf16_512(mask: __mmask16, p: *const u16) -> __m512 {
+        // SAFETY: the masked-in elements are in bounds (caller).
+        let h = unsafe { _mm256_maskz_loadu_epi16(mask, p.cast::<i16>()) };
+        _mm512_castsi512_ps(_mm512_slli_epi32::<16>(_mm512_cvtepu16_epi32(h)))
+    }
+
+    /// 16 f16 weights widened to f32.
+    #[inline]
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl")]
+    unsafe fn load_f16_512(mask: __mmask16, p: *const u16) -> __m512 {
+        // SAFETY: the masked-in elements are in bounds (caller).
+        let h = unsafe { _mm256_maskz_loadu_epi16(mask, p.cast::<i16>()) };
+        _mm512_cvtph_ps(h)
+    }
+
+    avx512_tile!(avx512_f32, f32, load_f32_512);
+    avx512_tile!(avx512_bf16w, u16, load_bf16_512);
+    avx512_tile!(avx512_f16w, u16, load_f16_512);
+
+    /// An AVX-512-BF16 tile: bf16 `x` and weights, 32 products per `vdpbf16ps`, f32 sums.
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512bf16")]
+    pub(super) unsafe fn avx512_dpbf16<const MR: usize, const NR: usize>(
+        x: *const u16,
+        w: *const u16,
+        k: usize,
+        y: *mut f32,
+        ldy: usize,
+    ) {
+        // SAFETY: as in the f32 tiles: masked loads within the rows, stores in the tile.
+        unsafe {
+            let mut acc = [[_mm512_setzero_ps(); NR]; MR];
+            let mut step = |kk: usize, mask: __mmask32| {
+                let mut xv = [_mm512_setzero_si512(); MR];
+                for (i, v) in xv.iter_mut().enumerate() {
+                    *v = _mm512_maskz_loadu_epi16(mask, x.add(i * k + kk).cast::<i16>());
+                }
+                for j in 0..NR {
+                    let wv: __m512bh =
+                        std::mem::transmute(_mm512_maskz_loadu_epi16(mask, w.add(j * k + kk).cast::<i16>()));
+                    for i in 0..MR {
+                        let xb: __m512bh = std::mem::transmute(xv[i]);
+                        acc[i][j] = _mm512_dpbf16_ps(acc[i][j], xb, wv);
+                    }
+                }
+            };
+            let full = k / 32 * 32;
+            let mut kk = 0;
+            while kk < full {
+                step(kk, u32::MAX);
+                kk += 32;
+            }
+            if kk < k {
+                step(kk, (1u32 << (k - kk)) - 1);
+            }
+            for (i, row) in acc.iter().enumerate() {
+                for (j, a) in row.iter().enumerate() {
+                    *y.add(i * ldy + j) = _mm512_reduce_add_ps(*a);
+                }
+            }
+        }
+    }
+
+    /// Generates an AVX2 tile over a weight type, given the function that loads 8 of its
+    /// elements as f32 and the scalar widening for the tail past the last multiple of 8.
+    /// Four weight rows are taken two at a time (16 ymm registers hold no more).
+    macro_rules! avx2_tile {
+        ($name:ident, $pair:ident, $wty:ty, $load:ident, $widen:path) => {
+            /// An AVX2 tile (see the module's contract).
+            #[target_feature(enable = "avx2,fma,f16c")]
+            pub(super) unsafe fn $name<const MR: usize, const NR: usize>(
+                x: *const f32,
+                w: *const $wty,
+                k: usize,
+                y: *mut f32,
+                ldy: usize,
+            ) {
+                // SAFETY: each half of the tile is a tile of the caller's.
+                unsafe {
+                    if NR == 4 {
+                        $pair::<MR, 2>(x, w, k, y, ldy);
+                        $pair::<MR, 2>(x, w.add(2 * k), k, y.add(2), ldy);
+                    } else {
+                        $pair::<MR, NR>(x, w, k, y, ldy);
+                    }
+                }
+            }
+
+            #[target_feature(enable = "avx2,fma,f16c")]
+            unsafe fn $pair<const MR: usize, const NR: usize>(
+                x: *const f32,
+                w: *const $wty,
+                k: usize,
+                y: *mut f32,
+                ldy: usize,
+            ) {
+                // SAFETY: full 8-wide loads below `full`, scalar reads after; stores in the tile.
+                unsafe {
+                    let mut acc = [[_mm256_setzero_ps(); NR]; MR];
+                    let full = k / 8 * 8;
+                    let mut kk = 0;
+                    while kk < full {
+                        let mut xv = [_mm256_setzero_ps(); MR];
+                        for (i, v) in xv.iter_mut().enumerate() {
+                            *v = _mm256_loadu_ps(x.add(i * k + kk));
+                        }
+                        for j in 0..NR {
+                            let wv = $load(w.add(j * k + kk));
+                            for i in 0..MR {
+                                acc[i][j] = _mm256_fmadd_ps(xv[i], wv, acc[i][j]);
+                            }
+                        }
+                        kk += 8;
+                    }
+                    for (i, row) in acc.iter().enumerate() {
+                        for (j, a) in row.iter().enumerate() {
+                            let mut sum = hsum256(*a);
+                            for t in full..k {
+                                sum = (*x.add(i * k + t)).mul_add($widen(*w.add(j * k + t)), sum);
+                            }
+                            *y.add(i * ldy + j) = sum;
+                        }
+                    }
+                }
+            }
+        };
+    }
+
+    /// The sum of a vector's eight lanes.
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    fn hsum256(v: __m256) -> f32 {
+        let s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps::<1>(v));
+        let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+        let s = _mm_add_ss(s, _mm_shuffle_ps::<0b01>(s, s));
+        _mm_cvtss_f32(s)
+    }
+
+    /// 8 f32 weights.
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn load_f32_256(p: *const f32) -> __m256 {
+        // SAFETY: 8 elements in bounds (caller).
+        unsafe { _mm256_loadu_ps(p) }
+    }
+
+    /// 8 bf16 weights widened to f32.
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn load_bf16_256(p: *const u16) -> __m256 {
+        // SAFETY: 8 elements in bounds (caller).
+        let h = unsafe { _mm_loadu_si128(p.cast::<__m128i>()) };
+        _mm256_castsi256_ps(_mm256_slli_epi32::<16>(_mm256_cvtepu16_epi32(h)))
+    }
+
+    /// 8 f16 weights widened to f32.
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn load_f16_256(p: *const u16) -> __m256 {
+        // SAFETY: 8 elements in bounds (caller).
+        let h = unsafe { _mm_loadu_si128(p.cast::<__m128i>()) };
+        _mm256_cvtph_ps(h)
+    }
+
+    /// f32 unchanged (the scalar tail of the f32 tile).
+    fn same(v: f32) -> f32 {
+        v
+    }
+
+    avx2_tile!(avx2_f32, avx2_f32_pair, f32, load_f32_256, same);
+    avx2_tile!(avx2_bf16w, avx2_bf16w_pair, u16, load_bf16_256, crate::gemm::bf16_to_f32);
+    avx2_tile!(avx2_f16w, avx2_f16w_pair, u16, load_f16_256, crate::gemm::f16_to_f32);
+}
