@@ -252,6 +252,11 @@ unsafe fn columns(
     }
 }
 
+/// Threads a large `matmul_t` is split between (rayon's pool).
+pub fn threads() -> usize {
+    rayon::current_num_threads()
+}
+
 /// The name of the instruction set `matmul_t` uses on this machine (for logs and benchmarks).
 pub fn isa_name() -> &'static str {
     static NAME: OnceLock<&'static str> = OnceLock::new();

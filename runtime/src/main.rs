@@ -3,7 +3,7 @@
 use std::io::{IsTerminal, Write};
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 mod cli_accounts;
 mod cli_plugin;
@@ -75,7 +75,9 @@ enum Command {
     /// Read and verify the attribution ledger.
     #[command(subcommand)]
     Ledger(LedgerCommand),
-    /// The GPU check: parity on the fixtures, then multi-adapter throughput at Llama-7B shape.
+    /// Benchmarks: on a GPU, parity on the fixtures then multi-adapter throughput at Llama-7B
+    /// shape; on the CPU, batch-16/batch-1 throughput and the S-LoRA workload (Zipf adapters,
+    /// Poisson arrivals) on the PEFT baseline's model.
     Bench(BenchArgs),
     /// Make, list and revoke the API keys of owners, tenants and contributors (on the database
     /// beside the ledger, so with the server running or not).
@@ -87,9 +89,11 @@ enum Command {
 
 #[derive(Args)]
 struct BenchArgs {
-    /// The GPU (cuda:N).
+    /// The device: a GPU (cuda:N) or cpu.
     #[arg(long, default_value = "cuda:0")]
     device: openlora::device::DeviceSpec,
+    #[command(flatten)]
+    cpu: CpuBenchArgs,
     /// The repository's tests/fixtures, for the parity checks; "none" skips them.
     #[arg(long, default_value = "tests/fixtures")]
     fixtures: PathBuf,
@@ -99,15 +103,15 @@ struct BenchArgs {
     /// Their rank.
     #[arg(long, default_value_t = 16)]
     rank: usize,
-    /// Sequences per batch.
+    /// Sequences per batch (GPU; the CPU runs --batches).
     #[arg(long, default_value_t = 32)]
     batch: usize,
-    /// Prompt tokens.
-    #[arg(long, default_value_t = 128)]
-    prompt: usize,
-    /// New tokens.
-    #[arg(long, default_value_t = 128)]
-    new_tokens: usize,
+    /// Prompt tokens (default: 128 on a GPU, 32 on the CPU).
+    #[arg(long)]
+    prompt: Option<usize>,
+    /// New tokens (default: 128 on a GPU, 32 on the CPU).
+    #[arg(long)]
+    new_tokens: Option<usize>,
     /// Registered adapters for the power-law popularity run (0 skips it).
     #[arg(long, default_value_t = 1000)]
     registered: usize,
@@ -119,10 +123,119 @@ struct BenchArgs {
     parity_only: bool,
 }
 
-/// Runs the GPU check; `Ok(false)` when a parity check failed.
+/// `openlora bench --device cpu`'s own options (the S-LoRA workload and the model).
+#[derive(Args)]
+struct CpuBenchArgs {
+    /// A model folder to serve; default: a random 184M-parameter Llama (hidden 1024, 8 layers,
+    /// vocab 32,000, f32), the PEFT baseline's.
+    #[arg(long)]
+    model: Option<PathBuf>,
+    /// The dtype to serve in: auto (as stored), bf16, f16 or f32.
+    #[arg(long, default_value = "auto")]
+    dtype: openlora::model::ServeDType,
+    /// Batch sizes of the fixed-batch runs (base, then one adapter per request).
+    #[arg(long, value_delimiter = ',', default_value = "16,1")]
+    batches: Vec<usize>,
+    /// Distinct adapters of the S-LoRA workload (0 skips it).
+    #[arg(long, default_value_t = 100)]
+    workload_adapters: usize,
+    /// Zipf exponent of adapter popularity.
+    #[arg(long, default_value_t = 1.0)]
+    zipf: f64,
+    /// Request rates (per second) to run the workload at, Poisson arrivals.
+    #[arg(long, value_delimiter = ',', default_value = "1,2,4")]
+    rates: Vec<f64>,
+    /// Requests per rate.
+    #[arg(long, default_value_t = 64)]
+    requests: usize,
+    /// Prompt tokens of workload requests: N or LO-HI (uniform).
+    #[arg(long, default_value = "16-48")]
+    prompt_len: openlora::harness::workload::LengthRange,
+    /// New tokens of workload requests: N or LO-HI (uniform).
+    #[arg(long, default_value = "16-48")]
+    output_len: openlora::harness::workload::LengthRange,
+    /// Seed of the request sequence (the same seed, the same requests).
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// SLO on time to first token, milliseconds.
+    #[arg(long, default_value_t = 2000)]
+    slo_ttft_ms: u64,
+    /// SLO on time per output token, milliseconds.
+    #[arg(long, default_value_t = 200)]
+    slo_tpot_ms: u64,
+    /// Keep the model and adapter folders here (for `bench/hf_peft_baseline.py` to read).
+    #[arg(long)]
+    keep: Option<PathBuf>,
+    /// Write the throughput/latency chart here (SVG).
+    #[arg(long)]
+    svg: Option<PathBuf>,
+}
+
+/// `openlora bench --device cpu`: prints (and writes) the report.
+fn run_cpu_bench(args: BenchArgs) -> anyhow::Result<bool> {
+    use openlora::harness::{chart, cpu_bench, workload::WorkloadSpec};
+    let a = args.cpu;
+    anyhow::ensure!(a.batches.iter().all(|&b| b > 0), "--batches: every batch size must be at least 1");
+    anyhow::ensure!(a.rates.iter().all(|&r| r > 0.0 && r.is_finite()), "--rates: rates must be positive");
+    let workload = (a.workload_adapters > 0 && a.requests > 0).then(|| WorkloadSpec {
+        adapters: a.workload_adapters,
+        zipf_exponent: a.zipf,
+        rate: 0.0,
+        requests: a.requests,
+        prompt: a.prompt_len,
+        output: a.output_len,
+        seed: a.seed,
+    });
+    let total = if workload.is_some() { (a.requests * a.rates.len()) as u64 } else { 0 };
+    let bar = indicatif::ProgressBar::new(total);
+    bar.set_style(
+        indicatif::ProgressStyle::with_template("{msg} [{bar:40}] {pos}/{len} requests ({elapsed})")
+            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+    );
+    bar.set_message("S-LoRA workload");
+    let tick = bar.clone();
+    let c = cpu_bench::CpuBenchConfig {
+        model: a.model,
+        fixtures: args.fixtures,
+        dtype: a.dtype,
+        batches: a.batches,
+        rank: args.rank,
+        prompt: args.prompt.unwrap_or(32).max(1),
+        new_tokens: args.new_tokens.unwrap_or(32).max(1),
+        workload,
+        rates: a.rates,
+        slo_ttft: Duration::from_millis(a.slo_ttft_ms),
+        slo_tpot: Duration::from_millis(a.slo_tpot_ms),
+        keep: a.keep,
+        progress: Some(Arc::new(move |n| tick.inc(n))),
+    };
+    let report = cpu_bench::run(&c)?;
+    bar.finish_and_clear();
+    let text = serde_json::to_string_pretty(&report)?;
+    println!("{text}");
+    if let Some(out) = &args.out {
+        std::fs::write(out, &text).with_context(|| format!("writing {}", out.display()))?;
+    }
+    if let Some(svg) = &a.svg {
+        let points = report["workload"]
+            .as_array()
+            .map(|runs| {
+                runs.iter()
+                    .filter_map(|r| {
+                        Some((r["spec"]["rate"].as_f64()?, r["tok_per_s"].as_f64()?, r["ttft_s"]["p99"].as_f64()?))
+                    })
+                    .collect()
+            })
+            .unwrap_or_default();
+        chart::write_svg(svg, &[chart::Series { name: "openlora", points }])?;
+    }
+    Ok(true)
+}
+
+/// Runs a benchmark; `Ok(false)` when a GPU parity check failed.
 fn run_bench(args: BenchArgs) -> anyhow::Result<bool> {
     let openlora::device::DeviceSpec::Cuda(ordinal) = args.device else {
-        anyhow::bail!("--device: the benchmark runs on a GPU (cuda:N); the CPU benchmarks are `cargo bench`");
+        return run_cpu_bench(args);
     };
     #[cfg(feature = "cuda")]
     {
@@ -132,8 +245,8 @@ fn run_bench(args: BenchArgs) -> anyhow::Result<bool> {
             adapters: args.adapters.max(1),
             rank: args.rank,
             batch: args.batch.max(1),
-            prompt: args.prompt.max(1),
-            new_tokens: args.new_tokens.max(1),
+            prompt: args.prompt.unwrap_or(128).max(1),
+            new_tokens: args.new_tokens.unwrap_or(128).max(1),
             registered: args.registered,
             parity_only: args.parity_only,
         };

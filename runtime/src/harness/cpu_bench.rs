@@ -1,0 +1,320 @@
+//! `openlora bench --device cpu`: the CPU serving path, in-process, on a model of the shape the
+//! Hugging Face PEFT baseline (`bench/hf_peft_baseline.py`) serves — batch-16 and batch-1
+//! throughput with mixed adapters and without, then the S-LoRA workload (Zipf popularity over N
+//! adapters, Poisson arrivals) at each request rate. The model and adapter folders it writes
+//! can be kept (`keep`) so that the baseline reads the very same weights.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use candle_core::{DType, Device, Tensor};
+use serde_json::{Value, json};
+
+use super::random::{self, QKVO, RandomAdapter};
+use super::serving::modes;
+use super::workload::{WorkloadSpec, quantile};
+use crate::engine::{EngineConfig, EngineHandle, Event, GenerationRequest};
+use crate::error::{Error, LoadError, Result};
+use crate::metrics::Metrics;
+use crate::model::{LoadedModel, ServeDType};
+use crate::pager::{AdapterPager, PagerConfig};
+use crate::sampling::SamplingParams;
+
+/// `config.json` of the benchmark's model: a 184M-parameter Llama (hidden 1024, 8 layers,
+/// 16 heads, vocab 32,000, untied head), f32 weights.
+pub const BENCH_MODEL_CONFIG: &str = r#"{"model_type": "llama", "hidden_size": 1024, "intermediate_size": 3456,
+    "num_hidden_layers": 8, "num_attention_heads": 16, "num_key_value_heads": 16, "vocab_size": 32000,
+    "max_position_embeddings": 2048, "rms_norm_eps": 1e-5, "rope_theta": 10000.0, "tie_word_embeddings": false,
+    "torch_dtype": "float32", "architectures": ["LlamaForCausalLM"], "bos_token_id": 1, "eos_token_id": 2}"#;
+
+/// What the CPU benchmark runs.
+#[derive(Clone)]
+pub struct CpuBenchConfig {
+    /// A model folder to serve; `None`: a random one of [`BENCH_MODEL_CONFIG`]'s shape.
+    pub model: Option<PathBuf>,
+    /// The repository's `tests/fixtures` (the random model's tokenizer).
+    pub fixtures: PathBuf,
+    /// The dtype to serve in.
+    pub dtype: ServeDType,
+    /// Batch sizes of the fixed-batch runs.
+    pub batches: Vec<usize>,
+    /// Adapter rank.
+    pub rank: usize,
+    /// Prompt tokens in the fixed-batch runs.
+    pub prompt: usize,
+    /// New tokens in the fixed-batch runs.
+    pub new_tokens: usize,
+    /// The S-LoRA workload (its `rate` replaced by each of `rates`); `None` skips it.
+    pub workload: Option<WorkloadSpec>,
+    /// Request rates (per second) to run the workload at.
+    pub rates: Vec<f64>,
+    /// A request meets its SLO when its time to first token and time per output token are
+    /// within these.
+    pub slo_ttft: Duration,
+    /// See `slo_ttft`.
+    pub slo_tpot: Duration,
+    /// Where to write the model and adapters (kept); `None`: a temporary folder, removed.
+    pub keep: Option<PathBuf>,
+    /// Called once per finished workload request (a progress bar).
+    pub progress: Option<Arc<dyn Fn(u64) + Send + Sync>>,
+}
+
+/// Runs the benchmark; the report as JSON (figures recomputable from its per-request rows).
+pub fn run(c: &CpuBenchConfig) -> Result<Value> {
+    let root = c
+        .keep
+        .clone()
+        .unwrap_or_else(|| std::env::temp_dir().join(format!("openlora-cpu-bench-{}", std::process::id())));
+    let model_dir = match &c.model {
+        Some(dir) => dir.clone(),
+        None => {
+            let dir = root.join("model");
+            if !dir.join("model.safetensors").exists() {
+                write_random_model(&dir, BENCH_MODEL_CONFIG, &c.fixtures, 7)?;
+            }
+            dir
+        }
+    };
+    let t = Instant::now();
+    let model = Arc::new(LoadedModel::load_as(&model_dir, c.dtype)?);
+    let load_s = t.elapsed().as_secs_f64();
+    let cfg = model.config().clone();
+    let adapters = c.workload.as_ref().map_or(0, |w| w.adapters).max(c.batches.iter().copied().max().unwrap_or(1));
+    let mut names = Vec::with_capacity(adapters);
+    for i in 0..adapters {
+        let dir = root.join("adapters").join(format!("a{i}"));
+        if !dir.join(crate::adapters::WEIGHTS_FILE).exists() {
+            let spec =
+                RandomAdapter { rank: c.rank, targets: &QKVO, scale: 1.0, seed: i as u64 + 1, dtype: DType::F32 };
+            random::write(&dir, &cfg, &spec)?;
+        }
+        names.push((format!("a{i}"), dir));
+    }
+    let metrics = Metrics::new();
+    // Every adapter fits in the host cache; the active pool holds a batch's worth and a half,
+    // so a Zipf workload over many adapters pages them in and out as it would in production.
+    let adapter_bytes = cfg.num_layers * QKVO.len() * 2 * c.rank * cfg.hidden_size * 4;
+    let pager_config = PagerConfig {
+        host_cache_bytes: (adapters + 1) * adapter_bytes,
+        active_pool_bytes: 48 * adapter_bytes,
+        ..PagerConfig::default()
+    };
+    let pager = AdapterPager::new(&cfg, pager_config, metrics.pager.clone());
+    for (name, dir) in &names {
+        pager.register(name, dir)?;
+    }
+    let engine = EngineHandle::start(model.clone(), pager, EngineConfig::default(), metrics.clone())?;
+    let names: Vec<String> = names.into_iter().map(|(n, _)| n).collect();
+    let mut batches = serde_json::Map::new();
+    for &b in &c.batches {
+        let r = modes(&engine, &names[..b.min(names.len())], b, c.prompt, c.new_tokens)?;
+        batches.insert(b.to_string(), r);
+    }
+    let mut workload = Vec::new();
+    if let Some(spec) = &c.workload {
+        for &rate in &c.rates {
+            let spec = WorkloadSpec { rate, ..spec.clone() };
+            workload.push(run_workload(&engine, &names, &spec, c, &metrics)?);
+        }
+    }
+    if c.keep.is_none() {
+        std::fs::remove_dir_all(&root).ok();
+    }
+    Ok(json!({
+        "device": "cpu",
+        "isa": openlora_kernels::gemm::isa_name(),
+        "threads": openlora_kernels::gemm::threads(),
+        "dtype": model.llama()?.dtype().as_str(),
+        "model": {"hidden": cfg.hidden_size, "layers": cfg.num_layers, "vocab": cfg.vocab_size,
+                  "intermediate": cfg.intermediate_size, "load_s": load_s},
+        "rank": c.rank, "prompt": c.prompt, "new_tokens": c.new_tokens,
+        "batches": batches,
+        "workload": workload,
+    }))
+}
+
+/// One request's timings, seconds from its arrival.
+struct Timing {
+    adapter: usize,
+    ttft: f64,
+    end: f64,
+    tokens: usize,
+}
+
+/// Replays `spec`'s arrivals in real time against `engine` and measures each request.
+fn run_workload(
+    engine: &EngineHandle,
+    names: &[String],
+    spec: &WorkloadSpec,
+    c: &CpuBenchConfig,
+    metrics: &Metrics,
+) -> Result<Value> {
+    let arrivals = spec.arrivals();
+    let vocab = engine.model().config().vocab_size;
+    let counter = |tier: &str, hits: bool| {
+        let v = if hits { &metrics.pager.hits } else { &metrics.pager.misses };
+        v.with_label_values(&[tier]).get()
+    };
+    let (hits0, misses0) = (counter("active", true), counter("active", false));
+    let load = metrics.pager.load_seconds.with_label_values(&["active"]);
+    let (load_sum0, load_n0) = (load.get_sample_sum(), load.get_sample_count());
+    let start = Instant::now();
+    let timings = std::thread::scope(|s| -> Result<Vec<Timing>> {
+        let mut readers = Vec::with_capacity(arrivals.len());
+        for (i, a) in arrivals.iter().enumerate() {
+            let due = start + Duration::from_secs_f64(a.at_s);
+            std::thread::sleep(due.saturating_duration_since(Instant::now()));
+            let request = GenerationRequest {
+                id: format!("slora-{i}"),
+                prompt_ids: (0..a.prompt).map(|t| ((11 + i * 7919 + t * 104_729) % (vocab - 1) + 1) as u32).collect(),
+                params: SamplingParams { max_tokens: a.output, ignore_eos: true, ..Default::default() },
+                adapter: Some(names[a.adapter % names.len()].clone()),
+                priority: 0,
+                deadline: None,
+                logprobs: None,
+            };
+            let arrived = Instant::now();
+            let mut stream = engine.submit(request)?;
+            let adapter = a.adapter;
+            let progress = c.progress.clone();
+            readers.push(s.spawn(move || {
+                let (mut ttft, mut tokens) = (None, 0);
+                loop {
+                    match stream.next_blocking() {
+                        Some(Event::Token { .. }) => {
+                            tokens += 1;
+                            ttft.get_or_insert_with(|| arrived.elapsed().as_secs_f64());
+                        }
+                        Some(Event::Done { .. }) => break,
+                        Some(Event::Failed { message, .. }) => return Err(Error::device(message)),
+                        None => return Err(Error::device("the engine stopped")),
+                    }
+                }
+                if let Some(p) = &progress {
+                    p(1);
+                }
+                let end = arrived.elapsed().as_secs_f64();
+                Ok(Timing { adapter, ttft: ttft.unwrap_or(end), end, tokens })
+            }));
+        }
+        readers.into_iter().map(|r| r.join().map_err(|_| Error::device("a bench reader panicked"))?).collect()
+    })?;
+    let makespan = start.elapsed().as_secs_f64();
+    let ttfts: Vec<f64> = timings.iter().map(|t| t.ttft).collect();
+    let tpots: Vec<f64> =
+        timings.iter().filter(|t| t.tokens > 1).map(|t| (t.end - t.ttft) / (t.tokens - 1) as f64).collect();
+    let tokens: usize = timings.iter().map(|t| t.tokens).sum();
+    let met = timings
+        .iter()
+        .filter(|t| {
+            let tpot = if t.tokens > 1 { (t.end - t.ttft) / (t.tokens - 1) as f64 } else { 0.0 };
+            t.ttft <= c.slo_ttft.as_secs_f64() && tpot <= c.slo_tpot.as_secs_f64()
+        })
+        .count();
+    let (hits, misses) = (counter("active", true) - hits0, counter("active", false) - misses0);
+    let loads = load.get_sample_count() - load_n0;
+    let pct = |v: &[f64]| json!({"p50": quantile(v, 0.5), "p90": quantile(v, 0.9), "p99": quantile(v, 0.99)});
+    Ok(json!({
+        "spec": spec,
+        "seconds": makespan,
+        "requests": timings.len(),
+        "req_per_s": timings.len() as f64 / makespan,
+        "tok_per_s": tokens as f64 / makespan,
+        "ttft_s": pct(&ttfts),
+        "tpot_s": pct(&tpots),
+        "slo": {"ttft_s": c.slo_ttft.as_secs_f64(), "tpot_s": c.slo_tpot.as_secs_f64(),
+                "attainment": met as f64 / timings.len().max(1) as f64},
+        "adapter_cache": {"hit_rate": hits as f64 / (hits + misses).max(1) as f64, "loads": loads,
+                          "mean_load_s": (load.get_sample_sum() - load_sum0) / loads.max(1) as f64},
+        "per_request": timings.iter().map(|t| json!([t.adapter, t.ttft, t.end, t.tokens])).collect::<Vec<_>>(),
+    }))
+}
+
+/// Writes a model folder for `cfg_text` with seeded random f32 weights (scaled as a trained
+/// model's) and the fixture model's tokenizer.
+pub fn write_random_model(dir: &Path, cfg_text: &str, fixtures: &Path, seed: u64) -> Result<()> {
+    super::serving::weightless_model(dir, cfg_text, fixtures)?;
+    let cfg = crate::model::ModelConfig::from_file(&dir.join("config.json"))?;
+    use rand::{Rng, SeedableRng};
+    let dev = Device::Cpu;
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+    // Uniform with a trained layer's variance, 1 / fan-in, from the seed.
+    let mut randn = |rows: usize, cols: usize| {
+        let bound = (3.0 / cols as f32).sqrt();
+        Tensor::from_vec(
+            (0..rows * cols).map(|_| rng.random_range(-bound..bound)).collect::<Vec<f32>>(),
+            (rows, cols),
+            &dev,
+        )
+    };
+    let h = cfg.hidden_size;
+    let mut tensors = std::collections::HashMap::new();
+    tensors.insert("model.embed_tokens.weight".to_string(), randn(cfg.vocab_size, h)?);
+    tensors.insert("lm_head.weight".to_string(), randn(cfg.vocab_size, h)?);
+    tensors.insert("model.norm.weight".to_string(), Tensor::ones(h, DType::F32, &dev)?);
+    for l in 0..cfg.num_layers {
+        for p in crate::model::Proj::ALL {
+            let (o, i) = p.shape(&cfg);
+            tensors.insert(p.tensor_name(l), randn(o, i)?);
+        }
+        for norm in ["input_layernorm", "post_attention_layernorm"] {
+            tensors.insert(format!("model.layers.{l}.{norm}.weight"), Tensor::ones(h, DType::F32, &dev)?);
+        }
+    }
+    let path = dir.join("model.safetensors");
+    candle_core::safetensors::save(&tensors, &path)
+        .map_err(|e| Error::from(LoadError::WeightFile { file: path.clone(), message: e.to_string() }))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::harness::workload::LengthRange;
+
+    /// The whole benchmark on a narrow model: every section present and consistent.
+    #[test]
+    fn the_cpu_bench_reports_every_section() {
+        let fixtures = Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures");
+        let keep = std::env::temp_dir().join(format!("openlora-cpu-bench-test-{}", std::process::id()));
+        let tiny = r#"{"model_type": "llama", "hidden_size": 64, "intermediate_size": 128,
+            "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2, "vocab_size": 1024,
+            "max_position_embeddings": 256, "rms_norm_eps": 1e-5, "tie_word_embeddings": false}"#;
+        write_random_model(&keep.join("model"), tiny, &fixtures, 1).expect("model");
+        let len = |n: usize| LengthRange { lo: n, hi: n };
+        let c = CpuBenchConfig {
+            model: Some(keep.join("model")),
+            fixtures,
+            dtype: ServeDType::Bf16,
+            batches: vec![4, 1],
+            rank: 4,
+            prompt: 8,
+            new_tokens: 3,
+            workload: Some(WorkloadSpec {
+                adapters: 6,
+                zipf_exponent: 1.0,
+                rate: 0.0,
+                requests: 12,
+                prompt: LengthRange { lo: 4, hi: 9 },
+                output: len(3),
+                seed: 5,
+            }),
+            rates: vec![200.0],
+            slo_ttft: Duration::from_secs(60),
+            slo_tpot: Duration::from_secs(60),
+            keep: Some(keep.clone()),
+            progress: None,
+        };
+        let r = run(&c).expect("bench");
+        assert_eq!(r["dtype"], "bf16");
+        assert_eq!(r["batches"]["4"]["mixed"]["tokens"], 12);
+        assert_eq!(r["batches"]["1"]["base"]["tokens"], 3);
+        let w = &r["workload"][0];
+        assert_eq!(w["requests"], 12);
+        assert_eq!(w["per_request"].as_array().map(Vec::len), Some(12));
+        assert_eq!(w["slo"]["attainment"], 1.0);
+        assert!(w["adapter_cache"]["hit_rate"].as_f64().is_some_and(|h| (0.0..=1.0).contains(&h)));
+        assert!(w["ttft_s"]["p99"].as_f64() >= w["ttft_s"]["p50"].as_f64());
+        std::fs::remove_dir_all(&keep).ok();
+    }
+}
