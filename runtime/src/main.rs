@@ -169,12 +169,41 @@ struct CpuBenchArgs {
     /// Write the throughput/latency chart here (SVG).
     #[arg(long)]
     svg: Option<PathBuf>,
+    /// Run nothing: set this earlier report beside --baseline's (`bench/hf_peft_baseline.py`)
+    /// and print the comparison tables (markdown); --svg charts both.
+    #[arg(long, requires = "baseline")]
+    compare: Option<PathBuf>,
+    /// The HF PEFT baseline's report, for --compare.
+    #[arg(long, requires = "compare")]
+    baseline: Option<PathBuf>,
+}
+
+/// `openlora bench --compare OURS --baseline PEFT`: the tables, and the chart of both.
+fn run_bench_compare(
+    ours: &std::path::Path,
+    peft: &std::path::Path,
+    svg: Option<&std::path::Path>,
+) -> anyhow::Result<bool> {
+    use openlora::harness::{chart, compare};
+    let read = |p: &std::path::Path| -> anyhow::Result<serde_json::Value> {
+        let text = std::fs::read_to_string(p).with_context(|| format!("reading {}", p.display()))?;
+        serde_json::from_str(&text).with_context(|| format!("{} is not a bench report", p.display()))
+    };
+    let (ours, peft) = (read(ours)?, read(peft)?);
+    println!("{}", compare::markdown(&ours, &peft));
+    if let Some(svg) = svg {
+        chart::write_svg(svg, &compare::as_chart(&compare::series(&ours, &peft)))?;
+    }
+    Ok(true)
 }
 
 /// `openlora bench --device cpu`: prints (and writes) the report.
 fn run_cpu_bench(args: BenchArgs) -> anyhow::Result<bool> {
     use openlora::harness::{chart, cpu_bench, workload::WorkloadSpec};
     let a = args.cpu;
+    if let (Some(ours), Some(peft)) = (&a.compare, &a.baseline) {
+        return run_bench_compare(ours, peft, a.svg.as_deref());
+    }
     anyhow::ensure!(a.batches.iter().all(|&b| b > 0), "--batches: every batch size must be at least 1");
     anyhow::ensure!(a.rates.iter().all(|&r| r > 0.0 && r.is_finite()), "--rates: rates must be positive");
     let workload = (a.workload_adapters > 0 && a.requests > 0).then(|| WorkloadSpec {

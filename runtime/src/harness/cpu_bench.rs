@@ -227,6 +227,7 @@ fn run_workload(
                 "attainment": met as f64 / timings.len().max(1) as f64},
         "adapter_cache": {"hit_rate": hits as f64 / (hits + misses).max(1) as f64, "loads": loads,
                           "mean_load_s": (load.get_sample_sum() - load_sum0) / loads.max(1) as f64},
+        "arrivals": arrivals,
         "per_request": timings.iter().map(|t| json!([t.adapter, t.ttft, t.end, t.tokens])).collect::<Vec<_>>(),
     }))
 }

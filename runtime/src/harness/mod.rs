@@ -5,7 +5,8 @@
 //! On the host, for any build: [`random`] makes random weights (a Llama of any shape, PEFT
 //! adapter folders or their weights in memory, the benchmark's Llama-7B shape) and [`serving`]
 //! drives an engine as `serve` does, minus HTTP; [`workload`] is the S-LoRA request sequence,
-//! [`cpu_bench`] `openlora bench --device cpu` and [`chart`] its SVG; [`reference`] is the single-sequence decode loop the
+//! [`cpu_bench`] `openlora bench --device cpu`, [`compare`] its report beside HF PEFT's and
+//! [`chart`] their SVG; [`reference`] is the single-sequence decode loop the
 //! engine's output is checked against. With the `cuda` feature: [`gpu_random`] makes
 //! random weights on the device, [`arena`] holds in-memory adapters on it without a pager,
 //! [`parity`] checks the GPU against the committed references and the CPU backend, and
@@ -17,6 +18,7 @@ pub mod arena;
 #[cfg(feature = "cuda")]
 pub mod bench;
 pub mod chart;
+pub mod compare;
 pub mod cpu_bench;
 #[cfg(feature = "cuda")]
 pub mod gpu_random;
