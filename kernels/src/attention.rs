@@ -97,40 +97,44 @@ pub fn paged_attention(
     let hd = shape.head_dim;
     let group = shape.heads / shape.kv_heads;
     let row_elems = shape.heads * hd;
-    // Which sequence and which of its new tokens each query row is.
-    let mut owner: Vec<Option<(&SeqAttention<'_>, usize)>> = vec![None; out.len() / row_elems];
-    for s in seqs {
-        for t in 0..s.new_tokens {
-            owner[s.row + t] = Some((s, t));
-        }
-    }
-    out.par_chunks_mut(row_elems).zip(owner.par_iter()).enumerate().for_each(|(row, (o, who))| {
-        let Some((s, t)) = *who else { return };
+    out.par_chunks_mut(row_elems).enumerate().for_each(|(row, o)| {
+        // Which sequence and which of its new tokens this query row is (rows of no sequence
+        // are left as they are).
+        let Some(s) = seqs.iter().find(|s| (s.row..s.row + s.new_tokens).contains(&row)) else { return };
+        let t = row - s.row;
         let pos = s.context - s.new_tokens + t;
         let first = window.map_or(0, |w| (pos + 1).saturating_sub(w.max(1)));
-        let mut scores = vec![0f32; pos + 1 - first];
-        for h in 0..shape.heads {
-            let kvh = h / group;
-            let qh = &q[row * row_elems + h * hd..row * row_elems + (h + 1) * hd];
-            let mut max = f32::NEG_INFINITY;
-            for (j, sc) in scores.iter_mut().enumerate() {
-                let at = shape.offset(s.blocks, first + j) + kvh * hd;
-                *sc = dot(qh, &cache.k[at..at + hd]) * scale;
-                max = max.max(*sc);
+        SCORES.with_borrow_mut(|scores| {
+            scores.clear();
+            scores.resize(pos + 1 - first, 0.0);
+            for h in 0..shape.heads {
+                let kvh = h / group;
+                let qh = &q[row * row_elems + h * hd..row * row_elems + (h + 1) * hd];
+                let mut max = f32::NEG_INFINITY;
+                for (j, sc) in scores.iter_mut().enumerate() {
+                    let at = shape.offset(s.blocks, first + j) + kvh * hd;
+                    *sc = dot(qh, &cache.k[at..at + hd]) * scale;
+                    max = max.max(*sc);
+                }
+                let mut sum = 0f32;
+                for sc in scores.iter_mut() {
+                    *sc = (*sc - max).exp();
+                    sum += *sc;
+                }
+                let oh = &mut o[h * hd..(h + 1) * hd];
+                oh.fill(0.0);
+                for (j, sc) in scores.iter().enumerate() {
+                    let at = shape.offset(s.blocks, first + j) + kvh * hd;
+                    axpy(oh, sc / sum, &cache.v[at..at + hd]);
+                }
             }
-            let mut sum = 0f32;
-            for sc in scores.iter_mut() {
-                *sc = (*sc - max).exp();
-                sum += *sc;
-            }
-            let oh = &mut o[h * hd..(h + 1) * hd];
-            oh.fill(0.0);
-            for (j, sc) in scores.iter().enumerate() {
-                let at = shape.offset(s.blocks, first + j) + kvh * hd;
-                axpy(oh, sc / sum, &cache.v[at..at + hd]);
-            }
-        }
+        });
     });
+}
+
+thread_local! {
+    /// One query row's attention scores, reused by every row a thread computes.
+    static SCORES: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
 }
 
 #[cfg(test)]

@@ -121,7 +121,15 @@ pub fn sgmv(pool: PagePool<'_>, x: &[f32], y: &mut [f32], d: Dims, segments: &[S
         let n = yb.len() / d.out_dim;
         let xb = &x[row0 * d.in_dim..(row0 + n) * d.in_dim];
         // Shrink: v[t][k] = x_t · A_k, reading each A row once for the block.
-        let mut v = vec![0f32; n * m.rank];
+        // On the stack for ranks up to 64; a larger rank's block takes a heap buffer.
+        let mut stack = [0f32; SGMV_BLOCK * 64];
+        let mut heap;
+        let v: &mut [f32] = if n * m.rank <= stack.len() {
+            &mut stack[..n * m.rank]
+        } else {
+            heap = vec![0f32; n * m.rank];
+            &mut heap
+        };
         for k in 0..m.rank {
             pool.for_row_chunks(m.a_pages, k, d.in_dim, |off, chunk| {
                 for t in 0..n {

@@ -193,6 +193,34 @@ pub(crate) unsafe fn tile_dpbf16(
     unreachable!("AVX-512-BF16 on a CPU that is not x86-64: {mr} {nr} {x:?} {w:?} {k} {y:?} {ldy}")
 }
 
+/// `Σ a[i] · b[i]` on `isa` (f32 sums; the order differs between instruction sets).
+pub(crate) fn dot(isa: Isa, a: &[f32], b: &[f32]) -> f32 {
+    assert_eq!(a.len(), b.len(), "dot of slices of different lengths");
+    match isa {
+        // SAFETY: `isa` was found available; the lengths are equal.
+        #[cfg(target_arch = "x86_64")]
+        Isa::Avx512 | Isa::Avx512Bf16 => unsafe { x86::dot512(a, b) },
+        // SAFETY: as above.
+        #[cfg(target_arch = "x86_64")]
+        Isa::Avx2 => unsafe { x86::dot256(a, b) },
+        _ => a.iter().zip(b).fold(0f32, |s, (x, y)| x.mul_add(*y, s)),
+    }
+}
+
+/// `y[i] += alpha · x[i]` on `isa`.
+pub(crate) fn axpy(isa: Isa, y: &mut [f32], alpha: f32, x: &[f32]) {
+    assert_eq!(y.len(), x.len(), "axpy of slices of different lengths");
+    match isa {
+        // SAFETY: `isa` was found available; the lengths are equal.
+        #[cfg(target_arch = "x86_64")]
+        Isa::Avx512 | Isa::Avx512Bf16 => unsafe { x86::axpy512(y, alpha, x) },
+        // SAFETY: as above.
+        #[cfg(target_arch = "x86_64")]
+        Isa::Avx2 => unsafe { x86::axpy256(y, alpha, x) },
+        _ => y.iter_mut().zip(x).for_each(|(yi, xi)| *yi = alpha.mul_add(*xi, *yi)),
+    }
+}
+
 /// The portable tile: f64-free f32 sums in `k` order, the weight widened by `widen`.
 ///
 /// # Safety
@@ -454,4 +482,92 @@ mod x86 {
     avx2_tile!(avx2_f32, avx2_f32_pair, f32, load_f32_256, same);
     avx2_tile!(avx2_bf16w, avx2_bf16w_pair, u16, load_bf16_256, crate::gemm::bf16_to_f32);
     avx2_tile!(avx2_f16w, avx2_f16w_pair, u16, load_f16_256, crate::gemm::f16_to_f32);
+
+    /// AVX-512 dot product: two accumulators, a masked tail.
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl")]
+    pub(super) unsafe fn dot512(a: &[f32], b: &[f32]) -> f32 {
+        let n = a.len();
+        let (pa, pb) = (a.as_ptr(), b.as_ptr());
+        // SAFETY: every load lies within the first n elements of both slices (masked tail).
+        unsafe {
+            let (mut s0, mut s1) = (_mm512_setzero_ps(), _mm512_setzero_ps());
+            let mut i = 0;
+            while i + 32 <= n {
+                s0 = _mm512_fmadd_ps(_mm512_loadu_ps(pa.add(i)), _mm512_loadu_ps(pb.add(i)), s0);
+                s1 = _mm512_fmadd_ps(_mm512_loadu_ps(pa.add(i + 16)), _mm512_loadu_ps(pb.add(i + 16)), s1);
+                i += 32;
+            }
+            while i < n {
+                let m = if n - i >= 16 { 0xFFFF } else { ((1u32 << (n - i)) - 1) as __mmask16 };
+                s0 = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(m, pa.add(i)), _mm512_maskz_loadu_ps(m, pb.add(i)), s0);
+                i += 16;
+            }
+            _mm512_reduce_add_ps(_mm512_add_ps(s0, s1))
+        }
+    }
+
+    /// AVX-512 `y += alpha · x`, a masked tail.
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl")]
+    pub(super) unsafe fn axpy512(y: &mut [f32], alpha: f32, x: &[f32]) {
+        let n = y.len();
+        let (py, px) = (y.as_mut_ptr(), x.as_ptr());
+        // SAFETY: every access lies within the first n elements of both slices (masked tail).
+        unsafe {
+            let a = _mm512_set1_ps(alpha);
+            let mut i = 0;
+            while i < n {
+                let m = if n - i >= 16 { 0xFFFF } else { ((1u32 << (n - i)) - 1) as __mmask16 };
+                let v = _mm512_fmadd_ps(a, _mm512_maskz_loadu_ps(m, px.add(i)), _mm512_maskz_loadu_ps(m, py.add(i)));
+                _mm512_mask_storeu_ps(py.add(i), m, v);
+                i += 16;
+            }
+        }
+    }
+
+    /// AVX2 dot product: two accumulators, a scalar tail.
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub(super) unsafe fn dot256(a: &[f32], b: &[f32]) -> f32 {
+        let n = a.len();
+        let (pa, pb) = (a.as_ptr(), b.as_ptr());
+        // SAFETY: full 8-wide loads below n, scalar reads after.
+        unsafe {
+            let (mut s0, mut s1) = (_mm256_setzero_ps(), _mm256_setzero_ps());
+            let mut i = 0;
+            while i + 16 <= n {
+                s0 = _mm256_fmadd_ps(_mm256_loadu_ps(pa.add(i)), _mm256_loadu_ps(pb.add(i)), s0);
+                s1 = _mm256_fmadd_ps(_mm256_loadu_ps(pa.add(i + 8)), _mm256_loadu_ps(pb.add(i + 8)), s1);
+                i += 16;
+            }
+            if i + 8 <= n {
+                s0 = _mm256_fmadd_ps(_mm256_loadu_ps(pa.add(i)), _mm256_loadu_ps(pb.add(i)), s0);
+                i += 8;
+            }
+            let mut s = hsum256(_mm256_add_ps(s0, s1));
+            while i < n {
+                s = (*pa.add(i)).mul_add(*pb.add(i), s);
+                i += 1;
+            }
+            s
+        }
+    }
+
+    /// AVX2 `y += alpha · x`, a scalar tail.
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub(super) unsafe fn axpy256(y: &mut [f32], alpha: f32, x: &[f32]) {
+        let n = y.len();
+        let (py, px) = (y.as_mut_ptr(), x.as_ptr());
+        // SAFETY: full 8-wide accesses below n, scalar ones after.
+        unsafe {
+            let a = _mm256_set1_ps(alpha);
+            let mut i = 0;
+            while i + 8 <= n {
+                _mm256_storeu_ps(py.add(i), _mm256_fmadd_ps(a, _mm256_loadu_ps(px.add(i)), _mm256_loadu_ps(py.add(i))));
+                i += 8;
+            }
+            while i < n {
+                *py.add(i) = alpha.mul_add(*px.add(i), *py.add(i));
+                i += 1;
+            }
+        }
+    }
 }

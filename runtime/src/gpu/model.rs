@@ -704,7 +704,10 @@ mod tests {
     fn cfg() -> ModelConfig {
         let text = r#"{"model_type": "llama", "hidden_size": 8, "intermediate_size": 16, "num_hidden_layers": 1,
             "num_attention_heads": 2, "num_key_value_heads": 1, "vocab_size": 100, "max_position_embeddings": 64}"#;
-        let dir = std::env::temp_dir().join(format!("openlora-plan-{}", std::process::id()));
+        // One folder per call: tests run in parallel threads of one process.
+        static CALLS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+        let n = CALLS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let dir = std::env::temp_dir().join(format!("openlora-plan-{}-{n}", std::process::id()));
         std::fs::create_dir_all(&dir).expect("temp dir");
         std::fs::write(dir.join("config.json"), text).expect("config");
         ModelConfig::from_file(&dir.join("config.json")).expect("config")

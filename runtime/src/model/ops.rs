@@ -1,19 +1,42 @@
-//! The tensor operations of a Llama decoder on candle-core, matching transformers' numerics.
+//! The tensor operations of a Llama decoder besides its projections, matching transformers'
+//! numerics: the norm and the gated activation in one pass over the tensors' storage, the rest
+//! on candle-core.
 
 use candle_core::{D, DType, Tensor};
 
+use super::dense;
 use crate::error::Result;
 
-/// Root-mean-square layer norm over the last dimension, then scaled by `weight`.
+/// Root-mean-square layer norm over the last dimension, then scaled by `weight`: one pass over
+/// the rows' storage, sums in f32 as transformers' `LlamaRMSNorm` computes them.
 pub fn rms_norm(x: &Tensor, weight: &Tensor, eps: f64) -> Result<Tensor> {
-    let var = x.sqr()?.mean_keepdim(D::Minus1)?;
-    let inv = (var + eps)?.sqrt()?.recip()?;
-    Ok(x.broadcast_mul(&inv)?.broadcast_mul(weight)?)
+    let width = x.dim(D::Minus1)?;
+    let mut out = vec![0f32; x.elem_count()];
+    dense::with_rows(weight, |w| {
+        dense::with_rows(x, |xs| {
+            for (row, o) in xs.chunks_exact(width).zip(out.chunks_exact_mut(width)) {
+                let mean = row.iter().map(|v| v * v).sum::<f32>() / width as f32;
+                let inv = 1.0 / (mean + eps as f32).sqrt();
+                for ((o, &v), &w) in o.iter_mut().zip(row).zip(w) {
+                    *o = v * inv * w;
+                }
+            }
+        })
+    })??;
+    Ok(Tensor::from_vec(out, x.shape(), x.device())?)
 }
 
-/// `silu(gate) * up`, the gated MLP activation.
+/// `silu(gate) * up`, the gated MLP activation, in one pass.
 pub fn silu_mul(gate: &Tensor, up: &Tensor) -> Result<Tensor> {
-    Ok((gate.silu()? * up)?)
+    let mut out = vec![0f32; gate.elem_count()];
+    dense::with_rows(gate, |g| {
+        dense::with_rows(up, |u| {
+            for ((o, &g), &u) in out.iter_mut().zip(g).zip(u) {
+                *o = g / (1.0 + (-g).exp()) * u;
+            }
+        })
+    })??;
+    Ok(Tensor::from_vec(out, gate.shape(), gate.device())?)
 }
 
 /// `gelu(gate) * up` with GELU's tanh approximation (Gemma's GeGLU, `gelu_pytorch_tanh`).
