@@ -156,3 +156,81 @@ fn ledger_commands_name_a_missing_ledger_and_bad_flags() {
     let o = openlora(&["ledger", "export", "--since", "yesterday", "--ledger", "/tmp"]);
     assert!(!o.status.success(), "{}", stderr(&o));
 }
+
+/// `openlora bench --device cpu` on a fixture model: fixed batches, the S-LoRA workload (the
+/// same seed, the same requests), its JSON and SVG; then `--compare` against a baseline report.
+#[test]
+fn the_cpu_bench_runs_the_workload_and_compares_with_a_baseline() {
+    let root = common::repo_root();
+    let dir = std::env::temp_dir().join(format!("openlora-cli-bench-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("dir");
+    let model = root.join("tests/fixtures/models/gqa-llama3-f32");
+    let (json, svg) = (dir.join("r.json"), dir.join("r.svg"));
+    let run = |out: &std::path::Path| {
+        openlora(&[
+            "bench",
+            "--device",
+            "cpu",
+            "--model",
+            model.to_str().expect("utf-8"),
+            "--dtype",
+            "bf16",
+            "--fixtures",
+            root.join("tests/fixtures").to_str().expect("utf-8"),
+            "--batches",
+            "2",
+            "--prompt",
+            "4",
+            "--new-tokens",
+            "2",
+            "--workload-adapters",
+            "3",
+            "--requests",
+            "6",
+            "--rates",
+            "100",
+            "--prompt-len",
+            "2-5",
+            "--output-len",
+            "2",
+            "--keep",
+            dir.join("data").to_str().expect("utf-8"),
+            "--out",
+            out.to_str().expect("utf-8"),
+            "--svg",
+            svg.to_str().expect("utf-8"),
+        ])
+    };
+    let o = run(&json);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let r: serde_json::Value = serde_json::from_slice(&std::fs::read(&json).expect("report")).expect("json");
+    assert_eq!(r["dtype"], "bf16");
+    assert_eq!(r["batches"]["2"]["mixed"]["tokens"], 4);
+    let w = &r["workload"][0];
+    assert_eq!((w["requests"].as_u64(), w["spec"]["rate"].as_f64()), (Some(6), Some(100.0)));
+    assert!(std::fs::read_to_string(&svg).expect("svg").starts_with("<svg"));
+    let again = dir.join("again.json");
+    assert!(run(&again).status.success());
+    let r2: serde_json::Value = serde_json::from_slice(&std::fs::read(&again).expect("report")).expect("json");
+    assert_eq!(r2["workload"][0]["arrivals"], w["arrivals"], "the seed fixes the request sequence");
+
+    // A baseline in bench/hf_peft_baseline.py's shape (here: our own figures, so 1.00x).
+    let baseline = serde_json::json!({"torch": "test", "threads": 1, "by_dtype": {"bf16": {
+        "batches": r["batches"], "workload": r["workload"]}}});
+    let peft = dir.join("peft.json");
+    std::fs::write(&peft, baseline.to_string()).expect("write");
+    let o = openlora(&[
+        "bench",
+        "--device",
+        "cpu",
+        "--compare",
+        json.to_str().expect("utf-8"),
+        "--baseline",
+        peft.to_str().expect("utf-8"),
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(stdout(&o).contains("**1.00x** (vs bf16)"), "{}", stdout(&o));
+    let o = openlora(&["bench", "--device", "cpu", "--rates", "0"]);
+    assert!(!o.status.success() && stderr(&o).contains("--rates"), "{}", stderr(&o));
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -97,6 +97,78 @@ struct CpuBenchArgs {
     /// The HF PEFT baseline's report, for --compare.
     #[arg(long, requires = "compare")]
     baseline: Option<PathBuf>,
+    /// Drive a running server (http://host:port) instead of an engine in this process: the
+    /// S-LoRA workload over its adapters (those `/v1/models` lists with a parent), streamed
+    /// through `/v1/completions`.
+    #[arg(long)]
+    url: Option<String>,
+    /// Bearer key for --url.
+    #[arg(long)]
+    api_key: Option<String>,
+    /// Token ids of --url prompts are drawn below this (any served vocabulary is larger).
+    #[arg(long, default_value_t = 1000)]
+    vocab: usize,
+}
+
+/// `openlora bench --url`: the S-LoRA workload against a running server.
+fn run_url_bench(
+    url: &str,
+    a: &CpuBenchArgs,
+    out: Option<&std::path::Path>,
+    bar: &indicatif::ProgressBar,
+) -> anyhow::Result<bool> {
+    use openlora::harness::http_client::Endpoint;
+    use openlora::harness::slora::{self, Driver, Slo};
+    use openlora::harness::workload::WorkloadSpec;
+    let endpoint = Endpoint::parse(url, a.api_key.clone())?;
+    let mut names: Vec<String> = endpoint.models()?.into_iter().filter_map(|(id, parent)| parent.map(|_| id)).collect();
+    names.sort();
+    anyhow::ensure!(!names.is_empty(), "{url} serves no adapters (no /v1/models item has a parent)");
+    anyhow::ensure!(a.vocab > 1, "--vocab: at least 2");
+    let driver = Driver::Http { endpoint: &endpoint, vocab: a.vocab };
+    let slo = Slo { ttft: Duration::from_millis(a.slo_ttft_ms), tpot: Duration::from_millis(a.slo_tpot_ms) };
+    let tick = |n| bar.inc(n);
+    let mut runs = Vec::new();
+    for &rate in &a.rates {
+        let spec = WorkloadSpec {
+            adapters: a.workload_adapters.clamp(1, names.len()),
+            zipf_exponent: a.zipf,
+            rate,
+            requests: a.requests,
+            prompt: a.prompt_len,
+            output: a.output_len,
+            seed: a.seed,
+        };
+        runs.push(slora::run(&driver, &names, &spec, slo, Some(&tick))?);
+    }
+    bar.finish_and_clear();
+    let report = serde_json::json!({"url": url, "adapters": names.len(), "workload": runs});
+    let text = serde_json::to_string_pretty(&report)?;
+    println!("{text}");
+    if let Some(out) = out {
+        std::fs::write(out, &text).with_context(|| format!("writing {}", out.display()))?;
+    }
+    if let Some(svg) = &a.svg {
+        write_chart(svg, &report)?;
+    }
+    Ok(true)
+}
+
+/// The workload's chart of one report.
+fn write_chart(svg: &std::path::Path, report: &serde_json::Value) -> anyhow::Result<()> {
+    use openlora::harness::chart;
+    let points = report["workload"]
+        .as_array()
+        .map(|runs| {
+            runs.iter()
+                .filter_map(|r| {
+                    Some((r["spec"]["rate"].as_f64()?, r["tok_per_s"].as_f64()?, r["ttft_s"]["p99"].as_f64()?))
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    chart::write_svg(svg, &[chart::Series { name: "openlora", points }])?;
+    Ok(())
 }
 
 /// `openlora bench --compare OURS --baseline PEFT`: the tables, and the chart of both.
@@ -120,7 +192,7 @@ fn run_bench_compare(
 
 /// `openlora bench --device cpu`: prints (and writes) the report.
 fn run_cpu_bench(args: BenchArgs) -> anyhow::Result<bool> {
-    use openlora::harness::{chart, cpu_bench, workload::WorkloadSpec};
+    use openlora::harness::{cpu_bench, workload::WorkloadSpec};
     let a = args.cpu;
     if let (Some(ours), Some(peft)) = (&a.compare, &a.baseline) {
         return run_bench_compare(ours, peft, a.svg.as_deref());
@@ -136,13 +208,16 @@ fn run_cpu_bench(args: BenchArgs) -> anyhow::Result<bool> {
         output: a.output_len,
         seed: a.seed,
     });
-    let total = if workload.is_some() { (a.requests * a.rates.len()) as u64 } else { 0 };
+    let total = if workload.is_some() || a.url.is_some() { (a.requests * a.rates.len()) as u64 } else { 0 };
     let bar = indicatif::ProgressBar::new(total);
     bar.set_style(
         indicatif::ProgressStyle::with_template("{msg} [{bar:40}] {pos}/{len} requests ({elapsed})")
             .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
     );
     bar.set_message("S-LoRA workload");
+    if let Some(url) = &a.url {
+        return run_url_bench(url, &a, args.out.as_deref(), &bar);
+    }
     let tick = bar.clone();
     let c = cpu_bench::CpuBenchConfig {
         model: a.model,
@@ -167,26 +242,21 @@ fn run_cpu_bench(args: BenchArgs) -> anyhow::Result<bool> {
         std::fs::write(out, &text).with_context(|| format!("writing {}", out.display()))?;
     }
     if let Some(svg) = &a.svg {
-        let points = report["workload"]
-            .as_array()
-            .map(|runs| {
-                runs.iter()
-                    .filter_map(|r| {
-                        Some((r["spec"]["rate"].as_f64()?, r["tok_per_s"].as_f64()?, r["ttft_s"]["p99"].as_f64()?))
-                    })
-                    .collect()
-            })
-            .unwrap_or_default();
-        chart::write_svg(svg, &[chart::Series { name: "openlora", points }])?;
+        write_chart(svg, &report)?;
     }
     Ok(true)
 }
 
 /// Runs a benchmark; `Ok(false)` when a GPU parity check failed.
 pub fn run_bench(args: BenchArgs) -> anyhow::Result<bool> {
+    // A running server (--url) or two reports (--compare) need no device here.
+    let elsewhere = args.cpu.url.is_some() || args.cpu.compare.is_some();
     let openlora::device::DeviceSpec::Cuda(ordinal) = args.device else {
         return run_cpu_bench(args);
     };
+    if elsewhere {
+        return run_cpu_bench(args);
+    }
     #[cfg(feature = "cuda")]
     {
         let c = openlora::harness::BenchConfig {

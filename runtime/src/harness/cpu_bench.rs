@@ -13,13 +13,13 @@ use serde_json::{Value, json};
 
 use super::random::{self, QKVO, RandomAdapter};
 use super::serving::modes;
-use super::workload::{WorkloadSpec, quantile};
-use crate::engine::{EngineConfig, EngineHandle, Event, GenerationRequest};
+use super::slora::{self, Driver, Slo};
+use super::workload::WorkloadSpec;
+use crate::engine::{EngineConfig, EngineHandle};
 use crate::error::{Error, LoadError, Result};
 use crate::metrics::Metrics;
 use crate::model::{LoadedModel, ServeDType};
 use crate::pager::{AdapterPager, PagerConfig};
-use crate::sampling::SamplingParams;
 
 /// `config.json` of the benchmark's model: a 184M-parameter Llama (hidden 1024, 8 layers,
 /// 16 heads, vocab 32,000, untied head), f32 weights.
@@ -118,7 +118,9 @@ pub fn run(c: &CpuBenchConfig) -> Result<Value> {
     if let Some(spec) = &c.workload {
         for &rate in &c.rates {
             let spec = WorkloadSpec { rate, ..spec.clone() };
-            workload.push(run_workload(&engine, &names, &spec, c, &metrics)?);
+            let slo = Slo { ttft: c.slo_ttft, tpot: c.slo_tpot };
+            let driver = Driver::Engine { engine: &engine, metrics: &metrics };
+            workload.push(slora::run(&driver, &names, &spec, slo, c.progress.as_deref())?);
         }
     }
     if c.keep.is_none() {
@@ -149,104 +151,6 @@ fn best_of(runs: &[Value]) -> Value {
     let (base, mixed) = (best("base").unwrap_or_default(), best("mixed").unwrap_or_default());
     let ratio = mixed["seconds"].as_f64().unwrap_or(0.0) / base["seconds"].as_f64().unwrap_or(1.0);
     json!({"base": base, "mixed": mixed, "mixed_over_base": ratio, "runs": runs})
-}
-
-/// One request's timings, seconds from its arrival.
-struct Timing {
-    adapter: usize,
-    ttft: f64,
-    end: f64,
-    tokens: usize,
-}
-
-/// Replays `spec`'s arrivals in real time against `engine` and measures each request.
-fn run_workload(
-    engine: &EngineHandle,
-    names: &[String],
-    spec: &WorkloadSpec,
-    c: &CpuBenchConfig,
-    metrics: &Metrics,
-) -> Result<Value> {
-    let arrivals = spec.arrivals();
-    let vocab = engine.model().config().vocab_size;
-    let counter = |tier: &str, hits: bool| {
-        let v = if hits { &metrics.pager.hits } else { &metrics.pager.misses };
-        v.with_label_values(&[tier]).get()
-    };
-    let (hits0, misses0) = (counter("active", true), counter("active", false));
-    let load = metrics.pager.load_seconds.with_label_values(&["active"]);
-    let (load_sum0, load_n0) = (load.get_sample_sum(), load.get_sample_count());
-    let start = Instant::now();
-    let timings = std::thread::scope(|s| -> Result<Vec<Timing>> {
-        let mut readers = Vec::with_capacity(arrivals.len());
-        for (i, a) in arrivals.iter().enumerate() {
-            let due = start + Duration::from_secs_f64(a.at_s);
-            std::thread::sleep(due.saturating_duration_since(Instant::now()));
-            let request = GenerationRequest {
-                id: format!("slora-{i}"),
-                prompt_ids: (0..a.prompt).map(|t| ((11 + i * 7919 + t * 104_729) % (vocab - 1) + 1) as u32).collect(),
-                params: SamplingParams { max_tokens: a.output, ignore_eos: true, ..Default::default() },
-                adapter: Some(names[a.adapter % names.len()].clone()),
-                priority: 0,
-                deadline: None,
-                logprobs: None,
-            };
-            let arrived = Instant::now();
-            let mut stream = engine.submit(request)?;
-            let adapter = a.adapter;
-            let progress = c.progress.clone();
-            readers.push(s.spawn(move || {
-                let (mut ttft, mut tokens) = (None, 0);
-                loop {
-                    match stream.next_blocking() {
-                        Some(Event::Token { .. }) => {
-                            tokens += 1;
-                            ttft.get_or_insert_with(|| arrived.elapsed().as_secs_f64());
-                        }
-                        Some(Event::Done { .. }) => break,
-                        Some(Event::Failed { message, .. }) => return Err(Error::device(message)),
-                        None => return Err(Error::device("the engine stopped")),
-                    }
-                }
-                if let Some(p) = &progress {
-                    p(1);
-                }
-                let end = arrived.elapsed().as_secs_f64();
-                Ok(Timing { adapter, ttft: ttft.unwrap_or(end), end, tokens })
-            }));
-        }
-        readers.into_iter().map(|r| r.join().map_err(|_| Error::device("a bench reader panicked"))?).collect()
-    })?;
-    let makespan = start.elapsed().as_secs_f64();
-    let ttfts: Vec<f64> = timings.iter().map(|t| t.ttft).collect();
-    let tpots: Vec<f64> =
-        timings.iter().filter(|t| t.tokens > 1).map(|t| (t.end - t.ttft) / (t.tokens - 1) as f64).collect();
-    let tokens: usize = timings.iter().map(|t| t.tokens).sum();
-    let met = timings
-        .iter()
-        .filter(|t| {
-            let tpot = if t.tokens > 1 { (t.end - t.ttft) / (t.tokens - 1) as f64 } else { 0.0 };
-            t.ttft <= c.slo_ttft.as_secs_f64() && tpot <= c.slo_tpot.as_secs_f64()
-        })
-        .count();
-    let (hits, misses) = (counter("active", true) - hits0, counter("active", false) - misses0);
-    let loads = load.get_sample_count() - load_n0;
-    let pct = |v: &[f64]| json!({"p50": quantile(v, 0.5), "p90": quantile(v, 0.9), "p99": quantile(v, 0.99)});
-    Ok(json!({
-        "spec": spec,
-        "seconds": makespan,
-        "requests": timings.len(),
-        "req_per_s": timings.len() as f64 / makespan,
-        "tok_per_s": tokens as f64 / makespan,
-        "ttft_s": pct(&ttfts),
-        "tpot_s": pct(&tpots),
-        "slo": {"ttft_s": c.slo_ttft.as_secs_f64(), "tpot_s": c.slo_tpot.as_secs_f64(),
-                "attainment": met as f64 / timings.len().max(1) as f64},
-        "adapter_cache": {"hit_rate": hits as f64 / (hits + misses).max(1) as f64, "loads": loads,
-                          "mean_load_s": (load.get_sample_sum() - load_sum0) / loads.max(1) as f64},
-        "arrivals": arrivals,
-        "per_request": timings.iter().map(|t| json!([t.adapter, t.ttft, t.end, t.tokens])).collect::<Vec<_>>(),
-    }))
 }
 
 /// Writes a model folder for `cfg_text` with seeded random f32 weights (scaled as a trained

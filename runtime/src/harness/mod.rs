@@ -5,6 +5,7 @@
 //! On the host, for any build: [`random`] makes random weights (a Llama of any shape, PEFT
 //! adapter folders or their weights in memory, the benchmark's Llama-7B shape) and [`serving`]
 //! drives an engine as `serve` does, minus HTTP; [`workload`] is the S-LoRA request sequence,
+//! [`slora`] its replay against an engine or, through [`http_client`], a running server,
 //! [`cpu_bench`] `openlora bench --device cpu`, [`compare`] its report beside HF PEFT's and
 //! [`chart`] their SVG; [`reference`] is the single-sequence decode loop the
 //! engine's output is checked against. With the `cuda` feature: [`gpu_random`] makes
@@ -22,6 +23,7 @@ pub mod compare;
 pub mod cpu_bench;
 #[cfg(feature = "cuda")]
 pub mod gpu_random;
+pub mod http_client;
 #[cfg(feature = "cuda")]
 pub mod parity;
 pub mod random;
@@ -29,6 +31,7 @@ pub mod reference;
 pub mod serving;
 #[cfg(feature = "cuda")]
 pub mod serving_bench;
+pub mod slora;
 pub mod workload;
 
 #[cfg(feature = "cuda")]
