@@ -24,6 +24,13 @@ pub enum WeightData {
     Bf16(Vec<u16>),
     /// IEEE half precision, as raw bits.
     F16(Vec<u16>),
+    /// Weight-only int8: `w[r, c] ≈ q[r, c] · scales[r]` (one scale per row, symmetric).
+    Int8 {
+        /// The quantised values, row-major.
+        q: Vec<i8>,
+        /// One scale per row (output channel).
+        scales: Vec<f32>,
+    },
 }
 
 /// A row-major `[rows, cols]` weight matrix (`[out, in]` for a projection) in its kept dtype.
@@ -51,6 +58,12 @@ impl Weight {
         let got = match &data {
             WeightData::F32(v) => v.len(),
             WeightData::Bf16(v) | WeightData::F16(v) => v.len(),
+            WeightData::Int8 { q, scales } => {
+                if scales.len() != rows {
+                    return Err(ShapeMismatch { expected: rows, got: scales.len() });
+                }
+                q.len()
+            }
         };
         let expected = rows * cols;
         if got != expected {
@@ -64,6 +77,25 @@ impl Weight {
     pub fn with_bf16_inputs(mut self, allowed: bool) -> Self {
         self.bf16_inputs = allowed;
         self
+    }
+
+    /// A `[rows, cols]` f32 matrix quantised to weight-only int8 with one symmetric scale per
+    /// row (its largest magnitude maps to 127), rounding to nearest.
+    pub fn quantize_int8(rows: usize, cols: usize, data: &[f32]) -> Result<Self, ShapeMismatch> {
+        if data.len() != rows * cols {
+            return Err(ShapeMismatch { expected: rows * cols, got: data.len() });
+        }
+        let mut q = Vec::with_capacity(data.len());
+        let mut scales = Vec::with_capacity(rows);
+        for row in data.chunks_exact(cols.max(1)).take(rows) {
+            let max = row.iter().fold(0f32, |m, v| m.max(v.abs()));
+            let scale = if max > 0.0 && max.is_finite() { max / 127.0 } else { 1.0 };
+            q.extend(row.iter().map(|v| (v / scale).round().clamp(-127.0, 127.0) as i8));
+            scales.push(scale);
+        }
+        q.resize(rows * cols, 0);
+        scales.resize(rows, 1.0);
+        Weight::new(rows, cols, WeightData::Int8 { q, scales })
     }
 
     /// Output features (the weight's rows).
@@ -86,6 +118,7 @@ impl Weight {
         match &self.data {
             WeightData::F32(v) => v.len() * 4,
             WeightData::Bf16(v) | WeightData::F16(v) => v.len() * 2,
+            WeightData::Int8 { q, scales } => q.len() + scales.len() * 4,
         }
     }
 
@@ -96,6 +129,9 @@ impl Weight {
             WeightData::F32(v) => out.copy_from_slice(&v[range]),
             WeightData::Bf16(v) => out.iter_mut().zip(&v[range]).for_each(|(o, &b)| *o = bf16_to_f32(b)),
             WeightData::F16(v) => out.iter_mut().zip(&v[range]).for_each(|(o, &b)| *o = f16_to_f32(b)),
+            WeightData::Int8 { q, scales } => {
+                out.iter_mut().zip(&q[range]).for_each(|(o, &v)| *o = f32::from(v) * scales[r])
+            }
         }
     }
 }
@@ -243,6 +279,15 @@ unsafe fn columns(
                         WeightData::F32(wd) => simd::tile_f32(isa, mr, nr, xp, wd.as_ptr().add(j * k), k, yp, ldy),
                         WeightData::Bf16(wd) => simd::tile_bf16(isa, mr, nr, xp, wd.as_ptr().add(j * k), k, yp, ldy),
                         WeightData::F16(wd) => simd::tile_f16(isa, mr, nr, xp, wd.as_ptr().add(j * k), k, yp, ldy),
+                        WeightData::Int8 { q, scales } => {
+                            simd::tile_int8(isa, mr, nr, xp, q.as_ptr().add(j * k), k, yp, ldy);
+                            // The row scales, applied once to each finished sum.
+                            for r in 0..mr {
+                                for (c, s) in scales[j..j + nr].iter().enumerate() {
+                                    *yp.add(r * ldy + c) *= s;
+                                }
+                            }
+                        }
                     }
                 }
             }
@@ -319,6 +364,7 @@ mod tests {
                         wh.iter().map(|&b| f16_to_f32(b)).collect(),
                         1e-5,
                     ),
+                    int8_case(n, k, &wf),
                 ];
                 for (w, reference, tol) in cases {
                     let want = naive(&x, m, &reference, n, k);
@@ -335,6 +381,18 @@ mod tests {
                 }
             }
         }
+    }
+
+    /// An int8 weight of `wf` and, as the reference, exactly the values it stands for.
+    fn int8_case(n: usize, k: usize, wf: &[f32]) -> (Weight, Vec<f32>, f32) {
+        let w = Weight::quantize_int8(n, k, wf).expect("shape");
+        let WeightData::Int8 { q, scales } = w.data() else { unreachable!("int8") };
+        let reference = q.iter().enumerate().map(|(i, &v)| f32::from(v) * scales[i / k]).collect();
+        // Each quantised value lies within half a step of the f32 one.
+        for (i, (&a, &b)) in wf.iter().zip(q.iter()).enumerate() {
+            assert!((a - f32::from(b) * scales[i / k]).abs() <= scales[i / k] * 0.5 + 1e-7);
+        }
+        (w, reference, 1e-5)
     }
 
     fn half_bits(v: f32) -> u16 {

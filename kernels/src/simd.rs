@@ -171,6 +171,34 @@ pub(crate) unsafe fn tile_f16(
     }
 }
 
+/// One tile with an int8 weight widened to f32, unscaled (see [`tile_f32`] for the contract;
+/// the caller applies the row scales).
+///
+/// # Safety
+/// As [`tile_f32`].
+#[allow(clippy::too_many_arguments)]
+pub(crate) unsafe fn tile_int8(
+    isa: Isa,
+    mr: usize,
+    nr: usize,
+    x: *const f32,
+    w: *const i8,
+    k: usize,
+    y: *mut f32,
+    ldy: usize,
+) {
+    // SAFETY: the caller's contract is the tiles' contract.
+    unsafe {
+        match isa {
+            #[cfg(target_arch = "x86_64")]
+            Isa::Avx512 | Isa::Avx512Bf16 => by_size!(x86::avx512_i8w, mr, nr, x, w, k, y, ldy),
+            #[cfg(target_arch = "x86_64")]
+            Isa::Avx2 => by_size!(x86::avx2_i8w, mr, nr, x, w, k, y, ldy),
+            _ => scalar(mr, nr, x, w, k, y, ldy, f32::from),
+        }
+    }
+}
+
 /// One tile of bf16 `x` and bf16 weight with `vdpbf16ps` (f32 sums).
 ///
 /// # Safety
@@ -326,6 +354,16 @@ mod x86 {
         _mm512_cvtph_ps(h)
     }
 
+    /// 16 int8 weights widened to f32.
+    #[inline]
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl")]
+    unsafe fn load_i8_512(mask: __mmask16, p: *const i8) -> __m512 {
+        // SAFETY: the masked-in elements are in bounds (caller).
+        let b = unsafe { _mm_maskz_loadu_epi8(mask, p) };
+        _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(b))
+    }
+
+    avx512_tile!(avx512_i8w, i8, load_i8_512);
     avx512_tile!(avx512_f32, f32, load_f32_512);
     avx512_tile!(avx512_bf16w, u16, load_bf16_512);
     avx512_tile!(avx512_f16w, u16, load_f16_512);
@@ -474,16 +512,31 @@ mod x86 {
         _mm256_cvtph_ps(h)
     }
 
+    /// 8 int8 weights widened to f32.
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn load_i8_256(p: *const i8) -> __m256 {
+        // SAFETY: 8 elements in bounds (caller).
+        let b = unsafe { _mm_loadl_epi64(p.cast::<__m128i>()) };
+        _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(b))
+    }
+
+    /// An int8 weight as f32 (the scalar tail of the int8 tile).
+    fn widen_i8(v: i8) -> f32 {
+        f32::from(v)
+    }
+
     /// f32 unchanged (the scalar tail of the f32 tile).
     fn same(v: f32) -> f32 {
         v
     }
 
     avx2_tile!(avx2_f32, avx2_f32_pair, f32, load_f32_256, same);
+    avx2_tile!(avx2_i8w, avx2_i8w_pair, i8, load_i8_256, widen_i8);
     avx2_tile!(avx2_bf16w, avx2_bf16w_pair, u16, load_bf16_256, crate::gemm::bf16_to_f32);
     avx2_tile!(avx2_f16w, avx2_f16w_pair, u16, load_f16_256, crate::gemm::f16_to_f32);
 
-    /// AVX-512 dot product: two accumulators, a masked tail.
+    /// AVX-512 dot product: four accumulators, then two, a masked tail.
     #[target_feature(enable = "avx512f,avx512bw,avx512vl")]
     pub(super) unsafe fn dot512(a: &[f32], b: &[f32]) -> f32 {
         let n = a.len();
@@ -491,7 +544,18 @@ mod x86 {
         // SAFETY: every load lies within the first n elements of both slices (masked tail).
         unsafe {
             let (mut s0, mut s1) = (_mm512_setzero_ps(), _mm512_setzero_ps());
+            let (mut s2, mut s3) = (_mm512_setzero_ps(), _mm512_setzero_ps());
             let mut i = 0;
+            // Four chains, so the FMA latency is hidden on long rows (LoRA's 1024+).
+            while i + 64 <= n {
+                s0 = _mm512_fmadd_ps(_mm512_loadu_ps(pa.add(i)), _mm512_loadu_ps(pb.add(i)), s0);
+                s1 = _mm512_fmadd_ps(_mm512_loadu_ps(pa.add(i + 16)), _mm512_loadu_ps(pb.add(i + 16)), s1);
+                s2 = _mm512_fmadd_ps(_mm512_loadu_ps(pa.add(i + 32)), _mm512_loadu_ps(pb.add(i + 32)), s2);
+                s3 = _mm512_fmadd_ps(_mm512_loadu_ps(pa.add(i + 48)), _mm512_loadu_ps(pb.add(i + 48)), s3);
+                i += 64;
+            }
+            s0 = _mm512_add_ps(s0, s2);
+            s1 = _mm512_add_ps(s1, s3);
             while i + 32 <= n {
                 s0 = _mm512_fmadd_ps(_mm512_loadu_ps(pa.add(i)), _mm512_loadu_ps(pb.add(i)), s0);
                 s1 = _mm512_fmadd_ps(_mm512_loadu_ps(pa.add(i + 16)), _mm512_loadu_ps(pb.add(i + 16)), s1);

@@ -1,7 +1,7 @@
 //! One projection `y = x · Wᵀ` of a 1024-wide model (a 4096 × 1024 weight), at decode batch 1
 //! and 16, side by side in one run: candle-core's f32 matmul (the CPU path before weights were
-//! kept in their stored dtype) and openlora's GEMM on an f32, a bf16 and an f16 weight (and a
-//! bf16 weight meeting its input rounded to bf16), on every instruction set this CPU has. Throughput is in weight bytes read per second.
+//! kept in their stored dtype) and openlora's GEMM on an f32, a bf16, an f16 and an int8 weight
+//! (and a bf16 weight meeting its input rounded to bf16), on every instruction set this CPU has. Throughput is in weight bytes read per second.
 
 use candle_core::{Device, Tensor};
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
@@ -19,6 +19,7 @@ fn gemm(c: &mut Criterion) {
     let f32w = Weight::new(n, k, WeightData::F32(wf.clone())).expect("shape");
     let bf16w = Weight::new(n, k, WeightData::Bf16(wf.iter().map(|&v| f32_to_bf16(v)).collect())).expect("shape");
     let bf16x = bf16w.clone().with_bf16_inputs(true);
+    let int8w = Weight::quantize_int8(n, k, &wf).expect("shape");
     let f16w = Weight::new(n, k, WeightData::F16(wf.iter().map(|&v| half::f16::from_f32(v).to_bits()).collect()))
         .expect("shape");
     let dev = Device::Cpu;
@@ -31,7 +32,9 @@ fn gemm(c: &mut Criterion) {
         g.throughput(Throughput::Bytes((n * k * 4) as u64));
         g.bench_function("candle_f32", |b| b.iter(|| xt.matmul(&wt).expect("matmul")));
         for isa in Isa::ALL.into_iter().filter(|&i| simd::available(i) && i != Isa::Scalar) {
-            for (name, w) in [("f32", &f32w), ("bf16", &bf16w), ("bf16_x_bf16", &bf16x), ("f16", &f16w)] {
+            for (name, w) in
+                [("f32", &f32w), ("bf16", &bf16w), ("bf16_x_bf16", &bf16x), ("f16", &f16w), ("int8", &int8w)]
+            {
                 g.throughput(Throughput::Bytes(w.bytes() as u64));
                 g.bench_function(format!("{}_{name}", isa.name()), |b| b.iter(|| matmul_t_on(isa, &x, m, w, &mut y)));
             }

@@ -14,7 +14,9 @@ use crate::error::{Error, Result};
 /// against f32 activations: the results are those of the f32 model (transformers' f32
 /// reference) with half the weight memory. `Bf16` keeps the weights in bf16 and, on CPUs with
 /// AVX-512-BF16, rounds each projection's input to bf16 too (as transformers computing in bf16
-/// does) for twice the multiply throughput; `F16` keeps them in IEEE half; `F32` widens all.
+/// does) for twice the multiply throughput; `F16` keeps them in IEEE half; `F32` widens all;
+/// `Int8` quantises them (weight-only, one symmetric scale per output channel) to a quarter of
+/// f32's bytes, multiplied against f32 activations.
 /// Norms, biases, attention and the LoRA op always compute in f32.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub enum ServeDType {
@@ -27,11 +29,13 @@ pub enum ServeDType {
     Bf16,
     /// IEEE half precision.
     F16,
+    /// Weight-only int8 with per-output-channel scales.
+    Int8,
 }
 
 impl ServeDType {
     /// Every accepted spelling, as listed in errors.
-    pub const NAMES: &'static str = "auto, bf16 (bfloat16), f16 (float16, half), f32 (float32, float)";
+    pub const NAMES: &'static str = "auto, bf16 (bfloat16), f16 (float16, half), f32 (float32, float), int8";
 
     /// Parses a config value or `--dtype` argument (vLLM's spellings accepted).
     pub fn parse(s: &str) -> Option<Self> {
@@ -40,6 +44,7 @@ impl ServeDType {
             "f32" | "float32" | "float" => Some(ServeDType::F32),
             "bf16" | "bfloat16" => Some(ServeDType::Bf16),
             "f16" | "float16" | "half" => Some(ServeDType::F16),
+            "int8" => Some(ServeDType::Int8),
             _ => None,
         }
     }
@@ -51,6 +56,7 @@ impl ServeDType {
             ServeDType::F32 => "f32",
             ServeDType::Bf16 => "bf16",
             ServeDType::F16 => "f16",
+            ServeDType::Int8 => "int8",
         }
     }
 
@@ -58,7 +64,7 @@ impl ServeDType {
     fn kept(self, stored: DType) -> DType {
         match (self, stored) {
             (ServeDType::Auto, DType::BF16 | DType::F16) => stored,
-            (ServeDType::Auto | ServeDType::F32, _) => DType::F32,
+            (ServeDType::Auto | ServeDType::F32 | ServeDType::Int8, _) => DType::F32,
             (ServeDType::Bf16, _) => DType::BF16,
             (ServeDType::F16, _) => DType::F16,
         }
@@ -108,13 +114,18 @@ pub fn load_weight(weights: &WeightFiles, name: &str, rows: usize, cols: usize, 
 pub fn weight_from_tensor(t: &Tensor, dtype: ServeDType) -> Result<Weight> {
     let (rows, cols) = t.dims2()?;
     let t = t.to_dtype(dtype.kept(t.dtype()))?.flatten_all()?;
+    let shape_error = |e: openlora_kernels::gemm::ShapeMismatch| {
+        Error::device(format!("a weight of {} elements is not [{rows}, {cols}]", e.got))
+    };
+    if dtype == ServeDType::Int8 {
+        return Weight::quantize_int8(rows, cols, &t.to_vec1::<f32>()?).map_err(shape_error);
+    }
     let data = match t.dtype() {
         DType::BF16 => WeightData::Bf16(t.to_vec1::<half::bf16>()?.into_iter().map(half::bf16::to_bits).collect()),
         DType::F16 => WeightData::F16(t.to_vec1::<half::f16>()?.into_iter().map(half::f16::to_bits).collect()),
         _ => WeightData::F32(t.to_dtype(DType::F32)?.to_vec1::<f32>()?),
     };
-    let weight = Weight::new(rows, cols, data)
-        .map_err(|e| Error::device(format!("a weight of {} elements is not [{rows}, {cols}]", e.got)))?;
+    let weight = Weight::new(rows, cols, data).map_err(shape_error)?;
     Ok(weight.with_bf16_inputs(dtype == ServeDType::Bf16))
 }
 
