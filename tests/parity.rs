@@ -123,57 +123,46 @@ fn mixed_prefill_and_decode_batch_matches_reference() {
     }
 }
 
+/// Every fixture served in `dtype` stays within `tolerance(d)` of transformers' f32 logits,
+/// where `d` is how far transformers itself computing in bf16 lies from them (0 for f32 models).
+fn served_in_matches_hugging_face(dtype: openlora::model::ServeDType, tolerance: impl Fn(f32) -> f32) {
+    for dir in fixture_models() {
+        let model = LoadedModel::load_as(&dir, dtype).expect("fixture loads");
+        let llama = model.llama().expect("CPU weights");
+        assert_eq!(llama.dtype(), dtype);
+        let r = Reference::load(&dir);
+        for i in 0..r.prompts.len() {
+            let ids = r.ids("input_ids", i);
+            let mut cache = llama.kv_cache_for(1);
+            let mut kv = SeqKv::default();
+            let got =
+                llama.forward(&mut cache, &mut [SeqBatch::base(&ids, &mut kv)], LogitRows::All, None).expect("forward");
+            let want = r.logits("logits", i).expect("f32 reference logits");
+            let native = r.logits("logits_native", i).map_or(0.0, |n| max_abs_diff(&n, &want));
+            let tol = tolerance(native);
+            let d = max_abs_diff(&got, &want);
+            println!(
+                "{} prompt {i}: served in {dtype}, max |Δ| vs HF f32 = {d:.3e} (tolerance {tol:.3})",
+                dir.display()
+            );
+            assert!(d <= tol, "{}: prompt {i}: max |Δ| {d} > {tol}", dir.display());
+        }
+    }
+}
+
 /// Served in bf16 (`dtype = "bf16"`: weights rounded to bf16, and each projection's input too
 /// where the CPU has AVX-512-BF16), every fixture stays within the GPU backend's bf16 tolerance
 /// of transformers' f32 logits: 0.25, or 1.5x how far transformers itself computing in bf16
 /// lies from f32 when that is more.
 #[test]
 fn logits_served_in_bf16_match_hugging_face_within_bf16_tolerance() {
-    use openlora::model::ServeDType;
-    for dir in fixture_models() {
-        let model = LoadedModel::load_as(&dir, ServeDType::Bf16).expect("fixture loads in bf16");
-        let llama = model.llama().expect("CPU weights");
-        assert_eq!(llama.dtype(), ServeDType::Bf16);
-        let r = Reference::load(&dir);
-        for i in 0..r.prompts.len() {
-            let ids = r.ids("input_ids", i);
-            let mut cache = llama.kv_cache_for(1);
-            let mut kv = SeqKv::default();
-            let got =
-                llama.forward(&mut cache, &mut [SeqBatch::base(&ids, &mut kv)], LogitRows::All, None).expect("forward");
-            let want = r.logits("logits", i).expect("f32 reference logits");
-            let native = r.logits("logits_native", i).map_or(0.0, |n| max_abs_diff(&n, &want));
-            let tol = openlora::harness::parity::bf16_tolerance(native);
-            let d = max_abs_diff(&got, &want);
-            println!("{} prompt {i}: served in bf16, max |Δ| vs HF f32 = {d:.3e} (tolerance {tol:.3})", dir.display());
-            assert!(d <= tol, "{}: prompt {i}: max |Δ| {d} > {tol}", dir.display());
-        }
-    }
+    served_in_matches_hugging_face(openlora::model::ServeDType::Bf16, openlora::harness::parity::bf16_tolerance);
 }
 
 /// Served with weight-only int8 (`dtype = "int8"`: one symmetric scale per output channel,
 /// f32 activations), every fixture stays within [`INT8_TOL`] of transformers' f32 logits, or 4x
-/// how far transformers computing in bf16 lies from them when that is more.
+/// how far transformers computing in bf16 lies from them when that is more (Gemma 3).
 #[test]
 fn logits_served_in_int8_match_hugging_face_within_the_int8_tolerance() {
-    use openlora::model::ServeDType;
-    for dir in fixture_models() {
-        let model = LoadedModel::load_as(&dir, ServeDType::Int8).expect("fixture loads in int8");
-        let llama = model.llama().expect("CPU weights");
-        let r = Reference::load(&dir);
-        for i in 0..r.prompts.len() {
-            let ids = r.ids("input_ids", i);
-            let mut cache = llama.kv_cache_for(1);
-            let mut kv = SeqKv::default();
-            let got =
-                llama.forward(&mut cache, &mut [SeqBatch::base(&ids, &mut kv)], LogitRows::All, None).expect("forward");
-            let want = r.logits("logits", i).expect("f32 reference logits");
-            // A model transformers itself computes far from f32 in bf16 (Gemma 3) gets 4x that.
-            let native = r.logits("logits_native", i).map_or(0.0, |n| max_abs_diff(&n, &want));
-            let tol = INT8_TOL.max(4.0 * native);
-            let d = max_abs_diff(&got, &want);
-            println!("{} prompt {i}: served in int8, max |Δ| vs HF f32 = {d:.3e} (tolerance {tol:.3})", dir.display());
-            assert!(d <= tol, "{}: prompt {i}: max |Δ| {d} > {tol}", dir.display());
-        }
-    }
+    served_in_matches_hugging_face(openlora::model::ServeDType::Int8, |native| INT8_TOL.max(4.0 * native));
 }
