@@ -158,8 +158,8 @@ impl Llama {
             norm,
             lm_head,
             dtype,
-            rope: RopeTables::new(cfg, device)?,
-            rope_local: local_rope(cfg, device)?,
+            rope: RopeTables::new(cfg),
+            rope_local: local_rope(cfg),
             device: device.clone(),
         })
     }
@@ -238,8 +238,8 @@ impl Llama {
             norm,
             lm_head,
             dtype,
-            rope: RopeTables::new(cfg, device)?,
-            rope_local: local_rope(cfg, device)?,
+            rope: RopeTables::new(cfg),
+            rope_local: local_rope(cfg),
             device: device.clone(),
         })
     }
@@ -333,7 +333,6 @@ impl Llama {
             .collect();
         let scale = cfg.attention_scale();
         let n = ids.len();
-        let positions = Tensor::from_vec(positions, n, &self.device)?;
         let mut x = dense::gather_rows(&self.embed, &ids, &self.device)?;
         if cfg.family.scaled_embeddings() {
             x = (x * (cfg.hidden_size as f64).sqrt())?;
@@ -411,9 +410,6 @@ impl Llama {
 }
 
 /// The sliding layers' own RoPE tables, where the family gives them another base (Gemma 3).
-fn local_rope(cfg: &ModelConfig, device: &Device) -> Result<Option<RopeTables>> {
-    match (0..cfg.num_layers).find(|&l| cfg.local_rope(l)) {
-        Some(l) => Ok(Some(RopeTables::new(&cfg.rope_for_layer(l), device)?)),
-        None => Ok(None),
-    }
+fn local_rope(cfg: &ModelConfig) -> Option<RopeTables> {
+    (0..cfg.num_layers).find(|&l| cfg.local_rope(l)).map(|l| RopeTables::new(&cfg.rope_for_layer(l)))
 }

@@ -1,8 +1,9 @@
 //! Rotary position embedding tables, computed the way transformers computes them.
 
-use candle_core::{Device, Tensor};
+use candle_core::Tensor;
 
-use crate::error::Result;
+use super::dense;
+use crate::error::{Error, Result};
 use crate::shape::{ModelConfig, RopeScaling};
 
 /// Inverse frequencies per rotary pair, after any scaling (f32, as transformers does).
@@ -53,34 +54,87 @@ pub fn cos_sin(cfg: &ModelConfig) -> (Vec<f32>, Vec<f32>) {
 /// Precomputed `cos` and `sin` for every position up to the model's context.
 #[derive(Debug, Clone)]
 pub struct RopeTables {
-    /// `[max_positions, head_dim / 2]`
-    pub cos: Tensor,
-    /// `[max_positions, head_dim / 2]`
-    pub sin: Tensor,
+    /// `[max_positions, half]` row-major.
+    cos: Vec<f32>,
+    /// `[max_positions, half]` row-major.
+    sin: Vec<f32>,
+    /// Rotary pairs per head (`head_dim / 2`).
+    half: usize,
 }
 
 impl RopeTables {
-    /// Builds the tables for `cfg` on `device`.
-    pub fn new(cfg: &ModelConfig, device: &Device) -> Result<Self> {
+    /// Builds the tables for `cfg`.
+    pub fn new(cfg: &ModelConfig) -> Self {
         let (cos, sin) = cos_sin(cfg);
-        let (n, half) = (cfg.max_position_embeddings, cfg.head_dim.div_ceil(2));
-        Ok(RopeTables {
-            cos: Tensor::from_vec(cos, (n, half), device)?,
-            sin: Tensor::from_vec(sin, (n, half), device)?,
-        })
+        RopeTables { cos, sin, half: cfg.head_dim.div_ceil(2) }
     }
 
     /// Rotates `x` of shape `[tokens, heads, head_dim]` whose token `i` sits at `positions[i]`
-    /// (the non-interleaved "rotate half" layout of Hugging Face Llama).
-    pub fn apply(&self, x: &Tensor, positions: &Tensor) -> Result<Tensor> {
-        let (_, _, d) = x.dims3()?;
+    /// (the non-interleaved "rotate half" layout of Hugging Face Llama), in one pass over its
+    /// storage with the same f32 operations as transformers' `x·cos + rotate_half(x)·sin`.
+    pub fn apply(&self, x: &Tensor, positions: &[u32]) -> Result<Tensor> {
+        let (tokens, heads, d) = x.dims3()?;
         let half = d / 2;
-        let cos = self.cos.index_select(positions, 0)?.unsqueeze(1)?;
-        let sin = self.sin.index_select(positions, 0)?.unsqueeze(1)?;
-        let x1 = x.narrow(2, 0, half)?;
-        let x2 = x.narrow(2, half, half)?;
-        let out1 = (x1.broadcast_mul(&cos)? - x2.broadcast_mul(&sin)?)?;
-        let out2 = (x2.broadcast_mul(&cos)? + x1.broadcast_mul(&sin)?)?;
-        Ok(Tensor::cat(&[out1, out2], 2)?)
+        if half != self.half || positions.len() != tokens {
+            return Err(Error::device(format!(
+                "RoPE of {} pairs for {} positions got {tokens} tokens of head_dim {d}",
+                self.half,
+                positions.len()
+            )));
+        }
+        let mut out = vec![0f32; tokens * heads * d];
+        dense::with_rows(x, |xs| {
+            for ((xt, ot), &pos) in xs.chunks_exact(heads * d).zip(out.chunks_exact_mut(heads * d)).zip(positions) {
+                let at = pos as usize * half;
+                let (cos, sin) = (&self.cos[at..at + half], &self.sin[at..at + half]);
+                for (xh, oh) in xt.chunks_exact(d).zip(ot.chunks_exact_mut(d)) {
+                    let (x1, x2) = xh.split_at(half);
+                    let (o1, o2) = oh.split_at_mut(half);
+                    for j in 0..half {
+                        o1[j] = x1[j] * cos[j] - x2[j] * sin[j];
+                        o2[j] = x2[j] * cos[j] + x1[j] * sin[j];
+                    }
+                }
+            }
+        })?;
+        Ok(Tensor::from_vec(out, (tokens, heads, d), x.device())?)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::Device;
+
+    /// The fused rotation equals transformers' formula written with tensor ops.
+    #[test]
+    fn fused_rotation_matches_rotate_half() {
+        let (t, h, d, positions) = (3, 2, 8, 20);
+        let angle = |i: usize| (i as f32 * 0.37).sin();
+        let rope = RopeTables {
+            cos: (0..positions * d / 2).map(|i| angle(i).cos()).collect(),
+            sin: (0..positions * d / 2).map(|i| angle(i).sin()).collect(),
+            half: d / 2,
+        };
+        let x: Vec<f32> = (0..t * h * d).map(|i| ((i * 37 % 101) as f32 - 50.0) / 25.0).collect();
+        let x = Tensor::from_vec(x, (t, h, d), &Device::Cpu).expect("x");
+        let positions = [0u32, 5, 17];
+        let got = rope.apply(&x, &positions).expect("rope");
+        let half = d / 2;
+        let table = |v: &[f32]| {
+            let rows: Vec<f32> = positions.iter().flat_map(|&p| v[p as usize * half..(p as usize + 1) * half].to_vec()).collect();
+            Tensor::from_vec(rows, (t, 1, half), &Device::Cpu).expect("table")
+        };
+        let (cos, sin) = (table(&rope.cos), table(&rope.sin));
+        let (x1, x2) = (x.narrow(2, 0, half).expect("x1"), x.narrow(2, half, half).expect("x2"));
+        let o1 = (x1.broadcast_mul(&cos).expect("m") - x2.broadcast_mul(&sin).expect("m")).expect("s");
+        let o2 = (x2.broadcast_mul(&cos).expect("m") + x1.broadcast_mul(&sin).expect("m")).expect("a");
+        let want = Tensor::cat(&[o1, o2], 2).expect("cat");
+        let (got, want): (Vec<f32>, Vec<f32>) = (
+            got.flatten_all().expect("f").to_vec1().expect("v"),
+            want.flatten_all().expect("f").to_vec1().expect("v"),
+        );
+        assert_eq!(got, want, "bit for bit");
+        assert!(rope.apply(&x, &positions[..2]).is_err(), "a position per token");
     }
 }
