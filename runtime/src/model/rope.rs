@@ -122,7 +122,8 @@ mod tests {
         let got = rope.apply(&x, &positions).expect("rope");
         let half = d / 2;
         let table = |v: &[f32]| {
-            let rows: Vec<f32> = positions.iter().flat_map(|&p| v[p as usize * half..(p as usize + 1) * half].to_vec()).collect();
+            let rows: Vec<f32> =
+                positions.iter().flat_map(|&p| v[p as usize * half..(p as usize + 1) * half].to_vec()).collect();
             Tensor::from_vec(rows, (t, 1, half), &Device::Cpu).expect("table")
         };
         let (cos, sin) = (table(&rope.cos), table(&rope.sin));
@@ -130,10 +131,8 @@ mod tests {
         let o1 = (x1.broadcast_mul(&cos).expect("m") - x2.broadcast_mul(&sin).expect("m")).expect("s");
         let o2 = (x2.broadcast_mul(&cos).expect("m") + x1.broadcast_mul(&sin).expect("m")).expect("a");
         let want = Tensor::cat(&[o1, o2], 2).expect("cat");
-        let (got, want): (Vec<f32>, Vec<f32>) = (
-            got.flatten_all().expect("f").to_vec1().expect("v"),
-            want.flatten_all().expect("f").to_vec1().expect("v"),
-        );
+        let (got, want): (Vec<f32>, Vec<f32>) =
+            (got.flatten_all().expect("f").to_vec1().expect("v"), want.flatten_all().expect("f").to_vec1().expect("v"));
         assert_eq!(got, want, "bit for bit");
         assert!(rope.apply(&x, &positions[..2]).is_err(), "a position per token");
     }
