@@ -234,3 +234,27 @@ fn the_cpu_bench_runs_the_workload_and_compares_with_a_baseline() {
     assert!(!o.status.success() && stderr(&o).contains("--rates"), "{}", stderr(&o));
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// The README's performance tables are `openlora bench --compare` of the reports committed
+/// under docs/perf (one `bench/compare.sh` run), so every figure in them can be recomputed.
+#[test]
+fn the_readme_performance_tables_are_the_committed_reports() {
+    let root = common::repo_root();
+    let perf = root.join("docs/perf");
+    let (ours, peft) = (perf.join("openlora.json"), perf.join("peft.json"));
+    let o = openlora(&[
+        "bench",
+        "--device",
+        "cpu",
+        "--compare",
+        ours.to_str().expect("utf-8"),
+        "--baseline",
+        peft.to_str().expect("utf-8"),
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let tables = stdout(&o);
+    let committed = std::fs::read_to_string(perf.join("compare.md")).expect("docs/perf/compare.md");
+    assert_eq!(tables.trim(), committed.trim(), "docs/perf/compare.md is not what its reports give");
+    let readme = std::fs::read_to_string(root.join("README.md")).expect("README.md");
+    assert!(readme.contains(tables.trim()), "README.md's performance tables are not docs/perf's run");
+}
