@@ -89,115 +89,69 @@ macro_rules! by_size {
     };
 }
 
-/// One tile with an f32 weight.
-///
-/// # Safety
-/// `x` holds `mr` rows and `w` `nr` rows of `k` elements; `y` is writable at `mr` rows of
-/// `nr` elements (stride `ldy`); `isa` is available; `mr ≤ 4`, `nr ∈ {1, 4}`.
-#[allow(clippy::too_many_arguments)]
-pub(crate) unsafe fn tile_f32(
-    isa: Isa,
-    mr: usize,
-    nr: usize,
-    x: *const f32,
-    w: *const f32,
-    k: usize,
-    y: *mut f32,
-    ldy: usize,
-) {
-    // SAFETY: the caller's contract is the tiles' contract.
-    unsafe {
-        match isa {
-            #[cfg(target_arch = "x86_64")]
-            Isa::Avx512 | Isa::Avx512Bf16 => by_size!(x86::avx512_f32, mr, nr, x, w, k, y, ldy),
-            #[cfg(target_arch = "x86_64")]
-            Isa::Avx2 => by_size!(x86::avx2_f32, mr, nr, x, w, k, y, ldy),
-            _ => scalar(mr, nr, x, w, k, y, ldy, |v: f32| v),
+/// Generates the run-time dispatch of one weight type's tile: the AVX-512 or AVX2 tile named,
+/// else the scalar loop widening each weight element with `$widen`.
+macro_rules! tile_dispatch {
+    ($(#[$doc:meta])* $name:ident, $wty:ty, $avx512:ident, $avx2:ident, $widen:expr) => {
+        $(#[$doc])*
+        #[allow(clippy::too_many_arguments)]
+        pub(crate) unsafe fn $name(
+            isa: Isa,
+            mr: usize,
+            nr: usize,
+            x: *const f32,
+            w: *const $wty,
+            k: usize,
+            y: *mut f32,
+            ldy: usize,
+        ) {
+            // SAFETY: the caller's contract is the tiles' contract.
+            unsafe {
+                match isa {
+                    #[cfg(target_arch = "x86_64")]
+                    Isa::Avx512 | Isa::Avx512Bf16 => by_size!(x86::$avx512, mr, nr, x, w, k, y, ldy),
+                    #[cfg(target_arch = "x86_64")]
+                    Isa::Avx2 => by_size!(x86::$avx2, mr, nr, x, w, k, y, ldy),
+                    _ => scalar(mr, nr, x, w, k, y, ldy, $widen),
+                }
+            }
         }
-    }
+    };
 }
 
-/// One tile with a bf16 weight widened to f32 (see [`tile_f32`] for the contract).
-///
-/// # Safety
-/// As [`tile_f32`].
-#[allow(clippy::too_many_arguments)]
-pub(crate) unsafe fn tile_bf16(
-    isa: Isa,
-    mr: usize,
-    nr: usize,
-    x: *const f32,
-    w: *const u16,
-    k: usize,
-    y: *mut f32,
-    ldy: usize,
-) {
-    // SAFETY: the caller's contract is the tiles' contract.
-    unsafe {
-        match isa {
-            #[cfg(target_arch = "x86_64")]
-            Isa::Avx512 | Isa::Avx512Bf16 => by_size!(x86::avx512_bf16w, mr, nr, x, w, k, y, ldy),
-            #[cfg(target_arch = "x86_64")]
-            Isa::Avx2 => by_size!(x86::avx2_bf16w, mr, nr, x, w, k, y, ldy),
-            _ => scalar(mr, nr, x, w, k, y, ldy, crate::gemm::bf16_to_f32),
-        }
-    }
-}
+tile_dispatch!(
+    /// One tile with an f32 weight.
+    ///
+    /// # Safety
+    /// `x` holds `mr` rows and `w` `nr` rows of `k` elements; `y` is writable at `mr` rows of
+    /// `nr` elements (stride `ldy`); `isa` is available; `mr ≤ 4`, `nr ∈ {1, 4}`.
+    tile_f32, f32, avx512_f32, avx2_f32, |v: f32| v
+);
 
-/// One tile with an f16 weight widened to f32 (see [`tile_f32`] for the contract).
-///
-/// # Safety
-/// As [`tile_f32`].
-#[allow(clippy::too_many_arguments)]
-pub(crate) unsafe fn tile_f16(
-    isa: Isa,
-    mr: usize,
-    nr: usize,
-    x: *const f32,
-    w: *const u16,
-    k: usize,
-    y: *mut f32,
-    ldy: usize,
-) {
-    // SAFETY: the caller's contract is the tiles' contract.
-    unsafe {
-        match isa {
-            #[cfg(target_arch = "x86_64")]
-            Isa::Avx512 | Isa::Avx512Bf16 => by_size!(x86::avx512_f16w, mr, nr, x, w, k, y, ldy),
-            #[cfg(target_arch = "x86_64")]
-            Isa::Avx2 => by_size!(x86::avx2_f16w, mr, nr, x, w, k, y, ldy),
-            _ => scalar(mr, nr, x, w, k, y, ldy, crate::gemm::f16_to_f32),
-        }
-    }
-}
+tile_dispatch!(
+    /// One tile with a bf16 weight widened to f32 (see [`tile_f32`] for the contract).
+    ///
+    /// # Safety
+    /// As [`tile_f32`].
+    tile_bf16, u16, avx512_bf16w, avx2_bf16w, crate::gemm::bf16_to_f32
+);
 
-/// One tile with an int8 weight widened to f32, unscaled (see [`tile_f32`] for the contract;
-/// the caller applies the row scales).
-///
-/// # Safety
-/// As [`tile_f32`].
-#[allow(clippy::too_many_arguments)]
-pub(crate) unsafe fn tile_int8(
-    isa: Isa,
-    mr: usize,
-    nr: usize,
-    x: *const f32,
-    w: *const i8,
-    k: usize,
-    y: *mut f32,
-    ldy: usize,
-) {
-    // SAFETY: the caller's contract is the tiles' contract.
-    unsafe {
-        match isa {
-            #[cfg(target_arch = "x86_64")]
-            Isa::Avx512 | Isa::Avx512Bf16 => by_size!(x86::avx512_i8w, mr, nr, x, w, k, y, ldy),
-            #[cfg(target_arch = "x86_64")]
-            Isa::Avx2 => by_size!(x86::avx2_i8w, mr, nr, x, w, k, y, ldy),
-            _ => scalar(mr, nr, x, w, k, y, ldy, f32::from),
-        }
-    }
-}
+tile_dispatch!(
+    /// One tile with an f16 weight widened to f32 (see [`tile_f32`] for the contract).
+    ///
+    /// # Safety
+    /// As [`tile_f32`].
+    tile_f16, u16, avx512_f16w, avx2_f16w, crate::gemm::f16_to_f32
+);
+
+tile_dispatch!(
+    /// One tile with an int8 weight widened to f32, unscaled (see [`tile_f32`] for the
+    /// contract; the caller applies the row scales).
+    ///
+    /// # Safety
+    /// As [`tile_f32`].
+    tile_int8, i8, avx512_i8w, avx2_i8w, f32::from
+);
 
 /// One tile of bf16 `x` and bf16 weight with `vdpbf16ps` (f32 sums).
 ///
@@ -280,6 +234,36 @@ unsafe fn scalar<W: Copy>(
 mod x86 {
     use std::arch::x86_64::*;
 
+    /// Runs `step(kk, mask)` along a row of `k` elements, `width` (16 or 32) at a time, the
+    /// last partial step masked to the elements left.
+    #[inline(always)]
+    fn each_step(k: usize, width: usize, mut step: impl FnMut(usize, u32)) {
+        let full = k / width * width;
+        let mut kk = 0;
+        while kk < full {
+            step(kk, u32::MAX >> (32 - width));
+            kk += width;
+        }
+        if kk < k {
+            step(kk, (1u32 << (k - kk)) - 1);
+        }
+    }
+
+    /// Stores each accumulator's sum at its place in the `MR × NR` tile of `y` (stride `ldy`).
+    ///
+    /// # Safety
+    /// `y` is writable at the tile; AVX-512F is available.
+    #[inline]
+    #[target_feature(enable = "avx512f")]
+    unsafe fn store_sums<const MR: usize, const NR: usize>(acc: &[[__m512; NR]; MR], y: *mut f32, ldy: usize) {
+        for (i, row) in acc.iter().enumerate() {
+            for (j, a) in row.iter().enumerate() {
+                // SAFETY: within the caller's tile.
+                unsafe { *y.add(i * ldy + j) = _mm512_reduce_add_ps(*a) };
+            }
+        }
+    }
+
     /// Generates an AVX-512 tile over a weight type, given the function that loads 16 of its
     /// elements (under a mask) as f32.
     macro_rules! avx512_tile {
@@ -309,20 +293,8 @@ mod x86 {
                             }
                         }
                     };
-                    let full = k / 16 * 16;
-                    let mut kk = 0;
-                    while kk < full {
-                        step(kk, 0xFFFF);
-                        kk += 16;
-                    }
-                    if kk < k {
-                        step(kk, ((1u32 << (k - kk)) - 1) as __mmask16);
-                    }
-                    for (i, row) in acc.iter().enumerate() {
-                        for (j, a) in row.iter().enumerate() {
-                            *y.add(i * ldy + j) = _mm512_reduce_add_ps(*a);
-                        }
-                    }
+                    each_step(k, 16, |kk, mask| step(kk, mask as __mmask16));
+                    store_sums(&acc, y, ldy);
                 }
             }
         };
@@ -380,7 +352,7 @@ mod x86 {
         // SAFETY: as in the f32 tiles: masked loads within the rows, stores in the tile.
         unsafe {
             let mut acc = [[_mm512_setzero_ps(); NR]; MR];
-            let mut step = |kk: usize, mask: __mmask32| {
+            let step = |kk: usize, mask: __mmask32| {
                 let mut xv = [_mm512_setzero_si512(); MR];
                 for (i, v) in xv.iter_mut().enumerate() {
                     *v = _mm512_maskz_loadu_epi16(mask, x.add(i * k + kk).cast::<i16>());
@@ -394,20 +366,8 @@ mod x86 {
                     }
                 }
             };
-            let full = k / 32 * 32;
-            let mut kk = 0;
-            while kk < full {
-                step(kk, u32::MAX);
-                kk += 32;
-            }
-            if kk < k {
-                step(kk, (1u32 << (k - kk)) - 1);
-            }
-            for (i, row) in acc.iter().enumerate() {
-                for (j, a) in row.iter().enumerate() {
-                    *y.add(i * ldy + j) = _mm512_reduce_add_ps(*a);
-                }
-            }
+            each_step(k, 32, step);
+            store_sums(&acc, y, ldy);
         }
     }
 
