@@ -272,7 +272,10 @@ unsafe fn columns(
                 let yp = y.add(i * ldy + j);
                 if use_dpbf16 {
                     let WeightData::Bf16(wd) = &w.data else { unreachable!("dpbf16 needs a bf16 weight") };
-                    simd::tile_dpbf16(mr, nr, x16.as_ptr().add(i * k), wd.as_ptr().add(j * k), k, yp, ldy);
+                    // The next weight rows, fetched while the first rows of x meet these ones
+                    // (the other rows find these in cache and issue no prefetches).
+                    let next = if i == 0 { wd.as_ptr().wrapping_add((j + nr) * k) } else { std::ptr::null() };
+                    simd::tile_dpbf16(mr, nr, x16.as_ptr().add(i * k), wd.as_ptr().add(j * k), next, k, yp, ldy);
                 } else {
                     let xp = x.as_ptr().add(i * k);
                     match &w.data {

@@ -1,5 +1,5 @@
 //! One projection `y = x · Wᵀ` of a 1024-wide model (a 4096 × 1024 weight), at decode batch 1
-//! and 16, side by side in one run: candle-core's f32 matmul (the CPU path before weights were
+//! and 16 and a 256-token prefill, side by side in one run: candle-core's f32 matmul (the CPU path before weights were
 //! kept in their stored dtype) and openlora's GEMM on an f32, a bf16, an f16 and an int8 weight
 //! (and a bf16 weight meeting its input rounded to bf16), on every instruction set this CPU has. Throughput is in weight bytes read per second.
 
@@ -24,7 +24,7 @@ fn gemm(c: &mut Criterion) {
         .expect("shape");
     let dev = Device::Cpu;
     let wt = Tensor::from_vec(wf, (n, k), &dev).expect("tensor").t().expect("t");
-    for m in [1usize, 16] {
+    for m in [1usize, 16, 256] {
         let x = values(m * k);
         let xt = Tensor::from_vec(x.clone(), (m, k), &dev).expect("tensor");
         let mut y = vec![0f32; m * n];
