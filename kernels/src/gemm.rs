@@ -65,7 +65,8 @@ impl Weight {
                 q.len()
             }
         };
-        let expected = rows * cols;
+        // A shape whose element count overflows matches no data.
+        let expected = rows.checked_mul(cols).unwrap_or(usize::MAX);
         if got != expected {
             return Err(ShapeMismatch { expected, got });
         }
@@ -181,8 +182,8 @@ const PARALLEL_MIN_MACS: usize = 1 << 16;
 /// [`matmul_t`] on a given instruction set (which must be available: see [`simd::available`]).
 pub fn matmul_t_on(isa: Isa, x: &[f32], m: usize, w: &Weight, y: &mut [f32]) {
     let (n, k) = (w.rows, w.cols);
-    assert_eq!(x.len(), m * k, "x is not [m, in]");
-    assert_eq!(y.len(), m * n, "y is not [m, out]");
+    assert_eq!(Some(x.len()), m.checked_mul(k), "x is not [m, in]");
+    assert_eq!(Some(y.len()), m.checked_mul(n), "y is not [m, out]");
     assert!(simd::available(isa), "instruction set {isa:?} is not available on this CPU");
     if m == 0 || n == 0 {
         return;

@@ -66,9 +66,9 @@ pub fn available(isa: Isa) -> bool {
 pub fn isa() -> Isa {
     static ISA: OnceLock<Isa> = OnceLock::new();
     *ISA.get_or_init(|| {
-        let best = Isa::ALL.iter().rev().copied().find(|&i| available(i)).unwrap_or(Isa::Scalar);
         let cap = std::env::var("OPENLORA_CPU_ISA").ok().and_then(|v| Isa::ALL.iter().copied().find(|i| i.name() == v));
-        cap.map_or(best, |c| c.min(best))
+        // The best this CPU has, at or below the cap.
+        Isa::ALL.iter().rev().copied().find(|&i| available(i) && cap.is_none_or(|c| i <= c)).unwrap_or(Isa::Scalar)
     })
 }
 
@@ -183,8 +183,9 @@ pub(crate) unsafe fn tile_dpbf16(
 /// `Σ a[i] · b[i]` on `isa` (f32 sums; the order differs between instruction sets).
 pub(crate) fn dot(isa: Isa, a: &[f32], b: &[f32]) -> f32 {
     assert_eq!(a.len(), b.len(), "dot of slices of different lengths");
+    assert!(available(isa), "instruction set {isa:?} is not available on this CPU");
     match isa {
-        // SAFETY: `isa` was found available; the lengths are equal.
+        // SAFETY: `isa` is available (checked above); the lengths are equal.
         #[cfg(target_arch = "x86_64")]
         Isa::Avx512 | Isa::Avx512Bf16 => unsafe { x86::dot512(a, b) },
         // SAFETY: as above.
@@ -197,8 +198,9 @@ pub(crate) fn dot(isa: Isa, a: &[f32], b: &[f32]) -> f32 {
 /// `y[i] += alpha · x[i]` on `isa`.
 pub(crate) fn axpy(isa: Isa, y: &mut [f32], alpha: f32, x: &[f32]) {
     assert_eq!(y.len(), x.len(), "axpy of slices of different lengths");
+    assert!(available(isa), "instruction set {isa:?} is not available on this CPU");
     match isa {
-        // SAFETY: `isa` was found available; the lengths are equal.
+        // SAFETY: `isa` is available (checked above); the lengths are equal.
         #[cfg(target_arch = "x86_64")]
         Isa::Avx512 | Isa::Avx512Bf16 => unsafe { x86::axpy512(y, alpha, x) },
         // SAFETY: as above.

@@ -51,7 +51,7 @@ struct CpuBenchArgs {
     /// vocab 32,000, f32), the PEFT baseline's.
     #[arg(long)]
     model: Option<PathBuf>,
-    /// The dtype to serve in: auto (as stored), bf16, f16 or f32.
+    /// The dtype to serve in: auto (as stored), bf16, f16, f32 or int8 (weight-only).
     #[arg(long, default_value = "auto")]
     dtype: openlora::model::ServeDType,
     /// Batch sizes of the fixed-batch runs (base, then one adapter per request).

@@ -477,7 +477,7 @@ struct ServeArgs {
     #[arg(long, default_value = "cpu")]
     device: openlora::device::DeviceSpec,
     /// The dtype to keep and multiply the dense weights in, overriding the config file's
-    /// `dtype`: auto (as stored), bf16, f16 or f32.
+    /// `dtype`: auto (as stored), bf16, f16, f32 or int8 (weight-only).
     #[arg(long)]
     dtype: Option<openlora::model::ServeDType>,
     /// Only check the configuration (the file, then the environment's secrets) and exit: 0 when
@@ -576,7 +576,8 @@ struct GenerateArgs {
     /// Keep generating past end-of-sequence tokens.
     #[arg(long)]
     ignore_eos: bool,
-    /// The dtype to keep and multiply the dense weights in: auto (as stored), bf16, f16 or f32.
+    /// The dtype to keep and multiply the dense weights in: auto (as stored), bf16, f16, f32 or
+    /// int8 (weight-only).
     #[arg(long, default_value = "auto")]
     dtype: openlora::model::ServeDType,
 }

@@ -86,7 +86,9 @@ impl RopeTables {
         dense::with_rows(x, |xs| {
             for ((xt, ot), &pos) in xs.chunks_exact(heads * d).zip(out.chunks_exact_mut(heads * d)).zip(positions) {
                 let at = pos as usize * half;
-                let (cos, sin) = (&self.cos[at..at + half], &self.sin[at..at + half]);
+                let (Some(cos), Some(sin)) = (self.cos.get(at..at + half), self.sin.get(at..at + half)) else {
+                    return Err(Error::device(format!("RoPE position {pos} is past the model's context")));
+                };
                 for (xh, oh) in xt.chunks_exact(d).zip(ot.chunks_exact_mut(d)) {
                     let (x1, x2) = xh.split_at(half);
                     let (o1, o2) = oh.split_at_mut(half);
@@ -96,7 +98,8 @@ impl RopeTables {
                     }
                 }
             }
-        })?;
+            Ok(())
+        })??;
         Ok(Tensor::from_vec(out, (tokens, heads, d), x.device())?)
     }
 }
@@ -135,5 +138,6 @@ mod tests {
             (got.flatten_all().expect("f").to_vec1().expect("v"), want.flatten_all().expect("f").to_vec1().expect("v"));
         assert_eq!(got, want, "bit for bit");
         assert!(rope.apply(&x, &positions[..2]).is_err(), "a position per token");
+        assert!(rope.apply(&x, &[0, 1, 20]).is_err(), "a position past the table is an error");
     }
 }
