@@ -9,6 +9,12 @@ fn openlora(args: &[&str]) -> Output {
     Command::new(env!("CARGO_BIN_EXE_openlora")).args(args).env("OPENLORA_HOME", &home).output().expect("run openlora")
 }
 
+/// `openlora bench --compare OURS --baseline PEFT`: the comparison tables of two reports.
+fn compare(ours: &std::path::Path, peft: &std::path::Path) -> Output {
+    let path = |p: &std::path::Path| p.to_str().expect("utf-8").to_owned();
+    openlora(&["bench", "--device", "cpu", "--compare", &path(ours), "--baseline", &path(peft)])
+}
+
 fn stdout(o: &Output) -> String {
     String::from_utf8_lossy(&o.stdout).into_owned()
 }
@@ -219,15 +225,7 @@ fn the_cpu_bench_runs_the_workload_and_compares_with_a_baseline() {
         "batches": r["batches"], "workload": r["workload"]}}});
     let peft = dir.join("peft.json");
     std::fs::write(&peft, baseline.to_string()).expect("write");
-    let o = openlora(&[
-        "bench",
-        "--device",
-        "cpu",
-        "--compare",
-        json.to_str().expect("utf-8"),
-        "--baseline",
-        peft.to_str().expect("utf-8"),
-    ]);
+    let o = compare(&json, &peft);
     assert!(o.status.success(), "{}", stderr(&o));
     assert!(stdout(&o).contains("**1.00x** (vs bf16)"), "{}", stdout(&o));
     let o = openlora(&["bench", "--device", "cpu", "--rates", "0"]);
@@ -242,15 +240,7 @@ fn the_readme_performance_tables_are_the_committed_reports() {
     let root = common::repo_root();
     let perf = root.join("docs/perf");
     let (ours, peft) = (perf.join("openlora.json"), perf.join("peft.json"));
-    let o = openlora(&[
-        "bench",
-        "--device",
-        "cpu",
-        "--compare",
-        ours.to_str().expect("utf-8"),
-        "--baseline",
-        peft.to_str().expect("utf-8"),
-    ]);
+    let o = compare(&ours, &peft);
     assert!(o.status.success(), "{}", stderr(&o));
     let tables = stdout(&o);
     let committed = std::fs::read_to_string(perf.join("compare.md")).expect("docs/perf/compare.md");

@@ -181,11 +181,13 @@ pub(crate) unsafe fn tile_dpbf16(
 }
 
 /// `Σ a[i] · b[i]` on `isa` (f32 sums; the order differs between instruction sets).
-pub(crate) fn dot(isa: Isa, a: &[f32], b: &[f32]) -> f32 {
+///
+/// # Safety
+/// `isa` is available on this CPU (see [`available`]; [`isa`] always is).
+pub(crate) unsafe fn dot(isa: Isa, a: &[f32], b: &[f32]) -> f32 {
     assert_eq!(a.len(), b.len(), "dot of slices of different lengths");
-    assert!(available(isa), "instruction set {isa:?} is not available on this CPU");
     match isa {
-        // SAFETY: `isa` is available (checked above); the lengths are equal.
+        // SAFETY: `isa` is available (the caller's contract); the lengths are equal.
         #[cfg(target_arch = "x86_64")]
         Isa::Avx512 | Isa::Avx512Bf16 => unsafe { x86::dot512(a, b) },
         // SAFETY: as above.
@@ -196,11 +198,13 @@ pub(crate) fn dot(isa: Isa, a: &[f32], b: &[f32]) -> f32 {
 }
 
 /// `y[i] += alpha · x[i]` on `isa`.
-pub(crate) fn axpy(isa: Isa, y: &mut [f32], alpha: f32, x: &[f32]) {
+///
+/// # Safety
+/// As [`dot`].
+pub(crate) unsafe fn axpy(isa: Isa, y: &mut [f32], alpha: f32, x: &[f32]) {
     assert_eq!(y.len(), x.len(), "axpy of slices of different lengths");
-    assert!(available(isa), "instruction set {isa:?} is not available on this CPU");
     match isa {
-        // SAFETY: `isa` is available (checked above); the lengths are equal.
+        // SAFETY: `isa` is available (the caller's contract); the lengths are equal.
         #[cfg(target_arch = "x86_64")]
         Isa::Avx512 | Isa::Avx512Bf16 => unsafe { x86::axpy512(y, alpha, x) },
         // SAFETY: as above.

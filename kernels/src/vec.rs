@@ -4,13 +4,15 @@
 /// Dot product of two equal-length slices, on the best vector instructions this CPU has.
 #[inline]
 pub fn dot(a: &[f32], b: &[f32]) -> f32 {
-    crate::simd::dot(crate::simd::isa(), a, b)
+    // SAFETY: `simd::isa()` is only ever an instruction set this CPU has.
+    unsafe { crate::simd::dot(crate::simd::isa(), a, b) }
 }
 
 /// `y += alpha · x` over equal-length slices, on the best vector instructions this CPU has.
 #[inline]
 pub fn axpy(y: &mut [f32], alpha: f32, x: &[f32]) {
-    crate::simd::axpy(crate::simd::isa(), y, alpha, x)
+    // SAFETY: as in `dot`.
+    unsafe { crate::simd::axpy(crate::simd::isa(), y, alpha, x) }
 }
 
 #[cfg(test)]
@@ -26,10 +28,12 @@ mod tests {
                 let a: Vec<f32> = (0..n).map(|i| i as f32).collect();
                 let b: Vec<f32> = (0..n).map(|i| 1.0 - i as f32 * 0.5).collect();
                 let want: f32 = a.iter().zip(&b).map(|(x, y)| x * y).sum();
-                let got = simd::dot(isa, &a, &b);
+                // SAFETY: only the available instruction sets are tried.
+                let got = unsafe { simd::dot(isa, &a, &b) };
                 assert!((got - want).abs() <= 1e-4 * want.abs().max(1.0), "{isa:?} n{n}: {got} vs {want}");
                 let mut y = b.clone();
-                simd::axpy(isa, &mut y, 2.0, &a);
+                // SAFETY: as above.
+                unsafe { simd::axpy(isa, &mut y, 2.0, &a) };
                 assert!(y.iter().zip(&b).zip(&a).all(|((y, b), a)| *y == b + 2.0 * a), "{isa:?} n{n}");
             }
         }
