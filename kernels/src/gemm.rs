@@ -66,7 +66,7 @@ impl Weight {
             }
         };
         // A shape whose element count overflows matches no data.
-        let expected = rows.checked_mul(cols).unwrap_or(usize::MAX);
+        let expected = rows.saturating_mul(cols);
         if got != expected {
             return Err(ShapeMismatch { expected, got });
         }

@@ -13,28 +13,74 @@
 
 use rayon::prelude::*;
 
-use crate::vec::{axpy, dot};
+use crate::vec::{axpy, axpy_bf16, dot, dot_bf16};
+
+/// The values of a page pool, back to back: page `p` is `[p * page_elems .. (p + 1) * page_elems]`.
+#[derive(Clone, Copy)]
+pub enum PageValues<'a> {
+    /// f32 values.
+    F32(&'a [f32]),
+    /// bfloat16 values as bits (the top half of an f32): half the bytes to read, each widened
+    /// exactly to f32 as it is multiplied.
+    Bf16(&'a [u16]),
+}
 
 /// The page pool adapter weights are read from.
 #[derive(Clone, Copy)]
 pub struct PagePool<'a> {
-    /// Every page, back to back: page `p` is `pages[p * page_elems .. (p + 1) * page_elems]`.
-    pub pages: &'a [f32],
+    /// Every page's values.
+    pub pages: PageValues<'a>,
     /// Elements per page.
     pub page_elems: usize,
 }
 
-impl<'a> PagePool<'a> {
+impl PagePool<'_> {
     /// Pages one row of `width` elements occupies.
     pub fn pages_per_row(&self, width: usize) -> usize {
         width.div_ceil(self.page_elems)
     }
+}
 
+/// A value type a pool can hold: how f32 activations meet a run of its values.
+trait PoolValue: Copy + Sync {
+    /// `Σ x[i] · w[i]`.
+    fn dot(x: &[f32], w: &[Self]) -> f32;
+    /// `y[i] += alpha · w[i]`.
+    fn axpy(y: &mut [f32], alpha: f32, w: &[Self]);
+}
+
+impl PoolValue for f32 {
+    fn dot(x: &[f32], w: &[f32]) -> f32 {
+        dot(x, w)
+    }
+    fn axpy(y: &mut [f32], alpha: f32, w: &[f32]) {
+        axpy(y, alpha, w)
+    }
+}
+
+/// bf16 bits (the only 16-bit values a [`PageValues`] holds).
+impl PoolValue for u16 {
+    fn dot(x: &[f32], w: &[u16]) -> f32 {
+        dot_bf16(x, w)
+    }
+    fn axpy(y: &mut [f32], alpha: f32, w: &[u16]) {
+        axpy_bf16(y, alpha, w)
+    }
+}
+
+/// A pool's pages of one value type.
+#[derive(Clone, Copy)]
+struct Typed<'a, T> {
+    pages: &'a [T],
+    page_elems: usize,
+}
+
+impl<'a, T: PoolValue> Typed<'a, T> {
     /// Calls `f(offset, chunk)` for each page-sized chunk of row `row` of a module matrix whose
     /// rows are `width` wide and whose page table is `table`.
     #[inline]
-    fn for_row_chunks(&self, table: &[u32], row: usize, width: usize, mut f: impl FnMut(usize, &'a [f32])) {
-        let ppr = self.pages_per_row(width);
+    fn for_row_chunks(&self, table: &[u32], row: usize, width: usize, mut f: impl FnMut(usize, &'a [T])) {
+        let ppr = width.div_ceil(self.page_elems);
         for (j, &page) in table[row * ppr..(row + 1) * ppr].iter().enumerate() {
             let off = j * self.page_elems;
             let len = self.page_elems.min(width - off);
@@ -88,6 +134,21 @@ const SGMV_BLOCK: usize = 8;
 
 /// Segmented LoRA for prefill: rows `seg.start .. seg.start + seg.len` all use `seg.module`.
 pub fn sgmv(pool: PagePool<'_>, x: &[f32], y: &mut [f32], d: Dims, segments: &[Segment<'_>]) {
+    let pe = pool.page_elems;
+    match pool.pages {
+        PageValues::F32(pages) => sgmv_on(Typed { pages, page_elems: pe }, pool, x, y, d, segments),
+        PageValues::Bf16(pages) => sgmv_on(Typed { pages, page_elems: pe }, pool, x, y, d, segments),
+    }
+}
+
+fn sgmv_on<T: PoolValue>(
+    pages: Typed<'_, T>,
+    pool: PagePool<'_>,
+    x: &[f32],
+    y: &mut [f32],
+    d: Dims,
+    segments: &[Segment<'_>],
+) {
     for seg in segments {
         assert!((seg.start + seg.len) * d.out_dim <= y.len(), "segment past the last row");
         if let Some(m) = &seg.module {
@@ -131,19 +192,19 @@ pub fn sgmv(pool: PagePool<'_>, x: &[f32], y: &mut [f32], d: Dims, segments: &[S
             &mut heap
         };
         for k in 0..m.rank {
-            pool.for_row_chunks(m.a_pages, k, d.in_dim, |off, chunk| {
+            pages.for_row_chunks(m.a_pages, k, d.in_dim, |off, chunk| {
                 for t in 0..n {
                     let xt = &xb[t * d.in_dim + off..t * d.in_dim + off + chunk.len()];
-                    v[t * m.rank + k] += dot(xt, chunk);
+                    v[t * m.rank + k] += T::dot(xt, chunk);
                 }
             });
         }
         // Expand: y_t += scale · Σ_k v[t][k] · Bᵀ_k, reading each Bᵀ row once for the block.
         for k in 0..m.rank {
-            pool.for_row_chunks(m.bt_pages, k, d.out_dim, |off, chunk| {
+            pages.for_row_chunks(m.bt_pages, k, d.out_dim, |off, chunk| {
                 for t in 0..n {
                     let yt = &mut yb[t * d.out_dim + off..t * d.out_dim + off + chunk.len()];
-                    axpy(yt, m.scale * v[t * m.rank + k], chunk);
+                    T::axpy(yt, m.scale * v[t * m.rank + k], chunk);
                 }
             });
         }
@@ -152,6 +213,21 @@ pub fn sgmv(pool: PagePool<'_>, x: &[f32], y: &mut [f32], d: Dims, segments: &[S
 
 /// Gathered LoRA for decode: row `i` uses `rows[i]` (one token per sequence).
 pub fn bgmv(pool: PagePool<'_>, x: &[f32], y: &mut [f32], d: Dims, rows: &[Option<LoraModuleView<'_>>]) {
+    let pe = pool.page_elems;
+    match pool.pages {
+        PageValues::F32(pages) => bgmv_on(Typed { pages, page_elems: pe }, pool, x, y, d, rows),
+        PageValues::Bf16(pages) => bgmv_on(Typed { pages, page_elems: pe }, pool, x, y, d, rows),
+    }
+}
+
+fn bgmv_on<T: PoolValue>(
+    pages: Typed<'_, T>,
+    pool: PagePool<'_>,
+    x: &[f32],
+    y: &mut [f32],
+    d: Dims,
+    rows: &[Option<LoraModuleView<'_>>],
+) {
     assert_eq!(rows.len() * d.out_dim, y.len(), "one module entry per row");
     for m in rows.iter().flatten() {
         check(&pool, x, y, d, m);
@@ -168,11 +244,12 @@ pub fn bgmv(pool: PagePool<'_>, x: &[f32], y: &mut [f32], d: Dims, rows: &[Optio
             &mut heap
         };
         for (k, vk) in v.iter_mut().enumerate() {
-            pool.for_row_chunks(m.a_pages, k, d.in_dim, |off, chunk| *vk += dot(&xi[off..off + chunk.len()], chunk));
+            pages
+                .for_row_chunks(m.a_pages, k, d.in_dim, |off, chunk| *vk += T::dot(&xi[off..off + chunk.len()], chunk));
         }
         for (k, vk) in v.iter().enumerate() {
-            pool.for_row_chunks(m.bt_pages, k, d.out_dim, |off, chunk| {
-                axpy(&mut yi[off..off + chunk.len()], m.scale * vk, chunk)
+            pages.for_row_chunks(m.bt_pages, k, d.out_dim, |off, chunk| {
+                T::axpy(&mut yi[off..off + chunk.len()], m.scale * vk, chunk)
             });
         }
     });
@@ -257,29 +334,49 @@ mod tests {
         a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0.0, f32::max)
     }
 
+    /// The pool's values in each form a pool holds, with a function that rounds a dense matrix
+    /// the way that form stores it (for the reference).
+    fn forms(pool: &[f32]) -> [(PageValues<'_>, Box<dyn Fn(&[f32]) -> Vec<f32>>); 2] {
+        use crate::gemm::{bf16_to_f32, f32_to_bf16};
+        let bf16: &'static [u16] = Box::leak(pool.iter().map(|&v| f32_to_bf16(v)).collect());
+        [
+            (PageValues::F32(pool), Box::new(<[f32]>::to_vec)),
+            (PageValues::Bf16(bf16), Box::new(|m: &[f32]| m.iter().map(|&v| bf16_to_f32(f32_to_bf16(v))).collect())),
+        ]
+    }
+
     #[test]
     fn bgmv_mixed_ranks_matches_reference() {
         let mut rng = Lcg(1);
         let d = Dims { in_dim: 40, out_dim: 24 };
         let (pool, mods) = build(&[4, 8, 16, 64, 100], d, 16, &mut rng);
-        let pool = PagePool { pages: &pool, page_elems: 16 };
         let which = [Some(0), None, Some(3), Some(1), Some(4), Some(2), None, Some(3), Some(0)];
         let x = rng.vec(which.len() * d.in_dim);
         let y0 = rng.vec(which.len() * d.out_dim);
-        let mut y = y0.clone();
-        let rows: Vec<_> = which.iter().map(|w| w.map(|i| view(&mods[i]))).collect();
-        bgmv(pool, &x, &mut y, d, &rows);
-        let mut want = y0.clone();
-        for (i, w) in which.iter().enumerate() {
-            if let Some(j) = w {
-                let m = &mods[*j];
-                let yi = &mut want[i * d.out_dim..(i + 1) * d.out_dim];
-                reference_row(&x[i * d.in_dim..(i + 1) * d.in_dim], &m.a, &m.b, m.rank, m.scale, yi);
+        for (pages, round) in forms(&pool) {
+            let pool = PagePool { pages, page_elems: 16 };
+            let mut y = y0.clone();
+            let rows: Vec<_> = which.iter().map(|w| w.map(|i| view(&mods[i]))).collect();
+            bgmv(pool, &x, &mut y, d, &rows);
+            let mut want = y0.clone();
+            for (i, w) in which.iter().enumerate() {
+                if let Some(j) = w {
+                    let m = &mods[*j];
+                    let yi = &mut want[i * d.out_dim..(i + 1) * d.out_dim];
+                    reference_row(
+                        &x[i * d.in_dim..(i + 1) * d.in_dim],
+                        &round(&m.a),
+                        &round(&m.b),
+                        m.rank,
+                        m.scale,
+                        yi,
+                    );
+                }
             }
+            assert!(max_diff(&y, &want) < 1e-4, "{}", max_diff(&y, &want));
+            // Rows without an adapter are untouched, bit for bit.
+            assert_eq!(y[d.out_dim..2 * d.out_dim], y0[d.out_dim..2 * d.out_dim]);
         }
-        assert!(max_diff(&y, &want) < 1e-4, "{}", max_diff(&y, &want));
-        // Rows without an adapter are untouched, bit for bit.
-        assert_eq!(y[d.out_dim..2 * d.out_dim], y0[d.out_dim..2 * d.out_dim]);
     }
 
     #[test]
@@ -287,24 +384,27 @@ mod tests {
         let mut rng = Lcg(2);
         let d = Dims { in_dim: 33, out_dim: 50 };
         let (pool, mods) = build(&[4, 8, 16, 64], d, 32, &mut rng);
-        let pool = PagePool { pages: &pool, page_elems: 32 };
         let plan = [(0usize, 5usize, Some(2usize)), (5, 1, None), (6, 19, Some(3)), (25, 3, Some(0)), (28, 9, Some(1))];
         let n = 37;
         let x = rng.vec(n * d.in_dim);
         let y0 = rng.vec(n * d.out_dim);
-        let mut y = y0.clone();
-        let segs: Vec<Segment<'_>> =
-            plan.iter().map(|&(start, len, m)| Segment { start, len, module: m.map(|i| view(&mods[i])) }).collect();
-        sgmv(pool, &x, &mut y, d, &segs);
-        let mut want = y0.clone();
-        for &(start, len, m) in &plan {
-            let Some(j) = m else { continue };
-            let m = &mods[j];
-            for r in start..start + len {
-                let yr = &mut want[r * d.out_dim..(r + 1) * d.out_dim];
-                reference_row(&x[r * d.in_dim..(r + 1) * d.in_dim], &m.a, &m.b, m.rank, m.scale, yr);
+        for (pages, round) in forms(&pool) {
+            let pool = PagePool { pages, page_elems: 32 };
+            let mut y = y0.clone();
+            let segs: Vec<Segment<'_>> =
+                plan.iter().map(|&(start, len, m)| Segment { start, len, module: m.map(|i| view(&mods[i])) }).collect();
+            sgmv(pool, &x, &mut y, d, &segs);
+            let mut want = y0.clone();
+            for &(start, len, m) in &plan {
+                let Some(j) = m else { continue };
+                let m = &mods[j];
+                let (a, b) = (round(&m.a), round(&m.b));
+                for r in start..start + len {
+                    let yr = &mut want[r * d.out_dim..(r + 1) * d.out_dim];
+                    reference_row(&x[r * d.in_dim..(r + 1) * d.in_dim], &a, &b, m.rank, m.scale, yr);
+                }
             }
+            assert!(max_diff(&y, &want) < 1e-4, "{}", max_diff(&y, &want));
         }
-        assert!(max_diff(&y, &want) < 1e-4, "{}", max_diff(&y, &want));
     }
 }

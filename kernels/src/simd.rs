@@ -180,39 +180,49 @@ pub(crate) unsafe fn tile_dpbf16(
     unreachable!("AVX-512-BF16 on a CPU that is not x86-64: {mr} {nr} {x:?} {w:?} {next:?} {k} {y:?} {ldy}")
 }
 
-/// `Σ a[i] · b[i]` on `isa` (f32 sums; the order differs between instruction sets).
-///
-/// # Safety
-/// `isa` is available on this CPU (see [`available`]; [`isa`] always is).
-pub(crate) unsafe fn dot(isa: Isa, a: &[f32], b: &[f32]) -> f32 {
-    assert_eq!(a.len(), b.len(), "dot of slices of different lengths");
-    match isa {
-        // SAFETY: `isa` is available (the caller's contract); the lengths are equal.
-        #[cfg(target_arch = "x86_64")]
-        Isa::Avx512 | Isa::Avx512Bf16 => unsafe { x86::dot512(a, b) },
-        // SAFETY: as above.
-        #[cfg(target_arch = "x86_64")]
-        Isa::Avx2 => unsafe { x86::dot256(a, b) },
-        _ => a.iter().zip(b).fold(0f32, |s, (x, y)| x.mul_add(*y, s)),
-    }
+/// Generates the run-time dispatch of a dot product and an axpy of f32 activations against
+/// one weight type: the AVX-512 or AVX2 functions named, else portable code widening each
+/// weight element with `$widen`.
+macro_rules! vec_dispatch {
+    ($dot:ident, $axpy:ident, $wty:ty, $dot512:ident, $axpy512:ident, $dot256:ident, $axpy256:ident, $widen:expr) => {
+        /// `Σ a[i] · b[i]` on `isa` (f32 sums; the order differs between instruction sets).
+        ///
+        /// # Safety
+        /// `isa` is available on this CPU (see [`available`]; [`isa`] always is).
+        pub(crate) unsafe fn $dot(isa: Isa, a: &[f32], b: &[$wty]) -> f32 {
+            assert_eq!(a.len(), b.len(), "dot of slices of different lengths");
+            match isa {
+                // SAFETY: `isa` is available (the caller's contract); the lengths are equal.
+                #[cfg(target_arch = "x86_64")]
+                Isa::Avx512 | Isa::Avx512Bf16 => unsafe { x86::$dot512(a, b) },
+                // SAFETY: as above.
+                #[cfg(target_arch = "x86_64")]
+                Isa::Avx2 => unsafe { x86::$dot256(a, b) },
+                _ => a.iter().zip(b).fold(0f32, |s, (x, &y)| x.mul_add($widen(y), s)),
+            }
+        }
+
+        /// `y[i] += alpha · x[i]` on `isa`.
+        ///
+        /// # Safety
+        /// As the dot product's.
+        pub(crate) unsafe fn $axpy(isa: Isa, y: &mut [f32], alpha: f32, x: &[$wty]) {
+            assert_eq!(y.len(), x.len(), "axpy of slices of different lengths");
+            match isa {
+                // SAFETY: `isa` is available (the caller's contract); the lengths are equal.
+                #[cfg(target_arch = "x86_64")]
+                Isa::Avx512 | Isa::Avx512Bf16 => unsafe { x86::$axpy512(y, alpha, x) },
+                // SAFETY: as above.
+                #[cfg(target_arch = "x86_64")]
+                Isa::Avx2 => unsafe { x86::$axpy256(y, alpha, x) },
+                _ => y.iter_mut().zip(x).for_each(|(yi, &xi)| *yi = alpha.mul_add($widen(xi), *yi)),
+            }
+        }
+    };
 }
 
-/// `y[i] += alpha · x[i]` on `isa`.
-///
-/// # Safety
-/// As [`dot`].
-pub(crate) unsafe fn axpy(isa: Isa, y: &mut [f32], alpha: f32, x: &[f32]) {
-    assert_eq!(y.len(), x.len(), "axpy of slices of different lengths");
-    match isa {
-        // SAFETY: `isa` is available (the caller's contract); the lengths are equal.
-        #[cfg(target_arch = "x86_64")]
-        Isa::Avx512 | Isa::Avx512Bf16 => unsafe { x86::axpy512(y, alpha, x) },
-        // SAFETY: as above.
-        #[cfg(target_arch = "x86_64")]
-        Isa::Avx2 => unsafe { x86::axpy256(y, alpha, x) },
-        _ => y.iter_mut().zip(x).for_each(|(yi, xi)| *yi = alpha.mul_add(*xi, *yi)),
-    }
-}
+vec_dispatch!(dot, axpy, f32, dot512, axpy512, dot256, axpy256, std::convert::identity);
+vec_dispatch!(dot_bf16, axpy_bf16, u16, dot512_bf16, axpy512_bf16, dot256_bf16, axpy256_bf16, crate::gemm::bf16_to_f32);
 
 /// The portable tile: f64-free f32 sums in `k` order, the weight widened by `widen`.
 ///
@@ -369,6 +379,8 @@ mod x86 {
                 for (i, v) in xv.iter_mut().enumerate() {
                     *v = _mm512_maskz_loadu_epi16(mask, x.add(i * k + kk).cast::<i16>());
                 }
+                // `j` also offsets the weight pointers, not only the accumulators.
+                #[allow(clippy::needless_range_loop)]
                 for j in 0..NR {
                     // One cache line of the next tile's row j: the part at this step's offset.
                     if !next.is_null() {
@@ -512,102 +524,121 @@ mod x86 {
     avx2_tile!(avx2_bf16w, avx2_bf16w_pair, u16, load_bf16_256, crate::gemm::bf16_to_f32);
     avx2_tile!(avx2_f16w, avx2_f16w_pair, u16, load_f16_256, crate::gemm::f16_to_f32);
 
-    /// AVX-512 dot product: four accumulators, then two, a masked tail.
-    #[target_feature(enable = "avx512f,avx512bw,avx512vl")]
-    pub(super) unsafe fn dot512(a: &[f32], b: &[f32]) -> f32 {
-        let n = a.len();
-        let (pa, pb) = (a.as_ptr(), b.as_ptr());
-        // SAFETY: every load lies within the first n elements of both slices (masked tail).
-        unsafe {
-            let (mut s0, mut s1) = (_mm512_setzero_ps(), _mm512_setzero_ps());
-            let (mut s2, mut s3) = (_mm512_setzero_ps(), _mm512_setzero_ps());
-            let mut i = 0;
-            // Four chains, so the FMA latency is hidden on long rows (LoRA's 1024+).
-            while i + 64 <= n {
-                s0 = _mm512_fmadd_ps(_mm512_loadu_ps(pa.add(i)), _mm512_loadu_ps(pb.add(i)), s0);
-                s1 = _mm512_fmadd_ps(_mm512_loadu_ps(pa.add(i + 16)), _mm512_loadu_ps(pb.add(i + 16)), s1);
-                s2 = _mm512_fmadd_ps(_mm512_loadu_ps(pa.add(i + 32)), _mm512_loadu_ps(pb.add(i + 32)), s2);
-                s3 = _mm512_fmadd_ps(_mm512_loadu_ps(pa.add(i + 48)), _mm512_loadu_ps(pb.add(i + 48)), s3);
-                i += 64;
+    /// Generates the AVX-512 `Σ a[i] · b[i]` (`a` f32, `b` of `$wty` widened by `$load`) and
+    /// `y += alpha · b`: four accumulators, then two, a masked tail.
+    macro_rules! avx512_vec {
+        ($dot:ident, $axpy:ident, $wty:ty, $load:ident) => {
+            /// AVX-512 dot product of f32 `a` and `b` (see the macro).
+            #[target_feature(enable = "avx512f,avx512bw,avx512vl")]
+            pub(super) unsafe fn $dot(a: &[f32], b: &[$wty]) -> f32 {
+                let n = a.len();
+                let (pa, pb) = (a.as_ptr(), b.as_ptr());
+                const ALL: __mmask16 = 0xFFFF;
+                // SAFETY: every load lies within the first n elements of both slices (masked tail).
+                unsafe {
+                    let (mut s0, mut s1) = (_mm512_setzero_ps(), _mm512_setzero_ps());
+                    let (mut s2, mut s3) = (_mm512_setzero_ps(), _mm512_setzero_ps());
+                    let mut i = 0;
+                    // Four chains, so the FMA latency is hidden on long rows (LoRA's 1024+).
+                    while i + 64 <= n {
+                        s0 = _mm512_fmadd_ps(_mm512_loadu_ps(pa.add(i)), $load(ALL, pb.add(i)), s0);
+                        s1 = _mm512_fmadd_ps(_mm512_loadu_ps(pa.add(i + 16)), $load(ALL, pb.add(i + 16)), s1);
+                        s2 = _mm512_fmadd_ps(_mm512_loadu_ps(pa.add(i + 32)), $load(ALL, pb.add(i + 32)), s2);
+                        s3 = _mm512_fmadd_ps(_mm512_loadu_ps(pa.add(i + 48)), $load(ALL, pb.add(i + 48)), s3);
+                        i += 64;
+                    }
+                    s0 = _mm512_add_ps(s0, s2);
+                    s1 = _mm512_add_ps(s1, s3);
+                    while i + 32 <= n {
+                        s0 = _mm512_fmadd_ps(_mm512_loadu_ps(pa.add(i)), $load(ALL, pb.add(i)), s0);
+                        s1 = _mm512_fmadd_ps(_mm512_loadu_ps(pa.add(i + 16)), $load(ALL, pb.add(i + 16)), s1);
+                        i += 32;
+                    }
+                    while i < n {
+                        let m = if n - i >= 16 { ALL } else { ((1u32 << (n - i)) - 1) as __mmask16 };
+                        s0 = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(m, pa.add(i)), $load(m, pb.add(i)), s0);
+                        i += 16;
+                    }
+                    _mm512_reduce_add_ps(_mm512_add_ps(s0, s1))
+                }
             }
-            s0 = _mm512_add_ps(s0, s2);
-            s1 = _mm512_add_ps(s1, s3);
-            while i + 32 <= n {
-                s0 = _mm512_fmadd_ps(_mm512_loadu_ps(pa.add(i)), _mm512_loadu_ps(pb.add(i)), s0);
-                s1 = _mm512_fmadd_ps(_mm512_loadu_ps(pa.add(i + 16)), _mm512_loadu_ps(pb.add(i + 16)), s1);
-                i += 32;
+
+            /// AVX-512 `y += alpha · x` (see the macro).
+            #[target_feature(enable = "avx512f,avx512bw,avx512vl")]
+            pub(super) unsafe fn $axpy(y: &mut [f32], alpha: f32, x: &[$wty]) {
+                let n = y.len();
+                let (py, px) = (y.as_mut_ptr(), x.as_ptr());
+                // SAFETY: every access lies within the first n elements of both slices (masked tail).
+                unsafe {
+                    let a = _mm512_set1_ps(alpha);
+                    let mut i = 0;
+                    while i < n {
+                        let m = if n - i >= 16 { 0xFFFF } else { ((1u32 << (n - i)) - 1) as __mmask16 };
+                        let v = _mm512_fmadd_ps(a, $load(m, px.add(i)), _mm512_maskz_loadu_ps(m, py.add(i)));
+                        _mm512_mask_storeu_ps(py.add(i), m, v);
+                        i += 16;
+                    }
+                }
             }
-            while i < n {
-                let m = if n - i >= 16 { 0xFFFF } else { ((1u32 << (n - i)) - 1) as __mmask16 };
-                s0 = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(m, pa.add(i)), _mm512_maskz_loadu_ps(m, pb.add(i)), s0);
-                i += 16;
-            }
-            _mm512_reduce_add_ps(_mm512_add_ps(s0, s1))
-        }
+        };
     }
 
-    /// AVX-512 `y += alpha · x`, a masked tail.
-    #[target_feature(enable = "avx512f,avx512bw,avx512vl")]
-    pub(super) unsafe fn axpy512(y: &mut [f32], alpha: f32, x: &[f32]) {
-        let n = y.len();
-        let (py, px) = (y.as_mut_ptr(), x.as_ptr());
-        // SAFETY: every access lies within the first n elements of both slices (masked tail).
-        unsafe {
-            let a = _mm512_set1_ps(alpha);
-            let mut i = 0;
-            while i < n {
-                let m = if n - i >= 16 { 0xFFFF } else { ((1u32 << (n - i)) - 1) as __mmask16 };
-                let v = _mm512_fmadd_ps(a, _mm512_maskz_loadu_ps(m, px.add(i)), _mm512_maskz_loadu_ps(m, py.add(i)));
-                _mm512_mask_storeu_ps(py.add(i), m, v);
-                i += 16;
+    avx512_vec!(dot512, axpy512, f32, load_f32_512);
+    avx512_vec!(dot512_bf16, axpy512_bf16, u16, load_bf16_512);
+
+    /// Generates the AVX2 dot product and axpy of f32 `a` and `$wty` `b` (`$load` widens 8,
+    /// `$widen` one): two accumulators, a scalar tail.
+    macro_rules! avx2_vec {
+        ($dot:ident, $axpy:ident, $wty:ty, $load:ident, $widen:expr) => {
+            /// AVX2 dot product of f32 `a` and `b` (see the macro).
+            #[target_feature(enable = "avx2,fma,f16c")]
+            pub(super) unsafe fn $dot(a: &[f32], b: &[$wty]) -> f32 {
+                let n = a.len();
+                let (pa, pb) = (a.as_ptr(), b.as_ptr());
+                // SAFETY: full 8-wide loads below n, scalar reads after.
+                unsafe {
+                    let (mut s0, mut s1) = (_mm256_setzero_ps(), _mm256_setzero_ps());
+                    let mut i = 0;
+                    while i + 16 <= n {
+                        s0 = _mm256_fmadd_ps(_mm256_loadu_ps(pa.add(i)), $load(pb.add(i)), s0);
+                        s1 = _mm256_fmadd_ps(_mm256_loadu_ps(pa.add(i + 8)), $load(pb.add(i + 8)), s1);
+                        i += 16;
+                    }
+                    if i + 8 <= n {
+                        s0 = _mm256_fmadd_ps(_mm256_loadu_ps(pa.add(i)), $load(pb.add(i)), s0);
+                        i += 8;
+                    }
+                    let mut s = hsum256(_mm256_add_ps(s0, s1));
+                    while i < n {
+                        s = (*pa.add(i)).mul_add($widen(*pb.add(i)), s);
+                        i += 1;
+                    }
+                    s
+                }
             }
-        }
+
+            /// AVX2 `y += alpha · x` (see the macro).
+            #[target_feature(enable = "avx2,fma,f16c")]
+            pub(super) unsafe fn $axpy(y: &mut [f32], alpha: f32, x: &[$wty]) {
+                let n = y.len();
+                let (py, px) = (y.as_mut_ptr(), x.as_ptr());
+                // SAFETY: full 8-wide accesses below n, scalar ones after.
+                unsafe {
+                    let a = _mm256_set1_ps(alpha);
+                    let mut i = 0;
+                    while i + 8 <= n {
+                        _mm256_storeu_ps(py.add(i), _mm256_fmadd_ps(a, $load(px.add(i)), _mm256_loadu_ps(py.add(i))));
+                        i += 8;
+                    }
+                    while i < n {
+                        *py.add(i) = alpha.mul_add($widen(*px.add(i)), *py.add(i));
+                        i += 1;
+                    }
+                }
+            }
+        };
     }
 
-    /// AVX2 dot product: two accumulators, a scalar tail.
-    #[target_feature(enable = "avx2,fma,f16c")]
-    pub(super) unsafe fn dot256(a: &[f32], b: &[f32]) -> f32 {
-        let n = a.len();
-        let (pa, pb) = (a.as_ptr(), b.as_ptr());
-        // SAFETY: full 8-wide loads below n, scalar reads after.
-        unsafe {
-            let (mut s0, mut s1) = (_mm256_setzero_ps(), _mm256_setzero_ps());
-            let mut i = 0;
-            while i + 16 <= n {
-                s0 = _mm256_fmadd_ps(_mm256_loadu_ps(pa.add(i)), _mm256_loadu_ps(pb.add(i)), s0);
-                s1 = _mm256_fmadd_ps(_mm256_loadu_ps(pa.add(i + 8)), _mm256_loadu_ps(pb.add(i + 8)), s1);
-                i += 16;
-            }
-            if i + 8 <= n {
-                s0 = _mm256_fmadd_ps(_mm256_loadu_ps(pa.add(i)), _mm256_loadu_ps(pb.add(i)), s0);
-                i += 8;
-            }
-            let mut s = hsum256(_mm256_add_ps(s0, s1));
-            while i < n {
-                s = (*pa.add(i)).mul_add(*pb.add(i), s);
-                i += 1;
-            }
-            s
-        }
-    }
-
-    /// AVX2 `y += alpha · x`, a scalar tail.
-    #[target_feature(enable = "avx2,fma,f16c")]
-    pub(super) unsafe fn axpy256(y: &mut [f32], alpha: f32, x: &[f32]) {
-        let n = y.len();
-        let (py, px) = (y.as_mut_ptr(), x.as_ptr());
-        // SAFETY: full 8-wide accesses below n, scalar ones after.
-        unsafe {
-            let a = _mm256_set1_ps(alpha);
-            let mut i = 0;
-            while i + 8 <= n {
-                _mm256_storeu_ps(py.add(i), _mm256_fmadd_ps(a, _mm256_loadu_ps(px.add(i)), _mm256_loadu_ps(py.add(i))));
-                i += 8;
-            }
-            while i < n {
-                *py.add(i) = alpha.mul_add(*px.add(i), *py.add(i));
-                i += 1;
-            }
-        }
-    }
+    avx2_vec!(dot256, axpy256, f32, load_f32_256, same);
+    avx2_vec!(dot256_bf16, axpy256_bf16, u16, load_bf16_256, crate::gemm::bf16_to_f32);
 }

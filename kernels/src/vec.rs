@@ -15,10 +15,25 @@ pub fn axpy(y: &mut [f32], alpha: f32, x: &[f32]) {
     unsafe { crate::simd::axpy(crate::simd::isa(), y, alpha, x) }
 }
 
+/// [`dot`] of f32 `a` and bf16 `b` (as bits: the top half of an f32), widened exactly.
+#[inline]
+pub fn dot_bf16(a: &[f32], b: &[u16]) -> f32 {
+    // SAFETY: as in `dot`.
+    unsafe { crate::simd::dot_bf16(crate::simd::isa(), a, b) }
+}
+
+/// [`axpy`] of bf16 `x` (as bits), widened exactly.
+#[inline]
+pub fn axpy_bf16(y: &mut [f32], alpha: f32, x: &[u16]) {
+    // SAFETY: as in `dot`.
+    unsafe { crate::simd::axpy_bf16(crate::simd::isa(), y, alpha, x) }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
+    use crate::gemm::{bf16_to_f32, f32_to_bf16};
     use crate::simd::{self, Isa};
 
     #[test]
@@ -35,6 +50,16 @@ mod tests {
                 // SAFETY: as above.
                 unsafe { simd::axpy(isa, &mut y, 2.0, &a) };
                 assert!(y.iter().zip(&b).zip(&a).all(|((y, b), a)| *y == b + 2.0 * a), "{isa:?} n{n}");
+                // The bf16 forms widen each weight exactly: the same as f32 on the widened values.
+                let bh: Vec<u16> = b.iter().map(|&v| f32_to_bf16(v * 1.001)).collect();
+                let bw: Vec<f32> = bh.iter().map(|&v| bf16_to_f32(v)).collect();
+                // SAFETY: as above.
+                let (got, want) = unsafe { (simd::dot_bf16(isa, &a, &bh), simd::dot(isa, &a, &bw)) };
+                assert_eq!(got.to_bits(), want.to_bits(), "{isa:?} n{n}: bf16 dot");
+                let (mut y1, mut y2) = (b.clone(), b.clone());
+                // SAFETY: as above.
+                unsafe { (simd::axpy_bf16(isa, &mut y1, 0.5, &bh), simd::axpy(isa, &mut y2, 0.5, &bw)) };
+                assert_eq!(y1, y2, "{isa:?} n{n}: bf16 axpy");
             }
         }
         assert_eq!(dot(&[1.0, 2.0], &[3.0, 4.0]), 11.0);

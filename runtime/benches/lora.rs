@@ -1,5 +1,6 @@
-//! One decode step of 32 rows on a model of realistic width (random weights), three ways in
-//! one run: base only; one adapter for every row; 32 different rank-16 adapters on q/k/v/o.
+//! One decode step of 32 rows on a model of realistic width (random weights), four ways in
+//! one run: base only; one adapter for every row; 32 different rank-16 adapters on q/k/v/o,
+//! read from an f32 pool and from a bf16 pool (what serving bf16 weights uses).
 
 use std::path::Path;
 use std::time::Duration;
@@ -9,7 +10,7 @@ use criterion::{BatchSize, Criterion, criterion_group, criterion_main};
 use openlora::harness::random::RandomAdapter;
 use openlora::metrics::Metrics;
 use openlora::model::{AllocStatus, LogitRows, ModelConfig, PagedKvCache, Proj, RopeScaling, SeqBatch, SeqKv};
-use openlora::pager::{AdapterLease, AdapterPager, PagerConfig};
+use openlora::pager::{AdapterLease, AdapterPager, PagerConfig, PoolPlace};
 
 const ROWS: usize = 32;
 const RANK: usize = 16;
@@ -54,18 +55,22 @@ fn decode_step(c: &mut Criterion) {
     let cfg = config();
     let model = openlora::harness::random::llama(&cfg, &Device::Cpu).expect("model");
     let root = std::env::temp_dir().join(format!("openlora-bench-adapters-{}-{}", cfg.hidden_size, std::process::id()));
-    let pager = AdapterPager::new(
-        &cfg,
-        PagerConfig { active_pool_bytes: 1 << 30, host_cache_bytes: 1 << 30, ..PagerConfig::default() },
-        Metrics::new().pager,
-    );
+    let pager = |pool: PoolPlace| {
+        let config = PagerConfig { active_pool_bytes: 1 << 30, host_cache_bytes: 1 << 30, pool, ..Default::default() };
+        AdapterPager::new(&cfg, config, Metrics::new().pager)
+    };
+    let pagers = [pager(PoolPlace::Host), pager(PoolPlace::HostBf16)];
     for i in 0..ROWS {
         let dir = root.join(format!("a{i}"));
         write_adapter(&dir, &cfg, i as u64);
-        pager.register(&format!("a{i}"), &dir).expect("register");
+        for p in &pagers {
+            p.register(&format!("a{i}"), &dir).expect("register");
+        }
     }
-    let leases: Vec<AdapterLease> =
-        (0..ROWS).map(|i| pager.acquire(&format!("a{i}"), Duration::from_secs(60)).expect("acquire")).collect();
+    let leases: Vec<Vec<AdapterLease>> = pagers
+        .iter()
+        .map(|p| (0..ROWS).map(|i| p.acquire(&format!("a{i}"), Duration::from_secs(60)).expect("acquire")).collect())
+        .collect();
     // Every row has CONTEXT tokens in its cache already (prefilled without adapters: the
     // benchmark times the decode step only).
     let prompts: Vec<Vec<u32>> =
@@ -84,24 +89,26 @@ fn decode_step(c: &mut Criterion) {
     let next: Vec<u32> = (0..ROWS as u32).map(|r| r + 5).collect();
     let mut group = c.benchmark_group(format!("decode_step_{ROWS}_rows_hidden_{}", cfg.hidden_size));
     group.sample_size(10).measurement_time(Duration::from_secs(8)).warm_up_time(Duration::from_secs(2));
-    let cases: [(&str, Box<dyn Fn(usize) -> Option<usize>>); 3] = [
-        ("base_only", Box::new(|_| None)),
-        ("one_adapter_all_rows", Box::new(|_| Some(0))),
-        ("32_distinct_rank16_qkvo", Box::new(Some)),
+    // (name, pool, the adapter of row r)
+    let cases: [(&str, usize, Box<dyn Fn(usize) -> Option<usize>>); 4] = [
+        ("base_only", 0, Box::new(|_| None)),
+        ("one_adapter_all_rows", 0, Box::new(|_| Some(0))),
+        ("32_distinct_rank16_qkvo", 0, Box::new(Some)),
+        ("32_distinct_rank16_qkvo_bf16_pool", 1, Box::new(Some)),
     ];
-    for (name, which) in cases {
+    for (name, p, which) in cases {
         group.bench_function(name, |b| {
             b.iter_batched(
                 || caches.clone(),
                 |mut kvs| {
-                    let pool = pager.pool();
+                    let pool = pagers[p].pool();
                     let mut batch: Vec<SeqBatch<'_>> = kvs
                         .iter_mut()
                         .enumerate()
                         .map(|(r, kv)| SeqBatch {
                             tokens: &next[r..r + 1],
                             kv,
-                            adapter: which(r).map(|a| leases[a].placed()),
+                            adapter: which(r).map(|a| leases[p][a].placed()),
                         })
                         .collect();
                     model.forward(&mut cache, &mut batch, LogitRows::Last, Some(pool.view())).expect("decode step")

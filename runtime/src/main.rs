@@ -590,7 +590,9 @@ fn run_generate(args: GenerateArgs) -> anyhow::Result<()> {
     let t0 = Instant::now();
     let model = Arc::new(LoadedModel::load_as(&folder, args.dtype)?);
     let metrics = Metrics::new();
-    let pager = AdapterPager::new(model.config(), PagerConfig::default(), metrics.pager.clone());
+    let pool = openlora::pager::PoolPlace::for_backend(false, model.serves_bf16());
+    let pager =
+        AdapterPager::new(model.config(), PagerConfig { pool, ..PagerConfig::default() }, metrics.pager.clone());
     let adapter = match &args.adapter {
         None => None,
         Some(a) => {

@@ -65,10 +65,9 @@ impl Server {
         });
         let metrics = Metrics::new();
         let mut pager_config = config.pager();
-        if device != DeviceSpec::Cpu {
-            // The active pool is mirrored on the device in bf16: its budget is device bytes.
-            pager_config.pool = crate::pager::PoolPlace::Device;
-        }
+        // On a GPU the active pool is mirrored on the device in bf16 (its budget is device
+        // bytes); on the CPU it is bf16 when the weights are.
+        pager_config.pool = crate::pager::PoolPlace::for_backend(device != DeviceSpec::Cpu, model.serves_bf16());
         let pager = AdapterPager::new(model.config(), pager_config, metrics.pager.clone());
         if demo {
             for name in embedded::DEMO_ADAPTERS {

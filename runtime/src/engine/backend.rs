@@ -7,7 +7,7 @@ use std::sync::Arc;
 use crate::error::{Error, Result};
 use crate::model::lora::AdapterShare;
 use crate::model::{BlockPool, LoadedModel, LogitRows, PagedKvCache, SeqBatch};
-use crate::pager::{AdapterPager, PoolPlace};
+use crate::pager::AdapterPager;
 
 /// What the engine needs from a step to choose a sequence's next token.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -94,7 +94,7 @@ impl Backend for CpuBackend {
 
     fn step(&mut self, batch: &mut [SeqBatch<'_>], _: &[Pick], pager: &AdapterPager) -> Result<StepOutput> {
         let pool = batch.iter().any(|s| s.adapter.is_some()).then(|| pager.pool());
-        if pool.as_ref().is_some_and(|p| p.place() != PoolPlace::Host) {
+        if pool.as_ref().is_some_and(|p| !p.place().on_host()) {
             return Err(Error::device("the adapter pool lives on a device: the CPU backend needs it on the host"));
         }
         let (logits, shares) = self.model.llama()?.forward_measured(

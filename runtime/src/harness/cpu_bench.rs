@@ -19,7 +19,7 @@ use crate::engine::{EngineConfig, EngineHandle};
 use crate::error::{Error, LoadError, Result};
 use crate::metrics::Metrics;
 use crate::model::{LoadedModel, ServeDType};
-use crate::pager::{AdapterPager, PagerConfig};
+use crate::pager::{AdapterPager, PagerConfig, PoolPlace};
 
 /// `config.json` of the benchmark's model: a 184M-parameter Llama (hidden 1024, 8 layers,
 /// 16 heads, vocab 32,000, untied head), f32 weights.
@@ -92,12 +92,15 @@ pub fn run(c: &CpuBenchConfig) -> Result<Value> {
         names.push((format!("a{i}"), dir));
     }
     let metrics = Metrics::new();
-    // Every adapter fits in the host cache; the active pool holds a batch's worth and a half,
+    // Every adapter fits in the host cache; the active pool holds 48 (three batches of 16),
     // so a Zipf workload over many adapters pages them in and out as it would in production.
-    let adapter_bytes = cfg.num_layers * QKVO.len() * 2 * c.rank * cfg.hidden_size * 4;
+    // (The host cache holds f32 weights; the pool holds bf16 values when serving in bf16.)
+    let adapter_values = cfg.num_layers * QKVO.len() * 2 * c.rank * cfg.hidden_size;
+    let pool = PoolPlace::for_backend(false, model.serves_bf16());
     let pager_config = PagerConfig {
-        host_cache_bytes: (adapters + 1) * adapter_bytes,
-        active_pool_bytes: 48 * adapter_bytes,
+        host_cache_bytes: (adapters + 1) * adapter_values * 4,
+        active_pool_bytes: 48 * adapter_values * pool.value_bytes(),
+        pool,
         ..PagerConfig::default()
     };
     let pager = AdapterPager::new(&cfg, pager_config, metrics.pager.clone());

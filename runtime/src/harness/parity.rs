@@ -274,7 +274,7 @@ pub fn serving(ordinal: usize, fixtures: &Path) -> Result<Value> {
         .collect();
     let run = |on_gpu: bool| -> Result<Served> {
         let model = Arc::new(if on_gpu { LoadedModel::load_without_weights(&dir)? } else { LoadedModel::load(&dir)? });
-        let pool = if on_gpu { crate::pager::PoolPlace::Device } else { crate::pager::PoolPlace::Host };
+        let pool = crate::pager::PoolPlace::for_backend(on_gpu, model.serves_bf16());
         let config = PagerConfig { pool, ..PagerConfig::default() };
         let pager = AdapterPager::new(model.config(), config, Metrics::new().pager);
         for n in &names {

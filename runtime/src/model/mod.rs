@@ -95,6 +95,13 @@ impl LoadedModel {
         self.llama.as_ref().ok_or_else(|| Error::device("the model's weights are on the GPU, not the CPU"))
     }
 
+    /// Whether the CPU decoder serves in bf16 (`dtype = "bf16"`, asked for, not merely stored):
+    /// its adapter pool then holds bf16 too, as PEFT cast to bf16 does. False when no weights
+    /// are on the CPU.
+    pub fn serves_bf16(&self) -> bool {
+        self.llama.as_ref().is_some_and(|l| l.dtype() == dense::ServeDType::Bf16)
+    }
+
     /// Opens a model folder; with `cpu_dtype`, its weights are loaded for the CPU in that dtype.
     fn open(folder: &Path, cpu_dtype: Option<dense::ServeDType>) -> Result<Self> {
         if !folder.is_dir() {

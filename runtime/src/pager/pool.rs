@@ -3,7 +3,8 @@
 use std::ops::Range;
 use std::sync::Arc;
 
-use openlora_kernels::lora::{LoraModuleView, PagePool};
+use openlora_kernels::gemm::{bf16_to_f32, f32_to_bf16};
+use openlora_kernels::lora::{LoraModuleView, PagePool, PageValues};
 
 use crate::adapters::LoraWeights;
 use crate::shape::Proj;
@@ -22,6 +23,9 @@ struct ModuleRange {
 pub enum PoolPlace {
     /// In host memory as f32: the CPU backend's LoRA op reads them there.
     Host,
+    /// In host memory as bf16, for a CPU backend serving in bf16: the LoRA op reads half the
+    /// bytes (and rounds the adapter as transformers + PEFT run in bf16 do).
+    HostBf16,
     /// On a GPU as bf16: the device mirror stages each placement from its source weights (held
     /// once, shared with the host cache), and the host keeps no copy of the pool.
     Device,
@@ -32,9 +36,32 @@ impl PoolPlace {
     pub fn value_bytes(self) -> usize {
         match self {
             PoolPlace::Host => 4,
-            PoolPlace::Device => 2,
+            PoolPlace::HostBf16 | PoolPlace::Device => 2,
         }
     }
+
+    /// Whether the values live in host memory (where the CPU backend reads them).
+    pub fn on_host(self) -> bool {
+        self != PoolPlace::Device
+    }
+
+    /// Where a backend's pool lives: on the device for a GPU; on the host for the CPU, in bf16
+    /// when the model is served in bf16 (`dtype = "bf16"`; as stored, adapters stay f32).
+    pub fn for_backend(gpu: bool, serves_bf16: bool) -> Self {
+        match (gpu, serves_bf16) {
+            (true, _) => PoolPlace::Device,
+            (false, true) => PoolPlace::HostBf16,
+            (false, false) => PoolPlace::Host,
+        }
+    }
+}
+
+/// The host copy of a pool's values.
+enum HostValues {
+    /// f32 values ([`PoolPlace::Host`]).
+    F32(Vec<f32>),
+    /// bf16 bits ([`PoolPlace::HostBf16`]).
+    Bf16(Vec<u16>),
 }
 
 /// The page-sized pieces of a `rank`-row matrix in the order its pages are laid out: row by
@@ -145,7 +172,7 @@ impl ResidentAdapter {
 
 /// The arena's data, read by the LoRA op while a batch runs.
 pub struct PoolData {
-    data: Vec<f32>,
+    data: HostValues,
     page_elems: usize,
     place: PoolPlace,
 }
@@ -158,18 +185,39 @@ impl PoolData {
 
     /// Host memory the pool's values take (none when the pool lives on a device).
     pub fn host_bytes(&self) -> usize {
-        self.data.len() * std::mem::size_of::<f32>()
+        match &self.data {
+            HostValues::F32(v) => v.len() * 4,
+            HostValues::Bf16(v) => v.len() * 2,
+        }
     }
 
     /// The kernel's view of the arena.
     pub fn view(&self) -> PagePool<'_> {
-        PagePool { pages: &self.data, page_elems: self.page_elems }
+        let pages = match &self.data {
+            HostValues::F32(v) => PageValues::F32(v),
+            HostValues::Bf16(v) => PageValues::Bf16(v),
+        };
+        PagePool { pages, page_elems: self.page_elems }
     }
 
-    /// The values of page `page`.
-    pub fn page(&self, page: u32) -> &[f32] {
+    /// The values of page `page`, as f32.
+    pub fn page(&self, page: u32) -> Vec<f32> {
         let s = page as usize * self.page_elems;
-        &self.data[s..s + self.page_elems]
+        match &self.data {
+            HostValues::F32(v) => v[s..s + self.page_elems].to_vec(),
+            HostValues::Bf16(v) => v[s..s + self.page_elems].iter().map(|&b| bf16_to_f32(b)).collect(),
+        }
+    }
+
+    /// Writes `values` at the start of page `page` (bf16 pools round them to nearest even).
+    fn write(&mut self, page: u32, values: &[f32]) {
+        let s = page as usize * self.page_elems;
+        match &mut self.data {
+            HostValues::F32(v) => v[s..s + values.len()].copy_from_slice(values),
+            HostValues::Bf16(v) => {
+                v[s..s + values.len()].iter_mut().zip(values).for_each(|(d, &x)| *d = f32_to_bf16(x))
+            }
+        }
     }
 
     /// Values per page.
@@ -188,12 +236,13 @@ pub struct PageAllocator {
 
 impl PageAllocator {
     /// An arena of `pages` pages of `page_elems` values each living at `place`, and its data:
-    /// zeroed f32 pages on the host, none for a device (each placement keeps its source).
+    /// zeroed pages on the host, none for a device (each placement keeps its source).
     pub fn new(pages: usize, page_elems: usize, place: PoolPlace) -> (Self, PoolData) {
         let free = (0..pages as u32).rev().collect();
         let data = match place {
-            PoolPlace::Host => vec![0.0; pages * page_elems],
-            PoolPlace::Device => Vec::new(),
+            PoolPlace::Host => HostValues::F32(vec![0.0; pages * page_elems]),
+            PoolPlace::HostBf16 => HostValues::Bf16(vec![0; pages * page_elems]),
+            PoolPlace::Device => HostValues::F32(Vec::new()),
         };
         (
             PageAllocator { free, total: pages, page_elems, value_bytes: place.value_bytes() },
@@ -238,7 +287,7 @@ impl PageAllocator {
             return None;
         }
         let pe = self.page_elems;
-        let on_host = data.place == PoolPlace::Host;
+        let on_host = data.place.on_host();
         let mut table = Vec::with_capacity(need);
         let mut write_rows = |matrix: &[f32], rank: usize, table: &mut Vec<u32>| -> Range<usize> {
             let start = table.len();
@@ -246,8 +295,7 @@ impl PageAllocator {
                 // `need` pages were checked free above, so pop cannot fail.
                 let Some(page) = self.free.pop() else { unreachable!("free pages were counted") };
                 if on_host {
-                    let s = page as usize * pe;
-                    data.data[s..s + chunk.len()].copy_from_slice(chunk);
+                    data.write(page, chunk);
                 }
                 table.push(page);
             }
@@ -306,5 +354,24 @@ mod tests {
             assert_eq!(&host.page(page)[..chunk.len()], chunk);
         }
         assert_eq!(adapter_chunks(&w, 4).count(), on_device.pages().len());
+    }
+
+    #[test]
+    fn a_bf16_host_pool_holds_the_values_rounded_in_half_the_bytes() {
+        use openlora_kernels::gemm::{bf16_to_f32, f32_to_bf16};
+        let (mut alloc, mut pool) = PageAllocator::new(64, 4, PoolPlace::HostBf16);
+        assert_eq!((pool.host_bytes(), alloc.page_bytes()), (64 * 4 * 2, 8));
+        // Values that bf16 cannot hold exactly, so the rounding shows.
+        let mut w = (*adapter()).clone();
+        let m = w.layers[0][1].as_mut().expect("module");
+        m.a.iter_mut().for_each(|v| *v = *v / 3.0 + 0.001);
+        let w = Arc::new(w);
+        let placed = alloc.place(&mut pool, &w).expect("room");
+        assert!(placed.source().is_none(), "a host pool keeps its own copy");
+        for (&page, chunk) in placed.pages().iter().zip(adapter_chunks(&w, 4)) {
+            let want: Vec<f32> = chunk.iter().map(|&v| bf16_to_f32(f32_to_bf16(v))).collect();
+            assert_eq!(&pool.page(page)[..chunk.len()], &want[..]);
+        }
+        assert!(matches!(pool.view().pages, PageValues::Bf16(_)));
     }
 }
