@@ -6,7 +6,7 @@
 
 use rayon::prelude::*;
 
-use crate::vec::{axpy, dot};
+use crate::head::{HeadContext, attend};
 
 /// One layer's key or value cache (read-only view).
 #[derive(Clone, Copy)]
@@ -104,37 +104,22 @@ pub fn paged_attention(
         let t = row - s.row;
         let pos = s.context - s.new_tokens + t;
         let first = window.map_or(0, |w| (pos + 1).saturating_sub(w.max(1)));
-        SCORES.with_borrow_mut(|scores| {
-            scores.clear();
-            scores.resize(pos + 1 - first, 0.0);
+        SCRATCH.with_borrow_mut(|(rows, scores)| {
+            rows.clear();
+            rows.extend((first..=pos).map(|j| shape.offset(s.blocks, j)));
+            scores.resize(rows.len().max(scores.len()), 0.0);
             for h in 0..shape.heads {
-                let kvh = h / group;
-                let qh = &q[row * row_elems + h * hd..row * row_elems + (h + 1) * hd];
-                let mut max = f32::NEG_INFINITY;
-                for (j, sc) in scores.iter_mut().enumerate() {
-                    let at = shape.offset(s.blocks, first + j) + kvh * hd;
-                    *sc = dot(qh, &cache.k[at..at + hd]) * scale;
-                    max = max.max(*sc);
-                }
-                let mut sum = 0f32;
-                for sc in scores.iter_mut() {
-                    *sc = (*sc - max).exp();
-                    sum += *sc;
-                }
-                let oh = &mut o[h * hd..(h + 1) * hd];
-                oh.fill(0.0);
-                for (j, sc) in scores.iter().enumerate() {
-                    let at = shape.offset(s.blocks, first + j) + kvh * hd;
-                    axpy(oh, sc / sum, &cache.v[at..at + hd]);
-                }
+                let ctx = HeadContext { k: cache.k, v: cache.v, rows, head: (h / group) * hd };
+                attend(&q[row * row_elems + h * hd..][..hd], ctx, scale, scores, &mut o[h * hd..(h + 1) * hd]);
             }
         });
     });
 }
 
 thread_local! {
-    /// One query row's attention scores, reused by every row a thread computes.
-    static SCORES: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
+    /// One query row's context row offsets and attention scores, reused by every row a thread
+    /// computes.
+    static SCRATCH: std::cell::RefCell<(Vec<usize>, Vec<f32>)> = const { std::cell::RefCell::new((Vec::new(), Vec::new())) };
 }
 
 #[cfg(test)]

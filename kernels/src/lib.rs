@@ -1,7 +1,8 @@
 //! openlora's compute kernels: CUDA C sources (compiled at run time with NVRTC by the
 //! runtime's CUDA backend) and a CPU reference implementation of each op they provide.
 //!
-//! [`attention`] is causal grouped-query attention over a paged KV cache (block tables);
+//! [`attention`] is causal grouped-query attention over a paged KV cache (block tables), each
+//! head in one pass ([`head`]);
 //! [`lora`] is the batched heterogeneous LoRA op (shrink/expand; SGMV for prefill, BGMV for
 //! decode) over adapter weights held in a unified page pool. [`gemm`] is the base model's dense
 //! CPU projection over weights kept in their stored dtype, on the vector instructions [`simd`]
@@ -11,6 +12,7 @@
 pub mod attention;
 pub mod cuda;
 pub mod gemm;
+pub mod head;
 pub mod lora;
 pub mod simd;
 pub mod vec;
