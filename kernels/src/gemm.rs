@@ -194,8 +194,11 @@ pub fn matmul_t_on(isa: Isa, x: &[f32], m: usize, w: &Weight, y: &mut [f32]) {
     let mut x16 = Vec::new();
     if use_dpbf16 {
         x16 = X16.with(|buf| std::mem::take(&mut *buf.borrow_mut()));
-        x16.clear();
-        x16.extend(x.iter().map(|&v| f32_to_bf16(v)));
+        x16.resize(x.len(), 0);
+        // A prefill's x is megabytes: rounded on every thread, not on the caller's alone.
+        x16.par_chunks_mut(ROUND_CHUNK).zip(x.par_chunks(ROUND_CHUNK)).for_each(|(h, f)| {
+            h.iter_mut().zip(f).for_each(|(h, &f)| *h = f32_to_bf16(f));
+        });
     }
     let out = OutPtr(y.as_mut_ptr());
     let run = |c0: usize, c1: usize| {
@@ -216,6 +219,9 @@ pub fn matmul_t_on(isa: Isa, x: &[f32], m: usize, w: &Weight, y: &mut [f32]) {
         X16.with(|buf| *buf.borrow_mut() = x16);
     }
 }
+
+/// Elements of `x` one task rounds to bf16.
+const ROUND_CHUNK: usize = 1 << 15;
 
 thread_local! {
     /// The bf16 copy of `x` a dpbf16 matmul reads, kept to avoid an allocation per call.

@@ -3,24 +3,37 @@
 //! on candle-core.
 
 use candle_core::{D, DType, Tensor};
+use rayon::prelude::*;
 
 use super::dense;
 use crate::error::Result;
+
+/// Elements below which an elementwise op runs on the calling thread alone (a decode step's
+/// rows); above, rows are split between rayon's threads (a prefill's megabytes).
+const PARALLEL_MIN_ELEMS: usize = 1 << 16;
+
+/// Rows of `width` elements per task when an op is split between threads.
+fn rows_per_task(len: usize, width: usize) -> usize {
+    if len < PARALLEL_MIN_ELEMS { len / width.max(1) } else { (PARALLEL_MIN_ELEMS / 4 / width.max(1)).max(1) }.max(1)
+}
 
 /// Root-mean-square layer norm over the last dimension, then scaled by `weight`: one pass over
 /// the rows' storage, sums in f32 as transformers' `LlamaRMSNorm` computes them.
 pub fn rms_norm(x: &Tensor, weight: &Tensor, eps: f64) -> Result<Tensor> {
     let width = x.dim(D::Minus1)?;
     let mut out = vec![0f32; x.elem_count()];
+    let task = rows_per_task(out.len(), width) * width;
     dense::with_rows(weight, |w| {
         dense::with_rows(x, |xs| {
-            for (row, o) in xs.chunks_exact(width).zip(out.chunks_exact_mut(width)) {
-                let mean = row.iter().map(|v| v * v).sum::<f32>() / width as f32;
-                let inv = 1.0 / (mean + eps as f32).sqrt();
-                for ((o, &v), &w) in o.iter_mut().zip(row).zip(w) {
-                    *o = v * inv * w;
+            out.par_chunks_mut(task).zip(xs.par_chunks(task)).for_each(|(out, xs)| {
+                for (row, o) in xs.chunks_exact(width).zip(out.chunks_exact_mut(width)) {
+                    let mean = row.iter().map(|v| v * v).sum::<f32>() / width as f32;
+                    let inv = 1.0 / (mean + eps as f32).sqrt();
+                    for ((o, &v), &w) in o.iter_mut().zip(row).zip(w) {
+                        *o = v * inv * w;
+                    }
                 }
-            }
+            })
         })
     })??;
     Ok(Tensor::from_vec(out, x.shape(), x.device())?)
@@ -29,11 +42,14 @@ pub fn rms_norm(x: &Tensor, weight: &Tensor, eps: f64) -> Result<Tensor> {
 /// `silu(gate) * up`, the gated MLP activation, in one pass.
 pub fn silu_mul(gate: &Tensor, up: &Tensor) -> Result<Tensor> {
     let mut out = vec![0f32; gate.elem_count()];
+    let task = rows_per_task(out.len(), gate.dim(D::Minus1)?) * gate.dim(D::Minus1)?;
     dense::with_rows(gate, |g| {
         dense::with_rows(up, |u| {
-            for ((o, &g), &u) in out.iter_mut().zip(g).zip(u) {
-                *o = g / (1.0 + (-g).exp()) * u;
-            }
+            out.par_chunks_mut(task).zip(g.par_chunks(task).zip(u.par_chunks(task))).for_each(|(out, (g, u))| {
+                for ((o, &g), &u) in out.iter_mut().zip(g).zip(u) {
+                    *o = g / (1.0 + (-g).exp()) * u;
+                }
+            })
         })
     })??;
     Ok(Tensor::from_vec(out, gate.shape(), gate.device())?)
@@ -56,6 +72,26 @@ mod tests {
 
     fn t(v: &[f32], shape: &[usize]) -> Tensor {
         Tensor::from_slice(v, shape, &Device::Cpu).expect("tensor")
+    }
+
+    /// A prefill-sized tensor, split between threads, gives each row exactly what that row
+    /// alone (one thread) gives.
+    #[test]
+    fn split_between_threads_the_rows_are_unchanged() {
+        let (rows, width) = (97, 1024);
+        let v: Vec<f32> = (0..rows * width).map(|i| ((i * 7919) % 1000) as f32 / 250.0 - 2.0).collect();
+        let x = t(&v, &[rows, width]);
+        let u = (x.clone() * 0.5).expect("scaled");
+        let w = t(&v[..width], &[width]);
+        let norm = rms_norm(&x, &w, 1e-6).expect("op");
+        let act = silu_mul(&x, &u).expect("op");
+        for r in [0, 41, rows - 1] {
+            let row = |m: &Tensor| m.narrow(0, r, 1).expect("row");
+            let alone = rms_norm(&row(&x), &w, 1e-6).expect("op");
+            assert_eq!(row(&norm).to_vec2::<f32>().expect("v"), alone.to_vec2::<f32>().expect("v"), "norm row {r}");
+            let alone = silu_mul(&row(&x), &row(&u)).expect("op");
+            assert_eq!(row(&act).to_vec2::<f32>().expect("v"), alone.to_vec2::<f32>().expect("v"), "silu row {r}");
+        }
     }
 
     #[test]
