@@ -279,10 +279,12 @@ unsafe fn columns(
                 let yp = y.add(i * ldy + j);
                 if use_dpbf16 {
                     let WeightData::Bf16(wd) = &w.data else { unreachable!("dpbf16 needs a bf16 weight") };
-                    // The next weight rows, fetched while the first rows of x meet these ones
-                    // (the other rows find these in cache and issue no prefetches).
-                    let next = if i == 0 { wd.as_ptr().wrapping_add((j + nr) * k) } else { std::ptr::null() };
-                    simd::tile_dpbf16(mr, nr, x16.as_ptr().add(i * k), wd.as_ptr().add(j * k), next, k, yp, ldy);
+                    // The next tile's weight rows, fetched while x meets these ones: each pass
+                    // of x rows over this tile fetches its share of them.
+                    let (first, rows) = prefetch_share(i / MR, m.div_ceil(MR), NR);
+                    let next = wd.as_ptr().wrapping_add((j + nr + first) * k);
+                    let xp = x16.as_ptr().add(i * k);
+                    simd::tile_dpbf16(mr, nr, xp, wd.as_ptr().add(j * k), next, rows, k, yp, ldy);
                 } else {
                     let xp = x.as_ptr().add(i * k);
                     match &w.data {
@@ -307,6 +309,13 @@ unsafe fn columns(
     }
 }
 
+/// Which of the next tile's `rows` weight rows pass `pass` of `passes` (row tiles of x over
+/// one weight tile) prefetches, as (first, count): the rows spread evenly over the passes.
+fn prefetch_share(pass: usize, passes: usize, rows: usize) -> (usize, usize) {
+    let (first, end) = (pass * rows / passes, (pass + 1) * rows / passes);
+    (first, end - first)
+}
+
 /// Threads a large `matmul_t` is split between (rayon's pool).
 pub fn threads() -> usize {
     rayon::current_num_threads()
@@ -321,6 +330,20 @@ pub fn isa_name() -> &'static str {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_passes_over_a_tile_prefetch_each_next_row_once() {
+        for passes in [1usize, 2, 3, 4, 5, 16, 128] {
+            let mut next = 0;
+            for pass in 0..passes {
+                let (first, rows) = prefetch_share(pass, passes, NR);
+                assert_eq!(first, next, "{passes} passes: pass {pass} starts where the last ended");
+                assert!(rows <= NR.div_ceil(passes), "{passes} passes: evenly spread");
+                next = first + rows;
+            }
+            assert_eq!(next, NR, "{passes} passes: every row");
+        }
+    }
 
     fn naive(x: &[f32], m: usize, w: &[f32], n: usize, k: usize) -> Vec<f32> {
         let mut y = vec![0f32; m * n];

@@ -153,10 +153,9 @@ tile_dispatch!(
     tile_int8, i8, avx512_i8w, avx2_i8w, f32::from
 );
 
-/// One tile of bf16 `x` and bf16 weight with `vdpbf16ps` (f32 sums), prefetching the weight
-/// rows at `next` unless it is null (the next tile's, `k` apart; only a hint, any address will
-/// do) as it goes, so that streaming a weight from memory overlaps the multiplies instead of
-/// following them.
+/// One tile of bf16 `x` and bf16 weight with `vdpbf16ps` (f32 sums), prefetching the
+/// `next_rows` weight rows at `next` (`k` apart; only a hint, any address will do) as it goes,
+/// so that streaming a weight from memory overlaps the multiplies instead of following them.
 ///
 /// # Safety
 /// As [`tile_f32`], with `x` in bf16 and AVX-512-BF16 available.
@@ -167,6 +166,7 @@ pub(crate) unsafe fn tile_dpbf16(
     x: *const u16,
     w: *const u16,
     next: *const u16,
+    next_rows: usize,
     k: usize,
     y: *mut f32,
     ldy: usize,
@@ -174,10 +174,10 @@ pub(crate) unsafe fn tile_dpbf16(
     // SAFETY: the caller's contract is the tile's contract.
     #[cfg(target_arch = "x86_64")]
     unsafe {
-        by_size!(x86::avx512_dpbf16, mr, nr, x, w, next, k, y, ldy)
+        by_size!(x86::avx512_dpbf16, mr, nr, x, w, next, next_rows, k, y, ldy)
     }
     #[cfg(not(target_arch = "x86_64"))]
-    unreachable!("AVX-512-BF16 on a CPU that is not x86-64: {mr} {nr} {x:?} {w:?} {next:?} {k} {y:?} {ldy}")
+    unreachable!("AVX-512-BF16 on a CPU that is not x86-64: {mr} {nr} {x:?} {w:?} {next:?} {next_rows} {k} {y:?} {ldy}")
 }
 
 /// Generates the run-time dispatch of a dot product and an axpy of f32 activations against
@@ -367,6 +367,7 @@ mod x86 {
         x: *const u16,
         w: *const u16,
         next: *const u16,
+        next_rows: usize,
         k: usize,
         y: *mut f32,
         ldy: usize,
@@ -379,13 +380,13 @@ mod x86 {
                 for (i, v) in xv.iter_mut().enumerate() {
                     *v = _mm512_maskz_loadu_epi16(mask, x.add(i * k + kk).cast::<i16>());
                 }
+                // One cache line of each row to prefetch: the part at this step's offset.
+                for r in 0..next_rows {
+                    _mm_prefetch::<_MM_HINT_T0>(next.wrapping_add(r * k + kk).cast::<i8>());
+                }
                 // `j` also offsets the weight pointers, not only the accumulators.
                 #[allow(clippy::needless_range_loop)]
                 for j in 0..NR {
-                    // One cache line of the next tile's row j: the part at this step's offset.
-                    if !next.is_null() {
-                        _mm_prefetch::<_MM_HINT_T0>(next.wrapping_add(j * k + kk).cast::<i8>());
-                    }
                     let wv: __m512bh =
                         std::mem::transmute(_mm512_maskz_loadu_epi16(mask, w.add(j * k + kk).cast::<i16>()));
                     for i in 0..MR {
