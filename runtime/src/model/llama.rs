@@ -302,6 +302,20 @@ impl Llama {
         rows: LogitRows,
         pool: Option<PagePool<'_>>,
     ) -> Result<(Tensor, Vec<AdapterShare>)> {
+        // The whole step on one of rayon's threads, so that each of its parallel loops (a
+        // hundred a step) starts there at once, instead of this thread handing each one to the
+        // pool and sleeping until it is done.
+        rayon::scope(|_| self.step(kv, batch, rows, pool))
+    }
+
+    /// [`Llama::forward_measured`]'s work, on whichever thread calls it.
+    fn step(
+        &self,
+        kv: &mut PagedKvCache,
+        batch: &mut [SeqBatch<'_>],
+        rows: LogitRows,
+        pool: Option<PagePool<'_>>,
+    ) -> Result<(Tensor, Vec<AdapterShare>)> {
         let cfg = &self.cfg;
         let mut ids = Vec::new();
         let mut positions = Vec::new();
