@@ -141,6 +141,7 @@ pub fn sgmv(pool: PagePool<'_>, x: &[f32], y: &mut [f32], d: Dims, segments: &[S
     }
 }
 
+/// [`sgmv`] over a pool of `T` values.
 fn sgmv_on<T: PoolValue>(
     pages: Typed<'_, T>,
     pool: PagePool<'_>,
@@ -220,6 +221,7 @@ pub fn bgmv(pool: PagePool<'_>, x: &[f32], y: &mut [f32], d: Dims, rows: &[Optio
     }
 }
 
+/// [`bgmv`] over a pool of `T` values.
 fn bgmv_on<T: PoolValue>(
     pages: Typed<'_, T>,
     pool: PagePool<'_>,

@@ -66,7 +66,7 @@ impl Server {
         let metrics = Metrics::new();
         let mut pager_config = config.pager();
         // On a GPU the active pool is mirrored on the device in bf16 (its budget is device
-        // bytes); on the CPU it is bf16 when the weights are.
+        // bytes); on the CPU it is bf16 when serving in bf16.
         pager_config.pool = crate::pager::PoolPlace::for_backend(device != DeviceSpec::Cpu, model.serves_bf16());
         let pager = AdapterPager::new(model.config(), pager_config, metrics.pager.clone());
         if demo {

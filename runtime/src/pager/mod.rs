@@ -28,10 +28,10 @@ pub struct PagerConfig {
     pub host_cache_bytes: usize,
     /// The active page pool the LoRA op reads from.
     pub active_pool_bytes: usize,
-    /// Elements (f32) per page; 0 means the base model's hidden size, as in S-LoRA.
+    /// Values per page; 0 means the base model's hidden size, as in S-LoRA.
     pub page_elems: usize,
-    /// Where the pool's values live: the host's f32 arena, or a GPU's bf16 mirror
-    /// (`active_pool_bytes` is then device memory, and the host keeps no copy of the pool).
+    /// Where the pool's values live: a host arena of f32 (or bf16, serving in bf16), or a GPU's
+    /// bf16 mirror (`active_pool_bytes` is then device memory, and the host keeps no copy).
     pub pool: PoolPlace,
 }
 
