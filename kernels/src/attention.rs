@@ -125,6 +125,7 @@ thread_local! {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::test_values::Lcg;
 
     /// Dense causal attention of one sequence: the oracle.
     fn dense(q: &[f32], k: &[f32], v: &[f32], n: usize, shape: KvShape, scale: f32) -> Vec<f32> {
@@ -153,25 +154,26 @@ mod tests {
         out
     }
 
+    /// Every head width the one-pass kernels are written for (64, 128, 256) and one they are
+    /// not (8, the portable pass).
     #[test]
     fn paged_matches_dense_across_scattered_blocks() {
-        let shape = KvShape { block_size: 4, kv_heads: 2, heads: 6, head_dim: 8 };
-        let mut seed = 7u64;
-        let mut rnd = |n: usize| -> Vec<f32> {
-            (0..n)
-                .map(|_| {
-                    seed = seed.wrapping_mul(6364136223846793005).wrapping_add(1);
-                    ((seed >> 40) as f32 / (1u64 << 24) as f32) - 0.5
-                })
-                .collect()
-        };
+        for hd in [8, 64, 128, 256] {
+            paged_matches_dense(hd);
+        }
+    }
+
+    fn paged_matches_dense(hd: usize) {
+        let shape = KvShape { block_size: 4, kv_heads: 2, heads: 6, head_dim: hd };
+        let mut lcg = Lcg(7);
+        let mut rnd = |n: usize| lcg.vec(n);
         let blocks = 16;
         let mut kc = vec![0f32; blocks * shape.block_elems()];
         let mut vc = kc.clone();
         // Two sequences: A (11 tokens, prefilled in two chunks) and B (6 tokens at once).
         let (na, nb) = (11, 6);
-        let (qa, ka, va) = (rnd(na * 6 * 8), rnd(na * 2 * 8), rnd(na * 2 * 8));
-        let (qb, kb, vb) = (rnd(nb * 6 * 8), rnd(nb * 2 * 8), rnd(nb * 2 * 8));
+        let (qa, ka, va) = (rnd(na * 6 * hd), rnd(na * 2 * hd), rnd(na * 2 * hd));
+        let (qb, kb, vb) = (rnd(nb * 6 * hd), rnd(nb * 2 * hd), rnd(nb * 2 * hd));
         let table_a = [9u32, 2, 14];
         let table_b = [5u32, 0];
         let te = shape.token_elems();
@@ -196,21 +198,21 @@ mod tests {
         let want_b = dense(&qb, &kb, &vb, nb, shape, 0.35);
         let got_a = [&out1[..], &out2[..4 * qe]].concat();
         let diff = |a: &[f32], b: &[f32]| a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0f32, f32::max);
-        assert!(diff(&got_a, &want_a) < 1e-5);
-        assert!(diff(&out2[4 * qe..], &want_b) < 1e-5);
+        assert!(diff(&got_a, &want_a) < 1e-5, "head width {hd}");
+        assert!(diff(&out2[4 * qe..], &want_b) < 1e-5, "head width {hd}");
 
         // A sliding window as wide as the context changes nothing; a window of one token gives
         // each query its own value (every head of a KV group the same).
         let mut wide = vec![0f32; 10 * qe];
         paged_attention(shape, KvLayer { k: &kc, v: &vc }, &q2, &mut wide, &s2, 0.35, Some(11));
-        assert!(diff(&wide, &out2) < 1e-6);
+        assert!(diff(&wide, &out2) < 1e-6, "head width {hd}");
         let mut own = vec![0f32; 10 * qe];
         paged_attention(shape, KvLayer { k: &kc, v: &vc }, &q2, &mut own, &s2, 0.35, Some(1));
         let token = 10; // A's last token
         for h in 0..shape.heads {
             let kvh = h / (shape.heads / shape.kv_heads);
-            let want = &va[(token * shape.kv_heads + kvh) * 8..][..8];
-            assert!(diff(&own[3 * qe + h * 8..][..8], want) < 1e-6, "head {h}");
+            let want = &va[(token * shape.kv_heads + kvh) * hd..][..hd];
+            assert!(diff(&own[3 * qe + h * hd..][..hd], want) < 1e-6, "head width {hd}, head {h}");
         }
     }
 }

@@ -11,6 +11,7 @@
 
 use std::sync::OnceLock;
 
+pub use crate::floats::{bf16_to_f32, f16_to_f32, f32_to_bf16};
 use rayon::prelude::*;
 
 use crate::simd::{self, Isa};
@@ -137,40 +138,6 @@ impl Weight {
     }
 }
 
-/// bfloat16 bits to f32 (exact).
-pub fn bf16_to_f32(b: u16) -> f32 {
-    f32::from_bits(u32::from(b) << 16)
-}
-
-/// f32 to bfloat16 bits, rounding to nearest even (NaN stays NaN).
-pub fn f32_to_bf16(f: f32) -> u16 {
-    let b = f.to_bits();
-    if f.is_nan() {
-        return ((b >> 16) | 0x40) as u16;
-    }
-    let round = ((b >> 16) & 1) + 0x7FFF;
-    (b.wrapping_add(round) >> 16) as u16
-}
-
-/// IEEE half-precision bits to f32 (exact, subnormals included).
-pub fn f16_to_f32(h: u16) -> f32 {
-    let sign = u32::from(h & 0x8000) << 16;
-    let exp = u32::from((h >> 10) & 0x1F);
-    let man = u32::from(h & 0x3FF);
-    let bits = match (exp, man) {
-        (0, 0) => sign,
-        (0, m) => {
-            // Subnormal: value = m · 2^-24.
-            let v = m as f32 * f32::from_bits(0x3380_0000);
-            return if sign != 0 { -v } else { v };
-        }
-        (31, 0) => sign | 0x7F80_0000,
-        (31, m) => sign | 0x7FC0_0000 | (m << 13),
-        (e, m) => sign | ((e + 112) << 23) | (m << 13),
-    };
-    f32::from_bits(bits)
-}
-
 /// `y[m, rows] = x[m, cols] · Wᵀ` on the instruction set chosen for this machine.
 pub fn matmul_t(x: &[f32], m: usize, w: &Weight, y: &mut [f32]) {
     matmul_t_on(simd::isa(), x, m, w, y);
@@ -191,21 +158,26 @@ pub fn matmul_t_on(isa: Isa, x: &[f32], m: usize, w: &Weight, y: &mut [f32]) {
     // With AVX-512-BF16 a bf16 weight that allows it meets x rounded to bf16 (the rounded
     // copy kept per thread, reused).
     let use_dpbf16 = isa == Isa::Avx512Bf16 && w.bf16_inputs && matches!(w.data, WeightData::Bf16(_));
-    let mut x16 = Vec::new();
+    // One kept buffer for the whole process (a step may run on any of rayon's threads; one
+    // buffer per thread would each grow to the largest prefill); a call that finds it in use
+    // by another takes a buffer of its own.
+    let mut kept = if use_dpbf16 { X16.try_lock().ok() } else { None };
+    let mut own = Vec::new();
+    let x16: &mut Vec<u16> = kept.as_deref_mut().unwrap_or(&mut own);
     if use_dpbf16 {
-        x16 = X16.with(|buf| std::mem::take(&mut *buf.borrow_mut()));
         x16.resize(x.len(), 0);
         // A prefill's x is megabytes: rounded on every thread, not on the caller's alone.
         x16.par_chunks_mut(ROUND_CHUNK).zip(x.par_chunks(ROUND_CHUNK)).for_each(|(h, f)| {
             h.iter_mut().zip(f).for_each(|(h, &f)| *h = f32_to_bf16(f));
         });
     }
+    let x16: &[u16] = x16;
     let out = OutPtr(y.as_mut_ptr());
     let run = |c0: usize, c1: usize| {
         // SAFETY: every column range [c0, c1) is handed to exactly one task, so the writes of
         // different tasks (columns c0..c1 of each of the m rows of y) never overlap, and y
         // outlives the parallel loop below.
-        unsafe { columns(isa, use_dpbf16, x, &x16, m, w, c0, c1, out.get(), n) }
+        unsafe { columns(isa, use_dpbf16, x, x16, m, w, c0, c1, out.get(), n) }
     };
     let threads = rayon::current_num_threads();
     if m * n * k < PARALLEL_MIN_MACS || threads == 1 {
@@ -215,18 +187,13 @@ pub fn matmul_t_on(isa: Isa, x: &[f32], m: usize, w: &Weight, y: &mut [f32]) {
         let chunk = n.div_ceil(threads * 8).next_multiple_of(NR).max(NR);
         (0..n.div_ceil(chunk)).into_par_iter().for_each(|t| run(t * chunk, ((t + 1) * chunk).min(n)));
     }
-    if use_dpbf16 {
-        X16.with(|buf| *buf.borrow_mut() = x16);
-    }
 }
 
 /// Elements of `x` one task rounds to bf16.
 const ROUND_CHUNK: usize = 1 << 15;
 
-thread_local! {
-    /// The bf16 copy of `x` a dpbf16 matmul reads, kept to avoid an allocation per call.
-    static X16: std::cell::RefCell<Vec<u16>> = const { std::cell::RefCell::new(Vec::new()) };
-}
+/// The bf16 copy of `x` a dpbf16 matmul reads, kept to avoid an allocation per call.
+static X16: std::sync::Mutex<Vec<u16>> = std::sync::Mutex::new(Vec::new());
 
 /// The output pointer shared by the tasks of one call.
 #[derive(Clone, Copy)]
@@ -318,7 +285,7 @@ fn prefetch_share(pass: usize, passes: usize, rows: usize) -> (usize, usize) {
 
 /// Threads a large `matmul_t` is split between (rayon's pool).
 pub fn threads() -> usize {
-    rayon::current_num_threads()
+    crate::compute::threads()
 }
 
 /// The name of the instruction set `matmul_t` uses on this machine (for logs and benchmarks).

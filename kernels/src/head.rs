@@ -34,8 +34,8 @@ unsafe fn attend_on(isa: Isa, q: &[f32], ctx: HeadContext<'_>, scale: f32, score
     let hd = q.len();
     assert_eq!(out.len(), hd, "one output per query element");
     assert!(scores.len() >= ctx.rows.len(), "a score per context token");
-    let last = ctx.rows.iter().max().map_or(0, |&r| r + ctx.head + hd);
-    assert!(last <= ctx.k.len() && last <= ctx.v.len(), "a context row outside the cache");
+    let end = ctx.rows.iter().max().map_or(Some(0), |&r| r.checked_add(ctx.head)?.checked_add(hd));
+    assert!(end.is_some_and(|e| e <= ctx.k.len() && e <= ctx.v.len()), "a context row outside the cache");
     let scores = &mut scores[..ctx.rows.len()];
     // SAFETY: `isa` is available (the caller's contract); every row read lies in the caches
     // (checked above) and `q`, `out` are `hd` long.
@@ -86,113 +86,93 @@ mod x86 {
     use std::arch::x86_64::*;
 
     use super::{HeadContext, exp_sum};
+    use crate::simd::x86::hsum256;
 
-    /// A head of `16 · NV` elements on AVX-512.
-    ///
-    /// # Safety
-    /// AVX-512 F/BW/VL are available; `q` and `out` are `16 · NV` long; every context row plus
-    /// the head offset has `16 · NV` elements in both caches.
-    #[target_feature(enable = "avx512f,avx512bw,avx512vl")]
-    pub(super) unsafe fn attend512<const NV: usize>(
-        q: &[f32],
-        ctx: HeadContext<'_>,
-        scale: f32,
-        scores: &mut [f32],
-        out: &mut [f32],
-    ) {
-        // SAFETY: every load and store is within the slices the caller vouches for.
-        unsafe {
-            let mut qv = [_mm512_setzero_ps(); NV];
-            for (i, r) in qv.iter_mut().enumerate() {
-                *r = _mm512_loadu_ps(q.as_ptr().add(16 * i));
-            }
-            let mut max = f32::NEG_INFINITY;
-            for (sc, &r) in scores.iter_mut().zip(ctx.rows) {
-                let kp = ctx.k.as_ptr().add(r + ctx.head);
-                let mut s = _mm512_setzero_ps();
-                for (i, qi) in qv.iter().enumerate() {
-                    s = _mm512_fmadd_ps(*qi, _mm512_loadu_ps(kp.add(16 * i)), s);
+    /// Generates one instruction set's head pass over `LANES · NV` elements, given its vector
+    /// operations (zero, load, store, broadcast, fused multiply-add, lane sum).
+    macro_rules! head_pass {
+        ($name:ident, $features:literal, $lanes:literal, $zero:ident, $load:ident, $store:ident,
+         $set1:ident, $fmadd:ident, $sum:ident) => {
+            /// A head of `LANES · NV` elements (see the macro).
+            ///
+            /// # Safety
+            /// The instruction set is available; `q` and `out` are `LANES · NV` long; every
+            /// context row plus the head offset has `LANES · NV` elements in both caches.
+            #[target_feature(enable = $features)]
+            pub(super) unsafe fn $name<const NV: usize>(
+                q: &[f32],
+                ctx: HeadContext<'_>,
+                scale: f32,
+                scores: &mut [f32],
+                out: &mut [f32],
+            ) {
+                // SAFETY: every load and store is within the slices the caller vouches for.
+                unsafe {
+                    let mut qv = [$zero(); NV];
+                    for (i, r) in qv.iter_mut().enumerate() {
+                        *r = $load(q.as_ptr().add($lanes * i));
+                    }
+                    let mut max = f32::NEG_INFINITY;
+                    for (sc, &r) in scores.iter_mut().zip(ctx.rows) {
+                        let kp = ctx.k.as_ptr().add(r + ctx.head);
+                        let mut s = $zero();
+                        for (i, qi) in qv.iter().enumerate() {
+                            s = $fmadd(*qi, $load(kp.add($lanes * i)), s);
+                        }
+                        *sc = $sum(s) * scale;
+                        max = max.max(*sc);
+                    }
+                    let inv = 1.0 / exp_sum(scores, max);
+                    let mut acc = [$zero(); NV];
+                    for (&sc, &r) in scores.iter().zip(ctx.rows) {
+                        let p = $set1(sc * inv);
+                        let vp = ctx.v.as_ptr().add(r + ctx.head);
+                        for (i, a) in acc.iter_mut().enumerate() {
+                            *a = $fmadd(p, $load(vp.add($lanes * i)), *a);
+                        }
+                    }
+                    for (i, a) in acc.iter().enumerate() {
+                        $store(out.as_mut_ptr().add($lanes * i), *a);
+                    }
                 }
-                *sc = _mm512_reduce_add_ps(s) * scale;
-                max = max.max(*sc);
             }
-            let inv = 1.0 / exp_sum(scores, max);
-            let mut acc = [_mm512_setzero_ps(); NV];
-            for (&sc, &r) in scores.iter().zip(ctx.rows) {
-                let p = _mm512_set1_ps(sc * inv);
-                let vp = ctx.v.as_ptr().add(r + ctx.head);
-                for (i, a) in acc.iter_mut().enumerate() {
-                    *a = _mm512_fmadd_ps(p, _mm512_loadu_ps(vp.add(16 * i)), *a);
-                }
-            }
-            for (i, a) in acc.iter().enumerate() {
-                _mm512_storeu_ps(out.as_mut_ptr().add(16 * i), *a);
-            }
-        }
+        };
     }
 
-    /// A head of `8 · NV` elements on AVX2 with FMA.
-    ///
-    /// # Safety
-    /// As [`attend512`], for AVX2 + FMA and `8 · NV` elements.
-    #[target_feature(enable = "avx2,fma")]
-    pub(super) unsafe fn attend256<const NV: usize>(
-        q: &[f32],
-        ctx: HeadContext<'_>,
-        scale: f32,
-        scores: &mut [f32],
-        out: &mut [f32],
-    ) {
-        // SAFETY: every load and store is within the slices the caller vouches for.
-        unsafe {
-            let mut max = f32::NEG_INFINITY;
-            for (sc, &r) in scores.iter_mut().zip(ctx.rows) {
-                let kp = ctx.k.as_ptr().add(r + ctx.head);
-                let (mut s0, mut s1) = (_mm256_setzero_ps(), _mm256_setzero_ps());
-                for i in (0..NV).step_by(2) {
-                    s0 = _mm256_fmadd_ps(_mm256_loadu_ps(q.as_ptr().add(8 * i)), _mm256_loadu_ps(kp.add(8 * i)), s0);
-                    let j = 8 * (i + 1);
-                    s1 = _mm256_fmadd_ps(_mm256_loadu_ps(q.as_ptr().add(j)), _mm256_loadu_ps(kp.add(j)), s1);
-                }
-                let s = _mm256_add_ps(s0, s1);
-                let s = _mm_add_ps(_mm256_castps256_ps128(s), _mm256_extractf128_ps::<1>(s));
-                let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-                let s = _mm_add_ss(s, _mm_shuffle_ps::<0b01>(s, s));
-                *sc = _mm_cvtss_f32(s) * scale;
-                max = max.max(*sc);
-            }
-            let inv = 1.0 / exp_sum(scores, max);
-            let mut acc = [_mm256_setzero_ps(); NV];
-            for (&sc, &r) in scores.iter().zip(ctx.rows) {
-                let p = _mm256_set1_ps(sc * inv);
-                let vp = ctx.v.as_ptr().add(r + ctx.head);
-                for (i, a) in acc.iter_mut().enumerate() {
-                    *a = _mm256_fmadd_ps(p, _mm256_loadu_ps(vp.add(8 * i)), *a);
-                }
-            }
-            for (i, a) in acc.iter().enumerate() {
-                _mm256_storeu_ps(out.as_mut_ptr().add(8 * i), *a);
-            }
-        }
-    }
+    head_pass!(
+        attend512,
+        "avx512f,avx512bw,avx512vl",
+        16,
+        _mm512_setzero_ps,
+        _mm512_loadu_ps,
+        _mm512_storeu_ps,
+        _mm512_set1_ps,
+        _mm512_fmadd_ps,
+        _mm512_reduce_add_ps
+    );
+    head_pass!(
+        attend256,
+        "avx2,fma,f16c",
+        8,
+        _mm256_setzero_ps,
+        _mm256_loadu_ps,
+        _mm256_storeu_ps,
+        _mm256_set1_ps,
+        _mm256_fmadd_ps,
+        hsum256
+    );
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::test_values::Lcg;
 
     /// Every head width, on every instruction set this CPU has, against the portable pass.
     #[test]
     fn every_width_matches_the_portable_pass() {
-        let mut seed = 11u64;
-        let mut rnd = |n: usize| -> Vec<f32> {
-            (0..n)
-                .map(|_| {
-                    seed = seed.wrapping_mul(6364136223846793005).wrapping_add(1);
-                    ((seed >> 40) as f32 / (1u64 << 24) as f32) - 0.5
-                })
-                .collect()
-        };
+        let mut lcg = Lcg(11);
+        let mut rnd = |n: usize| lcg.vec(n);
         for hd in [8usize, 48, 64, 80, 128, 256] {
             let (kv_heads, tokens) = (2, 37);
             let row = kv_heads * hd;

@@ -270,17 +270,7 @@ pub fn reference_row(x: &[f32], a: &[f32], b: &[f32], rank: usize, scale: f32, y
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    struct Lcg(u64);
-    impl Lcg {
-        fn next(&mut self) -> f32 {
-            self.0 = self.0.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
-            ((self.0 >> 40) as f32 / (1u64 << 24) as f32) - 0.5
-        }
-        fn vec(&mut self, n: usize) -> Vec<f32> {
-            (0..n).map(|_| self.next()).collect()
-        }
-    }
+    use crate::test_values::Lcg;
 
     /// A dense adapter module plus its copy written into scattered pages of a pool.
     struct Module {
@@ -339,7 +329,7 @@ mod tests {
     /// The pool's values in each form a pool holds, with a function that rounds a dense matrix
     /// the way that form stores it (for the reference).
     fn forms(pool: &[f32]) -> [(PageValues<'_>, Box<dyn Fn(&[f32]) -> Vec<f32>>); 2] {
-        use crate::gemm::{bf16_to_f32, f32_to_bf16};
+        use crate::floats::{bf16_to_f32, f32_to_bf16};
         let bf16: &'static [u16] = Box::leak(pool.iter().map(|&v| f32_to_bf16(v)).collect());
         [
             (PageValues::F32(pool), Box::new(<[f32]>::to_vec)),

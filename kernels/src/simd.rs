@@ -133,7 +133,7 @@ tile_dispatch!(
     ///
     /// # Safety
     /// As [`tile_f32`].
-    tile_bf16, u16, avx512_bf16w, avx2_bf16w, crate::gemm::bf16_to_f32
+    tile_bf16, u16, avx512_bf16w, avx2_bf16w, crate::floats::bf16_to_f32
 );
 
 tile_dispatch!(
@@ -141,7 +141,7 @@ tile_dispatch!(
     ///
     /// # Safety
     /// As [`tile_f32`].
-    tile_f16, u16, avx512_f16w, avx2_f16w, crate::gemm::f16_to_f32
+    tile_f16, u16, avx512_f16w, avx2_f16w, crate::floats::f16_to_f32
 );
 
 tile_dispatch!(
@@ -222,7 +222,16 @@ macro_rules! vec_dispatch {
 }
 
 vec_dispatch!(dot, axpy, f32, dot512, axpy512, dot256, axpy256, std::convert::identity);
-vec_dispatch!(dot_bf16, axpy_bf16, u16, dot512_bf16, axpy512_bf16, dot256_bf16, axpy256_bf16, crate::gemm::bf16_to_f32);
+vec_dispatch!(
+    dot_bf16,
+    axpy_bf16,
+    u16,
+    dot512_bf16,
+    axpy512_bf16,
+    dot256_bf16,
+    axpy256_bf16,
+    crate::floats::bf16_to_f32
+);
 
 /// The portable tile: f64-free f32 sums in `k` order, the weight widened by `widen`.
 ///
@@ -251,8 +260,9 @@ unsafe fn scalar<W: Copy>(
     }
 }
 
+/// The x86-64 tiles and vector ops, each compiled for the instruction set it names.
 #[cfg(target_arch = "x86_64")]
-mod x86 {
+pub(crate) mod x86 {
     use std::arch::x86_64::*;
 
     /// Runs `step(kk, mask)` along a row of `k` elements, `width` (16 or 32) at a time, the
@@ -468,7 +478,7 @@ mod x86 {
     /// The sum of a vector's eight lanes.
     #[inline]
     #[target_feature(enable = "avx2,fma,f16c")]
-    fn hsum256(v: __m256) -> f32 {
+    pub(crate) fn hsum256(v: __m256) -> f32 {
         let s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps::<1>(v));
         let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
         let s = _mm_add_ss(s, _mm_shuffle_ps::<0b01>(s, s));
@@ -522,8 +532,8 @@ mod x86 {
 
     avx2_tile!(avx2_f32, avx2_f32_pair, f32, load_f32_256, same);
     avx2_tile!(avx2_i8w, avx2_i8w_pair, i8, load_i8_256, widen_i8);
-    avx2_tile!(avx2_bf16w, avx2_bf16w_pair, u16, load_bf16_256, crate::gemm::bf16_to_f32);
-    avx2_tile!(avx2_f16w, avx2_f16w_pair, u16, load_f16_256, crate::gemm::f16_to_f32);
+    avx2_tile!(avx2_bf16w, avx2_bf16w_pair, u16, load_bf16_256, crate::floats::bf16_to_f32);
+    avx2_tile!(avx2_f16w, avx2_f16w_pair, u16, load_f16_256, crate::floats::f16_to_f32);
 
     /// Generates the AVX-512 `Σ a[i] · b[i]` (`a` f32, `b` of `$wty` widened by `$load`) and
     /// `y += alpha · b`: four accumulators, then two, a masked tail.
@@ -641,5 +651,5 @@ mod x86 {
     }
 
     avx2_vec!(dot256, axpy256, f32, load_f32_256, same);
-    avx2_vec!(dot256_bf16, axpy256_bf16, u16, load_bf16_256, crate::gemm::bf16_to_f32);
+    avx2_vec!(dot256_bf16, axpy256_bf16, u16, load_bf16_256, crate::floats::bf16_to_f32);
 }

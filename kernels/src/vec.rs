@@ -33,7 +33,7 @@ pub fn axpy_bf16(y: &mut [f32], alpha: f32, x: &[u16]) {
 mod tests {
     use super::*;
 
-    use crate::gemm::{bf16_to_f32, f32_to_bf16};
+    use crate::floats::{bf16_to_f32, f32_to_bf16};
     use crate::simd::{self, Isa};
 
     #[test]

@@ -302,10 +302,10 @@ impl Llama {
         rows: LogitRows,
         pool: Option<PagePool<'_>>,
     ) -> Result<(Tensor, Vec<AdapterShare>)> {
-        // The whole step on one of rayon's threads, so that each of its parallel loops (a
-        // hundred a step) starts there at once, instead of this thread handing each one to the
+        // The whole step on one of the compute threads, so that each of its parallel loops (a
+        // hundred a step) starts there at once, instead of this thread handing each one to a
         // pool and sleeping until it is done.
-        rayon::scope(|_| self.step(kv, batch, rows, pool))
+        openlora_kernels::compute::run(|| self.step(kv, batch, rows, pool))
     }
 
     /// [`Llama::forward_measured`]'s work, on whichever thread calls it.

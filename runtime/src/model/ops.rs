@@ -8,7 +8,7 @@ use rayon::prelude::*;
 use super::dense;
 use crate::error::Result;
 
-/// Elements below which an elementwise op runs on the calling thread alone (a decode step's
+/// Elements below which an elementwise op runs on the calling thread alone (a small batch's
 /// rows); above, rows are split between rayon's threads (a prefill's megabytes).
 const PARALLEL_MIN_ELEMS: usize = 1 << 16;
 
