@@ -108,8 +108,9 @@ pub fn paged_attention(
             rows.clear();
             rows.extend((first..=pos).map(|j| shape.offset(s.blocks, j)));
             scores.resize(rows.len().max(scores.len()), 0.0);
+            let ctx = HeadContext::new(cache.k, cache.v, rows);
             for h in 0..shape.heads {
-                let ctx = HeadContext { k: cache.k, v: cache.v, rows, head: (h / group) * hd };
+                let ctx = ctx.at_head((h / group) * hd);
                 attend(&q[row * row_elems + h * hd..][..hd], ctx, scale, scores, &mut o[h * hd..(h + 1) * hd]);
             }
         });

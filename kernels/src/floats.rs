@@ -33,3 +33,27 @@ pub fn f16_to_f32(h: u16) -> f32 {
     };
     f32::from_bits(bits)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn conversions_round_trip() {
+        for v in [0.0f32, -0.0, 1.0, -2.5, 3.140625, 1e-3, 65504.0] {
+            let back = bf16_to_f32(f32_to_bf16(v));
+            assert!((back - v).abs() <= v.abs() / 256.0, "{v} came back as {back}");
+        }
+        assert_eq!(f32_to_bf16(1.0), 0x3F80);
+        assert_eq!(bf16_to_f32(0x4049), 3.140625);
+        // Round to nearest even: 1 + 2^-8 lies halfway between two bf16 values.
+        assert_eq!(f32_to_bf16(1.0 + 1.0 / 256.0), 0x3F80);
+        assert!(bf16_to_f32(f32_to_bf16(f32::NAN)).is_nan());
+        assert_eq!(f16_to_f32(0x3C00), 1.0);
+        assert_eq!(f16_to_f32(0xC000), -2.0);
+        assert_eq!(f16_to_f32(0x7BFF), 65504.0);
+        assert_eq!(f16_to_f32(0x0001), 2f32.powi(-24));
+        assert!(f16_to_f32(0x7E00).is_nan());
+        assert_eq!(f16_to_f32(0xFC00), f32::NEG_INFINITY);
+    }
+}

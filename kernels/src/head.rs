@@ -10,13 +10,27 @@ use crate::vec::{axpy, dot};
 #[derive(Clone, Copy)]
 pub struct HeadContext<'a> {
     /// Keys of the layer (rows of every KV head).
-    pub k: &'a [f32],
+    k: &'a [f32],
     /// Values, same layout.
-    pub v: &'a [f32],
+    v: &'a [f32],
     /// Offset of each context token's row, in position order.
-    pub rows: &'a [usize],
+    rows: &'a [usize],
+    /// The largest of `rows` (found once for every head of a query row).
+    last: usize,
     /// Offset of this KV head within a row.
-    pub head: usize,
+    head: usize,
+}
+
+impl<'a> HeadContext<'a> {
+    /// The context of rows `rows` (offsets into `k` and `v`), for the head at offset 0.
+    pub fn new(k: &'a [f32], v: &'a [f32], rows: &'a [usize]) -> Self {
+        HeadContext { k, v, rows, last: rows.iter().copied().max().unwrap_or(0), head: 0 }
+    }
+
+    /// The same context for the KV head at offset `head` within a row.
+    pub fn at_head(self, head: usize) -> Self {
+        HeadContext { head, ..self }
+    }
 }
 
 /// `out = softmax(scale · q·Kᵀ) · V` for one head over `ctx` (f32 softmax); `scores` is
@@ -34,7 +48,8 @@ unsafe fn attend_on(isa: Isa, q: &[f32], ctx: HeadContext<'_>, scale: f32, score
     let hd = q.len();
     assert_eq!(out.len(), hd, "one output per query element");
     assert!(scores.len() >= ctx.rows.len(), "a score per context token");
-    let end = ctx.rows.iter().max().map_or(Some(0), |&r| r.checked_add(ctx.head)?.checked_add(hd));
+    let end =
+        if ctx.rows.is_empty() { Some(0) } else { ctx.last.checked_add(ctx.head).and_then(|e| e.checked_add(hd)) };
     assert!(end.is_some_and(|e| e <= ctx.k.len() && e <= ctx.v.len()), "a context row outside the cache");
     let scores = &mut scores[..ctx.rows.len()];
     // SAFETY: `isa` is available (the caller's contract); every row read lies in the caches
@@ -179,7 +194,7 @@ mod tests {
             let (k, v, q) = (rnd(tokens * row), rnd(tokens * row), rnd(hd));
             // Context rows out of order, as block tables scatter them.
             let rows: Vec<usize> = (0..tokens).map(|t| ((t * 7) % tokens) * row).collect();
-            let ctx = HeadContext { k: &k, v: &v, rows: &rows, head: hd };
+            let ctx = HeadContext::new(&k, &v, &rows).at_head(hd);
             let mut want = vec![0f32; hd];
             portable(&q, ctx, 0.3, &mut vec![0.0; tokens], &mut want);
             for isa in Isa::ALL.into_iter().filter(|&i| simd::available(i)) {

@@ -5,7 +5,8 @@
 
 use candle_core::{Device, Tensor};
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
-use openlora_kernels::gemm::{Weight, WeightData, f32_to_bf16, matmul_t_on};
+use openlora_kernels::floats::f32_to_bf16;
+use openlora_kernels::gemm::{Weight, WeightData, matmul_t_on};
 use openlora_kernels::simd::{self, Isa};
 
 fn values(len: usize) -> Vec<f32> {

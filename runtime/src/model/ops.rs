@@ -12,9 +12,12 @@ use crate::error::Result;
 /// rows); above, rows are split between rayon's threads (a prefill's megabytes).
 const PARALLEL_MIN_ELEMS: usize = 1 << 16;
 
-/// Rows of `width` elements per task when an op is split between threads.
-fn rows_per_task(len: usize, width: usize) -> usize {
-    if len < PARALLEL_MIN_ELEMS { len / width.max(1) } else { (PARALLEL_MIN_ELEMS / 4 / width.max(1)).max(1) }.max(1)
+/// Elements per task of an op over `len` elements in rows of `width`: whole rows, all of
+/// them in one task below [`PARALLEL_MIN_ELEMS`].
+fn task_len(len: usize, width: usize) -> usize {
+    let width = width.max(1);
+    let rows = if len < PARALLEL_MIN_ELEMS { len / width } else { PARALLEL_MIN_ELEMS / 4 / width };
+    rows.max(1) * width
 }
 
 /// Root-mean-square layer norm over the last dimension, then scaled by `weight`: one pass over
@@ -22,7 +25,7 @@ fn rows_per_task(len: usize, width: usize) -> usize {
 pub fn rms_norm(x: &Tensor, weight: &Tensor, eps: f64) -> Result<Tensor> {
     let width = x.dim(D::Minus1)?;
     let mut out = vec![0f32; x.elem_count()];
-    let task = rows_per_task(out.len(), width) * width;
+    let task = task_len(out.len(), width);
     dense::with_rows(weight, |w| {
         dense::with_rows(x, |xs| {
             out.par_chunks_mut(task).zip(xs.par_chunks(task)).for_each(|(out, xs)| {
@@ -42,7 +45,7 @@ pub fn rms_norm(x: &Tensor, weight: &Tensor, eps: f64) -> Result<Tensor> {
 /// `silu(gate) * up`, the gated MLP activation, in one pass.
 pub fn silu_mul(gate: &Tensor, up: &Tensor) -> Result<Tensor> {
     let mut out = vec![0f32; gate.elem_count()];
-    let task = rows_per_task(out.len(), gate.dim(D::Minus1)?) * gate.dim(D::Minus1)?;
+    let task = task_len(out.len(), gate.dim(D::Minus1)?);
     dense::with_rows(gate, |g| {
         dense::with_rows(up, |u| {
             out.par_chunks_mut(task).zip(g.par_chunks(task).zip(u.par_chunks(task))).for_each(|(out, (g, u))| {

@@ -3,7 +3,7 @@
 use std::ops::Range;
 use std::sync::Arc;
 
-use openlora_kernels::gemm::{bf16_to_f32, f32_to_bf16};
+use openlora_kernels::floats::{bf16_to_f32, f32_to_bf16};
 use openlora_kernels::lora::{LoraModuleView, PagePool, PageValues};
 
 use crate::adapters::LoraWeights;
@@ -358,7 +358,7 @@ mod tests {
 
     #[test]
     fn a_bf16_host_pool_holds_the_values_rounded_in_half_the_bytes() {
-        use openlora_kernels::gemm::{bf16_to_f32, f32_to_bf16};
+        use openlora_kernels::floats::{bf16_to_f32, f32_to_bf16};
         let (mut alloc, mut pool) = PageAllocator::new(64, 4, PoolPlace::HostBf16);
         assert_eq!((pool.host_bytes(), alloc.page_bytes()), (64 * 4 * 2, 8));
         // Values that bf16 cannot hold exactly, so the rounding shows.
