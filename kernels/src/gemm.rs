@@ -13,6 +13,7 @@ use std::sync::OnceLock;
 
 use rayon::prelude::*;
 
+use crate::aligned::Aligned;
 use crate::floats::{bf16_to_f32, f16_to_f32, f32_to_bf16};
 use crate::simd::{self, Isa};
 
@@ -20,15 +21,15 @@ use crate::simd::{self, Isa};
 #[derive(Debug, Clone)]
 pub enum WeightData {
     /// 32-bit floats.
-    F32(Vec<f32>),
+    F32(Aligned<f32>),
     /// bfloat16, as raw bits.
-    Bf16(Vec<u16>),
+    Bf16(Aligned<u16>),
     /// IEEE half precision, as raw bits.
-    F16(Vec<u16>),
+    F16(Aligned<u16>),
     /// Weight-only int8: `w[r, c] ≈ q[r, c] · scales[r]` (one scale per row, symmetric).
     Int8 {
         /// The quantised values, row-major.
-        q: Vec<i8>,
+        q: Aligned<i8>,
         /// One scale per row (output channel).
         scales: Vec<f32>,
     },
@@ -97,7 +98,7 @@ impl Weight {
         }
         q.resize(rows * cols, 0);
         scales.resize(rows, 1.0);
-        Weight::new(rows, cols, WeightData::Int8 { q, scales })
+        Weight::new(rows, cols, WeightData::Int8 { q: q.into(), scales })
     }
 
     /// Output features (the weight's rows).
@@ -163,13 +164,20 @@ pub fn matmul_t_on(isa: Isa, x: &[f32], m: usize, w: &Weight, y: &mut [f32]) {
     let mut kept = if use_dpbf16 { X16.try_lock().ok() } else { None };
     let mut own = Vec::new();
     let x16: &mut Vec<u16> = kept.as_deref_mut().unwrap_or(&mut own);
-    if use_dpbf16 {
-        x16.resize(x.len(), 0);
+    let x16 = if use_dpbf16 {
+        // Rows start on a cache line where their length allows (see `aligned`): the copy
+        // starts at the buffer's first line boundary.
+        x16.resize(x.len() + LINE_U16, 0);
+        let skip = x16.as_ptr().align_offset(64).min(LINE_U16);
+        let x16 = &mut x16[skip..skip + x.len()];
         // A prefill's x is megabytes: rounded on every thread, not on the caller's alone.
         x16.par_chunks_mut(ROUND_CHUNK).zip(x.par_chunks(ROUND_CHUNK)).for_each(|(h, f)| {
             h.iter_mut().zip(f).for_each(|(h, &f)| *h = f32_to_bf16(f));
         });
-    }
+        x16
+    } else {
+        &mut x16[..]
+    };
     let x16: &[u16] = x16;
     let out = OutPtr(y.as_mut_ptr());
     let run = |c0: usize, c1: usize| {
@@ -187,6 +195,9 @@ pub fn matmul_t_on(isa: Isa, x: &[f32], m: usize, w: &Weight, y: &mut [f32]) {
         (0..n.div_ceil(chunk)).into_par_iter().for_each(|t| run(t * chunk, ((t + 1) * chunk).min(n)));
     }
 }
+
+/// bf16 elements in a cache line: the most a buffer start is moved to reach a line.
+const LINE_U16: usize = 32;
 
 /// Elements of `x` one task rounds to bf16.
 const ROUND_CHUNK: usize = 1 << 15;
@@ -346,20 +357,20 @@ mod tests {
                 let wb: Vec<u16> = wf.iter().map(|&v| f32_to_bf16(v)).collect();
                 let wh: Vec<u16> = wf.iter().map(|&v| half_bits(v)).collect();
                 let cases = [
-                    (Weight::new(n, k, WeightData::F32(wf.clone())).expect("shape"), wf.clone(), 1e-5f32),
+                    (Weight::new(n, k, WeightData::F32(wf.clone().into())).expect("shape"), wf.clone(), 1e-5f32),
                     (
-                        Weight::new(n, k, WeightData::Bf16(wb.clone())).expect("shape"),
+                        Weight::new(n, k, WeightData::Bf16(wb.clone().into())).expect("shape"),
                         wb.iter().map(|&b| bf16_to_f32(b)).collect(),
                         1e-5,
                     ),
                     (
-                        Weight::new(n, k, WeightData::Bf16(wb.clone())).expect("shape").with_bf16_inputs(true),
+                        Weight::new(n, k, WeightData::Bf16(wb.clone().into())).expect("shape").with_bf16_inputs(true),
                         wb.iter().map(|&b| bf16_to_f32(b)).collect(),
                         // dpbf16 also rounds x to bf16: relative 2^-8 per product.
                         if isa == Isa::Avx512Bf16 { 1e-2 } else { 1e-5 },
                     ),
                     (
-                        Weight::new(n, k, WeightData::F16(wh.clone())).expect("shape"),
+                        Weight::new(n, k, WeightData::F16(wh.clone().into())).expect("shape"),
                         wh.iter().map(|&b| f16_to_f32(b)).collect(),
                         1e-5,
                     ),
@@ -408,10 +419,10 @@ mod tests {
 
     #[test]
     fn embedding_rows_widen() {
-        let w = Weight::new(2, 2, WeightData::Bf16(vec![0x3F80, 0x4000, 0xBF80, 0])).expect("shape");
+        let w = Weight::new(2, 2, WeightData::Bf16(vec![0x3F80, 0x4000, 0xBF80, 0].into())).expect("shape");
         let mut row = [0f32; 2];
         w.row_into(1, &mut row);
         assert_eq!(row, [-1.0, 0.0]);
-        assert!(Weight::new(2, 3, WeightData::F32(vec![0.0; 5])).is_err());
+        assert!(Weight::new(2, 3, WeightData::F32(vec![0.0; 5].into())).is_err());
     }
 }

@@ -5,11 +5,12 @@
 //! head in one pass ([`head`]); [`lora`] is the batched heterogeneous LoRA op (shrink/expand;
 //! SGMV for prefill, BGMV for decode) over adapter weights held in a unified page pool of f32
 //! or bf16 values. [`gemm`] is the base model's dense CPU projection over weights kept in their
-//! stored dtype, on the vector instructions [`simd`] finds at run time ([`floats`]: the
-//! half-precision conversions; [`compute`]: the thread pool a model step runs on); its other CPU
-//! ops live in the runtime on candle-core. [`cuda`] holds the CUDA C sources of the device
-//! kernels and (feature `nvrtc`) their compilation to PTX.
+//! stored dtype (in cache-line-[`aligned`] buffers), on the vector instructions [`simd`] finds at
+//! run time ([`floats`]: the half-precision conversions; [`compute`]: the thread pool a model
+//! step runs on); its other CPU ops live in the runtime on candle-core. [`cuda`] holds the CUDA C
+//! sources of the device kernels and (feature `nvrtc`) their compilation to PTX.
 
+pub mod aligned;
 pub mod attention;
 pub mod compute;
 pub mod cuda;

@@ -17,7 +17,7 @@ fn gemm(c: &mut Criterion) {
     let benching = std::env::args().any(|a| a == "--bench");
     let (n, k) = if benching { (4096, 1024) } else { (64, 32) };
     let wf = values(n * k);
-    let f32w = Weight::new(n, k, WeightData::F32(wf.clone())).expect("shape");
+    let f32w = Weight::new(n, k, WeightData::F32(wf.clone().into())).expect("shape");
     let bf16w = Weight::new(n, k, WeightData::Bf16(wf.iter().map(|&v| f32_to_bf16(v)).collect())).expect("shape");
     let bf16x = bf16w.clone().with_bf16_inputs(true);
     let int8w = Weight::quantize_int8(n, k, &wf).expect("shape");

@@ -123,7 +123,7 @@ pub fn weight_from_tensor(t: &Tensor, dtype: ServeDType) -> Result<Weight> {
     let data = match t.dtype() {
         DType::BF16 => WeightData::Bf16(t.to_vec1::<half::bf16>()?.into_iter().map(half::bf16::to_bits).collect()),
         DType::F16 => WeightData::F16(t.to_vec1::<half::f16>()?.into_iter().map(half::f16::to_bits).collect()),
-        _ => WeightData::F32(t.to_dtype(DType::F32)?.to_vec1::<f32>()?),
+        _ => WeightData::F32(t.to_dtype(DType::F32)?.to_vec1::<f32>()?.into()),
     };
     let weight = Weight::new(rows, cols, data).map_err(shape_error)?;
     Ok(weight.with_bf16_inputs(dtype == ServeDType::Bf16))
