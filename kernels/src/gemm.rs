@@ -14,7 +14,7 @@ use std::sync::OnceLock;
 use rayon::prelude::*;
 
 use crate::aligned::Aligned;
-use crate::floats::{bf16_to_f32, f16_to_f32, f32_to_bf16};
+use crate::floats::{bf16_to_f32, f16_to_f32};
 use crate::simd::{self, Isa};
 
 /// A weight's elements in the dtype they are kept in.
@@ -172,7 +172,8 @@ pub fn matmul_t_on(isa: Isa, x: &[f32], m: usize, w: &Weight, y: &mut [f32]) {
         let x16 = &mut x16[skip..skip + x.len()];
         // A prefill's x is megabytes: rounded on every thread, not on the caller's alone.
         x16.par_chunks_mut(ROUND_CHUNK).zip(x.par_chunks(ROUND_CHUNK)).for_each(|(h, f)| {
-            h.iter_mut().zip(f).for_each(|(h, &f)| *h = f32_to_bf16(f));
+            // SAFETY: `isa` is available (asserted above).
+            unsafe { simd::round_bf16(isa, f, h) }
         });
         x16
     } else {
@@ -307,6 +308,7 @@ pub fn isa_name() -> &'static str {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::floats::f32_to_bf16;
 
     #[test]
     fn the_passes_over_a_tile_prefetch_each_next_row_once() {

@@ -180,6 +180,21 @@ pub(crate) unsafe fn tile_dpbf16(
     unreachable!("AVX-512-BF16 on a CPU that is not x86-64: {mr} {nr} {x:?} {w:?} {next:?} {next_rows} {k} {y:?} {ldy}")
 }
 
+/// `dst[i] = f32_to_bf16(src[i])` (round to nearest even, NaN kept NaN), bit for bit as
+/// [`crate::floats::f32_to_bf16`], sixteen at a time with AVX-512.
+///
+/// # Safety
+/// `isa` is available on this CPU (see [`available`]; [`isa`] always is).
+pub(crate) unsafe fn round_bf16(isa: Isa, src: &[f32], dst: &mut [u16]) {
+    assert_eq!(src.len(), dst.len(), "rounding between slices of different lengths");
+    match isa {
+        // SAFETY: `isa` is available (the caller's contract); the lengths are equal.
+        #[cfg(target_arch = "x86_64")]
+        Isa::Avx512 | Isa::Avx512Bf16 => unsafe { x86::round_bf16_512(src, dst) },
+        _ => dst.iter_mut().zip(src).for_each(|(h, &f)| *h = crate::floats::f32_to_bf16(f)),
+    }
+}
+
 /// Generates the run-time dispatch of a dot product and an axpy of f32 activations against
 /// one weight type: the AVX-512 or AVX2 functions named, else portable code widening each
 /// weight element with `$widen`.
@@ -677,6 +692,52 @@ pub(crate) mod x86 {
         };
     }
 
+    /// AVX-512 [`super::round_bf16`]: the rounding of `floats::f32_to_bf16` on 16 lanes.
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl")]
+    pub(super) unsafe fn round_bf16_512(src: &[f32], dst: &mut [u16]) {
+        let n = src.len();
+        let full = n / 16 * 16;
+        // SAFETY: full 16-wide accesses below `full` (the lengths are equal), scalar after.
+        unsafe {
+            let (one, bias, quiet) = (_mm512_set1_epi32(1), _mm512_set1_epi32(0x7FFF), _mm512_set1_epi32(0x40));
+            let mut i = 0;
+            while i < full {
+                let f = _mm512_loadu_ps(src.as_ptr().add(i));
+                let b = _mm512_castps_si512(f);
+                let high = _mm512_srli_epi32::<16>(b);
+                let round = _mm512_add_epi32(_mm512_and_si512(high, one), bias);
+                let rounded = _mm512_srli_epi32::<16>(_mm512_add_epi32(b, round));
+                let nan = _mm512_cmp_ps_mask::<_CMP_UNORD_Q>(f, f);
+                let h = _mm512_mask_blend_epi32(nan, rounded, _mm512_or_si512(high, quiet));
+                _mm256_storeu_si256(dst.as_mut_ptr().add(i).cast(), _mm512_cvtepi32_epi16(h));
+                i += 16;
+            }
+        }
+        dst[full..].iter_mut().zip(&src[full..]).for_each(|(h, &f)| *h = crate::floats::f32_to_bf16(f));
+    }
+
     avx2_vec!(dot256, axpy256, f32, load_f32_256, same);
     avx2_vec!(dot256_bf16, axpy256_bf16, u16, load_bf16_256, crate::floats::bf16_to_f32);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::floats::f32_to_bf16;
+
+    #[test]
+    fn rounding_to_bf16_matches_the_scalar_rounding_bit_for_bit_on_every_isa() {
+        let mut lcg = crate::test_values::Lcg(7);
+        // Random bit patterns (NaNs, infinities, subnormals, ties among them) and the edges.
+        let mut src: Vec<f32> = (0..1000).map(|_| f32::from_bits(lcg.next_u32())).collect();
+        src.extend([f32::NAN, -f32::NAN, f32::INFINITY, f32::NEG_INFINITY, 0.0, -0.0, 1.0 + 1.0 / 256.0, f32::MAX]);
+        src.extend((0..37).map(|i| f32::from_bits(0x3F80_8000 + (i << 16))));
+        let want: Vec<u16> = src.iter().map(|&f| f32_to_bf16(f)).collect();
+        for &isa in Isa::ALL.iter().filter(|&&i| available(i)) {
+            let mut got = vec![0u16; src.len()];
+            // SAFETY: only the available instruction sets are tried.
+            unsafe { round_bf16(isa, &src, &mut got) };
+            assert_eq!(got, want, "{isa:?}");
+        }
+    }
 }

@@ -10,6 +10,12 @@ impl Lcg {
         ((self.0 >> 40) as f32 / (1u64 << 24) as f32) - 0.5
     }
 
+    /// The next 32 random bits.
+    pub(crate) fn next_u32(&mut self) -> u32 {
+        self.0 = self.0.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+        (self.0 >> 32) as u32
+    }
+
     /// The next `n` values.
     pub(crate) fn vec(&mut self, n: usize) -> Vec<f32> {
         (0..n).map(|_| self.next()).collect()
