@@ -3,6 +3,7 @@
 use std::cell::RefCell;
 
 use openlora_kernels::lora::{Dims, LoraModuleView, PagePool, Segment, bgmv, sgmv};
+use rayon::prelude::*;
 
 use crate::shape::Proj;
 
@@ -111,18 +112,29 @@ impl<'a> LoraPlan<'a> {
     /// Accumulates each adapted sequence's delta and base L1 norms for this projection, from
     /// the adapted rows' base outputs (`base`, in batch order) and the outputs now in `ys`.
     fn measure(&self, views: &[Option<LoraModuleView<'_>>], base: &[f32], ys: &[f32], out_dim: usize) {
-        let mut shares = self.shares.borrow_mut();
+        // Each adapted sequence's rows in `base`, in batch order.
         let mut at = 0;
-        for ((&(start, len, _), view), share) in self.spans.iter().zip(views).zip(shares.iter_mut()) {
-            if view.is_none() {
-                continue;
-            }
+        let rows: Vec<Option<(usize, usize, usize)>> = self
+            .spans
+            .iter()
+            .zip(views)
+            .map(|(&(start, len, _), view)| {
+                view.as_ref().map(|_| {
+                    at += len * out_dim;
+                    (start, len, at - len * out_dim)
+                })
+            })
+            .collect();
+        // One task per sequence (each sums its own rows in order, so the figures do not depend
+        // on the threads); the other threads would idle through a serial loop.
+        let mut shares = self.shares.borrow_mut();
+        shares.par_iter_mut().zip(rows.par_iter()).for_each(|(share, rows)| {
+            let Some((start, len, at)) = *rows else { return };
             let b = &base[at..at + len * out_dim];
-            at += len * out_dim;
             let a = &ys[start * out_dim..(start + len) * out_dim];
             share.base_l1 += b.iter().map(|v| f64::from(v.abs())).sum::<f64>();
             share.delta_l1 += a.iter().zip(b).map(|(x, y)| f64::from((x - y).abs())).sum::<f64>();
-        }
+        });
     }
 
     /// Each sequence's measured adapter share in this step, in batch order.
