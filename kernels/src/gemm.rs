@@ -251,8 +251,49 @@ unsafe fn columns(
     let mut i0 = 0;
     while i0 < m {
         let i1 = (i0 + block).min(m);
-        // SAFETY: rows i0..i1 of x and y are within the caller's rows; the columns are its.
-        unsafe { block_columns(isa, use_dpbf16, x, x16, i0, i1, w, c0, c1, y, ldy) };
+        let passes = (i1 - i0).div_ceil(MR);
+        let mut j = c0;
+        while j < c1 {
+            let nr = if c1 - j >= NR { NR } else { 1 };
+            let mut i = i0;
+            while i < i1 {
+                let mr = (i1 - i).min(MR);
+                // SAFETY: rows i..i+mr of x and weight rows j..j+nr exist (checked shapes), and
+                // the caller owns columns j..j+nr of y.
+                unsafe {
+                    let yp = y.add(i * ldy + j);
+                    if use_dpbf16 {
+                        let WeightData::Bf16(wd) = &w.data else { unreachable!("dpbf16 needs a bf16 weight") };
+                        // The next tile's weight rows, fetched while x meets these ones: each pass
+                        // of x rows over this tile fetches its share of them.
+                        let (first, rows) = prefetch_share((i - i0) / MR, passes, NR);
+                        let next = wd.as_ptr().wrapping_add((j + nr + first) * k);
+                        let xp = x16.as_ptr().add(i * k);
+                        simd::tile_dpbf16(mr, nr, xp, wd.as_ptr().add(j * k), next, rows, k, yp, ldy);
+                    } else {
+                        let xp = x.as_ptr().add(i * k);
+                        match &w.data {
+                            WeightData::F32(wd) => simd::tile_f32(isa, mr, nr, xp, wd.as_ptr().add(j * k), k, yp, ldy),
+                            WeightData::Bf16(wd) => {
+                                simd::tile_bf16(isa, mr, nr, xp, wd.as_ptr().add(j * k), k, yp, ldy)
+                            }
+                            WeightData::F16(wd) => simd::tile_f16(isa, mr, nr, xp, wd.as_ptr().add(j * k), k, yp, ldy),
+                            WeightData::Int8 { q, scales } => {
+                                simd::tile_int8(isa, mr, nr, xp, q.as_ptr().add(j * k), k, yp, ldy);
+                                // The row scales, applied once to each finished sum.
+                                for r in 0..mr {
+                                    for (c, s) in scales[j..j + nr].iter().enumerate() {
+                                        *yp.add(r * ldy + c) *= s;
+                                    }
+                                }
+                            }
+                        }
+                    }
+                }
+                i += mr;
+            }
+            j += nr;
+        }
         i0 = i1;
     }
 }
@@ -261,68 +302,6 @@ unsafe fn columns(
 /// of tiles (at least one).
 fn row_block(k: usize) -> usize {
     ((256 << 10) / (2 * k.max(1)) / MR * MR).max(MR)
-}
-
-/// [`columns`] for rows `[i0, i1)` of `x` and `y`.
-///
-/// # Safety
-/// As [`columns`], for those rows.
-#[allow(clippy::too_many_arguments)]
-unsafe fn block_columns(
-    isa: Isa,
-    use_dpbf16: bool,
-    x: &[f32],
-    x16: &[u16],
-    i0: usize,
-    i1: usize,
-    w: &Weight,
-    c0: usize,
-    c1: usize,
-    y: *mut f32,
-    ldy: usize,
-) {
-    let k = w.cols;
-    let passes = (i1 - i0).div_ceil(MR);
-    let mut j = c0;
-    while j < c1 {
-        let nr = if c1 - j >= NR { NR } else { 1 };
-        let mut i = i0;
-        while i < i1 {
-            let mr = (i1 - i).min(MR);
-            // SAFETY: rows i..i+mr of x and weight rows j..j+nr exist (checked shapes), and
-            // the caller owns columns j..j+nr of y.
-            unsafe {
-                let yp = y.add(i * ldy + j);
-                if use_dpbf16 {
-                    let WeightData::Bf16(wd) = &w.data else { unreachable!("dpbf16 needs a bf16 weight") };
-                    // The next tile's weight rows, fetched while x meets these ones: each pass
-                    // of x rows over this tile fetches its share of them.
-                    let (first, rows) = prefetch_share((i - i0) / MR, passes, NR);
-                    let next = wd.as_ptr().wrapping_add((j + nr + first) * k);
-                    let xp = x16.as_ptr().add(i * k);
-                    simd::tile_dpbf16(mr, nr, xp, wd.as_ptr().add(j * k), next, rows, k, yp, ldy);
-                } else {
-                    let xp = x.as_ptr().add(i * k);
-                    match &w.data {
-                        WeightData::F32(wd) => simd::tile_f32(isa, mr, nr, xp, wd.as_ptr().add(j * k), k, yp, ldy),
-                        WeightData::Bf16(wd) => simd::tile_bf16(isa, mr, nr, xp, wd.as_ptr().add(j * k), k, yp, ldy),
-                        WeightData::F16(wd) => simd::tile_f16(isa, mr, nr, xp, wd.as_ptr().add(j * k), k, yp, ldy),
-                        WeightData::Int8 { q, scales } => {
-                            simd::tile_int8(isa, mr, nr, xp, q.as_ptr().add(j * k), k, yp, ldy);
-                            // The row scales, applied once to each finished sum.
-                            for r in 0..mr {
-                                for (c, s) in scales[j..j + nr].iter().enumerate() {
-                                    *yp.add(r * ldy + c) *= s;
-                                }
-                            }
-                        }
-                    }
-                }
-            }
-            i += mr;
-        }
-        j += nr;
-    }
 }
 
 /// Which of the next tile's `rows` weight rows pass `pass` of `passes` (row tiles of x over
