@@ -38,10 +38,30 @@ pub struct Aligned<T: Plain> {
 }
 
 impl<T: Plain> Aligned<T> {
+    /// An empty buffer (allocates nothing).
+    pub const fn new() -> Self {
+        Aligned { lines: Vec::new(), len: 0, _elements: std::marker::PhantomData }
+    }
+
     /// `len` zeroed elements.
     pub fn zeroed(len: usize) -> Self {
         let bytes = len.checked_mul(size_of::<T>()).expect("buffer size overflows");
         Aligned { lines: vec![Line([0; LINE]); bytes.div_ceil(LINE)], len, _elements: std::marker::PhantomData }
+    }
+
+    /// The first `len` elements as scratch space, the buffer replaced by a longer (zeroed) one
+    /// when it holds fewer; what they hold is whatever was last written there.
+    pub fn scratch(&mut self, len: usize) -> &mut [T] {
+        if len > self.len {
+            *self = Aligned::zeroed(len);
+        }
+        &mut self[..len]
+    }
+}
+
+impl<T: Plain> Default for Aligned<T> {
+    fn default() -> Self {
+        Aligned::new()
     }
 }
 
@@ -105,5 +125,17 @@ mod tests {
             let b: Aligned<i8> = Aligned::zeroed(len);
             assert!(b.iter().all(|&x| x == 0));
         }
+    }
+
+    #[test]
+    fn scratch_grows_and_stays_on_a_line() {
+        let mut a: Aligned<u16> = Aligned::new();
+        assert!(a.is_empty());
+        assert_eq!(a.scratch(100).len(), 100);
+        a.scratch(100)[99] = 7;
+        assert_eq!(a.scratch(50).len(), 50, "a shorter view of the same buffer");
+        assert_eq!(a.scratch(100)[99], 7, "kept while long enough");
+        assert_eq!(a.scratch(1000).len(), 1000);
+        assert_eq!(a.as_ptr() as usize % LINE, 0);
     }
 }

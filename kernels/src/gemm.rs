@@ -160,25 +160,18 @@ pub fn matmul_t_on(isa: Isa, x: &[f32], m: usize, w: &Weight, y: &mut [f32]) {
     let use_dpbf16 = isa == Isa::Avx512Bf16 && w.bf16_inputs && matches!(w.data, WeightData::Bf16(_));
     // One kept buffer for the whole process (a step may run on any of rayon's threads; one
     // buffer per thread would each grow to the largest prefill); a call that finds it in use
-    // by another takes a buffer of its own.
+    // by another takes a buffer of its own. Its rows start on a cache line (see `aligned`).
     let mut kept = if use_dpbf16 { X16.try_lock().ok() } else { None };
-    let mut own = Vec::new();
-    let x16: &mut Vec<u16> = kept.as_deref_mut().unwrap_or(&mut own);
-    let x16 = if use_dpbf16 {
-        // Rows start on a cache line where their length allows (see `aligned`): the copy
-        // starts at the buffer's first line boundary.
-        x16.resize(x.len() + LINE_U16, 0);
-        let skip = x16.as_ptr().align_offset(64).min(LINE_U16);
-        let x16 = &mut x16[skip..skip + x.len()];
+    let mut own = Aligned::new();
+    let buffer: &mut Aligned<u16> = kept.as_deref_mut().unwrap_or(&mut own);
+    let x16 = buffer.scratch(if use_dpbf16 { x.len() } else { 0 });
+    if use_dpbf16 {
         // A prefill's x is megabytes: rounded on every thread, not on the caller's alone.
         x16.par_chunks_mut(ROUND_CHUNK).zip(x.par_chunks(ROUND_CHUNK)).for_each(|(h, f)| {
             // SAFETY: `isa` is available (asserted above).
             unsafe { simd::round_bf16(isa, f, h) }
         });
-        x16
-    } else {
-        &mut x16[..]
-    };
+    }
     let x16: &[u16] = x16;
     let out = OutPtr(y.as_mut_ptr());
     let run = |c0: usize, c1: usize| {
@@ -197,14 +190,11 @@ pub fn matmul_t_on(isa: Isa, x: &[f32], m: usize, w: &Weight, y: &mut [f32]) {
     }
 }
 
-/// bf16 elements in a cache line: the most a buffer start is moved to reach a line.
-const LINE_U16: usize = 32;
-
 /// Elements of `x` one task rounds to bf16.
 const ROUND_CHUNK: usize = 1 << 15;
 
 /// The bf16 copy of `x` a dpbf16 matmul reads, kept to avoid an allocation per call.
-static X16: std::sync::Mutex<Vec<u16>> = std::sync::Mutex::new(Vec::new());
+static X16: std::sync::Mutex<Aligned<u16>> = std::sync::Mutex::new(Aligned::new());
 
 /// The output pointer shared by the tasks of one call.
 #[derive(Clone, Copy)]
