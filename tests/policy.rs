@@ -260,6 +260,97 @@ fn a_deadline_stops_a_plugin_that_still_has_fuel() {
     assert!(start.elapsed() < Duration::from_secs(2), "{:?}", start.elapsed());
 }
 
+/// CPU time the calling thread has used.
+fn thread_cpu() -> Duration {
+    let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+    // SAFETY: `ts` is a valid, writable timespec.
+    assert_eq!(unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut ts) }, 0);
+    Duration::new(ts.tv_sec as u64, ts.tv_nsec as u32)
+}
+
+/// Pins the calling thread to `cpu`.
+fn pin_to(cpu: usize) {
+    // SAFETY: a zeroed cpu_set_t is a valid empty set; CPU_SET and sched_setaffinity only
+    // read and write the set passed by reference.
+    unsafe {
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        libc::CPU_SET(cpu, &mut set);
+        assert_eq!(libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set), 0, "pinning");
+    }
+}
+
+/// The first CPU the calling thread may run on.
+fn first_allowed_cpu() -> usize {
+    // SAFETY: as in `pin_to`; sched_getaffinity writes the set passed by reference.
+    unsafe {
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        assert_eq!(libc::sched_getaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &mut set), 0);
+        (0..libc::CPU_SETSIZE as usize).find(|&c| libc::CPU_ISSET(c, &set)).expect("an allowed CPU")
+    }
+}
+
+/// A deadline counts the CPU time a plugin uses, not the wall time its call takes: an honest
+/// plugin whose thread has to share its core (a busy or stalled machine) is not failed for it.
+#[test]
+fn a_deadline_counts_the_plugins_cpu_time_not_a_busy_machine() {
+    let limits = PolicyConfig {
+        fuel: u64::MAX / 4,
+        quarantine_after: 1000,
+        quarantine_rate_percent: 0,
+        ..PolicyConfig::default()
+    };
+    let bytes = wasm("openlora-test-hostile");
+    let spin = |iterations: u64| {
+        let mut r = with_mode("spin", "spin");
+        r.metadata.push(("spin-iterations".into(), iterations.to_string()));
+        r
+    };
+    let run = |host: &PolicyHost, iterations: u64| {
+        let (cpu, wall) = (thread_cpu(), Instant::now());
+        let s = host.settle(&spin(iterations), &usage()).unwrap();
+        (s.deciders[1].failure.clone(), thread_cpu() - cpu, wall.elapsed())
+    };
+    // Work that takes about 30 ms of CPU time alone.
+    let calibrate = host(PolicyConfig { deadline_ms: 60_000, ..limits.clone() });
+    calibrate.install(&Slot::Attributor, &bytes, "", "test").unwrap();
+    let mut iterations = 1 << 20;
+    let cpu = loop {
+        let (failure, cpu, _) = run(&calibrate, iterations);
+        assert_eq!(failure, None);
+        if cpu >= Duration::from_millis(30) {
+            break cpu;
+        }
+        iterations *= 2;
+    };
+    // A deadline of 1.5 times that CPU time, and the core shared with three spinning threads:
+    // the call takes several deadlines of wall time (under ten, the backstop) and passes.
+    let deadline = cpu * 3 / 2;
+    let host = host(PolicyConfig { deadline_ms: deadline.as_millis() as u64, ..limits.clone() });
+    host.install(&Slot::Attributor, &bytes, "", "test").unwrap();
+    assert_eq!(run(&host, iterations).0, None, "alone");
+    let core = first_allowed_cpu();
+    let stop = Arc::new(AtomicBool::new(false));
+    let spinners: Vec<_> = (0..3)
+        .map(|_| {
+            let stop = stop.clone();
+            std::thread::spawn(move || {
+                pin_to(core);
+                while !stop.load(Ordering::Relaxed) {
+                    std::hint::black_box(0u64);
+                }
+            })
+        })
+        .collect();
+    pin_to(core);
+    let (failure, _, wall) = run(&host, iterations);
+    stop.store(true, Ordering::Relaxed);
+    for s in spinners {
+        s.join().unwrap();
+    }
+    assert!(wall > Duration::from_millis(deadline.as_millis() as u64), "the core was shared: {wall:?} vs {deadline:?}");
+    assert_eq!(failure, None, "{wall:?} of wall time for a deadline of {deadline:?}");
+}
+
 /// Sleeping is free and blocks nothing: virtual time moves to the timer at once, so a call
 /// that sleeps 3 s (or 584 years) answers within its deadline (100 ms + 20 ms), correctly.
 #[test]

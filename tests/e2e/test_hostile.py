@@ -57,12 +57,16 @@ def test_the_hostile_corpus_is_contained_and_others_are_served():
         ok, _ = upload(s, '{"mode": "ok"}')
         assert ok.status_code == 201, ok.text
         # A configure that sleeps answers at once (virtual time); one that never returns is
-        # refused at its deadline; neither holds up the server.
+        # refused at its deadline; neither holds up the server. (Best of three: a stall of this
+        # shared machine may slow one upload, though it cannot fail one, the deadline counting
+        # the plugin's CPU time.)
         for _ in range(3):
             upload(s, '{"mode": "ok"}')
         _, plain = min((upload(s, '{"mode": "ok"}') for _ in range(3)), key=lambda x: x[1])
-        slept, slept_ms = upload(s, '{"mode": "configure-sleep"}')
-        assert slept.status_code == 201 and slept_ms < plain + 20 + DEADLINE_MS, (slept.text, slept_ms, plain)
+        slept = [upload(s, '{"mode": "configure-sleep"}') for _ in range(3)]
+        assert all(r.status_code == 201 for r, _ in slept), [r.text for r, _ in slept]
+        slept_ms = min(ms for _, ms in slept)
+        assert slept_ms < plain + 20 + DEADLINE_MS, (slept_ms, plain)
         looped, looped_ms = min((upload(s, '{"mode": "configure-loop"}') for _ in range(3)), key=lambda x: x[1])
         assert looped.status_code == 400 and "deadline" in looped.json()["error"]["message"], looped.text
         assert looped_ms <= plain + DEADLINE_MS + 20, (looped_ms, plain)

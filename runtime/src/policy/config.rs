@@ -11,7 +11,8 @@ use serde::Deserialize;
 pub struct PolicyConfig {
     /// Fuel (roughly, wasm instructions) one call may use.
     pub fuel: u64,
-    /// Wall-clock backstop for one call, in milliseconds (checked every millisecond).
+    /// CPU time one call may use, in milliseconds (checked every millisecond); ten times it of
+    /// wall time stops a call whatever its CPU time.
     pub deadline_ms: u64,
     /// Most linear memory a plugin instance may grow to, in bytes.
     pub memory_bytes: usize,

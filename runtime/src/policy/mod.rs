@@ -4,6 +4,7 @@
 pub mod builtin;
 pub mod check;
 pub mod config;
+mod deadline;
 pub mod dropdir;
 pub mod dry_run;
 pub mod host;

@@ -4,17 +4,18 @@
 use std::fmt;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use openlora_sdk as sdk;
 use serde::Serialize;
 use wasmtime::component::{Instance, InstancePre};
 use wasmtime::{Store, StoreLimitsBuilder, Trap};
 
+use super::deadline::CallClock;
 use super::sandbox::{RandomLimit, Sandbox, attribution, pricing, routing, wit};
 use super::slot::World;
 use super::warm::WarmPool;
-use super::wasm::{Job, WasmRuntime, check_header, check_imports_exports, config_sha256, sha256_hex};
+use super::wasm::{EPOCH_TICK, Job, WasmRuntime, check_header, check_imports_exports, config_sha256, sha256_hex};
 use crate::error::{Error, PolicyError, Result};
 
 /// How a call failed.
@@ -23,7 +24,7 @@ use crate::error::{Error, PolicyError, Result};
 pub enum FailureKind {
     /// Ran out of fuel (an endless or too-long computation).
     Fuel,
-    /// Ran past its wall-clock deadline.
+    /// Used its deadline of CPU time (or ten times it of wall time).
     Deadline,
     /// Tried to grow memory past the cap.
     Memory,
@@ -242,7 +243,9 @@ impl CompiledPlugin {
         // before it copies (aliased strings count once per use).
         store.set_hostcall_fuel(MAX_HOSTCALL_BYTES);
         store.set_fuel(limits.fuel).map_err(|e| classify(&e, limits))?;
-        store.set_epoch_deadline(self.runtime.deadline_ticks());
+        let limit = Duration::from_millis(limits.deadline_ms);
+        store.epoch_deadline_callback(move |ctx| Ok(ctx.data().clock.verdict(limit, EPOCH_TICK)));
+        self.arm_deadline(&mut store);
         let instance = self.pre.instantiate(&mut store).map_err(|e| classify(&e, limits))?;
         let configured = match &self.exports {
             Exports::Router(ix) => {
@@ -260,6 +263,13 @@ impl CompiledPlugin {
             .map_err(|e| CallFailure::new(FailureKind::Declined, format!("configuration refused: {e}")))?;
         store.data_mut().logs.clear();
         Ok(Warm { store, instance })
+    }
+
+    /// Starts the deadline of what `store` runs next: its clock, and the epoch at which the
+    /// clock is first checked.
+    fn arm_deadline(&self, store: &mut Store<Sandbox>) {
+        store.data_mut().clock = CallClock::start();
+        store.set_epoch_deadline(self.runtime.deadline_ticks());
     }
 
     /// Asks the background thread to top up the warm pool (at most one request outstanding).
@@ -305,7 +315,7 @@ impl CompiledPlugin {
         let limits = &self.runtime.limits;
         w.store.data_mut().prepare_call(request.received_at_ms, &request.request_id);
         w.store.set_fuel(limits.fuel).map_err(|e| classify(&e, limits))?;
-        w.store.set_epoch_deadline(self.runtime.deadline_ticks());
+        self.arm_deadline(&mut w.store);
         let result = f(&self.exports, &mut w.store, &w.instance);
         let fuel = limits.fuel.saturating_sub(w.store.get_fuel().unwrap_or(0));
         let data = w.store.data_mut();

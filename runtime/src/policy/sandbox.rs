@@ -24,6 +24,8 @@ use wasmtime_wasi::{HostMonotonicClock, HostWallClock, WasiCtx, WasiCtxView, Was
 
 use openlora_sdk as sdk;
 
+use super::deadline::CallClock;
+
 wasmtime::component::bindgen!({
     path: "../wit",
     inline: "
@@ -86,6 +88,8 @@ pub(crate) struct Sandbox {
     rng: SeededRng,
     /// Random bytes handed out in the current call.
     random_used: u64,
+    /// When the current call (or configuration) started: what its deadline is judged by.
+    pub(crate) clock: CallClock,
 }
 
 impl Sandbox {
@@ -119,6 +123,7 @@ impl Sandbox {
             virtual_ns,
             rng: SeededRng::new(&format!("configure:{plugin_sha}")),
             random_used: 0,
+            clock: CallClock::start(),
         }
     }
 

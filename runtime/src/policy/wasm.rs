@@ -1,5 +1,5 @@
 //! The wasmtime side: one engine (pooling allocator, fuel, epochs), upload validation, a compile
-//! cache on disk, and the epoch ticker that backs every call's wall-clock deadline.
+//! cache on disk, and the epoch ticker that wakes every call's deadline check.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -19,7 +19,7 @@ use super::warm::{SWEEP_EVERY, WarmBudget, WarmPool};
 use crate::error::{Error, PolicyError, Result};
 
 /// Milliseconds per epoch tick: the granularity of call deadlines.
-const EPOCH_TICK: Duration = Duration::from_millis(1);
+pub(crate) const EPOCH_TICK: Duration = Duration::from_millis(1);
 
 /// Most component instances alive at once: warm pools (`policy.warm_instances_total`), calls
 /// in flight (at most `limits.max_concurrent_requests`), installs and instances being dropped.
@@ -172,9 +172,9 @@ impl WasmRuntime {
         }
     }
 
-    /// Epoch ticks a call may run before it is interrupted.
+    /// Epoch ticks a call may run before its deadline is first checked.
     pub(crate) fn deadline_ticks(&self) -> u64 {
-        self.limits.deadline_ms.div_ceil(EPOCH_TICK.as_millis() as u64).max(1)
+        super::deadline::ticks(Duration::from_millis(self.limits.deadline_ms), EPOCH_TICK)
     }
 
     /// The world a component exports (the first of router, pricer, attributor it has), checking

@@ -9,7 +9,8 @@
 //! polled before it is ready (real time, on a host that lets it block); `random-flood` asks WASI
 //! for 64 MiB of random bytes at once. `huge-payees` answers splits whose payees are 2 MiB each;
 //! `forge-log` logs a line holding a newline, a forged log record and terminal escapes;
-//! `odd-stall` loops only on requests whose id ends in an odd digit. Configured with the mode
+//! `odd-stall` loops only on requests whose id ends in an odd digit; `spin` computes for
+//! `spin-iterations` (metadata) rounds, then answers correctly. Configured with the mode
 //! `configure-sleep` or `configure-loop`, its `configure` sleeps 3 s or never returns.
 
 use std::collections::HashMap;
@@ -158,6 +159,15 @@ impl Attributor for Hostile {
                     "ok\n2026-12-02T00:00:00.000000Z ERROR openlora: FORGED server line \u{1b}[31mred\u{1b}[0m",
                 );
                 Ok(vec![Split::new("operator:hostile", charge.amount, "all")])
+            }
+            "spin" => {
+                // Honest work of a chosen length: `spin-iterations` rounds of arithmetic.
+                let n: u64 = request.metadata("spin-iterations").and_then(|v| v.parse().ok()).unwrap_or(0);
+                let mut x: u64 = 1;
+                for _ in 0..n {
+                    x = std::hint::black_box(x.wrapping_mul(6364136223846793005).wrapping_add(1));
+                }
+                Ok(vec![Split::new("operator:hostile", charge.amount, format!("spun {}", x % 2))])
             }
             "odd-stall" if request.request_id.ends_with(['1', '3', '5', '7', '9']) => loop {
                 std::hint::black_box(std::time::Instant::now());

@@ -1,0 +1,102 @@
+//! A call's deadline counts the CPU time of the thread running it, not the wall clock: a plugin
+//! is stopped for what it does, never because the machine stalled (another process, a busy core,
+//! a lock held by the host) while it ran, which would record an honest plugin's failure and count
+//! it towards quarantine. No host call a plugin can make blocks, so its CPU time is its running
+//! time; a wall-clock backstop of [`WALL_BACKSTOP`] deadlines still bounds every call.
+//!
+//! The epoch ticker only wakes the check: when a store's epoch deadline passes, wasmtime calls
+//! [`CallClock::verdict`] on the running thread, which interrupts the call or extends it by the
+//! CPU time it has left.
+
+use std::time::{Duration, Instant};
+
+use wasmtime::UpdateDeadline;
+
+/// The wall-clock time a call may take, in deadlines, however little CPU time it used.
+pub(crate) const WALL_BACKSTOP: u32 = 10;
+
+/// When the current call started, on the wall clock and on its thread's CPU clock.
+pub(crate) struct CallClock {
+    wall: Instant,
+    cpu: Option<Duration>,
+}
+
+impl CallClock {
+    /// Starts timing a call on the current thread.
+    pub(crate) fn start() -> Self {
+        CallClock { wall: Instant::now(), cpu: thread_cpu_time() }
+    }
+
+    /// What to do when the epoch deadline of a call with `limit` passes: interrupt it if it used
+    /// `limit` of CPU time (the wall clock where the thread's CPU clock is unreadable) or
+    /// [`WALL_BACKSTOP`] times `limit` of wall time; otherwise let it run for the CPU time it
+    /// has left, in epoch ticks of `tick`.
+    pub(crate) fn verdict(&self, limit: Duration, tick: Duration) -> UpdateDeadline {
+        let wall = self.wall.elapsed();
+        let used = match (self.cpu, thread_cpu_time()) {
+            (Some(start), Some(now)) => now.saturating_sub(start),
+            _ => wall,
+        };
+        if used >= limit || wall >= limit * WALL_BACKSTOP {
+            return UpdateDeadline::Interrupt;
+        }
+        UpdateDeadline::Continue(ticks(limit - used, tick))
+    }
+}
+
+/// Epoch ticks (of `tick`) covering `d`, at least one.
+pub(crate) fn ticks(d: Duration, tick: Duration) -> u64 {
+    (d.as_nanos().div_ceil(tick.as_nanos().max(1)) as u64).max(1)
+}
+
+/// CPU time (user and system) the calling thread has used; `None` where it cannot be read.
+fn thread_cpu_time() -> Option<Duration> {
+    #[cfg(unix)]
+    {
+        let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+        // SAFETY: `ts` is a valid, writable timespec that outlives the call; the clock id is a
+        // constant every unix libc defines.
+        let rc = unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut ts) };
+        (rc == 0).then(|| Duration::new(ts.tv_sec as u64, ts.tv_nsec as u32))
+    }
+    #[cfg(not(unix))]
+    {
+        None
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_call_sleeping_on_the_wall_clock_keeps_its_cpu_budget() {
+        let clock = CallClock::start();
+        std::thread::sleep(Duration::from_millis(30));
+        match clock.verdict(Duration::from_millis(20), Duration::from_millis(1)) {
+            UpdateDeadline::Continue(t) => assert!((1..=20).contains(&t), "{t}"),
+            _ => panic!("a thread that slept used no CPU time: it must continue"),
+        }
+        // Past the backstop, it stops whatever its CPU time.
+        assert!(matches!(clock.verdict(Duration::from_millis(2), Duration::from_millis(1)), UpdateDeadline::Interrupt));
+    }
+
+    #[test]
+    fn a_call_spinning_is_stopped_at_its_cpu_budget() {
+        let clock = CallClock::start();
+        let start = thread_cpu_time().expect("this thread's CPU clock");
+        let mut x = 0u64;
+        while thread_cpu_time().expect("CPU clock").saturating_sub(start) < Duration::from_millis(6) {
+            x = std::hint::black_box(x.wrapping_add(1));
+        }
+        assert!(matches!(clock.verdict(Duration::from_millis(5), Duration::from_millis(1)), UpdateDeadline::Interrupt));
+    }
+
+    #[test]
+    fn ticks_round_up_and_never_reach_zero() {
+        let ms = Duration::from_millis(1);
+        assert_eq!(ticks(Duration::from_micros(1500), ms), 2);
+        assert_eq!(ticks(Duration::ZERO, ms), 1);
+        assert_eq!(ticks(Duration::from_millis(100), ms), 100);
+    }
+}
