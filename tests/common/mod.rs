@@ -1,6 +1,8 @@
 //! Helpers shared by the end-to-end tests: fixture discovery and reference files.
 #![allow(dead_code)]
 
+pub mod policy;
+
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 

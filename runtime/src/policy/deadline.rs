@@ -50,7 +50,7 @@ pub(crate) fn ticks(d: Duration, tick: Duration) -> u64 {
 }
 
 /// CPU time (user and system) the calling thread has used; `None` where it cannot be read.
-fn thread_cpu_time() -> Option<Duration> {
+pub(crate) fn thread_cpu_time() -> Option<Duration> {
     #[cfg(unix)]
     {
         let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
