@@ -10,39 +10,19 @@ mod common;
 use std::time::{Duration, Instant};
 
 use criterion::{Criterion, criterion_group, criterion_main};
-use openlora::metrics::Metrics;
 use openlora::policy::{PolicyConfig, PolicyHost, Slot};
-use openlora_sdk::{RequestInfo, Usage};
+use openlora_sdk::RequestInfo;
 
+/// The tests' request (adapter `startrek`), numbered `i`.
 fn request(i: u64) -> RequestInfo {
-    RequestInfo {
-        request_id: format!("bench-{i}"),
-        tenant: "acme".into(),
-        requested_model: "startrek".into(),
-        adapter: Some("startrek".into()),
-        adapter_owner: Some("trekkie".into()),
-        prompt_tokens: 512,
-        max_tokens: 128,
-        metadata: vec![],
-        received_at_ms: 1_790_000_000_000 + i,
-    }
-}
-
-fn usage() -> Usage {
-    Usage {
-        prompt_tokens: 512,
-        completion_tokens: 128,
-        steps: 129,
-        adapter_contribution_ppm: 150_000,
-        ..Usage::default()
-    }
+    common::policy::request(&format!("bench-{i}"))
 }
 
 fn once(host: &PolicyHost, i: u64) {
     let r = request(i);
     let routed = host.route(&r, &|_| true).expect("route");
     assert!(routed.by.failure.is_none());
-    let s = host.settle(&r, &usage()).expect("settle");
+    let s = host.settle(&r, &common::policy::usage()).expect("settle");
     assert!(s.deciders.iter().all(|d| d.failure.is_none()));
 }
 
@@ -66,8 +46,8 @@ fn percentiles(host: &PolicyHost, n: u64, pace: Option<Duration>) -> (f64, f64) 
 }
 
 fn policy_overhead(c: &mut Criterion) {
-    let builtin = PolicyHost::new(&PolicyConfig::default(), None, Metrics::new().policy).expect("host");
-    let wasm = PolicyHost::new(&PolicyConfig::default(), None, Metrics::new().policy).expect("host");
+    let builtin = common::policy::host(PolicyConfig::default());
+    let wasm = common::policy::host(PolicyConfig::default());
     for (slot, package) in [
         (Slot::Router, "openlora-plugin-router"),
         (Slot::Pricer, "openlora-plugin-token-pricer"),
@@ -115,7 +95,7 @@ fn policy_overhead(c: &mut Criterion) {
         let (mut warm, mut cold) = (Vec::new(), Vec::new());
         for i in 0..2000 {
             let start = Instant::now();
-            let c = pricer.plugin.price(&request(i), &usage()).expect("price");
+            let c = pricer.plugin.price(&request(i), &common::policy::usage()).expect("price");
             if c.stats.warm {
                 warm.push(c.stats.micros)
             } else {
