@@ -27,7 +27,8 @@ pub struct LoraPlan<'a> {
     /// Per sequence: Σ|adapter delta| and Σ|base output| over its adapted projections.
     shares: RefCell<Vec<AdapterShare>>,
     /// Buffers reused by every projection of the step: the views of the projection's modules
-    /// per sequence, the SGMV segments, and the base outputs of the adapted rows (to measure).
+    /// per sequence, the SGMV segments, the base outputs of the adapted rows and where each
+    /// sequence's rows lie (to measure).
     scratch: RefCell<Scratch<'a>>,
 }
 
@@ -37,6 +38,8 @@ struct Scratch<'a> {
     views: Vec<Option<LoraModuleView<'a>>>,
     segments: Vec<Segment<'a>>,
     base: Vec<f32>,
+    /// Per sequence, if adapted: (first row in the batch, rows, start of its rows in `base`).
+    rows: Vec<Option<(usize, usize, usize)>>,
 }
 
 /// How much of one sequence's adapted projection outputs its adapter produced in one step:
@@ -81,7 +84,7 @@ impl<'a> LoraPlan<'a> {
     pub fn apply(&self, layer: usize, proj: Proj, x: &[f32], y: &mut [f32], in_dim: usize, out_dim: usize) {
         let Some(pool) = self.pool else { return };
         let mut scratch = self.scratch.borrow_mut();
-        let Scratch { views, segments, base } = &mut *scratch;
+        let Scratch { views, segments, base, rows } = &mut *scratch;
         views.clear();
         views.extend(self.spans.iter().map(|s| s.2.and_then(|a| a.view(layer, proj))));
         if views.iter().all(Option::is_none) {
@@ -106,25 +109,28 @@ impl<'a> LoraPlan<'a> {
             }));
             sgmv(pool, x, y, d, segments);
         }
-        self.measure(views, base, y, out_dim);
+        self.measure(views, base, rows, y, out_dim);
     }
 
     /// Accumulates each adapted sequence's delta and base L1 norms for this projection, from
     /// the adapted rows' base outputs (`base`, in batch order) and the outputs now in `ys`.
-    fn measure(&self, views: &[Option<LoraModuleView<'_>>], base: &[f32], ys: &[f32], out_dim: usize) {
+    fn measure(
+        &self,
+        views: &[Option<LoraModuleView<'_>>],
+        base: &[f32],
+        rows: &mut Vec<Option<(usize, usize, usize)>>,
+        ys: &[f32],
+        out_dim: usize,
+    ) {
         // Each adapted sequence's rows in `base`, in batch order.
         let mut at = 0;
-        let rows: Vec<Option<(usize, usize, usize)>> = self
-            .spans
-            .iter()
-            .zip(views)
-            .map(|(&(start, len, _), view)| {
-                view.as_ref().map(|_| {
-                    at += len * out_dim;
-                    (start, len, at - len * out_dim)
-                })
+        rows.clear();
+        rows.extend(self.spans.iter().zip(views).map(|(&(start, len, _), view)| {
+            view.as_ref().map(|_| {
+                at += len * out_dim;
+                (start, len, at - len * out_dim)
             })
-            .collect();
+        }));
         // One task per sequence (each sums its own rows in order, so the figures do not depend
         // on the threads); the other threads would idle through a serial loop.
         let mut shares = self.shares.borrow_mut();
