@@ -85,13 +85,13 @@ fn pin_to(cpu: usize) {
     }
 }
 
-/// The first CPU the calling thread may run on.
-fn first_allowed_cpu() -> usize {
+/// The last CPU the calling thread may run on (the first often takes a VM's interrupts).
+fn last_allowed_cpu() -> usize {
     // SAFETY: as in `pin_to`; sched_getaffinity writes the set passed by reference.
     unsafe {
         let mut set: libc::cpu_set_t = std::mem::zeroed();
         assert_eq!(libc::sched_getaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &mut set), 0);
-        (0..libc::CPU_SETSIZE as usize).find(|&c| libc::CPU_ISSET(c, &set)).expect("an allowed CPU")
+        (0..libc::CPU_SETSIZE as usize).rev().find(|&c| libc::CPU_ISSET(c, &set)).expect("an allowed CPU")
     }
 }
 
@@ -136,13 +136,15 @@ fn a_deadline_counts_the_plugins_cpu_time_not_a_busy_machine() {
     let host = host(PolicyConfig { deadline_ms: deadline.as_millis() as u64, ..limits.clone() });
     host.install(&Slot::Attributor, &bytes, "", "test").unwrap();
     assert_eq!(run(&host, iterations).0, None, "alone");
-    let core = first_allowed_cpu();
+    let core = last_allowed_cpu();
     let stop = Arc::new(AtomicBool::new(false));
+    let pinned = Arc::new(std::sync::Barrier::new(8));
     let spinners: Vec<_> = (0..7)
         .map(|_| {
-            let stop = stop.clone();
+            let (stop, pinned) = (stop.clone(), pinned.clone());
             std::thread::spawn(move || {
                 pin_to(core);
+                pinned.wait();
                 while !stop.load(Ordering::Relaxed) {
                     std::hint::black_box(0u64);
                 }
@@ -150,6 +152,7 @@ fn a_deadline_counts_the_plugins_cpu_time_not_a_busy_machine() {
         })
         .collect();
     pin_to(core);
+    pinned.wait();
     let (failure, _, wall) = run(&host, iterations);
     stop.store(true, Ordering::Relaxed);
     for s in spinners {

@@ -112,6 +112,11 @@ mod tests {
 
     use super::*;
 
+    /// Held by the tests that log through the built-ins: tracing caches whether a log line is
+    /// wanted per call site for all threads, so one test logging with no subscriber while another
+    /// installs its own can leave the second's line unwritten.
+    static LOGGING: Mutex<()> = Mutex::new(());
+
     /// A router configuration under which `sample_request` is refused, with a log line.
     const REFUSING: &str = r#"{"tenants": {"acme": {"allow": ["other"]}}}"#;
 
@@ -131,6 +136,7 @@ mod tests {
 
     #[test]
     fn routing_keeps_no_log_lines_in_memory() {
+        let _logging = LOGGING.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
         let builtins = Builtins::from_json([REFUSING.into(), String::new(), String::new()]).expect("config");
         let request = sample_request();
         for _ in 0..1000 {
@@ -143,6 +149,7 @@ mod tests {
 
     #[test]
     fn log_lines_become_escaped_tracing_events() {
+        let _logging = LOGGING.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
         let out = Sink::default();
         let writer = out.clone();
         let subscriber = tracing_subscriber::fmt()
@@ -157,6 +164,7 @@ mod tests {
         ])
         .expect("config");
         tracing::subscriber::with_default(subscriber, || {
+            tracing::callsite::rebuild_interest_cache();
             builtins.route(&sample_request());
         });
         let text = String::from_utf8(out.0.lock().expect("lock").clone()).expect("utf-8");

@@ -5,6 +5,9 @@ use std::path::PathBuf;
 
 use serde::Deserialize;
 
+/// The longest `deadline_ms` accepted.
+pub const MAX_DEADLINE_MS: u64 = 60_000;
+
 /// Limits every plugin call runs under, and how slots behave; safe defaults for all.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -94,6 +97,12 @@ impl PolicyConfig {
             if v == 0 {
                 return Err((field.into(), "must be greater than zero".into()));
             }
+        }
+        if self.deadline_ms > MAX_DEADLINE_MS {
+            return Err((
+                "policy.deadline_ms".into(),
+                format!("at most {MAX_DEADLINE_MS} (a minute of CPU time per call)"),
+            ));
         }
         if self.quarantine_rate_percent > 100 {
             return Err(("policy.quarantine_rate_percent".into(), "is a percentage: at most 100".into()));

@@ -1,8 +1,11 @@
 //! A call's deadline counts the CPU time of the thread running it, not the wall clock: a plugin
-//! is stopped for what it does, never because the machine stalled (another process, a busy core,
-//! a lock held by the host) while it ran, which would record an honest plugin's failure and count
-//! it towards quarantine. No host call a plugin can make blocks, so its CPU time is its running
-//! time; a wall-clock backstop of [`WALL_BACKSTOP`] deadlines still bounds every call.
+//! is not charged for time its thread was not running (the machine stalled, another process or
+//! thread had the core), which would record an honest plugin's failure and count it towards
+//! quarantine. (CPU time itself still varies with the machine: a busy sibling hyperthread or a
+//! saturated memory bus slows the same work.) No host call a plugin can make blocks, so its CPU
+//! time is its running time; a wall-clock backstop of [`WALL_BACKSTOP`] deadlines, counted from
+//! the start of the request's call (including making an instance when none was ready), still
+//! bounds every call.
 //!
 //! The epoch ticker only wakes the check: when a store's epoch deadline passes, wasmtime calls
 //! [`CallClock::verdict`] on the running thread, which interrupts the call or extends it by the
@@ -27,20 +30,27 @@ impl CallClock {
         CallClock { wall: Instant::now(), cpu: thread_cpu_time() }
     }
 
+    /// A new CPU budget on the current thread, keeping the wall-clock start: the call that
+    /// follows making its instance shares that instantiation's backstop.
+    pub(crate) fn restart_cpu(&self) -> Self {
+        CallClock { wall: self.wall, cpu: thread_cpu_time() }
+    }
+
     /// What to do when the epoch deadline of a call with `limit` passes: interrupt it if it used
     /// `limit` of CPU time (the wall clock where the thread's CPU clock is unreadable) or
-    /// [`WALL_BACKSTOP`] times `limit` of wall time; otherwise let it run for the CPU time it
-    /// has left, in epoch ticks of `tick`.
+    /// [`WALL_BACKSTOP`] times `limit` of wall time; otherwise let it run until the first of the
+    /// two could be reached, in epoch ticks of `tick`.
     pub(crate) fn verdict(&self, limit: Duration, tick: Duration) -> UpdateDeadline {
         let wall = self.wall.elapsed();
         let used = match (self.cpu, thread_cpu_time()) {
             (Some(start), Some(now)) => now.saturating_sub(start),
             _ => wall,
         };
-        if used >= limit || wall >= limit * WALL_BACKSTOP {
+        let backstop = limit * WALL_BACKSTOP;
+        if used >= limit || wall >= backstop {
             return UpdateDeadline::Interrupt;
         }
-        UpdateDeadline::Continue(ticks(limit - used, tick))
+        UpdateDeadline::Continue(ticks((limit - used).min(backstop - wall), tick))
     }
 }
 
@@ -90,6 +100,20 @@ mod tests {
             x = std::hint::black_box(x.wrapping_add(1));
         }
         assert!(matches!(clock.verdict(Duration::from_millis(5), Duration::from_millis(1)), UpdateDeadline::Interrupt));
+    }
+
+    #[test]
+    fn a_call_near_its_backstop_is_checked_again_at_the_backstop() {
+        let clock = CallClock::start();
+        std::thread::sleep(Duration::from_millis(30));
+        // 30 ms of a 40 ms backstop gone (limit 4 ms, little CPU used): at most 10 more ticks.
+        match clock.verdict(Duration::from_millis(4), Duration::from_millis(1)) {
+            UpdateDeadline::Continue(t) => assert!(t <= 10, "{t}"),
+            _ => panic!("under its backstop and its CPU budget: it must continue"),
+        }
+        // A restarted CPU budget keeps the wall-clock start.
+        let again = clock.restart_cpu();
+        assert!(matches!(again.verdict(Duration::from_millis(2), Duration::from_millis(1)), UpdateDeadline::Interrupt));
     }
 
     #[test]

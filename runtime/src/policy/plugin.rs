@@ -24,7 +24,7 @@ use crate::error::{Error, PolicyError, Result};
 pub enum FailureKind {
     /// Ran out of fuel (an endless or too-long computation).
     Fuel,
-    /// Used its deadline of CPU time (or ten times it of wall time).
+    /// Used its deadline of CPU time (or ran ten times it of wall time).
     Deadline,
     /// Tried to grow memory past the cap.
     Memory,
@@ -245,7 +245,7 @@ impl CompiledPlugin {
         store.set_fuel(limits.fuel).map_err(|e| classify(&e, limits))?;
         let limit = Duration::from_millis(limits.deadline_ms);
         store.epoch_deadline_callback(move |ctx| Ok(ctx.data().clock.verdict(limit, EPOCH_TICK)));
-        self.arm_deadline(&mut store);
+        self.arm_deadline(&mut store, false);
         let instance = self.pre.instantiate(&mut store).map_err(|e| classify(&e, limits))?;
         let configured = match &self.exports {
             Exports::Router(ix) => {
@@ -265,10 +265,12 @@ impl CompiledPlugin {
         Ok(Warm { store, instance })
     }
 
-    /// Starts the deadline of what `store` runs next: its clock, and the epoch at which the
-    /// clock is first checked.
-    fn arm_deadline(&self, store: &mut Store<Sandbox>) {
-        store.data_mut().clock = CallClock::start();
+    /// Starts the deadline of what `store` runs next: a new CPU budget (with a new wall-clock
+    /// start unless `keep_wall`: a call on an instance just made shares its backstop), and the
+    /// epoch at which the clock is first checked.
+    fn arm_deadline(&self, store: &mut Store<Sandbox>, keep_wall: bool) {
+        let clock = &mut store.data_mut().clock;
+        *clock = if keep_wall { clock.restart_cpu() } else { CallClock::start() };
         store.set_epoch_deadline(self.runtime.deadline_ticks());
     }
 
@@ -308,14 +310,14 @@ impl CompiledPlugin {
         let warm = self.take_warm();
         self.schedule_refill();
         let was_warm = warm.is_some();
-        let mut w = match warm {
-            Some(w) => w,
-            None => self.fresh()?,
+        let (mut w, keep_wall) = match warm {
+            Some(w) => (w, false),
+            None => (self.fresh()?, true),
         };
         let limits = &self.runtime.limits;
         w.store.data_mut().prepare_call(request.received_at_ms, &request.request_id);
         w.store.set_fuel(limits.fuel).map_err(|e| classify(&e, limits))?;
-        self.arm_deadline(&mut w.store);
+        self.arm_deadline(&mut w.store, keep_wall);
         let result = f(&self.exports, &mut w.store, &w.instance);
         let fuel = limits.fuel.saturating_sub(w.store.get_fuel().unwrap_or(0));
         let data = w.store.data_mut();
