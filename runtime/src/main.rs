@@ -452,11 +452,13 @@ fn run_plugin_check(args: CheckArgs) -> anyhow::Result<bool> {
         match s.get("failure") {
             Some(f) => println!("sample {}: FAILED: {}", s["sample"], f.as_str().unwrap_or_default()),
             None => println!(
-                "sample {}: {}  (fuel {}, {} µs{})",
+                "sample {}: {}  (fuel {}, {} µs, {} µs of CPU time of a {} ms deadline{})",
                 s["sample"],
                 s["decision"],
                 s["fuel"],
                 s["micros"],
+                s["cpu_micros"],
+                report.deadline_ms,
                 if s["replays_exactly"] == true { ", replays exactly" } else { ", DOES NOT REPLAY" }
             ),
         }

@@ -57,6 +57,8 @@ pub struct CheckReport {
     pub imports: Vec<String>,
     /// Milliseconds to validate, compile and configure it.
     pub load_ms: f64,
+    /// The CPU time one call may use (`[policy] deadline_ms`), beside each sample's `cpu_micros`.
+    pub deadline_ms: u64,
     /// One entry per sample.
     pub samples: Vec<Value>,
     /// Whether every sample gave a valid, replayable decision.
@@ -121,7 +123,7 @@ pub fn check(
                 let replays = v == w;
                 ok &= replays;
                 json!({"sample": i, "inputs": inputs, "decision": v, "logs": logs, "fuel": stats.fuel,
-                       "micros": stats.micros, "replays_exactly": replays})
+                       "micros": stats.micros, "cpu_micros": stats.cpu_micros, "replays_exactly": replays})
             }
             (Err(e), _) | (_, Err(e)) => {
                 ok = false;
@@ -136,6 +138,7 @@ pub fn check(
         size: plugin.size,
         imports: runtime.imports(bytes),
         load_ms,
+        deadline_ms: limits.deadline_ms,
         samples: out,
         ok,
     })

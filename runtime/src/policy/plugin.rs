@@ -11,7 +11,7 @@ use serde::Serialize;
 use wasmtime::component::{Instance, InstancePre};
 use wasmtime::{Store, StoreLimitsBuilder, Trap};
 
-use super::deadline::CallClock;
+use super::deadline::{CallClock, thread_cpu_time};
 use super::sandbox::{RandomLimit, Sandbox, attribution, pricing, routing, wit};
 use super::slot::World;
 use super::warm::WarmPool;
@@ -91,6 +91,8 @@ pub struct CallStats {
     pub fuel: u64,
     /// Wall-clock time of the call, in microseconds (including instantiation if no instance was warm).
     pub micros: u64,
+    /// CPU time of the call itself on its thread, in microseconds: what its deadline counts.
+    pub cpu_micros: u64,
     /// Whether a warm instance was used.
     pub warm: bool,
 }
@@ -318,7 +320,12 @@ impl CompiledPlugin {
         w.store.data_mut().prepare_call(request.received_at_ms, &request.request_id);
         w.store.set_fuel(limits.fuel).map_err(|e| classify(&e, limits))?;
         self.arm_deadline(&mut w.store, keep_wall);
+        let cpu_start = thread_cpu_time();
         let result = f(&self.exports, &mut w.store, &w.instance);
+        let cpu_micros = match (cpu_start, thread_cpu_time()) {
+            (Some(a), Some(b)) => b.saturating_sub(a).as_micros() as u64,
+            _ => 0,
+        };
         let fuel = limits.fuel.saturating_sub(w.store.get_fuel().unwrap_or(0));
         let data = w.store.data_mut();
         let mut logs = std::mem::take(&mut data.logs);
@@ -349,7 +356,7 @@ impl CompiledPlugin {
                 return Err(f);
             }
         };
-        let stats = CallStats { fuel, micros: start.elapsed().as_micros() as u64, warm: was_warm };
+        let stats = CallStats { fuel, micros: start.elapsed().as_micros() as u64, cpu_micros, warm: was_warm };
         Ok(Called { value, stats, logs })
     }
 
