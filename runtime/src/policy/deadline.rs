@@ -36,16 +36,19 @@ impl CallClock {
         CallClock { wall: self.wall, cpu: thread_cpu_time() }
     }
 
+    /// CPU time the current thread has used since the clock started; `None` where it cannot
+    /// be read.
+    pub(crate) fn cpu_used(&self) -> Option<Duration> {
+        Some(thread_cpu_time()?.saturating_sub(self.cpu?))
+    }
+
     /// What to do when the epoch deadline of a call with `limit` passes: interrupt it if it used
     /// `limit` of CPU time (the wall clock where the thread's CPU clock is unreadable) or
     /// [`WALL_BACKSTOP`] times `limit` of wall time; otherwise let it run until the first of the
     /// two could be reached, in epoch ticks of `tick`.
     pub(crate) fn verdict(&self, limit: Duration, tick: Duration) -> UpdateDeadline {
         let wall = self.wall.elapsed();
-        let used = match (self.cpu, thread_cpu_time()) {
-            (Some(start), Some(now)) => now.saturating_sub(start),
-            _ => wall,
-        };
+        let used = self.cpu_used().unwrap_or(wall);
         let backstop = limit * WALL_BACKSTOP;
         if used >= limit || wall >= backstop {
             return UpdateDeadline::Interrupt;

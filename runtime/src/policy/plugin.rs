@@ -11,7 +11,7 @@ use serde::Serialize;
 use wasmtime::component::{Instance, InstancePre};
 use wasmtime::{Store, StoreLimitsBuilder, Trap};
 
-use super::deadline::{CallClock, thread_cpu_time};
+use super::deadline::CallClock;
 use super::sandbox::{RandomLimit, Sandbox, attribution, pricing, routing, wit};
 use super::slot::World;
 use super::warm::WarmPool;
@@ -320,12 +320,8 @@ impl CompiledPlugin {
         w.store.data_mut().prepare_call(request.received_at_ms, &request.request_id);
         w.store.set_fuel(limits.fuel).map_err(|e| classify(&e, limits))?;
         self.arm_deadline(&mut w.store, keep_wall);
-        let cpu_start = thread_cpu_time();
         let result = f(&self.exports, &mut w.store, &w.instance);
-        let cpu_micros = match (cpu_start, thread_cpu_time()) {
-            (Some(a), Some(b)) => b.saturating_sub(a).as_micros() as u64,
-            _ => 0,
-        };
+        let cpu_micros = w.store.data().clock.cpu_used().map_or(0, |d| d.as_micros() as u64);
         let fuel = limits.fuel.saturating_sub(w.store.get_fuel().unwrap_or(0));
         let data = w.store.data_mut();
         let mut logs = std::mem::take(&mut data.logs);
