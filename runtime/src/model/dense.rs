@@ -129,7 +129,8 @@ pub fn weight_from_tensor(t: &Tensor, dtype: ServeDType) -> Result<Weight> {
     Ok(weight.with_bf16_inputs(dtype == ServeDType::Bf16))
 }
 
-/// Runs `f` on the rows of a 2-D f32 CPU tensor as one slice (no copy when it is contiguous).
+/// Runs `f` on the elements of an f32 CPU tensor, row-major, as one slice (no copy when it is
+/// contiguous).
 pub fn with_rows<R>(x: &Tensor, f: impl FnOnce(&[f32]) -> R) -> Result<R> {
     let x = if x.is_contiguous() { x.clone() } else { x.contiguous()? };
     let (storage, layout) = x.storage_and_layout();

@@ -260,8 +260,10 @@ impl Llama {
     }
 
     /// Projection `p` of layer `l` for the rows of `x`: the base weight, the bias where the
-    /// family has one, then each sequence's adapter delta, all on the one output buffer.
-    fn project(&self, l: usize, p: Proj, x: &Tensor, lora: &LoraPlan<'_>) -> Result<Tensor> {
+    /// family has one, then each sequence's adapter delta, and last the `residual` stream where
+    /// it is added straight after (one pass fewer than adding the tensors), all on the one
+    /// output buffer.
+    fn project(&self, l: usize, p: Proj, x: &Tensor, lora: &LoraPlan<'_>, residual: Option<&Tensor>) -> Result<Tensor> {
         let layer = &self.layers[l];
         let w = &layer.proj[p as usize];
         let bias = layer
@@ -275,7 +277,10 @@ impl Llama {
                 }
             }
             lora.apply(l, p, xs, ys, w.cols(), w.rows());
-            Ok(())
+            match residual {
+                Some(r) => dense::with_rows(r, |rs| ops::add_assign(ys, rs))?,
+                None => Ok(()),
+            }
         })
     }
 
@@ -354,9 +359,9 @@ impl Llama {
         let (nh, nkv, hd) = (cfg.num_heads, cfg.num_kv_heads, cfg.head_dim);
         for (l, layer) in self.layers.iter().enumerate() {
             let h = ops::rms_norm(&x, &layer.input_norm, cfg.rms_norm_eps)?;
-            let mut q = self.project(l, Proj::Q, &h, &lora)?.reshape((n, nh, hd))?;
-            let mut k = self.project(l, Proj::K, &h, &lora)?.reshape((n, nkv, hd))?;
-            let v = self.project(l, Proj::V, &h, &lora)?.reshape((n, nkv, hd))?;
+            let mut q = self.project(l, Proj::Q, &h, &lora, None)?.reshape((n, nh, hd))?;
+            let mut k = self.project(l, Proj::K, &h, &lora, None)?.reshape((n, nkv, hd))?;
+            let v = self.project(l, Proj::V, &h, &lora, None)?.reshape((n, nkv, hd))?;
             if let Some([qn, kn]) = &layer.qk_norm {
                 q = ops::rms_norm(&q, qn, cfg.rms_norm_eps)?;
                 k = ops::rms_norm(&k, kn, cfg.rms_norm_eps)?;
@@ -368,37 +373,43 @@ impl Llama {
             let q = rope.apply(&q, &positions)?;
             let k = rope.apply(&k, &positions)?;
             let shape = kv.shape();
-            {
-                let (kc, vc) = kv.layer_mut(l);
-                write_kv(shape, kc, vc, &ops::to_f32_vec(&k)?, &ops::to_f32_vec(&v)?, &attn_seqs);
-            }
+            // The new keys and values into the cache and the queries into attention, read where
+            // the tensors hold them.
+            dense::with_rows(&k, |ks| {
+                dense::with_rows(&v, |vs| {
+                    let (kc, vc) = kv.layer_mut(l);
+                    write_kv(shape, kc, vc, ks, vs, &attn_seqs)
+                })
+            })??;
             let mut attn = vec![0f32; n * nh * hd];
             let window = cfg.layer_windows.get(l).copied().flatten();
-            paged_attention(shape, kv.layer(l), &ops::to_f32_vec(&q)?, &mut attn, &attn_seqs, scale, window);
+            dense::with_rows(&q, |qs| paged_attention(shape, kv.layer(l), qs, &mut attn, &attn_seqs, scale, window))?;
             let attn = Tensor::from_vec(attn, (n, nh * hd), &self.device)?;
-            let out = self.project(l, Proj::O, &attn, &lora)?;
             let eps = cfg.rms_norm_eps;
             let h = match &layer.ffn_norms {
                 // Gemma: the attention output normed, added, then the pre-MLP norm.
                 Some([pre, _]) => {
-                    x = (x + ops::rms_norm(&out, &layer.post_attention_norm, eps)?)?;
+                    let out = self.project(l, Proj::O, &attn, &lora, None)?;
+                    x = ops::add(&x, &ops::rms_norm(&out, &layer.post_attention_norm, eps)?)?;
                     ops::rms_norm(&x, pre, eps)?
                 }
                 None => {
-                    x = (x + out)?;
+                    x = self.project(l, Proj::O, &attn, &lora, Some(&x))?;
                     ops::rms_norm(&x, &layer.post_attention_norm, eps)?
                 }
             };
-            let gate = self.project(l, Proj::Gate, &h, &lora)?;
-            let up = self.project(l, Proj::Up, &h, &lora)?;
+            let gate = self.project(l, Proj::Gate, &h, &lora, None)?;
+            let up = self.project(l, Proj::Up, &h, &lora, None)?;
             let act = match cfg.family.activation().1 {
                 crate::shape::family::Activation::Silu => ops::silu_mul(&gate, &up)?,
                 crate::shape::family::Activation::GeluTanh => ops::gelu_tanh_mul(&gate, &up)?,
             };
-            let down = self.project(l, Proj::Down, &act, &lora)?;
             x = match &layer.ffn_norms {
-                Some([_, post]) => (x + ops::rms_norm(&down, post, eps)?)?,
-                None => (x + down)?,
+                Some([_, post]) => {
+                    let down = self.project(l, Proj::Down, &act, &lora, None)?;
+                    ops::add(&x, &ops::rms_norm(&down, post, eps)?)?
+                }
+                None => self.project(l, Proj::Down, &act, &lora, Some(&x))?,
             };
         }
         drop(attn_seqs);

@@ -2,7 +2,7 @@
 //! numerics: the norm and the gated activation in one pass over the tensors' storage, the rest
 //! on candle-core.
 
-use candle_core::{D, DType, Tensor};
+use candle_core::{D, Tensor};
 use rayon::prelude::*;
 
 use super::dense;
@@ -14,7 +14,7 @@ const PARALLEL_MIN_ELEMS: usize = 1 << 16;
 
 /// Elements per task of an op over `len` elements in rows of `width`: whole rows, all of
 /// them in one task below [`PARALLEL_MIN_ELEMS`].
-fn task_len(len: usize, width: usize) -> usize {
+pub(super) fn task_len(len: usize, width: usize) -> usize {
     let width = width.max(1);
     let rows = if len < PARALLEL_MIN_ELEMS { len / width } else { PARALLEL_MIN_ELEMS / 4 / width };
     rows.max(1) * width
@@ -58,14 +58,30 @@ pub fn silu_mul(gate: &Tensor, up: &Tensor) -> Result<Tensor> {
     Ok(Tensor::from_vec(out, gate.shape(), gate.device())?)
 }
 
+/// `y += r`, element by element (a residual stream added to a projection's output), split
+/// between the compute threads as the other ops are.
+pub fn add_assign(y: &mut [f32], r: &[f32]) -> Result<()> {
+    if y.len() != r.len() {
+        return Err(crate::error::Error::device(format!("adding {} elements to {}", r.len(), y.len())));
+    }
+    let task = task_len(y.len(), 1);
+    y.par_chunks_mut(task).zip(r.par_chunks(task)).for_each(|(y, r)| y.iter_mut().zip(r).for_each(|(y, r)| *y += r));
+    Ok(())
+}
+
+/// `a + b` for tensors of one shape, on the compute threads (never candle's own pool).
+pub fn add(a: &Tensor, b: &Tensor) -> Result<Tensor> {
+    if a.shape() != b.shape() {
+        return Err(crate::error::Error::device(format!("adding {:?} to {:?}", b.shape(), a.shape())));
+    }
+    let mut out = dense::with_rows(a, <[f32]>::to_vec)?;
+    dense::with_rows(b, |bs| add_assign(&mut out, bs))??;
+    Ok(Tensor::from_vec(out, a.shape(), a.device())?)
+}
+
 /// `gelu(gate) * up` with GELU's tanh approximation (Gemma's GeGLU, `gelu_pytorch_tanh`).
 pub fn gelu_tanh_mul(gate: &Tensor, up: &Tensor) -> Result<Tensor> {
     Ok((gate.gelu()? * up)?)
-}
-
-/// The elements of a tensor, row-major, as f32.
-pub fn to_f32_vec(t: &Tensor) -> Result<Vec<f32>> {
-    Ok(t.flatten_all()?.to_dtype(DType::F32)?.to_vec1()?)
 }
 
 #[cfg(test)]

@@ -1,8 +1,10 @@
 //! Rotary position embedding tables, computed the way transformers computes them.
 
 use candle_core::Tensor;
+use rayon::prelude::*;
 
 use super::dense;
+use super::ops::task_len;
 use crate::error::{Error, Result};
 use crate::shape::{ModelConfig, RopeScaling};
 
@@ -82,24 +84,32 @@ impl RopeTables {
                 positions.len()
             )));
         }
+        if let Some(&pos) = positions.iter().find(|&&p| (p as usize + 1) * half > self.cos.len()) {
+            return Err(Error::device(format!("RoPE position {pos} is past the model's context")));
+        }
+        let row = (heads * d).max(1);
         let mut out = vec![0f32; tokens * heads * d];
+        // A prefill's tokens are split between the compute threads, a decode step's stay on one.
+        let per_task = task_len(out.len(), row);
         dense::with_rows(x, |xs| {
-            for ((xt, ot), &pos) in xs.chunks_exact(heads * d).zip(out.chunks_exact_mut(heads * d)).zip(positions) {
-                let at = pos as usize * half;
-                let (Some(cos), Some(sin)) = (self.cos.get(at..at + half), self.sin.get(at..at + half)) else {
-                    return Err(Error::device(format!("RoPE position {pos} is past the model's context")));
-                };
-                for (xh, oh) in xt.chunks_exact(d).zip(ot.chunks_exact_mut(d)) {
-                    let (x1, x2) = xh.split_at(half);
-                    let (o1, o2) = oh.split_at_mut(half);
-                    for j in 0..half {
-                        o1[j] = x1[j] * cos[j] - x2[j] * sin[j];
-                        o2[j] = x2[j] * cos[j] + x1[j] * sin[j];
+            out.par_chunks_mut(per_task)
+                .zip(xs.par_chunks(per_task))
+                .zip(positions.par_chunks(per_task / row))
+                .for_each(|((out, xs), positions)| {
+                    for ((xt, ot), &pos) in xs.chunks_exact(row).zip(out.chunks_exact_mut(row)).zip(positions) {
+                        let at = pos as usize * half;
+                        let (cos, sin) = (&self.cos[at..at + half], &self.sin[at..at + half]);
+                        for (xh, oh) in xt.chunks_exact(d).zip(ot.chunks_exact_mut(d)) {
+                            let (x1, x2) = xh.split_at(half);
+                            let (o1, o2) = oh.split_at_mut(half);
+                            for j in 0..half {
+                                o1[j] = x1[j] * cos[j] - x2[j] * sin[j];
+                                o2[j] = x2[j] * cos[j] + x1[j] * sin[j];
+                            }
+                        }
                     }
-                }
-            }
-            Ok(())
-        })??;
+                })
+        })?;
         Ok(Tensor::from_vec(out, (tokens, heads, d), x.device())?)
     }
 }
