@@ -8,7 +8,7 @@ out=target/bench
 data=target/bench-data
 mkdir -p "$out"
 cargo build --release --locked -p openlora
-target/release/openlora bench --device cpu --dtype bf16 --keep "$data" --out "$out/openlora.json" "$@" >/dev/null
+target/release/openlora bench --device cpu --dtype bf16 --kv-cache-dtype bf16 --keep "$data" --out "$out/openlora.json" "$@" >/dev/null
 venv=target/peft-venv
 if ! "$venv/bin/python" -c "import torch, transformers, peft" 2>/dev/null; then
     python3 -m venv "$venv"

@@ -14,7 +14,7 @@ use openlora::engine::{EngineConfig, EngineHandle, Event, GenerationRequest, Req
 use openlora::error::SubmitError;
 use openlora::harness::reference::{WithAdapter, generate};
 use openlora::metrics::Metrics;
-use openlora::model::{LoadedModel, PagedKvCache};
+use openlora::model::{KvDType, LoadedModel, PagedKvCache};
 use openlora::pager::{AdapterPager, PagerConfig, PoolPlace};
 use openlora::sampling::SamplingParams;
 
@@ -173,7 +173,7 @@ fn batching_is_invisible_in_greedy_output() {
 fn a_kv_pool_too_small_preempts_and_still_completes_correctly() {
     let model = model();
     let reference_pager = pager(&model, PagerConfig::default());
-    let block = PagedKvCache::block_bytes(model.config());
+    let block = PagedKvCache::block_bytes(model.config(), KvDType::F32);
     // 12 blocks (192 tokens) for 24 requests of up to ~70 tokens each.
     let config = EngineConfig { kv_cache_bytes: 12 * block, max_batch_tokens: 128, ..Default::default() };
     let engine = start(&model, config);
@@ -212,7 +212,7 @@ fn a_sliding_window_survives_chunking_batching_and_preemption() {
         p
     };
     let reference = pager();
-    let block = PagedKvCache::block_bytes(model.config());
+    let block = PagedKvCache::block_bytes(model.config(), KvDType::F32);
     // 12 blocks (192 tokens) for 16 requests of up to ~62 tokens, 24 tokens a step.
     let config = EngineConfig { kv_cache_bytes: 12 * block, max_batch_tokens: 24, ..Default::default() };
     let engine = EngineHandle::start(model.clone(), pager(), config, Metrics::new()).expect("engine");

@@ -6,16 +6,23 @@
 
 use rayon::prelude::*;
 
-use crate::head::{HeadContext, attend};
+use crate::head::{HeadContext, KvValue, attend};
 
-/// One layer's key or value cache (read-only view).
-#[derive(Clone, Copy)]
-pub struct KvLayer<'a> {
+/// One layer's key and value caches (read-only view), in f32 or bf16 ([`KvValue`]).
+pub struct KvLayer<'a, T = f32> {
     /// Keys, `[blocks, block_size, kv_heads, head_dim]`.
-    pub k: &'a [f32],
+    pub k: &'a [T],
     /// Values, same layout.
-    pub v: &'a [f32],
+    pub v: &'a [T],
 }
+
+impl<T> Clone for KvLayer<'_, T> {
+    fn clone(&self) -> Self {
+        *self
+    }
+}
+
+impl<T> Copy for KvLayer<'_, T> {}
 
 /// Geometry shared by every call.
 #[derive(Clone, Copy, Debug)]
@@ -62,11 +69,11 @@ pub struct SeqAttention<'a> {
 }
 
 /// Writes the new tokens' keys and values (`[rows, kv_heads, head_dim]`) into the cache at the
-/// positions `context - new_tokens ..` of each sequence.
-pub fn write_kv(
+/// positions `context - new_tokens ..` of each sequence (rounded to bf16 in a bf16 cache).
+pub fn write_kv<T: KvValue>(
     shape: KvShape,
-    k_cache: &mut [f32],
-    v_cache: &mut [f32],
+    k_cache: &mut [T],
+    v_cache: &mut [T],
     k: &[f32],
     v: &[f32],
     seqs: &[SeqAttention<'_>],
@@ -76,8 +83,12 @@ pub fn write_kv(
         for t in 0..s.new_tokens {
             let at = shape.offset(s.blocks, s.context - s.new_tokens + t);
             let src = (s.row + t) * te;
-            k_cache[at..at + te].copy_from_slice(&k[src..src + te]);
-            v_cache[at..at + te].copy_from_slice(&v[src..src + te]);
+            for (c, &x) in k_cache[at..at + te].iter_mut().zip(&k[src..src + te]) {
+                *c = T::from_f32(x);
+            }
+            for (c, &x) in v_cache[at..at + te].iter_mut().zip(&v[src..src + te]) {
+                *c = T::from_f32(x);
+            }
         }
     }
 }
@@ -85,9 +96,9 @@ pub fn write_kv(
 /// Causal attention for every sequence: `q: [rows, heads, head_dim]` → `out: [rows, heads *
 /// head_dim]`, softmax in f32, scores scaled by `scale`; under a sliding `window` (in tokens,
 /// itself included) a query sees only the last `window` tokens up to its own.
-pub fn paged_attention(
+pub fn paged_attention<T: KvValue>(
     shape: KvShape,
-    cache: KvLayer<'_>,
+    cache: KvLayer<'_, T>,
     q: &[f32],
     out: &mut [f32],
     seqs: &[SeqAttention<'_>],

@@ -9,7 +9,7 @@ use candle_core::{DType, Device};
 use criterion::{BatchSize, Criterion, criterion_group, criterion_main};
 use openlora::harness::random::RandomAdapter;
 use openlora::metrics::Metrics;
-use openlora::model::{AllocStatus, LogitRows, ModelConfig, PagedKvCache, Proj, RopeScaling, SeqBatch, SeqKv};
+use openlora::model::{AllocStatus, KvDType, LogitRows, ModelConfig, PagedKvCache, Proj, RopeScaling, SeqBatch, SeqKv};
 use openlora::pager::{AdapterLease, AdapterPager, PagerConfig, PoolPlace};
 
 const ROWS: usize = 32;
@@ -75,7 +75,7 @@ fn decode_step(c: &mut Criterion) {
     // benchmark times the decode step only).
     let prompts: Vec<Vec<u32>> =
         (0..ROWS).map(|r| (0..CONTEXT as u32).map(|t| (r as u32 * 31 + t * 7) % 1000).collect()).collect();
-    let mut cache = PagedKvCache::for_sequences(&cfg, ROWS, CONTEXT + 1);
+    let mut cache = PagedKvCache::for_sequences(&cfg, ROWS, CONTEXT + 1, KvDType::F32);
     let mut caches: Vec<SeqKv> = (0..ROWS).map(|_| SeqKv::default()).collect();
     {
         let mut batch: Vec<SeqBatch<'_>> =

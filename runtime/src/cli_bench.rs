@@ -54,6 +54,9 @@ struct CpuBenchArgs {
     /// The dtype to serve in: auto (as stored), bf16, f16, f32 or int8 (weight-only).
     #[arg(long, default_value = "auto")]
     dtype: openlora::model::ServeDType,
+    /// What the KV cache keeps keys and values in: f32 or bf16 (as `memory.kv_cache_dtype`).
+    #[arg(long, default_value = "f32")]
+    kv_cache_dtype: openlora::model::KvDType,
     /// Batch sizes of the fixed-batch runs (base, then one adapter per request).
     #[arg(long, value_delimiter = ',', default_value = "16,1")]
     batches: Vec<usize>,
@@ -223,6 +226,7 @@ fn run_cpu_bench(args: BenchArgs) -> anyhow::Result<bool> {
         model: a.model,
         fixtures: args.fixtures,
         dtype: a.dtype,
+        kv_cache_dtype: a.kv_cache_dtype,
         batches: a.batches,
         rank: args.rank,
         prompt: args.prompt.unwrap_or(32).max(1),

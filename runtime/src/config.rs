@@ -122,6 +122,10 @@ impl LedgerConfig {
 pub struct MemoryConfig {
     /// KV cache pool.
     pub kv_cache_bytes: usize,
+    /// What the CPU backend's KV cache keeps keys and values in: `"f32"` (default) or
+    /// `"bf16"` (half the bytes per token, as vLLM's `--kv-cache-dtype`; the GPU backend
+    /// always keeps bf16).
+    pub kv_cache_dtype: crate::model::KvDType,
     /// Host RAM cache of loaded adapters.
     pub adapter_host_cache_bytes: usize,
     /// Active adapter page pool (on a GPU: device memory, bf16).
@@ -188,6 +192,7 @@ impl Default for MemoryConfig {
         let pager = PagerConfig::default();
         MemoryConfig {
             kv_cache_bytes: EngineConfig::default().kv_cache_bytes,
+            kv_cache_dtype: EngineConfig::default().kv_cache_dtype,
             adapter_host_cache_bytes: pager.host_cache_bytes,
             adapter_pool_bytes: pager.active_pool_bytes,
             device_bytes: None,
@@ -354,6 +359,7 @@ impl ServerConfig {
     pub fn engine(&self) -> EngineConfig {
         EngineConfig {
             kv_cache_bytes: self.memory.kv_cache_bytes,
+            kv_cache_dtype: self.memory.kv_cache_dtype,
             max_batch_tokens: self.limits.max_batch_tokens,
             max_running: self.limits.max_running,
             max_waiting: self.limits.max_waiting,
@@ -422,6 +428,7 @@ mod tests {
             sql = "/adapters/sql"
             [memory]
             kv_cache_bytes = 1048576
+            kv_cache_dtype = "bf16"
             [limits]
             max_body_bytes = 4096
             [api_keys]
@@ -434,6 +441,8 @@ mod tests {
         assert_eq!(c.api_keys["sk-abc"], "acme");
         assert_eq!(c.limits.max_body_bytes, 4096);
         assert_eq!(c.memory.kv_cache_bytes, 1 << 20);
+        assert_eq!(c.engine().kv_cache_dtype, crate::model::KvDType::Bf16);
+        assert_eq!(ServerConfig::default().engine().kv_cache_dtype, crate::model::KvDType::F32);
     }
 
     #[test]

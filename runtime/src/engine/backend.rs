@@ -6,7 +6,7 @@ use std::sync::Arc;
 
 use crate::error::{Error, Result};
 use crate::model::lora::AdapterShare;
-use crate::model::{BlockPool, LoadedModel, LogitRows, PagedKvCache, SeqBatch};
+use crate::model::{BlockPool, KvDType, LoadedModel, LogitRows, PagedKvCache, SeqBatch};
 use crate::pager::AdapterPager;
 
 /// What the engine needs from a step to choose a sequence's next token.
@@ -68,10 +68,11 @@ pub struct CpuBackend {
 }
 
 impl CpuBackend {
-    /// A backend for `model` (loaded with its CPU weights) with a KV pool of `kv_bytes`.
-    pub fn new(model: Arc<LoadedModel>, kv_bytes: usize) -> Result<Self> {
+    /// A backend for `model` (loaded with its CPU weights) with a KV pool of `kv_bytes` keeping
+    /// keys and values in `kv_dtype`.
+    pub fn new(model: Arc<LoadedModel>, kv_bytes: usize, kv_dtype: KvDType) -> Result<Self> {
         model.llama()?;
-        let kv = PagedKvCache::with_bytes(model.config(), kv_bytes);
+        let kv = PagedKvCache::with_bytes(model.config(), kv_bytes, kv_dtype);
         if kv.total_blocks() == 0 {
             return Err(Error::config("server configuration", "memory.kv_cache_bytes", "too small for one KV block"));
         }

@@ -18,7 +18,7 @@ use tokio::sync::mpsc::{UnboundedReceiver, unbounded_channel};
 
 use crate::error::{Error, Result, SubmitError};
 use crate::metrics::Metrics;
-use crate::model::LoadedModel;
+use crate::model::{KvDType, LoadedModel};
 use crate::pager::AdapterPager;
 pub use crate::request::GenerationRequest;
 use crate::request::{AdapterRef, Checker, ValidRequest};
@@ -29,6 +29,8 @@ pub use finish::{Ended, FinishReason, StopScanner};
 pub struct EngineConfig {
     /// Bytes of the KV cache pool (of the CPU backend; a GPU backend sizes its own).
     pub kv_cache_bytes: usize,
+    /// What the CPU backend's KV cache keeps keys and values in (a GPU backend keeps bf16).
+    pub kv_cache_dtype: KvDType,
     /// Most tokens (prefill and decode together) in one step.
     pub max_batch_tokens: usize,
     /// Most sequences running at once.
@@ -43,6 +45,7 @@ impl Default for EngineConfig {
     fn default() -> Self {
         EngineConfig {
             kv_cache_bytes: 256 << 20,
+            kv_cache_dtype: KvDType::F32,
             max_batch_tokens: 512,
             max_running: 64,
             max_waiting: 1024,
@@ -214,7 +217,7 @@ struct Core {
 impl EngineHandle {
     /// Starts the engine thread for `model` on the CPU, reading adapters from `pager`.
     pub fn start(model: Arc<LoadedModel>, pager: AdapterPager, config: EngineConfig, metrics: Metrics) -> Result<Self> {
-        let backend = backend::CpuBackend::new(model.clone(), config.kv_cache_bytes)?;
+        let backend = backend::CpuBackend::new(model.clone(), config.kv_cache_bytes, config.kv_cache_dtype)?;
         Self::start_on(Box::new(backend), model, pager, config, metrics)
     }
 

@@ -20,7 +20,7 @@ pub fn markdown(ours: &Value, peft: &Value) -> String {
     let f = |v: &Value| v.as_f64().map_or("–".to_string(), |x| format!("{x:.1}"));
     let mut s = format!(
         "Model: Llama, hidden {}, {} layers, vocab {}; rank-{} adapters on q/k/v/o; {} prompt + {} new tokens, greedy. \
-         openlora in {} on {} ({} threads); PEFT with torch {} ({} threads).\n\n",
+         openlora in {} ({} KV cache) on {} ({} threads); PEFT with torch {} ({} threads).\n\n",
         ours["model"]["hidden"],
         ours["model"]["layers"],
         ours["model"]["vocab"],
@@ -28,6 +28,7 @@ pub fn markdown(ours: &Value, peft: &Value) -> String {
         ours["prompt"],
         ours["new_tokens"],
         ours["dtype"].as_str().unwrap_or("?"),
+        ours["kv_cache_dtype"].as_str().unwrap_or("f32"),
         ours["isa"].as_str().unwrap_or("?"),
         ours["threads"],
         peft["torch"].as_str().unwrap_or("?"),

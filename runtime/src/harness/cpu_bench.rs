@@ -18,7 +18,7 @@ use super::workload::WorkloadSpec;
 use crate::engine::{EngineConfig, EngineHandle};
 use crate::error::{Error, LoadError, Result};
 use crate::metrics::Metrics;
-use crate::model::{LoadedModel, ServeDType};
+use crate::model::{KvDType, LoadedModel, ServeDType};
 use crate::pager::{AdapterPager, PagerConfig, PoolPlace};
 
 /// `config.json` of the benchmark's model: a 184M-parameter Llama (hidden 1024, 8 layers,
@@ -37,6 +37,8 @@ pub struct CpuBenchConfig {
     pub fixtures: PathBuf,
     /// The dtype to serve in.
     pub dtype: ServeDType,
+    /// What the KV cache keeps keys and values in.
+    pub kv_cache_dtype: KvDType,
     /// Batch sizes of the fixed-batch runs.
     pub batches: Vec<usize>,
     /// Adapter rank.
@@ -107,7 +109,8 @@ pub fn run(c: &CpuBenchConfig) -> Result<Value> {
     for (name, dir) in &names {
         pager.register(name, dir)?;
     }
-    let engine = EngineHandle::start(model.clone(), pager, EngineConfig::default(), metrics.clone())?;
+    let engine_config = EngineConfig { kv_cache_dtype: c.kv_cache_dtype, ..EngineConfig::default() };
+    let engine = EngineHandle::start(model.clone(), pager, engine_config, metrics.clone())?;
     let names: Vec<String> = names.into_iter().map(|(n, _)| n).collect();
     let mut batches = serde_json::Map::new();
     for &b in &c.batches {
@@ -134,6 +137,7 @@ pub fn run(c: &CpuBenchConfig) -> Result<Value> {
         "isa": openlora_kernels::gemm::isa_name(),
         "threads": openlora_kernels::gemm::threads(),
         "dtype": model.llama()?.dtype().as_str(),
+        "kv_cache_dtype": c.kv_cache_dtype.as_str(),
         "model": {"hidden": cfg.hidden_size, "layers": cfg.num_layers, "vocab": cfg.vocab_size,
                   "intermediate": cfg.intermediate_size, "load_s": load_s},
         "rank": c.rank, "prompt": c.prompt, "new_tokens": c.new_tokens,
@@ -211,6 +215,7 @@ mod tests {
             model: Some(keep.join("model")),
             fixtures,
             dtype: ServeDType::Bf16,
+            kv_cache_dtype: KvDType::Bf16,
             batches: vec![4, 1],
             rank: 4,
             prompt: 8,
@@ -232,6 +237,7 @@ mod tests {
         };
         let r = run(&c).expect("bench");
         assert_eq!(r["dtype"], "bf16");
+        assert_eq!(r["kv_cache_dtype"], "bf16");
         assert_eq!(r["batches"]["4"]["mixed"]["tokens"], 12);
         assert_eq!(r["batches"]["1"]["base"]["tokens"], 3);
         let w = &r["workload"][0];

@@ -283,7 +283,7 @@ pub fn serving(ordinal: usize, fixtures: &Path) -> Result<Value> {
         let backend: Box<dyn Backend> = if on_gpu {
             Box::new(GpuBackend::open(ordinal, &model, &pager, Some(512 << 20), 8)?)
         } else {
-            Box::new(CpuBackend::new(model.clone(), 64 << 20)?)
+            Box::new(CpuBackend::new(model.clone(), 64 << 20, crate::model::KvDType::F32)?)
         };
         let engine = EngineHandle::start_on(backend, model, pager, EngineConfig::default(), Metrics::new())?;
         let served = serve_all(&engine, requests.clone())?;

@@ -4,7 +4,7 @@
 
 use crate::engine::{FinishReason, StopScanner};
 use crate::error::Result;
-use crate::model::{LoadedModel, LogitRows, PagedKvCache, SeqBatch, SeqKv, StreamDecoder};
+use crate::model::{KvDType, LoadedModel, LogitRows, PagedKvCache, SeqBatch, SeqKv, StreamDecoder};
 use crate::pager::{AdapterLease, AdapterPager};
 use crate::sampling::{Sampler, SamplingParams};
 
@@ -47,7 +47,7 @@ pub fn generate(
     let ignore_eos = params.ignore_eos;
     let mut scanner = StopScanner::new(params.stop.clone());
     let mut sampler = Sampler::new(params);
-    let mut cache = PagedKvCache::for_sequences(model.config(), 1, prompt_ids.len() + max_new);
+    let mut cache = PagedKvCache::for_sequences(model.config(), 1, prompt_ids.len() + max_new, KvDType::F32);
     let mut kv = SeqKv::default();
     let mut ids = prompt_ids.to_vec();
     let mut decoder = StreamDecoder::starting_at(ids.len());

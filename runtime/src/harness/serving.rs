@@ -123,7 +123,7 @@ mod tests {
             pager.register(&format!("r{i}"), &dir.join(format!("r{i}"))).expect("register");
             names.push(format!("r{i}"));
         }
-        let backend = CpuBackend::new(model.clone(), 16 << 20).expect("backend");
+        let backend = CpuBackend::new(model.clone(), 16 << 20, crate::model::KvDType::F32).expect("backend");
         let engine = EngineHandle::start_on(Box::new(backend), model, pager, EngineConfig::default(), Metrics::new())
             .expect("engine");
         let r = modes(&engine, &names, 4, 8, 3).expect("modes");

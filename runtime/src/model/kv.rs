@@ -1,7 +1,8 @@
 //! The paged key/value cache: fixed-size blocks of 16 tokens from one pool sized in bytes,
 //! handed to sequences through block tables (vLLM's PagedAttention layout).
 
-use openlora_kernels::attention::{KvLayer, KvShape};
+use openlora_kernels::attention::{KvLayer, KvShape, SeqAttention, paged_attention, write_kv};
+use openlora_kernels::head::KvValue;
 
 use crate::shape::ModelConfig;
 
@@ -115,21 +116,67 @@ impl BlockPool {
     }
 }
 
-/// The KV pool of every layer in host memory (f32), and its block bookkeeping.
+/// What the host KV cache keeps keys and values in (config `memory.kv_cache_dtype`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum KvDType {
+    /// 32-bit floats (a model served in f32, f16, int8 or as stored).
+    F32,
+    /// bfloat16, as transformers computing in bf16 keeps them: half the bytes attention reads.
+    Bf16,
+}
+
+impl std::str::FromStr for KvDType {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "f32" | "float32" => Ok(KvDType::F32),
+            "bf16" | "bfloat16" => Ok(KvDType::Bf16),
+            _ => Err(format!("unknown KV cache dtype `{s}`; expected f32 or bf16")),
+        }
+    }
+}
+
+impl KvDType {
+    /// The canonical name.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            KvDType::F32 => "f32",
+            KvDType::Bf16 => "bf16",
+        }
+    }
+
+    /// Bytes one value takes.
+    pub fn value_bytes(self) -> usize {
+        match self {
+            KvDType::F32 => 4,
+            KvDType::Bf16 => 2,
+        }
+    }
+}
+
+/// Every layer's key and value pools, in the cache's dtype.
+enum Pools {
+    F32(Vec<(Vec<f32>, Vec<f32>)>),
+    Bf16(Vec<(Vec<u16>, Vec<u16>)>),
+}
+
+/// The KV pool of every layer in host memory (f32 or bf16), and its block bookkeeping.
 pub struct PagedKvCache {
     shape: KvShape,
-    layers: Vec<(Vec<f32>, Vec<f32>)>,
+    pools: Pools,
     blocks: BlockPool,
 }
 
 impl PagedKvCache {
-    /// Bytes one block takes across all layers (keys and values, f32).
-    pub fn block_bytes(cfg: &ModelConfig) -> usize {
-        BlockPool::block_bytes(cfg, 4)
+    /// Bytes one block takes across all layers (keys and values) in `dtype`.
+    pub fn block_bytes(cfg: &ModelConfig, dtype: KvDType) -> usize {
+        BlockPool::block_bytes(cfg, dtype.value_bytes())
     }
 
-    /// A pool of `num_blocks` blocks.
-    pub fn new(cfg: &ModelConfig, num_blocks: usize) -> Self {
+    /// A pool of `num_blocks` blocks in `dtype`.
+    pub fn new(cfg: &ModelConfig, num_blocks: usize, dtype: KvDType) -> Self {
         let shape = KvShape {
             block_size: BLOCK_SIZE,
             kv_heads: cfg.num_kv_heads,
@@ -137,21 +184,30 @@ impl PagedKvCache {
             head_dim: cfg.head_dim,
         };
         let elems = num_blocks * shape.block_elems();
-        PagedKvCache {
-            shape,
-            layers: (0..cfg.num_layers).map(|_| (vec![0.0; elems], vec![0.0; elems])).collect(),
-            blocks: BlockPool::new(num_blocks),
+        let layers = 0..cfg.num_layers;
+        let pools = match dtype {
+            KvDType::F32 => Pools::F32(layers.map(|_| (vec![0.0; elems], vec![0.0; elems])).collect()),
+            KvDType::Bf16 => Pools::Bf16(layers.map(|_| (vec![0; elems], vec![0; elems])).collect()),
+        };
+        PagedKvCache { shape, pools, blocks: BlockPool::new(num_blocks) }
+    }
+
+    /// The dtype it keeps keys and values in.
+    pub fn dtype(&self) -> KvDType {
+        match self.pools {
+            Pools::F32(_) => KvDType::F32,
+            Pools::Bf16(_) => KvDType::Bf16,
         }
     }
 
     /// A pool using at most `bytes` bytes.
-    pub fn with_bytes(cfg: &ModelConfig, bytes: usize) -> Self {
-        Self::new(cfg, bytes / Self::block_bytes(cfg))
+    pub fn with_bytes(cfg: &ModelConfig, bytes: usize, dtype: KvDType) -> Self {
+        Self::new(cfg, bytes / Self::block_bytes(cfg, dtype), dtype)
     }
 
     /// A pool just large enough for `seqs` sequences of `max_tokens` tokens each.
-    pub fn for_sequences(cfg: &ModelConfig, seqs: usize, max_tokens: usize) -> Self {
-        Self::new(cfg, seqs * blocks_for(max_tokens))
+    pub fn for_sequences(cfg: &ModelConfig, seqs: usize, max_tokens: usize, dtype: KvDType) -> Self {
+        Self::new(cfg, seqs * blocks_for(max_tokens), dtype)
     }
 
     /// The cache's geometry.
@@ -189,16 +245,35 @@ impl PagedKvCache {
         self.blocks.release(seq)
     }
 
-    /// Layer `l`'s key and value pools, mutable.
-    pub(crate) fn layer_mut(&mut self, l: usize) -> (&mut [f32], &mut [f32]) {
-        let (k, v) = &mut self.layers[l];
-        (k, v)
-    }
-
-    /// Layer `l`'s key and value pools.
-    pub(crate) fn layer(&self, l: usize) -> KvLayer<'_> {
-        let (k, v) = &self.layers[l];
-        KvLayer { k, v }
+    /// Layer `l` of one step: writes the new tokens' keys `k` and values `v` (`[rows, kv_heads,
+    /// head_dim]`, f32) into the cache, then attends every query row of `q` over its sequence's
+    /// context into `out` (see [`paged_attention`]).
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn write_and_attend(
+        &mut self,
+        l: usize,
+        (k, v, q): (&[f32], &[f32], &[f32]),
+        out: &mut [f32],
+        seqs: &[SeqAttention<'_>],
+        scale: f32,
+        window: Option<usize>,
+    ) {
+        fn run<T: KvValue>(
+            shape: KvShape,
+            (kc, vc): &mut (Vec<T>, Vec<T>),
+            (k, v, q): (&[f32], &[f32], &[f32]),
+            out: &mut [f32],
+            seqs: &[SeqAttention<'_>],
+            scale: f32,
+            window: Option<usize>,
+        ) {
+            write_kv(shape, kc, vc, k, v, seqs);
+            paged_attention(shape, KvLayer { k: kc, v: vc }, q, out, seqs, scale, window);
+        }
+        match &mut self.pools {
+            Pools::F32(layers) => run(self.shape, &mut layers[l], (k, v, q), out, seqs, scale, window),
+            Pools::Bf16(layers) => run(self.shape, &mut layers[l], (k, v, q), out, seqs, scale, window),
+        }
     }
 }
 
@@ -234,7 +309,7 @@ mod tests {
 
     #[test]
     fn allocation_answers_ok_later_impossible() {
-        let mut kv = PagedKvCache::new(&cfg(), 4);
+        let mut kv = PagedKvCache::new(&cfg(), 4, KvDType::F32);
         let mut a = SeqKv::default();
         assert_eq!(kv.reserve(&mut a, 17), AllocStatus::Ok); // two blocks
         assert_eq!(a.blocks().len(), 2);

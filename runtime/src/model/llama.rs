@@ -8,12 +8,12 @@ use std::sync::Arc;
 
 use candle_core::{D, DType, Device, Tensor};
 
-use openlora_kernels::attention::{SeqAttention, paged_attention, write_kv};
+use openlora_kernels::attention::SeqAttention;
 use openlora_kernels::gemm::Weight;
 use openlora_kernels::lora::PagePool;
 
 use super::dense::{self, ServeDType};
-use super::kv::{AllocStatus, BlockPool, PagedKvCache, SeqKv};
+use super::kv::{AllocStatus, BlockPool, KvDType, PagedKvCache, SeqKv};
 use super::lora::{AdapterShare, LoraPlan, PlacedAdapter};
 use super::ops;
 use super::rope::RopeTables;
@@ -249,9 +249,9 @@ impl Llama {
         &self.cfg
     }
 
-    /// A KV pool holding `seqs` sequences of up to the model's full context.
+    /// A KV pool (f32) holding `seqs` sequences of up to the model's full context.
     pub fn kv_cache_for(&self, seqs: usize) -> PagedKvCache {
-        PagedKvCache::for_sequences(&self.cfg, seqs, self.cfg.max_position_embeddings)
+        PagedKvCache::for_sequences(&self.cfg, seqs, self.cfg.max_position_embeddings, KvDType::F32)
     }
 
     /// The dtype the dense weights are kept in.
@@ -372,18 +372,17 @@ impl Llama {
             };
             let q = rope.apply(&q, &positions)?;
             let k = rope.apply(&k, &positions)?;
-            let shape = kv.shape();
             // The new keys and values into the cache and the queries into attention, read where
             // the tensors hold them.
-            dense::with_rows(&k, |ks| {
-                dense::with_rows(&v, |vs| {
-                    let (kc, vc) = kv.layer_mut(l);
-                    write_kv(shape, kc, vc, ks, vs, &attn_seqs)
-                })
-            })??;
             let mut attn = vec![0f32; n * nh * hd];
             let window = cfg.layer_windows.get(l).copied().flatten();
-            dense::with_rows(&q, |qs| paged_attention(shape, kv.layer(l), qs, &mut attn, &attn_seqs, scale, window))?;
+            dense::with_rows(&k, |ks| {
+                dense::with_rows(&v, |vs| {
+                    dense::with_rows(&q, |qs| {
+                        kv.write_and_attend(l, (ks, vs, qs), &mut attn, &attn_seqs, scale, window)
+                    })
+                })
+            })???;
             let attn = Tensor::from_vec(attn, (n, nh * hd), &self.device)?;
             let eps = cfg.rms_norm_eps;
             let h = match &layer.ffn_norms {

@@ -15,7 +15,7 @@ use candle_core::Device;
 
 pub use crate::shape::{GenerationDefaults, ModelConfig, Proj, RopeScaling, WeightDType};
 pub use dense::ServeDType;
-pub use kv::{AllocStatus, BLOCK_SIZE, BlockPool, PagedKvCache, SeqKv};
+pub use kv::{AllocStatus, BLOCK_SIZE, BlockPool, KvDType, PagedKvCache, SeqKv};
 pub use llama::{Llama, LogitRows, SeqBatch};
 pub use tokenizer::{StreamDecoder, TextTokenizer};
 pub use weights::WeightFiles;
