@@ -455,6 +455,7 @@ mod tests {
             ("[memory]\nadapter_pool_bytes = 1024\ndevice_bytes = 1024", "memory.device_bytes"),
             ("[api_keys]\n\"sk-1\" = \"alice:eu\"", "api_keys"),
             ("[api_keys]\n\"sk-1\" = \"\"", "api_keys"),
+            ("[memory]\nkv_cache_dtype = \"fp8\"", "-"),
         ] {
             match ServerConfig::from_toml(Path::new("c.toml"), text) {
                 Err(Error::Config { field: f, file, .. }) => {

@@ -117,10 +117,9 @@ impl BlockPool {
 }
 
 /// What the host KV cache keeps keys and values in (config `memory.kv_cache_dtype`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Deserialize)]
-#[serde(rename_all = "lowercase")]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum KvDType {
-    /// 32-bit floats (a model served in f32, f16, int8 or as stored).
+    /// 32-bit floats (the default).
     F32,
     /// bfloat16, as transformers computing in bf16 keeps them: half the bytes attention reads.
     Bf16,
@@ -135,6 +134,12 @@ impl std::str::FromStr for KvDType {
             "bf16" | "bfloat16" => Ok(KvDType::Bf16),
             _ => Err(format!("unknown KV cache dtype `{s}`; expected f32 or bf16")),
         }
+    }
+}
+
+impl<'de> serde::Deserialize<'de> for KvDType {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        String::deserialize(d)?.parse().map_err(serde::de::Error::custom)
     }
 }
 
@@ -192,14 +197,6 @@ impl PagedKvCache {
         PagedKvCache { shape, pools, blocks: BlockPool::new(num_blocks) }
     }
 
-    /// The dtype it keeps keys and values in.
-    pub fn dtype(&self) -> KvDType {
-        match self.pools {
-            Pools::F32(_) => KvDType::F32,
-            Pools::Bf16(_) => KvDType::Bf16,
-        }
-    }
-
     /// A pool using at most `bytes` bytes.
     pub fn with_bytes(cfg: &ModelConfig, bytes: usize, dtype: KvDType) -> Self {
         Self::new(cfg, bytes / Self::block_bytes(cfg, dtype), dtype)
@@ -248,7 +245,6 @@ impl PagedKvCache {
     /// Layer `l` of one step: writes the new tokens' keys `k` and values `v` (`[rows, kv_heads,
     /// head_dim]`, f32) into the cache, then attends every query row of `q` over its sequence's
     /// context into `out` (see [`paged_attention`]).
-    #[allow(clippy::too_many_arguments)]
     pub(crate) fn write_and_attend(
         &mut self,
         l: usize,
