@@ -30,89 +30,56 @@ pub trait KvValue: Copy + Default + Send + Sync + 'static {
     ) -> bool;
 }
 
-impl KvValue for f32 {
-    fn from_f32(v: f32) -> Self {
-        v
-    }
-
-    fn dot(a: &[f32], b: &[f32]) -> f32 {
-        dot(a, b)
-    }
-
-    fn axpy(y: &mut [f32], alpha: f32, x: &[f32]) {
-        axpy(y, alpha, x)
-    }
-
-    unsafe fn one_pass(
-        isa: Isa,
-        q: &[f32],
-        ctx: HeadContext<'_, f32>,
-        scale: f32,
-        s: &mut [f32],
-        o: &mut [f32],
-    ) -> bool {
-        // SAFETY: the caller's contract (checked bounds, available `isa`).
-        #[cfg(target_arch = "x86_64")]
-        unsafe {
-            match (isa, q.len()) {
-                (Isa::Avx512 | Isa::Avx512Bf16, 64) => x86::attend512::<4>(q, ctx, scale, s, o),
-                (Isa::Avx512 | Isa::Avx512Bf16, 128) => x86::attend512::<8>(q, ctx, scale, s, o),
-                (Isa::Avx512 | Isa::Avx512Bf16, 256) => x86::attend512::<16>(q, ctx, scale, s, o),
-                (Isa::Avx2, 64) => x86::attend256::<8>(q, ctx, scale, s, o),
-                (Isa::Avx2, 128) => x86::attend256::<16>(q, ctx, scale, s, o),
-                _ => return false,
+/// Implements [`KvValue`] for a cache element type: its rounding from f32, its widening dot
+/// product and axpy, and its one-pass kernels (AVX-512 and AVX2).
+macro_rules! kv_value {
+    ($ty:ty, $from:expr, $dot:path, $axpy:path, $pass512:ident, $pass256:ident) => {
+        impl KvValue for $ty {
+            fn from_f32(v: f32) -> Self {
+                $from(v)
             }
-            true
+
+            fn dot(a: &[f32], b: &[$ty]) -> f32 {
+                $dot(a, b)
+            }
+
+            fn axpy(y: &mut [f32], alpha: f32, x: &[$ty]) {
+                $axpy(y, alpha, x)
+            }
+
+            unsafe fn one_pass(
+                isa: Isa,
+                q: &[f32],
+                ctx: HeadContext<'_, $ty>,
+                scale: f32,
+                s: &mut [f32],
+                o: &mut [f32],
+            ) -> bool {
+                // SAFETY: the caller's contract (checked bounds, available `isa`).
+                #[cfg(target_arch = "x86_64")]
+                unsafe {
+                    match (isa, q.len()) {
+                        (Isa::Avx512 | Isa::Avx512Bf16, 64) => x86::$pass512::<4>(q, ctx, scale, s, o),
+                        (Isa::Avx512 | Isa::Avx512Bf16, 128) => x86::$pass512::<8>(q, ctx, scale, s, o),
+                        (Isa::Avx512 | Isa::Avx512Bf16, 256) => x86::$pass512::<16>(q, ctx, scale, s, o),
+                        (Isa::Avx2, 64) => x86::$pass256::<8>(q, ctx, scale, s, o),
+                        (Isa::Avx2, 128) => x86::$pass256::<16>(q, ctx, scale, s, o),
+                        _ => return false,
+                    }
+                    true
+                }
+                #[cfg(not(target_arch = "x86_64"))]
+                {
+                    let _ = (isa, q, ctx, scale, s, o);
+                    false
+                }
+            }
         }
-        #[cfg(not(target_arch = "x86_64"))]
-        {
-            let _ = (isa, q, ctx, scale, s, o);
-            false
-        }
-    }
+    };
 }
 
-impl KvValue for u16 {
-    fn from_f32(v: f32) -> Self {
-        f32_to_bf16(v)
-    }
-
-    fn dot(a: &[f32], b: &[u16]) -> f32 {
-        dot_bf16(a, b)
-    }
-
-    fn axpy(y: &mut [f32], alpha: f32, x: &[u16]) {
-        axpy_bf16(y, alpha, x)
-    }
-
-    unsafe fn one_pass(
-        isa: Isa,
-        q: &[f32],
-        ctx: HeadContext<'_, u16>,
-        scale: f32,
-        s: &mut [f32],
-        o: &mut [f32],
-    ) -> bool {
-        // SAFETY: the caller's contract (checked bounds, available `isa`).
-        #[cfg(target_arch = "x86_64")]
-        unsafe {
-            match (isa, q.len()) {
-                (Isa::Avx512 | Isa::Avx512Bf16, 64) => x86::attend512_bf16::<4>(q, ctx, scale, s, o),
-                (Isa::Avx512 | Isa::Avx512Bf16, 128) => x86::attend512_bf16::<8>(q, ctx, scale, s, o),
-                (Isa::Avx512 | Isa::Avx512Bf16, 256) => x86::attend512_bf16::<16>(q, ctx, scale, s, o),
-                (Isa::Avx2, 64) => x86::attend256_bf16::<8>(q, ctx, scale, s, o),
-                (Isa::Avx2, 128) => x86::attend256_bf16::<16>(q, ctx, scale, s, o),
-                _ => return false,
-            }
-            true
-        }
-        #[cfg(not(target_arch = "x86_64"))]
-        {
-            let _ = (isa, q, ctx, scale, s, o);
-            false
-        }
-    }
-}
+kv_value!(f32, std::convert::identity, dot, axpy, attend512, attend256);
+kv_value!(u16, f32_to_bf16, dot_bf16, axpy_bf16, attend512_bf16, attend256_bf16);
 
 /// Where one head reads its context: the layer's key and value caches, the offset of each
 /// context token's row (all KV heads) in them, and the head's offset within a row.
