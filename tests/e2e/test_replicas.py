@@ -136,8 +136,11 @@ def scrape(r: Server) -> dict:
 
 
 def affinity_score(m: dict, adapter: str) -> float:
-    """The LoRA-affinity scorer: the adapter active there 1.0, room for another adapter 0.8, the
-    adapter waiting there 0.6, full 0."""
+    """The LoRA-affinity scorer, residency-aware (`affinity-resident` in scripts/gateway_sim.py):
+    the adapter active there — running, or on the GPU (`vllm:lora_adapter_loaded{level="gpu"}`,
+    the residency metric the routers are adopting) — 1.0, room for another adapter 0.8, the
+    adapter waiting there 0.6, full 0. The deployed picker's scorer reads running adapters only;
+    on this test's short requests an adapter is rarely running when the next request comes."""
     if adapter in m["running"] or adapter in m["resident"]:
         return 1.0
     if len(m["resident"] | m["running"]) < m["max_lora"]:
