@@ -23,6 +23,25 @@ ADMIN_TOKEN = "admin-token-for-tests-0123456789"
 BINARY = Path(os.environ.get("OPENLORA_BIN", ROOT / "target" / "debug" / "openlora"))
 
 
+def gpu_env() -> dict:
+    """The environment a server on `cuda:0` runs in: `OPENLORA_CUDA_LIBS` names a folder of CUDA
+    libraries (the stand-in's) to load first, and only that folder: another NVRTC on the path must
+    not be the one loaded."""
+    libs = os.environ.get("OPENLORA_CUDA_LIBS")
+    return {"LD_LIBRARY_PATH": libs} if libs else {}
+
+
+def gpu_server(**kw) -> "Server":
+    """A `Server` on `cuda:0`; skips the test where no CUDA device (nor the stand-in) is present,
+    unless `OPENLORA_REQUIRE_GPU` is set."""
+    try:
+        return Server(device="cuda:0", env=gpu_env(), **kw)
+    except RuntimeError as e:
+        if os.environ.get("OPENLORA_REQUIRE_GPU"):
+            raise
+        pytest.skip(f"no CUDA device: {str(e)[-300:]}")
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -1,21 +1,23 @@
 """Every model family openlora runs, served: `openlora serve` on each family's fixture (Qwen2,
 Qwen3, windowed Mistral, Gemma 3, next to the Llama fixtures the other tests use) answers the `openai`
 client — completions on the base and on each of the family's PEFT adapters, in one concurrent
-mix, greedy tokens as transformers chose them, and chat through the family's own template."""
+mix, and chat through the family's own template — on the CPU backend and on the GPU backend
+(`--device cuda:0`: the CUDA stand-in in the test command, a GPU where there is one)."""
 
 import json
 from concurrent.futures import ThreadPoolExecutor
 
 import openai
 import pytest
-from conftest import ADMIN_TOKEN, API_KEY, FIXTURES, Server
+from conftest import ADMIN_TOKEN, API_KEY, FIXTURES, Server, gpu_server
 
 FAMILIES = ["qwen2-f32", "qwen3-bf16", "mistral-window8-f32", "gemma3-bf16"]
 
 
-@pytest.fixture(scope="module", params=FAMILIES)
+@pytest.fixture(scope="module", params=[(f, d) for d in ["cpu", "cuda:0"] for f in FAMILIES],
+                ids=lambda p: f"{p[0]}-{p[1]}")
 def family(request):
-    name = request.param
+    name, device = request.param
     adapters_dir = FIXTURES / "adapters" / name
     adapters = json.loads((adapters_dir / "mixed_reference.json").read_text())["rows"]
     names = sorted({a for a in adapters if a != "__base__"})
@@ -31,7 +33,7 @@ admin_token = "{ADMIN_TOKEN}"
 [api_keys]
 "{API_KEY}" = "acme"
 """
-    s = Server(config=config)
+    s = Server(config=config) if device == "cpu" else gpu_server(config=config)
     yield name, names, s
     assert s.stop() == 0, s.logs()
 

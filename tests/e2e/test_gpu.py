@@ -12,7 +12,7 @@ import threading
 import httpx
 import openai
 import pytest
-from conftest import ADMIN_TOKEN, BINARY, ROOT, Server, adapter_tar
+from conftest import ADMIN_TOKEN, BINARY, ROOT, Server, adapter_tar, gpu_env, gpu_server
 
 DEMO = ROOT / "runtime" / "assets" / "default-model" / "adapters"
 BASE = "openlora-tiny-fortunes"
@@ -20,22 +20,9 @@ MODELS = [BASE, "startrek", "computers", "love"]
 STANDIN = bool(os.environ.get("OPENLORA_CUDA_LIBS"))
 
 
-def gpu_env() -> dict:
-    libs = os.environ.get("OPENLORA_CUDA_LIBS")
-    if not libs:
-        return {}
-    # Only that folder: another NVRTC on the path must not be the one loaded.
-    return {"LD_LIBRARY_PATH": libs}
-
-
 @pytest.fixture(scope="module")
 def gpu():
-    try:
-        s = Server.embedded(device="cuda:0", env=gpu_env())
-    except RuntimeError as e:
-        if os.environ.get("OPENLORA_REQUIRE_GPU"):
-            raise
-        pytest.skip(f"no CUDA device: {str(e)[-300:]}")
+    s = gpu_server(config=f'admin_token = "{ADMIN_TOKEN}"\n')
     yield s
     assert s.stop() == 0, s.logs()
 

@@ -579,4 +579,78 @@ mod tests {
         assert_eq!(c.eos_token_ids, vec![1, 7]);
         assert_eq!(c.bos_token_id, Some(0));
     }
+
+    /// `config.json` in the other form transformers writes: 5.x (`rope_parameters`, per layer
+    /// type for Gemma 3; `dtype`; `layer_types`) to 4.x (top-level `rope_theta` /
+    /// `rope_scaling`, `rope_local_base_freq`, `sliding_window_pattern`, `torch_dtype`), and back.
+    fn other_form(mut c: serde_json::Map<String, Value>) -> serde_json::Map<String, Value> {
+        let rename = |c: &mut serde_json::Map<String, Value>, from: &str, to: &str| {
+            if let Some(v) = c.remove(from) {
+                c.insert(to.into(), v);
+            }
+        };
+        // What a 4.x `rope_scaling` holds of a 5.x `rope_parameters` entry (none when default).
+        let scaling = |p: &Value| {
+            let mut p = p.as_object().cloned().unwrap_or_default();
+            let theta = p.remove("rope_theta");
+            let default = p.get("rope_type").and_then(Value::as_str).unwrap_or("default") == "default";
+            (theta, (!default).then_some(Value::Object(p)))
+        };
+        match c.remove("rope_parameters") {
+            Some(rope) => {
+                rename(&mut c, "dtype", "torch_dtype");
+                let global = match rope.get("full_attention") {
+                    Some(full) => {
+                        let local = rope.get("sliding_attention").and_then(|l| l.get("rope_theta")).cloned();
+                        c.insert("rope_local_base_freq".into(), local.expect("a sliding base"));
+                        full.clone()
+                    }
+                    None => rope,
+                };
+                let (theta, scaled) = scaling(&global);
+                c.insert("rope_theta".into(), theta.expect("rope_theta"));
+                if let Some(s) = scaled {
+                    c.insert("rope_scaling".into(), s);
+                }
+                if let Some(Value::Array(types)) = c.remove("layer_types") {
+                    if c.get("model_type").and_then(Value::as_str) == Some("gemma3_text") {
+                        // Every n-th layer global: n is where the first global one lies.
+                        let n = types.iter().position(|t| t == "full_attention").expect("a global layer") + 1;
+                        c.remove("_sliding_window_pattern");
+                        c.insert("sliding_window_pattern".into(), n.into());
+                    }
+                }
+            }
+            None => {
+                rename(&mut c, "torch_dtype", "dtype");
+                let mut rope = c.remove("rope_scaling").and_then(|s| s.as_object().cloned()).unwrap_or_default();
+                rope.entry("rope_type").or_insert("default".into());
+                rope.insert("rope_theta".into(), c.remove("rope_theta").unwrap_or(10_000.0.into()));
+                c.insert("rope_parameters".into(), Value::Object(rope));
+            }
+        }
+        c
+    }
+
+    /// Every family's fixture (written by transformers in one form) reads the same in the other.
+    #[test]
+    fn every_fixture_reads_the_same_in_both_config_forms() {
+        let d = tmp("both-forms");
+        let models = Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/models");
+        let (mut forms, mut gemma) = (std::collections::BTreeSet::new(), false);
+        for entry in std::fs::read_dir(&models).expect("fixtures") {
+            let path = entry.expect("entry").path().join("config.json");
+            let text = std::fs::read_to_string(&path).expect("config");
+            let raw: serde_json::Map<String, Value> = serde_json::from_str(&text).expect("json");
+            let other = serde_json::to_string(&other_form(raw.clone())).expect("json");
+            let (a, b) =
+                (ModelConfig::from_file(&path).expect("as written"), ModelConfig::from_file(&write(&d, &other)));
+            let b = b.unwrap_or_else(|e| panic!("{}: the other form: {e}\n{other}", path.display()));
+            assert_eq!(format!("{a:?}"), format!("{b:?}"), "{}: the forms disagree\n{other}", path.display());
+            forms.insert(raw.contains_key("rope_parameters"));
+            gemma |= a.family == crate::shape::Family::Gemma3;
+        }
+        assert!(forms.len() == 2 && gemma, "fixtures of both forms, Gemma 3 among them");
+        std::fs::remove_dir_all(&d).ok();
+    }
 }

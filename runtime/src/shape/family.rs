@@ -55,7 +55,11 @@ impl Family {
             "gemma3_text" => Ok(Family::Gemma3),
             other => {
                 let why = REFUSED.iter().find(|(t, _)| *t == other).map_or("it is not a family openlora runs", |r| r.1);
-                Err(Error::config(file, "model_type", format!("`{other}`: {why} (llama, mistral, qwen2, qwen3)")))
+                Err(Error::config(
+                    file,
+                    "model_type",
+                    format!("`{other}`: {why} (llama, mistral, qwen2, qwen3, gemma3_text)"),
+                ))
             }
         }
     }
@@ -188,7 +192,7 @@ mod tests {
         assert_eq!(Family::from_model_type(f, "qwen3").unwrap(), Family::Qwen3);
         assert_eq!(Family::from_model_type(f, "gemma3_text").unwrap(), Family::Gemma3);
         let e = Family::from_model_type(f, "gemma3").unwrap_err().to_string();
-        assert!(e.contains("model_type") && e.contains("gemma3_text"), "{e}");
+        assert!(e.contains("model_type") && e.contains("gemma3_text)"), "{e}");
         assert!(Family::from_model_type(f, "qwen3_moe").unwrap_err().to_string().contains("mixture-of-experts"));
         assert!(Family::Qwen2.qkv_bias() && !Family::Qwen3.qkv_bias() && Family::Qwen3.qk_norm());
     }
