@@ -110,6 +110,10 @@ fn plugin_check_dry_runs_a_good_plugin_and_names_what_is_wrong_with_bad_ones() {
     assert!(text.contains("attributor plugin") && text.contains("sha256"), "{text}");
     assert!(text.contains("sample 3:") && text.contains("replays exactly") && text.contains("fuel"), "{text}");
     assert!(text.contains("µs of CPU time of a 100 ms deadline"), "{text}");
+    // A built-in sample where the adapter barely contributed, with a charge to split.
+    assert!(text.contains("contribution 20000 ppm; charge"), "{text}");
+    let o = openlora(&["plugin", "check", good.to_str().unwrap(), "--slot", "operator"]);
+    assert!(o.status.success() && stdout(&o).contains("sample 4:"), "{}", stderr(&o));
     let o = openlora(&["plugin", "check", good.to_str().unwrap(), "--plugin-config", r#"{"operator_ppm": 2000000}"#]);
     assert!(!o.status.success());
     assert!(stderr(&o).contains("attributor.wasm") && stderr(&o).contains("operator_ppm"), "{}", stderr(&o));

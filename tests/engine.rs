@@ -134,15 +134,27 @@ fn run_concurrently(engine: &EngineHandle, reqs: &[GenerationRequest]) -> Vec<Ou
 fn a_request_alone_reports_usage_as_the_sdk_defines_it() {
     let model = model();
     let engine = start(&model, EngineConfig::default());
-    let req = random_request(&mut Rng(0xA10E), &model, 0);
+    let mut req = random_request(&mut Rng(0xA10E), &model, 0);
+    req.adapter = Some(ADAPTERS[1].to_string());
+    let started = Instant::now();
     let out = &run_concurrently(&engine, std::slice::from_ref(&req))[0];
+    let elapsed_ms = started.elapsed().as_millis() as u64;
     let u = &out.usage;
+    // Times in whole milliseconds (rounded down): waiting and steps lie within the request's life.
+    assert!(u.queue_ms + u.compute_ms <= elapsed_ms, "queue + compute within {elapsed_ms} ms: {u:?}");
+    assert!(u.adapter_load_ms <= elapsed_ms, "{u:?}");
+    // Once resident, an adapter costs no load; the base model never does.
+    let again = &run_concurrently(&engine, std::slice::from_ref(&req))[0];
+    assert_eq!(again.usage.adapter_load_ms, 0, "resident: {:?}", again.usage);
+    let base = GenerationRequest { adapter: None, ..req.clone() };
+    let base = run_concurrently(&engine, &[base])[0].usage.clone();
+    assert_eq!((base.adapter_load_ms, base.adapter_contribution_ppm), (0, 0), "the base model alone: {base:?}");
     assert_eq!(u.prompt_tokens as usize, req.prompt_ids.len());
     assert_eq!(u.completion_tokens as usize, out.tokens.len());
     assert!(u.steps >= u.completion_tokens && u.completion_tokens > 0, "a step per generated token: {u:?}");
     assert_eq!(u.batch_share_ppm, u64::from(u.steps) * 1_000_000, "alone, it had every step to itself: {u:?}");
     assert!(u.adapter_contribution_ppm <= 1_000_000);
-    assert_eq!(u.adapter_contribution_ppm > 0, req.adapter.is_some(), "0 without an adapter: {u:?}");
+    assert!(u.adapter_contribution_ppm > 0, "an adapter measurably contributes: {u:?}");
 }
 
 #[test]

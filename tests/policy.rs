@@ -81,6 +81,15 @@ fn the_slot_rules_the_sdk_states_hold() {
     let ann = s.splits.iter().find(|x| x.payee == "contributor:ann").expect("divided").amount;
     assert_eq!(ann, share, "given the owner's share, not the charge {}", s.charge.amount);
     assert_eq!(s.owner_share.as_ref().map(|o| (o.amount, o.count)), Some((share, 2)));
+    // An adapter with no recorded owner: its name stands for the owner (`owner_account`), and
+    // the adapter's slot is still given the share.
+    let ownerless = RequestInfo { adapter_owner: None, ..request("nobody") };
+    assert_eq!(ownerless.owner_account().as_deref(), Some("owner:startrek"));
+    let o = divided.settle(&ownerless, &usage()).unwrap();
+    let built_in = host(PolicyConfig::default()).settle(&ownerless, &usage()).unwrap();
+    assert!(built_in.splits.iter().any(|x| x.payee == "owner:startrek" && x.amount > 0), "{:?}", built_in.splits);
+    assert!(o.splits.iter().any(|x| x.payee == "contributor:ann"), "divided: {:?}", o.splits);
+    assert!(o.deciders.iter().any(|d| d.slot == "adapter:startrek"), "{:?}", o.deciders);
     // A failing owner's attributor: the share stays one split to the owner.
     let failing = host(PolicyConfig::default());
     failing.install(&slot, &wasm("openlora-test-hostile"), r#"{"mode": "ok"}"#, "test").unwrap();

@@ -24,7 +24,11 @@ pub fn check_on_ledger(
     (range, limit): ((Option<u64>, Option<u64>), usize),
     json: bool,
 ) -> anyhow::Result<bool> {
-    let slot: Slot = slot.parse().map_err(|e: String| anyhow::anyhow!("--slot: {e}"))?;
+    let slot: Slot = if slot == OPERATOR {
+        Slot::Attributor
+    } else {
+        slot.parse().map_err(|e: String| anyhow::anyhow!("--slot: {e}"))?
+    };
     let Slot::Adapter(adapter) = &slot else {
         anyhow::bail!("--from-ledger runs an adapter's attributor: give --slot adapter:NAME");
     };
@@ -42,10 +46,16 @@ pub fn check_on_ledger(
     Ok(report.failed == 0)
 }
 
+/// `--slot operator`: the operator's slot of the plugin's world (router, pricer or attributor).
+pub const OPERATOR: &str = "operator";
+
 /// Samples as `slot` sees them: in an `adapter:NAME` slot, only requests on an adapter, made on
 /// NAME (the operator's slots see every sample).
 pub fn as_slot_sees(samples: Vec<Sample>, slot: &str) -> anyhow::Result<Vec<Sample>> {
-    let slot: Slot = slot.parse().map_err(|e: String| anyhow::anyhow!("--slot: {e}"))?;
+    if slot == OPERATOR {
+        return Ok(samples);
+    }
+    let slot: Slot = slot.parse().map_err(|e: String| anyhow::anyhow!("--slot: {e} (or {OPERATOR})"))?;
     let Slot::Adapter(name) = slot else { return Ok(samples) };
     let on_adapters: Vec<Sample> = samples
         .into_iter()
@@ -75,11 +85,21 @@ fn text(r: &DryRun) -> String {
     );
     for e in &r.entries {
         let share = e.share.as_ref().map_or("-".to_string(), |m| format!("{} {}", m.amount, m.currency));
-        out += &format!("entry {} ({}): share {share}\n  paid:      {}\n", e.seq, e.request_id, splits(&e.paid));
+        out += &format!("entry {} ({}): share {share}\n", e.seq, e.request_id);
+        if let Some(u) = &e.usage {
+            out += &format!(
+                "  usage:     {} prompt + {} completion tokens, contribution {} ppm\n",
+                u.prompt_tokens, u.completion_tokens, u.adapter_contribution_ppm
+            );
+        }
+        out += &format!("  paid:      {}\n", splits(&e.paid));
         match (&e.would_pay, &e.error) {
             (Some(w), _) => out += &format!("  would pay: {}\n", splits(w)),
             (None, Some(why)) => out += &format!("  not paid:  {why}\n"),
             (None, None) => {}
+        }
+        for (level, line) in &e.logs {
+            out += &format!("  log {} {}\n", serde_json::json!(level), serde_json::json!(line));
         }
     }
     let totals = |m: &std::collections::BTreeMap<String, u128>| {

@@ -364,9 +364,9 @@ struct CheckArgs {
     /// share, printing what it would have paid beside what was paid.
     #[arg(long, requires = "slot", conflicts_with = "samples")]
     from_ledger: bool,
-    /// The slot the plugin is meant for: samples are given as it sees them (`adapter:NAME`: only
-    /// requests on that adapter, whose charge stands for the owner's share); with --from-ledger,
-    /// the adapter whose traffic to read.
+    /// The slot the plugin is meant for: `operator` (the default: the operator's slot of its
+    /// world, seeing every sample) or `adapter:NAME` (only requests on that adapter, whose charge
+    /// stands for the owner's share); with --from-ledger, the adapter whose traffic to read.
     #[arg(long)]
     slot: Option<String>,
     /// The ledger to read with --from-ledger (default: the server config's).

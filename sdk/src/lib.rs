@@ -59,7 +59,9 @@ pub trait Pricer {
     fn check_config(_config: &Self::Config) -> Result<(), String> {
         Ok(())
     }
-    /// The charge for a request, given what it used; an error makes the host use its default pricer.
+    /// The charge for a request, given what it used. An error is a failure: by the slot's
+    /// `on_failure` the host prices with its built-in pricer (`"builtin"`, the default) or
+    /// refuses the request (`"reject"`).
     fn price(config: &Self::Config, request: &RequestInfo, usage: &Usage) -> Result<Money, String>;
 }
 
@@ -73,7 +75,9 @@ pub trait Attributor {
     }
     /// The splits of `charge` (see [`money::split_by_weights`] for exact proportional splits).
     ///
-    /// In the operator's `attributor` slot `charge` is the request's charge. In an adapter's
+    /// Splits that do not add up to `charge` are rejected as an error is: a failure. In the
+    /// operator's `attributor` slot `charge` is the request's charge, and on failure the slot's
+    /// `on_failure` decides (the built-in attributor, the default, or the request refused). In an adapter's
     /// `adapter:<name>` slot it is the adapter owner's share — the split the operator's
     /// attributor paid to [`RequestInfo::owner_account`]; the plugin is called only when there
     /// is one — and on failure the share stays one split to the owner, whatever the slot's

@@ -312,6 +312,15 @@ def test_a_dry_run_predicts_what_the_install_pays(world):
     assert early["entries"] == [] and early["checked"] == 0, early
     bad = call(s, "POST", "/admin/plugins/adapter:a-dry/dry-run?since=yesterday", alice, **plugin_form(world.wasm, CONFIG))
     assert bad.status_code == 400 and not error_shape(bad), bad.text
+    # Each entry shows what the candidate was given: the recorded usage (the contribution a
+    # threshold decides on), beside its log lines.
+    for e in cli["entries"]:
+        x = ok(call(s, "GET", f"/v1/ledger/entries/{e['request_id']}/explain", alice))
+        assert e["usage"]["adapter_contribution_ppm"] == x["usage"]["adapter_contribution_ppm"], (e, x)
+        assert e["usage"]["completion_tokens"] == x["usage"]["completion_tokens"] and isinstance(e["logs"], list), e
+    text = subprocess.run(done.args[:-1], capture_output=True, text=True, timeout=120,
+                          env={**s.env, "OPENLORA_HOME": str(s.dir)})
+    assert text.returncode == 0 and "contribution" in text.stdout and "would pay:" in text.stdout, text.stdout
     assert [(e["request_id"], e["would_pay"]) for e in cli["entries"]] == [
         (e["request_id"], e["would_pay"]) for e in again["entries"]
     ], (cli, again)

@@ -31,13 +31,17 @@ pub struct Sample {
     pub charge: Option<Money>,
 }
 
-/// The built-in samples: an adapter request, a base-model request, a long one and an empty one.
+/// The built-in samples: an adapter request, one where the adapter barely contributed (a
+/// threshold's other side, with a charge to split), a base-model request, a long one and an
+/// empty one.
 pub fn default_samples() -> Vec<Sample> {
     let base = RequestInfo { adapter: None, adapter_owner: None, requested_model: "base".into(), ..sample_request() };
     let long = Usage { prompt_tokens: 32_000, completion_tokens: 4_000, ..sample_usage() };
     let empty = Usage { completion_tokens: 0, adapter_contribution_ppm: 0, ..sample_usage() };
+    let faint = Usage { adapter_contribution_ppm: 20_000, ..sample_usage() };
     vec![
         Sample { request: sample_request(), usage: sample_usage(), charge: Some(Money::new(1_000_003, "USD")) },
+        Sample { request: sample_request(), usage: faint, charge: Some(Money::new(700_001, "USD")) },
         Sample { request: base, usage: sample_usage(), charge: Some(Money::new(999, "USD")) },
         Sample { request: sample_request(), usage: long, charge: Some(Money::new(u64::MAX / 3, "USD")) },
         Sample { request: sample_request(), usage: empty, charge: Some(Money::new(0, "USD")) },

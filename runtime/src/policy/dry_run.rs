@@ -5,7 +5,7 @@
 use std::collections::BTreeMap;
 
 use openlora_sdk::money::validate_splits;
-use openlora_sdk::{Money, Split, owner_account};
+use openlora_sdk::{Level, Money, Split, Usage, owner_account};
 use serde::Serialize;
 
 use std::sync::Arc;
@@ -30,6 +30,9 @@ pub struct DryRunEntry {
     pub request_id: String,
     /// Its place in the ledger.
     pub seq: u64,
+    /// The usage the entry records: what the candidate was given beside the request (its
+    /// `adapter_contribution_ppm` is what a threshold decides on).
+    pub usage: Option<Usage>,
     /// The owner's share the entry records.
     pub share: Option<Money>,
     /// What the share was paid as.
@@ -38,6 +41,8 @@ pub struct DryRunEntry {
     pub would_pay: Option<Vec<Split>>,
     /// Why the candidate gave nothing for it.
     pub error: Option<String>,
+    /// The candidate's log lines for it (`host.log`, then captured stdout/stderr).
+    pub logs: Vec<(Level, String)>,
 }
 
 /// A dry-run's report.
@@ -107,14 +112,17 @@ pub fn run(plugin: &Arc<CompiledPlugin>, slot: &Slot, entries: &[StoredEntry]) -
         let mut row = DryRunEntry {
             request_id: String::new(),
             seq: stored.seq,
+            usage: None,
             share: None,
             paid: Vec::new(),
             would_pay: None,
             error: None,
+            logs: Vec::new(),
         };
         let ran = (|| {
             let body = stored.parse().map_err(Skip)?;
             row.request_id = body.request_id.clone();
+            row.usage = Some(body.usage.clone());
             // The share: recorded (format 3), or the owner's undivided split of an older entry.
             let (amount, paid) = match (&body.owner_share, body.owner_splits()) {
                 (Some(o), Some(division)) => (o.amount, division.to_vec()),
@@ -136,9 +144,13 @@ pub fn run(plugin: &Arc<CompiledPlugin>, slot: &Slot, entries: &[StoredEntry]) -
             if started.elapsed() > TIME_BUDGET {
                 return Err(Skip("not run: the dry-run's time budget is spent".into()));
             }
-            let sub = plugin.attribute(&body.request, &body.usage, &share).map_err(|f| Fail(f.to_string()))?.value;
-            validate_splits(&share, &sub).map_err(Fail)?;
-            Ok(sub)
+            let called = plugin.attribute(&body.request, &body.usage, &share).map_err(|f| {
+                row.logs = f.logs.clone();
+                Fail(f.to_string())
+            })?;
+            row.logs = called.logs;
+            validate_splits(&share, &called.value).map_err(Fail)?;
+            Ok(called.value)
         })();
         match ran {
             Ok(sub) => {
