@@ -17,6 +17,15 @@ fi
 # The manifests are rendered with the venv's kubectl (tests/e2e/test_deploy.py): never skipped.
 export OPENLORA_REQUIRE_KUBECTL=1
 
+# The GEMM libraries `cargo bench --bench gemm` measures beside ours, loaded at run time from
+# Debian's packages (its test-mode run below checks they compute the same product as ours).
+if ! ldconfig -p | grep -q 'libdnnl\.so\.2' || ! ldconfig -p | grep -q 'libopenblas\.so\.0'; then
+    sudo_=""
+    [ "$(id -u)" = 0 ] || sudo_=sudo
+    $sudo_ apt-get update -q >/dev/null
+    DEBIAN_FRONTEND=noninteractive $sudo_ apt-get install -y -q libdnnl2 libopenblas0-pthread >/dev/null
+fi
+
 # The ledger's PostgreSQL backend is tested on a real server: Debian's package, a private
 # cluster on a free local port, stopped when the tests end.
 bash tests/pg.sh install

@@ -2,12 +2,18 @@
 //! and 16 and a 256-token prefill, side by side in one run: candle-core's f32 matmul (the CPU path before weights were
 //! kept in their stored dtype) and openlora's GEMM on an f32, a bf16, an f16 and an int8 weight
 //! (and a bf16 weight meeting its input rounded to bf16), on every instruction set this CPU has. Throughput is in weight bytes read per second.
+//! Beside them, where the Debian packages are installed (`libdnnl2`, `libopenblas0-pthread`), the
+//! GEMM libraries the issue named as candidates, loaded at run time: oneDNN's
+//! `dnnl_gemm_bf16bf16f32` (the same bf16 × bf16 → f32 product) and OpenBLAS's `cblas_sgemm`.
 
 use candle_core::{Device, Tensor};
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
 use openlora_kernels::floats::f32_to_bf16;
 use openlora_kernels::gemm::{Weight, WeightData, matmul_t_on};
 use openlora_kernels::simd::{self, Isa};
+
+#[path = "gemm/libs.rs"]
+mod libs;
 
 fn values(len: usize) -> Vec<f32> {
     (0..len).map(|i| ((i * 7919 % 2003) as f32 / 1001.0 - 1.0) * 0.05).collect()
@@ -40,8 +46,33 @@ fn gemm(c: &mut Criterion) {
                 g.bench_function(format!("{}_{name}", isa.name()), |b| b.iter(|| matmul_t_on(isa, &x, m, w, &mut y)));
             }
         }
+        let x16: Vec<u16> = x.iter().map(|&v| f32_to_bf16(v)).collect();
+        if let (Some(dnnl), WeightData::Bf16(w16)) = (libs::OneDnn::load(), bf16w.data()) {
+            g.throughput(Throughput::Bytes(bf16w.bytes() as u64));
+            // The same product as ours (checked once, so a wrong call is never timed).
+            let mut ours = vec![0f32; m * n];
+            matmul_t_on(simd::isa(), &x, m, &bf16x, &mut ours);
+            dnnl.gemm_bf16_t(&x16, m, w16, n, k, &mut y);
+            assert_close(&ours, &y, "oneDNN");
+            g.bench_function("onednn_bf16_x_bf16", |b| b.iter(|| dnnl.gemm_bf16_t(&x16, m, w16, n, k, &mut y)));
+        }
+        if let (Some(blas), WeightData::F32(w32)) = (libs::OpenBlas::load(), f32w.data()) {
+            g.throughput(Throughput::Bytes(f32w.bytes() as u64));
+            let mut ours = vec![0f32; m * n];
+            matmul_t_on(simd::isa(), &x, m, &f32w, &mut ours);
+            blas.sgemm_t(&x, m, w32, n, k, &mut y);
+            assert_close(&ours, &y, "OpenBLAS");
+            g.bench_function("openblas_f32", |b| b.iter(|| blas.sgemm_t(&x, m, w32, n, k, &mut y)));
+        }
         g.finish();
     }
+}
+
+/// Panics unless `got` matches `want` to bf16 rounding of the sums.
+fn assert_close(want: &[f32], got: &[f32], what: &str) {
+    let scale = want.iter().fold(0f32, |a, v| a.max(v.abs())).max(1e-6);
+    let worst = want.iter().zip(got).fold(0f32, |a, (w, g)| a.max((w - g).abs()));
+    assert!(worst <= 1e-2 * scale, "{what} differs from openlora's GEMM by {worst} (scale {scale})");
 }
 
 criterion_group!(benches, gemm);
