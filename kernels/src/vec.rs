@@ -29,9 +29,46 @@ pub fn axpy_bf16(y: &mut [f32], alpha: f32, x: &[u16]) {
     unsafe { crate::simd::axpy_bf16(crate::simd::isa(), y, alpha, x) }
 }
 
+/// `(Σ|base|, Σ|out − base|)` of equal-length slices: the two L1 norms of the LoRA share (a
+/// projection's base output and the adapter's delta on it). Summed in 16 independent f32 lanes,
+/// which the compiler keeps in vector registers (a fixed order: the same figures on every thread,
+/// instruction set and machine), then in f64.
+pub fn l1_base_and_delta(base: &[f32], out: &[f32]) -> (f64, f64) {
+    const LANES: usize = 16;
+    assert_eq!(base.len(), out.len(), "base and output rows differ in length");
+    let (mut b, mut d) = ([0f32; LANES], [0f32; LANES]);
+    let (bc, oc) = (base.chunks_exact(LANES), out.chunks_exact(LANES));
+    let (b_rest, o_rest) = (bc.remainder(), oc.remainder());
+    for (bs, os) in bc.zip(oc) {
+        for i in 0..LANES {
+            b[i] += bs[i].abs();
+            d[i] += (os[i] - bs[i]).abs();
+        }
+    }
+    let mut sums = (b.iter().map(|&v| f64::from(v)).sum::<f64>(), d.iter().map(|&v| f64::from(v)).sum::<f64>());
+    for (x, y) in b_rest.iter().zip(o_rest) {
+        sums.0 += f64::from(x.abs());
+        sums.1 += f64::from((y - x).abs());
+    }
+    sums
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn l1_norms_of_base_and_delta() {
+        for n in [0usize, 1, 15, 16, 17, 1024, 1031] {
+            let base: Vec<f32> = (0..n).map(|i| (i as f32 * 0.37).sin()).collect();
+            let out: Vec<f32> = base.iter().enumerate().map(|(i, v)| v + (i as f32 * 0.11).cos() * 0.01).collect();
+            let want_b: f64 = base.iter().map(|v| f64::from(v.abs())).sum();
+            let want_d: f64 = base.iter().zip(&out).map(|(b, o)| f64::from((o - b).abs())).sum();
+            let (b, d) = l1_base_and_delta(&base, &out);
+            assert!((b - want_b).abs() <= 1e-5 * want_b.max(1.0), "n{n}: {b} vs {want_b}");
+            assert!((d - want_d).abs() <= 1e-5 * want_d.max(1.0), "n{n}: {d} vs {want_d}");
+        }
+    }
 
     use crate::floats::{bf16_to_f32, f32_to_bf16};
     use crate::simd::{self, Isa};

@@ -138,8 +138,11 @@ impl<'a> LoraPlan<'a> {
             let Some((start, len, at)) = *rows else { return };
             let b = &base[at..at + len * out_dim];
             let a = &ys[start * out_dim..(start + len) * out_dim];
-            share.base_l1 += b.iter().map(|v| f64::from(v.abs())).sum::<f64>();
-            share.delta_l1 += a.iter().zip(b).map(|(x, y)| f64::from((x - y).abs())).sum::<f64>();
+            for (b, a) in b.chunks(out_dim).zip(a.chunks(out_dim)) {
+                let (base_l1, delta_l1) = openlora_kernels::vec::l1_base_and_delta(b, a);
+                share.base_l1 += base_l1;
+                share.delta_l1 += delta_l1;
+            }
         });
     }
 
