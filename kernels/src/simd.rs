@@ -174,7 +174,11 @@ pub(crate) unsafe fn tile_dpbf16(
     // SAFETY: the caller's contract is the tile's contract.
     #[cfg(target_arch = "x86_64")]
     unsafe {
-        by_size!(x86::avx512_dpbf16, mr, nr, x, w, next, next_rows, k, y, ldy)
+        match (mr, nr) {
+            (1, 8) => x86::avx512_dpbf16::<1, 8>(x, w, next, next_rows, k, y, ldy),
+            (1, 16) => x86::avx512_dpbf16::<1, 16>(x, w, next, next_rows, k, y, ldy),
+            _ => by_size!(x86::avx512_dpbf16, mr, nr, x, w, next, next_rows, k, y, ldy),
+        }
     }
     #[cfg(not(target_arch = "x86_64"))]
     unreachable!("AVX-512-BF16 on a CPU that is not x86-64: {mr} {nr} {x:?} {w:?} {next:?} {next_rows} {k} {y:?} {ldy}")
@@ -303,14 +307,17 @@ pub(crate) mod x86 {
     #[target_feature(enable = "avx512f")]
     unsafe fn store_sums<const MR: usize, const NR: usize>(acc: &[[__m512; NR]; MR], y: *mut f32, ldy: usize) {
         for (i, row) in acc.iter().enumerate() {
-            if let [a, b, c, d] = row[..] {
+            // Whole groups of four columns reduced together, the rest one by one: a column's sum
+            // depends on whether it lies in a group of four, never on the tile's rows.
+            let groups = row.chunks_exact(4);
+            let rest = groups.remainder();
+            for (g, four) in groups.enumerate() {
                 // SAFETY: within the caller's tile (four columns of row i).
-                unsafe { _mm_storeu_ps(y.add(i * ldy), sum4(a, b, c, d)) };
-                continue;
+                unsafe { _mm_storeu_ps(y.add(i * ldy + 4 * g), sum4(four[0], four[1], four[2], four[3])) };
             }
-            for (j, a) in row.iter().enumerate() {
+            for (j, a) in rest.iter().enumerate() {
                 // SAFETY: within the caller's tile.
-                unsafe { *y.add(i * ldy + j) = _mm512_reduce_add_ps(*a) };
+                unsafe { *y.add(i * ldy + NR / 4 * 4 + j) = _mm512_reduce_add_ps(*a) };
             }
         }
     }

@@ -1,15 +1,20 @@
 //! The GEMM libraries measured beside ours, loaded at run time from their Debian packages
-//! (`libdnnl2`, `libopenblas0-pthread`) when installed; absent, their rows are left out.
+//! (`libdnnl2`, `libopenblas0-pthread`) when installed; absent, their rows are left out, unless
+//! `OPENLORA_REQUIRE_GEMM_LIBS` is set (the test command sets it where it installed them).
 
 use std::ffi::{CStr, c_char, c_void};
 
 /// A shared library opened with `dlopen`, kept open for the process.
 fn open(names: &[&CStr]) -> Option<*mut c_void> {
-    names.iter().find_map(|name| {
+    let found = names.iter().find_map(|name| {
         // SAFETY: `name` is a NUL-terminated string; dlopen has no other precondition.
         let handle = unsafe { libc::dlopen(name.as_ptr(), libc::RTLD_NOW | libc::RTLD_LOCAL) };
         (!handle.is_null()).then_some(handle)
-    })
+    });
+    if found.is_none() && std::env::var_os("OPENLORA_REQUIRE_GEMM_LIBS").is_some() {
+        panic!("OPENLORA_REQUIRE_GEMM_LIBS is set but none of {names:?} loads");
+    }
+    found
 }
 
 /// A symbol of `handle`, or `None` when the library lacks it.
@@ -82,7 +87,8 @@ impl OpenBlas {
         const ROW_MAJOR: i32 = 101;
         const NO_TRANS: i32 = 111;
         const TRANS: i32 = 112;
-        let (m, n, k) = (m as i32, n as i32, k as i32);
+        let dim = |v: usize| i32::try_from(v).expect("a GEMM dimension over i32");
+        let (m, n, k) = (dim(m), dim(n), dim(k));
         // SAFETY: the buffers hold the m×k, n×k and m×n elements the call reads and writes.
         unsafe {
             (self.0)(ROW_MAJOR, NO_TRANS, TRANS, m, n, k, 1.0, x.as_ptr(), k, w.as_ptr(), k, 0.0, y.as_mut_ptr(), n)
