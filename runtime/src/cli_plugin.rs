@@ -105,6 +105,9 @@ fn text(r: &DryRun) -> String {
     let totals = |m: &std::collections::BTreeMap<String, u128>| {
         m.iter().map(|(p, a)| format!("{p} {a}")).collect::<Vec<_>>().join(", ")
     };
+    if r.logs_dropped > 0 {
+        out += &format!("({} log lines left out: the report's log budget is spent)\n", r.logs_dropped);
+    }
     out += &format!("total paid:      {}\ntotal would pay: {}\n", totals(&r.totals.paid), totals(&r.totals.would_pay));
     out
 }

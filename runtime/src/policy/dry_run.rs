@@ -23,6 +23,10 @@ const MAX_FAILURES: usize = 10;
 /// The most a dry-run spends calling the candidate; later entries are not run.
 const TIME_BUDGET: std::time::Duration = std::time::Duration::from_secs(10);
 
+/// The most log text a dry-run's report carries, over all its entries (a candidate may log up to
+/// the sandbox's per-call limit on each of a thousand entries); later lines are counted, not kept.
+const LOG_BUDGET_BYTES: usize = 256 << 10;
+
 /// One entry, dry-run.
 #[derive(Debug, Clone, Serialize)]
 pub struct DryRunEntry {
@@ -41,7 +45,8 @@ pub struct DryRunEntry {
     pub would_pay: Option<Vec<Split>>,
     /// Why the candidate gave nothing for it.
     pub error: Option<String>,
-    /// The candidate's log lines for it (`host.log`, then captured stdout/stderr).
+    /// The candidate's log lines for it (`host.log`, then captured stdout/stderr), while the
+    /// report's log budget lasts.
     pub logs: Vec<(Level, String)>,
 }
 
@@ -59,6 +64,8 @@ pub struct DryRun {
     pub skipped: usize,
     /// Entry by entry, oldest first.
     pub entries: Vec<DryRunEntry>,
+    /// Log lines left out of `entries` once the report carried [`LOG_BUDGET_BYTES`] of them.
+    pub logs_dropped: usize,
     /// Sums by payee of what was paid and what would have been, over the entries it ran on.
     pub totals: Totals,
 }
@@ -105,8 +112,10 @@ pub fn run(plugin: &Arc<CompiledPlugin>, slot: &Slot, entries: &[StoredEntry]) -
         failed: 0,
         skipped: 0,
         entries: Vec::new(),
+        logs_dropped: 0,
         totals: Totals::default(),
     };
+    let mut log_budget = LOG_BUDGET_BYTES;
     let started = std::time::Instant::now();
     for stored in entries {
         let mut row = DryRunEntry {
@@ -172,6 +181,15 @@ pub fn run(plugin: &Arc<CompiledPlugin>, slot: &Slot, entries: &[StoredEntry]) -
                 row.error = Some(e);
             }
         }
+        row.logs.retain(|(_, line)| {
+            let keep = line.len() <= log_budget;
+            if keep {
+                log_budget -= line.len();
+            } else {
+                report.logs_dropped += 1;
+            }
+            keep
+        });
         report.entries.push(row);
     }
     report
