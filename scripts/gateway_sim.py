@@ -4,7 +4,7 @@ simulation of adapter-cache hit rate and queueing delay for LoRA-affinity routin
 
 Pure Python 3.11 standard library; seeded and deterministic (the same parameters and seed give
 the same JSON, byte for byte, on the same Python). The full-scale default, 100 replicas and
-100,000 adapters, runs in a few minutes on one core:
+100,000 adapters, runs in about a minute on one core:
 
     python3 scripts/gateway_sim.py --json docs/perf/gateway-sim.json
     python3 scripts/gateway_sim.py --markdown docs/perf/gateway-sim.json   # the README's table
@@ -35,7 +35,7 @@ One replica (mirrors an `openlora serve` on one GPU)
     does not block those behind it.
   * GPU adapter cache of `--gpu-slots` (53) adapters, LRU. A rank-16 adapter on all seven
     linear projections of a Llama-2-7B-shaped model is 40.0 M parameters, 80 MB in bf16; the
-    inference-gateway deployment's `adapter_pool_bytes` of 4 GiB holds 53 of them. An adapter
+    `adapter_pool_bytes` of 4 GiB in deploy/kubernetes/base holds 53 of them. An adapter
     used by an admitted request is pinned (never evicted), so at most gpu_slots distinct
     adapters run at once; a request whose adapter is absent while every slot is pinned waits.
     This is also the `max_lora` the replica reports to the picker.
@@ -73,9 +73,10 @@ Routing (one endpoint picker, all replicas candidates, no filters)
     among the waiting adapters, else 0 (the scorer tests/e2e/test_replicas.py routes with).
   * `least-queue`: the same picker without the LoRA-affinity scorer (queue 2, KV 1): a
     load-only baseline that isolates what the affinity scorer adds.
-  * The picker decides from the replicas' metrics as last scraped: every replica is scraped
-    together every `--scrape-s` (0.05 s, the endpoint picker's metrics refresh), and its own
-    decisions since are not counted in. `--scrape-s 0` reads the live state instead, and so
+  * The picker decides from the replicas' metrics as last scraped: each replica is scraped
+    every `--scrape-s` (0.05 s, the endpoint picker's metrics refresh), on its own tick (the
+    picker refreshes each endpoint on a timer of its own: replica j at j/R of the interval), and
+    its own decisions since are not counted in. `--scrape-s 0` reads the live state instead, and so
     does a policy named with `+live` (`affinity+live`, `least-queue+live`): the same picker on
     fresh metrics, to show what the staleness costs.
 
@@ -88,6 +89,7 @@ second); the request count.
 
 import argparse
 import bisect
+import hashlib
 import heapq
 import json
 import math
@@ -130,6 +132,7 @@ def mean_service_s(p: dict) -> float:
 
 
 def capacity_rps(p: dict) -> float:
+    """The cluster's nominal capacity in requests per second: replicas * slots / E[S]."""
     return p["replicas"] * p["max_seqs"] / mean_service_s(p)
 
 
@@ -159,6 +162,7 @@ def make_trace(p: dict):
 
 
 def simulate(p: dict, policy: str, trace) -> dict:
+    """Runs `trace` through R replicas routed by `policy`; the figures over the measured requests."""
     arrivals, adapters, service = trace
     n, R, warm = len(arrivals), p["replicas"], p["warmup"]
     max_seqs, gpu_slots, cpu_slots = p["max_seqs"], p["gpu_slots"], p["cpu_slots"]
@@ -255,49 +259,54 @@ def simulate(p: dict, policy: str, trace) -> dict:
             free[i] += 1
             admit(i, now)
 
-    # The picker's view: per replica, the running and waiting adapter sets, whether it has room
-    # for another adapter, and the queue + KV part of the score (the same for every request).
+    # The picker's view, per replica: its queue length and free slots (the queue + KV part of
+    # the score), its running (or, residency-aware, GPU-resident) and waiting adapter sets, and
+    # whether it has room for another adapter. Each replica's view is refreshed on its own tick.
     resident = policy == "affinity-resident"
-    s_run, s_wait, s_room, s_base = (gpu if resident else runc), waitc, [False] * R, [0.0] * R
     lora_w = 3.0 if policy in ("affinity", "affinity-resident") else 0.0
     kv = [1.0 - (max_seqs - f) / max_seqs for f in range(max_seqs + 1)]  # by free slots
+    live = scrape <= 0
+    active = gpu if resident else runc
+    s_q, s_free = [0] * R, [max_seqs] * R
+    s_run, s_wait, s_room = ((active, waitc) if live else ([set() for _ in range(R)], [set() for _ in range(R)])) + (
+        [True] * R,)
 
-    def snapshot(live):
-        nonlocal s_run, s_wait, s_room, s_base
-        qs = [len(q) for q in waitq]
+    def room(j):
+        return len(gpu[j]) < gpu_slots if resident else len(runc[j]) + len(waitc[j]) < max_lora
+
+    def refresh(j):
+        s_q[j], s_free[j] = len(waitq[j]), free[j]
+        if lora_w:
+            s_run[j], s_wait[j], s_room[j] = set(active[j]), set(waitc[j]), room(j)
+
+    def base_scores(qs, fs):
         lo, hi = min(qs), max(qs)
         if hi == lo:
-            s_base = [2.0 + kv[f] for f in free]
-        else:
-            span = hi - lo
-            s_base = [2.0 * ((hi - q) / span) + kv[f] for q, f in zip(qs, free)]
-        if resident:
-            if not live:
-                s_run, s_wait = [set(d) for d in gpu], [set(d) for d in waitc]
-            s_room = [len(g) < gpu_slots for g in gpu]
-        elif lora_w:
-            if not live:
-                s_run, s_wait = [set(d) for d in runc], [set(d) for d in waitc]
-            s_room = [len(a) + len(b) < max_lora for a, b in zip(runc, waitc)]
+            return [2.0 + kv[f] for f in fs]
+        span = hi - lo
+        return [2.0 * ((hi - q) / span) + kv[f] for q, f in zip(qs, fs)]
 
     scored = policy in ("affinity", "affinity-resident", "least-queue")
-    live = scrape <= 0
-    next_scrape = 0.0
+    tick, tick_s = 0, scrape / R  # replica tick % R is scraped at tick * scrape / R
     w_run, w_room, w_wait = lora_w * 1.0, lora_w * 0.8, lora_w * 0.6
     randrange = rng.randrange
     for r in range(n):
         now = arrivals[r]
         if scored and not live:
-            while next_scrape <= now:
-                complete(next_scrape)
-                snapshot(False)
-                next_scrape += scrape
+            while tick * tick_s <= now:
+                complete(tick * tick_s)
+                refresh(tick % R)
+                tick += 1
         complete(now)
         if not scored:
             i = randrange(R)
         else:
             if live:
-                snapshot(True)
+                s_base = base_scores([len(q) for q in waitq], free)
+                if lora_w:
+                    s_room = [room(j) for j in range(R)]
+            else:
+                s_base = base_scores(s_q, s_free)
             if lora_w:
                 a = adapters[r]
                 scores = [b + (w_run if a in ru else w_room if ro else w_wait if a in wa else 0.0)
@@ -350,13 +359,14 @@ def simulate(p: dict, policy: str, trace) -> dict:
 
 
 def run(p: dict) -> dict:
+    """Every policy of `p` on one trace: the report (parameters, derived figures, results)."""
     policies = [x for x in p["policies"].split(",") if x]
     for x in policies:
         if x not in POLICIES and not (x.endswith("+live") and x.removesuffix("+live") in POLICIES[1:]):
             raise SystemExit(f"unknown policy {x!r}: one of {', '.join(POLICIES)}, or one of the last "
                              "three with +live")
-    if not 0 <= p["warmup"] < p["requests"]:
-        raise SystemExit("--warmup must be at least 0 and less than --requests")
+    if not 0 <= p["warmup"] < p["requests"] - 1:
+        raise SystemExit("--warmup must be at least 0 and leave at least two measured requests")
     if p["gpu_slots"] < 1 or p["cpu_slots"] < 1 or p["max_seqs"] < 1:
         raise SystemExit("--gpu-slots, --cpu-slots and --max-seqs must be at least 1")
     started = time.perf_counter()
@@ -370,6 +380,7 @@ def run(p: dict) -> dict:
     print(f"total wall time: {time.perf_counter() - started:.1f} s", file=sys.stderr)
     return {
         "model": "scripts/gateway_sim.py",
+        "model_sha256": script_sha256(),
         "parameters": {k: p[k] for k in DEFAULTS},
         "derived": {
             "mean_service_s": round(mean_service_s(p), 6),
@@ -379,6 +390,12 @@ def run(p: dict) -> dict:
         },
         "results": results,
     }
+
+
+def script_sha256() -> str:
+    """This script's sha256: a report names the model that made it."""
+    with open(__file__, "rb") as f:
+        return hashlib.sha256(f.read()).hexdigest()
 
 
 def markdown(report: dict) -> str:
@@ -401,6 +418,7 @@ def markdown(report: dict) -> str:
 
 
 def main(argv=None):
+    """The command line: run and print (or write) a report, or print a saved report's table."""
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     for key, value in DEFAULTS.items():

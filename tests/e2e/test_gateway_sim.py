@@ -66,7 +66,9 @@ def test_the_committed_report_is_the_default_run_at_the_issues_scale():
     report = json.loads(REPORT.read_text())
     params = report["parameters"]
     assert params["replicas"] == 100 and params["adapters"] == 100_000
-    assert params == module().DEFAULTS, "regenerate with `python3 scripts/gateway_sim.py --json docs/perf/gateway-sim.json`"
+    regenerate = "regenerate with `python3 scripts/gateway_sim.py --json docs/perf/gateway-sim.json`"
+    assert params == module().DEFAULTS, regenerate
+    assert report["model_sha256"] == module().script_sha256(), f"the script changed since its report: {regenerate}"
     results = report["results"]
     assert {"random", "affinity"} <= set(results)
     assert all(r["requests"] == params["requests"] - params["warmup"] for r in results.values())
