@@ -161,6 +161,14 @@ def make_trace(p: dict):
     return arrivals, adapters, service
 
 
+def drop_one(counts: dict, key) -> None:
+    """One fewer of `key` in `counts`, the key gone at none."""
+    if counts[key] == 1:
+        del counts[key]
+    else:
+        counts[key] -= 1
+
+
 def simulate(p: dict, policy: str, trace) -> dict:
     """Runs `trace` through R replicas routed by `policy`; the figures over the measured requests."""
     arrivals, adapters, service = trace
@@ -239,23 +247,13 @@ def simulate(p: dict, policy: str, trace) -> dict:
                 else:
                     return
                 del q[k]
-            a = adapters[r]
-            wc = waitc[i]
-            if wc[a] == 1:
-                del wc[a]
-            else:
-                wc[a] -= 1
+            drop_one(waitc[i], adapters[r])
             start(i, r, now)
 
     def complete(until):
         while heap and heap[0][0] <= until:
             now, r, i = pop(heap)
-            a = adapters[r]
-            rc = runc[i]
-            if rc[a] == 1:
-                del rc[a]
-            else:
-                rc[a] -= 1
+            drop_one(runc[i], adapters[r])
             free[i] += 1
             admit(i, now)
 

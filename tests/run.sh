@@ -20,12 +20,16 @@ export OPENLORA_REQUIRE_KUBECTL=1
 # The GEMM libraries `cargo bench --bench gemm` measures beside ours, loaded at run time from
 # Debian's packages (its test-mode run below checks they compute the same product as ours).
 # Optional: a release without these packages measures ours alone.
-gemm_libs() { ldconfig -p 2>/dev/null | grep 'libdnnl\.so\.2' >/dev/null && ldconfig -p 2>/dev/null | grep 'libopenblas\.so\.0' >/dev/null; }
+has_lib() { ldconfig -p 2>/dev/null | grep -E "$1" >/dev/null; }
+gemm_libs() { has_lib 'libdnnl\.so\.[23] ' && has_lib 'libopenblas\.so\.0 '; }
 if ! gemm_libs; then
     sudo_=""
-    [ "$(id -u)" = 0 ] || sudo_=sudo
-    { $sudo_ apt-get update -q && DEBIAN_FRONTEND=noninteractive $sudo_ apt-get install -y -q libdnnl2 libopenblas0-pthread; } >/dev/null 2>&1 ||
-        echo "libdnnl2 / libopenblas0-pthread not installed: the GEMM bench measures ours alone" >&2
+    [ "$(id -u)" = 0 ] || sudo_="sudo -n"
+    $sudo_ apt-get update -q >/dev/null 2>&1 || true
+    for package in libdnnl2 libopenblas0-pthread; do
+        DEBIAN_FRONTEND=noninteractive $sudo_ apt-get install -y -q "$package" >/dev/null 2>&1 ||
+            echo "$package not installed: the GEMM bench measures without it" >&2
+    done
 fi
 if gemm_libs; then export OPENLORA_REQUIRE_GEMM_LIBS=1; fi
 

@@ -268,6 +268,8 @@ unsafe fn columns(
                         let WeightData::Bf16(wd) = &w.data else { unreachable!("dpbf16 needs a bf16 weight") };
                         // The next tile's weight rows, fetched while x meets these ones: each pass
                         // of x rows over this tile fetches its share of them.
+                        // (A wide single-row tile prefetches the first four rows of the next:
+                        // all eight measured no faster.)
                         let (first, rows) = prefetch_share((i - i0) / MR, passes, NR);
                         let next = wd.as_ptr().wrapping_add((j + nr + first) * k);
                         let xp = x16.as_ptr().add(i * k);

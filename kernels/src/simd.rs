@@ -176,7 +176,6 @@ pub(crate) unsafe fn tile_dpbf16(
     unsafe {
         match (mr, nr) {
             (1, 8) => x86::avx512_dpbf16::<1, 8>(x, w, next, next_rows, k, y, ldy),
-            (1, 16) => x86::avx512_dpbf16::<1, 16>(x, w, next, next_rows, k, y, ldy),
             _ => by_size!(x86::avx512_dpbf16, mr, nr, x, w, next, next_rows, k, y, ldy),
         }
     }

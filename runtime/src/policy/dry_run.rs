@@ -23,8 +23,9 @@ const MAX_FAILURES: usize = 10;
 /// The most a dry-run spends calling the candidate; later entries are not run.
 const TIME_BUDGET: std::time::Duration = std::time::Duration::from_secs(10);
 
-/// The most log text a dry-run's report carries, over all its entries (a candidate may log up to
-/// the sandbox's per-call limit on each of a thousand entries); later lines are counted, not kept.
+/// The most log text a dry-run's report carries, as JSON, over all its entries (a candidate may
+/// log up to the sandbox's per-call limit on each of a thousand entries); once a line does not
+/// fit, it and every later line are counted, not kept.
 const LOG_BUDGET_BYTES: usize = 256 << 10;
 
 /// One entry, dry-run.
@@ -181,14 +182,18 @@ pub fn run(plugin: &Arc<CompiledPlugin>, slot: &Slot, entries: &[StoredEntry]) -
                 row.error = Some(e);
             }
         }
+        // Each line costs what it takes in the JSON report (escapes included) and a little for
+        // its place; the first line over the budget spends it, so no later line is kept.
         row.logs.retain(|(_, line)| {
-            let keep = line.len() <= log_budget;
-            if keep {
-                log_budget -= line.len();
+            let cost = serde_json::to_string(line).map_or(usize::MAX, |j| j.len()).saturating_add(16);
+            if cost <= log_budget {
+                log_budget -= cost;
+                true
             } else {
+                log_budget = 0;
                 report.logs_dropped += 1;
+                false
             }
-            keep
         });
         report.entries.push(row);
     }
