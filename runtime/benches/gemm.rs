@@ -7,7 +7,8 @@
 //! `dnnl_gemm_bf16bf16f32` (the same bf16 × bf16 → f32 product) and OpenBLAS's `cblas_sgemm`.
 
 use candle_core::{Device, Tensor};
-use criterion::{Criterion, Throughput, criterion_group, criterion_main};
+use criterion::measurement::WallTime;
+use criterion::{BenchmarkGroup, Criterion, Throughput, criterion_group, criterion_main};
 use openlora_kernels::floats::f32_to_bf16;
 use openlora_kernels::gemm::{Weight, WeightData, matmul_t_on};
 use openlora_kernels::simd::{self, Isa};
@@ -48,31 +49,33 @@ fn gemm(c: &mut Criterion) {
         }
         let x16: Vec<u16> = x.iter().map(|&v| f32_to_bf16(v)).collect();
         if let (Some(dnnl), WeightData::Bf16(w16)) = (libs::OneDnn::load(), bf16w.data()) {
-            g.throughput(Throughput::Bytes(bf16w.bytes() as u64));
-            // The same product as ours (checked once, so a wrong call is never timed).
-            let mut ours = vec![0f32; m * n];
-            matmul_t_on(simd::isa(), &x, m, &bf16x, &mut ours);
-            dnnl.gemm_bf16_t(&x16, m, w16, n, k, &mut y);
-            assert_close(&ours, &y, "oneDNN");
-            g.bench_function("onednn_bf16_x_bf16", |b| b.iter(|| dnnl.gemm_bf16_t(&x16, m, w16, n, k, &mut y)));
+            let call = |y: &mut [f32]| dnnl.gemm_bf16_t(&x16, m, w16, n, k, y);
+            time_library(&mut g, "onednn_bf16_x_bf16", (&x, m, &bf16x), call);
         }
         if let (Some(blas), WeightData::F32(w32)) = (libs::OpenBlas::load(), f32w.data()) {
-            g.throughput(Throughput::Bytes(f32w.bytes() as u64));
-            let mut ours = vec![0f32; m * n];
-            matmul_t_on(simd::isa(), &x, m, &f32w, &mut ours);
-            blas.sgemm_t(&x, m, w32, n, k, &mut y);
-            assert_close(&ours, &y, "OpenBLAS");
-            g.bench_function("openblas_f32", |b| b.iter(|| blas.sgemm_t(&x, m, w32, n, k, &mut y)));
+            time_library(&mut g, "openblas_f32", (&x, m, &f32w), |y| blas.sgemm_t(&x, m, w32, n, k, y));
         }
         g.finish();
     }
 }
 
-/// Panics unless `got` matches `want` to bf16 rounding of the sums.
-fn assert_close(want: &[f32], got: &[f32], what: &str) {
-    let scale = want.iter().fold(0f32, |a, v| a.max(v.abs())).max(1e-6);
-    let worst = want.iter().zip(got).fold(0f32, |a, (w, g)| a.max((w - g).abs()));
-    assert!(worst <= 1e-2 * scale, "{what} differs from openlora's GEMM by {worst} (scale {scale})");
+/// Times a library's `call` (writing `y = x · wᵀ` into its argument) as `name`, once it is checked
+/// to compute what ours does on `(x, m, w)` to bf16 rounding of the sums (a wrong call is never timed).
+fn time_library(
+    g: &mut BenchmarkGroup<'_, WallTime>,
+    name: &str,
+    (x, m, w): (&[f32], usize, &Weight),
+    mut call: impl FnMut(&mut [f32]),
+) {
+    let mut ours = vec![0f32; m * w.rows()];
+    matmul_t_on(simd::isa(), x, m, w, &mut ours);
+    let mut y = vec![0f32; ours.len()];
+    call(&mut y);
+    let scale = ours.iter().fold(0f32, |a, v| a.max(v.abs())).max(1e-6);
+    let worst = ours.iter().zip(&y).fold(0f32, |a, (o, l)| a.max((o - l).abs()));
+    assert!(worst <= 1e-2 * scale, "{name} differs from openlora's GEMM by {worst} (scale {scale})");
+    g.throughput(Throughput::Bytes(w.bytes() as u64));
+    g.bench_function(name, |b| b.iter(|| call(&mut y)));
 }
 
 /// One row against weights streamed from memory: 16 distinct 4096 × 1024 bf16 weights (128 MB,

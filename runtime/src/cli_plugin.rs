@@ -24,19 +24,15 @@ pub fn check_on_ledger(
     (range, limit): ((Option<u64>, Option<u64>), usize),
     json: bool,
 ) -> anyhow::Result<bool> {
-    let slot: Slot = if slot == OPERATOR {
-        Slot::Attributor
-    } else {
-        slot.parse().map_err(|e: String| anyhow::anyhow!("--slot: {e}"))?
-    };
-    let Slot::Adapter(adapter) = &slot else {
+    let Some(Slot::Adapter(adapter)) = parse_slot(slot)? else {
         anyhow::bail!("--from-ledger runs an adapter's attributor: give --slot adapter:NAME");
     };
+    let slot = Slot::Adapter(adapter.clone());
     let (server_config, location) = server.location(false)?;
     let runtime = WasmRuntime::new(&server_config.policy, None)?;
     let plugin = runtime.load(&file.display().to_string(), bytes, World::Attributor, config)?;
     let mut db = location.connect().with_context(|| format!("opening the ledger {location}"))?;
-    let entries = latest_of_adapter(&mut db, adapter, range, limit.clamp(1, 1000))?;
+    let entries = latest_of_adapter(&mut db, &adapter, range, limit.clamp(1, 1000))?;
     let report = run(&plugin, &slot, &entries);
     if json {
         println!("{}", serde_json::to_string_pretty(&report)?);
@@ -49,14 +45,18 @@ pub fn check_on_ledger(
 /// `--slot operator`: the operator's slot of the plugin's world (router, pricer or attributor).
 pub const OPERATOR: &str = "operator";
 
+/// `--slot`: the slot named, or `None` for `operator` (the operator's slot of the plugin's world).
+fn parse_slot(slot: &str) -> anyhow::Result<Option<Slot>> {
+    if slot == OPERATOR {
+        return Ok(None);
+    }
+    slot.parse().map(Some).map_err(|e: String| anyhow::anyhow!("--slot: {e} (or {OPERATOR})"))
+}
+
 /// Samples as `slot` sees them: in an `adapter:NAME` slot, only requests on an adapter, made on
 /// NAME (the operator's slots see every sample).
 pub fn as_slot_sees(samples: Vec<Sample>, slot: &str) -> anyhow::Result<Vec<Sample>> {
-    if slot == OPERATOR {
-        return Ok(samples);
-    }
-    let slot: Slot = slot.parse().map_err(|e: String| anyhow::anyhow!("--slot: {e} (or {OPERATOR})"))?;
-    let Slot::Adapter(name) = slot else { return Ok(samples) };
+    let Some(Slot::Adapter(name)) = parse_slot(slot)? else { return Ok(samples) };
     let on_adapters: Vec<Sample> = samples
         .into_iter()
         .filter(|s| s.request.adapter.is_some())
